@@ -1,0 +1,1 @@
+"""OpsConductor Execution shared core."""

@@ -1,0 +1,15 @@
+DROP TABLE IF EXISTS role_bindings;
+DROP TABLE IF EXISTS feature_flags;
+DROP TABLE IF EXISTS execution_locks;
+DROP SEQUENCE IF EXISTS execution_lock_fencing_seq;
+DROP TABLE IF EXISTS execution_dlq;
+DROP TABLE IF EXISTS execution_queue;
+DROP TABLE IF EXISTS execution_events;
+DROP TABLE IF EXISTS approvals;
+DROP TABLE IF EXISTS execution_steps;
+DROP TABLE IF EXISTS executions;
+DROP TABLE IF EXISTS timeout_policies;
+DROP TYPE IF EXISTS approval_state;
+DROP TYPE IF EXISTS sla_class;
+DROP TYPE IF EXISTS execution_mode;
+DROP TYPE IF EXISTS execution_status;

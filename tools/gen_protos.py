@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import argparse
 import filecmp
-import shutil
 import sys
 import tempfile
+from importlib.resources import files
 from pathlib import Path
 
 from grpc_tools import protoc  # type: ignore[import-untyped]
-from importlib.resources import files
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "protos"
@@ -23,7 +22,9 @@ PACKAGE_DIR = Path("opsconductor") / "execution" / "v1"
 
 
 def generate(out_root: Path) -> None:
-    proto_files = sorted(str(p.relative_to(PROTO_ROOT)) for p in (PROTO_ROOT / PACKAGE_DIR).glob("*.proto"))
+    proto_files = sorted(
+        str(p.relative_to(PROTO_ROOT)) for p in (PROTO_ROOT / PACKAGE_DIR).glob("*.proto")
+    )
     well_known = str(files("grpc_tools") / "_proto")
     args = [
         "grpc_tools.protoc",

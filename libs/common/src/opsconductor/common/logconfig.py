@@ -1,0 +1,193 @@
+"""The one logging configuration every service uses: structlog and stdlib into one masked sink.
+
+``configure_logging()`` is called once, first thing in each service's ``__main__``. Afterwards:
+
+- ``structlog.get_logger(__name__)`` loggers run structlog's documented production chain --
+  level filter, ``merge_contextvars``, log level, logger name, ISO-8601 UTC timestamp,
+  ``StackInfoRenderer``, ``format_exc_info`` -- and hand the event to stdlib ``logging``
+  (``ProcessorFormatter.wrap_for_formatter``).
+- stdlib ``logging`` records (asyncio, grpc, asyncpg, httpx... and anything calling
+  ``logging.getLogger``) propagate to one handler on the root logger. Its formatter is
+  ``structlog.stdlib.ProcessorFormatter``: foreign records get the same fields (plus their
+  ``extra=`` attributes and their traceback), then every record passes ``format_exc_info``,
+  the masker (`opsconductor.common.masking.mask_processor`, last before the renderer) and the
+  JSON renderer (``json=False``: the console renderer, masked just the same).
+- That formatter is wrapped in a `MaskingFormatter`, which masks the finished line once more
+  as free text (a backstop for anything a renderer ``repr()``-ed); the handler withholds
+  record contents when a record cannot be formatted (stdlib would print its raw message and
+  arguments to stderr).
+
+Masking lives in the sink, so call sites cannot opt out. Calling ``configure_logging`` again
+replaces the handler it installed before (no duplicates); handlers installed by others are
+left alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import traceback
+from collections.abc import Mapping, MutableMapping
+from contextvars import Token
+from typing import IO, Any, Final
+
+import structlog
+from structlog.typing import Processor
+
+from opsconductor.common.masking import MaskingFormatter, default_masker, mask_processor
+
+__all__ = [
+    "bind_request_context",
+    "clear_request_context",
+    "configure_logging",
+    "reset_logging",
+]
+
+_HANDLER_MARK: Final = "_opsconductor_sink"
+
+
+class _SinkHandler(logging.StreamHandler[IO[str]]):
+    """Stream handler for the masked sink, marked so reconfiguration can find it."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        # logging.Handler.handleError prints the record's raw msg and args to stderr: they may
+        # hold secrets. Report the failure with the traceback masked and the contents withheld.
+        if not logging.raiseExceptions:  # pragma: no cover - production setting
+            return
+        details = default_masker().mask_text(traceback.format_exc())
+        sys.stderr.write(
+            f"--- Logging error in logger {record.name!r} (record contents withheld) ---\n{details}"
+        )
+
+
+def _add_fields(fields: Mapping[str, object]) -> Processor:
+    def add_fields(
+        _logger: object, _method: str, event_dict: MutableMapping[str, Any]
+    ) -> MutableMapping[str, Any]:
+        for key, value in fields.items():
+            event_dict.setdefault(key, value)
+        return event_dict
+
+    return add_fields
+
+
+def _foreign_stack_info(
+    _logger: object, _method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    # A stdlib record carries its stack already rendered; StackInfoRenderer would render ours.
+    stack = event_dict.pop("stack_info", None)
+    if isinstance(stack, str):
+        event_dict["stack"] = stack
+    return event_dict
+
+
+def _shared_processors(service: str | None) -> list[Processor]:
+    """Fields every line gets, whether it came from structlog or from stdlib logging."""
+    processors: list[Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    if service is not None:
+        processors.append(_add_fields({"service": service}))
+    return processors
+
+
+def _level_number(level: str | int) -> int:
+    if isinstance(level, int):
+        return level
+    number = logging.getLevelNamesMapping().get(level.upper())
+    if number is None:
+        raise ValueError(f"unknown log level {level!r}")
+    return number
+
+
+def configure_logging(
+    *,
+    level: str | int = "INFO",
+    json: bool = True,
+    stream: IO[str] | None = None,
+    service: str | None = None,
+    cache_loggers: bool = True,
+) -> None:
+    """Route structlog and stdlib logging to one masked handler on the root logger.
+
+    Args:
+        level: minimum level for the root logger and for structlog loggers.
+        json: one JSON object per line (production); ``False`` for the human console format.
+        stream: where lines go; ``sys.stdout`` (looked up at call time) when ``None``.
+        service: added as the ``service`` field of every line when given.
+        cache_loggers: structlog's ``cache_logger_on_first_use``. Leave it on in services;
+            tests that reconfigure logging, or use ``structlog.testing.capture_logs``, need it
+            off because a cached logger keeps the chain it was first used with.
+    """
+    root = logging.getLogger()
+    root.setLevel(_level_number(level))
+    shared = _shared_processors(service)
+
+    structlog.configure(
+        processors=[
+            structlog.stdlib.filter_by_level,
+            *shared,
+            structlog.stdlib.PositionalArgumentsFormatter(),
+            structlog.processors.StackInfoRenderer(),
+            # Render tracebacks now, while the exception is current; masked at the sink.
+            structlog.processors.format_exc_info,
+            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+        ],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        context_class=dict,
+        cache_logger_on_first_use=cache_loggers,
+    )
+
+    renderer: Processor = (
+        structlog.processors.JSONRenderer()
+        if json
+        else structlog.dev.ConsoleRenderer(
+            colors=False, exception_formatter=structlog.dev.plain_traceback
+        )
+    )
+    rendering = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[*shared, structlog.stdlib.ExtraAdder(), _foreign_stack_info],
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            structlog.processors.format_exc_info,
+            mask_processor,
+            renderer,
+        ],
+    )
+    handler = _SinkHandler(stream if stream is not None else sys.stdout)
+    handler.setFormatter(MaskingFormatter(inner=rendering, premask=False))
+    setattr(handler, _HANDLER_MARK, True)
+
+    _remove_sink_handlers(root)
+    root.addHandler(handler)
+
+
+def _remove_sink_handlers(root: logging.Logger) -> None:
+    for existing in list(root.handlers):
+        if getattr(existing, _HANDLER_MARK, False):
+            root.removeHandler(existing)
+            existing.close()
+
+
+def reset_logging() -> None:
+    """Remove the sink handler and restore structlog's defaults (tests, embedded use)."""
+    _remove_sink_handlers(logging.getLogger())
+    structlog.reset_defaults()
+
+
+def bind_request_context(**values: object) -> Mapping[str, Token[Any]]:
+    """Add ``values`` (e.g. ``request_id``, ``tenant_id``) to every line logged in this context.
+
+    Backed by ``structlog.contextvars``, so it follows asyncio tasks. Returns the tokens that
+    ``structlog.contextvars.reset_contextvars(**tokens)`` accepts to undo just this binding.
+    """
+    return structlog.contextvars.bind_contextvars(**values)
+
+
+def clear_request_context() -> None:
+    """Drop every value bound with `bind_request_context` in this context (end of request)."""
+    structlog.contextvars.clear_contextvars()

@@ -1,0 +1,178 @@
+"""Domain errors → gRPC status: the one mapping every service uses.
+
+Servicers and service logic raise the domain exceptions of :mod:`opsconductor.common.errors`;
+the server interceptor hands whatever escapes an RPC to :func:`status_for_exception`, which picks
+the most specific status code (AIP-193: retry the call → ``UNAVAILABLE``, retry the sequence →
+``ABORTED``, fix the state first → ``FAILED_PRECONDITION``) and attaches a ``google.rpc.Status``
+with an ``ErrorInfo`` (machine-readable ``reason``, our ``domain``, safe details as strings), and
+``BadRequest`` field violations for invalid plans. Clients decode it with
+``grpc_status.rpc_status.from_call``.
+
+Anything that is not a domain error is a bug or an outage we did not model: the caller gets
+``INTERNAL`` with a generic message and the request id, never ``str(exc)`` and never a traceback.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, NoReturn, Protocol, cast
+
+import grpc
+import grpc.aio
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from opsconductor.common import errors
+from opsconductor.common.masking import mask
+from opsconductor.common.rpc.metadata import REQUEST_ID_METADATA_KEY
+
+ERROR_DOMAIN = "execution.opsconductor.io"
+"""``ErrorInfo.domain`` of every error this system returns."""
+
+INTERNAL_REASON = "INTERNAL"
+"""``ErrorInfo.reason`` of errors we did not expect (bugs, unmodelled outages)."""
+
+
+# Checked in order, so a subclass listed before its base wins. Subclasses of
+# FailedPreconditionError (FSMError, ApprovalInvalidatedError, FeatureDisabledError, ...) and of
+# InvalidArgumentError (PlanValidationError) map through their base.
+_CODES: tuple[tuple[type[errors.OpsConductorError], grpc.StatusCode], ...] = (
+    (errors.InvalidArgumentError, grpc.StatusCode.INVALID_ARGUMENT),
+    (errors.AuthenticationError, grpc.StatusCode.UNAUTHENTICATED),
+    (errors.PermissionDeniedError, grpc.StatusCode.PERMISSION_DENIED),
+    (errors.NotFoundError, grpc.StatusCode.NOT_FOUND),
+    # Concurrency conflicts: the caller retries the whole sequence (read, decide, write).
+    (errors.ResourceBusyError, grpc.StatusCode.ABORTED),
+    (errors.ConflictError, grpc.StatusCode.ABORTED),
+    (errors.StaleLeaseError, grpc.StatusCode.ABORTED),
+    (errors.FailedPreconditionError, grpc.StatusCode.FAILED_PRECONDITION),
+    (errors.QueueUnavailableError, grpc.StatusCode.UNAVAILABLE),
+    (errors.WorkerUnavailableError, grpc.StatusCode.UNAVAILABLE),
+    (errors.UnimplementedError, grpc.StatusCode.UNIMPLEMENTED),
+    (errors.ExecutionTimeoutError, grpc.StatusCode.DEADLINE_EXCEEDED),
+    # The database being unreachable is worth a retry of the call; the driver's own message may
+    # quote SQL or a DSN, so the caller gets the class's default message only (see below).
+    (errors.StorageError, grpc.StatusCode.UNAVAILABLE),
+)
+
+# Errors whose instance message may carry internals (driver text): callers get the docstring.
+_OPAQUE: tuple[type[errors.OpsConductorError], ...] = (errors.StorageError,)
+
+_MAX_DETAIL_CHARS = 512
+
+
+@dataclass(frozen=True)
+class _Status(grpc.Status):
+    """A concrete ``grpc.Status`` (the grpc one is an abstract attribute holder)."""
+
+    code: grpc.StatusCode
+    details: str
+    trailing_metadata: tuple[tuple[str, str | bytes], ...]
+
+
+class _StatusAbortingContext(Protocol):
+    # grpc-stubs lacks abort_with_status on grpc.aio.ServicerContext; grpcio has had it since 1.38.
+    async def abort_with_status(self, status: grpc.Status) -> NoReturn: ...
+
+
+def code_for_exception(exc: BaseException) -> grpc.StatusCode:
+    """Return the status code an exception escaping an RPC is reported with."""
+    if isinstance(exc, errors.OpsConductorError):
+        for error_type, code in _CODES:
+            if isinstance(exc, error_type):
+                return code
+    return grpc.StatusCode.INTERNAL
+
+
+def is_expected(exc: BaseException) -> bool:
+    """True when ``exc`` is a modelled domain error (anything else is logged as a bug)."""
+    return code_for_exception(exc) is not grpc.StatusCode.INTERNAL
+
+
+def status_for_exception(exc: BaseException, *, request_id: str) -> grpc.Status:
+    """Map an exception that escaped an RPC to the rich ``grpc.Status`` sent to the caller.
+
+    The status carries a ``google.rpc.Status`` (code, message, ``ErrorInfo`` and, for an invalid
+    plan, ``BadRequest``) in the ``grpc-status-details-bin`` trailer, and the request id in the
+    ``x-request-id`` trailer.
+    """
+    code = code_for_exception(exc)
+    if code is grpc.StatusCode.INTERNAL or not isinstance(exc, errors.OpsConductorError):
+        reason = exc.reason if isinstance(exc, errors.OpsConductorError) else INTERNAL_REASON
+        message = f"Internal error; quote request id {request_id} when reporting it"
+        return _rich_status(code, message, reason, {}, request_id)
+    # Domain messages are caller-facing by contract; masking them too costs little.
+    message = _default_message(exc) if isinstance(exc, _OPAQUE) else mask(exc.message)
+    details: list[Any] = []
+    if isinstance(exc, errors.PlanValidationError):
+        details.append(_bad_request(exc))
+    return _rich_status(code, message, exc.reason, exc.details, request_id, details)
+
+
+async def abort_with_status(
+    context: grpc.aio.ServicerContext[Any, Any], status: grpc.Status
+) -> NoReturn:
+    """End the RPC with ``status`` (raises ``grpc.aio.AbortError``, which must propagate)."""
+    await cast(_StatusAbortingContext, context).abort_with_status(status)
+
+
+def _rich_status(
+    code: grpc.StatusCode,
+    message: str,
+    reason: str,
+    details: Mapping[str, object],
+    request_id: str,
+    extra: list[Any] | None = None,
+) -> grpc.Status:
+    info = error_details_pb2.ErrorInfo(
+        reason=reason, domain=ERROR_DOMAIN, metadata=_safe_metadata(details, request_id)
+    )
+    packed = []
+    for detail in (info, *(extra or ())):
+        any_detail = any_pb2.Any()
+        any_detail.Pack(detail)
+        packed.append(any_detail)
+    proto = status_pb2.Status(code=_proto_code(code), message=message, details=packed)
+    base = rpc_status.to_status(proto)
+    return _Status(
+        code=base.code,
+        details=base.details,
+        trailing_metadata=(*base.trailing_metadata, (REQUEST_ID_METADATA_KEY, request_id)),
+    )
+
+
+def _proto_code(code: grpc.StatusCode) -> int:
+    # grpc.StatusCode values are (google.rpc.Code number, name) pairs.
+    return int(code.value[0])
+
+
+def _safe_metadata(details: Mapping[str, object], request_id: str) -> dict[str, str]:
+    """``ErrorInfo.metadata``: details as bounded strings, secrets masked, ``None`` dropped."""
+    metadata: dict[str, str] = {}
+    for key, value in mask(dict(details)).items():
+        if value is None:
+            continue
+        text = value if isinstance(value, str) else str(value)
+        metadata[str(key)] = text[:_MAX_DETAIL_CHARS]
+    metadata["request_id"] = request_id
+    return metadata
+
+
+def _bad_request(exc: errors.PlanValidationError) -> error_details_pb2.BadRequest:
+    return error_details_pb2.BadRequest(
+        field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(
+                field=violation.field, description=violation.description
+            )
+            for violation in exc.violations
+        ]
+    )
+
+
+def _default_message(exc: errors.OpsConductorError) -> str:
+    # The class docstring's first paragraph is its default message (see errors.py).
+    doc = inspect.cleandoc(type(exc).__doc__ or "")
+    return " ".join(doc.split("\n\n", 1)[0].split()) or type(exc).__name__

@@ -1,0 +1,1 @@
+"""Postgres storage shared by every service: pool, migrations and repositories."""

@@ -1,0 +1,17 @@
+"""gRPC transport of the api service: ``ExecutionService``, ``AdminService``.
+
+Protobuf in, domain calls, protobuf out; no business logic here.
+"""
+
+from __future__ import annotations
+
+import grpc.aio
+
+from opsconductor.api.servicers.admin_servicer import add_admin_servicer
+from opsconductor.api.servicers.execution_servicer import add_execution_servicer
+from opsconductor.common.rpc.resources import DatabasePool
+
+
+def register_services(server: grpc.aio.Server, db: DatabasePool) -> list[str]:
+    """Add every servicer of the api service to ``server``; returns the full service names."""
+    return [add_execution_servicer(server, db), add_admin_servicer(server, db)]

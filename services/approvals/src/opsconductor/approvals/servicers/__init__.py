@@ -1,0 +1,16 @@
+"""gRPC transport of the approvals service: ``ApprovalService``.
+
+Protobuf in, domain calls, protobuf out; no business logic here.
+"""
+
+from __future__ import annotations
+
+import grpc.aio
+
+from opsconductor.approvals.servicers.approval_servicer import add_approval_servicer
+from opsconductor.common.rpc.resources import DatabasePool
+
+
+def register_services(server: grpc.aio.Server, db: DatabasePool) -> list[str]:
+    """Add every servicer of the approvals service to ``server``; returns the full service names."""
+    return [add_approval_servicer(server, db)]

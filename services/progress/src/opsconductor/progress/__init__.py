@@ -1,0 +1,1 @@
+"""The progress service of OpsConductor Execution: ProgressService."""

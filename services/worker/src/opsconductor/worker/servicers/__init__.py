@@ -1,0 +1,16 @@
+"""gRPC transport of the worker service: ``WorkerService``.
+
+Protobuf in, domain calls, protobuf out; no business logic here.
+"""
+
+from __future__ import annotations
+
+import grpc.aio
+
+from opsconductor.common.rpc.resources import DatabasePool
+from opsconductor.worker.servicers.worker_servicer import add_worker_servicer
+
+
+def register_services(server: grpc.aio.Server, db: DatabasePool) -> list[str]:
+    """Add every servicer of the worker service to ``server``; returns the full service names."""
+    return [add_worker_servicer(server, db)]

@@ -1,0 +1,19 @@
+"""Settings of the worker service: ``OPSC_*`` variables, defaults for WorkerService.
+
+Everything common (database, Redis, logging, JWT, ports) is documented on
+:class:`opsconductor.common.settings.ServiceSettings`; this class only sets the worker service's
+defaults: gRPC on 50052.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from opsconductor.common.settings import ServiceSettings
+
+
+class WorkerSettings(ServiceSettings):
+    """Settings of the worker service (gRPC port 50052 unless ``OPSC_GRPC_PORT`` is set)."""
+
+    service_name: str = "worker"
+    grpc_port: int = Field(default=50052, ge=0, le=65535)

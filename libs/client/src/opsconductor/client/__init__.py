@@ -1,0 +1,53 @@
+"""Typed async Python client for OpsConductor Execution.
+
+    async with ExecutionClient("127.0.0.1:50051", token) as client:
+        result = await client.submit(plan, tenant_id="acme")
+
+Failures raise the domain exceptions re-exported here (``ResourceBusyError``,
+``PermissionDeniedError`` — also a ``PermissionError`` —, ``ApprovalInvalidatedError``,
+``FSMError``, ``ExecutionTimeoutError`` — also an ``asyncio.TimeoutError`` —, ...).
+"""
+
+from opsconductor.common.errors import (
+    ApprovalInvalidatedError,
+    AuthenticationError,
+    ExecutionTimeoutError,
+    FailedPreconditionError,
+    FeatureDisabledError,
+    FSMError,
+    NotFoundError,
+    OpsConductorError,
+    PermissionDeniedError,
+    PlanValidationError,
+    QueueUnavailableError,
+    ResourceBusyError,
+)
+
+from .client import DEFAULT_TIMEOUT_S, ExecutionClient, ExecutionContext
+from .errors import RpcError, map_rpc_error
+from .models import Execution, ExecutionEvent, ExecutionStep, FeatureFlags, Preview
+
+__all__ = [
+    "DEFAULT_TIMEOUT_S",
+    "ApprovalInvalidatedError",
+    "AuthenticationError",
+    "Execution",
+    "ExecutionClient",
+    "ExecutionContext",
+    "ExecutionEvent",
+    "ExecutionStep",
+    "ExecutionTimeoutError",
+    "FSMError",
+    "FailedPreconditionError",
+    "FeatureDisabledError",
+    "FeatureFlags",
+    "NotFoundError",
+    "OpsConductorError",
+    "PermissionDeniedError",
+    "PlanValidationError",
+    "Preview",
+    "QueueUnavailableError",
+    "ResourceBusyError",
+    "RpcError",
+    "map_rpc_error",
+]

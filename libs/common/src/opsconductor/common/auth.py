@@ -1,0 +1,321 @@
+"""Authentication: bearer JWTs in gRPC metadata → a verified :class:`Principal`.
+
+Who may call is decided here; what they may do is :mod:`opsconductor.common.rbac`'s job. A token
+carries the actor (``sub``), the tenant (``tenant_id``) and how the actor authenticated
+(``auth_method``, default ``"jwt"``). Roles are never read from the token: they live in Postgres.
+
+Keys and algorithms (RFC 8725 §2.1, §3.1):
+
+- an HS256 shared secret (development, tests) verifies only ``alg: HS256`` tokens;
+- an RS256 public key (production: the IdP's signing key, PEM) verifies only ``alg: RS256``.
+
+The algorithm is pinned by the *key*, never taken from the token: a token's ``alg`` header only
+selects which configured key to try, and a key is only ever used with its own algorithm. So
+``alg: none`` is refused, and an HS256 token "signed" with the RS256 public key PEM as an HMAC
+secret (algorithm confusion) can never verify. Audience and expiry are mandatory; the issuer is
+checked when configured.
+
+Error messages say what to fix ("token expired", "wrong audience") and never contain the token.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, Final, Protocol
+
+import jwt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey, RSAPublicKey
+from jwt.exceptions import InvalidJTIError, InvalidSubjectError
+from pydantic import SecretStr
+
+from opsconductor.common.errors import AuthenticationError
+
+__all__ = [
+    "DEFAULT_AUTH_METHOD",
+    "DEFAULT_LEEWAY",
+    "JwtSettings",
+    "Principal",
+    "TokenVerifier",
+    "bearer_from_metadata",
+    "issue_token",
+]
+
+#: ``auth_method`` of a token that does not say how its subject authenticated.
+DEFAULT_AUTH_METHOD: Final = "jwt"
+#: Clock skew tolerated on ``exp``/``nbf``/``iat`` between the IdP and us.
+DEFAULT_LEEWAY: Final = timedelta(seconds=30)
+#: RFC 7518 §3.2: an HS256 key must be at least as long as the hash output.
+MIN_HS256_KEY_BYTES: Final = 32
+
+_HS256: Final = "HS256"
+_RS256: Final = "RS256"
+_REQUIRED_CLAIMS: Final = ("exp", "aud", "sub", "tenant_id")
+# Column widths of executions.tenant_id / actor_id: a longer claim could never be stored.
+_MAX_TENANT_LEN: Final = 100
+_MAX_ACTOR_LEN: Final = 200
+_ONE_KEY: Final = "pass exactly one of hs256_key and rs256_private_key"
+_BEARER = re.compile(r"^\s*bearer\s+(\S+)\s*$", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Principal:
+    """An authenticated caller: who (``actor_id``), for which tenant, and how they proved it."""
+
+    actor_id: str
+    tenant_id: str
+    auth_method: str = DEFAULT_AUTH_METHOD
+    token_id: str | None = None
+
+
+class JwtSettings(Protocol):
+    """The settings fields :meth:`TokenVerifier.from_settings` reads (any object with them)."""
+
+    @property
+    def jwt_hs256_key(self) -> SecretStr | None: ...
+
+    @property
+    def jwt_rs256_public_key_file(self) -> Path | str | None: ...
+
+    @property
+    def jwt_audience(self) -> str: ...
+
+    @property
+    def jwt_issuer(self) -> str | None: ...
+
+
+def _load_rs256_public_key(pem: str | bytes) -> RSAPublicKey:
+    data = pem.encode() if isinstance(pem, str) else pem
+    try:
+        key = serialization.load_pem_public_key(data)
+    except ValueError as exc:
+        raise ValueError("jwt RS256 public key is not a PEM public key") from exc
+    if not isinstance(key, RSAPublicKey):
+        raise ValueError("jwt RS256 public key is not an RSA key")
+    return key
+
+
+class TokenVerifier:
+    """Verify bearer JWTs against the configured keys and turn them into principals.
+
+    At least one key is required. ``audience`` is mandatory: a token minted for another service
+    must not work here. ``leeway`` absorbs clock skew on the time claims.
+    """
+
+    def __init__(
+        self,
+        *,
+        audience: str,
+        hs256_key: SecretStr | None = None,
+        rs256_public_key: str | bytes | None = None,
+        issuer: str | None = None,
+        leeway: timedelta = DEFAULT_LEEWAY,
+    ) -> None:
+        if not audience:
+            raise ValueError("jwt audience must be configured")
+        if hs256_key is None and rs256_public_key is None:
+            raise ValueError("configure a jwt HS256 key, an RS256 public key, or both")
+        if (
+            hs256_key is not None
+            and len(hs256_key.get_secret_value().encode()) < MIN_HS256_KEY_BYTES
+        ):
+            raise ValueError(f"jwt HS256 key must be at least {MIN_HS256_KEY_BYTES} bytes")
+        if leeway < timedelta(0):
+            raise ValueError("jwt leeway must not be negative")
+        # Each key is bound to exactly one algorithm here, once, from configuration.
+        self._keys: dict[str, Any] = {}
+        if hs256_key is not None:
+            self._keys[_HS256] = hs256_key.get_secret_value()
+        if rs256_public_key is not None:
+            self._keys[_RS256] = _load_rs256_public_key(rs256_public_key)
+        self._audience = audience
+        self._issuer = issuer
+        self._leeway = leeway
+
+    @classmethod
+    def from_settings(cls, settings: JwtSettings) -> TokenVerifier:
+        """Build a verifier from service settings (reads the RS256 public key file, if set)."""
+        public_key: bytes | None = None
+        if settings.jwt_rs256_public_key_file:
+            path = Path(settings.jwt_rs256_public_key_file)
+            try:
+                public_key = path.read_bytes()
+            except OSError as exc:
+                raise ValueError(f"cannot read jwt RS256 public key file {path}") from exc
+        return cls(
+            audience=settings.jwt_audience,
+            hs256_key=settings.jwt_hs256_key,
+            rs256_public_key=public_key,
+            issuer=settings.jwt_issuer or None,
+        )
+
+    @property
+    def algorithms(self) -> tuple[str, ...]:
+        """The algorithms this verifier accepts (one per configured key)."""
+        return tuple(sorted(self._keys))
+
+    def __repr__(self) -> str:
+        return (
+            f"TokenVerifier(algorithms={list(self.algorithms)!r}, "
+            f"audience={self._audience!r}, issuer={self._issuer!r})"
+        )
+
+    def verify(self, token: str) -> Principal:
+        """Return the principal of a valid token; raise :class:`AuthenticationError` otherwise.
+
+        The error message names the problem (expired, bad signature, wrong audience, missing
+        claim …) and never contains the token or any part of it.
+        """
+        if not token:
+            raise AuthenticationError("missing bearer token")
+        # Every failure below is re-raised `from None`: PyJWT's exceptions are not needed to act
+        # on the message, and a chained traceback is one more place a token fragment could leak.
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError:
+            raise AuthenticationError("malformed token: not a signed JWT") from None
+        # The header only picks which configured key to try; that key's algorithm is the only
+        # one passed to PyJWT, so "none" or HS256-with-the-RSA-public-key cannot get through.
+        alg = header.get("alg")
+        if not isinstance(alg, str) or alg not in self._keys:
+            accepted = ", ".join(self.algorithms)
+            raise AuthenticationError(f"token algorithm not accepted (accepted: {accepted})")
+        try:
+            claims: dict[str, Any] = jwt.decode(
+                token,
+                key=self._keys[alg],
+                algorithms=[alg],
+                audience=self._audience,
+                issuer=self._issuer,
+                leeway=self._leeway,
+                options={"require": list(_REQUIRED_CLAIMS), "strict_aud": False},
+            )
+        except jwt.PyJWTError as exc:
+            raise AuthenticationError(self._describe(exc)) from None
+        return self._principal(claims)
+
+    def _describe(self, exc: jwt.PyJWTError) -> str:
+        # Most specific first: several of these subclass DecodeError / InvalidTokenError.
+        if isinstance(exc, jwt.ExpiredSignatureError):
+            return "token expired: obtain a new token"
+        if isinstance(exc, jwt.ImmatureSignatureError):
+            return "token not yet valid: check the issuer's clock"
+        if isinstance(exc, jwt.InvalidAudienceError):
+            return f"wrong audience: token is not for {self._audience!r}"
+        if isinstance(exc, jwt.InvalidIssuerError):
+            return f"wrong issuer: expected {self._issuer!r}"
+        if isinstance(exc, jwt.MissingRequiredClaimError):
+            return f"missing claim {exc.claim}"
+        if isinstance(exc, jwt.InvalidSignatureError):
+            return "bad signature: token was not signed by a trusted key"
+        if isinstance(exc, InvalidSubjectError):
+            return "invalid claim sub: must be a non-empty string"
+        if isinstance(exc, InvalidJTIError):
+            return "invalid claim jti: must be a string"
+        return "malformed token: invalid JWT structure or claim types"
+
+    def _principal(self, claims: Mapping[str, Any]) -> Principal:
+        actor_id = _string_claim(claims, "sub", _MAX_ACTOR_LEN)
+        tenant_id = _string_claim(claims, "tenant_id", _MAX_TENANT_LEN)
+        auth_method = claims.get("auth_method", DEFAULT_AUTH_METHOD)
+        if not isinstance(auth_method, str) or not auth_method:
+            raise AuthenticationError("invalid claim auth_method: must be a non-empty string")
+        # PyJWT has already checked that a present "jti" is a string.
+        return Principal(
+            actor_id=actor_id,
+            tenant_id=tenant_id,
+            auth_method=auth_method,
+            token_id=claims.get("jti"),
+        )
+
+
+def _string_claim(claims: Mapping[str, Any], name: str, max_len: int) -> str:
+    value = claims.get(name)
+    if not isinstance(value, str) or not value.strip():
+        raise AuthenticationError(f"invalid claim {name}: must be a non-empty string")
+    if len(value) > max_len:
+        raise AuthenticationError(f"invalid claim {name}: longer than {max_len} characters")
+    return value
+
+
+MetadataLike = Mapping[str, str | bytes] | Iterable[tuple[str, str | bytes]] | None
+
+
+def bearer_from_metadata(metadata: MetadataLike) -> str:
+    """Return the token of the ``authorization: Bearer <token>`` metadata entry.
+
+    Accepts gRPC invocation metadata (a sequence of ``(key, value)`` pairs) or a mapping. The key
+    and the ``Bearer`` scheme are matched case-insensitively. A missing entry, another scheme or
+    more than one ``authorization`` entry raises :class:`AuthenticationError`.
+    """
+    items = metadata.items() if isinstance(metadata, Mapping) else (metadata or ())
+    values = [value for key, value in items if key.lower() == "authorization"]
+    if not values:
+        raise AuthenticationError(
+            "missing authorization metadata: send 'authorization: Bearer <token>'"
+        )
+    if len(values) > 1:
+        raise AuthenticationError("more than one authorization metadata entry")
+    raw = values[0]
+    text = raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else raw
+    match = _BEARER.match(text)
+    if match is None:
+        raise AuthenticationError("authorization metadata must be 'Bearer <token>'")
+    return match.group(1)
+
+
+def issue_token(
+    *,
+    actor_id: str,
+    tenant_id: str,
+    audience: str,
+    hs256_key: SecretStr | None = None,
+    rs256_private_key: str | bytes | RSAPrivateKey | None = None,
+    ttl: timedelta = timedelta(minutes=15),
+    issuer: str | None = None,
+    auth_method: str = DEFAULT_AUTH_METHOD,
+    token_id: str | None = None,
+    now: datetime | None = None,
+) -> str:
+    """Mint a token for development and tests (HS256 with ``hs256_key``, RS256 with a private key).
+
+    Production tokens come from the identity provider, never from this function: the services only
+    hold the RS256 *public* key. ``now`` (default: the current time) sets ``iat`` and ``nbf``;
+    ``exp`` is ``now + ttl``.
+    """
+    if (hs256_key is None) == (rs256_private_key is None):
+        raise ValueError(_ONE_KEY)
+    issued = now or datetime.now(UTC)
+    claims: dict[str, Any] = {
+        "sub": actor_id,
+        "tenant_id": tenant_id,
+        "aud": audience,
+        "auth_method": auth_method,
+        "iat": issued,
+        "nbf": issued,
+        "exp": issued + ttl,
+    }
+    if issuer is not None:
+        claims["iss"] = issuer
+    if token_id is not None:
+        claims["jti"] = token_id
+    if hs256_key is not None:
+        return jwt.encode(claims, hs256_key.get_secret_value(), algorithm=_HS256)
+    if rs256_private_key is None:  # pragma: no cover - excluded by the check above
+        raise ValueError(_ONE_KEY)
+    return jwt.encode(claims, _load_rs256_private_key(rs256_private_key), algorithm=_RS256)
+
+
+def _load_rs256_private_key(key: str | bytes | RSAPrivateKey) -> RSAPrivateKey:
+    if isinstance(key, RSAPrivateKey):
+        return key
+    loaded = serialization.load_pem_private_key(
+        key.encode() if isinstance(key, str) else key, password=None
+    )
+    if not isinstance(loaded, RSAPrivateKey):
+        raise ValueError("RS256 private key is not an RSA key")
+    return loaded

@@ -22,11 +22,11 @@ help:
 venv: $(STAMP)
 
 # One .venv for the whole monorepo; every package installed editable, every version from one lock.
-$(STAMP): requirements/constraints.txt requirements/dev.txt $(PYPROJECTS)
+$(STAMP): requirements/constraints.txt requirements/dev.txt $(PYPROJECTS) tests/plugins/opsc_test_actions/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -c requirements/constraints.txt pip hatchling
 	$(PY) -m pip install -q --disable-pip-version-check -c requirements/constraints.txt \
-		-r requirements/dev.txt $(addprefix -e ./,$(PACKAGES))
+		-r requirements/dev.txt $(addprefix -e ./,$(PACKAGES)) -e ./tests/plugins/opsc_test_actions
 	touch $(STAMP)
 
 protos: $(STAMP)

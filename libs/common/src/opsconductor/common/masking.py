@@ -94,6 +94,7 @@ DEFAULT_ALLOWED_KEYS: Final[frozenset[str]] = frozenset(
         # Deterministic hashes and queue/lock coordinates: needed to debug, useless to attackers.
         "idempotency_key",
         "step_idempotency_key",
+        "opsc_idempotency_key",
         "lock_key",
         "lock_keys",
         "dedup_key",

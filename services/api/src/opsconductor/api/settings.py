@@ -7,6 +7,8 @@ defaults: gRPC on 50051.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field
 
 from opsconductor.common.settings import ServiceSettings
@@ -17,3 +19,8 @@ class ApiSettings(ServiceSettings):
 
     service_name: str = "api"
     grpc_port: int = Field(default=50051, ge=0, le=65535)
+    #: Approval policy YAML (levels per action class, step-by-step rules); None: built-in.
+    approval_policy_file: Path | None = None
+    #: Seconds feature flags are cached (a change is also pushed by LISTEN/NOTIFY).
+    flag_cache_ttl_s: float = Field(default=2.0, gt=0)
+    db_pool_size: int = Field(default=20, ge=1)

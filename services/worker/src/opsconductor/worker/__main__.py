@@ -12,8 +12,8 @@ import sys
 import structlog
 
 from opsconductor.common.logconfig import configure_logging
-from opsconductor.common.rpc.resources import DatabasePool
 from opsconductor.common.rpc.server import load_settings, run_server
+from opsconductor.worker.app import WorkerApp
 from opsconductor.worker.servicers import register_services
 from opsconductor.worker.settings import WorkerSettings
 
@@ -25,12 +25,12 @@ def main() -> int:
         level=settings.log_level, json=settings.log_json, service=settings.service_name
     )
     structlog.get_logger(__name__).info("settings_loaded", **settings.startup_log_fields())
-    db = DatabasePool(settings.database_url)
+    app = WorkerApp(settings)
     return run_server(
         settings,
-        lambda server: register_services(server, db),
-        on_startup=[db.open],
-        on_shutdown=[db.close],
+        lambda server: register_services(server, app),
+        on_startup=[app.start],
+        on_shutdown=[app.stop],
     )
 
 

@@ -17,3 +17,6 @@ class WorkerSettings(ServiceSettings):
 
     service_name: str = "worker"
     grpc_port: int = Field(default=50052, ge=0, le=65535)
+    #: Identity written to executions this worker runs; default ``<hostname>:<pid>``.
+    worker_id: str | None = Field(default=None, max_length=100)
+    db_pool_size: int = Field(default=20, ge=1)

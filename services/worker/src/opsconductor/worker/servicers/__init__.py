@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import grpc.aio
 
-from opsconductor.common.rpc.resources import DatabasePool
+from opsconductor.worker.app import WorkerApp
 from opsconductor.worker.servicers.worker_servicer import add_worker_servicer
 
 
-def register_services(server: grpc.aio.Server, db: DatabasePool) -> list[str]:
+def register_services(server: grpc.aio.Server, app: WorkerApp) -> list[str]:
     """Add every servicer of the worker service to ``server``; returns the full service names."""
-    return [add_worker_servicer(server, db)]
+    return [add_worker_servicer(server, app)]

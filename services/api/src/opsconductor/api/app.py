@@ -1,0 +1,89 @@
+"""The api's composition root: builds every collaborator once, at start-up, from settings.
+
+Servicers are registered before the database is reachable (so health can say NOT_SERVING while
+the process waits for it); they reach the use cases through this object once ``start`` ran.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import TypeVar
+
+from opsconductor.api.clients.worker_client import GrpcWorker
+from opsconductor.api.logic.admin import AdminOperations
+from opsconductor.api.logic.queries import ExecutionQueries
+from opsconductor.api.logic.submission import Submissions
+from opsconductor.api.settings import ApiSettings
+from opsconductor.common.actions.registry import default_registry
+from opsconductor.common.approval_policy import ApprovalPolicy
+from opsconductor.common.auth import TokenVerifier
+from opsconductor.common.errors import StorageError
+from opsconductor.common.rbac import Authorizer, RbacPolicy
+from opsconductor.common.rpc.resources import DatabasePool
+from opsconductor.common.storage.execution_stats import ObservedDurations
+from opsconductor.common.storage.flags import FlagCache
+from opsconductor.common.storage.policies import load_timeout_policies
+
+
+class ApiApp:
+    """Everything the api's servicers use."""
+
+    def __init__(self, settings: ApiSettings) -> None:
+        self.settings = settings
+        self.db = DatabasePool(settings.database_url, max_size=settings.db_pool_size)
+        self.verifier = TokenVerifier.from_settings(settings)
+        self._rbac_policy = RbacPolicy.load(settings.rbac_policy_file)
+        self._approval_policy = ApprovalPolicy.load(settings.approval_policy_file)
+        self._worker = GrpcWorker(settings.worker_target)
+        self._flags: FlagCache | None = None
+        self._submissions: Submissions | None = None
+        self._queries: ExecutionQueries | None = None
+        self._admin: AdminOperations | None = None
+
+    async def start(self) -> None:
+        """Open the pool, load the timeout policies, listen for flag changes."""
+        await self.db.open()
+        pool = self.db.pool
+        self._flags = FlagCache(pool, ttl=self.settings.flag_cache_ttl_s)
+        await self._flags.start()
+        authorizer = Authorizer(pool, self._rbac_policy, tier="api")
+        self._submissions = Submissions(
+            pool=pool,
+            authorizer=authorizer,
+            actions=default_registry(),
+            flags=self._flags,
+            policies=await load_timeout_policies(pool),
+            approval_policy=self._approval_policy,
+            observed=ObservedDurations(pool),
+            worker=self._worker,
+            dedup_window=timedelta(seconds=self.settings.dedup_window_s),
+        )
+        self._queries = ExecutionQueries(pool=pool, authorizer=authorizer)
+        self._admin = AdminOperations(pool=pool, authorizer=authorizer, flags=self._flags)
+
+    async def stop(self) -> None:
+        if self._flags is not None:
+            await self._flags.close()
+        await self._worker.close()
+        await self.db.close()
+
+    @property
+    def submissions(self) -> Submissions:
+        return _ready(self._submissions)
+
+    @property
+    def queries(self) -> ExecutionQueries:
+        return _ready(self._queries)
+
+    @property
+    def admin(self) -> AdminOperations:
+        return _ready(self._admin)
+
+
+T = TypeVar("T")
+
+
+def _ready(value: T | None) -> T:
+    if value is None:
+        raise StorageError("the service is starting; retry shortly")
+    return value

@@ -1,0 +1,1 @@
+"""Transport adapters the api uses to reach other services (implementations of logic.ports)."""

@@ -1,0 +1,1 @@
+"""Api service logic: plain async Python, no gRPC, no pb2."""

@@ -1,0 +1,312 @@
+"""SubmitExecution and PreviewPlan: validate, hash, decide, create idempotently, dispatch.
+
+Order matters: the caller is authorized for the tenant before the plan is even parsed (so an
+outsider learns nothing about validation), then for the plan's action class once it is known.
+Nothing is written until every check has passed, so a refused submission leaves no trace but
+its audit event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Protocol
+
+import structlog
+
+from opsconductor.common.approval_policy import ApprovalPolicy, determine_approval_level
+from opsconductor.common.auth import Principal
+from opsconductor.common.errors import (
+    ApprovalLevelNotEnabledError,
+    FeatureDisabledError,
+    FSMError,
+    UnimplementedError,
+    WorkerUnavailableError,
+)
+from opsconductor.common.fsm import ExecutionStatus
+from opsconductor.common.hashing import canonical_json, idempotency_key, plan_hash, snapshot_hash
+from opsconductor.common.plan import Plan, parse_plan, to_wire_dict
+from opsconductor.common.planning import (
+    DurationEstimate,
+    ExecutionMode,
+    HandlerLookup,
+    decide_mode,
+    estimate_duration,
+)
+from opsconductor.common.rbac import Authorizer, Permission, submit_permissions
+from opsconductor.common.storage.execution_reads import get_execution
+from opsconductor.common.storage.execution_records import ExecutionRecord, PoolOrConnection
+from opsconductor.common.storage.execution_stats import ObservedDurations
+from opsconductor.common.storage.executions import (
+    NewExecution,
+    create_execution,
+    retire_idempotency_key,
+    transition,
+)
+from opsconductor.common.storage.flags import FlagCache
+from opsconductor.common.storage.policies import TimeoutPolicy, select_policy
+
+from .ports import WorkerPort
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_PRIORITY = 50
+#: The api waits this much longer than the policy for the worker: the worker enforces the policy
+#: and reports the timeout itself; this margin only covers transport and bookkeeping.
+DISPATCH_MARGIN_S = 15.0
+
+
+class ActionValidator(HandlerLookup, Protocol):
+    """What submission needs of the action registry: lookup plus plan validation."""
+
+    def check_plan(self, plan: Plan) -> None:
+        """Raise ``PlanValidationError`` for unknown actions, bad params or class mismatches."""
+        ...
+
+
+@dataclass(frozen=True)
+class SubmitRequest:
+    tenant_id: str
+    plan: Mapping[str, Any]
+    requested_mode: ExecutionMode | None = None
+    priority: int | None = None
+    approval_id: str | None = None
+    request_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Everything decided about a plan before anything is written (PreviewPlan's answer)."""
+
+    plan: Plan
+    plan_hash: str
+    idempotency_key: str
+    policy: TimeoutPolicy
+    estimate: DurationEstimate
+    mode: ExecutionMode
+    approval_level: int
+
+    def snapshot(self) -> dict[str, Any]:
+        """The frozen plan plus what was resolved at submit; hashed as ``plan_snapshot_hash``."""
+        return {
+            "plan": to_wire_dict(self.plan),
+            "resolved": {
+                "timeout_policy_id": self.policy.id,
+                "execution_timeout_ms": self.policy.execution_timeout_ms,
+                "step_timeout_ms": self.policy.step_timeout_ms,
+                "approval_level": self.approval_level,
+                "action_class": str(self.plan.action_class),
+                "estimated_duration_ms": self.estimate.wall_ms,
+                "can_parallelize": self.estimate.parallel,
+                "execution_mode": str(self.mode),
+            },
+        }
+
+
+@dataclass(frozen=True)
+class SubmitResult:
+    execution: ExecutionRecord
+    deduplicated: bool
+
+
+class Submissions:
+    """The submission use cases of ExecutionService."""
+
+    def __init__(
+        self,
+        *,
+        pool: PoolOrConnection,
+        authorizer: Authorizer,
+        actions: ActionValidator,
+        flags: FlagCache,
+        policies: Mapping[str, TimeoutPolicy],
+        approval_policy: ApprovalPolicy,
+        observed: ObservedDurations,
+        worker: WorkerPort,
+        dedup_window: timedelta,
+    ) -> None:
+        self._pool = pool
+        self._authorizer = authorizer
+        self._actions = actions
+        self._flags = flags
+        self._policies = policies
+        self._approval_policy = approval_policy
+        self._observed = observed
+        self._worker = worker
+        self._dedup_window = dedup_window
+
+    async def decide(
+        self,
+        principal: Principal,
+        tenant_id: str,
+        data: Mapping[str, Any],
+        requested: ExecutionMode | None,
+    ) -> Decision:
+        """Validate ``data`` and decide mode, policy, approval level and hashes."""
+        plan = parse_plan(data)
+        self._actions.check_plan(plan)
+        policy = select_policy(self._policies, plan.sla_class, plan.action_class)
+        observed = await self._observed.p95_ms(plan.actions)
+        estimate = estimate_duration(plan, self._actions, observed)
+        level = determine_approval_level(plan, self._approval_policy)
+        self._approval_policy.check_runbook(plan, level)
+        return Decision(
+            plan=plan,
+            plan_hash=plan_hash(plan),
+            idempotency_key=idempotency_key(plan, tenant_id, principal.actor_id),
+            policy=policy,
+            estimate=estimate,
+            mode=decide_mode(estimate, requested),
+            approval_level=level,
+        )
+
+    async def preview(
+        self,
+        principal: Principal,
+        tenant_id: str,
+        data: Mapping[str, Any],
+        requested: ExecutionMode | None,
+    ) -> Decision:
+        """What ``submit`` would decide, without executing or writing anything."""
+        await self._authorizer.authorize(
+            principal,
+            tenant_id=tenant_id,
+            permissions={Permission.EXECUTIONS_PREVIEW},
+            resource="ExecutionService/PreviewPlan",
+        )
+        return await self.decide(principal, tenant_id, data, requested)
+
+    async def submit(
+        self, principal: Principal, token: str, request: SubmitRequest
+    ) -> SubmitResult:
+        """Create the execution (or find its duplicate) and, if immediate, run it to the end."""
+        tenant_id = request.tenant_id
+        resource = "ExecutionService/SubmitExecution"
+        await self._authorizer.authorize(
+            principal,
+            tenant_id=tenant_id,
+            permissions={Permission.EXECUTIONS_SUBMIT},
+            resource=resource,
+        )
+        flags = await self._flags.get()
+        if not flags.stage_e_enabled or not flags.tenant_enabled(tenant_id):
+            raise FeatureDisabledError(
+                f"Stage E execution is not enabled for tenant {tenant_id!r}", tenant_id=tenant_id
+            )
+        decision = await self.decide(principal, tenant_id, request.plan, request.requested_mode)
+        await self._authorizer.authorize(
+            principal,
+            tenant_id=tenant_id,
+            permissions=submit_permissions(decision.plan.action_class),
+            resource=resource,
+        )
+        if decision.approval_level > flags.max_approval_level:
+            raise ApprovalLevelNotEnabledError(
+                f"this plan needs approval level {decision.approval_level}; the highest level "
+                f"enabled is {flags.max_approval_level}",
+                approval_level=decision.approval_level,
+                max_approval_level=flags.max_approval_level,
+            )
+        if decision.approval_level > 0:
+            raise UnimplementedError("plans needing approval are not served yet")
+        if decision.mode is ExecutionMode.BACKGROUND:
+            raise UnimplementedError(
+                "background execution is not served yet; this plan is estimated at "
+                f"{decision.estimate.wall_ms} ms, above the immediate limit"
+            )
+        record, created = await self._create(
+            principal, request, decision, flags.record_only(tenant_id)
+        )
+        if not created:
+            return SubmitResult(await self._await_duplicate(record), deduplicated=True)
+        await self._dispatch_immediate(record, token)
+        return SubmitResult(
+            await get_execution(self._pool, tenant_id, record.id), deduplicated=False
+        )
+
+    async def _create(
+        self, principal: Principal, request: SubmitRequest, decision: Decision, record_only: bool
+    ) -> tuple[ExecutionRecord, bool]:
+        snapshot = decision.snapshot()
+        new = NewExecution(
+            tenant_id=request.tenant_id,
+            actor_id=principal.actor_id,
+            request_id=request.request_id,
+            idempotency_key=decision.idempotency_key,
+            plan_hash=decision.plan_hash,
+            plan_snapshot=snapshot,
+            plan_snapshot_hash=snapshot_hash(snapshot),
+            execution_mode=str(decision.mode),
+            sla_class=str(decision.plan.sla_class),
+            action_class=str(decision.plan.action_class),
+            approval_level=decision.approval_level,
+            priority=DEFAULT_PRIORITY if request.priority is None else request.priority,
+            timeout_policy_id=decision.policy.id,
+            timeout_ms=decision.policy.execution_timeout_ms,
+            estimated_duration_ms=decision.estimate.wall_ms,
+            record_only=record_only,
+            steps=[
+                (step.id, position, step.action, str(step.action_class))
+                for position, step in enumerate(decision.plan.steps)
+            ],
+        )
+        record, created = await create_execution(self._pool, new, dedup_window=self._dedup_window)
+        log.info(
+            "execution_created" if created else "execution_deduplicated",
+            exec_id=str(record.id),
+            tenant_id=record.tenant_id,
+            actor_id=record.actor_id,
+            plan_hash=record.plan_hash,
+            execution_mode=record.execution_mode,
+            approval_level=record.approval_level,
+            plan_bytes=len(canonical_json(snapshot["plan"])),
+        )
+        return record, created
+
+    async def _dispatch_immediate(self, record: ExecutionRecord, token: str) -> None:
+        try:
+            await self._worker.run_immediate(
+                tenant_id=record.tenant_id,
+                execution_id=record.id,
+                token=token,
+                timeout_s=record.timeout_ms / 1000 + DISPATCH_MARGIN_S,
+            )
+        except WorkerUnavailableError:
+            # The worker never started it: end it failed and free the key for a retry.
+            try:
+                await transition(
+                    self._pool,
+                    record.id,
+                    to=ExecutionStatus.FAILED,
+                    by="api",
+                    expected_from=ExecutionStatus.PENDING,
+                    fields={
+                        "error_class": WorkerUnavailableError.reason,
+                        "error_message": "no worker could be reached",
+                    },
+                    tenant_id=record.tenant_id,
+                )
+                await retire_idempotency_key(self._pool, record.id)
+            except FSMError:
+                pass  # it did start after all: its worker owns it now
+            raise
+        except FSMError:
+            # Cancelled (or otherwise moved on) before the worker took it: report its state.
+            pass
+
+    async def _await_duplicate(self, record: ExecutionRecord) -> ExecutionRecord:
+        """A duplicate of an immediate execution in flight gets its outcome, not a snapshot."""
+        if record.execution_mode != ExecutionMode.IMMEDIATE or record.is_terminal:
+            return record
+        deadline = time.monotonic() + record.timeout_ms / 1000 + DISPATCH_MARGIN_S
+        delay = 0.02
+        while time.monotonic() < deadline:
+            await asyncio.sleep(delay)
+            record = await get_execution(self._pool, record.tenant_id, record.id)
+            if record.is_terminal:
+                break
+            delay = min(delay * 2, 0.5)
+        return record

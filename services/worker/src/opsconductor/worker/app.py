@@ -1,0 +1,60 @@
+"""The worker's composition root: built once at start-up from settings."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from opsconductor.common.actions.registry import default_registry
+from opsconductor.common.auth import TokenVerifier
+from opsconductor.common.errors import StorageError
+from opsconductor.common.rbac import Authorizer, RbacPolicy
+from opsconductor.common.rpc.resources import DatabasePool
+from opsconductor.common.secrets import SecretResolver, SecretsSettings
+from opsconductor.common.storage.cancellation import CancelSignals
+from opsconductor.common.storage.policies import load_timeout_policies
+from opsconductor.worker.logic.immediate import ImmediateExecutions
+from opsconductor.worker.logic.runner import ExecutionRunner
+from opsconductor.worker.settings import WorkerSettings
+
+
+class WorkerApp:
+    """Everything the worker's servicers use."""
+
+    def __init__(self, settings: WorkerSettings) -> None:
+        self.settings = settings
+        self.worker_id = settings.worker_id or f"{socket.gethostname()}:{os.getpid()}"
+        self.db = DatabasePool(settings.database_url, max_size=settings.db_pool_size)
+        self.verifier = TokenVerifier.from_settings(settings)
+        self._rbac_policy = RbacPolicy.load(settings.rbac_policy_file)
+        self._secrets = SecretResolver.from_settings(SecretsSettings())
+        self._cancel_signals = CancelSignals(settings.database_url.get_secret_value())
+        self._immediate: ImmediateExecutions | None = None
+
+    async def start(self) -> None:
+        await self.db.open()
+        pool = self.db.pool
+        await self._cancel_signals.start()
+        runner = ExecutionRunner(
+            pool=pool,
+            handlers=default_registry(),
+            secrets=self._secrets,
+            cancel_signals=self._cancel_signals,
+            policies=await load_timeout_policies(pool),
+            worker_id=self.worker_id,
+        )
+        self._immediate = ImmediateExecutions(
+            pool=pool, authorizer=Authorizer(pool, self._rbac_policy, tier="worker"), runner=runner
+        )
+
+    async def stop(self) -> None:
+        if self._immediate is not None:
+            await self._immediate.drain(self.settings.shutdown_grace_s)
+        await self._cancel_signals.stop()
+        await self.db.close()
+
+    @property
+    def immediate(self) -> ImmediateExecutions:
+        if self._immediate is None:
+            raise StorageError("the worker is starting; retry shortly")
+        return self._immediate

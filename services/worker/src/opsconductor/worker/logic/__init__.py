@@ -1,0 +1,1 @@
+"""Worker service logic: plain async Python, no gRPC, no pb2."""

@@ -1,0 +1,413 @@
+"""Run one execution: take its mutexes, run its steps under the timeout policy, honour
+cancellation, and record every outcome through the state machine.
+
+The same runner serves the immediate path (``lease_token=None``) and, later, the queue (every
+write fenced by the job's lease token). What it guarantees:
+
+* locks of all the plan's (target, action) pairs are taken in one stable order before anything
+  runs, and released in ``finally`` whatever happens (success, failure, timeout, cancellation);
+* the execution's time budget comes from its ``timeout_policies`` row: the whole run is bounded
+  by ``execution_timeout_ms`` and each step by ``min(step_timeout_ms, what is left)``; on expiry
+  the execution ends ``failed`` with ``timed_out = true`` and ``ExecutionTimeoutError`` is raised;
+* cancellation is checked between steps (each check counted) and signalled live: the running
+  step's handler sees ``cancel_event`` and finishes best-effort; steps not started are skipped;
+* secrets are resolved per step, just in time, and never written anywhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from uuid import UUID, uuid4
+
+import structlog
+
+from opsconductor.common.actions.base import (
+    ActionContext,
+    ActionFailedError,
+    ActionResult,
+    ActionTimeoutError,
+)
+from opsconductor.common.errors import ExecutionTimeoutError, OpsConductorError, ResourceBusyError
+from opsconductor.common.fsm import ExecutionStatus, StepStatus
+from opsconductor.common.masking import default_masker, mask_text
+from opsconductor.common.plan import Plan, Step, parse_plan
+from opsconductor.common.planning import MAX_PARALLEL_STEPS, HandlerLookup, can_parallelize
+from opsconductor.common.secrets import SecretResolver
+from opsconductor.common.storage.cancellation import CancelSignals, check_cancelled
+from opsconductor.common.storage.execution_reads import get_execution
+from opsconductor.common.storage.execution_records import ExecutionRecord, PoolOrConnection
+from opsconductor.common.storage.execution_steps import (
+    finish_step,
+    load_steps,
+    skip_remaining_steps,
+    start_step,
+)
+from opsconductor.common.storage.executions import retire_idempotency_key, transition
+from opsconductor.common.storage.locks import LockRequest, acquire_locks, release_locks
+from opsconductor.common.storage.policies import TimeoutPolicy
+
+from . import metrics
+
+log = structlog.get_logger(__name__)
+
+#: Locks outlive the execution budget by this much, so only a dead worker's locks expire.
+LOCK_TTL_BUFFER = timedelta(seconds=30)
+_RUNNABLE_FROM = (ExecutionStatus.PENDING, ExecutionStatus.QUEUED)
+
+
+@dataclass
+class _Outcome:
+    """How the run of the steps ended."""
+
+    failed_step: str | None = None
+    error_class: str | None = None
+    error_message: str | None = None
+    cancelled: bool = False
+    timed_out: bool = False
+
+
+def _error_class(exc: BaseException) -> str:
+    return exc.reason if isinstance(exc, OpsConductorError) else type(exc).__name__
+
+
+class ExecutionRunner:
+    """Runs executions for one worker process."""
+
+    def __init__(
+        self,
+        *,
+        pool: PoolOrConnection,
+        handlers: HandlerLookup,
+        secrets: SecretResolver,
+        cancel_signals: CancelSignals,
+        policies: Mapping[str, TimeoutPolicy],
+        worker_id: str,
+    ) -> None:
+        self._pool = pool
+        self._handlers = handlers
+        self._secrets = secrets
+        self._cancel_signals = cancel_signals
+        self._policies = policies
+        self.worker_id = worker_id
+
+    def _policy(self, record: ExecutionRecord) -> TimeoutPolicy | None:
+        return self._policies.get(record.timeout_policy_id or "")
+
+    async def run(
+        self, record: ExecutionRecord, *, lease_token: UUID | None = None
+    ) -> ExecutionRecord:
+        """Run ``record`` (pending or queued) to a terminal state and return it.
+
+        Raises ``ResourceBusyError`` when a target is locked (the execution ends failed, nothing
+        ran, and its idempotency key is retired so the same plan can be retried), and
+        ``ExecutionTimeoutError`` when the policy expired (the execution ends failed, timed out).
+        """
+        plan = parse_plan(record.plan_snapshot["plan"])
+        budget_s = record.timeout_ms / 1000
+        started = time.monotonic()
+        owner = uuid4()
+        requests = [
+            LockRequest(record.tenant_id, target.ref, step.action)
+            for step in plan.steps
+            for target in step.targets
+        ]
+        try:
+            lock_set = await acquire_locks(
+                self._pool,
+                requests,
+                owner_token=owner,
+                owner_execution_id=record.id,
+                ttl=timedelta(milliseconds=record.timeout_ms) + LOCK_TTL_BUFFER,
+            )
+        except ResourceBusyError as exc:
+            await self._fail_busy(record, exc, lease_token)
+            raise
+        try:
+            record = await transition(
+                self._pool,
+                record.id,
+                to=ExecutionStatus.RUNNING,
+                by=self.worker_id,
+                expected_from=_RUNNABLE_FROM,
+                lease_token=lease_token,
+                worker_id=self.worker_id,
+                fields={
+                    "deadline_at": datetime.now(UTC) + timedelta(milliseconds=record.timeout_ms)
+                },
+                tenant_id=record.tenant_id,
+            )
+            self._log_started(record, plan)
+            with self._cancel_signals.watch(record.id) as cancel_event:
+                outcome = _Outcome()
+                try:
+                    async with asyncio.timeout(budget_s):
+                        await self._run_steps(
+                            record, plan, outcome, cancel_event, started, lease_token
+                        )
+                except TimeoutError:
+                    outcome.timed_out = True
+                    outcome.error_class = ExecutionTimeoutError.reason
+                    outcome.error_message = (
+                        f"execution exceeded its {record.timeout_policy_id} budget of "
+                        f"{record.timeout_ms} ms"
+                    )
+            final = await self._finish(record, plan, outcome, lease_token)
+        finally:
+            # Shielded: a cancelled caller must not leave the assets locked.
+            await asyncio.shield(release_locks(self._pool, lock_set))
+        self._log_finished(final, plan, started)
+        if outcome.timed_out:
+            raise ExecutionTimeoutError(
+                outcome.error_message,
+                execution_id=str(final.id),
+                timeout_policy_id=final.timeout_policy_id or "",
+                timeout_ms=final.timeout_ms,
+            )
+        return final
+
+    async def _fail_busy(
+        self, record: ExecutionRecord, exc: ResourceBusyError, lease_token: UUID | None
+    ) -> None:
+        await skip_remaining_steps(
+            self._pool, record.id, 0, lease_token=lease_token, reason="resource_busy"
+        )
+        await transition(
+            self._pool,
+            record.id,
+            to=ExecutionStatus.FAILED,
+            by=self.worker_id,
+            expected_from=_RUNNABLE_FROM,
+            lease_token=lease_token,
+            worker_id=self.worker_id,
+            fields={"error_class": exc.reason, "error_message": exc.message},
+            tenant_id=record.tenant_id,
+        )
+        # Nothing ran: let the same plan be submitted again once the asset is free.
+        await retire_idempotency_key(self._pool, record.id)
+        metrics.FAILURES.labels(record.execution_mode, exc.reason).inc()
+
+    async def _run_steps(
+        self,
+        record: ExecutionRecord,
+        plan: Plan,
+        outcome: _Outcome,
+        cancel_event: asyncio.Event,
+        started: float,
+        lease_token: UUID | None,
+    ) -> None:
+        done = {s.step_id for s in record.steps if s.status == StepStatus.SUCCEEDED}
+        todo = [step for step in plan.steps if step.id not in done]
+        if can_parallelize(plan):
+            slots = asyncio.Semaphore(MAX_PARALLEL_STEPS)
+
+            async def run_one(step: Step) -> None:
+                async with slots:
+                    await self._run_one(record, step, outcome, cancel_event, started, lease_token)
+
+            await asyncio.gather(*(run_one(step) for step in todo))
+            return
+        for step in todo:
+            await self._run_one(record, step, outcome, cancel_event, started, lease_token)
+            if outcome.failed_step or outcome.cancelled or outcome.timed_out:
+                return
+
+    async def _run_one(
+        self,
+        record: ExecutionRecord,
+        step: Step,
+        outcome: _Outcome,
+        cancel_event: asyncio.Event,
+        started: float,
+        lease_token: UUID | None,
+    ) -> None:
+        if outcome.failed_step or outcome.cancelled or outcome.timed_out:
+            return
+        if cancel_event.is_set() or await check_cancelled(self._pool, record.id):
+            outcome.cancelled = True
+            return
+        await start_step(
+            self._pool, record.id, step.id, worker_id=self.worker_id, lease_token=lease_token
+        )
+        step_started = time.monotonic()
+        policy = self._policy(record)
+        remaining = record.timeout_ms / 1000 - (time.monotonic() - started)
+        step_budget = remaining if policy is None else min(policy.step_timeout_ms / 1000, remaining)
+        status, result, error_class, error_message = await self._call_handler(
+            record, step, cancel_event, step_budget
+        )
+        await finish_step(
+            self._pool,
+            record.id,
+            step.id,
+            status=status,
+            result=result,
+            error_class=error_class,
+            error_message=error_message,
+            lease_token=lease_token,
+        )
+        metrics.STEP_DURATION.labels(step.action, record.sla_class, status.value).observe(
+            time.monotonic() - step_started
+        )
+        if error_class == ExecutionTimeoutError.reason:
+            # The step used up the policy's budget: the execution times out.
+            outcome.timed_out = True
+            outcome.error_class, outcome.error_message = error_class, error_message
+        elif status is StepStatus.FAILED and not outcome.failed_step:
+            outcome.failed_step = step.id
+            outcome.error_class, outcome.error_message = error_class, error_message
+        elif cancel_event.is_set():
+            outcome.cancelled = True
+
+    async def _call_handler(
+        self,
+        record: ExecutionRecord,
+        step: Step,
+        cancel_event: asyncio.Event,
+        budget_s: float,
+    ) -> tuple[StepStatus, dict[str, Any] | None, str | None, str | None]:
+        """Run one step's handler; map its outcome to (status, result, error class, message)."""
+        values: list[str] = []
+        try:
+            handler = self._handlers.get(step.action)
+            params, values = self._secrets.resolve_params(step.params)
+            context = ActionContext(
+                execution_id=str(record.id),
+                step_id=step.id,
+                idempotency_key=f"{record.id}:{step.id}",
+                tenant_id=record.tenant_id,
+                targets=tuple(t.ref for t in step.targets),
+                params=params,
+                timeout_s=max(budget_s, 0.0),
+                record_only=record.record_only,
+                cancel_event=cancel_event,
+            )
+            async with asyncio.timeout(max(budget_s, 0.0)):
+                result: ActionResult = await handler.run(context)
+        except ActionFailedError as exc:
+            output = exc.output.to_dict() if exc.output is not None else None
+            if isinstance(exc, ActionTimeoutError) and exc.details.get("budget_exhausted"):
+                # The handler stopped itself because the policy's budget ran out.
+                return StepStatus.FAILED, output, ExecutionTimeoutError.reason, exc.message
+            return StepStatus.FAILED, output, exc.reason, exc.message
+        except TimeoutError:
+            return (
+                StepStatus.FAILED,
+                None,
+                ExecutionTimeoutError.reason,
+                f"step {step.id} exceeded the {record.timeout_policy_id} step budget",
+            )
+        except OpsConductorError as exc:
+            return StepStatus.FAILED, None, exc.reason, exc.message
+        except Exception as exc:
+            # A handler bug: record it, masked, and fail the step rather than the worker.
+            log.exception("action_crashed", execution_id=str(record.id), step_id=step.id)
+            return StepStatus.FAILED, None, type(exc).__name__, mask_text(str(exc))[:1000]
+        finally:
+            # Registered by resolve_params; results and errors were masked on construction.
+            default_masker().unregister_secrets(values)
+        return StepStatus.SUCCEEDED, result.to_dict(), None, None
+
+    async def _finish(
+        self,
+        record: ExecutionRecord,
+        plan: Plan,
+        outcome: _Outcome,
+        lease_token: UUID | None,
+    ) -> ExecutionRecord:
+        # A step still marked running was cut off by the execution timeout.
+        for step in await load_steps(self._pool, record.id):
+            if step.status == StepStatus.RUNNING:
+                await finish_step(
+                    self._pool,
+                    record.id,
+                    step.step_id,
+                    status=StepStatus.FAILED,
+                    error_class=ExecutionTimeoutError.reason,
+                    error_message="stopped: the execution's time budget ran out",
+                    lease_token=lease_token,
+                )
+        reason = "timed_out" if outcome.timed_out else "cancelled" if outcome.cancelled else None
+        await skip_remaining_steps(
+            self._pool, record.id, 0, lease_token=lease_token, reason=reason or "failed"
+        )
+        steps = await load_steps(self._pool, record.id)
+        summary = {
+            "steps": {s.step_id: str(s.status) for s in steps},
+            "counts": {
+                status.value: sum(1 for s in steps if s.status == status)
+                for status in (StepStatus.SUCCEEDED, StepStatus.FAILED, StepStatus.SKIPPED)
+            },
+        }
+        fields: dict[str, Any] = {"result_summary": summary}
+        if outcome.timed_out:
+            target = ExecutionStatus.FAILED
+            fields |= {"timed_out": True}
+        elif outcome.cancelled:
+            target = ExecutionStatus.CANCELLED
+        elif outcome.failed_step:
+            target = ExecutionStatus.FAILED
+        else:
+            target = ExecutionStatus.SUCCEEDED
+        if target is ExecutionStatus.FAILED:
+            fields |= {"error_class": outcome.error_class, "error_message": outcome.error_message}
+        await transition(
+            self._pool,
+            record.id,
+            to=target,
+            by=self.worker_id,
+            expected_from=ExecutionStatus.RUNNING,
+            lease_token=lease_token,
+            fields=fields,
+            tenant_id=record.tenant_id,
+        )
+        return await get_execution(self._pool, record.tenant_id, record.id)
+
+    def _log_started(self, record: ExecutionRecord, plan: Plan) -> None:
+        log.info("execution_started", **self._log_fields(record, plan))
+
+    def _log_finished(self, record: ExecutionRecord, plan: Plan, started: float) -> None:
+        fields = self._log_fields(record, plan)
+        fields["duration_ms"] = int((time.monotonic() - started) * 1000)
+        log.info("execution_finished", **fields)
+        labels = (record.execution_mode, record.sla_class, record.action_class, record.status)
+        metrics.EXECUTIONS.labels(*labels).inc()
+        metrics.EXECUTION_DURATION.labels(*labels).observe(fields["duration_ms"] / 1000)
+        if record.timed_out:
+            metrics.TIMEOUTS.labels(record.sla_class, record.timeout_policy_id or "").inc()
+        if record.status == ExecutionStatus.CANCELLED:
+            metrics.CANCELLATIONS.labels(record.execution_mode, record.sla_class).inc()
+        elif record.status == ExecutionStatus.FAILED:
+            metrics.FAILURES.labels(record.execution_mode, record.error_class or "").inc()
+
+    def _log_fields(self, record: ExecutionRecord, plan: Plan) -> dict[str, Any]:
+        """The fields spec §7.2 requires on every execution log line."""
+        return {
+            "plan_hash": record.plan_hash,
+            "exec_id": str(record.id),
+            "actor_id": record.actor_id,
+            "tenant_id": record.tenant_id,
+            "action": ",".join(plan.actions),
+            "targets": list(plan.target_refs),
+            "approval_level": record.approval_level,
+            "timing": {
+                "created_at": record.created_at.isoformat(),
+                "started_at": record.started_at.isoformat() if record.started_at else None,
+                "ended_at": record.ended_at.isoformat() if record.ended_at else None,
+            },
+            "status": str(record.status),
+            "error_class": record.error_class,
+            "duration_ms": record.duration_ms,
+            "retries_total": max(record.attempts - 1, 0),
+            "queue_wait_ms": 0,
+            "worker_id": self.worker_id,
+            "lease_renewals": record.lease_renewals,
+            "cancel_checks_performed": record.cancel_checks_performed,
+            "execution_mode": record.execution_mode,
+            "sla_class": record.sla_class,
+            "timeout_policy_id": record.timeout_policy_id,
+        }

@@ -8,9 +8,10 @@ from typing import Any
 
 import asyncpg
 import pytest
-from migration_helpers import insert_execution
 
 from opsconductor.common.storage.db import connect
+
+from .migration_helpers import insert_execution
 
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 SECOND = timedelta(seconds=1)

@@ -11,7 +11,6 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
-from migration_helpers import dump_schema
 from structlog.testing import capture_logs
 
 from opsconductor.common.errors import StorageError
@@ -28,6 +27,8 @@ from opsconductor.common.storage.migrate import (
     migrate_down,
     migrate_up,
 )
+
+from .migration_helpers import dump_schema
 
 WriteMigrations = Callable[[dict[str, str]], Path]
 UNREACHABLE_DSN = "postgresql://postgres@127.0.0.1:1/postgres"

@@ -10,10 +10,11 @@ import re
 
 import asyncpg
 import pytest
-from migration_helpers import insert_execution
 
 from opsconductor.common.storage.db import connect
 from opsconductor.common.storage.migrate import discover, find_migrations_dir
+
+from .migration_helpers import insert_execution
 
 # §1.1 Tables & ENUMs
 SPEC_TABLES = (

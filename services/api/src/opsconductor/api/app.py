@@ -34,7 +34,7 @@ class ApiApp:
         self.verifier = TokenVerifier.from_settings(settings)
         self._rbac_policy = RbacPolicy.load(settings.rbac_policy_file)
         self._approval_policy = ApprovalPolicy.load(settings.approval_policy_file)
-        self._worker = GrpcWorker(settings.worker_target)
+        self._worker: GrpcWorker | None = None
         self._flags: FlagCache | None = None
         self._submissions: Submissions | None = None
         self._queries: ExecutionQueries | None = None
@@ -44,6 +44,8 @@ class ApiApp:
         """Open the pool, load the timeout policies, listen for flag changes."""
         await self.db.open()
         pool = self.db.pool
+        # gRPC channels bind to the running loop: build them here, not in __init__.
+        self._worker = GrpcWorker(self.settings.worker_target)
         self._flags = FlagCache(pool, ttl=self.settings.flag_cache_ttl_s)
         await self._flags.start()
         authorizer = Authorizer(pool, self._rbac_policy, tier="api")
@@ -64,7 +66,8 @@ class ApiApp:
     async def stop(self) -> None:
         if self._flags is not None:
             await self._flags.close()
-        await self._worker.close()
+        if self._worker is not None:
+            await self._worker.close()
         await self.db.close()
 
     @property

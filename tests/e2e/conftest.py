@@ -1,0 +1,122 @@
+"""End-to-end fixtures: the api and the worker as real processes on a database of their own.
+
+Redis is deliberately pointed at a port nothing listens on: the immediate path must not need it.
+Each test gets its own tenant (with role bindings), so tests sharing one stack never see each
+other's executions.
+"""
+
+from __future__ import annotations
+
+import secrets
+import socket
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import asyncpg
+import pytest
+from pydantic import SecretStr
+
+from opsconductor.client import ExecutionClient
+from opsconductor.common.auth import issue_token
+from opsconductor.common.storage.db import create_pool
+from opsconductor.common.storage.flags import update_flags
+from opsconductor.common.storage.role_bindings import bind_role
+
+from ..conftest import RUN_ID, with_database
+from .stack import AUDIENCE, HS256_KEY, Stack, start_service
+
+#: A secret value the worker can resolve (as env:E2E_DB_PASSWORD); it must never be persisted
+#: or logged anywhere.
+PLANTED_SECRET = f"PlantedSecret-{secrets.token_hex(8)}"
+
+
+def dead_redis_url() -> str:
+    """A Redis URL whose port nothing listens on (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"redis://127.0.0.1:{port}/0"
+
+
+def token(actor: str, tenant: str, ttl: timedelta = timedelta(minutes=30)) -> str:
+    return issue_token(
+        actor_id=actor, tenant_id=tenant, audience=AUDIENCE, hs256_key=SecretStr(HS256_KEY), ttl=ttl
+    )
+
+
+@pytest.fixture(scope="module")
+async def e2e_dsn(server_dsn: str, template_db: str) -> AsyncIterator[str]:
+    name = f"opsc_test_{RUN_ID}_e2e_{secrets.token_hex(3)}"
+    admin = await asyncpg.connect(with_database(server_dsn, "postgres"))
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
+        yield with_database(server_dsn, name)
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+@pytest.fixture(scope="module")
+async def e2e_pool(e2e_dsn: str) -> AsyncIterator[asyncpg.Pool]:
+    pool = await create_pool(e2e_dsn, min_size=1, max_size=10)
+    await update_flags(pool, {"stage_e_enabled": True, "all_tenants_enabled": True}, by="e2e")
+    try:
+        yield pool
+    finally:
+        await pool.close()
+
+
+@pytest.fixture(scope="module")
+async def stack(e2e_dsn: str, e2e_pool: asyncpg.Pool) -> AsyncIterator[Stack]:
+    log_dir = Path(tempfile.mkdtemp(prefix="opsc-e2e-"))
+    running = Stack(dsn=e2e_dsn, log_dir=log_dir)
+    common = {"OPSC_REDIS_URL": dead_redis_url()}
+    try:
+        worker = await start_service(
+            "worker",
+            running,
+            {**common, "OPSC_SECRET_E2E_DB_PASSWORD": PLANTED_SECRET},
+        )
+        await start_service("api", running, {**common, "OPSC_WORKER_TARGET": worker.address})
+        yield running
+    finally:
+        for service in reversed(list(running.services.values())):
+            service.stop()
+
+
+@dataclass
+class Tenant:
+    """A fresh tenant with principals bound to roles, and clients acting as them."""
+
+    id: str
+    stack: Stack
+    pool: asyncpg.Pool
+
+    def client(self, actor: str, *, tenant: str | None = None) -> ExecutionClient:
+        """A client for ``actor`` holding a token of ``tenant`` (default: this tenant)."""
+        return ExecutionClient(self.stack.address("api"), token(actor, tenant or self.id))
+
+    async def bind(self, actor: str, role: str) -> None:
+        await bind_role(self.pool, self.id, actor, role, created_by="e2e")
+
+
+@pytest.fixture
+async def tenant(stack: Stack, e2e_pool: asyncpg.Pool) -> Tenant:
+    """A tenant of this test only: alice operator, dave deployer, vera viewer, ada admin."""
+    t = Tenant(id=f"t-{secrets.token_hex(4)}", stack=stack, pool=e2e_pool)
+    for actor, role in (("alice", "operator"), ("dave", "deployer"), ("vera", "viewer")):
+        await t.bind(actor, role)
+    await t.bind("ada", "admin")
+    return t
+
+
+@pytest.fixture
+def ledger(tmp_path: Path) -> Path:
+    """The probe action's side-effect ledger for this test."""
+    return tmp_path / "ledger.jsonl"
+
+
+Eventually = Callable[[Callable[[], Awaitable[bool]], float], Awaitable[None]]

@@ -25,7 +25,7 @@ from opsconductor.common.storage.db import create_pool
 from opsconductor.common.storage.flags import update_flags
 from opsconductor.common.storage.role_bindings import bind_role
 
-from ..conftest import RUN_ID, with_database
+from tests.conftest import RUN_ID, with_database
 from .stack import AUDIENCE, HS256_KEY, Stack, start_service
 
 #: A secret value the worker can resolve (as env:E2E_DB_PASSWORD); it must never be persisted

@@ -24,8 +24,8 @@ from opsconductor.common.auth import issue_token
 from opsconductor.common.storage.db import create_pool
 from opsconductor.common.storage.flags import update_flags
 from opsconductor.common.storage.role_bindings import bind_role
-
 from tests.conftest import RUN_ID, with_database
+
 from .stack import AUDIENCE, HS256_KEY, Stack, start_service
 
 #: A secret value the worker can resolve (as env:E2E_DB_PASSWORD); it must never be persisted

@@ -32,6 +32,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from opsconductor.common.storage.migrate import migrate_up
 from opsconductor.devstack.config import EMBEDDED_DATABASE, DevstackSettings
+from opsconductor.devstack.dev_identity import (
+    DEV_PRINCIPAL,
+    DEV_TENANT,
+    dev_token,
+    seed_dev_tenant,
+    signing_key,
+)
 from opsconductor.devstack.embedded import start_postgres, start_redis
 
 log = structlog.get_logger(__name__)
@@ -95,6 +102,7 @@ class Supervisor:
         self._service_died = asyncio.Event()
         self._stopping = False
         self._monitors: list[asyncio.Task[None]] = []
+        self._jwt_key: str | None = None
 
     def request_stop(self) -> None:
         """Ask the stack to shut down (signal handlers call this)."""
@@ -124,6 +132,8 @@ class Supervisor:
             return 0
         applied = await migrate_up(database_url)
         log.info("migrations_applied", versions=applied)
+        await seed_dev_tenant(database_url)
+        self._jwt_key = signing_key(self.settings.devstack_dir)
         for spec in self.service_specs(database_url, redis_url):
             await self._spawn(spec)
         outcome = await self._first_of(
@@ -132,6 +142,7 @@ class Supervisor:
         if outcome != "ready":
             return self._report_failed_start(outcome)
         self._print_table(time.monotonic() - started)
+        self._print_identity()
         outcome = await self._first_of(ready=None, within_s=None)
         if outcome == "died":
             self._report_death()
@@ -185,6 +196,7 @@ class Supervisor:
             "OPSC_GRPC_HOST": host,
             "OPSC_WORKER_TARGET": f"{host}:{s.worker_port}",
             "OPSC_LOG_JSON": "true" if s.log_json else "false",
+            "OPSC_JWT_HS256_KEY": self._jwt_key or signing_key(s.devstack_dir),
             "PYTHONUNBUFFERED": "1",
         }
 
@@ -335,6 +347,19 @@ class Supervisor:
         self._print_rows()
         print("Press Ctrl-C to stop.", file=self.out)
         self.out.flush()
+
+    def _print_identity(self) -> None:
+        token = dev_token(self._jwt_key or signing_key(self.settings.devstack_dir))
+        print(
+            f"\ntenant {DEV_TENANT!r}, principal {DEV_PRINCIPAL!r} (admin), token valid 12 h:\n"
+            f"  export OPSC_TOKEN={token}\n"
+            f'  grpcurl -plaintext -H "authorization: Bearer $OPSC_TOKEN" '
+            f'-d \'{{"tenant_id": "{DEV_TENANT}"}}\' '
+            f"{self.settings.devstack_host}:{self.settings.api_port} "
+            "opsconductor.execution.v1.ExecutionService/ListExecutions\n",
+            file=self.out,
+            flush=True,
+        )
 
     def _print_rows(self) -> None:
         rows = [("SERVICE", "ADDRESS", "STATUS", "PID", "")]

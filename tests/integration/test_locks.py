@@ -775,3 +775,44 @@ async def _held_one(dsn: str) -> LockSet:
         )
     finally:
         await pool.close()
+
+
+async def test_same_execution_retakes_its_locks_with_a_new_fencing_token(
+    db_pool: asyncpg.Pool,
+) -> None:
+    """A job taken over after its worker died re-takes the execution's own live locks at once
+    (new owner, larger fencing token); the old owner can then neither release nor extend them,
+    and another execution still finds them busy."""
+    execution = uuid4()
+    requests = [
+        LockRequest("t1", "server-01", "restart"),
+        LockRequest("t1", "server-02", "restart"),
+    ]
+    first = await acquire_locks(
+        db_pool,
+        requests,
+        owner_token=uuid4(),
+        owner_execution_id=execution,
+        ttl=timedelta(minutes=5),
+    )
+    second = await acquire_locks(
+        db_pool,
+        requests,
+        owner_token=uuid4(),
+        owner_execution_id=execution,
+        ttl=timedelta(minutes=5),
+    )
+    for key in first.keys:
+        assert second.fencing_tokens[key] > first.fencing_tokens[key]
+    assert await release_locks(db_pool, first) == 0
+    with pytest.raises(StaleLeaseError):
+        await extend_locks(db_pool, first, timedelta(minutes=5))
+    with pytest.raises(ResourceBusyError):
+        await acquire_locks(
+            db_pool,
+            requests,
+            owner_token=uuid4(),
+            owner_execution_id=uuid4(),
+            ttl=timedelta(minutes=5),
+        )
+    assert await release_locks(db_pool, second) == 2

@@ -78,11 +78,16 @@ SET owner_token = EXCLUDED.owner_token,
     acquired_at = now(),
     expires_at = EXCLUDED.expires_at
 WHERE held.expires_at < now()
+    -- The same execution re-taking its locks after its worker died or lost its lease: the new
+    -- owner gets a new fencing token, so the old one can neither release nor extend them.
+    OR (EXCLUDED.owner_execution_id IS NOT NULL
+        AND held.owner_execution_id = EXCLUDED.owner_execution_id)
 RETURNING lock_key, fencing_token, expires_at
 """
 _HOLDERS = """
 SELECT lock_key, owner_execution_id FROM execution_locks
 WHERE lock_key = ANY($1::varchar[]) AND owner_token <> $2
+  AND owner_execution_id IS DISTINCT FROM $3
 ORDER BY lock_key COLLATE "C"
 """
 _OWNED_IN_ORDER = """
@@ -275,7 +280,7 @@ async def _acquire_once(
                 )
             # Raising inside the transaction rolls back every key this call did take, so a
             # busy plan keeps nothing.
-            holders = await conn.fetch(_HOLDERS, keys, owner_token)
+            holders = await conn.fetch(_HOLDERS, keys, owner_token, owner_execution_id)
             raise _busy_error(keys, {row["lock_key"] for row in rows}, holders)
 
 

@@ -39,6 +39,7 @@ from opsconductor.common.plan import Plan, Step, parse_plan
 from opsconductor.common.planning import MAX_PARALLEL_STEPS, HandlerLookup, can_parallelize
 from opsconductor.common.secrets import SecretResolver
 from opsconductor.common.storage.cancellation import CancelSignals, check_cancelled
+from opsconductor.common.storage.execution_leases import requeue_execution
 from opsconductor.common.storage.execution_reads import get_execution
 from opsconductor.common.storage.execution_records import ExecutionRecord, PoolOrConnection
 from opsconductor.common.storage.execution_steps import (
@@ -57,7 +58,6 @@ log = structlog.get_logger(__name__)
 
 #: Locks outlive the execution budget by this much, so only a dead worker's locks expire.
 LOCK_TTL_BUFFER = timedelta(seconds=30)
-_RUNNABLE_FROM = (ExecutionStatus.PENDING, ExecutionStatus.QUEUED)
 
 
 @dataclass
@@ -69,6 +69,34 @@ class _Outcome:
     error_message: str | None = None
     cancelled: bool = False
     timed_out: bool = False
+    busy: ResourceBusyError | None = None
+
+    @property
+    def retryable(self) -> bool:
+        """A later attempt may succeed: an action failed or a target was busy."""
+        return (self.failed_step is not None or self.busy is not None) and not (
+            self.timed_out or self.cancelled
+        )
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """The execution as recorded after a run, and why it ended as it did."""
+
+    record: ExecutionRecord
+    retried: bool
+    timed_out: bool
+    busy: ResourceBusyError | None
+    error_class: str | None
+    error_message: str | None
+
+    def timeout_error(self) -> ExecutionTimeoutError:
+        return ExecutionTimeoutError(
+            self.error_message,
+            execution_id=str(self.record.id),
+            timeout_policy_id=self.record.timeout_policy_id or "",
+            timeout_ms=self.record.timeout_ms,
+        )
 
 
 def _error_class(exc: BaseException) -> str:
@@ -98,98 +126,90 @@ class ExecutionRunner:
     def _policy(self, record: ExecutionRecord) -> TimeoutPolicy | None:
         return self._policies.get(record.timeout_policy_id or "")
 
-    async def run(
-        self, record: ExecutionRecord, *, lease_token: UUID | None = None
-    ) -> ExecutionRecord:
-        """Run ``record`` (pending or queued) to a terminal state and return it.
+    async def run(self, record: ExecutionRecord) -> ExecutionRecord:
+        """Immediate path: run a pending execution to a terminal state and return it.
 
         Raises ``ResourceBusyError`` when a target is locked (the execution ends failed, nothing
         ran, and its idempotency key is retired so the same plan can be retried), and
         ``ExecutionTimeoutError`` when the policy expired (the execution ends failed, timed out).
         """
+        record = await transition(
+            self._pool,
+            record.id,
+            to=ExecutionStatus.RUNNING,
+            by=self.worker_id,
+            expected_from=ExecutionStatus.PENDING,
+            worker_id=self.worker_id,
+            fields={"deadline_at": datetime.now(UTC) + timedelta(milliseconds=record.timeout_ms)},
+            tenant_id=record.tenant_id,
+        )
+        result = await self.execute(record, lease_token=None, retry_allowed=False)
+        if result.busy is not None:
+            # Nothing ran: let the same plan be submitted again once the asset is free.
+            await retire_idempotency_key(self._pool, record.id)
+            raise result.busy
+        if result.timed_out:
+            raise result.timeout_error()
+        return result.record
+
+    async def execute(
+        self, record: ExecutionRecord, *, lease_token: UUID | None, retry_allowed: bool
+    ) -> RunResult:
+        """Run a ``running`` execution's steps and record how it ended.
+
+        With ``retry_allowed`` a failure a later attempt may not repeat (an action failed, a
+        target was busy) puts the execution back in the queue instead of failing it; timeouts
+        and cancellations are always final.
+        """
         plan = parse_plan(record.plan_snapshot["plan"])
-        budget_s = record.timeout_ms / 1000
         started = time.monotonic()
-        owner = uuid4()
-        requests = [
-            LockRequest(record.tenant_id, target.ref, step.action)
-            for step in plan.steps
-            for target in step.targets
-        ]
+        outcome = _Outcome()
+        lock_set = None
         try:
             lock_set = await acquire_locks(
                 self._pool,
-                requests,
-                owner_token=owner,
+                [
+                    LockRequest(record.tenant_id, target.ref, step.action)
+                    for step in plan.steps
+                    for target in step.targets
+                ],
+                owner_token=uuid4(),
                 owner_execution_id=record.id,
                 ttl=timedelta(milliseconds=record.timeout_ms) + LOCK_TTL_BUFFER,
             )
         except ResourceBusyError as exc:
-            await self._fail_busy(record, exc, lease_token)
-            raise
+            outcome.busy = exc
+            outcome.error_class, outcome.error_message = exc.reason, exc.message
         try:
-            record = await transition(
-                self._pool,
-                record.id,
-                to=ExecutionStatus.RUNNING,
-                by=self.worker_id,
-                expected_from=_RUNNABLE_FROM,
-                lease_token=lease_token,
-                worker_id=self.worker_id,
-                fields={
-                    "deadline_at": datetime.now(UTC) + timedelta(milliseconds=record.timeout_ms)
-                },
-                tenant_id=record.tenant_id,
-            )
-            self._log_started(record, plan)
-            with self._cancel_signals.watch(record.id) as cancel_event:
-                outcome = _Outcome()
-                try:
-                    async with asyncio.timeout(budget_s):
-                        await self._run_steps(
-                            record, plan, outcome, cancel_event, started, lease_token
+            if lock_set is not None:
+                self._log_started(record, plan)
+                with self._cancel_signals.watch(record.id) as cancel_event:
+                    try:
+                        async with asyncio.timeout(record.timeout_ms / 1000):
+                            await self._run_steps(
+                                record, plan, outcome, cancel_event, started, lease_token
+                            )
+                    except TimeoutError:
+                        outcome.timed_out = True
+                        outcome.error_class = ExecutionTimeoutError.reason
+                        outcome.error_message = (
+                            f"execution exceeded its {record.timeout_policy_id} budget of "
+                            f"{record.timeout_ms} ms"
                         )
-                except TimeoutError:
-                    outcome.timed_out = True
-                    outcome.error_class = ExecutionTimeoutError.reason
-                    outcome.error_message = (
-                        f"execution exceeded its {record.timeout_policy_id} budget of "
-                        f"{record.timeout_ms} ms"
-                    )
-            final = await self._finish(record, plan, outcome, lease_token)
+            final, retried = await self._finish(record, outcome, lease_token, retry_allowed)
         finally:
-            # Shielded: a cancelled caller must not leave the assets locked.
-            await asyncio.shield(release_locks(self._pool, lock_set))
-        self._log_finished(final, plan, started)
-        if outcome.timed_out:
-            raise ExecutionTimeoutError(
-                outcome.error_message,
-                execution_id=str(final.id),
-                timeout_policy_id=final.timeout_policy_id or "",
-                timeout_ms=final.timeout_ms,
-            )
-        return final
-
-    async def _fail_busy(
-        self, record: ExecutionRecord, exc: ResourceBusyError, lease_token: UUID | None
-    ) -> None:
-        await skip_remaining_steps(
-            self._pool, record.id, 0, lease_token=lease_token, reason="resource_busy"
+            if lock_set is not None:
+                # Shielded: a cancelled caller must not leave the assets locked.
+                await asyncio.shield(release_locks(self._pool, lock_set))
+        self._log_finished(final, plan, started, retried)
+        return RunResult(
+            record=final,
+            retried=retried,
+            timed_out=outcome.timed_out,
+            busy=outcome.busy,
+            error_class=outcome.error_class,
+            error_message=outcome.error_message,
         )
-        await transition(
-            self._pool,
-            record.id,
-            to=ExecutionStatus.FAILED,
-            by=self.worker_id,
-            expected_from=_RUNNABLE_FROM,
-            lease_token=lease_token,
-            worker_id=self.worker_id,
-            fields={"error_class": exc.reason, "error_message": exc.message},
-            tenant_id=record.tenant_id,
-        )
-        # Nothing ran: let the same plan be submitted again once the asset is free.
-        await retire_idempotency_key(self._pool, record.id)
-        metrics.FAILURES.labels(record.execution_mode, exc.reason).inc()
 
     async def _run_steps(
         self,
@@ -315,10 +335,11 @@ class ExecutionRunner:
     async def _finish(
         self,
         record: ExecutionRecord,
-        plan: Plan,
         outcome: _Outcome,
         lease_token: UUID | None,
-    ) -> ExecutionRecord:
+        retry_allowed: bool,
+    ) -> tuple[ExecutionRecord, bool]:
+        """Record the end of a run: terminal, or back to the queue for a retry."""
         # A step still marked running was cut off by the execution timeout.
         for step in await load_steps(self._pool, record.id):
             if step.status == StepStatus.RUNNING:
@@ -331,6 +352,17 @@ class ExecutionRunner:
                     error_message="stopped: the execution's time budget ran out",
                     lease_token=lease_token,
                 )
+        if retry_allowed and outcome.retryable and lease_token is not None:
+            requeued = await requeue_execution(
+                self._pool,
+                record.id,
+                lease_token=lease_token,
+                by=self.worker_id,
+                reason="retry",
+                error_class=outcome.error_class,
+                error_message=outcome.error_message,
+            )
+            return requeued, True
         reason = "timed_out" if outcome.timed_out else "cancelled" if outcome.cancelled else None
         await skip_remaining_steps(
             self._pool, record.id, 0, lease_token=lease_token, reason=reason or "failed"
@@ -349,7 +381,7 @@ class ExecutionRunner:
             fields |= {"timed_out": True}
         elif outcome.cancelled:
             target = ExecutionStatus.CANCELLED
-        elif outcome.failed_step:
+        elif outcome.failed_step or outcome.busy is not None:
             target = ExecutionStatus.FAILED
         else:
             target = ExecutionStatus.SUCCEEDED
@@ -365,14 +397,19 @@ class ExecutionRunner:
             fields=fields,
             tenant_id=record.tenant_id,
         )
-        return await get_execution(self._pool, record.tenant_id, record.id)
+        return await get_execution(self._pool, record.tenant_id, record.id), False
 
     def _log_started(self, record: ExecutionRecord, plan: Plan) -> None:
         log.info("execution_started", **self._log_fields(record, plan))
 
-    def _log_finished(self, record: ExecutionRecord, plan: Plan, started: float) -> None:
+    def _log_finished(
+        self, record: ExecutionRecord, plan: Plan, started: float, retried: bool
+    ) -> None:
         fields = self._log_fields(record, plan)
         fields["duration_ms"] = int((time.monotonic() - started) * 1000)
+        if retried:
+            log.info("execution_retry_scheduled", **fields)
+            return
         log.info("execution_finished", **fields)
         labels = (record.execution_mode, record.sla_class, record.action_class, record.status)
         metrics.EXECUTIONS.labels(*labels).inc()

@@ -1,0 +1,166 @@
+"""Fencing for queued work: which worker's lease token may write for an execution.
+
+A worker that dequeues a job *claims* its execution: its lease token becomes the execution's
+``lease_token``, and every later write of that worker (steps, transitions) is conditional on it.
+If the job was already ``running`` — its previous worker died or was paused past its lease —
+the claim is a takeover: the token is replaced, so the old worker's writes fail with
+``StaleLeaseError`` from then on, and steps it left ``running`` go back to ``pending`` to be run
+again (their idempotency key is the same, so the system acted upon can deduplicate).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from uuid import UUID
+
+import structlog
+
+from opsconductor.common.fsm import TERMINAL, ExecutionStatus
+from opsconductor.common.storage.events import append_event
+from opsconductor.common.storage.execution_reads import get_execution
+from opsconductor.common.storage.execution_records import (
+    ExecutionRecord,
+    PoolOrConnection,
+    lock_execution,
+    transaction,
+)
+from opsconductor.common.storage.executions import transition
+
+log = structlog.get_logger(__name__)
+
+_TAKE_OVER = """
+UPDATE executions
+SET lease_token = $2, worker_id = $3, attempts = attempts + 1, deadline_at = $4,
+    updated_at = clock_timestamp()
+WHERE id = $1
+"""
+_RESET_RUNNING_STEPS = """
+UPDATE execution_steps SET status = 'pending', started_at = NULL, worker_id = NULL
+WHERE execution_id = $1 AND status = 'running'
+RETURNING step_id
+"""
+_RELEASE = """
+UPDATE executions SET lease_token = NULL, updated_at = clock_timestamp()
+WHERE id = $1 AND lease_token = $2
+"""
+
+
+async def claim_execution(
+    db: PoolOrConnection,
+    execution_id: UUID,
+    *,
+    lease_token: UUID,
+    worker_id: str,
+    budget: timedelta,
+) -> ExecutionRecord | None:
+    """Make ``lease_token`` the execution's fencing token and mark it running.
+
+    Returns the claimed execution (with steps), or ``None`` when there is nothing to run: the
+    execution is gone, terminal, or waiting for an approval.
+    """
+    deadline = datetime.now(UTC) + budget
+    async with transaction(db) as conn:
+        row = await conn.fetchrow(
+            "SELECT status, lease_token, worker_id, tenant_id FROM executions "
+            "WHERE id = $1 FOR UPDATE",
+            execution_id,
+        )
+        if row is None:
+            return None
+        status = ExecutionStatus(row["status"])
+        if status in TERMINAL or status is ExecutionStatus.AWAITING_APPROVAL:
+            return None
+        if status is ExecutionStatus.RUNNING:
+            await conn.execute(_TAKE_OVER, execution_id, lease_token, worker_id, deadline)
+            reset = [r["step_id"] for r in await conn.fetch(_RESET_RUNNING_STEPS, execution_id)]
+            await append_event(
+                conn,
+                tenant_id=row["tenant_id"],
+                execution_id=execution_id,
+                actor_id=worker_id,
+                type="lease_taken_over",
+                payload={
+                    "previous_worker_id": row["worker_id"],
+                    "worker_id": worker_id,
+                    "steps_reset": reset,
+                },
+            )
+            log.warning(
+                "lease_taken_over",
+                execution_id=str(execution_id),
+                previous_worker_id=row["worker_id"],
+                worker_id=worker_id,
+                steps_reset=reset,
+            )
+        else:
+            attempts = await conn.fetchval(
+                "SELECT attempts FROM executions WHERE id = $1", execution_id
+            )
+            await transition(
+                conn,
+                execution_id,
+                to=ExecutionStatus.RUNNING,
+                by=worker_id,
+                expected_from=status,
+                worker_id=worker_id,
+                fields={
+                    "lease_token": lease_token,
+                    "attempts": attempts + 1,
+                    "deadline_at": deadline,
+                },
+                tenant_id=row["tenant_id"],
+            )
+        return await get_execution(conn, row["tenant_id"], execution_id)
+
+
+async def release_claim(db: PoolOrConnection, execution_id: UUID, lease_token: UUID) -> bool:
+    """Clear the fencing token if it is still ``lease_token`` (the job goes back to the queue)."""
+    async with transaction(db) as conn:
+        await lock_execution(conn, execution_id)
+        status = await conn.execute(_RELEASE, execution_id, lease_token)
+    return str(status).split()[-1] == "1"
+
+
+_RESET_FOR_RETRY = """
+UPDATE execution_steps
+SET status = 'pending', started_at = NULL, ended_at = NULL, duration_ms = NULL, worker_id = NULL
+WHERE execution_id = $1 AND status IN ('running', 'failed', 'skipped')
+RETURNING step_id
+"""
+
+
+async def requeue_execution(
+    db: PoolOrConnection,
+    execution_id: UUID,
+    *,
+    lease_token: UUID,
+    by: str,
+    reason: str,
+    error_class: str | None = None,
+    error_message: str | None = None,
+) -> ExecutionRecord:
+    """Put a running execution back in the queue (a retry, or a graceful shutdown).
+
+    Fenced by ``lease_token``. Steps that succeeded keep their outcome (a resumed run skips
+    them); the others go back to ``pending``. The fencing token is cleared: the next worker to
+    dequeue the job claims it afresh.
+    """
+    async with transaction(db) as conn:
+        locked = await lock_execution(conn, execution_id, lease_token=lease_token)
+        reset = [r["step_id"] for r in await conn.fetch(_RESET_FOR_RETRY, execution_id)]
+        fields: dict[str, object] = {"lease_token": None}
+        if error_class is not None:
+            fields |= {"error_class": error_class, "error_message": error_message}
+        await transition(
+            conn,
+            execution_id,
+            to=ExecutionStatus.QUEUED,
+            by=by,
+            expected_from=ExecutionStatus.RUNNING,
+            lease_token=lease_token,
+            fields=fields,
+            event_type="execution_requeued",
+            event_payload={"reason": reason, "steps_reset": reset, "error_class": error_class},
+            tenant_id=locked["tenant_id"],
+        )
+        return await get_execution(conn, locked["tenant_id"], execution_id)

@@ -11,6 +11,7 @@ import secrets
 import socket
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -69,22 +70,33 @@ async def e2e_pool(e2e_dsn: str) -> AsyncIterator[asyncpg.Pool]:
         await pool.close()
 
 
-@pytest.fixture(scope="module")
-async def stack(e2e_dsn: str, e2e_pool: asyncpg.Pool) -> AsyncIterator[Stack]:
+@asynccontextmanager
+async def running_stack(dsn: str, redis_url: str, **worker_env: str) -> AsyncIterator[Stack]:
+    """Worker and api processes on ``dsn`` with ``redis_url``, stopped on exit."""
     log_dir = Path(tempfile.mkdtemp(prefix="opsc-e2e-"))
-    running = Stack(dsn=e2e_dsn, log_dir=log_dir)
-    common = {"OPSC_REDIS_URL": dead_redis_url()}
+    running = Stack(dsn=dsn, log_dir=log_dir)
+    common = {
+        "OPSC_REDIS_URL": redis_url,
+        "OPSC_QUEUE_PREFIX": f"opsc-e2e:{RUN_ID}:{secrets.token_hex(3)}:",
+    }
     try:
         worker = await start_service(
             "worker",
             running,
-            {**common, "OPSC_SECRET_E2E_DB_PASSWORD": PLANTED_SECRET},
+            {**common, "OPSC_SECRET_E2E_DB_PASSWORD": PLANTED_SECRET, **worker_env},
         )
         await start_service("api", running, {**common, "OPSC_WORKER_TARGET": worker.address})
         yield running
     finally:
         for service in reversed(list(running.services.values())):
             service.stop()
+
+
+@pytest.fixture(scope="module")
+async def stack(e2e_dsn: str, e2e_pool: asyncpg.Pool) -> AsyncIterator[Stack]:
+    """The immediate-path stack: Redis deliberately unreachable."""
+    async with running_stack(e2e_dsn, dead_redis_url()) as running:
+        yield running
 
 
 @dataclass

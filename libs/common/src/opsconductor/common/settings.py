@@ -53,6 +53,7 @@ class ServiceSettings(BaseSettings):
         jwt_issuer: required ``iss`` claim; ``None`` accepts any issuer.
         rbac_policy_file: YAML roles -> permissions policy; ``None`` uses the built-in one.
         worker_target: gRPC address (``host:port``) of the worker, used by the api.
+        queue_prefix: prefix of every Redis key of the queue (``{prefix}q:v1:...``).
         dedup_window_s: how long an idempotency key deduplicates submissions, in seconds.
         otel_exporter: OpenTelemetry trace exporter, e.g. ``none`` (default), ``console``,
             ``otlp``; interpreted by the tracing set-up (`otel_enabled` is false for ``none``).
@@ -89,6 +90,7 @@ class ServiceSettings(BaseSettings):
     jwt_issuer: str | None = None
     rbac_policy_file: Path | None = None
     worker_target: str = "127.0.0.1:50052"
+    queue_prefix: str = Field(default="opsc:", min_length=1, max_length=64)
     dedup_window_s: int = Field(default=86400, gt=0)
     otel_exporter: str = "none"
     port_file: Path | None = None

@@ -9,6 +9,8 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import TypeVar
 
+from redis.asyncio import Redis
+
 from opsconductor.api.clients.worker_client import GrpcWorker
 from opsconductor.api.logic.admin import AdminOperations
 from opsconductor.api.logic.queries import ExecutionQueries
@@ -18,6 +20,7 @@ from opsconductor.common.actions.registry import default_registry
 from opsconductor.common.approval_policy import ApprovalPolicy
 from opsconductor.common.auth import TokenVerifier
 from opsconductor.common.errors import StorageError
+from opsconductor.common.queue.redis_queue import RedisQueue, create_redis_client
 from opsconductor.common.rbac import Authorizer, RbacPolicy
 from opsconductor.common.rpc.resources import DatabasePool
 from opsconductor.common.storage.execution_stats import ObservedDurations
@@ -35,6 +38,7 @@ class ApiApp:
         self._rbac_policy = RbacPolicy.load(settings.rbac_policy_file)
         self._approval_policy = ApprovalPolicy.load(settings.approval_policy_file)
         self._worker: GrpcWorker | None = None
+        self._redis: Redis | None = None
         self._flags: FlagCache | None = None
         self._submissions: Submissions | None = None
         self._queries: ExecutionQueries | None = None
@@ -46,6 +50,10 @@ class ApiApp:
         pool = self.db.pool
         # gRPC channels bind to the running loop: build them here, not in __init__.
         self._worker = GrpcWorker(self.settings.worker_target)
+        queue = None
+        if self.settings.redis_url is not None:
+            self._redis = create_redis_client(self.settings.redis_url.get_secret_value())
+            queue = RedisQueue(self._redis, prefix=self.settings.queue_prefix)
         self._flags = FlagCache(pool, ttl=self.settings.flag_cache_ttl_s)
         await self._flags.start()
         authorizer = Authorizer(pool, self._rbac_policy, tier="api")
@@ -58,9 +66,10 @@ class ApiApp:
             approval_policy=self._approval_policy,
             observed=ObservedDurations(pool),
             worker=self._worker,
+            queue=queue,
             dedup_window=timedelta(seconds=self.settings.dedup_window_s),
         )
-        self._queries = ExecutionQueries(pool=pool, authorizer=authorizer)
+        self._queries = ExecutionQueries(pool=pool, authorizer=authorizer, queue=queue)
         self._admin = AdminOperations(pool=pool, authorizer=authorizer, flags=self._flags)
 
     async def stop(self) -> None:
@@ -68,6 +77,8 @@ class ApiApp:
             await self._flags.close()
         if self._worker is not None:
             await self._worker.close()
+        if self._redis is not None:
+            await self._redis.aclose()
         await self.db.close()
 
     @property

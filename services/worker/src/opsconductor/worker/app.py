@@ -5,14 +5,18 @@ from __future__ import annotations
 import os
 import socket
 
+from redis.asyncio import Redis
+
 from opsconductor.common.actions.registry import default_registry
 from opsconductor.common.auth import TokenVerifier
 from opsconductor.common.errors import StorageError
+from opsconductor.common.queue.redis_queue import RedisQueue, create_redis_client
 from opsconductor.common.rbac import Authorizer, RbacPolicy
 from opsconductor.common.rpc.resources import DatabasePool
 from opsconductor.common.secrets import SecretResolver, SecretsSettings
 from opsconductor.common.storage.cancellation import CancelSignals
 from opsconductor.common.storage.policies import load_timeout_policies
+from opsconductor.worker.logic.consumer import BackgroundConsumer
 from opsconductor.worker.logic.immediate import ImmediateExecutions
 from opsconductor.worker.logic.runner import ExecutionRunner
 from opsconductor.worker.settings import WorkerSettings
@@ -30,24 +34,44 @@ class WorkerApp:
         self._secrets = SecretResolver.from_settings(SecretsSettings())
         self._cancel_signals = CancelSignals(settings.database_url.get_secret_value())
         self._immediate: ImmediateExecutions | None = None
+        self._redis: Redis | None = None
+        self._consumer: BackgroundConsumer | None = None
 
     async def start(self) -> None:
         await self.db.open()
         pool = self.db.pool
         await self._cancel_signals.start()
+        policies = await load_timeout_policies(pool)
         runner = ExecutionRunner(
             pool=pool,
             handlers=default_registry(),
             secrets=self._secrets,
             cancel_signals=self._cancel_signals,
-            policies=await load_timeout_policies(pool),
+            policies=policies,
             worker_id=self.worker_id,
         )
-        self._immediate = ImmediateExecutions(
-            pool=pool, authorizer=Authorizer(pool, self._rbac_policy, tier="worker"), runner=runner
-        )
+        authorizer = Authorizer(pool, self._rbac_policy, tier="worker")
+        self._immediate = ImmediateExecutions(pool=pool, authorizer=authorizer, runner=runner)
+        if self.settings.redis_url is not None and self.settings.consumer_concurrency > 0:
+            self._redis = create_redis_client(self.settings.redis_url.get_secret_value())
+            self._consumer = BackgroundConsumer(
+                pool=pool,
+                queue=RedisQueue(self._redis, prefix=self.settings.queue_prefix),
+                runner=runner,
+                authorizer=authorizer,
+                policies=policies,
+                worker_id=self.worker_id,
+                concurrency=self.settings.consumer_concurrency,
+                poll_interval_s=self.settings.consumer_poll_interval_s,
+            )
+            self._consumer.start()
 
     async def stop(self) -> None:
+        if self._consumer is not None:
+            # Running jobs finish their current step and go back to the queue unspent.
+            await self._consumer.stop(self.settings.shutdown_grace_s)
+        if self._redis is not None:
+            await self._redis.aclose()
         if self._immediate is not None:
             await self._immediate.drain(self.settings.shutdown_grace_s)
         await self._cancel_signals.stop()

@@ -20,3 +20,7 @@ class WorkerSettings(ServiceSettings):
     #: Identity written to executions this worker runs; default ``<hostname>:<pid>``.
     worker_id: str | None = Field(default=None, max_length=100)
     db_pool_size: int = Field(default=20, ge=1)
+    #: Background jobs run at once by this worker (0: do not consume the queue).
+    consumer_concurrency: int = Field(default=4, ge=0, le=256)
+    #: Idle poll interval of the queue consumer, in seconds.
+    consumer_poll_interval_s: float = Field(default=0.1, gt=0)

@@ -164,3 +164,100 @@ async def requeue_execution(
             tenant_id=locked["tenant_id"],
         )
         return await get_execution(conn, locked["tenant_id"], execution_id)
+
+
+async def record_lease_renewal(db: PoolOrConnection, execution_id: UUID, lease_token: UUID) -> bool:
+    """Count a lease renewal on the execution (spec §1.4 ``lease_renewals``), fenced."""
+    async with transaction(db) as conn:
+        status = await conn.execute(
+            "UPDATE executions SET lease_renewals = lease_renewals + 1 "
+            "WHERE id = $1 AND lease_token = $2",
+            execution_id,
+            lease_token,
+        )
+    return str(status).split()[-1] == "1"
+
+
+_OVERDUE = """
+SELECT id, tenant_id FROM executions
+WHERE status = 'running' AND deadline_at < clock_timestamp() - make_interval(secs => $1)
+ORDER BY deadline_at
+LIMIT $2
+"""
+_FAIL_RUNNING_STEPS = """
+UPDATE execution_steps
+SET status = 'failed', ended_at = clock_timestamp(), error_class = 'EXECUTION_TIMEOUT',
+    error_message = 'the execution passed its deadline; its worker stopped responding'
+WHERE execution_id = $1 AND status = 'running'
+"""
+_SKIP_PENDING_STEPS = """
+UPDATE execution_steps SET status = 'skipped'
+WHERE execution_id = $1 AND status IN ('pending', 'awaiting_approval')
+"""
+
+
+async def fail_overdue_executions(
+    db: PoolOrConnection, *, grace: timedelta, by: str = "reaper", limit: int = 1000
+) -> list[UUID]:
+    """Fail running executions whose deadline passed ``grace`` ago (their worker died).
+
+    A live worker enforces the deadline itself; one past it by the grace period is gone. The
+    execution ends ``failed`` with ``timed_out``; its fencing token is cleared, so a worker that
+    comes back cannot write for it any more.
+    """
+    failed: list[UUID] = []
+    async with transaction(db) as conn:
+        rows = await conn.fetch(_OVERDUE, grace.total_seconds(), limit)
+    for row in rows:
+        async with transaction(db) as conn:
+            locked = await lock_execution(conn, row["id"])
+            if locked["status"] != ExecutionStatus.RUNNING.value:
+                continue
+            await conn.execute(_FAIL_RUNNING_STEPS, row["id"])
+            await conn.execute(_SKIP_PENDING_STEPS, row["id"])
+            await transition(
+                conn,
+                row["id"],
+                to=ExecutionStatus.FAILED,
+                by=by,
+                expected_from=ExecutionStatus.RUNNING,
+                fields={
+                    "timed_out": True,
+                    "lease_token": None,
+                    "error_class": "EXECUTION_TIMEOUT",
+                    "error_message": "deadline passed while no worker was running it",
+                },
+                tenant_id=row["tenant_id"],
+            )
+            failed.append(row["id"])
+    if failed:
+        log.warning("overdue_executions_failed", count=len(failed))
+    return failed
+
+
+async def fail_lost_execution(
+    db: PoolOrConnection, execution_id: UUID, *, error_class: str, error_message: str, by: str
+) -> bool:
+    """End a non-terminal execution ``failed`` (its job died in the queue); False if already
+    terminal. Clears the fencing token."""
+    async with transaction(db) as conn:
+        locked = await lock_execution(conn, execution_id)
+        status = ExecutionStatus(locked["status"])
+        if status in TERMINAL:
+            return False
+        await conn.execute(_FAIL_RUNNING_STEPS, execution_id)
+        await conn.execute(_SKIP_PENDING_STEPS, execution_id)
+        await transition(
+            conn,
+            execution_id,
+            to=ExecutionStatus.FAILED,
+            by=by,
+            expected_from=status,
+            fields={
+                "lease_token": None,
+                "error_class": error_class,
+                "error_message": error_message,
+            },
+            tenant_id=locked["tenant_id"],
+        )
+    return True

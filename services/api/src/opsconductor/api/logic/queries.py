@@ -4,8 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Collection
 
+import structlog
+
 from opsconductor.common.auth import Principal
+from opsconductor.common.errors import QueueUnavailableError
 from opsconductor.common.fsm import ExecutionStatus
+from opsconductor.common.queue import jobs
+from opsconductor.common.queue.redis_queue import RedisQueue
 from opsconductor.common.rbac import Authorizer, Permission
 from opsconductor.common.storage.execution_reads import (
     as_execution_id,
@@ -15,13 +20,18 @@ from opsconductor.common.storage.execution_reads import (
 from opsconductor.common.storage.execution_records import ExecutionRecord, PoolOrConnection
 from opsconductor.common.storage.executions import request_cancel
 
+log = structlog.get_logger(__name__)
+
 
 class ExecutionQueries:
     """Reads and cancellation, each authorized for the tenant first (and audited if refused)."""
 
-    def __init__(self, *, pool: PoolOrConnection, authorizer: Authorizer) -> None:
+    def __init__(
+        self, *, pool: PoolOrConnection, authorizer: Authorizer, queue: RedisQueue | None
+    ) -> None:
         self._pool = pool
         self._authorizer = authorizer
+        self._queue = queue
 
     async def get(self, principal: Principal, tenant_id: str, execution_id: str) -> ExecutionRecord:
         eid = as_execution_id(execution_id)
@@ -73,4 +83,19 @@ class ExecutionQueries:
         record, _changed = await request_cancel(
             self._pool, eid, tenant_id=tenant_id, by=principal.actor_id, reason=reason or None
         )
+        if record.status == ExecutionStatus.CANCELLED:
+            await self._dequeue_cancelled(record)
         return record
+
+    async def _dequeue_cancelled(self, record: ExecutionRecord) -> None:
+        """A cancelled queued job leaves the queue (best-effort in Redis: a worker that still
+        dequeues it finds it terminal and drops it; the reaper drops it otherwise)."""
+        row = await jobs.get_queue_row_for_execution(self._pool, record.id)
+        if row is None or row.state == "leased":
+            return
+        await jobs.delete_queue_row(self._pool, row.id)
+        if self._queue is not None:
+            try:
+                await self._queue.remove(row.id)
+            except QueueUnavailableError:
+                log.warning("cancelled_job_left_in_redis", job_id=str(row.id))

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Protocol
+from uuid import UUID
 
 import structlog
 
@@ -23,6 +24,7 @@ from opsconductor.common.errors import (
     ApprovalLevelNotEnabledError,
     FeatureDisabledError,
     FSMError,
+    QueueUnavailableError,
     UnimplementedError,
     WorkerUnavailableError,
 )
@@ -36,9 +38,15 @@ from opsconductor.common.planning import (
     decide_mode,
     estimate_duration,
 )
+from opsconductor.common.queue import jobs
+from opsconductor.common.queue.redis_queue import RedisQueue
 from opsconductor.common.rbac import Authorizer, Permission, submit_permissions
 from opsconductor.common.storage.execution_reads import get_execution
-from opsconductor.common.storage.execution_records import ExecutionRecord, PoolOrConnection
+from opsconductor.common.storage.execution_records import (
+    ExecutionRecord,
+    PoolOrConnection,
+    transaction,
+)
 from opsconductor.common.storage.execution_stats import ObservedDurations
 from opsconductor.common.storage.executions import (
     NewExecution,
@@ -110,6 +118,13 @@ class Decision:
 class SubmitResult:
     execution: ExecutionRecord
     deduplicated: bool
+    #: The queue job of a background execution.
+    job_id: UUID | None = None
+
+
+async def _job_id(conn: PoolOrConnection, record: ExecutionRecord) -> UUID | None:
+    row = await jobs.get_queue_row_for_execution(conn, record.id)
+    return None if row is None else row.id
 
 
 class Submissions:
@@ -126,6 +141,7 @@ class Submissions:
         approval_policy: ApprovalPolicy,
         observed: ObservedDurations,
         worker: WorkerPort,
+        queue: RedisQueue | None,
         dedup_window: timedelta,
     ) -> None:
         self._pool = pool
@@ -136,6 +152,7 @@ class Submissions:
         self._approval_policy = approval_policy
         self._observed = observed
         self._worker = worker
+        self._queue = queue
         self._dedup_window = dedup_window
 
     async def decide(
@@ -213,12 +230,11 @@ class Submissions:
         if decision.approval_level > 0:
             raise UnimplementedError("plans needing approval are not served yet")
         if decision.mode is ExecutionMode.BACKGROUND:
-            raise UnimplementedError(
-                "background execution is not served yet; this plan is estimated at "
-                f"{decision.estimate.wall_ms} ms, above the immediate limit"
+            return await self._submit_background(
+                principal, request, decision, flags.record_only(tenant_id)
             )
         record, created = await self._create(
-            principal, request, decision, flags.record_only(tenant_id)
+            self._pool, principal, request, decision, flags.record_only(tenant_id)
         )
         if not created:
             return SubmitResult(await self._await_duplicate(record), deduplicated=True)
@@ -227,8 +243,54 @@ class Submissions:
             await get_execution(self._pool, tenant_id, record.id), deduplicated=False
         )
 
-    async def _create(
+    async def _submit_background(
         self, principal: Principal, request: SubmitRequest, decision: Decision, record_only: bool
+    ) -> SubmitResult:
+        """Execution, queue row and Redis push in ONE Postgres transaction.
+
+        The push happens before the commit, so a Redis failure rolls everything back: no
+        phantom execution keeps the idempotency key, and the same submit works once Redis is
+        back. A worker dequeuing the job before the commit defers it until the row is visible.
+        """
+        if self._queue is None:
+            raise QueueUnavailableError("no queue is configured for background execution")
+        async with transaction(self._pool) as conn:
+            record, created = await self._create(conn, principal, request, decision, record_only)
+            if not created:
+                return SubmitResult(record, deduplicated=True, job_id=await _job_id(conn, record))
+            await transition(
+                conn,
+                record.id,
+                to=ExecutionStatus.QUEUED,
+                by="api",
+                expected_from=ExecutionStatus.PENDING,
+                tenant_id=record.tenant_id,
+            )
+            row = await jobs.insert_queue_row(
+                conn,
+                execution_id=record.id,
+                tenant_id=record.tenant_id,
+                priority=record.priority,
+                max_attempts=decision.policy.max_attempts,
+            )
+            await self._queue.enqueue(
+                row.id,
+                record.id,
+                record.tenant_id,
+                row.priority,
+                row.max_attempts,
+                decision.policy.max_lease_renewals,
+            )
+            record = await get_execution(conn, record.tenant_id, record.id)
+        return SubmitResult(record, deduplicated=False, job_id=row.id)
+
+    async def _create(
+        self,
+        db: PoolOrConnection,
+        principal: Principal,
+        request: SubmitRequest,
+        decision: Decision,
+        record_only: bool,
     ) -> tuple[ExecutionRecord, bool]:
         snapshot = decision.snapshot()
         new = NewExecution(
@@ -253,7 +315,7 @@ class Submissions:
                 for position, step in enumerate(decision.plan.steps)
             ],
         )
-        record, created = await create_execution(self._pool, new, dedup_window=self._dedup_window)
+        record, created = await create_execution(db, new, dedup_window=self._dedup_window)
         log.info(
             "execution_created" if created else "execution_deduplicated",
             exec_id=str(record.id),

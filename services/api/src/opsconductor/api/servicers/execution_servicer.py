@@ -84,7 +84,11 @@ class ExecutionServicer(execution_service_pb2_grpc.ExecutionServiceServicer):
             ),
         )
         return execution_service_pb2.SubmitExecutionResponse(
-            execution=execution_to_proto(result.execution, deduplicated=result.deduplicated)
+            execution=execution_to_proto(
+                result.execution,
+                deduplicated=result.deduplicated,
+                job_id=str(result.job_id) if result.job_id else None,
+            )
         )
 
     async def GetExecution(

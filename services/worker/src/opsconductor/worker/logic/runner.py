@@ -70,6 +70,8 @@ class _Outcome:
     cancelled: bool = False
     timed_out: bool = False
     busy: ResourceBusyError | None = None
+    #: The worker is shutting down: stop before the next step and requeue.
+    interrupted: bool = False
 
     @property
     def retryable(self) -> bool:
@@ -85,6 +87,8 @@ class RunResult:
 
     record: ExecutionRecord
     retried: bool
+    interrupted: bool
+    retryable: bool
     timed_out: bool
     busy: ResourceBusyError | None
     error_class: str | None
@@ -122,6 +126,7 @@ class ExecutionRunner:
         self._cancel_signals = cancel_signals
         self._policies = policies
         self.worker_id = worker_id
+        self._stop_events: dict[UUID, asyncio.Event] = {}
 
     def _policy(self, record: ExecutionRecord) -> TimeoutPolicy | None:
         return self._policies.get(record.timeout_policy_id or "")
@@ -153,17 +158,24 @@ class ExecutionRunner:
         return result.record
 
     async def execute(
-        self, record: ExecutionRecord, *, lease_token: UUID | None, retry_allowed: bool
+        self,
+        record: ExecutionRecord,
+        *,
+        lease_token: UUID | None,
+        retry_allowed: bool,
+        stop_event: asyncio.Event | None = None,
     ) -> RunResult:
         """Run a ``running`` execution's steps and record how it ended.
 
         With ``retry_allowed`` a failure a later attempt may not repeat (an action failed, a
         target was busy) puts the execution back in the queue instead of failing it; timeouts
-        and cancellations are always final.
+        and cancellations are always final. ``stop_event`` (worker shutdown) stops the run
+        before its next step and requeues it without spending an attempt.
         """
         plan = parse_plan(record.plan_snapshot["plan"])
         started = time.monotonic()
         outcome = _Outcome()
+        self._stop_events[record.id] = stop_event or asyncio.Event()
         lock_set = None
         try:
             lock_set = await acquire_locks(
@@ -198,13 +210,16 @@ class ExecutionRunner:
                         )
             final, retried = await self._finish(record, outcome, lease_token, retry_allowed)
         finally:
+            self._stop_events.pop(record.id, None)
             if lock_set is not None:
                 # Shielded: a cancelled caller must not leave the assets locked.
                 await asyncio.shield(release_locks(self._pool, lock_set))
         self._log_finished(final, plan, started, retried)
         return RunResult(
             record=final,
-            retried=retried,
+            retried=retried and not outcome.interrupted,
+            interrupted=outcome.interrupted,
+            retryable=outcome.retryable,
             timed_out=outcome.timed_out,
             busy=outcome.busy,
             error_class=outcome.error_class,
@@ -233,7 +248,7 @@ class ExecutionRunner:
             return
         for step in todo:
             await self._run_one(record, step, outcome, cancel_event, started, lease_token)
-            if outcome.failed_step or outcome.cancelled or outcome.timed_out:
+            if outcome.failed_step or outcome.cancelled or outcome.timed_out or outcome.interrupted:
                 return
 
     async def _run_one(
@@ -245,7 +260,10 @@ class ExecutionRunner:
         started: float,
         lease_token: UUID | None,
     ) -> None:
-        if outcome.failed_step or outcome.cancelled or outcome.timed_out:
+        if outcome.failed_step or outcome.cancelled or outcome.timed_out or outcome.interrupted:
+            return
+        if self._stop_events[record.id].is_set():
+            outcome.interrupted = True
             return
         if cancel_event.is_set() or await check_cancelled(self._pool, record.id):
             outcome.cancelled = True
@@ -352,6 +370,11 @@ class ExecutionRunner:
                     error_message="stopped: the execution's time budget ran out",
                     lease_token=lease_token,
                 )
+        if outcome.interrupted and lease_token is not None:
+            requeued = await requeue_execution(
+                self._pool, record.id, lease_token=lease_token, by=self.worker_id, reason="shutdown"
+            )
+            return requeued, True
         if retry_allowed and outcome.retryable and lease_token is not None:
             requeued = await requeue_execution(
                 self._pool,

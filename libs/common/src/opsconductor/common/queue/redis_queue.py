@@ -1,0 +1,443 @@
+"""The Redis side of the background queue: priorities, leases with fencing tokens, retries.
+
+Redis is a dispatch index; Postgres (``execution_queue``, :mod:`.jobs`) is the truth and the
+reaper rebuilds Redis from it (:mod:`.reconcile`). Every state change is one Lua script, so no
+client ever checks-then-acts. Keys, all under ``{prefix}q:v1:`` (``prefix`` defaults to
+``opsc:``; the ``v1`` changes with any incompatible layout change):
+
+=================  =====  ========================================================================
+key                type   content
+=================  =====  ========================================================================
+``ready``          zset   job id → ``priority × 10^13 + seq`` (``seq`` from ``INCR seq`` at
+                          enqueue): ZPOPMIN yields priority 0 before 50 before 100, FIFO within
+``leased``         zset   job id → lease deadline (ms)
+``delayed``        zset   job id → time it becomes ready (ms): retries in backoff, deferrals
+``dead``           zset   job id → when its last allowed lease expired (the reaper DLQs it)
+``seq``            str    the FIFO counter
+``paused``         str    present = dispatch drained: :meth:`RedisQueue.dequeue` returns None
+``job:{job_id}``   hash   ``job_id execution_id tenant_id priority score state attempts
+                          max_attempts lease_renewals max_lease_renewals lease_expirations
+                          deliveries enqueued_at ready_at available_at lease_token worker_id
+                          lease_deadline leased_at last_error`` (times in ms)
+=================  =====  ========================================================================
+
+Semantics (DESIGN.md §4, spec §5):
+
+* :meth:`~RedisQueue.dequeue` first makes due retries ready and reclaims expired leases, then
+  pops the best ready job and leases it with a fresh random token: a leased job is invisible to
+  every other worker until its lease ends.
+* A lease ends by ack (done), fail (an attempt spent: retry after ``2^attempts`` s, or dead after
+  ``max_attempts``), release (graceful shutdown or deferral: no attempt spent) or expiry (the
+  holder is presumed dead: an attempt is spent; the job is ready again, or dead when none is
+  left). The token is the only proof of ownership: once a lease ended, the old token matches
+  nothing and every call with it raises :class:`StaleLeaseError`. A lease past its deadline that
+  nobody has reclaimed yet still belongs to its holder.
+* Time comes from the injected ``clock`` (epoch seconds), passed to every script as "now", so
+  every worker and the reaper judge deadlines by the caller's clock and tests can move time.
+* Any Redis failure raises :class:`QueueUnavailableError` (``from`` the driver error).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime
+from functools import cache
+from importlib import resources
+from typing import Any, Final
+from uuid import UUID
+
+import structlog
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.commands.core import AsyncScript
+from redis.exceptions import RedisError
+
+from opsconductor.common.errors import QueueUnavailableError, StaleLeaseError
+from opsconductor.common.queue.lease import LeaseRenewalLimitError
+from opsconductor.common.queue.records import (
+    FailOutcome,
+    LeasedJob,
+    MaintenanceReport,
+    QueuedJob,
+    QueueStats,
+    decode_hash,
+)
+
+__all__ = ["DEFAULT_PREFIX", "KEY_VERSION", "RedisQueue", "create_redis_client"]
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_PREFIX: Final = "opsc:"
+KEY_VERSION: Final = "v1"
+MIN_PRIORITY: Final = 0
+MAX_PRIORITY: Final = 100
+_MAX_ERROR_CHARS: Final = 2000
+_SCRIPT_KEYS: Final = ("ready", "leased", "delayed", "dead", "seq", "paused")
+_SCRIPTS: Final = (
+    "enqueue",
+    "dequeue",
+    "renew",
+    "ack",
+    "fail",
+    "release",
+    "remove",
+    "maintain",
+    "stats",
+    "job_ids",
+)
+
+
+@cache
+def _script_source(name: str) -> str:
+    lua = resources.files("opsconductor.common.queue") / "lua"
+    return (lua / "prelude.lua").read_text() + "\n" + (lua / f"{name}.lua").read_text()
+
+
+def create_redis_client(
+    url: str, *, socket_timeout: float = 5.0, retries: int = 2, max_connections: int | None = None
+) -> Redis:
+    """A ``redis.asyncio`` client suited to the queue: bounded timeouts and few quick retries.
+
+    redis-py's default (10 retries with backoff) would hold a submit for seconds before it can
+    answer ``QUEUE_UNAVAILABLE``; responses are left as bytes (the queue decodes them).
+    """
+    return Redis.from_url(
+        url,
+        socket_timeout=socket_timeout,
+        socket_connect_timeout=socket_timeout,
+        retry=Retry(ExponentialWithJitterBackoff(cap=0.5, base=0.05), retries),
+        max_connections=max_connections,
+        health_check_interval=30,
+    )
+
+
+def _as_uuid(value: UUID | str) -> UUID:
+    return value if isinstance(value, UUID) else UUID(str(value))
+
+
+def _ms(seconds: float) -> int:
+    return int(seconds * 1000)
+
+
+def _priority(value: int) -> int:
+    if not MIN_PRIORITY <= value <= MAX_PRIORITY:
+        raise ValueError(f"priority must be in [{MIN_PRIORITY}, {MAX_PRIORITY}], got {value}")
+    return int(value)
+
+
+def _positive_ms(name: str, seconds: float) -> int:
+    ms = _ms(seconds)
+    if ms <= 0:
+        raise ValueError(f"{name} must be at least 1 ms, got {seconds!r} s")
+    return ms
+
+
+class RedisQueue:
+    """The priority queue with leases; see the module docstring for keys and semantics.
+
+    ``redis`` is any ``redis.asyncio.Redis`` (bytes or decoded responses); ``clock`` returns epoch
+    seconds; ``maintenance_batch`` bounds how many due retries and expired leases one script run
+    moves (keeps every script short); ``max_backoff_s`` caps the ``2^attempts`` s retry delay.
+    """
+
+    def __init__(
+        self,
+        redis: Redis,
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        clock: Callable[[], float] = time.time,
+        maintenance_batch: int = 100,
+        max_backoff_s: float = 3600.0,
+    ) -> None:
+        if maintenance_batch < 1:
+            raise ValueError("maintenance_batch must be at least 1")
+        self._redis = redis
+        self._clock = clock
+        self._batch = maintenance_batch
+        self._max_backoff_ms = _positive_ms("max_backoff_s", max_backoff_s)
+        base = f"{prefix}q:{KEY_VERSION}:"
+        #: Prefix of every key this queue owns.
+        self.key_prefix = base
+        # KEYS of every script, in the order prelude.lua names them.
+        self._keys = [f"{base}{name}" for name in _SCRIPT_KEYS]
+        self._dead_key = f"{base}dead"
+        self._paused_key = f"{base}paused"
+        self._job_prefix = f"{base}job:"
+        self._scripts: dict[str, AsyncScript] = {
+            name: redis.register_script(_script_source(name)) for name in _SCRIPTS
+        }
+
+    def job_key(self, job_id: UUID | str) -> str:
+        """The Redis key of one job's hash."""
+        return f"{self._job_prefix}{_as_uuid(job_id)}"
+
+    def now(self) -> float:
+        """The queue's clock, in epoch seconds."""
+        return self._clock()
+
+    async def _run(self, name: str, *args: str | int) -> Any:
+        now_ms = _ms(self._clock())
+        return await self._call(
+            name, self._scripts[name](keys=self._keys, args=[self._job_prefix, now_ms, *args])
+        )
+
+    async def _call(self, operation: str, awaitable: Awaitable[Any]) -> Any:
+        try:
+            return await awaitable
+        except (RedisError, OSError) as exc:
+            log.warning("queue_unavailable", operation=operation, error=type(exc).__name__)
+            raise QueueUnavailableError(operation=operation, error=type(exc).__name__) from exc
+
+    async def enqueue(
+        self,
+        job_id: UUID | str,
+        execution_id: UUID | str,
+        tenant_id: str,
+        priority: int,
+        max_attempts: int,
+        max_lease_renewals: int,
+        available_at: float | datetime | None = None,
+        *,
+        attempts: int = 0,
+    ) -> bool:
+        """Queue a job; return False (and change nothing) if ``job_id`` is already queued.
+
+        ``available_at`` (epoch seconds or an aware datetime) in the future delays the job until
+        then. ``attempts`` already spent is for re-pushing a Postgres row after Redis lost it.
+        """
+        if max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1")
+        if max_lease_renewals < 0:
+            raise ValueError("max_lease_renewals must not be negative")
+        if not 0 <= attempts < max_attempts:
+            raise ValueError(f"attempts must be in [0, max_attempts), got {attempts}")
+        if isinstance(available_at, datetime):
+            available_at = available_at.timestamp()
+        job = _as_uuid(job_id)
+        created = await self._run(
+            "enqueue",
+            str(job),
+            str(_as_uuid(execution_id)),
+            tenant_id,
+            _priority(priority),
+            max_attempts,
+            max_lease_renewals,
+            _ms(available_at) if available_at is not None else 0,
+            attempts,
+        )
+        if created:
+            log.info(
+                "job_enqueued",
+                job_id=str(job),
+                execution_id=str(execution_id),
+                tenant_id=tenant_id,
+                priority=priority,
+            )
+        return bool(created)
+
+    async def dequeue(self, worker_id: str, lease_s: float) -> LeasedJob | None:
+        """Lease the best ready job to ``worker_id`` for ``lease_s`` seconds, or return None.
+
+        One script: due retries become ready and expired leases are reclaimed first, so a job
+        whose holder died comes back here without waiting for the reaper. None when nothing is
+        ready or dispatch is paused.
+        """
+        lease_ms = _positive_ms("lease_s", lease_s)
+        token = uuid.uuid4()
+        raw = await self._run("dequeue", lease_ms, worker_id, str(token), self._batch)
+        if raw is None:
+            return None
+        job = LeasedJob.from_hash(json.loads(raw))
+        log.debug(
+            "job_leased",
+            job_id=str(job.job_id),
+            execution_id=str(job.execution_id),
+            worker_id=worker_id,
+            attempts=job.attempts,
+            lease_expirations=job.lease_expirations,
+        )
+        return job
+
+    async def renew(self, job_id: UUID | str, lease_token: UUID | str, lease_s: float) -> float:
+        """Extend a held lease to now + ``lease_s``; return the new deadline (epoch seconds).
+
+        Raises :class:`StaleLeaseError` when the token no longer holds the job and
+        :class:`LeaseRenewalLimitError` once ``max_lease_renewals`` renewals were granted.
+        """
+        lease_ms = _positive_ms("lease_s", lease_s)
+        job = _as_uuid(job_id)
+        result = await self._run("renew", str(job), str(lease_token), lease_ms)
+        status = int(result[0])
+        if status == 0:
+            raise self._stale("renew", job)
+        if status < 0:
+            raise LeaseRenewalLimitError(job_id=str(job), lease_renewals=int(result[1]))
+        log.debug("lease_renewed", job_id=str(job), lease_renewals=int(result[2]))
+        return int(result[1]) / 1000
+
+    async def ack(self, job_id: UUID | str, lease_token: UUID | str) -> None:
+        """Remove a finished job; :class:`StaleLeaseError` if the token no longer holds it."""
+        job = _as_uuid(job_id)
+        if not await self._run("ack", str(job), str(lease_token)):
+            raise self._stale("ack", job)
+        log.debug("job_acked", job_id=str(job))
+
+    async def fail(
+        self,
+        job_id: UUID | str,
+        lease_token: UUID | str,
+        error: str,
+        *,
+        error_class: str | None = None,
+    ) -> FailOutcome:
+        """Record a failed attempt: retry after ``2^attempts`` s, or give up after the last one.
+
+        Attempt 1 retries after 2 s, attempt 2 after 4 s, attempt 3 after 8 s (capped at
+        ``max_backoff_s``). When ``attempts`` reaches ``max_attempts`` the job is removed and the
+        outcome is ``dead``: the caller writes the DLQ row. :class:`StaleLeaseError` if the token
+        no longer holds the job.
+        """
+        job = _as_uuid(job_id)
+        last_error: dict[str, Any] = {"message": error[:_MAX_ERROR_CHARS]}
+        if error_class is not None:
+            last_error["error_class"] = error_class
+        result = await self._run(
+            "fail", str(job), str(lease_token), json.dumps(last_error), self._max_backoff_ms
+        )
+        status = int(result[0])
+        if status == 0:
+            raise self._stale("fail", job)
+        attempts, max_attempts = int(result[1]), int(result[2])
+        dead = status == 2
+        outcome = FailOutcome(
+            job_id=job,
+            attempts=attempts,
+            max_attempts=max_attempts,
+            dead=dead,
+            retry_at=None if dead else int(result[3]) / 1000,
+            last_error=last_error,
+        )
+        log.info(
+            "job_dead" if dead else "job_retry_scheduled",
+            job_id=str(job),
+            attempts=attempts,
+            max_attempts=max_attempts,
+            retry_at=outcome.retry_at,
+            error_class=error_class,
+        )
+        return outcome
+
+    async def release(
+        self, job_id: UUID | str, lease_token: UUID | str, *, delay_s: float = 0.0
+    ) -> None:
+        """End a lease without spending an attempt (graceful shutdown, or deferring a job).
+
+        With ``delay_s`` 0 the job is ready at once, at its original place in line; otherwise
+        it becomes ready after ``delay_s`` seconds (e.g. its Postgres row is not visible yet).
+        :class:`StaleLeaseError` if the token no longer holds the job.
+        """
+        if delay_s < 0:
+            raise ValueError("delay_s must not be negative")
+        job = _as_uuid(job_id)
+        if not await self._run("release", str(job), str(lease_token), _ms(delay_s)):
+            raise self._stale("release", job)
+        log.info("job_released", job_id=str(job), delay_s=delay_s)
+
+    async def remove(self, job_id: UUID | str) -> bool:
+        """Remove a job whatever its state (cancel, reconcile); return whether it was there.
+
+        A holder of a removed job's lease gets :class:`StaleLeaseError` on its next call.
+        """
+        job = _as_uuid(job_id)
+        removed = bool(await self._run("remove", str(job)))
+        if removed:
+            log.info("job_removed", job_id=str(job))
+        return removed
+
+    async def requeue_expired(self) -> MaintenanceReport:
+        """The reaper's pass: make due retries ready and reclaim every expired lease.
+
+        Runs the housekeeping half of :meth:`dequeue` in batches until nothing is left to move.
+        """
+        total = MaintenanceReport()
+        while True:
+            promoted, reclaimed, dead = await self._run("maintain", self._batch)
+            batch = MaintenanceReport(int(promoted), int(reclaimed), int(dead))
+            total += batch
+            if max(batch.promoted, batch.reclaimed + batch.dead) < self._batch:
+                break
+        if total != MaintenanceReport():
+            log.info(
+                "queue_maintained",
+                promoted=total.promoted,
+                reclaimed=total.reclaimed,
+                dead=total.dead,
+            )
+        return total
+
+    async def dead_jobs(self, limit: int = 100) -> list[QueuedJob]:
+        """Up to ``limit`` jobs whose lease expired on their last attempt, oldest first.
+
+        The reaper writes each one's DLQ row (and fails its execution) first, then calls
+        :meth:`remove`; until then the job stays here.
+        """
+        if limit < 1:
+            raise ValueError("limit must be at least 1")
+        members = await self._call("dead_jobs", self._redis.zrange(self._dead_key, 0, limit - 1))
+        jobs = []
+        for member in members:
+            job = await self.get(member.decode() if isinstance(member, bytes) else member)
+            if job is not None:
+                jobs.append(job)
+        return jobs
+
+    async def get(self, job_id: UUID | str) -> QueuedJob | None:
+        """A snapshot of one job, or None when it is not in Redis."""
+        raw = await self._call("get", self._redis.hgetall(self.job_key(job_id)))
+        return QueuedJob.from_hash(decode_hash(raw)) if raw else None
+
+    async def exists(self, job_id: UUID | str) -> bool:
+        """Whether the job is in Redis (in any state)."""
+        return bool(await self._call("exists", self._redis.exists(self.job_key(job_id))))
+
+    async def all_job_ids(self) -> set[UUID]:
+        """Every job id in the index (ready, leased, delayed, dead), from one snapshot."""
+        groups: Sequence[Sequence[bytes | str]] = await self._run("job_ids")
+        return {_as_uuid(m.decode() if isinstance(m, bytes) else m) for g in groups for m in g}
+
+    async def stats(self) -> QueueStats:
+        """Gauges from one consistent snapshot (see :class:`QueueStats`)."""
+        per_priority, leased, expired, delayed, dead, oldest, paused = await self._run("stats")
+        ready = {
+            int(per_priority[i]): int(per_priority[i + 1]) for i in range(0, len(per_priority), 2)
+        }
+        oldest_age = None if int(oldest) < 0 else max(self._clock() - int(oldest) / 1000, 0.0)
+        return QueueStats(
+            ready_by_priority=ready,
+            leased=int(leased),
+            expired_leases=int(expired),
+            delayed=int(delayed),
+            dead=int(dead),
+            oldest_ready_age_s=oldest_age,
+            paused=bool(paused),
+        )
+
+    async def set_paused(self, paused: bool) -> None:
+        """Drain (True) or resume (False) dispatch; leases already granted are unaffected."""
+        if paused:
+            await self._call("set_paused", self._redis.set(self._paused_key, "1"))
+        else:
+            await self._call("set_paused", self._redis.delete(self._paused_key))
+        log.info("queue_paused" if paused else "queue_resumed")
+
+    async def is_paused(self) -> bool:
+        """Whether dispatch is drained."""
+        return bool(await self._call("is_paused", self._redis.exists(self._paused_key)))
+
+    def _stale(self, operation: str, job_id: UUID) -> StaleLeaseError:
+        log.warning("lease_lost", operation=operation, job_id=str(job_id))
+        return StaleLeaseError(job_id=str(job_id), operation=operation)

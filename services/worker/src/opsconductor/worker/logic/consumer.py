@@ -1,0 +1,285 @@
+"""The background path on the worker side: take jobs from the queue and run them, safely.
+
+For each job, in order:
+
+1. **Lease handoff** — ``lease_row`` mirrors the Redis lease in Postgres and installs the lease
+   token as the execution's fencing token; if the row is not visible yet (its submit has not
+   committed) the job is deferred, not run.
+2. **Claim** — the execution goes ``queued → running`` (or is taken over from a worker that
+   died: steps it left running go back to pending; steps that succeeded are kept and skipped).
+3. **Re-authorize** the submitter against Postgres (second RBAC tier) — never trusting the job.
+4. **Run** with the shared runner, every write fenced by the lease token, the lease renewed
+   at half-life up to the policy's limit.
+5. **Settle** — success or a final failure: ack; a retryable failure with attempts left: back
+   to the queue after ``2^attempt`` s; the last attempt spent: dead-letter queue; a lost lease:
+   walk away (the new holder owns every write); SIGTERM: requeue without spending an attempt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Mapping
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+
+import structlog
+
+from opsconductor.common.auth import Principal
+from opsconductor.common.errors import (
+    PermissionDeniedError,
+    QueueUnavailableError,
+    StaleLeaseError,
+)
+from opsconductor.common.fsm import ExecutionStatus
+from opsconductor.common.queue import dlq, jobs
+from opsconductor.common.queue.lease import LeaseRenewalLimitError, lease_seconds, renew_after
+from opsconductor.common.queue.records import LeasedJob
+from opsconductor.common.queue.redis_queue import RedisQueue
+from opsconductor.common.rbac import Authorizer, submit_permissions
+from opsconductor.common.storage.execution_leases import (
+    claim_execution,
+    record_lease_renewal,
+)
+from opsconductor.common.storage.execution_records import (
+    ExecutionRecord,
+    PoolOrConnection,
+    transaction,
+)
+from opsconductor.common.storage.execution_steps import skip_remaining_steps
+from opsconductor.common.storage.executions import transition
+from opsconductor.common.storage.policies import TimeoutPolicy
+
+from .runner import ExecutionRunner, RunResult
+
+log = structlog.get_logger(__name__)
+
+#: Until the lease handoff, a job is held this long; the handoff renews it to the policy's lease.
+INITIAL_LEASE_S = 30.0
+#: A job whose Postgres row is not visible yet is retried after this delay.
+DEFER_S = 1.0
+
+
+class BackgroundConsumer:
+    """Runs up to ``concurrency`` queued jobs at a time until ``stop`` is called."""
+
+    def __init__(
+        self,
+        *,
+        pool: PoolOrConnection,
+        queue: RedisQueue,
+        runner: ExecutionRunner,
+        authorizer: Authorizer,
+        policies: Mapping[str, TimeoutPolicy],
+        worker_id: str,
+        concurrency: int = 4,
+        poll_interval_s: float = 0.1,
+    ) -> None:
+        self._pool = pool
+        self._queue = queue
+        self._runner = runner
+        self._authorizer = authorizer
+        self._policies = policies
+        self._worker_id = worker_id
+        self._concurrency = concurrency
+        self._poll_interval_s = poll_interval_s
+        self._stopping = asyncio.Event()
+        self._slots: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        self._slots = [
+            asyncio.create_task(self._slot(i), name=f"consumer-{i}")
+            for i in range(self._concurrency)
+        ]
+
+    async def stop(self, grace_s: float) -> None:
+        """Stop taking jobs; running ones finish their current step and are requeued."""
+        self._stopping.set()
+        if not self._slots:
+            return
+        _done, pending = await asyncio.wait(self._slots, timeout=grace_s)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _slot(self, index: int) -> None:
+        idle = self._poll_interval_s
+        while not self._stopping.is_set():
+            try:
+                job = await self._queue.dequeue(self._worker_id, INITIAL_LEASE_S)
+            except QueueUnavailableError:
+                log.warning("queue_unavailable", worker_id=self._worker_id, slot=index)
+                job = None
+                idle = min(idle * 2, 5.0)
+            if job is None:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), idle)
+                idle = min(idle * 1.5, 1.0)
+                continue
+            idle = self._poll_interval_s
+            try:
+                await self.process(job)
+            except StaleLeaseError:
+                log.warning("lease_lost", job_id=str(job.job_id), worker_id=self._worker_id)
+            except Exception:
+                # One job's trouble must not kill the slot; its lease expires and it is retried.
+                log.exception("job_processing_failed", job_id=str(job.job_id))
+
+    async def process(self, job: LeasedJob) -> None:
+        """Run one leased job to an outcome (see the module docstring)."""
+        policy, record = await self._handoff(job)
+        if record is None:
+            return
+        if not await self._authorized(job, record):
+            return
+        lease_s = lease_seconds(policy) if policy is not None else INITIAL_LEASE_S
+        renewer = asyncio.create_task(self._keep_lease(job, lease_s))
+        try:
+            result = await self._runner.execute(
+                record,
+                lease_token=job.lease_token,
+                retry_allowed=job.attempts + 1 < job.max_attempts,
+                stop_event=self._stopping,
+            )
+        finally:
+            renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewer
+        await self._settle(job, result)
+
+    async def _handoff(self, job: LeasedJob) -> tuple[TimeoutPolicy | None, ExecutionRecord | None]:
+        row = await jobs.lease_row(
+            self._pool,
+            job.job_id,
+            worker_id=self._worker_id,
+            lease_token=job.lease_token,
+            lease_expires_at=datetime.fromtimestamp(job.lease_deadline, UTC),
+            attempts=job.attempts,
+        )
+        if row is None:
+            # Its submit has not committed yet (or never will: the reaper drops it then).
+            await self._queue.release(job.job_id, job.lease_token, delay_s=DEFER_S)
+            log.info("job_deferred", job_id=str(job.job_id), reason="row_not_visible")
+            return None, None
+        policy_id = await self._pool.fetchval(
+            "SELECT timeout_policy_id FROM executions WHERE id = $1", job.execution_id
+        )
+        policy = self._policies.get(policy_id or "")
+        record = await claim_execution(
+            self._pool,
+            job.execution_id,
+            lease_token=job.lease_token,
+            worker_id=self._worker_id,
+            budget=timedelta(milliseconds=policy.execution_timeout_ms if policy else 600_000),
+        )
+        if record is None:
+            # Finished, cancelled or waiting for approval meanwhile: nothing to run.
+            await self._drop(job)
+            return policy, None
+        return policy, record
+
+    async def _authorized(self, job: LeasedJob, record: ExecutionRecord) -> bool:
+        """Second RBAC tier: the submitter must still hold what the plan needs (from Postgres)."""
+        submitter = Principal(
+            actor_id=record.actor_id, tenant_id=record.tenant_id, auth_method="queued_job"
+        )
+        try:
+            await self._authorizer.authorize(
+                submitter,
+                tenant_id=record.tenant_id,
+                permissions=submit_permissions(record.action_class),
+                execution_id=record.id,
+                resource="WorkerService/background",
+            )
+        except PermissionDeniedError as exc:
+            await skip_remaining_steps(
+                self._pool, record.id, 0, lease_token=job.lease_token, reason="permission_denied"
+            )
+            await transition(
+                self._pool,
+                record.id,
+                to=ExecutionStatus.FAILED,
+                by=self._worker_id,
+                expected_from=ExecutionStatus.RUNNING,
+                lease_token=job.lease_token,
+                fields={"error_class": exc.reason, "error_message": exc.message},
+                tenant_id=record.tenant_id,
+            )
+            await self._drop(job)
+            return False
+        return True
+
+    async def _keep_lease(self, job: LeasedJob, lease_s: float) -> None:
+        """Renew at half-life up to the policy's limit; the first renewal sets the real lease."""
+        while True:
+            await asyncio.sleep(renew_after(lease_s) if job.lease_renewals else 0)
+            try:
+                deadline = await self._queue.renew(job.job_id, job.lease_token, lease_s)
+            except LeaseRenewalLimitError:
+                log.info("lease_renewal_limit", job_id=str(job.job_id))
+                return
+            except (QueueUnavailableError, StaleLeaseError) as exc:
+                # Fenced writes stop a worker whose lease is gone; nothing more to do here.
+                log.warning("lease_renewal_failed", job_id=str(job.job_id), error=exc.reason)
+                return
+            job = replace(job, lease_renewals=job.lease_renewals + 1, lease_deadline=deadline)
+            await jobs.renew_row(
+                self._pool,
+                job.job_id,
+                lease_token=job.lease_token,
+                lease_expires_at=datetime.fromtimestamp(deadline, UTC),
+                lease_renewals=job.lease_renewals,
+            )
+            await record_lease_renewal(self._pool, job.execution_id, job.lease_token)
+
+    async def _settle(self, job: LeasedJob, result: RunResult) -> None:
+        """Mirror the outcome in both stores: the Postgres row is locked first (the reaper's
+        reconcile waits on it), then Redis changes, then the commit; a Redis failure rolls the
+        Postgres side back and the lease simply expires."""
+        async with transaction(self._pool) as conn:
+            if await jobs.get_queue_row(conn, job.job_id, for_update=True) is None:
+                return  # the reaper or an operator already settled it
+            if result.interrupted:
+                await self._queue.release(job.job_id, job.lease_token)
+                await jobs.release_row(conn, job.job_id, lease_token=job.lease_token)
+                log.info("job_requeued_on_shutdown", job_id=str(job.job_id))
+                return
+            if not result.retryable:
+                # Done: succeeded, cancelled, timed out, or failed for good.
+                await jobs.delete_queue_row(conn, job.job_id, lease_token=job.lease_token)
+                await self._queue.ack(job.job_id, job.lease_token)
+                return
+            outcome = await self._queue.fail(
+                job.job_id,
+                job.lease_token,
+                result.error_message or "",
+                error_class=result.error_class,
+            )
+            if result.retried:
+                await jobs.retry_row(
+                    conn,
+                    job.job_id,
+                    lease_token=job.lease_token,
+                    attempts=outcome.attempts,
+                    available_at=datetime.fromtimestamp(outcome.retry_at or 0, UTC),
+                    last_error=outcome.last_error,
+                )
+                return
+            # The last attempt of a retryable failure: dead-letter it for an operator.
+            await dlq.move_to_dlq(
+                conn,
+                result.record.id,
+                attempts=outcome.attempts,
+                error_class=result.error_class,
+                error_message=result.error_message,
+                last_error=outcome.last_error,
+            )
+
+    async def _drop(self, job: LeasedJob) -> None:
+        """The job has nothing (more) to run: out of both stores."""
+        async with transaction(self._pool) as conn:
+            await jobs.delete_queue_row(conn, job.job_id, lease_token=job.lease_token)
+            await self._queue.ack(job.job_id, job.lease_token)
+
+
+__all__ = ["BackgroundConsumer"]

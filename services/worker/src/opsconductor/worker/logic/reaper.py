@@ -1,0 +1,145 @@
+"""The reaper's pass: the backstop that leaves no job lost, stuck or locked forever.
+
+Run every 60 s (Kubernetes CronJob, or the loop mode). Each pass, under a Postgres advisory lock
+so concurrent reapers never double-act (a second one skips the pass):
+
+1. queue housekeeping — due retries become ready, expired leases are requeued (each counted as a
+   lease expiration: a worker died or stalled);
+2. jobs whose last lease expired go to the DLQ and their executions end ``failed``;
+3. running executions past their deadline (their worker died) end ``failed``, timed out;
+4. Redis is reconciled with ``execution_queue``: rows missing from Redis (Redis restarted
+   empty) are pushed again, Redis entries whose row never appeared are dropped;
+5. expired mutexes are deleted; idempotency keys past the dedup window are retired;
+6. gauges: ready jobs per priority, leased, delayed, DLQ size, oldest ready job's age.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+
+import asyncpg
+import structlog
+from prometheus_client import Counter, Gauge
+
+from opsconductor.common.queue import dlq
+from opsconductor.common.queue.reconcile import reconcile_queue
+from opsconductor.common.queue.redis_queue import RedisQueue
+from opsconductor.common.storage.execution_leases import (
+    fail_lost_execution,
+    fail_overdue_executions,
+)
+from opsconductor.common.storage.executions import retire_idempotency_keys
+from opsconductor.common.storage.locks import reap_expired_locks
+
+log = structlog.get_logger(__name__)
+
+#: pg advisory lock key of the reaper ("opsc_rea").
+REAPER_LOCK_KEY = 0x6F7073635F726561
+
+LEASE_EXPIRATIONS = Counter(
+    "opsc_lease_expirations_total", "Job leases that expired (a worker died or stalled)."
+)
+DEAD_LETTERED = Counter("opsc_dlq_moves_total", "Jobs moved to the dead-letter queue.")
+QUEUE_READY = Gauge("opsc_queue_ready_jobs", "Jobs ready to run, by priority.", ["priority"])
+QUEUE_LEASED = Gauge("opsc_queue_leased_jobs", "Jobs leased to a worker.")
+QUEUE_DELAYED = Gauge("opsc_queue_delayed_jobs", "Jobs waiting for a retry.")
+QUEUE_OLDEST_AGE = Gauge("opsc_queue_oldest_ready_age_seconds", "Wait of the oldest ready job.")
+DLQ_SIZE = Gauge("opsc_dlq_size", "Dead-letter entries not requeued yet.")
+
+
+@dataclass(frozen=True)
+class ReaperReport:
+    skipped: bool = False
+    leases_requeued: int = 0
+    retries_promoted: int = 0
+    dead_lettered: int = 0
+    deadlines_failed: int = 0
+    repushed: int = 0
+    dropped: int = 0
+    locks_reaped: int = 0
+    keys_retired: int = 0
+
+
+async def reap_once(
+    pool: asyncpg.Pool,
+    queue: RedisQueue | None,
+    *,
+    dedup_window: timedelta,
+    deadline_grace: timedelta = timedelta(seconds=30),
+    orphan_grace_s: float = 300.0,
+) -> ReaperReport:
+    """One pass (see the module docstring); skipped when another reaper holds the lock."""
+    async with pool.acquire() as conn:
+        if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", REAPER_LOCK_KEY):
+            log.info("reaper_skipped", reason="another reaper is running")
+            return ReaperReport(skipped=True)
+        try:
+            report = await _pass(pool, queue, dedup_window, deadline_grace, orphan_grace_s)
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock($1)", REAPER_LOCK_KEY)
+    log.info("reaper_pass", **report.__dict__)
+    return report
+
+
+async def _pass(
+    pool: asyncpg.Pool,
+    queue: RedisQueue | None,
+    dedup_window: timedelta,
+    deadline_grace: timedelta,
+    orphan_grace_s: float,
+) -> ReaperReport:
+    reconciled = None
+    dead = 0
+    if queue is not None:
+        reconciled = await reconcile_queue(queue, pool, orphan_grace_s=orphan_grace_s)
+        LEASE_EXPIRATIONS.inc(reconciled.maintenance.reclaimed + reconciled.maintenance.dead)
+        dead = await _dead_letter(pool, queue)
+    overdue = await fail_overdue_executions(pool, grace=deadline_grace)
+    locks = await reap_expired_locks(pool)
+    keys = await retire_idempotency_keys(pool, dedup_window)
+    await _publish_gauges(pool, queue)
+    return ReaperReport(
+        leases_requeued=reconciled.maintenance.reclaimed if reconciled else 0,
+        retries_promoted=reconciled.maintenance.promoted if reconciled else 0,
+        dead_lettered=dead,
+        deadlines_failed=len(overdue),
+        repushed=reconciled.repushed if reconciled else 0,
+        dropped=reconciled.dropped if reconciled else 0,
+        locks_reaped=locks,
+        keys_retired=keys,
+    )
+
+
+async def _dead_letter(pool: asyncpg.Pool, queue: RedisQueue) -> int:
+    """Jobs whose last lease expired: DLQ row first, execution failed, then out of Redis."""
+    moved = 0
+    for job in await queue.dead_jobs(limit=1000):
+        message = "the job's last lease expired: its worker died or stalled on every attempt"
+        await dlq.move_to_dlq(
+            pool,
+            job.execution_id,
+            attempts=job.attempts,
+            error_class="LEASE_EXPIRED",
+            error_message=message,
+            last_error=job.last_error,
+        )
+        await fail_lost_execution(
+            pool, job.execution_id, error_class="LEASE_EXPIRED", error_message=message, by="reaper"
+        )
+        await queue.remove(job.job_id)
+        DEAD_LETTERED.inc()
+        moved += 1
+    return moved
+
+
+async def _publish_gauges(pool: asyncpg.Pool, queue: RedisQueue | None) -> None:
+    DLQ_SIZE.set(await dlq.dlq_size(pool))
+    if queue is None:
+        return
+    stats = await queue.stats()
+    for priority in (0, 50, 100):
+        QUEUE_READY.labels(str(priority)).set(stats.ready_by_priority.get(priority, 0))
+    QUEUE_LEASED.set(stats.leased)
+    QUEUE_DELAYED.set(stats.delayed)
+    QUEUE_OLDEST_AGE.set(stats.oldest_ready_age_s or 0.0)

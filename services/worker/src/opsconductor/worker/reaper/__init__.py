@@ -1,0 +1,1 @@
+"""``python -m opsconductor.worker.reaper``: the reaper command (see ``logic.reaper``)."""

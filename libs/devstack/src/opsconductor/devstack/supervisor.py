@@ -63,10 +63,19 @@ class ServiceSpec:
     port: int
     env: dict[str, str]
     note: str = ""
+    #: Module to run; default ``opsconductor.<name>``.
+    module_name: str = ""
+    #: Extra command-line arguments.
+    args: tuple[str, ...] = ()
 
     @property
     def module(self) -> str:
-        return f"opsconductor.{self.name}"
+        return self.module_name or f"opsconductor.{self.name}"
+
+    @property
+    def has_health(self) -> bool:
+        """gRPC services report health; helper processes (the reaper) only have to stay up."""
+        return self.port > 0
 
     @property
     def address(self) -> str:
@@ -220,6 +229,16 @@ class Supervisor:
                 note=f"HTTP {host}:{s.progress_http_port}",
                 OPSC_HTTP_PORT=str(s.progress_http_port),
             ),
+            # The reaper (a Kubernetes CronJob in production) loops here every 60 s.
+            ServiceSpec(
+                "reaper",
+                host,
+                0,
+                {**common, "OPSC_SERVICE_NAME": "reaper"},
+                note="every 60 s",
+                module_name="opsconductor.worker.reaper",
+                args=("--interval", "60"),
+            ),
         ]
 
     async def _spawn(self, spec: ServiceSpec) -> None:
@@ -229,6 +248,7 @@ class Supervisor:
             sys.executable,
             "-m",
             spec.module,
+            *spec.args,
             env=env,
             stdin=asyncio.subprocess.DEVNULL,
             start_new_session=True,
@@ -246,7 +266,10 @@ class Supervisor:
             self._service_died.set()
 
     async def _all_serving(self) -> None:
-        await asyncio.gather(*(self._poll_health(service) for service in self.services))
+        await asyncio.gather(*(self._poll_health(s) for s in self.services if s.spec.has_health))
+        for service in self.services:
+            if not service.spec.has_health:
+                service.status = "RUNNING"
 
     async def _poll_health(self, service: RunningService) -> None:
         request = health_pb2.HealthCheckRequest(service="")
@@ -341,7 +364,8 @@ class Supervisor:
 
     def _print_table(self, elapsed: float) -> None:
         print(
-            f"OpsConductor dev stack: all {len(self.services)} services SERVING in {elapsed:.2f} s",
+            f"OpsConductor dev stack: all {sum(s.spec.has_health for s in self.services)} "
+            f"services SERVING in {elapsed:.2f} s (and the reaper loop)",
             file=self.out,
         )
         self._print_rows()
@@ -364,7 +388,8 @@ class Supervisor:
     def _print_rows(self) -> None:
         rows = [("SERVICE", "ADDRESS", "STATUS", "PID", "")]
         for s in self.services:
-            rows.append((s.spec.name, s.spec.address, s.status, str(s.process.pid), s.spec.note))
+            address = s.spec.address if s.spec.has_health else "-"
+            rows.append((s.spec.name, address, s.status, str(s.process.pid), s.spec.note))
         for d in self._dependencies:
             rows.append(
                 (d.name, d.where, "RUNNING" if d.pid else "EXTERNAL", str(d.pid or "-"), "")

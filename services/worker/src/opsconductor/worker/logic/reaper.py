@@ -58,7 +58,7 @@ class ReaperReport:
     repushed: int = 0
     dropped: int = 0
     locks_reaped: int = 0
-    keys_retired: int = 0
+    idempotency_retired: int = 0
 
 
 async def reap_once(
@@ -107,7 +107,7 @@ async def _pass(
         repushed=reconciled.repushed if reconciled else 0,
         dropped=reconciled.dropped if reconciled else 0,
         locks_reaped=locks,
-        keys_retired=keys,
+        idempotency_retired=keys,
     )
 
 

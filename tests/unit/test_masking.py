@@ -576,3 +576,29 @@ def test_masking_ten_thousand_lines_with_fifty_registered_secrets_completes(
     joined = "\n".join(masked)
     assert not any(value in joined for value in values)
     assert joined.count(REDACTED) == 20_000
+
+
+def test_masked_json_stays_valid_json_and_validation_settings_stay_visible() -> None:
+    """Free-text masking of a rendered JSON line keeps it parseable: secret numbers become a
+    JSON string, null/true/false are left alone; JWT validation settings are not secrets."""
+    import json
+
+    from opsconductor.common.masking import mask_text
+
+    line = json.dumps(
+        {
+            "jwt_issuer": None,
+            "jwt_audience": "opsconductor-execution",
+            "jwt_hs256_key_set": True,
+            "pin_key": 1234,
+            "password": "hunter22",
+        }
+    )
+    parsed = json.loads(mask_text(line))
+    assert parsed == {
+        "jwt_issuer": None,
+        "jwt_audience": "opsconductor-execution",
+        "jwt_hs256_key_set": True,
+        "pin_key": "***REDACTED***",
+        "password": "***REDACTED***",
+    }

@@ -118,6 +118,12 @@ DEFAULT_ALLOWED_KEYS: Final[frozenset[str]] = frozenset(
         "public_key",
         "public_key_file",
         "jwt_rs256_public_key_file",
+        # Token validation settings, not tokens.
+        "jwt_audience",
+        "jwt_issuer",
+        "jwt_algorithms",
+        "jwt_hs256_key_set",
+        "jwt_rs256_public_key_set",
         "secret_ref",
         "secret_refs",
         "secret_name",

@@ -54,6 +54,7 @@ _PAIR_AT = re.compile(
 # Header values ("Digest a=1, b=2", "a=1; b=2") run to the end of the line.
 _HEADER_VALUE_END = re.compile(r"[\r\n\"'\\]")
 _NAME_CHARS: Final = frozenset(string.ascii_letters + string.digits + "_.$-")
+_JSON_LITERALS: Final = frozenset({"null", "true", "false"})
 # After "scheme://": user ":" password "@" -- the password may contain '@': up to the last one.
 _URL_CREDENTIALS_AT = re.compile(r"[^\s:/@\"'\\]*:(?P<password>[^\s/\"'\\]+)@")
 # Tokens are long; a short word after "bearer" is prose ("the bearer of bad news").
@@ -122,6 +123,11 @@ def _redact_pairs(text: str, is_secret_name: Callable[[str], bool]) -> str:
             line_end = _HEADER_VALUE_END.search(text, value_start)
             value_end = line_end.start() if line_end is not None else len(text)
             redacted = REDACTED
+        elif value.lower() in _JSON_LITERALS:
+            continue  # null / true / false reveal nothing, and JSON must stay valid
+        elif text.startswith('"', match.end("name")):
+            # A quoted name: this is JSON, so the redacted value must be a JSON string.
+            redacted = f'"{REDACTED}"'
         else:
             scheme, *rest = value.split(None, 1)  # "Bearer x" keeps its scheme
             redacted = f"{scheme} {REDACTED}" if rest else REDACTED

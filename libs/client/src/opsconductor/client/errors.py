@@ -9,7 +9,7 @@ does. Every class comes from ``opsconductor.common.errors``, so::
     ApprovalInvalidatedError   <- FAILED_PRECONDITION / APPROVAL_INVALIDATED
     FSMError                   <- FAILED_PRECONDITION / ILLEGAL_TRANSITION
     ExecutionTimeoutError      <- DEADLINE_EXCEEDED (also an asyncio.TimeoutError)
-    PlanValidationError        <- INVALID_ARGUMENT (with .violations)
+    PlanValidationError        <- INVALID_ARGUMENT with field violations (``.violations``)
     QueueUnavailableError      <- UNAVAILABLE / QUEUE_UNAVAILABLE
 """
 
@@ -101,6 +101,10 @@ def map_rpc_error(error: grpc.aio.AioRpcError) -> Exception:
                     e.FieldViolation(v.field, v.description) for v in bad.field_violations
                 ]
     cls = _BY_REASON.get(reason) or _BY_CODE.get(code)
+    if violations and cls is e.InvalidArgumentError:
+        # Any invalid request may name its fields (e.g. ListExecutions' page_token), not only
+        # an invalid plan: keep them, on the InvalidArgumentError that carries violations.
+        cls = e.PlanValidationError
     if cls is None:
         return RpcError(message, code=code.name, **metadata)
     if issubclass(cls, e.PlanValidationError):

@@ -112,6 +112,9 @@ DEFAULT_ALLOWED_KEYS: Final[frozenset[str]] = frozenset(
         "key_type",
         "key_name",
         "token_type",
+        # Pagination cursors: opaque, but not credentials.
+        "page_token",
+        "next_page_token",
         "token_expires_at",
         "token_expiry",
         # Public material and references to secrets (resolved just in time, never logged).

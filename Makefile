@@ -10,7 +10,7 @@ PACKAGES := libs/proto libs/common libs/client libs/devstack services/api servic
 PYPROJECTS := $(addsuffix /pyproject.toml,$(PACKAGES))
 SRC_DIRS := $(addsuffix /src,$(PACKAGES))
 
-.PHONY: help venv protos protos-check lint fmt typecheck importlint test test-fast migrate migrate-down run bench bench-immediate clean
+.PHONY: help venv protos protos-check lint fmt typecheck importlint test test-fast migrate migrate-down run bench bench-immediate bench-background clean
 
 help:
 	@echo "make run          start the whole system on this machine (embedded Postgres/Redis unless DATABASE_URL/REDIS_URL)"
@@ -65,10 +65,13 @@ migrate-down: $(STAMP)
 run: $(STAMP)
 	$(PY) -m opsconductor.devstack
 
-bench: bench-immediate
+bench: bench-immediate bench-background
 
 bench-immediate: $(STAMP)
 	$(PY) bench/immediate_latency.py
+
+bench-background: $(STAMP)
+	$(PY) bench/background_throughput.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage* htmlcov .devstack

@@ -29,6 +29,8 @@ class ServiceProcess:
     process: subprocess.Popen[bytes]
     port: int
     log_path: Path
+    #: The ``OPSC_*`` variables it was started with on top of :func:`service_env`'s.
+    extra_env: dict[str, str] = field(default_factory=dict)
 
     @property
     def address(self) -> str:
@@ -103,16 +105,25 @@ async def wait_serving(address: str, process: subprocess.Popen[bytes], within_s:
 
 
 async def start_service(
-    name: str, stack: Stack, extra_env: dict[str, str], within_s: float = 30.0
+    name: str,
+    stack: Stack,
+    extra_env: dict[str, str],
+    within_s: float = 30.0,
+    *,
+    module: str | None = None,
 ) -> ServiceProcess:
-    """Start ``python -m opsconductor.<name>`` and wait until it reports SERVING."""
+    """Start ``python -m opsconductor.<module>`` (default: ``name``) as ``stack.services[name]``
+    and wait until it reports SERVING.
+
+    ``name`` also names its port file and log, so several processes of one module coexist.
+    """
     port_file = stack.log_dir / f"{name}.port"
     port_file.unlink(missing_ok=True)
     log_path = stack.log_dir / f"{name}.log"
-    env = service_env(stack.dsn, {"OPSC_PORT_FILE": str(port_file), **extra_env})
+    env = service_env(stack.dsn, {**extra_env, "OPSC_PORT_FILE": str(port_file)})
     with log_path.open("ab") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", f"opsconductor.{name}"],
+            [sys.executable, "-m", f"opsconductor.{module or name}"],
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -126,7 +137,23 @@ async def start_service(
             process.kill()
             raise TimeoutError(f"{name} did not bind a port within {within_s} s")
         await asyncio.sleep(0.05)
-    service = ServiceProcess(name, process, int(port_file.read_text()), log_path)
+    service = ServiceProcess(name, process, int(port_file.read_text()), log_path, dict(extra_env))
     await wait_serving(service.address, process, deadline - time.monotonic())
     stack.services[name] = service
     return service
+
+
+async def start_worker(
+    stack: Stack, name: str, env: dict[str, str] | None = None, within_s: float = 30.0
+) -> ServiceProcess:
+    """Start one more worker process, ``stack.services[name]``, next to the stack's ``worker``.
+
+    It gets the ``worker`` service's environment (database, Redis, queue prefix, secrets) with
+    ``OPSC_WORKER_ID=name`` and ``env`` on top; its log is ``<name>.log``.
+    """
+    if name in stack.services and stack.services[name].process.poll() is None:
+        raise ValueError(f"a service named {name!r} is already running")
+    base = stack.services["worker"].extra_env
+    return await start_service(
+        name, stack, {**base, "OPSC_WORKER_ID": name, **(env or {})}, within_s, module="worker"
+    )

@@ -180,7 +180,8 @@ async def test_the_lease_handoff_fences_the_previous_holder(db_pool: asyncpg.Poo
     execution = await db_pool.fetchrow(
         "SELECT lease_token, worker_id FROM executions WHERE id = $1", execution_id
     )
-    assert (execution["lease_token"], execution["worker_id"]) == (token_b, "worker-b")
+    # The worker id is the claim's to change (it names the previous holder in the takeover).
+    assert (execution["lease_token"], execution["worker_id"]) == (token_b, None)
     with pytest.raises(StaleLeaseError):
         await transition(
             db_pool,

@@ -30,6 +30,7 @@ def main() -> int:
         settings,
         lambda server: register_services(server, app),
         on_startup=[app.start],
+        on_stopping=[app.stop_consuming],
         on_shutdown=[app.stop],
     )
 

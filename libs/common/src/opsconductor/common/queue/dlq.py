@@ -4,9 +4,14 @@
   statement, so however often it runs (a retried worker, a racing reaper) an execution gets one
   DLQ entry per trip through the queue.
 * :func:`list_dlq` pages entries newest first, filtered by tenant and error class.
-* :func:`requeue_from_dlq` gives the execution a new queue row with a fresh attempt budget and
-  marks the entry requeued (by whom, when), once. The caller pushes the returned row to Redis in
-  the same transaction, audits it, and moves the execution back to ``queued``.
+* :func:`lock_open_entry` and :func:`mark_requeued` are the two halves of a requeue, for a caller
+  that runs its own transaction in between: lock the entry (refusing one already requeued with
+  :class:`DlqEntryRequeuedError`), do the work, mark it requeued (by whom, when), commit. The api's
+  RequeueDlqEntry uses them to create a *new* execution of the same frozen plan (a dead-lettered
+  execution is ``failed``, a terminal state, and never moves again).
+* :func:`requeue_from_dlq` gives the same execution a new queue row with a fresh attempt budget
+  and marks the entry, once: a building block for a model where the execution itself goes back
+  to the queue (the FSM forbids that today: see above).
 """
 
 from __future__ import annotations
@@ -32,9 +37,12 @@ from opsconductor.common.storage.executions import (
 
 __all__ = [
     "DlqEntry",
+    "DlqEntryRequeuedError",
     "dlq_size",
     "get_dlq_entry",
     "list_dlq",
+    "lock_open_entry",
+    "mark_requeued",
     "move_to_dlq",
     "requeue_from_dlq",
 ]
@@ -57,6 +65,12 @@ ORDER BY created_at DESC, id DESC LIMIT 1
 """
 _SELECT = "SELECT * FROM execution_dlq WHERE id = $1"
 _SELECT_FOR_UPDATE = "SELECT * FROM execution_dlq WHERE id = $1 FOR UPDATE"
+# Where an entry went when it was requeued as a new execution (the api's audit event).
+_REQUEUED_AS = """
+SELECT execution_id FROM execution_events
+WHERE type = 'dlq_requeued' AND tenant_id = $2 AND payload->>'dlq_id' = $1
+ORDER BY id DESC LIMIT 1
+"""
 _EXECUTION_BUDGET = """
 SELECT e.priority, p.max_attempts
 FROM executions e LEFT JOIN timeout_policies p ON p.id = e.timeout_policy_id
@@ -96,6 +110,12 @@ class DlqEntry:
     created_at: datetime
     requeued_at: datetime | None
     requeued_by: str | None
+
+
+class DlqEntryRequeuedError(ConflictError):
+    """This dead-letter entry was already requeued."""
+
+    reason = "DLQ_ENTRY_ALREADY_REQUEUED"
 
 
 def _entry(row: Mapping[str, Any]) -> DlqEntry:
@@ -139,6 +159,43 @@ async def get_dlq_entry(
     return _entry(row)
 
 
+async def lock_open_entry(
+    conn: PoolOrConnection, dlq_id: UUID, *, tenant_id: str | None = None
+) -> DlqEntry:
+    """Lock an entry that was not requeued yet, for the rest of the caller's transaction.
+
+    Raises :class:`NotFoundError` (unknown entry, or another tenant's when ``tenant_id`` is
+    given) and :class:`DlqEntryRequeuedError` when it was already requeued, naming by whom, when
+    and, when known, the execution it became. Concurrent callers serialise on the row lock: the
+    second one sees the first one's mark once it committed.
+    """
+    async with transaction(conn) as tx:
+        row = await tx.fetchrow(_SELECT_FOR_UPDATE, dlq_id)
+        if row is None or (tenant_id is not None and row["tenant_id"] != tenant_id):
+            raise NotFoundError("dead-letter entry not found", dlq_id=str(dlq_id))
+        if row["requeued_at"] is not None:
+            became = await tx.fetchval(_REQUEUED_AS, str(dlq_id), row["tenant_id"])
+            raise DlqEntryRequeuedError(
+                f"dead-letter entry {dlq_id} was already requeued by {row['requeued_by']} at "
+                f"{row['requeued_at'].isoformat()}"
+                + (f" as execution {became}" if became is not None else ""),
+                dlq_id=str(dlq_id),
+                requeued_by=row["requeued_by"],
+                requeued_at=row["requeued_at"].isoformat(),
+                requeued_as=str(became) if became is not None else "",
+            )
+    return _entry(row)
+
+
+async def mark_requeued(conn: PoolOrConnection, dlq_id: UUID, *, by: str) -> DlqEntry:
+    """Record that ``by`` requeued the entry now; call it after :func:`lock_open_entry`."""
+    async with transaction(conn) as tx:
+        marked = await tx.fetchrow(_MARK_REQUEUED, dlq_id, by[:_MAX_ACTOR])
+    if marked is None:
+        raise NotFoundError("dead-letter entry not found", dlq_id=str(dlq_id))
+    return _entry(marked)
+
+
 async def requeue_from_dlq(
     db: PoolOrConnection,
     dlq_id: UUID,
@@ -151,20 +208,13 @@ async def requeue_from_dlq(
 
     The budget is ``max_attempts`` or else the execution's timeout policy's. Raises
     :class:`NotFoundError` (unknown entry, or another tenant's when ``tenant_id`` is given) and
-    :class:`ConflictError` when the entry was already requeued or the execution is queued.
-    Pass a connection inside a transaction, push the row to Redis, then commit.
+    :class:`ConflictError` when the entry was already requeued (:class:`DlqEntryRequeuedError`)
+    or the execution is queued. Pass a connection inside a transaction, push the row to Redis,
+    then commit.
     """
     async with transaction(db) as conn:
-        row = await conn.fetchrow(_SELECT_FOR_UPDATE, dlq_id)
-        if row is None or (tenant_id is not None and row["tenant_id"] != tenant_id):
-            raise NotFoundError("dead-letter entry not found", dlq_id=str(dlq_id))
-        if row["requeued_at"] is not None:
-            raise ConflictError(
-                "dead-letter entry already requeued",
-                dlq_id=str(dlq_id),
-                requeued_by=row["requeued_by"],
-            )
-        execution_id: UUID = row["execution_id"]
+        entry = await lock_open_entry(conn, dlq_id, tenant_id=tenant_id)
+        execution_id = entry.execution_id
         if await conn.fetchval(_QUEUED, execution_id) is not None:
             raise ConflictError("execution is already queued", execution_id=str(execution_id))
         budget = await conn.fetchrow(_EXECUTION_BUDGET, execution_id)
@@ -174,12 +224,12 @@ async def requeue_from_dlq(
         queued = await insert_queue_row(
             conn,
             execution_id=execution_id,
-            tenant_id=row["tenant_id"],
+            tenant_id=entry.tenant_id,
             priority=budget["priority"],
             max_attempts=attempts,
         )
-        marked = await conn.fetchrow(_MARK_REQUEUED, dlq_id, by[:_MAX_ACTOR])
-    return _entry(marked), queued
+        marked = await mark_requeued(conn, dlq_id, by=by)
+    return marked, queued
 
 
 async def list_dlq(

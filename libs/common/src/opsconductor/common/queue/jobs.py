@@ -21,9 +21,9 @@ window (Redis done, commit failed) is what the reaper's reconcile repairs.
 
 Writes a worker makes for a leased job are fenced on its lease token: they match no row once the
 lease was taken over, and return False. :func:`lease_row` is the handoff: it also installs the
-new token (and worker id) on the execution, so from its commit on every write fenced on the
-previous holder's token (``executions.transition(lease_token=...)``) fails with
-:class:`~opsconductor.common.errors.StaleLeaseError`.
+new token on the execution (its ``worker_id`` is the claim's to set), so from its commit on
+every write fenced on the previous holder's token (``executions.transition(lease_token=...)``)
+fails with :class:`~opsconductor.common.errors.StaleLeaseError`.
 """
 
 from __future__ import annotations
@@ -63,7 +63,9 @@ RETURNING *
 _SELECT_BY_ID = "SELECT * FROM execution_queue WHERE id = $1"
 _SELECT_BY_ID_FOR_UPDATE = "SELECT * FROM execution_queue WHERE id = $1 FOR UPDATE"
 _SELECT_BY_EXECUTION = "SELECT * FROM execution_queue WHERE execution_id = $1"
-# The lease handoff: the queue row and the execution's fencing token change together.
+# The lease handoff: the queue row and the execution's fencing token change together. The
+# execution's worker_id is left to the claim (execution_leases.claim_execution), which reports it
+# as the previous holder when it takes a dead worker's execution over.
 _LEASE = """
 WITH leased AS (
     UPDATE execution_queue
@@ -72,7 +74,7 @@ WITH leased AS (
     WHERE id = $1
     RETURNING *
 ), fenced AS (
-    UPDATE executions e SET lease_token = $3, worker_id = $2, updated_at = clock_timestamp()
+    UPDATE executions e SET lease_token = $3, updated_at = clock_timestamp()
     FROM leased WHERE e.id = leased.execution_id
     RETURNING e.id
 )
@@ -195,10 +197,11 @@ async def lease_row(
     """Mirror a dequeue and hand the execution's fencing token to the new holder.
 
     Sets the row ``leased`` (``attempts`` as Redis counts them, renewals reset) and the
-    execution's ``lease_token``/``worker_id`` in one statement. Returns None when the row is not
-    visible: its submit has not committed yet (or never will), so the worker must not run the
-    job but defer it (``RedisQueue.release(..., delay_s=...)``); only the reaper drops entries
-    whose row never appears.
+    execution's ``lease_token`` in one statement — not its ``worker_id``: the claim sets that,
+    naming the one it replaces as the previous holder of a taken-over execution. Returns None
+    when the row is not visible: its submit has not committed yet (or never will), so the
+    worker must not run the job but defer it (``RedisQueue.release(..., delay_s=...)``); only
+    the reaper drops entries whose row never appears.
     """
     async with transaction(db) as conn:
         row = await conn.fetchrow(

@@ -142,9 +142,14 @@ async def serve(
     register: Register,
     *,
     on_startup: Sequence[Hook] = (),
+    on_stopping: Sequence[Hook] = (),
     on_shutdown: Sequence[Hook] = (),
 ) -> None:
-    """Run the service until SIGTERM/SIGINT, then shut it down gracefully (see module doc)."""
+    """Run the service until SIGTERM/SIGINT, then shut it down gracefully (see module doc).
+
+    ``on_stopping`` hooks run as soon as the stop is requested, alongside the drain of in-flight
+    RPCs (e.g. a queue consumer stops taking jobs at once); ``on_shutdown`` hooks after it.
+    """
     loop = asyncio.get_running_loop()
     stop_requested = asyncio.Event()
     signals = (signal.SIGTERM, signal.SIGINT)
@@ -170,7 +175,7 @@ async def serve(
             "server_stopping", service=settings.service_name, grace_s=settings.shutdown_grace_s
         )
     finally:
-        await rpc.stop(settings.shutdown_grace_s)
+        await asyncio.gather(rpc.stop(settings.shutdown_grace_s), _run_shutdown(on_stopping))
         await _run_shutdown(on_shutdown)
         if metrics is not None:
             metrics.shutdown()
@@ -201,11 +206,20 @@ def run_server(
     register: Register,
     *,
     on_startup: Sequence[Hook] = (),
+    on_stopping: Sequence[Hook] = (),
     on_shutdown: Sequence[Hook] = (),
 ) -> int:
     """Blocking entry point for a service's ``__main__``; returns the process exit status."""
     try:
-        asyncio.run(serve(settings, register, on_startup=on_startup, on_shutdown=on_shutdown))
+        asyncio.run(
+            serve(
+                settings,
+                register,
+                on_startup=on_startup,
+                on_stopping=on_stopping,
+                on_shutdown=on_shutdown,
+            )
+        )
     except Exception:
         # Logged rather than left to the interpreter so the traceback passes through the masker.
         log.exception("server_crashed", service=settings.service_name)

@@ -102,12 +102,14 @@ class RequeueDlqEntryRequest(_message.Message):
     def __init__(self, dlq_id: _Optional[str] = ...) -> None: ...
 
 class RequeueDlqEntryResponse(_message.Message):
-    __slots__ = ("entry", "job_id")
+    __slots__ = ("entry", "job_id", "execution_id")
     ENTRY_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    EXECUTION_ID_FIELD_NUMBER: _ClassVar[int]
     entry: DlqEntry
     job_id: str
-    def __init__(self, entry: _Optional[_Union[DlqEntry, _Mapping]] = ..., job_id: _Optional[str] = ...) -> None: ...
+    execution_id: str
+    def __init__(self, entry: _Optional[_Union[DlqEntry, _Mapping]] = ..., job_id: _Optional[str] = ..., execution_id: _Optional[str] = ...) -> None: ...
 
 class GetQueueStatsRequest(_message.Message):
     __slots__ = ()

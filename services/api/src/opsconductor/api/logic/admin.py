@@ -1,45 +1,234 @@
-"""AdminService operations: feature flags (the dark-launch and rollback switches).
+"""AdminService operations: feature flags, the dead-letter queue, queue health and drain.
 
-Flags are global, so changing them is authorized in the system tenant (``_system``): an
-operator needs a token for that tenant and a role granting ``admin:flags`` there. A tenant's own
-admin cannot flip Stage E for everyone.
+Flags, queue stats and drain are global, so they are authorized in the system tenant
+(``_system``): an operator needs a token for that tenant and a role granting ``admin:flags`` or
+``admin:queue`` there. A tenant's own admin cannot flip Stage E or stop dispatch for everyone.
+
+The dead-letter queue is also open to tenant admins, for their own tenant only: a principal of a
+tenant holding ``admin:dlq`` there may list that tenant's entries (naming it in the request) and
+requeue them (another tenant's entry is "not found"). A system admin (``admin:dlq`` in
+``_system``) sees and requeues every tenant's entries.
+
+Drain sets the ``dispatch_paused`` flag (the durable, audited record) and the queue's Redis
+paused flag (what workers obey: ``dequeue`` hands out nothing) in one transaction, the Redis
+call last before the commit, so the two never disagree because of a failed call.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
+from uuid import UUID
+
+import structlog
 
 from opsconductor.common.auth import Principal
+from opsconductor.common.errors import (
+    FeatureDisabledError,
+    InvalidArgumentError,
+    QueueUnavailableError,
+)
+from opsconductor.common.queue import dlq
+from opsconductor.common.queue.dlq import DlqEntry
+from opsconductor.common.queue.records import QueueStats
+from opsconductor.common.queue.redis_queue import RedisQueue
 from opsconductor.common.rbac import Authorizer, Permission
-from opsconductor.common.storage.execution_records import PoolOrConnection
+from opsconductor.common.storage.execution_records import PoolOrConnection, transaction
 from opsconductor.common.storage.flags import SYSTEM_TENANT, FeatureFlags, FlagCache, update_flags
+from opsconductor.common.storage.policies import TimeoutPolicy
+
+from .dlq_requeue import RequeueResult, requeue_dead_letter
+
+log = structlog.get_logger(__name__)
+
+_MAX_ERROR_CLASS = 100  # execution_dlq.error_class is VARCHAR(100)
+_MAX_TENANT = 100
+
+
+@dataclass(frozen=True)
+class QueueOverview:
+    """GetQueueStats' answer: the Redis gauges plus the DLQ size (open entries, Postgres)."""
+
+    stats: QueueStats
+    dlq_size: int
+
+
+def parse_dlq_id(value: str) -> UUID:
+    """A DLQ entry id from a request; :class:`InvalidArgumentError` when it is not a UUID."""
+    try:
+        return UUID(value)
+    except ValueError:
+        raise InvalidArgumentError("dlq_id must be a UUID", field="dlq_id") from None
 
 
 class AdminOperations:
-    def __init__(self, *, pool: PoolOrConnection, authorizer: Authorizer, flags: FlagCache) -> None:
+    """The AdminService use cases, each authorized first (and audited if refused)."""
+
+    def __init__(
+        self,
+        *,
+        pool: PoolOrConnection,
+        authorizer: Authorizer,
+        flags: FlagCache,
+        queue: RedisQueue | None = None,
+        policies: Mapping[str, TimeoutPolicy] | None = None,
+        dedup_window: timedelta = timedelta(hours=24),
+    ) -> None:
         self._pool = pool
         self._authorizer = authorizer
         self._flags = flags
+        self._queue = queue
+        self._policies = dict(policies or {})
+        self._dedup_window = dedup_window
+
+    # -- feature flags ----------------------------------------------------------------------
 
     async def get_flags(self, principal: Principal) -> FeatureFlags:
-        await self._authorizer.authorize(
-            principal,
-            tenant_id=SYSTEM_TENANT,
-            permissions={Permission.ADMIN_FLAGS},
-            resource="AdminService/GetFeatureFlags",
-        )
+        await self._authorize_system(principal, Permission.ADMIN_FLAGS, "GetFeatureFlags")
         self._flags.invalidate()
         return await self._flags.get()
 
     async def update_flags(self, principal: Principal, changes: Mapping[str, Any]) -> FeatureFlags:
-        """Apply ``changes`` (validated; audited as ``feature_flags_updated``) and return all."""
+        """Apply ``changes`` (validated; audited as ``feature_flags_updated``) and return all.
+
+        A change of ``dispatch_paused`` also drains or resumes the queue, as SetDrain does.
+        """
+        await self._authorize_system(principal, Permission.ADMIN_FLAGS, "UpdateFeatureFlags")
+        async with transaction(self._pool) as conn:
+            flags = await update_flags(conn, changes, by=principal.actor_id)
+            if "dispatch_paused" in changes and self._queue is not None:
+                await self._queue.set_paused(flags.dispatch_paused)
+        self._flags.invalidate()
+        return flags
+
+    # -- queue ------------------------------------------------------------------------------
+
+    async def queue_stats(self, principal: Principal) -> QueueOverview:
+        """Redis gauges (ready per priority, leased, delayed, oldest wait, paused) + DLQ size.
+
+        :class:`QueueUnavailableError` when Redis cannot be reached (or none is configured).
+        """
+        await self._authorize_system(principal, Permission.ADMIN_QUEUE, "GetQueueStats")
+        stats = await self._require_queue().stats()
+        size = await dlq.dlq_size(self._pool)
+        flags = await self._flags.get()
+        if flags.dispatch_paused != stats.paused:
+            # E.g. Redis restarted empty while drained: workers obey Redis, so say it loudly.
+            log.warning(
+                "dispatch_pause_mismatch",
+                flag_dispatch_paused=flags.dispatch_paused,
+                redis_paused=stats.paused,
+            )
+        return QueueOverview(stats=stats, dlq_size=size)
+
+    async def set_drain(self, principal: Principal, drain: bool) -> bool:
+        """Stop (``drain``) or resume dispatching; returns whether dispatch is now paused.
+
+        Leases already granted are unaffected: running jobs finish. Audited through the
+        ``feature_flags_updated`` event of the ``dispatch_paused`` flag.
+        """
+        await self._authorize_system(principal, Permission.ADMIN_QUEUE, "SetDrain")
+        queue = self._require_queue()
+        async with transaction(self._pool) as conn:
+            await update_flags(conn, {"dispatch_paused": drain}, by=principal.actor_id)
+            await queue.set_paused(drain)
+        self._flags.invalidate()
+        log.info("dispatch_drained" if drain else "dispatch_resumed", by=principal.actor_id)
+        return drain
+
+    # -- dead-letter queue ------------------------------------------------------------------
+
+    async def list_dlq(
+        self,
+        principal: Principal,
+        *,
+        tenant_id: str,
+        error_class: str,
+        page_size: int,
+        page_token: str,
+    ) -> tuple[list[DlqEntry], str | None]:
+        """One page of open DLQ entries, newest first; ``tenant_id``/``error_class`` filter.
+
+        A tenant admin must name their own tenant; a system admin may name any or none.
+        """
+        if len(tenant_id) > _MAX_TENANT:
+            raise InvalidArgumentError("tenant_id is too long", field="tenant_id")
+        if len(error_class) > _MAX_ERROR_CLASS:
+            raise InvalidArgumentError("error_class is too long", field="error_class")
+        await self._authorize_dlq(principal, tenant_id or None, "ListDlqEntries")
+        return await dlq.list_dlq(
+            self._pool,
+            tenant_id=tenant_id or None,
+            error_class=error_class or None,
+            page_size=page_size,
+            page_token=page_token or None,
+        )
+
+    async def requeue_dlq(
+        self, principal: Principal, dlq_id: UUID, *, request_id: str | None = None
+    ) -> RequeueResult:
+        """Re-run a dead-lettered execution as a new one with a fresh budget (audited).
+
+        See :mod:`.dlq_requeue`. A tenant admin can only reach their own tenant's entries; the
+        tenant must still be enabled for Stage E (a rollback stops requeues as it stops submits).
+        """
+        scope = await self._authorize_dlq(principal, None, "RequeueDlqEntry", own_tenant=True)
+        flags = await self._flags.get()
+        entry = await dlq.get_dlq_entry(self._pool, dlq_id, tenant_id=scope)
+        if not flags.tenant_enabled(entry.tenant_id):
+            raise FeatureDisabledError(
+                f"Stage E execution is not enabled for tenant {entry.tenant_id!r}",
+                tenant_id=entry.tenant_id,
+            )
+        return await requeue_dead_letter(
+            self._pool,
+            self._queue,
+            self._policies,
+            dlq_id=dlq_id,
+            by=principal.actor_id,
+            tenant_scope=scope,
+            request_id=request_id,
+            record_only=flags.record_only(entry.tenant_id),
+            dedup_window=self._dedup_window,
+        )
+
+    # -- authorization ----------------------------------------------------------------------
+
+    async def _authorize_system(
+        self, principal: Principal, permission: Permission, rpc: str
+    ) -> None:
         await self._authorizer.authorize(
             principal,
             tenant_id=SYSTEM_TENANT,
-            permissions={Permission.ADMIN_FLAGS},
-            resource="AdminService/UpdateFeatureFlags",
+            permissions={permission},
+            resource=f"AdminService/{rpc}",
         )
-        flags = await update_flags(self._pool, changes, by=principal.actor_id)
-        self._flags.invalidate()
-        return flags
+
+    async def _authorize_dlq(
+        self, principal: Principal, tenant_id: str | None, rpc: str, *, own_tenant: bool = False
+    ) -> str | None:
+        """Authorize ``admin:dlq``; return the one tenant the caller may see (None: all).
+
+        A system principal is checked in ``_system`` and may see every tenant (or the one it
+        filters on). Any other principal is checked in ``tenant_id`` — its own tenant when
+        ``own_tenant`` — and a request naming no tenant is checked in ``_system``, where a
+        tenant's token is refused (and audited) as a tenant mismatch.
+        """
+        if principal.tenant_id == SYSTEM_TENANT:
+            await self._authorize_system(principal, Permission.ADMIN_DLQ, rpc)
+            return tenant_id
+        target = principal.tenant_id if own_tenant else tenant_id or SYSTEM_TENANT
+        await self._authorizer.authorize(
+            principal,
+            tenant_id=target,
+            permissions={Permission.ADMIN_DLQ},
+            resource=f"AdminService/{rpc}",
+        )
+        return target
+
+    def _require_queue(self) -> RedisQueue:
+        if self._queue is None:
+            raise QueueUnavailableError("no queue is configured for background execution")
+        return self._queue

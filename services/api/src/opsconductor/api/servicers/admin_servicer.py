@@ -1,19 +1,24 @@
 """gRPC transport of ``AdminService``: feature flags, the dead-letter queue and queue health.
 
 Servicers translate protobuf messages to and from domain values and call the service logic;
-domain errors they let escape become gRPC statuses in the shared interceptor. RPCs whose logic
-belongs to later work answer ``UNIMPLEMENTED``.
+domain errors they let escape become gRPC statuses in the shared interceptor.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from datetime import datetime
 from typing import Any
 
 import grpc.aio
+from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
 from opsconductor.api.app import ApiApp
-from opsconductor.common.errors import InvalidArgumentError, UnimplementedError
+from opsconductor.api.logic.admin import parse_dlq_id
+from opsconductor.common.errors import InvalidArgumentError
+from opsconductor.common.queue.dlq import DlqEntry
 from opsconductor.common.rpc.auth import authenticate
+from opsconductor.common.rpc.metadata import current_request_id
 from opsconductor.common.storage.flags import FeatureFlags
 from opsconductor.execution.v1 import admin_service_pb2, admin_service_pb2_grpc
 
@@ -61,22 +66,88 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
     async def ListDlqEntries(
         self, request: admin_service_pb2.ListDlqEntriesRequest, context: _Context
     ) -> admin_service_pb2.ListDlqEntriesResponse:
-        raise UnimplementedError("ListDlqEntries is not implemented yet", rpc="ListDlqEntries")
+        principal, _ = authenticate(context, self._app.verifier)
+        if request.page_size < 0:
+            raise InvalidArgumentError("page_size must not be negative", field="page_size")
+        entries, token = await self._app.admin.list_dlq(
+            principal,
+            tenant_id=request.tenant_id,
+            error_class=request.error_class,
+            page_size=request.page_size,
+            page_token=request.page_token,
+        )
+        return admin_service_pb2.ListDlqEntriesResponse(
+            entries=[_dlq_entry_to_proto(e) for e in entries], next_page_token=token or ""
+        )
 
     async def RequeueDlqEntry(
         self, request: admin_service_pb2.RequeueDlqEntryRequest, context: _Context
     ) -> admin_service_pb2.RequeueDlqEntryResponse:
-        raise UnimplementedError("RequeueDlqEntry is not implemented yet", rpc="RequeueDlqEntry")
+        principal, _ = authenticate(context, self._app.verifier)
+        result = await self._app.admin.requeue_dlq(
+            principal, parse_dlq_id(request.dlq_id), request_id=current_request_id()
+        )
+        return admin_service_pb2.RequeueDlqEntryResponse(
+            entry=_dlq_entry_to_proto(result.entry),
+            job_id=str(result.job_id),
+            execution_id=str(result.execution.id),
+        )
 
     async def GetQueueStats(
         self, request: admin_service_pb2.GetQueueStatsRequest, context: _Context
     ) -> admin_service_pb2.GetQueueStatsResponse:
-        raise UnimplementedError("GetQueueStats is not implemented yet", rpc="GetQueueStats")
+        principal, _ = authenticate(context, self._app.verifier)
+        overview = await self._app.admin.queue_stats(principal)
+        stats = overview.stats
+        return admin_service_pb2.GetQueueStatsResponse(
+            priorities=[
+                admin_service_pb2.PriorityQueueStats(priority=p, ready=n)
+                for p, n in sorted(stats.ready_by_priority.items())
+            ],
+            leased=stats.leased,
+            delayed=stats.delayed,
+            dlq_size=overview.dlq_size,
+            oldest_ready_age_seconds=stats.oldest_ready_age_s or 0.0,
+            dispatch_paused=stats.paused,
+        )
 
     async def SetDrain(
         self, request: admin_service_pb2.SetDrainRequest, context: _Context
     ) -> admin_service_pb2.SetDrainResponse:
-        raise UnimplementedError("SetDrain is not implemented yet", rpc="SetDrain")
+        principal, _ = authenticate(context, self._app.verifier)
+        paused = await self._app.admin.set_drain(principal, request.drain)
+        return admin_service_pb2.SetDrainResponse(dispatch_paused=paused)
+
+
+def _stamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
+    if value is None:
+        return None
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromDatetime(value)
+    return stamp
+
+
+def _struct(value: Any) -> struct_pb2.Struct | None:
+    if not isinstance(value, Mapping):
+        return None
+    message = struct_pb2.Struct()
+    json_format.ParseDict(dict(value), message)
+    return message
+
+
+def _dlq_entry_to_proto(entry: DlqEntry) -> admin_service_pb2.DlqEntry:
+    return admin_service_pb2.DlqEntry(
+        dlq_id=str(entry.id),
+        execution_id=str(entry.execution_id),
+        tenant_id=entry.tenant_id,
+        attempts=entry.attempts,
+        error_class=entry.error_class or "",
+        error_message=entry.error_message or "",
+        created_at=_stamp(entry.created_at),
+        requeued_at=_stamp(entry.requeued_at),
+        requeued_by=entry.requeued_by or "",
+        last_error=_struct(entry.last_error),
+    )
 
 
 def _flags_to_proto(flags: FeatureFlags) -> admin_service_pb2.FeatureFlags:

@@ -57,7 +57,12 @@ log = structlog.get_logger(__name__)
 #: Until the lease handoff, a job is held this long; the handoff renews it to the policy's lease.
 INITIAL_LEASE_S = 30.0
 #: A job whose Postgres row is not visible yet is retried after this delay.
-DEFER_S = 1.0
+#: The api pushes to Redis just before it commits, so the row is usually visible a few ms later:
+#: start short and double per delivery, up to DEFER_MAX_S.
+DEFER_S = 0.02
+DEFER_MAX_S = 2.0
+#: An idle slot polls at most this far apart (the first polls are at ``poll_interval_s``).
+IDLE_MAX_S = 0.5
 
 
 class BackgroundConsumer:
@@ -74,7 +79,10 @@ class BackgroundConsumer:
         worker_id: str,
         concurrency: int = 4,
         poll_interval_s: float = 0.1,
+        lease_s_override: float | None = None,
     ) -> None:
+        """``lease_s_override`` (drills and tests only) replaces every lease duration, the
+        first one at dequeue included, so a dead worker's job comes back within seconds."""
         self._pool = pool
         self._queue = queue
         self._runner = runner
@@ -83,6 +91,8 @@ class BackgroundConsumer:
         self._worker_id = worker_id
         self._concurrency = concurrency
         self._poll_interval_s = poll_interval_s
+        self._lease_s_override = lease_s_override
+        self._initial_lease_s = lease_s_override or INITIAL_LEASE_S
         self._stopping = asyncio.Event()
         self._slots: list[asyncio.Task[None]] = []
 
@@ -106,7 +116,7 @@ class BackgroundConsumer:
         idle = self._poll_interval_s
         while not self._stopping.is_set():
             try:
-                job = await self._queue.dequeue(self._worker_id, INITIAL_LEASE_S)
+                job = await self._queue.dequeue(self._worker_id, self._initial_lease_s)
             except QueueUnavailableError:
                 log.warning("queue_unavailable", worker_id=self._worker_id, slot=index)
                 job = None
@@ -114,7 +124,7 @@ class BackgroundConsumer:
             if job is None:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), idle)
-                idle = min(idle * 1.5, 1.0)
+                idle = min(idle * 1.5, IDLE_MAX_S)
                 continue
             idle = self._poll_interval_s
             try:
@@ -132,7 +142,7 @@ class BackgroundConsumer:
             return
         if not await self._authorized(job, record):
             return
-        lease_s = lease_seconds(policy) if policy is not None else INITIAL_LEASE_S
+        lease_s = self._lease_s(policy)
         renewer = asyncio.create_task(self._keep_lease(job, lease_s))
         try:
             result = await self._runner.execute(
@@ -147,6 +157,11 @@ class BackgroundConsumer:
                 await renewer
         await self._settle(job, result)
 
+    def _lease_s(self, policy: TimeoutPolicy | None) -> float:
+        if self._lease_s_override is not None:
+            return self._lease_s_override
+        return lease_seconds(policy) if policy is not None else INITIAL_LEASE_S
+
     async def _handoff(self, job: LeasedJob) -> tuple[TimeoutPolicy | None, ExecutionRecord | None]:
         row = await jobs.lease_row(
             self._pool,
@@ -158,7 +173,8 @@ class BackgroundConsumer:
         )
         if row is None:
             # Its submit has not committed yet (or never will: the reaper drops it then).
-            await self._queue.release(job.job_id, job.lease_token, delay_s=DEFER_S)
+            delay = min(DEFER_S * 2 ** max(job.deliveries - 1, 0), DEFER_MAX_S)
+            await self._queue.release(job.job_id, job.lease_token, delay_s=delay)
             log.info("job_deferred", job_id=str(job.job_id), reason="row_not_visible")
             return None, None
         policy_id = await self._pool.fetchval(
@@ -243,6 +259,16 @@ class BackgroundConsumer:
                 await self._queue.release(job.job_id, job.lease_token)
                 await jobs.release_row(conn, job.job_id, lease_token=job.lease_token)
                 log.info("job_requeued_on_shutdown", job_id=str(job.job_id))
+                return
+            if result.paused_step is not None and self._runner.approvals is not None:
+                # Level 3: wait for the step's approval without a lease; approving it queues
+                # the execution again. One transaction: the request and the job's removal.
+                await self._runner.approvals.pause(
+                    conn, job.execution_id, result.paused_step, lease_token=job.lease_token
+                )
+                await jobs.delete_queue_row(conn, job.job_id, lease_token=job.lease_token)
+                await self._queue.ack(job.job_id, job.lease_token)
+                log.info("job_paused_for_approval", job_id=str(job.job_id))
                 return
             if not result.retryable:
                 # Done: succeeded, cancelled, timed out, or failed for good.

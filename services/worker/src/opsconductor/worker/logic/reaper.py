@@ -5,11 +5,18 @@ so concurrent reapers never double-act (a second one skips the pass):
 
 1. queue housekeeping — due retries become ready, expired leases are requeued (each counted as a
    lease expiration: a worker died or stalled);
+   (before anything is re-pushed, a drain the ``dispatch_paused`` flag asks for is re-applied:
+   Redis restarted empty has forgotten it);
 2. jobs whose last lease expired go to the DLQ and their executions end ``failed``;
-3. running executions past their deadline (their worker died) end ``failed``, timed out;
+3. running executions past their deadline (their worker died) end ``failed``, timed out, and
+   their jobs leave both stores (nothing is left to run; a zombie holder is fenced off);
 4. Redis is reconciled with ``execution_queue``: rows missing from Redis (Redis restarted
    empty) are pushed again, Redis entries whose row never appeared are dropped;
 5. expired mutexes are deleted; idempotency keys past the dedup window are retired;
+   approval requests past their expiry are expired and the executions waiting for them end
+   ``failed`` (``APPROVAL_EXPIRED``; a paused level-3 execution's locks are released), and
+   approved immediate executions no worker started within 5 minutes end ``failed``
+   (``DISPATCH_LOST``: the approvals service died between the decision and the dispatch);
 6. gauges: ready jobs per priority, leased, delayed, DLQ size, oldest ready job's age.
 """
 
@@ -17,23 +24,30 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import timedelta
+from uuid import UUID
 
 import asyncpg
 import structlog
 from prometheus_client import Counter, Gauge
 
-from opsconductor.common.queue import dlq
+from opsconductor.common.errors import QueueUnavailableError
+from opsconductor.common.queue import dlq, jobs
 from opsconductor.common.queue.reconcile import reconcile_queue
 from opsconductor.common.queue.redis_queue import RedisQueue
+from opsconductor.common.storage.approvals import expire_pending, fail_undispatched
 from opsconductor.common.storage.execution_leases import (
     fail_lost_execution,
     fail_overdue_executions,
 )
+from opsconductor.common.storage.execution_records import transaction
 from opsconductor.common.storage.executions import retire_idempotency_keys
+from opsconductor.common.storage.flags import load_flags
 from opsconductor.common.storage.locks import reap_expired_locks
 
 log = structlog.get_logger(__name__)
 
+#: An approved immediate execution not started this long after its approval was lost.
+UNDISPATCHED_GRACE = timedelta(minutes=5)
 #: pg advisory lock key of the reaper ("opsc_rea").
 REAPER_LOCK_KEY = 0x6F7073635F726561
 
@@ -59,6 +73,8 @@ class ReaperReport:
     dropped: int = 0
     locks_reaped: int = 0
     idempotency_retired: int = 0
+    approvals_expired: int = 0
+    approvals_undispatched: int = 0
 
 
 async def reap_once(
@@ -92,12 +108,18 @@ async def _pass(
     reconciled = None
     dead = 0
     if queue is not None:
+        # First: jobs re-pushed below must not be dispatched during a drain.
+        await _reapply_drain(pool, queue)
         reconciled = await reconcile_queue(queue, pool, orphan_grace_s=orphan_grace_s)
         LEASE_EXPIRATIONS.inc(reconciled.maintenance.reclaimed + reconciled.maintenance.dead)
         dead = await _dead_letter(pool, queue)
     overdue = await fail_overdue_executions(pool, grace=deadline_grace)
+    for execution_id in overdue:
+        await _remove_job(pool, queue, execution_id)
     locks = await reap_expired_locks(pool)
     keys = await retire_idempotency_keys(pool, dedup_window)
+    expired = await expire_pending(pool)
+    undispatched = await fail_undispatched(pool, grace=UNDISPATCHED_GRACE)
     await _publish_gauges(pool, queue)
     return ReaperReport(
         leases_requeued=reconciled.maintenance.reclaimed if reconciled else 0,
@@ -108,6 +130,8 @@ async def _pass(
         dropped=reconciled.dropped if reconciled else 0,
         locks_reaped=locks,
         idempotency_retired=keys,
+        approvals_expired=expired,
+        approvals_undispatched=undispatched,
     )
 
 
@@ -131,6 +155,34 @@ async def _dead_letter(pool: asyncpg.Pool, queue: RedisQueue) -> int:
         DEAD_LETTERED.inc()
         moved += 1
     return moved
+
+
+async def _remove_job(pool: asyncpg.Pool, queue: RedisQueue | None, execution_id: UUID) -> None:
+    """An execution the reaper ended has nothing left to run: its job leaves both stores.
+
+    Otherwise its expired lease would put it back in line, to be dequeued and dropped by some
+    worker later, counted meanwhile as a ready job. Row first (locked), then Redis, then commit;
+    if Redis fails the row stays and a worker drops the job when it dequeues it.
+    """
+    try:
+        async with transaction(pool) as conn:
+            row = await jobs.get_queue_row_for_execution(conn, execution_id)
+            if row is None or not await jobs.delete_queue_row(conn, row.id):
+                return
+            if queue is not None:
+                await queue.remove(row.id)
+    except QueueUnavailableError:
+        log.warning("overdue_job_kept", execution_id=str(execution_id), reason="queue_unavailable")
+        return
+    log.info("overdue_job_removed", job_id=str(row.id), execution_id=str(execution_id))
+
+
+async def _reapply_drain(pool: asyncpg.Pool, queue: RedisQueue) -> None:
+    """A Redis restarted empty forgets the drain: the ``dispatch_paused`` flag is the truth."""
+    paused = (await load_flags(pool)).dispatch_paused
+    if await queue.is_paused() != paused:
+        await queue.set_paused(paused)
+        log.warning("dispatch_pause_reapplied", paused=paused)
 
 
 async def _publish_gauges(pool: asyncpg.Pool, queue: RedisQueue | None) -> None:

@@ -41,7 +41,12 @@ async def run(settings: WorkerSettings, *, once: bool, interval_s: float) -> int
         loop.add_signal_handler(signum, stop.set)
     try:
         while True:
-            await reap_once(pool, queue, dedup_window=timedelta(seconds=settings.dedup_window_s))
+            await reap_once(
+                pool,
+                queue,
+                dedup_window=timedelta(seconds=settings.dedup_window_s),
+                deadline_grace=timedelta(seconds=settings.reaper_deadline_grace_s),
+            )
             if once:
                 return 0
             with contextlib.suppress(TimeoutError):

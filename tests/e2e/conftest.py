@@ -20,7 +20,7 @@ import asyncpg
 import pytest
 from pydantic import SecretStr
 
-from opsconductor.client import ExecutionClient
+from opsconductor.client import ApprovalClient, ExecutionClient
 from opsconductor.common.auth import issue_token
 from opsconductor.common.storage.db import create_pool
 from opsconductor.common.storage.flags import update_flags
@@ -71,8 +71,11 @@ async def e2e_pool(e2e_dsn: str) -> AsyncIterator[asyncpg.Pool]:
 
 
 @asynccontextmanager
-async def running_stack(dsn: str, redis_url: str, **worker_env: str) -> AsyncIterator[Stack]:
-    """Worker and api processes on ``dsn`` with ``redis_url``, stopped on exit."""
+async def running_stack(
+    dsn: str, redis_url: str, *, with_approvals: bool = False, **worker_env: str
+) -> AsyncIterator[Stack]:
+    """Worker and api processes (and the approvals service if asked) on ``dsn`` with
+    ``redis_url``, stopped on exit."""
     log_dir = Path(tempfile.mkdtemp(prefix="opsc-e2e-"))
     running = Stack(dsn=dsn, log_dir=log_dir)
     common = {
@@ -86,6 +89,10 @@ async def running_stack(dsn: str, redis_url: str, **worker_env: str) -> AsyncIte
             {**common, "OPSC_SECRET_E2E_DB_PASSWORD": PLANTED_SECRET, **worker_env},
         )
         await start_service("api", running, {**common, "OPSC_WORKER_TARGET": worker.address})
+        if with_approvals:
+            await start_service(
+                "approvals", running, {**common, "OPSC_WORKER_TARGET": worker.address}
+            )
         yield running
     finally:
         for service in reversed(list(running.services.values())):
@@ -110,6 +117,10 @@ class Tenant:
     def client(self, actor: str, *, tenant: str | None = None) -> ExecutionClient:
         """A client for ``actor`` holding a token of ``tenant`` (default: this tenant)."""
         return ExecutionClient(self.stack.address("api"), token(actor, tenant or self.id))
+
+    def approvals(self, actor: str, *, tenant: str | None = None) -> ApprovalClient:
+        """An ApprovalService client for ``actor`` (needs a stack started ``with_approvals``)."""
+        return ApprovalClient(self.stack.address("approvals"), token(actor, tenant or self.id))
 
     async def bind(self, actor: str, role: str) -> None:
         await bind_role(self.pool, self.id, actor, role, created_by="e2e")

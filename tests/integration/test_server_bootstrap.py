@@ -366,7 +366,9 @@ def _service_registrars() -> list[tuple[str, Callable[[grpc.aio.Server], Sequenc
     from opsconductor.api.app import ApiApp
     from opsconductor.api.servicers import register_services as register_api
     from opsconductor.api.settings import ApiSettings
+    from opsconductor.approvals.app import ApprovalsApp
     from opsconductor.approvals.servicers import register_services as register_approvals
+    from opsconductor.approvals.settings import ApprovalsSettings
     from opsconductor.progress.servicers import register_services as register_progress
     from opsconductor.worker.app import WorkerApp
     from opsconductor.worker.servicers import register_services as register_worker
@@ -377,10 +379,11 @@ def _service_registrars() -> list[tuple[str, Callable[[grpc.aio.Server], Sequenc
     db = DatabasePool(never)
     api = ApiApp(ApiSettings(database_url=never, jwt_hs256_key=key))
     worker = WorkerApp(WorkerSettings(database_url=never, jwt_hs256_key=key))
+    approvals = ApprovalsApp(ApprovalsSettings(database_url=never, jwt_hs256_key=key))
     return [
         ("api", lambda server: register_api(server, api)),
         ("worker", lambda server: register_worker(server, worker)),
-        ("approvals", lambda server: register_approvals(server, db)),
+        ("approvals", lambda server: register_approvals(server, approvals)),
         ("progress", lambda server: register_progress(server, db)),
     ]
 
@@ -396,7 +399,16 @@ IMPLEMENTED = {
     "PreviewPlan",
     "GetFeatureFlags",
     "UpdateFeatureFlags",
+    "ListDlqEntries",
+    "RequeueDlqEntry",
+    "GetQueueStats",
+    "SetDrain",
     "RunImmediate",
+    "GetApproval",
+    "ListPendingApprovals",
+    "Approve",
+    "Reject",
+    "ApproveStep",
 }
 
 

@@ -9,8 +9,12 @@ Failures raise the domain exceptions re-exported here (``ResourceBusyError``,
 """
 
 from opsconductor.common.errors import (
+    ApprovalDecidedError,
+    ApprovalExpiredError,
     ApprovalInvalidatedError,
+    ApprovalLevelNotEnabledError,
     AuthenticationError,
+    ConflictError,
     ExecutionTimeoutError,
     FailedPreconditionError,
     FeatureDisabledError,
@@ -21,16 +25,35 @@ from opsconductor.common.errors import (
     PlanValidationError,
     QueueUnavailableError,
     ResourceBusyError,
+    SelfApprovalError,
 )
 
+from .approvals import Approval, ApprovalClient
 from .client import DEFAULT_TIMEOUT_S, ExecutionClient, ExecutionContext
 from .errors import RpcError, map_rpc_error
-from .models import Execution, ExecutionEvent, ExecutionStep, FeatureFlags, Preview
+from .models import (
+    DlqEntry,
+    DlqRequeue,
+    Execution,
+    ExecutionEvent,
+    ExecutionStep,
+    FeatureFlags,
+    Preview,
+    QueueStats,
+)
 
 __all__ = [
     "DEFAULT_TIMEOUT_S",
+    "Approval",
+    "ApprovalClient",
+    "ApprovalDecidedError",
+    "ApprovalExpiredError",
     "ApprovalInvalidatedError",
+    "ApprovalLevelNotEnabledError",
     "AuthenticationError",
+    "ConflictError",
+    "DlqEntry",
+    "DlqRequeue",
     "Execution",
     "ExecutionClient",
     "ExecutionContext",
@@ -46,8 +69,10 @@ __all__ = [
     "PermissionDeniedError",
     "PlanValidationError",
     "Preview",
+    "QueueStats",
     "QueueUnavailableError",
     "ResourceBusyError",
     "RpcError",
+    "SelfApprovalError",
     "map_rpc_error",
 ]

@@ -29,7 +29,15 @@ from opsconductor.execution.v1 import (
 )
 
 from .errors import map_rpc_error
-from .models import Execution, ExecutionEvent, FeatureFlags, Preview
+from .models import (
+    DlqEntry,
+    DlqRequeue,
+    Execution,
+    ExecutionEvent,
+    FeatureFlags,
+    Preview,
+    QueueStats,
+)
 
 T = TypeVar("T")
 
@@ -272,3 +280,37 @@ class ExecutionClient:
         )
         response = await self._call(self._admin.UpdateFeatureFlags, request)
         return FeatureFlags.from_proto(response.flags)
+
+    async def list_dlq_entries(
+        self,
+        *,
+        tenant_id: str = "",
+        error_class: str = "",
+        page_size: int = 0,
+        page_token: str = "",
+    ) -> tuple[list[DlqEntry], str]:
+        """One page of open dead-letter entries, newest first, and the next page's token.
+
+        A system admin may leave ``tenant_id`` empty (every tenant); a tenant admin must name
+        their own tenant.
+        """
+        request = admin_service_pb2.ListDlqEntriesRequest(
+            tenant_id=tenant_id, error_class=error_class, page_size=page_size, page_token=page_token
+        )
+        response = await self._call(self._admin.ListDlqEntries, request)
+        return [DlqEntry.from_proto(m) for m in response.entries], response.next_page_token
+
+    async def requeue_dlq_entry(self, dlq_id: str) -> DlqRequeue:
+        """Re-run a dead-lettered execution as a new execution with a fresh attempt budget."""
+        request = admin_service_pb2.RequeueDlqEntryRequest(dlq_id=dlq_id)
+        return DlqRequeue.from_proto(await self._call(self._admin.RequeueDlqEntry, request))
+
+    async def get_queue_stats(self) -> QueueStats:
+        request = admin_service_pb2.GetQueueStatsRequest()
+        return QueueStats.from_proto(await self._call(self._admin.GetQueueStats, request))
+
+    async def set_drain(self, drain: bool) -> bool:
+        """Stop (True) or resume (False) dispatching queued jobs; returns whether paused."""
+        request = admin_service_pb2.SetDrainRequest(drain=drain)
+        response = await self._call(self._admin.SetDrain, request)
+        return bool(response.dispatch_paused)

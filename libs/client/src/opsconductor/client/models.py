@@ -225,3 +225,75 @@ class ExecutionEvent:
             tenant_id=m.tenant_id,
             actor_id=m.actor_id,
         )
+
+
+@dataclass(frozen=True)
+class DlqEntry:
+    """A dead-lettered execution: its last attempt failed. ``requeued_*`` set once requeued."""
+
+    dlq_id: str
+    execution_id: str
+    tenant_id: str
+    attempts: int
+    error_class: str
+    error_message: str
+    created_at: datetime | None
+    requeued_at: datetime | None
+    requeued_by: str | None
+    last_error: dict[str, Any] | None
+
+    @classmethod
+    def from_proto(cls, m: admin_service_pb2.DlqEntry) -> DlqEntry:
+        return cls(
+            dlq_id=m.dlq_id,
+            execution_id=m.execution_id,
+            tenant_id=m.tenant_id,
+            attempts=m.attempts,
+            error_class=m.error_class,
+            error_message=m.error_message,
+            created_at=_time(m, "created_at"),
+            requeued_at=_time(m, "requeued_at"),
+            requeued_by=m.requeued_by or None,
+            last_error=_struct(m, "last_error"),
+        )
+
+
+@dataclass(frozen=True)
+class DlqRequeue:
+    """What RequeueDlqEntry did: the entry (now requeued) and the new execution and its job."""
+
+    entry: DlqEntry
+    execution_id: str
+    job_id: str
+
+    @classmethod
+    def from_proto(cls, m: admin_service_pb2.RequeueDlqEntryResponse) -> DlqRequeue:
+        return cls(entry=DlqEntry.from_proto(m.entry), execution_id=m.execution_id, job_id=m.job_id)
+
+
+@dataclass(frozen=True)
+class QueueStats:
+    """Queue gauges: ready jobs per priority, leased, delayed, open DLQ entries, oldest wait."""
+
+    ready_by_priority: dict[int, int]
+    leased: int
+    delayed: int
+    dlq_size: int
+    oldest_ready_age_seconds: float
+    dispatch_paused: bool
+
+    @property
+    def ready(self) -> int:
+        """Ready jobs of every priority."""
+        return sum(self.ready_by_priority.values())
+
+    @classmethod
+    def from_proto(cls, m: admin_service_pb2.GetQueueStatsResponse) -> QueueStats:
+        return cls(
+            ready_by_priority={p.priority: p.ready for p in m.priorities},
+            leased=m.leased,
+            delayed=m.delayed,
+            dlq_size=m.dlq_size,
+            oldest_ready_age_seconds=m.oldest_ready_age_seconds,
+            dispatch_paused=m.dispatch_paused,
+        )

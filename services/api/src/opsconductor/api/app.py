@@ -57,20 +57,29 @@ class ApiApp:
         self._flags = FlagCache(pool, ttl=self.settings.flag_cache_ttl_s)
         await self._flags.start()
         authorizer = Authorizer(pool, self._rbac_policy, tier="api")
+        policies = await load_timeout_policies(pool)
+        dedup_window = timedelta(seconds=self.settings.dedup_window_s)
         self._submissions = Submissions(
             pool=pool,
             authorizer=authorizer,
             actions=default_registry(),
             flags=self._flags,
-            policies=await load_timeout_policies(pool),
+            policies=policies,
             approval_policy=self._approval_policy,
             observed=ObservedDurations(pool),
             worker=self._worker,
             queue=queue,
-            dedup_window=timedelta(seconds=self.settings.dedup_window_s),
+            dedup_window=dedup_window,
         )
         self._queries = ExecutionQueries(pool=pool, authorizer=authorizer, queue=queue)
-        self._admin = AdminOperations(pool=pool, authorizer=authorizer, flags=self._flags)
+        self._admin = AdminOperations(
+            pool=pool,
+            authorizer=authorizer,
+            flags=self._flags,
+            queue=queue,
+            policies=policies,
+            dedup_window=dedup_window,
+        )
 
     async def stop(self) -> None:
         if self._flags is not None:

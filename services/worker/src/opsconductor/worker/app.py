@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import socket
+from datetime import timedelta
 
 from redis.asyncio import Redis
 
 from opsconductor.common.actions.registry import default_registry
+from opsconductor.common.approval_policy import ApprovalPolicy
 from opsconductor.common.auth import TokenVerifier
 from opsconductor.common.errors import StorageError
 from opsconductor.common.queue.redis_queue import RedisQueue, create_redis_client
@@ -16,6 +18,7 @@ from opsconductor.common.rpc.resources import DatabasePool
 from opsconductor.common.secrets import SecretResolver, SecretsSettings
 from opsconductor.common.storage.cancellation import CancelSignals
 from opsconductor.common.storage.policies import load_timeout_policies
+from opsconductor.worker.logic.approval_checks import ApprovalChecks
 from opsconductor.worker.logic.consumer import BackgroundConsumer
 from opsconductor.worker.logic.immediate import ImmediateExecutions
 from opsconductor.worker.logic.runner import ExecutionRunner
@@ -31,6 +34,7 @@ class WorkerApp:
         self.db = DatabasePool(settings.database_url, max_size=settings.db_pool_size)
         self.verifier = TokenVerifier.from_settings(settings)
         self._rbac_policy = RbacPolicy.load(settings.rbac_policy_file)
+        self._approval_policy = ApprovalPolicy.load(settings.approval_policy_file)
         self._secrets = SecretResolver.from_settings(SecretsSettings())
         self._cancel_signals = CancelSignals(settings.database_url.get_secret_value())
         self._immediate: ImmediateExecutions | None = None
@@ -49,6 +53,11 @@ class WorkerApp:
             cancel_signals=self._cancel_signals,
             policies=policies,
             worker_id=self.worker_id,
+            approvals=ApprovalChecks(
+                pool,
+                ttl=timedelta(seconds=self._approval_policy.approval_ttl_s),
+                worker_id=self.worker_id,
+            ),
         )
         authorizer = Authorizer(pool, self._rbac_policy, tier="worker")
         self._immediate = ImmediateExecutions(pool=pool, authorizer=authorizer, runner=runner)
@@ -63,8 +72,14 @@ class WorkerApp:
                 worker_id=self.worker_id,
                 concurrency=self.settings.consumer_concurrency,
                 poll_interval_s=self.settings.consumer_poll_interval_s,
+                lease_s_override=self.settings.lease_s_override,
             )
             self._consumer.start()
+
+    async def stop_consuming(self) -> None:
+        """At the stop signal: take no more jobs; running ones checkpoint and requeue."""
+        if self._consumer is not None:
+            await self._consumer.stop(self.settings.shutdown_grace_s)
 
     async def stop(self) -> None:
         if self._consumer is not None:

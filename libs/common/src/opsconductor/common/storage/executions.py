@@ -26,6 +26,7 @@ import structlog
 from opsconductor.common.errors import FSMError, NotFoundError, StorageError
 from opsconductor.common.fsm import TERMINAL, ExecutionStatus, check_transition
 from opsconductor.common.hashing import step_idempotency_key
+from opsconductor.common.storage.approval_records import ApprovalState, close_pending_approvals
 from opsconductor.common.storage.events import append_event
 from opsconductor.common.storage.execution_reads import (
     DEFAULT_PAGE_SIZE,
@@ -50,6 +51,7 @@ from opsconductor.common.storage.execution_steps import (
     skip_remaining_steps,
     start_step,
 )
+from opsconductor.common.storage.locks import release_execution_locks
 
 __all__ = [
     "CANCEL_CHANNEL",
@@ -344,7 +346,9 @@ async def transition(
     for the target (``execution_running``, ``execution_queued``, ``approval_requested``, …).
     A terminal move always ends with ``execution_completed`` carrying the final status; a custom
     ``event_type`` for it is appended just before. ``tenant_id``, when given, scopes the lookup
-    (another tenant's execution is "not found"). A refused move writes nothing.
+    (another tenant's execution is "not found"). A refused move writes nothing. A terminal move
+    made by the lease holder (``lease_token`` given) also releases every lock the execution
+    holds.
     """
     target = ExecutionStatus(to)
     values = dict(fields or {})
@@ -373,6 +377,10 @@ async def transition(
         seq = await _append_transition_events(
             conn, record, current, by, event_type, dict(event_payload or {})
         )
+        if target in TERMINAL and lease_token is not None:
+            # The lease holder ends it: no other worker may act for it any more, so every lock
+            # it holds goes, including those a paused level-3 run kept between two approvals.
+            await release_execution_locks(conn, execution_id)
     log.info(
         "execution_transitioned",
         execution_id=str(execution_id),
@@ -493,8 +501,10 @@ async def request_cancel(
     ``cancelled_by``/``cancelled_at`` are set together by one statement, only if unset and the
     execution is not terminal; then a ``cancel_requested`` event is appended and
     ``pg_notify('execution_cancel', id)`` wakes a worker running it. An execution no worker holds
-    (pending, queued, awaiting approval) has its steps skipped and ends ``cancelled`` at once; a
-    running one is finished by its worker. Repeated or late calls return the record unchanged.
+    (pending, queued, awaiting approval) has its steps skipped, its open approval requests
+    invalidated and the locks it holds (a paused level-3 execution) released, and ends
+    ``cancelled`` at once; a running one is finished by its worker. Repeated or late calls
+    return the record unchanged.
     """
     eid = as_execution_id(execution_id)
     async with transaction(db) as conn:
@@ -513,6 +523,12 @@ async def request_cancel(
         await conn.execute("SELECT pg_notify($1, $2)", CANCEL_CHANNEL, str(eid))
         if status in _CANCEL_AT_ONCE:
             await skip_remaining_steps(conn, eid, 0, reason="cancelled")
+            # An execution waiting for a decision: its open request can no longer be decided,
+            # and a level-3 execution paused between steps still holds its targets' locks.
+            await close_pending_approvals(
+                conn, eid, state=ApprovalState.INVALIDATED, by=by, reason="execution_cancelled"
+            )
+            await release_execution_locks(conn, eid)
             await transition(
                 conn,
                 eid,

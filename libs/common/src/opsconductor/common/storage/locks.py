@@ -445,6 +445,36 @@ async def reap_expired_locks(pool_or_conn: PoolOrConnection) -> int:
     return count
 
 
+_RELEASE_EXECUTION = """
+DELETE FROM execution_locks
+WHERE lock_key IN (
+    SELECT lock_key FROM execution_locks WHERE owner_execution_id = $1
+    ORDER BY lock_key COLLATE "C"
+    FOR UPDATE
+) AND owner_execution_id = $1
+RETURNING lock_key
+"""
+
+
+async def release_execution_locks(pool_or_conn: PoolOrConnection, execution_id: UUID) -> int:
+    """Delete every lock held on behalf of ``execution_id``, whatever its owner token.
+
+    For executions that hold locks with no worker attached: a level-3 execution paused for a
+    step approval keeps its locks until it resumes, and frees them here when it ends while
+    waiting (cancelled, rejected, expired). Rows are locked in the global key order.
+    """
+    with _storage_errors("release"):
+        async with _connection(pool_or_conn) as conn:
+            rows = await conn.fetch(_RELEASE_EXECUTION, execution_id)
+    if rows:
+        log.info(
+            "execution_locks_released",
+            execution_id=str(execution_id),
+            lock_keys=[row["lock_key"] for row in rows],
+        )
+    return len(rows)
+
+
 async def _release_quietly(
     pool_or_conn: PoolOrConnection, keys: list[str], owner_token: UUID
 ) -> int:

@@ -18,14 +18,17 @@ from uuid import UUID
 
 import structlog
 
-from opsconductor.common.approval_policy import ApprovalPolicy, determine_approval_level
+from opsconductor.common.approval_policy import (
+    LEVEL_STEP_BY_STEP,
+    ApprovalPolicy,
+    determine_approval_level,
+)
 from opsconductor.common.auth import Principal
 from opsconductor.common.errors import (
     ApprovalLevelNotEnabledError,
     FeatureDisabledError,
     FSMError,
     QueueUnavailableError,
-    UnimplementedError,
     WorkerUnavailableError,
 )
 from opsconductor.common.fsm import ExecutionStatus
@@ -57,6 +60,7 @@ from opsconductor.common.storage.executions import (
 from opsconductor.common.storage.flags import FlagCache
 from opsconductor.common.storage.policies import TimeoutPolicy, select_policy
 
+from .approval_intake import ApprovalIntake
 from .ports import WorkerPort
 
 log = structlog.get_logger(__name__)
@@ -154,6 +158,7 @@ class Submissions:
         self._worker = worker
         self._queue = queue
         self._dedup_window = dedup_window
+        self._approvals = ApprovalIntake(pool=pool, authorizer=authorizer, policy=approval_policy)
 
     async def decide(
         self,
@@ -176,7 +181,11 @@ class Submissions:
             idempotency_key=idempotency_key(plan, tenant_id, principal.actor_id),
             policy=policy,
             estimate=estimate,
-            mode=decide_mode(estimate, requested),
+            # Level 3 waits for a person before every step: far beyond any immediate budget,
+            # so it always runs from the queue (the worker gives its lease up while waiting).
+            mode=ExecutionMode.BACKGROUND
+            if level >= LEVEL_STEP_BY_STEP
+            else decide_mode(estimate, requested),
             approval_level=level,
         )
 
@@ -227,8 +236,18 @@ class Submissions:
                 approval_level=decision.approval_level,
                 max_approval_level=flags.max_approval_level,
             )
+        if request.approval_id is not None:
+            await self._approvals.check_presented(
+                principal,
+                tenant_id=tenant_id,
+                approval_id=request.approval_id,
+                plan_hash=decision.plan_hash,
+                plan_snapshot_hash=snapshot_hash(decision.snapshot()),
+            )
         if decision.approval_level > 0:
-            raise UnimplementedError("plans needing approval are not served yet")
+            return await self._submit_for_approval(
+                principal, request, decision, flags.record_only(tenant_id)
+            )
         if decision.mode is ExecutionMode.BACKGROUND:
             return await self._submit_background(
                 principal, request, decision, flags.record_only(tenant_id)
@@ -283,6 +302,20 @@ class Submissions:
             )
             record = await get_execution(conn, record.tenant_id, record.id)
         return SubmitResult(record, deduplicated=False, job_id=row.id)
+
+    async def _submit_for_approval(
+        self, principal: Principal, request: SubmitRequest, decision: Decision, record_only: bool
+    ) -> SubmitResult:
+        """Execution and its pending approval request in ONE transaction; returns at once."""
+        async with transaction(self._pool) as conn:
+            record, created = await self._create(conn, principal, request, decision, record_only)
+            if created:
+                await self._approvals.open_request(conn, record.id)
+            record = await get_execution(conn, record.tenant_id, record.id)
+        if not created and record.status is not ExecutionStatus.AWAITING_APPROVAL:
+            # Already approved: a duplicate of an immediate run in flight gets its outcome.
+            record = await self._await_duplicate(record)
+        return SubmitResult(record, deduplicated=not created)
 
     async def _create(
         self,

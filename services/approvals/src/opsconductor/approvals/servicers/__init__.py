@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import grpc.aio
 
+from opsconductor.approvals.app import ApprovalsApp
 from opsconductor.approvals.servicers.approval_servicer import add_approval_servicer
-from opsconductor.common.rpc.resources import DatabasePool
 
 
-def register_services(server: grpc.aio.Server, db: DatabasePool) -> list[str]:
+def register_services(server: grpc.aio.Server, app: ApprovalsApp) -> list[str]:
     """Add every servicer of the approvals service to ``server``; returns the full service names."""
-    return [add_approval_servicer(server, db)]
+    return [add_approval_servicer(server, app)]

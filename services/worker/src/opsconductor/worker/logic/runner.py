@@ -11,7 +11,10 @@ write fenced by the job's lease token). What it guarantees:
   the execution ends ``failed`` with ``timed_out = true`` and ``ExecutionTimeoutError`` is raised;
 * cancellation is checked between steps (each check counted) and signalled live: the running
   step's handler sees ``cancel_event`` and finishes best-effort; steps not started are skipped;
-* secrets are resolved per step, just in time, and never written anywhere.
+* secrets are resolved per step, just in time, and never written anywhere;
+* an execution that needed an approval runs only if its approval is granted and bound to its
+  exact plan (checked before the locks and the first step), and a level-3 one stops before each
+  step not approved yet, keeping its locks (see :mod:`.approval_checks`).
 """
 
 from __future__ import annotations
@@ -32,7 +35,12 @@ from opsconductor.common.actions.base import (
     ActionResult,
     ActionTimeoutError,
 )
-from opsconductor.common.errors import ExecutionTimeoutError, OpsConductorError, ResourceBusyError
+from opsconductor.common.errors import (
+    ExecutionTimeoutError,
+    FailedPreconditionError,
+    OpsConductorError,
+    ResourceBusyError,
+)
 from opsconductor.common.fsm import ExecutionStatus, StepStatus
 from opsconductor.common.masking import default_masker, mask_text
 from opsconductor.common.plan import Plan, Step, parse_plan
@@ -53,6 +61,7 @@ from opsconductor.common.storage.locks import LockRequest, acquire_locks, releas
 from opsconductor.common.storage.policies import TimeoutPolicy
 
 from . import metrics
+from .approval_checks import ApprovalChecks
 
 log = structlog.get_logger(__name__)
 
@@ -72,6 +81,21 @@ class _Outcome:
     busy: ResourceBusyError | None = None
     #: The worker is shutting down: stop before the next step and requeue.
     interrupted: bool = False
+    #: Level 3: the step that waits for its approval (the run stops there, locks kept).
+    paused_step: str | None = None
+    #: Refused before the first step (the approval binding); the execution fails.
+    refused: OpsConductorError | None = None
+
+    @property
+    def stopped(self) -> bool:
+        """No further step may start."""
+        return bool(
+            self.failed_step
+            or self.cancelled
+            or self.timed_out
+            or self.interrupted
+            or self.paused_step
+        )
 
     @property
     def retryable(self) -> bool:
@@ -93,6 +117,10 @@ class RunResult:
     busy: ResourceBusyError | None
     error_class: str | None
     error_message: str | None
+    #: Level 3: the run stopped before this step to wait for its approval (locks kept).
+    paused_step: str | None = None
+    #: Why the run was refused before its first step (the approval binding), if it was.
+    refused: OpsConductorError | None = None
 
     def timeout_error(self) -> ExecutionTimeoutError:
         return ExecutionTimeoutError(
@@ -119,8 +147,11 @@ class ExecutionRunner:
         cancel_signals: CancelSignals,
         policies: Mapping[str, TimeoutPolicy],
         worker_id: str,
+        approvals: ApprovalChecks | None = None,
     ) -> None:
         self._pool = pool
+        #: Approval binding and level-3 step gates (None: executions needing approval fail).
+        self.approvals = approvals
         self._handlers = handlers
         self._secrets = secrets
         self._cancel_signals = cancel_signals
@@ -143,12 +174,15 @@ class ExecutionRunner:
             record.id,
             to=ExecutionStatus.RUNNING,
             by=self.worker_id,
-            expected_from=ExecutionStatus.PENDING,
+            # An approved execution starts from awaiting_approval (checked by the caller).
+            expected_from={ExecutionStatus.PENDING, ExecutionStatus.AWAITING_APPROVAL},
             worker_id=self.worker_id,
             fields={"deadline_at": datetime.now(UTC) + timedelta(milliseconds=record.timeout_ms)},
             tenant_id=record.tenant_id,
         )
         result = await self.execute(record, lease_token=None, retry_allowed=False)
+        if result.refused is not None:
+            raise result.refused
         if result.busy is not None:
             # Nothing ran: let the same plan be submitted again once the asset is free.
             await retire_idempotency_key(self._pool, record.id)
@@ -177,17 +211,25 @@ class ExecutionRunner:
         outcome = _Outcome()
         self._stop_events[record.id] = stop_event or asyncio.Event()
         lock_set = None
+        outcome.refused = await self._check_approval(record, background=lease_token is not None)
+        if outcome.refused is not None:
+            outcome.error_class = outcome.refused.reason
+            outcome.error_message = outcome.refused.message
         try:
-            lock_set = await acquire_locks(
-                self._pool,
-                [
-                    LockRequest(record.tenant_id, target.ref, step.action)
-                    for step in plan.steps
-                    for target in step.targets
-                ],
-                owner_token=uuid4(),
-                owner_execution_id=record.id,
-                ttl=timedelta(milliseconds=record.timeout_ms) + LOCK_TTL_BUFFER,
+            lock_set = (
+                None
+                if outcome.refused
+                else await acquire_locks(
+                    self._pool,
+                    [
+                        LockRequest(record.tenant_id, target.ref, step.action)
+                        for step in plan.steps
+                        for target in step.targets
+                    ],
+                    owner_token=uuid4(),
+                    owner_execution_id=record.id,
+                    ttl=timedelta(milliseconds=record.timeout_ms) + LOCK_TTL_BUFFER,
+                )
             )
         except ResourceBusyError as exc:
             outcome.busy = exc
@@ -211,10 +253,23 @@ class ExecutionRunner:
             final, retried = await self._finish(record, outcome, lease_token, retry_allowed)
         finally:
             self._stop_events.pop(record.id, None)
-            if lock_set is not None:
+            if lock_set is not None and outcome.paused_step and self.approvals is not None:
+                # Paused for a step approval: nobody may touch the targets until it resumes.
+                await asyncio.shield(self.approvals.hold_locks(lock_set))
+            elif lock_set is not None:
                 # Shielded: a cancelled caller must not leave the assets locked.
                 await asyncio.shield(release_locks(self._pool, lock_set))
-        self._log_finished(final, plan, started, retried)
+        if outcome.paused_step is not None:
+            # Not an outcome (no metrics): the execution resumes once the step is approved.
+            log.info(
+                "execution_paused_for_approval",
+                exec_id=str(record.id),
+                step_id=outcome.paused_step,
+                worker_id=self.worker_id,
+            )
+        else:
+            reason = "shutdown" if outcome.interrupted else "retry"
+            self._log_finished(final, plan, started, reason if retried else None)
         return RunResult(
             record=final,
             retried=retried and not outcome.interrupted,
@@ -224,7 +279,21 @@ class ExecutionRunner:
             busy=outcome.busy,
             error_class=outcome.error_class,
             error_message=outcome.error_message,
+            paused_step=outcome.paused_step,
+            refused=outcome.refused,
         )
+
+    async def _check_approval(
+        self, record: ExecutionRecord, *, background: bool
+    ) -> OpsConductorError | None:
+        """Before the first step: why the execution's approval does not let it run, if so."""
+        if record.approval_level == 0:
+            return None
+        if self.approvals is None:
+            return FailedPreconditionError(
+                "this worker cannot check approvals", execution_id=str(record.id)
+            )
+        return await self.approvals.verify(record, background=background)
 
     async def _run_steps(
         self,
@@ -237,7 +306,8 @@ class ExecutionRunner:
     ) -> None:
         done = {s.step_id for s in record.steps if s.status == StepStatus.SUCCEEDED}
         todo = [step for step in plan.steps if step.id not in done]
-        if can_parallelize(plan):
+        gated = self.approvals is not None and self.approvals.gates_steps(record)
+        if can_parallelize(plan) and not gated:
             slots = asyncio.Semaphore(MAX_PARALLEL_STEPS)
 
             async def run_one(step: Step) -> None:
@@ -248,7 +318,7 @@ class ExecutionRunner:
             return
         for step in todo:
             await self._run_one(record, step, outcome, cancel_event, started, lease_token)
-            if outcome.failed_step or outcome.cancelled or outcome.timed_out or outcome.interrupted:
+            if outcome.stopped:
                 return
 
     async def _run_one(
@@ -260,13 +330,21 @@ class ExecutionRunner:
         started: float,
         lease_token: UUID | None,
     ) -> None:
-        if outcome.failed_step or outcome.cancelled or outcome.timed_out or outcome.interrupted:
+        if outcome.stopped:
             return
         if self._stop_events[record.id].is_set():
             outcome.interrupted = True
             return
         if cancel_event.is_set() or await check_cancelled(self._pool, record.id):
             outcome.cancelled = True
+            return
+        if (
+            self.approvals is not None
+            and self.approvals.gates_steps(record)
+            and lease_token is not None
+            and not await self.approvals.step_approved(record, step.id)
+        ):
+            outcome.paused_step = step.id
             return
         await start_step(
             self._pool, record.id, step.id, worker_id=self.worker_id, lease_token=lease_token
@@ -370,6 +448,9 @@ class ExecutionRunner:
                     error_message="stopped: the execution's time budget ran out",
                     lease_token=lease_token,
                 )
+        if outcome.paused_step is not None:
+            # Still running: the consumer gives the job up and opens the step's request.
+            return await get_execution(self._pool, record.tenant_id, record.id), False
         if outcome.interrupted and lease_token is not None:
             requeued = await requeue_execution(
                 self._pool, record.id, lease_token=lease_token, by=self.worker_id, reason="shutdown"
@@ -404,7 +485,7 @@ class ExecutionRunner:
             fields |= {"timed_out": True}
         elif outcome.cancelled:
             target = ExecutionStatus.CANCELLED
-        elif outcome.failed_step or outcome.busy is not None:
+        elif outcome.failed_step or outcome.busy is not None or outcome.refused is not None:
             target = ExecutionStatus.FAILED
         else:
             target = ExecutionStatus.SUCCEEDED
@@ -426,12 +507,12 @@ class ExecutionRunner:
         log.info("execution_started", **self._log_fields(record, plan))
 
     def _log_finished(
-        self, record: ExecutionRecord, plan: Plan, started: float, retried: bool
+        self, record: ExecutionRecord, plan: Plan, started: float, requeued: str | None
     ) -> None:
         fields = self._log_fields(record, plan)
         fields["duration_ms"] = int((time.monotonic() - started) * 1000)
-        if retried:
-            log.info("execution_retry_scheduled", **fields)
+        if requeued is not None:
+            log.info("execution_requeued", reason=requeued, **fields)
             return
         log.info("execution_finished", **fields)
         labels = (record.execution_mode, record.sla_class, record.action_class, record.status)

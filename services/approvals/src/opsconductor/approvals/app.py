@@ -1,0 +1,73 @@
+"""The approvals service's composition root: builds every collaborator once, from settings.
+
+Servicers are registered before the database is reachable (so health can say NOT_SERVING while
+the process waits for it); they reach the use cases through this object once ``start`` ran.
+"""
+
+from __future__ import annotations
+
+from redis.asyncio import Redis
+
+from opsconductor.approvals.clients.worker_client import GrpcWorker
+from opsconductor.approvals.logic.decisions import ApprovalDecisions
+from opsconductor.approvals.logic.dispatch import ExecutionDispatcher
+from opsconductor.approvals.settings import ApprovalsSettings
+from opsconductor.common.auth import TokenVerifier
+from opsconductor.common.errors import StorageError
+from opsconductor.common.queue.redis_queue import RedisQueue, create_redis_client
+from opsconductor.common.rbac import Authorizer, RbacPolicy
+from opsconductor.common.rpc.resources import DatabasePool
+from opsconductor.common.storage.policies import load_timeout_policies
+
+
+class ApprovalsApp:
+    """Everything the approvals service's servicers use."""
+
+    def __init__(self, settings: ApprovalsSettings) -> None:
+        self.settings = settings
+        self.db = DatabasePool(settings.database_url, max_size=settings.db_pool_size)
+        self.verifier = TokenVerifier.from_settings(settings)
+        self._rbac_policy = RbacPolicy.load(settings.rbac_policy_file)
+        self._worker: GrpcWorker | None = None
+        self._redis: Redis | None = None
+        self._dispatcher: ExecutionDispatcher | None = None
+        self._decisions: ApprovalDecisions | None = None
+
+    async def start(self) -> None:
+        """Open the pool, load the timeout policies, connect to the worker and the queue."""
+        await self.db.open()
+        pool = self.db.pool
+        # gRPC channels bind to the running loop: build them here, not in __init__.
+        self._worker = GrpcWorker(self.settings.worker_target)
+        queue = None
+        if self.settings.redis_url is not None:
+            self._redis = create_redis_client(self.settings.redis_url.get_secret_value())
+            queue = RedisQueue(self._redis, prefix=self.settings.queue_prefix)
+        self._dispatcher = ExecutionDispatcher(
+            pool=pool,
+            queue=queue,
+            worker=self._worker,
+            policies=await load_timeout_policies(pool),
+            margin_s=self.settings.dispatch_margin_s,
+        )
+        self._decisions = ApprovalDecisions(
+            pool=pool,
+            authorizer=Authorizer(pool, self._rbac_policy, tier="approvals"),
+            dispatcher=self._dispatcher,
+        )
+
+    async def stop(self) -> None:
+        if self._dispatcher is not None:
+            # Approved immediate executions started here: let them report their outcome.
+            await self._dispatcher.drain(self.settings.shutdown_grace_s)
+        if self._worker is not None:
+            await self._worker.close()
+        if self._redis is not None:
+            await self._redis.aclose()
+        await self.db.close()
+
+    @property
+    def decisions(self) -> ApprovalDecisions:
+        if self._decisions is None:
+            raise StorageError("the service is starting; retry shortly")
+        return self._decisions

@@ -1,0 +1,1 @@
+"""Clients of other services the approvals service calls (the worker)."""

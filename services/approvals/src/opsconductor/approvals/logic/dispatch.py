@@ -1,0 +1,152 @@
+"""Releasing approved executions: nobody submits an approved plan a second time.
+
+* **Background** executions (and every level-3 execution, which always runs from the queue) are
+  queued inside the decision's own transaction, following the queue recipe: the execution
+  ``awaiting_approval → queued``, its ``execution_queue`` row, then the Redis push, then commit.
+  If Redis is down the decision rolls back with it (``UNAVAILABLE``/``QUEUE_UNAVAILABLE``): the
+  approval stays pending and the approver simply retries — never a granted approval whose
+  execution nobody will run.
+* **Immediate** executions are run by a worker (``RunImmediate``) in a task of the approvals
+  service, after the decision committed: ``Approve`` answers with the decided approval at once
+  and does not wait for the run (its outcome is the execution's, readable through the api). The
+  approver's token is forwarded so the worker can check that this very principal granted it.
+  A worker that cannot be reached leaves the execution un-started: it ends ``failed``
+  (``WORKER_UNAVAILABLE``) and its idempotency key is retired, so the plan can be submitted again.
+  At shutdown the service waits (bounded) for the runs it started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from typing import Any
+from uuid import UUID
+
+import structlog
+
+from opsconductor.common.errors import (
+    ConflictError,
+    FSMError,
+    OpsConductorError,
+    QueueUnavailableError,
+    WorkerUnavailableError,
+)
+from opsconductor.common.fsm import ExecutionStatus
+from opsconductor.common.queue import jobs
+from opsconductor.common.queue.redis_queue import RedisQueue
+from opsconductor.common.storage.execution_records import ExecutionRecord, PoolOrConnection
+from opsconductor.common.storage.executions import retire_idempotency_key, transition
+from opsconductor.common.storage.policies import TimeoutPolicy
+
+from .ports import WorkerPort
+
+log = structlog.get_logger(__name__)
+
+
+class ExecutionDispatcher:
+    """Queues or starts the executions whose approval was just granted."""
+
+    def __init__(
+        self,
+        *,
+        pool: PoolOrConnection,
+        queue: RedisQueue | None,
+        worker: WorkerPort,
+        policies: Mapping[str, TimeoutPolicy],
+        margin_s: float,
+    ) -> None:
+        self._pool = pool
+        self._queue = queue
+        self._worker = worker
+        self._policies = policies
+        self._margin_s = margin_s
+        self._running: set[asyncio.Task[None]] = set()
+
+    async def enqueue(self, conn: Any, record: ExecutionRecord, *, by: str) -> UUID:
+        """Queue ``record`` on ``conn`` (the decision's transaction); returns the job id."""
+        if self._queue is None:
+            raise QueueUnavailableError("no queue is configured for background execution")
+        policy = self._policies.get(record.timeout_policy_id or "")
+        if policy is None:
+            raise ConflictError(
+                "the execution's timeout policy no longer exists",
+                timeout_policy_id=record.timeout_policy_id or "",
+            )
+        await transition(
+            conn,
+            record.id,
+            to=ExecutionStatus.QUEUED,
+            by=by,
+            expected_from=ExecutionStatus.AWAITING_APPROVAL,
+            event_payload={"reason": "approved"},
+            tenant_id=record.tenant_id,
+        )
+        row = await jobs.insert_queue_row(
+            conn,
+            execution_id=record.id,
+            tenant_id=record.tenant_id,
+            priority=record.priority,
+            max_attempts=policy.max_attempts,
+        )
+        await self._queue.enqueue(
+            row.id,
+            record.id,
+            record.tenant_id,
+            row.priority,
+            row.max_attempts,
+            policy.max_lease_renewals,
+        )
+        log.info("approved_execution_queued", execution_id=str(record.id), job_id=str(row.id))
+        return row.id
+
+    def start_immediate(self, record: ExecutionRecord, token: str) -> None:
+        """Run ``record`` on a worker in the background (call once the decision committed)."""
+        task = asyncio.create_task(self._run_immediate(record, token))
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+
+    async def _run_immediate(self, record: ExecutionRecord, token: str) -> None:
+        try:
+            await self._worker.run_immediate(
+                tenant_id=record.tenant_id,
+                execution_id=record.id,
+                token=token,
+                timeout_s=record.timeout_ms / 1000 + self._margin_s,
+            )
+        except WorkerUnavailableError:
+            await self._fail_unstarted(record)
+        except OpsConductorError as exc:
+            # Busy target, timeout, refusal...: the worker recorded it on the execution.
+            log.info(
+                "approved_execution_ended_with_error",
+                execution_id=str(record.id),
+                error_class=exc.reason,
+            )
+        except Exception:
+            log.exception("approved_execution_dispatch_failed", execution_id=str(record.id))
+        else:
+            log.info("approved_execution_finished", execution_id=str(record.id))
+
+    async def _fail_unstarted(self, record: ExecutionRecord) -> None:
+        log.warning("approved_execution_not_started", execution_id=str(record.id))
+        try:
+            await transition(
+                self._pool,
+                record.id,
+                to=ExecutionStatus.FAILED,
+                by="approvals",
+                expected_from=ExecutionStatus.AWAITING_APPROVAL,
+                fields={
+                    "error_class": WorkerUnavailableError.reason,
+                    "error_message": "no worker could be reached to run the approved execution",
+                },
+                tenant_id=record.tenant_id,
+            )
+            await retire_idempotency_key(self._pool, record.id)
+        except FSMError:
+            pass  # it did start after all: its worker owns it now
+
+    async def drain(self, grace_s: float) -> None:
+        """Wait (bounded) for the immediate runs still in flight, at shutdown."""
+        if self._running:
+            await asyncio.wait(set(self._running), timeout=grace_s)

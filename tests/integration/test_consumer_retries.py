@@ -24,10 +24,10 @@ import pytest
 from opsc_test_actions import read_ledger
 from redis.asyncio import Redis
 
-from opsconductor.api.clients.worker_client import GrpcWorker
 from opsconductor.api.logic.admin import AdminOperations, parse_dlq_id
 from opsconductor.api.logic.dlq_requeue import DLQ_REQUEUED_EVENT, DeadLetterNotRequeueableError
 from opsconductor.api.logic.submission import Submissions, SubmitRequest
+from opsconductor.client.worker import WorkerClient
 from opsconductor.common.actions.registry import default_registry
 from opsconductor.common.approval_policy import ApprovalPolicy
 from opsconductor.common.auth import Principal
@@ -109,7 +109,7 @@ async def rig(
     flags = FlagCache(db_pool)
     api_authorizer = Authorizer(db_pool, rbac, tier="api")
     # Never called: every plan here runs in the background.
-    worker_port = GrpcWorker("127.0.0.1:9")
+    worker_port = WorkerClient("127.0.0.1:9")
     cancel_signals = CancelSignals(db_dsn)
     await cancel_signals.start()
     runner = ExecutionRunner(

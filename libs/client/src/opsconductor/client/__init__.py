@@ -29,7 +29,8 @@ from opsconductor.common.errors import (
 )
 
 from .approvals import Approval, ApprovalClient
-from .client import DEFAULT_TIMEOUT_S, ExecutionClient, ExecutionContext
+from .base import DEFAULT_TIMEOUT_S, ChannelClient
+from .client import ExecutionClient, ExecutionContext
 from .errors import RpcError, map_rpc_error
 from .models import (
     DlqEntry,
@@ -51,6 +52,7 @@ __all__ = [
     "ApprovalInvalidatedError",
     "ApprovalLevelNotEnabledError",
     "AuthenticationError",
+    "ChannelClient",
     "ConflictError",
     "DlqEntry",
     "DlqRequeue",

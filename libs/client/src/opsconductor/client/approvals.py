@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from types import TracebackType
 from typing import Any
 
 import grpc
@@ -22,8 +21,7 @@ import grpc
 from opsconductor.common.rpc.plan_codec import plan_from_proto
 from opsconductor.execution.v1 import approval_service_pb2, approval_service_pb2_grpc, types_pb2
 
-from .client import DEFAULT_TIMEOUT_S
-from .errors import map_rpc_error
+from .base import ChannelClient
 from .models import enum_text
 
 
@@ -96,49 +94,11 @@ class Approval:
         )
 
 
-class ApprovalClient:
+class ApprovalClient(ChannelClient):
     """Client of ApprovalService on one channel, acting with one bearer token."""
 
-    def __init__(
-        self,
-        target: str,
-        token: str,
-        *,
-        channel: grpc.aio.Channel | None = None,
-        timeout: float = DEFAULT_TIMEOUT_S,
-    ) -> None:
-        self._owns_channel = channel is None
-        self._channel = channel if channel is not None else grpc.aio.insecure_channel(target)
-        self._target = target
-        self._token = token
-        self._timeout = timeout
-        self._stub = approval_service_pb2_grpc.ApprovalServiceStub(self._channel)
-
-    def with_token(self, token: str) -> ApprovalClient:
-        """A client for another principal sharing this client's channel."""
-        return ApprovalClient(self._target, token, channel=self._channel, timeout=self._timeout)
-
-    async def close(self) -> None:
-        if self._owns_channel:
-            await self._channel.close(None)
-
-    async def __aenter__(self) -> ApprovalClient:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
-
-    async def _call(self, method: Any, request: Any) -> Any:
-        metadata = (("authorization", f"Bearer {self._token}"),)
-        try:
-            return await method(request, metadata=metadata, timeout=self._timeout)
-        except grpc.aio.AioRpcError as exc:
-            raise map_rpc_error(exc) from exc
+    def _bind(self, channel: grpc.aio.Channel) -> None:
+        self._stub = approval_service_pb2_grpc.ApprovalServiceStub(channel)
 
     async def get_approval(self, approval_id: str, *, tenant_id: str) -> Approval:
         request = approval_service_pb2.GetApprovalRequest(

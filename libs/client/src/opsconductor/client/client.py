@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any, TypeVar
 
 import grpc
@@ -28,6 +27,7 @@ from opsconductor.execution.v1 import (
     types_pb2,
 )
 
+from .base import ChannelClient
 from .errors import map_rpc_error
 from .models import (
     DlqEntry,
@@ -41,9 +41,6 @@ from .models import (
 
 T = TypeVar("T")
 
-#: Longer than any SLA policy (fast 10 s, medium 30 s): the service enforces the policy itself
-#: and reports DEADLINE_EXCEEDED, so the caller's deadline must not cut it short.
-DEFAULT_TIMEOUT_S = 120.0
 
 _MODES = {
     None: types_pb2.EXECUTION_MODE_UNSPECIFIED,
@@ -71,53 +68,13 @@ def _status_value(status: str) -> int:
     return int(types_pb2.ExecutionStatus.Value("EXECUTION_STATUS_" + status.upper()))
 
 
-class ExecutionClient:
+class ExecutionClient(ChannelClient):
     """Client of ExecutionService, AdminService and ProgressService on one channel."""
 
-    def __init__(
-        self,
-        target: str,
-        token: str,
-        *,
-        channel: grpc.aio.Channel | None = None,
-        timeout: float = DEFAULT_TIMEOUT_S,
-    ) -> None:
-        self._owns_channel = channel is None
-        self._channel = channel if channel is not None else grpc.aio.insecure_channel(target)
-        self._target = target
-        self._token = token
-        self._timeout = timeout
-        self._executions = execution_service_pb2_grpc.ExecutionServiceStub(self._channel)
-        self._admin = admin_service_pb2_grpc.AdminServiceStub(self._channel)
-        self._progress = progress_service_pb2_grpc.ProgressServiceStub(self._channel)
-
-    def with_token(self, token: str) -> ExecutionClient:
-        """A client for another principal sharing this client's channel."""
-        return ExecutionClient(self._target, token, channel=self._channel, timeout=self._timeout)
-
-    async def close(self) -> None:
-        if self._owns_channel:
-            await self._channel.close(None)
-
-    async def __aenter__(self) -> ExecutionClient:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
-
-    def _metadata(self, token: str | None = None) -> tuple[tuple[str, str], ...]:
-        return (("authorization", f"Bearer {token or self._token}"),)
-
-    async def _call(self, method: Any, request: Any, *, token: str | None = None) -> Any:
-        try:
-            return await method(request, metadata=self._metadata(token), timeout=self._timeout)
-        except grpc.aio.AioRpcError as exc:
-            raise map_rpc_error(exc) from exc
+    def _bind(self, channel: grpc.aio.Channel) -> None:
+        self._executions = execution_service_pb2_grpc.ExecutionServiceStub(channel)
+        self._admin = admin_service_pb2_grpc.AdminServiceStub(channel)
+        self._progress = progress_service_pb2_grpc.ProgressServiceStub(channel)
 
     # -- executions -------------------------------------------------------------------------
 

@@ -11,11 +11,11 @@ from typing import TypeVar
 
 from redis.asyncio import Redis
 
-from opsconductor.api.clients.worker_client import GrpcWorker
 from opsconductor.api.logic.admin import AdminOperations
 from opsconductor.api.logic.queries import ExecutionQueries
 from opsconductor.api.logic.submission import Submissions
 from opsconductor.api.settings import ApiSettings
+from opsconductor.client.worker import WorkerClient
 from opsconductor.common.actions.registry import default_registry
 from opsconductor.common.approval_policy import ApprovalPolicy
 from opsconductor.common.auth import TokenVerifier
@@ -37,7 +37,7 @@ class ApiApp:
         self.verifier = TokenVerifier.from_settings(settings)
         self._rbac_policy = RbacPolicy.load(settings.rbac_policy_file)
         self._approval_policy = ApprovalPolicy.load(settings.approval_policy_file)
-        self._worker: GrpcWorker | None = None
+        self._worker: WorkerClient | None = None
         self._redis: Redis | None = None
         self._flags: FlagCache | None = None
         self._submissions: Submissions | None = None
@@ -49,7 +49,7 @@ class ApiApp:
         await self.db.open()
         pool = self.db.pool
         # gRPC channels bind to the running loop: build them here, not in __init__.
-        self._worker = GrpcWorker(self.settings.worker_target)
+        self._worker = WorkerClient(self.settings.worker_target)
         queue = None
         if self.settings.redis_url is not None:
             self._redis = create_redis_client(self.settings.redis_url.get_secret_value())

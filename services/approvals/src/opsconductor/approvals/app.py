@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from redis.asyncio import Redis
 
-from opsconductor.approvals.clients.worker_client import GrpcWorker
 from opsconductor.approvals.logic.decisions import ApprovalDecisions
 from opsconductor.approvals.logic.dispatch import ExecutionDispatcher
 from opsconductor.approvals.settings import ApprovalsSettings
+from opsconductor.client.worker import WorkerClient
 from opsconductor.common.auth import TokenVerifier
 from opsconductor.common.errors import StorageError
 from opsconductor.common.queue.redis_queue import RedisQueue, create_redis_client
@@ -28,7 +28,7 @@ class ApprovalsApp:
         self.db = DatabasePool(settings.database_url, max_size=settings.db_pool_size)
         self.verifier = TokenVerifier.from_settings(settings)
         self._rbac_policy = RbacPolicy.load(settings.rbac_policy_file)
-        self._worker: GrpcWorker | None = None
+        self._worker: WorkerClient | None = None
         self._redis: Redis | None = None
         self._dispatcher: ExecutionDispatcher | None = None
         self._decisions: ApprovalDecisions | None = None
@@ -38,7 +38,7 @@ class ApprovalsApp:
         await self.db.open()
         pool = self.db.pool
         # gRPC channels bind to the running loop: build them here, not in __init__.
-        self._worker = GrpcWorker(self.settings.worker_target)
+        self._worker = WorkerClient(self.settings.worker_target)
         queue = None
         if self.settings.redis_url is not None:
             self._redis = create_redis_client(self.settings.redis_url.get_secret_value())

@@ -16,8 +16,6 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import json
 from collections.abc import Mapping
@@ -26,13 +24,17 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
-from opsconductor.common.errors import ConflictError, FieldViolation, NotFoundError
+from opsconductor.common.errors import ConflictError, NotFoundError
 from opsconductor.common.queue.jobs import QueueRow, insert_queue_row
 from opsconductor.common.storage.execution_records import PoolOrConnection, transaction
 from opsconductor.common.storage.executions import (
     DEFAULT_PAGE_SIZE,
     MAX_PAGE_SIZE,
-    InvalidPageRequestError,
+)
+from opsconductor.common.storage.paging import (
+    decode_page_token,
+    encode_page_token,
+    invalid_page_request,
 )
 
 __all__ = [
@@ -248,10 +250,10 @@ async def list_dlq(
     malformed or mismatched one raises :class:`InvalidPageRequestError`.
     """
     if page_size < 0:
-        raise _invalid("page_size", "must not be negative")
+        raise invalid_page_request("page_size", "must not be negative")
     size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
     scope = _scope(tenant_id, error_class, include_requeued)
-    after = _decode_token(page_token, scope) if page_token else None
+    after = decode_page_token(page_token, scope) if page_token else None
     async with transaction(db) as conn:
         rows = await conn.fetch(
             _LIST,
@@ -265,7 +267,7 @@ async def list_dlq(
     entries = [_entry(row) for row in rows[:size]]
     next_token = None
     if len(rows) > size:
-        next_token = _encode_token(entries[-1].created_at, entries[-1].id, scope)
+        next_token = encode_page_token(entries[-1].created_at, entries[-1].id, scope)
     return entries, next_token
 
 
@@ -281,26 +283,3 @@ async def dlq_size(
 def _scope(tenant_id: str | None, error_class: str | None, include_requeued: bool) -> str:
     canonical = json.dumps(["dlq", tenant_id, error_class, include_requeued])
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
-
-
-def _encode_token(created_at: datetime, dlq_id: UUID, scope: str) -> str:
-    raw = json.dumps({"c": created_at.isoformat(), "i": str(dlq_id), "s": scope})
-    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
-
-
-def _decode_token(token: str, scope: str) -> tuple[datetime, UUID]:
-    try:
-        padded = token + "=" * (-len(token) % 4)
-        data = json.loads(base64.urlsafe_b64decode(padded.encode("ascii")))
-        created_at = datetime.fromisoformat(data["c"])
-        dlq_id = UUID(data["i"])
-        token_scope = data["s"]
-    except (binascii.Error, UnicodeError, ValueError, KeyError, TypeError) as exc:
-        raise _invalid("page_token", "is not a token this service issued") from exc
-    if token_scope != scope:
-        raise _invalid("page_token", "was issued for other filters")
-    return created_at, dlq_id
-
-
-def _invalid(field_name: str, description: str) -> InvalidPageRequestError:
-    return InvalidPageRequestError(violations=[FieldViolation(field_name, description)])

@@ -11,10 +11,7 @@ only, never for reads.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -22,10 +19,14 @@ from enum import StrEnum
 from typing import Any, Final
 from uuid import UUID
 
-from opsconductor.common.errors import FieldViolation, NotFoundError
+from opsconductor.common.errors import NotFoundError
 from opsconductor.common.storage.events import append_event
-from opsconductor.common.storage.execution_reads import InvalidPageRequestError
 from opsconductor.common.storage.execution_records import PoolOrConnection, transaction
+from opsconductor.common.storage.paging import (
+    decode_page_token,
+    encode_page_token,
+    invalid_page_request,
+)
 
 __all__ = [
     "DEFAULT_PAGE_SIZE",
@@ -203,10 +204,10 @@ async def list_pending_approvals(
     :class:`InvalidPageRequestError`.
     """
     if page_size < 0:
-        raise _invalid("page_size", "must not be negative")
+        raise invalid_page_request("page_size", "must not be negative")
     size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
     scope = hashlib.sha256(f"pending-approvals:{tenant_id}".encode()).hexdigest()[:16]
-    after = _decode_page_token(page_token, scope) if page_token else None
+    after = decode_page_token(page_token, scope) if page_token else None
     async with transaction(db) as conn:
         rows = await conn.fetch(
             _LIST_PENDING,
@@ -219,7 +220,7 @@ async def list_pending_approvals(
     next_token = None
     if len(rows) > size:
         last = records[-1]
-        next_token = _encode_page_token(last.created_at, last.id, scope)
+        next_token = encode_page_token(last.created_at, last.id, scope)
     return records, next_token
 
 
@@ -254,26 +255,3 @@ async def close_pending_approvals(
             },
         )
     return closed
-
-
-def _encode_page_token(created_at: datetime, approval_id: UUID, scope: str) -> str:
-    raw = json.dumps({"c": created_at.isoformat(), "i": str(approval_id), "s": scope})
-    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
-
-
-def _decode_page_token(token: str, scope: str) -> tuple[datetime, UUID]:
-    try:
-        padded = token + "=" * (-len(token) % 4)
-        data = json.loads(base64.urlsafe_b64decode(padded.encode("ascii")))
-        created_at = datetime.fromisoformat(data["c"])
-        approval_id = UUID(data["i"])
-        token_scope = data["s"]
-    except (binascii.Error, UnicodeError, ValueError, KeyError, TypeError) as exc:
-        raise _invalid("page_token", "is not a token this service issued") from exc
-    if token_scope != scope:
-        raise _invalid("page_token", "was issued for another tenant")
-    return created_at, approval_id
-
-
-def _invalid(field_name: str, description: str) -> InvalidPageRequestError:
-    return InvalidPageRequestError(violations=[FieldViolation(field_name, description)])

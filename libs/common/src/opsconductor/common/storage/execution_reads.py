@@ -6,15 +6,13 @@ Import these through :mod:`.executions`.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import json
 from collections.abc import Collection
 from datetime import datetime
 from uuid import UUID
 
-from opsconductor.common.errors import FieldViolation, NotFoundError, PlanValidationError
+from opsconductor.common.errors import NotFoundError
 from opsconductor.common.fsm import ExecutionStatus
 from opsconductor.common.storage.execution_records import (
     ExecutionRecord,
@@ -23,6 +21,12 @@ from opsconductor.common.storage.execution_records import (
     transaction,
 )
 from opsconductor.common.storage.execution_steps import load_steps
+from opsconductor.common.storage.paging import (
+    InvalidPageRequestError,
+    decode_page_token,
+    encode_page_token,
+    invalid_page_request,
+)
 
 __all__ = [
     "DEFAULT_PAGE_SIZE",
@@ -46,16 +50,6 @@ WHERE tenant_id = $1
 ORDER BY created_at DESC, id DESC
 LIMIT $6
 """
-
-
-class InvalidPageRequestError(PlanValidationError):
-    """The list request is invalid.
-
-    A :class:`PlanValidationError` subclass only so the transport reports its field violations
-    (``page_token``, ``page_size``, ``statuses``, ``mode``) the same way; its reason is generic.
-    """
-
-    reason = "INVALID_ARGUMENT"
 
 
 async def get_execution(
@@ -104,14 +98,14 @@ async def list_executions(
     """
     wanted = _parse_statuses(statuses)
     if mode is not None and mode not in _EXECUTION_MODES:
-        raise _invalid("mode", f"must be one of {sorted(_EXECUTION_MODES)}")
+        raise invalid_page_request("mode", f"must be one of {sorted(_EXECUTION_MODES)}")
     if page_size < 0:
-        raise _invalid("page_size", "must not be negative")
+        raise invalid_page_request("page_size", "must not be negative")
     size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
     scope = _filter_fingerprint(tenant_id, wanted, mode)
     after: tuple[datetime, UUID] | None = None
     if page_token:
-        after = _decode_page_token(page_token, scope)
+        after = decode_page_token(page_token, scope)
     async with transaction(db) as conn:
         rows = await conn.fetch(
             _LIST,
@@ -126,7 +120,7 @@ async def list_executions(
     next_token = None
     if len(rows) > size:
         last = records[-1]
-        next_token = _encode_page_token(last.created_at, last.id, scope)
+        next_token = encode_page_token(last.created_at, last.id, scope)
     return records, next_token
 
 
@@ -135,7 +129,7 @@ def _parse_statuses(statuses: Collection[ExecutionStatus | str]) -> list[str]:
         return sorted({ExecutionStatus(s).value for s in statuses})
     except ValueError as exc:
         allowed = sorted(s.value for s in ExecutionStatus)
-        raise _invalid("statuses", f"must be among {allowed}") from exc
+        raise invalid_page_request("statuses", f"must be among {allowed}") from exc
 
 
 def _filter_fingerprint(tenant_id: str, statuses: list[str], mode: str | None) -> str:
@@ -152,26 +146,3 @@ def as_execution_id(value: UUID | str) -> UUID:
     except (ValueError, TypeError, AttributeError) as exc:
         # Same error as an unknown id: a malformed id simply names no execution.
         raise NotFoundError("execution not found", execution_id=str(value)) from exc
-
-
-def _encode_page_token(created_at: datetime, execution_id: UUID, scope: str) -> str:
-    raw = json.dumps({"c": created_at.isoformat(), "i": str(execution_id), "s": scope})
-    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
-
-
-def _decode_page_token(token: str, scope: str) -> tuple[datetime, UUID]:
-    try:
-        padded = token + "=" * (-len(token) % 4)
-        data = json.loads(base64.urlsafe_b64decode(padded.encode("ascii")))
-        created_at = datetime.fromisoformat(data["c"])
-        execution_id = UUID(data["i"])
-        token_scope = data["s"]
-    except (binascii.Error, UnicodeError, ValueError, KeyError, TypeError) as exc:
-        raise _invalid("page_token", "is not a token this service issued") from exc
-    if token_scope != scope:
-        raise _invalid("page_token", "was issued for other filters")
-    return created_at, execution_id
-
-
-def _invalid(field_name: str, description: str) -> InvalidPageRequestError:
-    return InvalidPageRequestError(violations=[FieldViolation(field_name, description)])

@@ -1,10 +1,10 @@
-"""WorkerPort over gRPC: ``RunImmediate`` for an approved immediate execution.
+"""Internal client of ``WorkerService`` for the services that hand executions to a worker.
 
-The approver's own token is forwarded: the worker re-authorizes it against Postgres (the
-approver must hold ``approvals:decide`` and be the one who granted the approval bound to the
-execution), so no service credential can start an execution nobody approved. Failures come
-back as the worker's domain errors; a worker that cannot be reached at all is
-``WorkerUnavailableError``.
+The api (immediate submissions) and the approvals service (approved immediate executions) both
+forward their *caller's* token: the worker re-authorizes it against Postgres, so no service
+credential can start an execution on its own. Failures come back as the worker's domain
+errors; a worker that cannot be reached at all is ``WorkerUnavailableError`` (the execution was
+not started).
 """
 
 from __future__ import annotations
@@ -13,14 +13,20 @@ from uuid import UUID
 
 import grpc
 
-from opsconductor.client.errors import RpcError, map_rpc_error
 from opsconductor.common.errors import WorkerUnavailableError
 from opsconductor.common.rpc.metadata import REQUEST_ID_METADATA_KEY, current_request_id
 from opsconductor.execution.v1 import worker_service_pb2, worker_service_pb2_grpc
 
+from .errors import RpcError, map_rpc_error
 
-class GrpcWorker:
-    """Calls ``WorkerService.RunImmediate`` on ``target`` (one channel, reused)."""
+_UNREACHABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
+
+
+class WorkerClient:
+    """Calls ``WorkerService.RunImmediate`` on ``target`` over one reused channel.
+
+    Build it inside the running event loop (gRPC channels bind to the loop that creates them).
+    """
 
     def __init__(self, target: str) -> None:
         self._channel = grpc.aio.insecure_channel(target)
@@ -44,11 +50,8 @@ class GrpcWorker:
             await self._stub.RunImmediate(request, metadata=metadata, timeout=timeout_s)
         except grpc.aio.AioRpcError as exc:
             error = map_rpc_error(exc)
-            if isinstance(error, RpcError) and exc.code() in {
-                grpc.StatusCode.UNAVAILABLE,
-                grpc.StatusCode.CANCELLED,
-            }:
+            if isinstance(error, RpcError) and exc.code() in _UNREACHABLE:
                 raise WorkerUnavailableError(
-                    "no worker could be reached; the approved execution was not started"
+                    "no worker could be reached; the execution was not started"
                 ) from exc
             raise error from exc

@@ -1,1 +1,0 @@
-"""Clients of other services the approvals service calls (the worker)."""

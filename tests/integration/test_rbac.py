@@ -327,7 +327,7 @@ async def test_cancelled_caller_does_not_erase_the_audit_record(
         async def audit_write_is_waiting() -> bool:
             waiting = await db_pool.fetchval(
                 "SELECT count(*) FROM pg_stat_activity"
-                " WHERE wait_event_type = 'Lock' AND query LIKE 'UPDATE executions SET event_seq%'"
+                " WHERE wait_event_type = 'Lock' AND query LIKE '%SET event_seq = event_seq + 1%'"
             )
             return bool(waiting)
 

@@ -261,3 +261,39 @@ async def fail_lost_execution(
             tenant_id=locked["tenant_id"],
         )
     return True
+
+
+async def fail_unstarted_execution(
+    db: PoolOrConnection,
+    execution_id: UUID,
+    *,
+    expected_from: ExecutionStatus,
+    by: str,
+    error_class: str,
+    error_message: str,
+) -> bool:
+    """End ``failed`` an execution no worker started (it is still ``expected_from``) and retire
+    its idempotency key: nothing ran, so the same plan may be submitted again at once.
+
+    Returns False, changing nothing, when it has moved on meanwhile (a worker took it after all).
+    """
+    async with transaction(db) as conn:
+        locked = await lock_execution(conn, execution_id)
+        if locked["status"] != expected_from.value:
+            return False
+        await conn.execute(_SKIP_PENDING_STEPS, execution_id)
+        await transition(
+            conn,
+            execution_id,
+            to=ExecutionStatus.FAILED,
+            by=by,
+            expected_from=expected_from,
+            fields={"error_class": error_class, "error_message": error_message},
+            tenant_id=locked["tenant_id"],
+        )
+        await conn.execute(
+            "UPDATE executions SET idempotency_retired_at = clock_timestamp() "
+            "WHERE id = $1 AND idempotency_retired_at IS NULL",
+            execution_id,
+        )
+    return True

@@ -44,6 +44,7 @@ from opsconductor.common.planning import (
 from opsconductor.common.queue import jobs
 from opsconductor.common.queue.redis_queue import RedisQueue
 from opsconductor.common.rbac import Authorizer, Permission, submit_permissions
+from opsconductor.common.storage.execution_leases import fail_unstarted_execution
 from opsconductor.common.storage.execution_reads import get_execution
 from opsconductor.common.storage.execution_records import (
     ExecutionRecord,
@@ -54,7 +55,6 @@ from opsconductor.common.storage.execution_stats import ObservedDurations
 from opsconductor.common.storage.executions import (
     NewExecution,
     create_execution,
-    retire_idempotency_key,
     transition,
 )
 from opsconductor.common.storage.flags import FlagCache
@@ -371,22 +371,14 @@ class Submissions:
             )
         except WorkerUnavailableError:
             # The worker never started it: end it failed and free the key for a retry.
-            try:
-                await transition(
-                    self._pool,
-                    record.id,
-                    to=ExecutionStatus.FAILED,
-                    by="api",
-                    expected_from=ExecutionStatus.PENDING,
-                    fields={
-                        "error_class": WorkerUnavailableError.reason,
-                        "error_message": "no worker could be reached",
-                    },
-                    tenant_id=record.tenant_id,
-                )
-                await retire_idempotency_key(self._pool, record.id)
-            except FSMError:
-                pass  # it did start after all: its worker owns it now
+            await fail_unstarted_execution(
+                self._pool,
+                record.id,
+                expected_from=ExecutionStatus.PENDING,
+                by="api",
+                error_class=WorkerUnavailableError.reason,
+                error_message="no worker could be reached",
+            )
             raise
         except FSMError:
             # Cancelled (or otherwise moved on) before the worker took it: report its state.

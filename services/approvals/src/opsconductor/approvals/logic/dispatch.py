@@ -26,7 +26,6 @@ import structlog
 
 from opsconductor.common.errors import (
     ConflictError,
-    FSMError,
     OpsConductorError,
     QueueUnavailableError,
     WorkerUnavailableError,
@@ -34,8 +33,9 @@ from opsconductor.common.errors import (
 from opsconductor.common.fsm import ExecutionStatus
 from opsconductor.common.queue import jobs
 from opsconductor.common.queue.redis_queue import RedisQueue
+from opsconductor.common.storage.execution_leases import fail_unstarted_execution
 from opsconductor.common.storage.execution_records import ExecutionRecord, PoolOrConnection
-from opsconductor.common.storage.executions import retire_idempotency_key, transition
+from opsconductor.common.storage.executions import transition
 from opsconductor.common.storage.policies import TimeoutPolicy
 
 from .ports import WorkerPort
@@ -129,22 +129,14 @@ class ExecutionDispatcher:
 
     async def _fail_unstarted(self, record: ExecutionRecord) -> None:
         log.warning("approved_execution_not_started", execution_id=str(record.id))
-        try:
-            await transition(
-                self._pool,
-                record.id,
-                to=ExecutionStatus.FAILED,
-                by="approvals",
-                expected_from=ExecutionStatus.AWAITING_APPROVAL,
-                fields={
-                    "error_class": WorkerUnavailableError.reason,
-                    "error_message": "no worker could be reached to run the approved execution",
-                },
-                tenant_id=record.tenant_id,
-            )
-            await retire_idempotency_key(self._pool, record.id)
-        except FSMError:
-            pass  # it did start after all: its worker owns it now
+        await fail_unstarted_execution(
+            self._pool,
+            record.id,
+            expected_from=ExecutionStatus.AWAITING_APPROVAL,
+            by="approvals",
+            error_class=WorkerUnavailableError.reason,
+            error_message="no worker could be reached to run the approved execution",
+        )
 
     async def drain(self, grace_s: float) -> None:
         """Wait (bounded) for the immediate runs still in flight, at shutdown."""

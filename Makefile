@@ -10,7 +10,9 @@ PACKAGES := libs/proto libs/common libs/client libs/devstack services/api servic
 PYPROJECTS := $(addsuffix /pyproject.toml,$(PACKAGES))
 SRC_DIRS := $(addsuffix /src,$(PACKAGES))
 
-.PHONY: help venv protos protos-check lint fmt typecheck importlint test test-fast migrate migrate-down run bench bench-immediate bench-background clean
+# proto-lint needs Node.js (npx fetches the official @bufbuild/buf); make test checks the same
+# naming rules without it (tests/unit/test_proto_contracts.py).
+.PHONY: help venv protos protos-check proto-lint lint fmt typecheck importlint test test-fast migrate migrate-down run bench bench-immediate bench-background clean
 
 help:
 	@echo "make run          start the whole system on this machine (embedded Postgres/Redis unless DATABASE_URL/REDIS_URL)"
@@ -31,6 +33,9 @@ $(STAMP): requirements/constraints.txt requirements/dev.txt $(PYPROJECTS) tests/
 
 protos: $(STAMP)
 	$(PY) tools/gen_protos.py
+
+proto-lint:
+	npx --yes @bufbuild/buf@1.75.0 lint
 
 protos-check: $(STAMP)
 	$(PY) tools/gen_protos.py --check

@@ -553,3 +553,20 @@ class BenchStack:
         if self._stop_postgres is not None:
             await asyncio.to_thread(self._stop_postgres)
         shutil.rmtree(self.work_dir, ignore_errors=True)
+
+
+def noop_plan(name: str, target: str) -> dict[str, Any]:
+    """A one-step ``noop`` read plan (sla ``fast``): well under the immediate limit."""
+    return {
+        "name": name,
+        "sla_class": "fast",
+        "steps": [
+            {
+                "id": "noop",
+                "action": "noop",
+                "action_class": "read",
+                "targets": [{"ref": target}],
+                "params": {},
+            }
+        ],
+    }

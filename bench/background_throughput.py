@@ -51,7 +51,7 @@ from uuid import UUID
 
 import asyncpg
 from _measure import OTHER, CpuMeter, median_cpu, percentile
-from _stack import BenchStack
+from _stack import BenchStack, noop_plan
 
 from opsconductor.client import ExecutionClient
 from opsconductor.common.logconfig import configure_logging
@@ -66,23 +66,6 @@ TERMINAL = ("succeeded", "failed", "cancelled", "rejected")
 
 class BenchFailedError(Exception):
     """A job did not go as the benchmark requires (queued in background, then succeeded)."""
-
-
-def noop_plan(name: str, target: str) -> dict[str, Any]:
-    """A one-step ``noop`` read plan (sla ``fast``)."""
-    return {
-        "name": name,
-        "sla_class": "fast",
-        "steps": [
-            {
-                "id": "noop",
-                "action": "noop",
-                "action_class": "read",
-                "targets": [{"ref": target}],
-                "params": {},
-            }
-        ],
-    }
 
 
 @dataclass(frozen=True)

@@ -54,7 +54,7 @@ import grpc
 import grpc.aio
 from _echo import echo_method, wait_echo_ready
 from _measure import OTHER, Call, CpuMeter, Stats, closed_loop, median_cpu, median_stats
-from _stack import BenchStack
+from _stack import BenchStack, noop_plan
 
 from opsconductor.client import ExecutionClient, OpsConductorError
 from opsconductor.common.logconfig import configure_logging
@@ -71,23 +71,6 @@ PG_POOL_MAX = 8
 
 class BenchFailedError(Exception):
     """A request did not end as the benchmark requires (succeeded, immediate, not a duplicate)."""
-
-
-def noop_plan(name: str, target: str) -> dict[str, Any]:
-    """A one-step ``noop`` read plan (sla ``fast``): well under the immediate limit."""
-    return {
-        "name": name,
-        "sla_class": "fast",
-        "steps": [
-            {
-                "id": "noop",
-                "action": "noop",
-                "action_class": "read",
-                "targets": [{"ref": target}],
-                "params": {},
-            }
-        ],
-    }
 
 
 class Calls:

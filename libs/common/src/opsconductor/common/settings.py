@@ -52,6 +52,8 @@ class ServiceSettings(BaseSettings):
         jwt_audience: required ``aud`` claim.
         jwt_issuer: required ``iss`` claim; ``None`` accepts any issuer.
         rbac_policy_file: YAML roles -> permissions policy; ``None`` uses the built-in one.
+        tenant_policy_file: YAML per-tenant policy (shell sandbox, egress, quotas);
+            ``None`` uses the built-in, most restrictive one.
         worker_target: gRPC address (``host:port``) of the worker, used by the api.
         queue_prefix: prefix of every Redis key of the queue (``{prefix}q:v1:...``).
         dedup_window_s: how long an idempotency key deduplicates submissions, in seconds.
@@ -89,6 +91,7 @@ class ServiceSettings(BaseSettings):
     jwt_audience: str = "opsconductor-execution"
     jwt_issuer: str | None = None
     rbac_policy_file: Path | None = None
+    tenant_policy_file: Path | None = None
     worker_target: str = "127.0.0.1:50052"
     queue_prefix: str = Field(default="opsc:", min_length=1, max_length=64)
     dedup_window_s: int = Field(default=86400, gt=0)

@@ -13,7 +13,13 @@ The algorithm is pinned by the *key*, never taken from the token: a token's ``al
 selects which configured key to try, and a key is only ever used with its own algorithm. So
 ``alg: none`` is refused, and an HS256 token "signed" with the RS256 public key PEM as an HMAC
 secret (algorithm confusion) can never verify. Audience and expiry are mandatory; the issuer is
-checked when configured.
+checked when configured (production settings require one: ``ServiceSettings``).
+
+Time claims (RFC 7519 §2, §4.1.4): ``exp``, ``iat`` and ``nbf`` must be JSON numbers — PyJWT
+itself would turn ``"exp": "9999999999"`` into a number. A token may live at most
+``max_token_lifetime`` (default 12 h, the life of ``make run``'s dev token): ``exp − iat``, or
+``exp − now`` when the token has no ``iat``, so neither a ten-year token nor an old ``iat``
+stretches a stolen token's use.
 
 Error messages say what to fix ("token expired", "wrong audience") and never contain the token.
 """
@@ -38,6 +44,7 @@ from opsconductor.common.errors import AuthenticationError
 __all__ = [
     "DEFAULT_AUTH_METHOD",
     "DEFAULT_LEEWAY",
+    "DEFAULT_MAX_TOKEN_LIFETIME",
     "JwtSettings",
     "Principal",
     "TokenVerifier",
@@ -49,12 +56,15 @@ __all__ = [
 DEFAULT_AUTH_METHOD: Final = "jwt"
 #: Clock skew tolerated on ``exp``/``nbf``/``iat`` between the IdP and us.
 DEFAULT_LEEWAY: Final = timedelta(seconds=30)
+#: Longest ``exp − iat`` accepted unless configured otherwise (``make run`` mints 12 h tokens).
+DEFAULT_MAX_TOKEN_LIFETIME: Final = timedelta(hours=12)
 #: RFC 7518 §3.2: an HS256 key must be at least as long as the hash output.
 MIN_HS256_KEY_BYTES: Final = 32
 
 _HS256: Final = "HS256"
 _RS256: Final = "RS256"
 _REQUIRED_CLAIMS: Final = ("exp", "aud", "sub", "tenant_id")
+_TIME_CLAIMS: Final = ("exp", "iat", "nbf")
 # Column widths of executions.tenant_id / actor_id: a longer claim could never be stored.
 _MAX_TENANT_LEN: Final = 100
 _MAX_ACTOR_LEN: Final = 200
@@ -114,6 +124,7 @@ class TokenVerifier:
         rs256_public_key: str | bytes | None = None,
         issuer: str | None = None,
         leeway: timedelta = DEFAULT_LEEWAY,
+        max_token_lifetime: timedelta = DEFAULT_MAX_TOKEN_LIFETIME,
     ) -> None:
         if not audience:
             raise ValueError("jwt audience must be configured")
@@ -126,6 +137,8 @@ class TokenVerifier:
             raise ValueError(f"jwt HS256 key must be at least {MIN_HS256_KEY_BYTES} bytes")
         if leeway < timedelta(0):
             raise ValueError("jwt leeway must not be negative")
+        if max_token_lifetime <= timedelta(0):
+            raise ValueError("jwt max token lifetime must be positive")
         # Each key is bound to exactly one algorithm here, once, from configuration.
         self._keys: dict[str, Any] = {}
         if hs256_key is not None:
@@ -135,6 +148,7 @@ class TokenVerifier:
         self._audience = audience
         self._issuer = issuer
         self._leeway = leeway
+        self._max_lifetime = max_token_lifetime
 
     @classmethod
     def from_settings(cls, settings: JwtSettings) -> TokenVerifier:
@@ -151,6 +165,14 @@ class TokenVerifier:
             hs256_key=settings.jwt_hs256_key,
             rs256_public_key=public_key,
             issuer=settings.jwt_issuer or None,
+            # Read leniently: older settings objects (and test doubles) may not have it.
+            max_token_lifetime=timedelta(
+                seconds=getattr(
+                    settings,
+                    "jwt_max_token_lifetime_s",
+                    DEFAULT_MAX_TOKEN_LIFETIME.total_seconds(),
+                )
+            ),
         )
 
     @property
@@ -196,7 +218,24 @@ class TokenVerifier:
             )
         except jwt.PyJWTError as exc:
             raise AuthenticationError(self._describe(exc)) from None
+        self._check_lifetime(claims)
         return self._principal(claims)
+
+    def _check_lifetime(self, claims: Mapping[str, Any]) -> None:
+        """Time claims are numbers, and the token lives no longer than allowed."""
+        for name in _TIME_CLAIMS:
+            value = claims.get(name)
+            # bool is an int to Python, and "true" is not a NumericDate.
+            if name in claims and (isinstance(value, bool) or not isinstance(value, int | float)):
+                raise AuthenticationError(f"invalid claim {name}: must be a number (NumericDate)")
+        start = claims.get("iat")
+        if start is None:
+            start = datetime.now(UTC).timestamp()
+        if claims["exp"] - start > self._max_lifetime.total_seconds():
+            limit = _duration(self._max_lifetime)
+            raise AuthenticationError(
+                f"token lifetime exceeds {limit}: obtain a shorter-lived token"
+            )
 
     def _describe(self, exc: jwt.PyJWTError) -> str:
         # Most specific first: several of these subclass DecodeError / InvalidTokenError.
@@ -231,6 +270,14 @@ class TokenVerifier:
             auth_method=auth_method,
             token_id=claims.get("jti"),
         )
+
+
+def _duration(span: timedelta) -> str:
+    seconds = int(span.total_seconds())
+    for unit, size in (("h", 3600), ("min", 60)):
+        if seconds % size == 0:
+            return f"{seconds // size} {unit}"
+    return f"{seconds} s"
 
 
 def _string_claim(claims: Mapping[str, Any], name: str, max_len: int) -> str:

@@ -18,6 +18,8 @@ from pathlib import Path
 import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from opsconductor.client.tls import ClientTls, open_channel
+
 #: Signs every e2e token (HS256 needs >= 32 bytes).
 HS256_KEY = "e2e-signing-key-0123456789abcdef-0123456789"
 AUDIENCE = "opsconductor-execution"
@@ -85,10 +87,19 @@ def service_env(dsn: str, extra: dict[str, str]) -> dict[str, str]:
     return env
 
 
-async def wait_serving(address: str, process: subprocess.Popen[bytes], within_s: float) -> None:
-    """Poll the gRPC health check until SERVING (fails early if the process died)."""
+async def wait_serving(
+    address: str,
+    process: subprocess.Popen[bytes],
+    within_s: float,
+    *,
+    tls: ClientTls | None = None,
+) -> None:
+    """Poll the gRPC health check until SERVING (fails early if the process died).
+
+    ``tls``: dial the service over TLS (a service started with ``OPSC_TLS_*``).
+    """
     deadline = time.monotonic() + within_s
-    async with grpc.aio.insecure_channel(address) as channel:
+    async with open_channel(address, tls) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             if process.poll() is not None:
@@ -111,6 +122,7 @@ async def start_service(
     within_s: float = 30.0,
     *,
     module: str | None = None,
+    tls: ClientTls | None = None,
 ) -> ServiceProcess:
     """Start ``python -m opsconductor.<module>`` (default: ``name``) as ``stack.services[name]``
     and wait until it reports SERVING.
@@ -138,7 +150,7 @@ async def start_service(
             raise TimeoutError(f"{name} did not bind a port within {within_s} s")
         await asyncio.sleep(0.05)
     service = ServiceProcess(name, process, int(port_file.read_text()), log_path, dict(extra_env))
-    await wait_serving(service.address, process, deadline - time.monotonic())
+    await wait_serving(service.address, process, deadline - time.monotonic(), tls=tls)
     stack.services[name] = service
     return service
 

@@ -42,6 +42,7 @@ from .models import (
     Preview,
     QueueStats,
 )
+from .tls import ClientTls
 
 __all__ = [
     "DEFAULT_TIMEOUT_S",
@@ -53,6 +54,7 @@ __all__ = [
     "ApprovalLevelNotEnabledError",
     "AuthenticationError",
     "ChannelClient",
+    "ClientTls",
     "ConflictError",
     "DlqEntry",
     "DlqRequeue",

@@ -8,6 +8,7 @@ from typing import Any, Self
 import grpc
 
 from .errors import map_rpc_error
+from .tls import ClientTls, open_channel
 
 #: Longer than any SLA policy (fast 10 s, medium 30 s): the service enforces the policy itself
 #: and reports DEADLINE_EXCEEDED, so the caller's deadline must not cut it short.
@@ -18,7 +19,9 @@ class ChannelClient:
     """Base of the typed clients: owns (or shares) a channel and sends one principal's token.
 
     Subclasses create their stubs in ``_bind``; ``with_token`` makes a client for another
-    principal on the same channel.
+    principal on the same channel. ``tls`` (a :class:`ClientTls`) dials TLS, or mTLS when it
+    has a client certificate; without it the channel is plaintext (``make run``). The files
+    are read once, when the channel is opened.
     """
 
     def __init__(
@@ -28,9 +31,10 @@ class ChannelClient:
         *,
         channel: grpc.aio.Channel | None = None,
         timeout: float = DEFAULT_TIMEOUT_S,
+        tls: ClientTls | None = None,
     ) -> None:
         self._owns_channel = channel is None
-        self._channel = channel if channel is not None else grpc.aio.insecure_channel(target)
+        self._channel = channel if channel is not None else open_channel(target, tls)
         self._target = target
         self._token = token
         self._timeout = timeout

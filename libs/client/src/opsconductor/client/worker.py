@@ -18,6 +18,7 @@ from opsconductor.common.rpc.metadata import REQUEST_ID_METADATA_KEY, current_re
 from opsconductor.execution.v1 import worker_service_pb2, worker_service_pb2_grpc
 
 from .errors import RpcError, map_rpc_error
+from .tls import ClientTls, RotatingChannel
 
 _UNREACHABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
 
@@ -25,15 +26,27 @@ _UNREACHABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED
 class WorkerClient:
     """Calls ``WorkerService.RunImmediate`` on ``target`` over one reused channel.
 
-    Build it inside the running event loop (gRPC channels bind to the loop that creates them).
+    With ``tls`` the channel is TLS (mTLS when ``tls`` has a client certificate) and is replaced
+    when the certificate files rotate (checked at most every ``tls_reload_check_s``); without,
+    plaintext (``make run``). Build it inside the running event loop (gRPC channels bind to the
+    loop that creates them).
     """
 
-    def __init__(self, target: str) -> None:
-        self._channel = grpc.aio.insecure_channel(target)
-        self._stub = worker_service_pb2_grpc.WorkerServiceStub(self._channel)
+    def __init__(
+        self, target: str, *, tls: ClientTls | None = None, tls_reload_check_s: float = 10.0
+    ) -> None:
+        self._channel = RotatingChannel(target, tls, check_interval_s=tls_reload_check_s)
+        self._bound: grpc.aio.Channel | None = None
+        self._stub: worker_service_pb2_grpc.WorkerServiceStub | None = None
+
+    def _current_stub(self) -> worker_service_pb2_grpc.WorkerServiceStub:
+        channel = self._channel.current()
+        if self._stub is None or channel is not self._bound:
+            self._bound, self._stub = channel, worker_service_pb2_grpc.WorkerServiceStub(channel)
+        return self._stub
 
     async def close(self) -> None:
-        await self._channel.close(None)
+        await self._channel.close()
 
     async def run_immediate(
         self, *, tenant_id: str, execution_id: UUID, token: str, timeout_s: float
@@ -47,7 +60,7 @@ class WorkerClient:
         if request_id:
             metadata.append((REQUEST_ID_METADATA_KEY, request_id))
         try:
-            await self._stub.RunImmediate(request, metadata=metadata, timeout=timeout_s)
+            await self._current_stub().RunImmediate(request, metadata=metadata, timeout=timeout_s)
         except grpc.aio.AioRpcError as exc:
             error = map_rpc_error(exc)
             if isinstance(error, RpcError) and exc.code() in _UNREACHABLE:

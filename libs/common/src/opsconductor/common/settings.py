@@ -11,10 +11,10 @@ or `ServiceSettings.startup_log_fields`.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from opsconductor.common.masking import REDACTED, mask_text
@@ -50,7 +50,36 @@ class ServiceSettings(BaseSettings):
         jwt_hs256_key: shared HS256 key for bearer JWTs (development). Secret.
         jwt_rs256_public_key_file: PEM file with the RS256 public key (production).
         jwt_audience: required ``aud`` claim.
-        jwt_issuer: required ``iss`` claim; ``None`` accepts any issuer.
+        jwt_issuer: required ``iss`` claim; ``None`` accepts any issuer — allowed only with an
+            HS256 key alone (development): with an RS256 key or a JWKS URL the service refuses
+            to start without an issuer unless ``allow_insecure_dev``.
+        jwt_jwks_url: ``https://`` URL of the identity provider's JWKS (RS256 keys selected by
+            ``kid``, cached, refreshed periodically and on an unknown ``kid``).
+        jwt_jwks_refresh_s: how often the JWKS is fetched again, in seconds.
+        jwt_jwks_min_refresh_s: at most one unknown-``kid`` refresh per this many seconds (random
+            ``kid`` values must not make us hammer the IdP).
+        jwt_max_token_lifetime_s: longest accepted token life (``exp − iat``, or ``exp − now``
+            without ``iat``), in seconds; default 12 h, the life of ``make run``'s dev token.
+        allow_insecure_dev: development escape hatch: RS256/JWKS without an issuer, a JWKS URL
+            over plain ``http``, and a worker taking forwarded tokens without TLS. Never set it
+            in production.
+        tls_cert_file: PEM certificate chain (cert-manager's ``tls.crt``). With
+            ``tls_key_file`` it turns TLS on for this service's gRPC server *and* for its
+            clients (api → worker, approvals → worker), which present it as their client
+            certificate. Unset (the default, ``make run``): plaintext. The production overlay
+            turns TLS on.
+        tls_key_file: PEM private key of ``tls_cert_file`` (``tls.key``).
+        tls_ca_file: PEM CA bundle (``ca.crt``). Server: the CA client certificates must chain to
+            (mTLS); client: the CA that signs the servers' certificates (unset: system roots).
+        tls_client_auth: ``none`` (default) or ``require`` (mTLS: a client without a
+            certificate signed by ``tls_ca_file`` is refused during the handshake).
+            ``request`` (ask, verify if sent) is refused at start-up: grpcio cannot express it.
+        tls_server_name: client side: the name expected in the server's certificate, when it
+            differs from the host of the target address (e.g. dialing by IP).
+        tls_reload_check_s: how often, at most, the certificate files are checked for rotation
+            (server: on a new connection; clients: on a call), in seconds.
+        health_port: optional plaintext port serving only ``grpc.health.v1`` (kubelet gRPC
+            probes cannot speak TLS); ``None`` (default) serves health on ``grpc_port`` only.
         rbac_policy_file: YAML roles -> permissions policy; ``None`` uses the built-in one.
         tenant_policy_file: YAML per-tenant policy (shell sandbox, egress, quotas);
             ``None`` uses the built-in, most restrictive one.
@@ -90,6 +119,18 @@ class ServiceSettings(BaseSettings):
     jwt_rs256_public_key_file: Path | None = None
     jwt_audience: str = "opsconductor-execution"
     jwt_issuer: str | None = None
+    jwt_jwks_url: str | None = None
+    jwt_jwks_refresh_s: float = Field(default=300.0, gt=0)
+    jwt_jwks_min_refresh_s: float = Field(default=30.0, ge=0)
+    jwt_max_token_lifetime_s: int = Field(default=12 * 3600, gt=0)
+    allow_insecure_dev: bool = False
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_ca_file: Path | None = None
+    tls_client_auth: Literal["none", "request", "require"] = "none"
+    tls_server_name: str | None = None
+    tls_reload_check_s: float = Field(default=10.0, ge=0)
+    health_port: int | None = Field(default=None, ge=0, le=65535)
     rbac_policy_file: Path | None = None
     tenant_policy_file: Path | None = None
     worker_target: str = "127.0.0.1:50052"
@@ -110,6 +151,67 @@ class ServiceSettings(BaseSettings):
         if level not in _LOG_LEVELS:
             raise ValueError(f"must be one of {', '.join(sorted(_LOG_LEVELS))}")
         return level
+
+    @model_validator(mode="after")
+    def _production_auth_and_tls(self) -> ServiceSettings:
+        """Refuse configurations that would silently weaken authentication or transport."""
+        idp_keys = self.jwt_rs256_public_key_file is not None or bool(self.jwt_jwks_url)
+        if idp_keys and not self.jwt_issuer and not self.allow_insecure_dev:
+            raise ValueError(
+                "jwt_issuer is required with an RS256 key or a JWKS URL (set OPSC_JWT_ISSUER)"
+            )
+        if (
+            self.jwt_jwks_url
+            and not self.jwt_jwks_url.startswith("https://")
+            and not self.allow_insecure_dev
+        ):
+            raise ValueError("jwt_jwks_url must be an https:// URL")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("set both tls_cert_file and tls_key_file, or neither")
+        if self.tls_client_auth == "request":
+            raise ValueError(
+                "tls_client_auth=request is not supported (grpcio can only not ask for client "
+                "certificates or require and verify them): use none or require"
+            )
+        if self.tls_client_auth == "require" and (
+            self.tls_cert_file is None or self.tls_ca_file is None
+        ):
+            raise ValueError(
+                "tls_client_auth=require needs tls_cert_file, tls_key_file and tls_ca_file"
+            )
+        return self
+
+    @property
+    def tls_enabled(self) -> bool:
+        """Whether this service serves (and dials) TLS."""
+        return self.tls_cert_file is not None
+
+    @property
+    def idp_keys_configured(self) -> bool:
+        """Tokens come from an identity provider (RS256 key or JWKS): the production profile."""
+        return self.jwt_rs256_public_key_file is not None or bool(self.jwt_jwks_url)
+
+    def require_tls_for_forwarded_tokens(self, side: str) -> None:
+        """Refuse (``ValueError``) to carry user tokens to or from the worker in clear.
+
+        With identity-provider keys (production) the worker must serve TLS and the services
+        that forward tokens to it must dial TLS; ``allow_insecure_dev`` waives it. ``side`` says
+        which, for the message.
+        """
+        if not self.idp_keys_configured or self.allow_insecure_dev:
+            return
+        if side == "worker" and not self.tls_enabled:
+            raise ValueError(
+                "the worker receives forwarded user tokens: with an RS256 key or a JWKS URL it "
+                "needs TLS (set OPSC_TLS_CERT_FILE and OPSC_TLS_KEY_FILE, and "
+                "OPSC_TLS_CLIENT_AUTH=require with OPSC_TLS_CA_FILE for mTLS)"
+            )
+        if side == "client" and self.tls_cert_file is None and self.tls_ca_file is None:
+            raise ValueError(
+                f"the {self.service_name} service forwards user tokens to the worker: with an "
+                "RS256 key or a JWKS URL it must dial it over TLS (set OPSC_TLS_CA_FILE, and "
+                "OPSC_TLS_CERT_FILE/OPSC_TLS_KEY_FILE for mTLS)"
+            )
 
     def startup_log_fields(self) -> dict[str, Any]:
         """The settings as log fields for the start-up line: DSNs redacted, keys omitted."""

@@ -15,6 +15,7 @@ from opsconductor.api.logic.admin import AdminOperations
 from opsconductor.api.logic.queries import ExecutionQueries
 from opsconductor.api.logic.submission import Submissions
 from opsconductor.api.settings import ApiSettings
+from opsconductor.client.tls import ClientTls
 from opsconductor.client.worker import WorkerClient
 from opsconductor.common.actions.registry import default_registry
 from opsconductor.common.approval_policy import ApprovalPolicy
@@ -49,7 +50,11 @@ class ApiApp:
         await self.db.open()
         pool = self.db.pool
         # gRPC channels bind to the running loop: build them here, not in __init__.
-        self._worker = WorkerClient(self.settings.worker_target)
+        self._worker = WorkerClient(
+            self.settings.worker_target,
+            tls=ClientTls.from_settings(self.settings),
+            tls_reload_check_s=self.settings.tls_reload_check_s,
+        )
         queue = None
         if self.settings.redis_url is not None:
             self._redis = create_redis_client(self.settings.redis_url.get_secret_value())

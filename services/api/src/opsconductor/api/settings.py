@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from opsconductor.common.settings import ServiceSettings
 
@@ -24,3 +24,9 @@ class ApiSettings(ServiceSettings):
     #: Seconds feature flags are cached (a change is also pushed by LISTEN/NOTIFY).
     flag_cache_ttl_s: float = Field(default=2.0, gt=0)
     db_pool_size: int = Field(default=20, ge=1)
+
+    @model_validator(mode="after")
+    def _forwarded_tokens_only_over_tls(self) -> ApiSettings:
+        # Forwards its callers' tokens to the worker (immediate runs): never in clear in production.
+        self.require_tls_for_forwarded_tokens("client")
+        return self

@@ -11,6 +11,7 @@ from redis.asyncio import Redis
 from opsconductor.approvals.logic.decisions import ApprovalDecisions
 from opsconductor.approvals.logic.dispatch import ExecutionDispatcher
 from opsconductor.approvals.settings import ApprovalsSettings
+from opsconductor.client.tls import ClientTls
 from opsconductor.client.worker import WorkerClient
 from opsconductor.common.auth import TokenVerifier
 from opsconductor.common.errors import StorageError
@@ -38,7 +39,11 @@ class ApprovalsApp:
         await self.db.open()
         pool = self.db.pool
         # gRPC channels bind to the running loop: build them here, not in __init__.
-        self._worker = WorkerClient(self.settings.worker_target)
+        self._worker = WorkerClient(
+            self.settings.worker_target,
+            tls=ClientTls.from_settings(self.settings),
+            tls_reload_check_s=self.settings.tls_reload_check_s,
+        )
         queue = None
         if self.settings.redis_url is not None:
             self._redis = create_redis_client(self.settings.redis_url.get_secret_value())

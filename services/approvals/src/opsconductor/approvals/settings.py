@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from ipaddress import IPv4Network, IPv6Network, ip_network
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from opsconductor.common.settings import ServiceSettings
 
@@ -46,3 +46,9 @@ class ApprovalsSettings(ServiceSettings):
     def trusted_proxy_networks(self) -> tuple[IPv4Network | IPv6Network, ...]:
         """``trusted_proxies`` parsed."""
         return tuple(ip_network(item, strict=False) for item in self.trusted_proxies)
+
+    @model_validator(mode="after")
+    def _forwarded_tokens_only_over_tls(self) -> ApprovalsSettings:
+        # Forwards its callers' tokens to the worker (immediate runs): never in clear in production.
+        self.require_tls_for_forwarded_tokens("client")
+        return self

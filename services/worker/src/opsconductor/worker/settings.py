@@ -2,14 +2,18 @@
 
 Everything common (database, Redis, logging, JWT, ports) is documented on
 :class:`opsconductor.common.settings.ServiceSettings`; this class only sets the worker service's
-defaults: gRPC on 50052.
+defaults: gRPC on 50052, and one rule of its own: the api and the approvals service forward
+their caller's bearer token here, so a worker verifying tokens of an identity provider (an
+RS256 key or a JWKS URL: production) refuses to start without TLS — a user token must never
+cross the network in clear (``allow_insecure_dev`` aside). See ``docs/security.md``,
+"Transport security and tokens".
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from opsconductor.common.settings import ServiceSettings
 
@@ -37,3 +41,8 @@ class WorkerSettings(ServiceSettings):
     #: The reaper fails a ``running`` execution this many seconds after its deadline (a live
     #: worker enforces the deadline itself; one this late is gone).
     reaper_deadline_grace_s: float = Field(default=30.0, ge=0)
+
+    @model_validator(mode="after")
+    def _forwarded_tokens_only_over_tls(self) -> WorkerSettings:
+        self.require_tls_for_forwarded_tokens("worker")
+        return self

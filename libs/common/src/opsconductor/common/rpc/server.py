@@ -11,6 +11,10 @@ own servicers, the standard health service (``grpc.health.v1``) and reflection, 
 4. on SIGTERM/SIGINT: health ``NOT_SERVING``, ``await server.stop(grace)`` (in-flight RPCs get
    ``shutdown_grace_s`` to finish), the ``on_shutdown`` hooks in reverse order, return.
 
+TLS/mTLS (``OPSC_TLS_*``, off by default) is :mod:`opsconductor.common.rpc.tls`'s; with
+``health_port`` set, a second, plaintext listener serves only the health service (for probes
+that cannot speak TLS).
+
 ``run_server`` is the synchronous entry point each service's ``__main__`` calls; it turns a crash
 into a logged (hence masked) error and exit status 1.
 """
@@ -35,6 +39,7 @@ from grpc_reflection.v1alpha import reflection
 from pydantic import ValidationError
 
 from opsconductor.common.rpc.interceptors import ServerObservabilityInterceptor
+from opsconductor.common.rpc.tls import server_credentials
 
 log = structlog.get_logger(__name__)
 
@@ -80,8 +85,14 @@ class RpcServer:
         service_names: Sequence[str],
         host: str,
         port: int,
+        health_listener: tuple[grpc.aio.Server, int] | None = None,
     ) -> None:
         self.server = server
+        #: The plaintext health-only listener (``health_port``) and its bound port, if any.
+        self.health_server: grpc.aio.Server | None = None
+        self.health_port: int | None = None
+        if health_listener is not None:
+            self.health_server, self.health_port = health_listener
         self.service_names = tuple(service_names)
         self.host = host
         self.port = port
@@ -98,6 +109,8 @@ class RpcServer:
         for name in ("", *self.service_names):
             await self._health.set(name, _NOT_SERVING)
         await self.server.start()
+        if self.health_server is not None:
+            await self.health_server.start()
 
     async def mark_serving(self) -> None:
         """Report ``SERVING`` for the whole server and each registered service."""
@@ -107,6 +120,8 @@ class RpcServer:
     async def stop(self, grace: float | None) -> None:
         """Report ``NOT_SERVING`` for good, then stop, letting in-flight RPCs run ``grace`` s."""
         await self._health.enter_graceful_shutdown()
+        if self.health_server is not None:
+            await self.health_server.stop(None)
         await self.server.stop(grace)
 
 
@@ -131,10 +146,29 @@ def build_server(settings: ServerSettings, register: Register) -> RpcServer:
         [*service_names, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME], server
     )
     requested = f"{_bracket(settings.grpc_host)}:{settings.grpc_port}"
-    port = server.add_insecure_port(requested)
+    tls = server_credentials(settings)
+    if tls is None:
+        port = server.add_insecure_port(requested)
+    else:
+        port = server.add_secure_port(requested, tls[0])
     if port == 0:
         raise OSError(f"could not bind gRPC server to {requested}")
-    return RpcServer(server, health, service_names, settings.grpc_host, port)
+    health_listener = _health_listener(settings, health)
+    return RpcServer(server, health, service_names, settings.grpc_host, port, health_listener)
+
+
+def _health_listener(settings: ServerSettings, health: Any) -> tuple[grpc.aio.Server, int] | None:
+    """A plaintext server with only the health service, on ``health_port`` (if configured)."""
+    health_port = getattr(settings, "health_port", None)
+    if health_port is None:
+        return None
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    requested = f"{_bracket(settings.grpc_host)}:{health_port}"
+    port = server.add_insecure_port(requested)
+    if port == 0:
+        raise OSError(f"could not bind the health port to {requested}")
+    return server, port
 
 
 async def serve(

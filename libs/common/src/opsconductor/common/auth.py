@@ -21,6 +21,11 @@ itself would turn ``"exp": "9999999999"`` into a number. A token may live at mos
 ``exp − now`` when the token has no ``iat``, so neither a ten-year token nor an old ``iat``
 stretches a stolen token's use.
 
+With a JWKS (``jwks=``, :class:`opsconductor.common.jwks.JwksKeys`), an RS256 token's ``kid``
+selects the identity provider's key; an unknown ``kid`` refreshes the set (rate-limited) before
+the token is refused. That needs I/O, so RPCs call :meth:`TokenVerifier.verify_async`; the sync
+:meth:`TokenVerifier.verify` uses the keys already known.
+
 Error messages say what to fix ("token expired", "wrong audience") and never contain the token.
 """
 
@@ -40,6 +45,7 @@ from jwt.exceptions import InvalidJTIError, InvalidSubjectError
 from pydantic import SecretStr
 
 from opsconductor.common.errors import AuthenticationError
+from opsconductor.common.jwks import JwksKeys
 
 __all__ = [
     "DEFAULT_AUTH_METHOD",
@@ -97,6 +103,9 @@ class JwtSettings(Protocol):
     @property
     def jwt_issuer(self) -> str | None: ...
 
+    # Also read, when present: jwt_jwks_url, jwt_jwks_refresh_s, jwt_jwks_min_refresh_s,
+    # jwt_max_token_lifetime_s (older settings objects and test doubles may lack them).
+
 
 def _load_rs256_public_key(pem: str | bytes) -> RSAPublicKey:
     data = pem.encode() if isinstance(pem, str) else pem
@@ -125,11 +134,12 @@ class TokenVerifier:
         issuer: str | None = None,
         leeway: timedelta = DEFAULT_LEEWAY,
         max_token_lifetime: timedelta = DEFAULT_MAX_TOKEN_LIFETIME,
+        jwks: JwksKeys | None = None,
     ) -> None:
         if not audience:
             raise ValueError("jwt audience must be configured")
-        if hs256_key is None and rs256_public_key is None:
-            raise ValueError("configure a jwt HS256 key, an RS256 public key, or both")
+        if hs256_key is None and rs256_public_key is None and jwks is None:
+            raise ValueError("configure a jwt HS256 key, an RS256 public key or a JWKS URL")
         if (
             hs256_key is not None
             and len(hs256_key.get_secret_value().encode()) < MIN_HS256_KEY_BYTES
@@ -149,10 +159,19 @@ class TokenVerifier:
         self._issuer = issuer
         self._leeway = leeway
         self._max_lifetime = max_token_lifetime
+        self.jwks = jwks
 
     @classmethod
     def from_settings(cls, settings: JwtSettings) -> TokenVerifier:
         """Build a verifier from service settings (reads the RS256 public key file, if set)."""
+        jwks = None
+        jwks_url = getattr(settings, "jwt_jwks_url", None)
+        if jwks_url:
+            jwks = JwksKeys(
+                jwks_url,
+                refresh_s=getattr(settings, "jwt_jwks_refresh_s", 300.0),
+                min_refresh_s=getattr(settings, "jwt_jwks_min_refresh_s", 30.0),
+            )
         public_key: bytes | None = None
         if settings.jwt_rs256_public_key_file:
             path = Path(settings.jwt_rs256_public_key_file)
@@ -173,12 +192,13 @@ class TokenVerifier:
                     DEFAULT_MAX_TOKEN_LIFETIME.total_seconds(),
                 )
             ),
+            jwks=jwks,
         )
 
     @property
     def algorithms(self) -> tuple[str, ...]:
         """The algorithms this verifier accepts (one per configured key)."""
-        return tuple(sorted(self._keys))
+        return tuple(sorted({*self._keys, *([_RS256] if self.jwks is not None else [])}))
 
     def __repr__(self) -> str:
         return (
@@ -186,30 +206,43 @@ class TokenVerifier:
             f"audience={self._audience!r}, issuer={self._issuer!r})"
         )
 
+    async def start(self) -> None:
+        """Fetch the JWKS and keep it fresh (no-op without one); call in the running loop."""
+        if self.jwks is not None:
+            await self.jwks.start()
+
+    async def close(self) -> None:
+        if self.jwks is not None:
+            await self.jwks.close()
+
+    async def verify_async(self, token: str) -> Principal:
+        """:meth:`verify`, first fetching the JWKS again if the token names an unknown ``kid``
+        (at most once per cooldown, see :mod:`opsconductor.common.jwks`)."""
+        kid = self._jwks_kid(token)
+        if kid is not None and self.jwks is not None and self.jwks.cached(kid) is None:
+            await self.jwks.key_for(kid)
+        return self.verify(token)
+
     def verify(self, token: str) -> Principal:
         """Return the principal of a valid token; raise :class:`AuthenticationError` otherwise.
 
         The error message names the problem (expired, bad signature, wrong audience, missing
         claim …) and never contains the token or any part of it.
         """
-        if not token:
-            raise AuthenticationError("missing bearer token")
-        # Every failure below is re-raised `from None`: PyJWT's exceptions are not needed to act
-        # on the message, and a chained traceback is one more place a token fragment could leak.
-        try:
-            header = jwt.get_unverified_header(token)
-        except jwt.PyJWTError:
-            raise AuthenticationError("malformed token: not a signed JWT") from None
+        header = self._header(token)
         # The header only picks which configured key to try; that key's algorithm is the only
         # one passed to PyJWT, so "none" or HS256-with-the-RSA-public-key cannot get through.
         alg = header.get("alg")
-        if not isinstance(alg, str) or alg not in self._keys:
+        if not isinstance(alg, str) or alg not in self.algorithms:
             accepted = ", ".join(self.algorithms)
             raise AuthenticationError(f"token algorithm not accepted (accepted: {accepted})")
+        key = self._key(alg, header)
+        # Every failure below is re-raised `from None`: PyJWT's exceptions are not needed to act
+        # on the message, and a chained traceback is one more place a token fragment could leak.
         try:
             claims: dict[str, Any] = jwt.decode(
                 token,
-                key=self._keys[alg],
+                key=key,
                 algorithms=[alg],
                 audience=self._audience,
                 issuer=self._issuer,
@@ -220,6 +253,44 @@ class TokenVerifier:
             raise AuthenticationError(self._describe(exc)) from None
         self._check_lifetime(claims)
         return self._principal(claims)
+
+    @staticmethod
+    def _header(token: str) -> dict[str, Any]:
+        if not token:
+            raise AuthenticationError("missing bearer token")
+        try:
+            return jwt.get_unverified_header(token)
+        except jwt.PyJWTError:
+            raise AuthenticationError("malformed token: not a signed JWT") from None
+
+    def _jwks_kid(self, token: str) -> str | None:
+        """The ``kid`` of an RS256 token the JWKS should resolve (None: not a JWKS case)."""
+        if self.jwks is None:
+            return None
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError:
+            return None  # verify() says why
+        kid = header.get("kid")
+        if header.get("alg") != _RS256 or not isinstance(kid, str) or not kid:
+            return None
+        return kid
+
+    def _key(self, alg: str, header: Mapping[str, Any]) -> Any:
+        """The configured key for ``alg``; for RS256 with a JWKS, the key the ``kid`` names."""
+        if alg != _RS256 or self.jwks is None:
+            return self._keys[alg]
+        kid = header.get("kid")
+        if not isinstance(kid, str) or not kid:
+            if _RS256 in self._keys:
+                return self._keys[_RS256]  # the static key signs tokens without a kid
+            raise AuthenticationError("token has no kid: cannot select the signing key")
+        key = self.jwks.cached(kid)
+        if key is None:
+            raise AuthenticationError(
+                "unknown signing key (kid): not published by the identity provider"
+            )
+        return key
 
     def _check_lifetime(self, claims: Mapping[str, Any]) -> None:
         """Time claims are numbers, and the token lives no longer than allowed."""

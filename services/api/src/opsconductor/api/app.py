@@ -48,6 +48,7 @@ class ApiApp:
     async def start(self) -> None:
         """Open the pool, load the timeout policies, listen for flag changes."""
         await self.db.open()
+        await self.verifier.start()  # the JWKS, when configured
         pool = self.db.pool
         # gRPC channels bind to the running loop: build them here, not in __init__.
         self._worker = WorkerClient(
@@ -93,6 +94,7 @@ class ApiApp:
             await self._worker.close()
         if self._redis is not None:
             await self._redis.aclose()
+        await self.verifier.close()
         await self.db.close()
 
     @property

@@ -37,6 +37,7 @@ class ApprovalsApp:
     async def start(self) -> None:
         """Open the pool, load the timeout policies, connect to the worker and the queue."""
         await self.db.open()
+        await self.verifier.start()  # the JWKS, when configured
         pool = self.db.pool
         # gRPC channels bind to the running loop: build them here, not in __init__.
         self._worker = WorkerClient(
@@ -69,6 +70,7 @@ class ApprovalsApp:
             await self._worker.close()
         if self._redis is not None:
             await self._redis.aclose()
+        await self.verifier.close()
         await self.db.close()
 
     @property

@@ -43,6 +43,7 @@ class WorkerApp:
 
     async def start(self) -> None:
         await self.db.open()
+        await self.verifier.start()  # the JWKS, when configured
         pool = self.db.pool
         await self._cancel_signals.start()
         policies = await load_timeout_policies(pool)
@@ -90,6 +91,7 @@ class WorkerApp:
         if self._immediate is not None:
             await self._immediate.drain(self.settings.shutdown_grace_s)
         await self._cancel_signals.stop()
+        await self.verifier.close()
         await self.db.close()
 
     @property

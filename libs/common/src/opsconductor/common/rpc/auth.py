@@ -9,15 +9,16 @@ import grpc.aio
 from opsconductor.common.auth import Principal, TokenVerifier, bearer_from_metadata
 
 
-def authenticate(
+async def authenticate(
     context: grpc.aio.ServicerContext[Any, Any], verifier: TokenVerifier
 ) -> tuple[Principal, str]:
     """The verified caller and its raw token (forwarded to the worker for its own check).
 
     Raises ``AuthenticationError`` (UNAUTHENTICATED) for a missing, expired or bad token.
+    Async: a token signed by a key the JWKS does not list yet makes the verifier fetch it.
     """
     token = bearer_from_metadata(context.invocation_metadata() or ())
-    return verifier.verify(token), token
+    return await verifier.verify_async(token), token
 
 
 def peer_ip(context: grpc.aio.ServicerContext[Any, Any]) -> str:

@@ -36,14 +36,14 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
     async def GetFeatureFlags(
         self, request: admin_service_pb2.GetFeatureFlagsRequest, context: _Context
     ) -> admin_service_pb2.GetFeatureFlagsResponse:
-        principal, _ = authenticate(context, self._app.verifier)
+        principal, _ = await authenticate(context, self._app.verifier)
         flags = await self._app.admin.get_flags(principal)
         return admin_service_pb2.GetFeatureFlagsResponse(flags=_flags_to_proto(flags))
 
     async def UpdateFeatureFlags(
         self, request: admin_service_pb2.UpdateFeatureFlagsRequest, context: _Context
     ) -> admin_service_pb2.UpdateFeatureFlagsResponse:
-        principal, _ = authenticate(context, self._app.verifier)
+        principal, _ = await authenticate(context, self._app.verifier)
         paths = list(request.update_mask.paths)
         if not paths:
             raise InvalidArgumentError(
@@ -66,7 +66,7 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
     async def ListDlqEntries(
         self, request: admin_service_pb2.ListDlqEntriesRequest, context: _Context
     ) -> admin_service_pb2.ListDlqEntriesResponse:
-        principal, _ = authenticate(context, self._app.verifier)
+        principal, _ = await authenticate(context, self._app.verifier)
         if request.page_size < 0:
             raise InvalidArgumentError("page_size must not be negative", field="page_size")
         entries, token = await self._app.admin.list_dlq(
@@ -83,7 +83,7 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
     async def RequeueDlqEntry(
         self, request: admin_service_pb2.RequeueDlqEntryRequest, context: _Context
     ) -> admin_service_pb2.RequeueDlqEntryResponse:
-        principal, _ = authenticate(context, self._app.verifier)
+        principal, _ = await authenticate(context, self._app.verifier)
         result = await self._app.admin.requeue_dlq(
             principal, parse_dlq_id(request.dlq_id), request_id=current_request_id()
         )
@@ -96,7 +96,7 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
     async def GetQueueStats(
         self, request: admin_service_pb2.GetQueueStatsRequest, context: _Context
     ) -> admin_service_pb2.GetQueueStatsResponse:
-        principal, _ = authenticate(context, self._app.verifier)
+        principal, _ = await authenticate(context, self._app.verifier)
         overview = await self._app.admin.queue_stats(principal)
         stats = overview.stats
         return admin_service_pb2.GetQueueStatsResponse(
@@ -114,7 +114,7 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
     async def SetDrain(
         self, request: admin_service_pb2.SetDrainRequest, context: _Context
     ) -> admin_service_pb2.SetDrainResponse:
-        principal, _ = authenticate(context, self._app.verifier)
+        principal, _ = await authenticate(context, self._app.verifier)
         paused = await self._app.admin.set_drain(principal, request.drain)
         return admin_service_pb2.SetDrainResponse(dispatch_paused=paused)
 

@@ -65,7 +65,7 @@ class ExecutionServicer(execution_service_pb2_grpc.ExecutionServiceServicer):
     async def SubmitExecution(
         self, request: execution_service_pb2.SubmitExecutionRequest, context: _Context
     ) -> execution_service_pb2.SubmitExecutionResponse:
-        principal, token = authenticate(context, self._app.verifier)
+        principal, token = await authenticate(context, self._app.verifier)
         priority = request.priority if request.HasField("priority") else None
         if priority is not None and not 0 <= priority <= 100:
             raise PlanValidationError.for_field(
@@ -94,14 +94,14 @@ class ExecutionServicer(execution_service_pb2_grpc.ExecutionServiceServicer):
     async def GetExecution(
         self, request: execution_service_pb2.GetExecutionRequest, context: _Context
     ) -> execution_service_pb2.GetExecutionResponse:
-        principal, _ = authenticate(context, self._app.verifier)
+        principal, _ = await authenticate(context, self._app.verifier)
         record = await self._app.queries.get(principal, request.tenant_id, request.execution_id)
         return execution_service_pb2.GetExecutionResponse(execution=execution_to_proto(record))
 
     async def ListExecutions(
         self, request: execution_service_pb2.ListExecutionsRequest, context: _Context
     ) -> execution_service_pb2.ListExecutionsResponse:
-        principal, _ = authenticate(context, self._app.verifier)
+        principal, _ = await authenticate(context, self._app.verifier)
         if request.page_size < 0:
             raise InvalidArgumentError("page_size must not be negative", field="page_size")
         mode = _mode(request.execution_mode, "execution_mode")
@@ -121,7 +121,7 @@ class ExecutionServicer(execution_service_pb2_grpc.ExecutionServiceServicer):
     async def CancelExecution(
         self, request: execution_service_pb2.CancelExecutionRequest, context: _Context
     ) -> execution_service_pb2.CancelExecutionResponse:
-        principal, _ = authenticate(context, self._app.verifier)
+        principal, _ = await authenticate(context, self._app.verifier)
         record = await self._app.queries.cancel(
             principal, request.tenant_id, request.execution_id, request.reason
         )
@@ -130,7 +130,7 @@ class ExecutionServicer(execution_service_pb2_grpc.ExecutionServiceServicer):
     async def PreviewPlan(
         self, request: execution_service_pb2.PreviewPlanRequest, context: _Context
     ) -> execution_service_pb2.PreviewPlanResponse:
-        principal, _ = authenticate(context, self._app.verifier)
+        principal, _ = await authenticate(context, self._app.verifier)
         decision = await self._app.submissions.preview(
             principal,
             request.tenant_id,

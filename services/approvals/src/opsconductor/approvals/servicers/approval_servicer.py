@@ -75,8 +75,8 @@ class ApprovalServicer(approval_service_pb2_grpc.ApprovalServiceServicer):
     def __init__(self, app: ApprovalsApp) -> None:
         self._app = app
 
-    def _caller(self, context: _Context) -> Caller:
-        principal, token = authenticate(context, self._app.verifier)
+    async def _caller(self, context: _Context) -> Caller:
+        principal, token = await authenticate(context, self._app.verifier)
         return Caller(
             principal=principal,
             token=token,
@@ -86,14 +86,14 @@ class ApprovalServicer(approval_service_pb2_grpc.ApprovalServiceServicer):
     async def GetApproval(
         self, request: approval_service_pb2.GetApprovalRequest, context: _Context
     ) -> approval_service_pb2.GetApprovalResponse:
-        principal, _ = authenticate(context, self._app.verifier)
+        principal, _ = await authenticate(context, self._app.verifier)
         approval = await self._app.decisions.get(principal, request.tenant_id, request.approval_id)
         return approval_service_pb2.GetApprovalResponse(approval=approval_to_proto(approval))
 
     async def ListPendingApprovals(
         self, request: approval_service_pb2.ListPendingApprovalsRequest, context: _Context
     ) -> approval_service_pb2.ListPendingApprovalsResponse:
-        principal, _ = authenticate(context, self._app.verifier)
+        principal, _ = await authenticate(context, self._app.verifier)
         if request.page_size < 0:
             raise InvalidArgumentError("page_size must not be negative", field="page_size")
         approvals, token = await self._app.decisions.list_pending(
@@ -109,7 +109,7 @@ class ApprovalServicer(approval_service_pb2_grpc.ApprovalServiceServicer):
     async def Approve(
         self, request: approval_service_pb2.ApproveRequest, context: _Context
     ) -> approval_service_pb2.ApproveResponse:
-        caller = self._caller(context)  # authenticate before anything else
+        caller = await self._caller(context)  # authenticate before anything else
         approval = await self._app.decisions.approve(
             caller, request.tenant_id, request.approval_id, request.comment
         )
@@ -118,7 +118,7 @@ class ApprovalServicer(approval_service_pb2_grpc.ApprovalServiceServicer):
     async def Reject(
         self, request: approval_service_pb2.RejectRequest, context: _Context
     ) -> approval_service_pb2.RejectResponse:
-        caller = self._caller(context)  # authenticate before anything else
+        caller = await self._caller(context)  # authenticate before anything else
         approval = await self._app.decisions.reject(
             caller, request.tenant_id, request.approval_id, request.comment
         )
@@ -127,7 +127,7 @@ class ApprovalServicer(approval_service_pb2_grpc.ApprovalServiceServicer):
     async def ApproveStep(
         self, request: approval_service_pb2.ApproveStepRequest, context: _Context
     ) -> approval_service_pb2.ApproveStepResponse:
-        caller = self._caller(context)  # authenticate before anything else
+        caller = await self._caller(context)  # authenticate before anything else
         approval = await self._app.decisions.approve_step(
             caller,
             request.tenant_id,

@@ -26,7 +26,7 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
     async def RunImmediate(
         self, request: worker_service_pb2.RunImmediateRequest, context: _Context
     ) -> worker_service_pb2.RunImmediateResponse:
-        caller, _ = authenticate(context, self._app.verifier)
+        caller, _ = await authenticate(context, self._app.verifier)
         record = await self._app.immediate.run(
             caller, tenant_id=request.tenant_id, execution_id=as_execution_id(request.execution_id)
         )

@@ -23,7 +23,6 @@ from opsconductor.client import ClientTls
 from opsconductor.client.tls import RotatingChannel, open_channel
 from opsconductor.client.worker import WorkerClient
 from opsconductor.common.rpc.server import RpcServer, build_server
-from opsconductor.common.rpc.tls import peer_uses_tls
 from opsconductor.execution.v1 import worker_service_pb2, worker_service_pb2_grpc
 from tests.tls_material import Authority
 
@@ -45,6 +44,11 @@ class TlsBootSettings:
     tls_client_auth: str = "none"
     tls_reload_check_s: float = 0.0
     health_port: int | None = None
+
+
+def peer_uses_tls(context: Any) -> bool:
+    """Whether an RPC arrived over TLS (``transport_security_type`` of its auth context)."""
+    return b"ssl" in ((context.auth_context() or {}).get("transport_security_type") or ())
 
 
 class RecordingWorker(worker_service_pb2_grpc.WorkerServiceServicer):

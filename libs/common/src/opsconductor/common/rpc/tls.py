@@ -106,12 +106,6 @@ def server_credentials(settings: Any) -> tuple[grpc.ServerCredentials, ServerCer
     return credentials, certificates
 
 
-def peer_uses_tls(context: Any) -> bool:
-    """Whether an RPC arrived over TLS (``transport_security_type`` of its auth context)."""
-    values = (context.auth_context() or {}).get("transport_security_type") or ()
-    return b"ssl" in values
-
-
 def _check_pair(cert_pem: bytes, key_pem: bytes) -> None:
     """Refuse a certificate whose key is not the one given (a half-rotated pair)."""
     try:

@@ -12,7 +12,7 @@ SRC_DIRS := $(addsuffix /src,$(PACKAGES))
 
 # proto-lint needs Node.js (npx fetches the official @bufbuild/buf); make test checks the same
 # naming rules without it (tests/unit/test_proto_contracts.py).
-.PHONY: help venv protos protos-check proto-lint lint fmt typecheck importlint test test-fast migrate migrate-down run bench bench-immediate bench-background clean
+.PHONY: help venv sandbox-tools protos protos-check proto-lint lint fmt typecheck importlint test test-fast migrate migrate-down run bench bench-immediate bench-background clean
 
 help:
 	@echo "make run          start the whole system on this machine (embedded Postgres/Redis unless DATABASE_URL/REDIS_URL)"
@@ -30,6 +30,15 @@ $(STAMP): requirements/constraints.txt requirements/dev.txt $(PYPROJECTS) tests/
 	$(PY) -m pip install -q --disable-pip-version-check -c requirements/constraints.txt \
 		-r requirements/dev.txt $(addprefix -e ./,$(PACKAGES)) -e ./tests/plugins/opsc_test_actions
 	touch $(STAMP)
+
+# The shell action's sandbox (docs/security.md): Debian's bubblewrap; setpriv and prlimit come
+# with util-linux. Idempotent and quiet: nothing happens when bwrap is already there.
+sandbox-tools:
+	@command -v bwrap >/dev/null || { export DEBIAN_FRONTEND=noninteractive; \
+		apt-get install -y -qq --no-install-recommends bubblewrap >/dev/null 2>&1 || \
+		{ apt-get update -qq >/dev/null && \
+		  apt-get install -y -qq --no-install-recommends bubblewrap >/dev/null; }; }
+	@command -v bwrap >/dev/null && command -v setpriv >/dev/null && command -v prlimit >/dev/null
 
 protos: $(STAMP)
 	$(PY) tools/gen_protos.py
@@ -55,10 +64,10 @@ importlint: $(STAMP)
 	$(VENV)/bin/lint-imports
 
 # The whole suite: hygiene first (fast, fails early), then every test with the coverage gates.
-test: $(STAMP) lint typecheck importlint protos-check
+test: $(STAMP) sandbox-tools lint typecheck importlint protos-check
 	$(PY) tools/run_tests.py
 
-test-fast: $(STAMP)
+test-fast: $(STAMP) sandbox-tools
 	$(VENV)/bin/pytest tests/unit -q
 
 migrate: $(STAMP)
@@ -67,7 +76,7 @@ migrate: $(STAMP)
 migrate-down: $(STAMP)
 	$(PY) -m opsconductor.common.storage.migrate down --steps 1
 
-run: $(STAMP)
+run: $(STAMP) sandbox-tools
 	$(PY) -m opsconductor.devstack
 
 bench: bench-immediate bench-background

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import secrets
+import shutil
 import signal
 import sys
+import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +30,46 @@ from opsconductor.common.actions.shell import IDEMPOTENCY_ENV, ShellAction, term
 from opsconductor.common.errors import PlanValidationError
 from opsconductor.common.masking import REDACTED
 from opsconductor.common.secrets import EnvSecretProvider, SecretResolver
+from opsconductor.common.tenant_policy import ShellPolicy, TenantPolicy
+
+# These tests are about argv, environment, output and process groups, with real processes in the
+# real sandbox: its setpriv mode (own uid and limits, host pid namespace), so that the pids the
+# scripts report are the ones the assertions look up. tests/integration/test_sandbox_attacks.py
+# covers the sandbox itself, in both modes.
+EXECUTABLES = (
+    "/bin/sh",
+    "/usr/bin/echo",
+    "/usr/bin/env",
+    "/usr/bin/printenv",
+    "/usr/bin/pwd",
+    "/usr/bin/touch",
+    "/nonexistent/program-x",
+    sys.executable,
+)
+POLICY = TenantPolicy(
+    shell=ShellPolicy(
+        enabled=True,
+        executables=EXECUTABLES,
+        allow_interpreters=True,
+        env_allow=("SHELL_TEST_ALLOWED", "SHELL_TEST_UNSET"),
+        network=True,
+    )
+)
+
+
+@pytest.fixture(autouse=True)
+def _setpriv_sandbox(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPSC_SANDBOX_MODE", "setpriv")
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A directory the step's uid may write to (pytest's tmp_path is private to root)."""
+    path = Path(tempfile.mkdtemp(prefix="opsc-shell-test-"))
+    path.chmod(0o777)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
 
 # A script that starts two grandchildren, writes every pid of the group to a file, then waits.
 # The trap makes the shell itself ignore SIGTERM, so only SIGKILL after the grace ends it.
@@ -53,6 +96,7 @@ def _ctx(
         timeout_s=timeout_s,
         record_only=record_only,
         cancel_event=asyncio.Event(),
+        tenant_policy=POLICY,
     )
 
 
@@ -78,10 +122,10 @@ def _env_of(result: ActionResult) -> dict[str, str]:
     return dict(line.split("=", 1) for line in lines if "=" in line)
 
 
-async def test_argv_is_not_interpreted_by_a_shell(tmp_path: Path) -> None:
-    marker = tmp_path / "pwned"
+async def test_argv_is_not_interpreted_by_a_shell(shared_dir: Path) -> None:
+    marker = shared_dir / "pwned"
     result = await ShellAction().run(
-        _ctx({"argv": ["echo", "a;b", f"; touch {marker}", "$(id)", "`id`", "*"]})
+        _ctx({"argv": ["/usr/bin/echo", "a;b", f"; touch {marker}", "$(id)", "`id`", "*"]})
     )
     assert result.output["stdout"] == f"a;b ; touch {marker} $(id) `id` *\n"
     assert result.output["exit_code"] == 0
@@ -105,7 +149,7 @@ async def test_only_allowed_worker_variables_reach_the_child(
     result = await ShellAction().run(
         _ctx(
             {
-                "argv": ["env"],
+                "argv": ["/usr/bin/env"],
                 "env_allow": ["SHELL_TEST_ALLOWED", "SHELL_TEST_UNSET"],
                 "env": {"EXPLICIT": "given"},
             }
@@ -132,14 +176,16 @@ async def test_only_allowed_worker_variables_reach_the_child(
 
 async def test_injected_environment_is_the_passthrough_source() -> None:
     action = ShellAction(environ={"PATH": "/usr/bin:/bin", "OTHER": "x"})
-    env = _env_of(await action.run(_ctx({"argv": ["env"]})))
+    env = _env_of(await action.run(_ctx({"argv": ["/usr/bin/env"]})))
     assert set(env) == {"PATH", IDEMPOTENCY_ENV}
     assert env["PATH"] == "/usr/bin:/bin"
 
 
 async def test_the_child_gets_the_step_idempotency_key() -> None:
     """Printed bare: ``NAME=value`` text with "KEY" in the name is masked in results."""
-    result = await ShellAction().run(_ctx({"argv": ["printenv", IDEMPOTENCY_ENV]}, key="e-7:s-2"))
+    result = await ShellAction().run(
+        _ctx({"argv": ["/usr/bin/printenv", IDEMPOTENCY_ENV]}, key="e-7:s-2")
+    )
     assert result.output["stdout"] == "e-7:s-2\n"
 
 
@@ -147,7 +193,7 @@ async def test_secret_env_value_reaches_the_child_but_never_the_result() -> None
     value = "shell-" + secrets.token_hex(10)
     resolver = SecretResolver([EnvSecretProvider({"OPSC_SECRET_API_TOKEN": value})])
     params = {
-        "argv": ["sh", "-c", 'echo "token is $API_TOKEN" >&2; echo "$API_TOKEN"'],
+        "argv": ["/bin/sh", "-c", 'echo "token is $API_TOKEN" >&2; echo "$API_TOKEN"'],
         "env": {"API_TOKEN": {"$secret": "env:API_TOKEN"}},
     }
     assert ShellAction().validate(params) == []
@@ -180,7 +226,7 @@ async def test_nul_and_invalid_utf8_in_output_are_storable() -> None:
 async def test_unexpected_exit_code_fails_with_code_and_stderr_tail() -> None:
     with pytest.raises(ActionFailedError) as info:
         await ShellAction().run(
-            _ctx({"argv": ["sh", "-c", "echo out; echo 'disk full' >&2; exit 3"]})
+            _ctx({"argv": ["/bin/sh", "-c", "echo out; echo 'disk full' >&2; exit 3"]})
         )
     assert info.value.details == {"exit_code": 3}
     assert "exited with code 3: disk full" in str(info.value)
@@ -191,21 +237,21 @@ async def test_unexpected_exit_code_fails_with_code_and_stderr_tail() -> None:
 
 async def test_expected_exit_codes_are_configurable() -> None:
     result = await ShellAction().run(
-        _ctx({"argv": ["sh", "-c", "exit 3"], "expected_exit_codes": [0, 3]})
+        _ctx({"argv": ["/bin/sh", "-c", "exit 3"], "expected_exit_codes": [0, 3]})
     )
     assert result.output["exit_code"] == 3
 
 
-async def test_cwd_is_used(tmp_path: Path) -> None:
-    result = await ShellAction().run(_ctx({"argv": ["pwd"], "cwd": str(tmp_path)}))
-    assert result.output["stdout"] == f"{tmp_path.resolve()}\n"
+async def test_cwd_is_used(shared_dir: Path) -> None:
+    result = await ShellAction().run(_ctx({"argv": ["/usr/bin/pwd"], "cwd": str(shared_dir)}))
+    assert result.output["stdout"] == f"{shared_dir.resolve()}\n"
 
 
 @pytest.mark.parametrize(
     "params",
     [
         {"argv": ["/nonexistent/program-x"]},
-        {"argv": ["pwd"], "cwd": "/nonexistent/dir-x"},
+        {"argv": ["/usr/bin/pwd"], "cwd": "/nonexistent/dir-x"},
     ],
 )
 async def test_a_program_that_cannot_start_is_an_action_failure(params: dict[str, Any]) -> None:
@@ -214,13 +260,13 @@ async def test_a_program_that_cannot_start_is_an_action_failure(params: dict[str
     assert info.value.details["error_class"] == "FileNotFoundError"
 
 
-async def test_timeout_kills_the_whole_process_group(tmp_path: Path) -> None:
-    pidfile = tmp_path / "pids"
+async def test_timeout_kills_the_whole_process_group(shared_dir: Path) -> None:
+    pidfile = shared_dir / "pids"
     action = ShellAction(kill_grace_s=0.3)
     started = time.monotonic()
     with pytest.raises(ActionTimeoutError) as info:
         await action.run(
-            _ctx({"argv": ["sh", "-c", GROUP_SCRIPT, "sh", str(pidfile)], "timeout_s": 0.5})
+            _ctx({"argv": ["/bin/sh", "-c", GROUP_SCRIPT, "sh", str(pidfile)], "timeout_s": 0.5})
         )
     assert time.monotonic() - started < 10
     assert isinstance(info.value, TimeoutError)
@@ -233,21 +279,21 @@ async def test_timeout_kills_the_whole_process_group(tmp_path: Path) -> None:
     assert info.value.output.output["exit_code"] == -9
 
 
-async def test_step_budget_caps_the_params_timeout(tmp_path: Path) -> None:
-    pidfile = tmp_path / "pids"
+async def test_step_budget_caps_the_params_timeout(shared_dir: Path) -> None:
+    pidfile = shared_dir / "pids"
     with pytest.raises(ActionTimeoutError) as info:
         await ShellAction(kill_grace_s=0.3).run(
             _ctx(
-                {"argv": ["sh", "-c", GROUP_SCRIPT, "sh", str(pidfile)], "timeout_s": 60},
+                {"argv": ["/bin/sh", "-c", GROUP_SCRIPT, "sh", str(pidfile)], "timeout_s": 60},
                 timeout_s=0.4,
             )
         )
     assert info.value.details == {"timeout_s": 0.4, "budget_exhausted": True}
 
 
-async def test_cancel_kills_the_whole_process_group(tmp_path: Path) -> None:
-    pidfile = tmp_path / "pids"
-    ctx = _ctx({"argv": ["sh", "-c", GROUP_SCRIPT, "sh", str(pidfile)]})
+async def test_cancel_kills_the_whole_process_group(shared_dir: Path) -> None:
+    pidfile = shared_dir / "pids"
+    ctx = _ctx({"argv": ["/bin/sh", "-c", GROUP_SCRIPT, "sh", str(pidfile)]})
     task = asyncio.create_task(ShellAction(kill_grace_s=0.3).run(ctx))
     pids = [int(p) for p in (await _wait_for_file(pidfile)).split()]
     assert all(_running(pid) for pid in pids)
@@ -257,11 +303,11 @@ async def test_cancel_kills_the_whole_process_group(tmp_path: Path) -> None:
     assert [pid for pid in pids if _running(pid)] == []
 
 
-async def test_sigterm_is_enough_for_a_cooperative_group(tmp_path: Path) -> None:
+async def test_sigterm_is_enough_for_a_cooperative_group(shared_dir: Path) -> None:
     """Without the trap, SIGTERM ends everything well before the SIGKILL grace."""
-    pidfile = tmp_path / "pids"
+    pidfile = shared_dir / "pids"
     script = 'sleep 60 & a=$!; echo "$$ $a" > "$1.tmp"; mv "$1.tmp" "$1"; wait'
-    ctx = _ctx({"argv": ["sh", "-c", script, "sh", str(pidfile)]})
+    ctx = _ctx({"argv": ["/bin/sh", "-c", script, "sh", str(pidfile)]})
     task = asyncio.create_task(ShellAction(kill_grace_s=30).run(ctx))
     pids = [int(p) for p in (await _wait_for_file(pidfile)).split()]
     started = time.monotonic()
@@ -272,12 +318,12 @@ async def test_sigterm_is_enough_for_a_cooperative_group(tmp_path: Path) -> None
     assert [pid for pid in pids if _running(pid)] == []
 
 
-async def test_worker_cancelling_the_task_also_kills_the_group(tmp_path: Path) -> None:
+async def test_worker_cancelling_the_task_also_kills_the_group(shared_dir: Path) -> None:
     """The worker's own deadline (asyncio cancellation) must not leak the child's group."""
-    pidfile = tmp_path / "pids"
+    pidfile = shared_dir / "pids"
     task = asyncio.create_task(
         ShellAction(kill_grace_s=0.3).run(
-            _ctx({"argv": ["sh", "-c", GROUP_SCRIPT, "sh", str(pidfile)]})
+            _ctx({"argv": ["/bin/sh", "-c", GROUP_SCRIPT, "sh", str(pidfile)]})
         )
     )
     pids = [int(p) for p in (await _wait_for_file(pidfile)).split()]
@@ -287,11 +333,11 @@ async def test_worker_cancelling_the_task_also_kills_the_group(tmp_path: Path) -
     assert [pid for pid in pids if _running(pid)] == []
 
 
-async def test_background_leftovers_are_stopped_when_the_child_exits(tmp_path: Path) -> None:
+async def test_background_leftovers_are_stopped_when_the_child_exits(shared_dir: Path) -> None:
     """A grandchild left running (holding the output pipe) does not outlive the step."""
     script = "sleep 60 & echo $!"
     started = time.monotonic()
-    result = await ShellAction(kill_grace_s=0.3).run(_ctx({"argv": ["sh", "-c", script]}))
+    result = await ShellAction(kill_grace_s=0.3).run(_ctx({"argv": ["/bin/sh", "-c", script]}))
     assert time.monotonic() - started < 10
     assert result.output["exit_code"] == 0
     leftover = int(result.output["stdout"].split()[0])
@@ -304,12 +350,16 @@ async def test_terminate_group_of_a_finished_group_is_harmless() -> None:
     await terminate_group(process.pid, grace_s=0.1)
 
 
-async def test_record_only_runs_nothing(tmp_path: Path) -> None:
-    marker = tmp_path / "created"
+async def test_record_only_runs_nothing(shared_dir: Path) -> None:
+    marker = shared_dir / "created"
     value = "rec-" + secrets.token_hex(8)
     result = await ShellAction().run(
         _ctx(
-            {"argv": ["touch", str(marker)], "env": {"TOKEN_X": value}, "cwd": str(tmp_path)},
+            {
+                "argv": ["/usr/bin/touch", str(marker)],
+                "env": {"TOKEN_X": value},
+                "cwd": str(shared_dir),
+            },
             record_only=True,
         )
     )
@@ -317,10 +367,10 @@ async def test_record_only_runs_nothing(tmp_path: Path) -> None:
     assert result.record_only
     assert result.output["would_run"] == {
         "action": "shell",
-        "argv": ["touch", str(marker)],
+        "argv": ["/usr/bin/touch", str(marker)],
         "env_names": ["TOKEN_X"],
         "env_allow": [],
-        "cwd": str(tmp_path),
+        "cwd": str(shared_dir),
     }
     assert value not in json.dumps(result.output)
 
@@ -331,9 +381,9 @@ async def test_record_only_runs_nothing(tmp_path: Path) -> None:
         ({}, "params.argv"),
         ({"argv": []}, "params.argv"),
         ({"argv": [""]}, "params.argv[0]"),
-        ({"argv": ["echo", 3]}, "params.argv[1]"),
-        ({"argv": ["echo", {"$secret": "env:X"}]}, "params.argv[1]"),
-        ({"argv": ["echo", "a\x00b"]}, "params.argv"),
+        ({"argv": ["/usr/bin/echo", 3]}, "params.argv[1]"),
+        ({"argv": ["/usr/bin/echo", {"$secret": "env:X"}]}, "params.argv[1]"),
+        ({"argv": ["/usr/bin/echo", "a\x00b"]}, "params.argv"),
         ({"argv": ["true"], "env": {"1BAD": "x"}}, "params.env"),
         ({"argv": ["true"], "env": {"A": 5}}, "params.env.A"),
         ({"argv": ["true"], "env": {"A": "a\x00"}}, "params.env.A"),
@@ -367,7 +417,9 @@ def test_secret_reference_allowed_in_env_values() -> None:
 
 async def test_an_unresolved_reference_never_reaches_the_child() -> None:
     with pytest.raises(PlanValidationError, match="not resolved"):
-        await ShellAction().run(_ctx({"argv": ["env"], "env": {"T": {"$secret": "env:T"}}}))
+        await ShellAction().run(
+            _ctx({"argv": ["/usr/bin/env"], "env": {"T": {"$secret": "env:T"}}})
+        )
 
 
 def test_shell_metadata() -> None:
@@ -376,20 +428,23 @@ def test_shell_metadata() -> None:
     assert action.min_action_class.value == "modify"
 
 
-async def test_a_process_escaping_the_group_cannot_hold_the_step(tmp_path: Path) -> None:
+async def test_a_process_escaping_the_group_cannot_hold_the_step(shared_dir: Path) -> None:
     """A grandchild that calls setsid() is out of reach of killpg; the step still ends."""
     escape = "import os, time; os.setsid(); time.sleep(30)"
     script = '"$0" -c "$1" & echo $!'
     started = time.monotonic()
     result = await ShellAction(kill_grace_s=0.3).run(
-        _ctx({"argv": ["sh", "-c", script, sys.executable, escape]})
+        _ctx({"argv": ["/bin/sh", "-c", script, sys.executable, escape]})
     )
     escaped = int(result.output["stdout"].split()[0])
     try:
         assert time.monotonic() - started < 10
         assert result.output["exit_code"] == 0
+        # The sandbox kills every process of the step's uid, escaped ones included.
+        assert not _running(escaped)
     finally:
-        os.kill(escaped, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(escaped, signal.SIGKILL)
 
 
 def _processes_with(token: str) -> list[int]:
@@ -412,7 +467,7 @@ async def test_cancelled_at_any_moment_leaves_no_process(loop_turns: int) -> Non
     token = f"opsc-test-{secrets.token_hex(6)}"
     # Every process of the group carries the token on its command line.
     script = 'trap "" TERM; "$0" -c "$1" "$2" & "$0" -c "$1" "$2" & wait'
-    argv = ["sh", "-c", script, sys.executable, "import time; time.sleep(60)", token]
+    argv = ["/bin/sh", "-c", script, sys.executable, "import time; time.sleep(60)", token]
     task = asyncio.create_task(ShellAction(kill_grace_s=0.2).run(_ctx({"argv": argv})))
     for _ in range(loop_turns):
         await asyncio.sleep(0)

@@ -18,15 +18,18 @@ leaves a tenant on the defaults.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import os.path
+import re
+from collections.abc import Mapping, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from opsconductor.common.errors import InvalidArgumentError
+from opsconductor.common.errors import FieldViolation, InvalidArgumentError, PermissionDeniedError
+from opsconductor.common.settings import ENV_PREFIX, ServiceSettings
 
 __all__ = [
     "EgressPolicy",
@@ -34,7 +37,10 @@ __all__ = [
     "ShellPolicy",
     "TenantPolicies",
     "TenantPolicy",
+    "TenantPolicyDeniedError",
     "TenantPolicyError",
+    "is_interpreter",
+    "is_worker_variable",
 ]
 
 
@@ -42,12 +48,138 @@ class TenantPolicyError(InvalidArgumentError):
     """The tenant policy file is unreadable or invalid."""
 
 
+class TenantPolicyDeniedError(PermissionDeniedError):
+    """The tenant's policy does not allow this plan."""
+
+    reason = "TENANT_POLICY_DENIED"
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+# Programs that run code or other programs given as arguments: allowing one of them allows
+# anything, so they need ``allow_interpreters``. Matched on the basename of the path and of
+# what it resolves to (``/bin/sh`` -> ``dash``). Not exhaustive (``find -exec``, ``tar
+# --to-command``...): the sandbox, not this list, is the boundary (docs/security.md).
+_INTERPRETER = re.compile(
+    r"(?:sh|ash|dash|bash|rbash|zsh|ksh|ksh93|mksh|pdksh|csh|tcsh|fish|yash|posh|ssh|busybox|toybox|python[0-9.]*|pypy[0-9.]*|perl[0-9.]*|ruby[0-9.]*|irb|"
+    r"node(?:js)?|deno|bun|php[0-9.]*|lua(?:jit)?[0-9.]*|tclsh[0-9.]*|wish[0-9.]*|expect|"
+    r"[gmn]?awk|sed|ed|ex|vim?|nvim|emacs|env|xargs|nice|nohup|timeout|setsid|stdbuf|chroot|"
+    r"sudo|su|doas|runuser|setpriv|prlimit|unshare|nsenter|bwrap|flock|watch|script|strace|"
+    r"ltrace|gdb|make|run-parts|systemd-run|ionice|taskset|chrt|time|osascript|java|erl|"
+    r"guile|scheme|racket|R|Rscript|julia|pwsh|powershell)"
+)
+# The worker's own configuration and credentials: never passed to a step.
+_WORKER_VARIABLES = frozenset(
+    name
+    for field in ServiceSettings.model_fields.values()
+    if isinstance(field.validation_alias, AliasChoices)
+    for name in field.validation_alias.choices
+    if isinstance(name, str)
+)
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+_MIB = 1024 * 1024
+
+
+def is_interpreter(path: str) -> bool:
+    """Whether ``path`` (or what it resolves to) is a shell, an interpreter or a launcher."""
+    names = {os.path.basename(path), os.path.basename(os.path.realpath(path))}
+    return any(_INTERPRETER.fullmatch(name) for name in names)
+
+
+def is_worker_variable(name: str) -> bool:
+    """Whether ``name`` is one of the worker's settings (``OPSC_*``, ``DATABASE_URL``...)."""
+    upper = name.upper()
+    return upper.startswith(ENV_PREFIX) or upper in _WORKER_VARIABLES
+
+
 class ShellPolicy(_Section):
-    """Whether and how the ``shell`` action may run for a tenant (see docs/security.md)."""
+    """Whether and how the ``shell`` action may run for a tenant (see docs/security.md).
+
+    Off by default. ``executables`` are the absolute paths a step may run (``argv[0]``, exact
+    match); a shell, interpreter or launcher (`is_interpreter`) among them needs
+    ``allow_interpreters``. ``env_allow`` names the worker variables a step may pass through
+    (never the worker's own settings). ``network``: the step shares the host's network
+    (loopback included) instead of an empty network namespace. The limits apply to the
+    step's whole sandbox: CPU seconds, address space, processes, file size, open files.
+    """
+
+    enabled: bool = False
+    executables: tuple[str, ...] = ()
+    allow_interpreters: bool = False
+    env_allow: tuple[str, ...] = ()
+    network: bool = False
+    cpu_s: int = Field(default=10, ge=1, le=3600)
+    memory_mb: int = Field(default=512, ge=16, le=65536)
+    max_processes: int = Field(default=32, ge=1, le=4096)
+    max_file_mb: int = Field(default=16, ge=1, le=65536)
+    max_open_files: int = Field(default=256, ge=16, le=65536)
+
+    @model_validator(mode="after")
+    def _coherent(self) -> ShellPolicy:
+        for path in self.executables:
+            if not path.startswith("/") or os.path.normpath(path) != path or "\x00" in path:
+                raise ValueError(f"executables: {path!r} is not a normalised absolute path")
+            if is_interpreter(path) and not self.allow_interpreters:
+                raise ValueError(
+                    f"executables: {path!r} is a shell or interpreter; set allow_interpreters"
+                )
+        for name in self.env_allow:
+            if not _ENV_NAME.fullmatch(name) or is_worker_variable(name):
+                raise ValueError(f"env_allow: {name!r} is not a variable steps may receive")
+        return self
+
+    @property
+    def memory_bytes(self) -> int:
+        return self.memory_mb * _MIB
+
+    @property
+    def max_file_bytes(self) -> int:
+        return self.max_file_mb * _MIB
+
+    def step_violations(
+        self, argv0: object, env_allow: Sequence[object], *, path: str = "params"
+    ) -> list[FieldViolation]:
+        """Why a ``shell`` step running ``argv0`` and passing ``env_allow`` is refused.
+
+        Descriptions name the policy setting involved, never the submitted value.
+        """
+        if not self.enabled:
+            return [
+                FieldViolation(
+                    path, "the shell action is disabled for this tenant (policy shell.enabled)"
+                )
+            ]
+        found: list[FieldViolation] = []
+        if isinstance(argv0, str) and argv0:
+            where = f"{path}.argv[0]"
+            if argv0 not in self.executables:
+                found.append(
+                    FieldViolation(
+                        where,
+                        "must be an absolute path allow-listed for this tenant "
+                        "(policy shell.executables)",
+                    )
+                )
+            elif is_interpreter(argv0) and not self.allow_interpreters:
+                found.append(
+                    FieldViolation(
+                        where,
+                        "resolves to a shell or interpreter, which this tenant may not run "
+                        "(policy shell.allow_interpreters)",
+                    )
+                )
+        allowed = set(self.env_allow)
+        for index, name in enumerate(env_allow):
+            if name not in allowed:
+                found.append(
+                    FieldViolation(
+                        f"{path}.env_allow[{index}]",
+                        "not a variable this tenant may pass through (policy shell.env_allow)",
+                    )
+                )
+        return found
 
 
 class EgressPolicy(_Section):

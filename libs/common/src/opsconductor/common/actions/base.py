@@ -31,6 +31,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 from opsconductor.common.errors import FieldViolation, OpsConductorError
 from opsconductor.common.masking import mask, mask_text
 from opsconductor.common.plan import ActionClass
+from opsconductor.common.tenant_policy import TenantPolicy
 
 __all__ = [
     "MAX_RESULT_BYTES",
@@ -61,7 +62,8 @@ class ActionContext:
     left out of ``repr`` so that printing a context never prints a secret. ``idempotency_key``
     (``execution_id:step_id``) is the same on every attempt of the step: pass it on to the
     system acted upon so that a retried or taken-over step is applied once. ``timeout_s`` is the
-    step's remaining budget; ``cancel_event`` is set when the execution is cancelled.
+    step's remaining budget; ``cancel_event`` is set when the execution is cancelled;
+    ``tenant_policy`` is what the tenant may do (handlers re-check it: never trust the api).
     """
 
     execution_id: str
@@ -73,6 +75,8 @@ class ActionContext:
     timeout_s: float
     record_only: bool
     cancel_event: asyncio.Event = field(repr=False)
+    #: The submitting tenant's policy as this worker loaded it (default: the most restrictive).
+    tenant_policy: TenantPolicy = field(default=TenantPolicy(), repr=False)
 
 
 def _jsonable(value: Any) -> Any:

@@ -1,19 +1,30 @@
-"""The ``shell`` action: runs one program from an argv list, in its own process group.
+"""The ``shell`` action: runs one allow-listed program from an argv list, in a sandbox.
 
 Params::
 
     argv                 [program, arg, ...] (required). Never a shell string: nothing is
                          interpreted, so ``;`` or ``$(...)`` in an argument is literal text.
-                         Run ``["sh", "-c", script]`` explicitly when a shell is wanted.
-                         Secret references are refused here (argv is visible in ``ps``).
-    env                  {NAME: value} set for the child; a value may be a secret reference
+                         ``argv[0]`` is an absolute path the tenant's policy allow-lists
+                         (``shell.executables``); ``["/bin/sh", "-c", script]`` only where the
+                         policy allows interpreters. Secret references are refused here (argv
+                         is visible in ``ps``).
+    env                  {NAME: value} set for the child; a value may be a secret reference;
+                         loader variables (``LD_*``, ``GCONV_PATH``) are refused
     env_allow            [NAME, ...] worker variables passed through, besides PATH, LANG,
-                         LC_ALL, TZ and HOME; names starting OPSC_ (the worker's own
-                         configuration) are refused
-    cwd                  working directory (default: the worker's)
+                         LC_ALL and TZ; each must be in the policy's ``shell.env_allow``, and
+                         the worker's own settings (``OPSC_*``, ``DATABASE_URL``,
+                         ``REDIS_URL``) are always refused
+    cwd                  absolute working directory inside the sandbox (default: its /tmp)
     timeout_s            limit in seconds (default 60, at most 3600), further capped by the
                          step's remaining budget
     expected_exit_codes  default [0]
+
+The tenant policy (`opsconductor.common.tenant_policy.ShellPolicy`) is checked at submit by the
+api and again here, before anything starts: shell off unless enabled, the executable
+allow-list, interpreters, pass-through variables. The program then runs in the step's
+`~opsconductor.common.actions.sandbox.Sandbox` (own uid, no view of the worker's processes,
+files, environment or service ports, resource limits); if the sandbox cannot be built the
+step fails with ``SANDBOX_UNAVAILABLE`` and nothing runs.
 
 The child starts a new session (``start_new_session``), so it leads a process group holding
 everything it spawns. On timeout or cancellation that whole group gets SIGTERM, then SIGKILL
@@ -50,17 +61,23 @@ from opsconductor.common.actions.base import (
     record_only_result,
 )
 from opsconductor.common.actions.params import ParamReader, require_text
+from opsconductor.common.actions.sandbox import Sandbox, SandboxedCommand
 from opsconductor.common.errors import FieldViolation
 from opsconductor.common.plan import ActionClass
+from opsconductor.common.tenant_policy import (
+    TenantPolicy,
+    TenantPolicyDeniedError,
+    is_worker_variable,
+)
 
 __all__ = ["DEFAULT_ENV_ALLOW", "IDEMPOTENCY_ENV", "ShellAction"]
 
 log = structlog.get_logger(__name__)
 
-DEFAULT_ENV_ALLOW = ("PATH", "LANG", "LC_ALL", "TZ", "HOME")
+DEFAULT_ENV_ALLOW = ("PATH", "LANG", "LC_ALL", "TZ")
 IDEMPOTENCY_ENV = "OPSC_IDEMPOTENCY_KEY"
-#: Worker variables no plan may pass through: the worker's own settings and credentials.
-_DENIED_PASSTHROUGH_PREFIX = "OPSC_"
+#: Variables that make the dynamic loader run other code inside an allow-listed program.
+_LOADER_VARIABLES = re.compile(r"LD_.*|GCONV_PATH|LOCPATH|HOSTALIASES|RESOLV_HOST_CONF")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 _MAX_ARGV = 256
 _MAX_ARG_LENGTH = 8192
@@ -114,6 +131,8 @@ def _parse(params: Mapping[str, Any]) -> tuple[_Command, ParamReader]:
             reader.add("env", "variable names are letters, digits and underscores")
         elif name == IDEMPOTENCY_ENV:
             reader.add(f"env.{name}", "is set by the worker and cannot be given")
+        elif _LOADER_VARIABLES.fullmatch(name.upper()):
+            reader.add(f"env.{name}", "loader variables cannot be set for a step")
         else:
             checked = reader.text_value(value, f"env.{name}", secret_ok=True)
             if isinstance(checked, str) and "\x00" in checked:
@@ -122,8 +141,10 @@ def _parse(params: Mapping[str, Any]) -> tuple[_Command, ParamReader]:
     for name in env_allow:
         if not _ENV_NAME.fullmatch(name):
             reader.add("env_allow", "variable names are letters, digits and underscores")
-        elif name.startswith(_DENIED_PASSTHROUGH_PREFIX):
-            reader.add("env_allow", f"worker variables {_DENIED_PASSTHROUGH_PREFIX}* stay private")
+        elif is_worker_variable(name):
+            reader.add(
+                "env_allow", "the worker's own settings (OPSC_*, DATABASE_URL, ...) stay private"
+            )
     cwd = reader.text("cwd")
     timeout_s = reader.number(
         "timeout_s",
@@ -262,17 +283,24 @@ class ShellAction:
     """Runs a program (see the module docstring for params and behaviour).
 
     ``environ`` is where passed-through variables come from (default: the worker's live
-    environment); ``kill_grace_s`` is the wait between SIGTERM and SIGKILL.
+    environment); ``kill_grace_s`` is the wait between SIGTERM and SIGKILL; ``sandbox``
+    builds each step's sandbox (default: one configured by ``OPSC_SANDBOX_*``, made at the
+    first run, so the api, which never runs steps, reads no sandbox settings).
     """
 
     name = "shell"
     min_action_class = ActionClass.MODIFY
 
     def __init__(
-        self, *, environ: Mapping[str, str] | None = None, kill_grace_s: float = 2.0
+        self,
+        *,
+        environ: Mapping[str, str] | None = None,
+        kill_grace_s: float = 2.0,
+        sandbox: Sandbox | None = None,
     ) -> None:
         self._environ = environ
         self._kill_grace_s = kill_grace_s
+        self._sandbox = sandbox
 
     def estimate_ms(self, params: Mapping[str, Any], target_count: int) -> int:
         """One second: a typical short command."""
@@ -281,6 +309,24 @@ class ShellAction:
     def validate(self, params: Mapping[str, Any]) -> list[FieldViolation]:
         """Check argv, env, env_allow, cwd, timeout and exit codes."""
         return _parse(params)[1].violations
+
+    def policy_violations(
+        self, params: Mapping[str, Any], policy: TenantPolicy
+    ) -> list[FieldViolation]:
+        """What the tenant's ``shell`` policy refuses in a step with ``params``."""
+        argv = params.get("argv")
+        env_allow = params.get("env_allow")
+        return policy.shell.step_violations(
+            argv[0] if isinstance(argv, list) and argv else None,
+            env_allow if isinstance(env_allow, list) else [],
+        )
+
+    @property
+    def sandbox(self) -> Sandbox:
+        """The sandbox steps run in (made from ``OPSC_SANDBOX_*`` on first use)."""
+        if self._sandbox is None:
+            self._sandbox = Sandbox()
+        return self._sandbox
 
     def _child_env(self, command: _Command, ctx: ActionContext) -> dict[str, str]:
         source = os.environ if self._environ is None else self._environ
@@ -298,6 +344,12 @@ class ShellAction:
         """Run the program; fail on an unexpected exit code; stop its group on timeout/cancel."""
         command, reader = _parse(ctx.params)
         reader.raise_if_invalid()
+        # Defense in depth: whatever the api decided, this tenant's policy is checked here.
+        refused = self.policy_violations(ctx.params, ctx.tenant_policy)
+        if refused:
+            raise TenantPolicyDeniedError(
+                f"refused by the tenant policy: {refused[0]}", field=refused[0].field
+            )
         if ctx.record_only:
             return record_only_result(
                 {
@@ -310,19 +362,24 @@ class ShellAction:
             )
         timeout_s = max(0.0, min(command.timeout_s, ctx.timeout_s))
         started = time.monotonic()
-        try:
-            process = await self._spawn(command, ctx)
-        except OSError as exc:
-            raise ActionFailedError(
-                f"could not start {command.argv[0]}: {exc.strerror or type(exc).__name__}",
-                error_class=type(exc).__name__,
-            ) from exc
-        outcome = await self._supervise(process, ctx, timeout_s)
+        async with self.sandbox.enter(
+            command.argv, cwd=command.cwd, policy=ctx.tenant_policy.shell
+        ) as sandboxed:
+            try:
+                process = await self._spawn(command, sandboxed, ctx)
+            except OSError as exc:
+                raise ActionFailedError(
+                    f"could not start {command.argv[0]}: {exc.strerror or type(exc).__name__}",
+                    error_class=type(exc).__name__,
+                ) from exc
+            outcome = await self._supervise(process, ctx, timeout_s)
         return self._result(
             command, process, outcome, (timeout_s, timeout_s >= ctx.timeout_s), started
         )
 
-    async def _spawn(self, command: _Command, ctx: ActionContext) -> asyncio.subprocess.Process:
+    async def _spawn(
+        self, command: _Command, sandboxed: SandboxedCommand, ctx: ActionContext
+    ) -> asyncio.subprocess.Process:
         """Start the child in a new session; a cancellation meanwhile still stops its group.
 
         Shielded: cancelled mid-spawn, asyncio would kill only the child and then wait for its
@@ -330,12 +387,12 @@ class ShellAction:
         """
         spawning = asyncio.ensure_future(
             asyncio.create_subprocess_exec(
-                *command.argv,
+                *sandboxed.argv,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
                 env=self._child_env(command, ctx),
-                cwd=command.cwd,
+                cwd=sandboxed.cwd,
                 start_new_session=True,
             )
         )

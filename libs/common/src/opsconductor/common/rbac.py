@@ -96,6 +96,8 @@ class DenialReason(StrEnum):
     #: The request acts on an execution submitted by someone else (worker tier: a token
     #: replayed or forged to run another actor's execution).
     ACTOR_MISMATCH = "ACTOR_MISMATCH"
+    #: The tenant's policy (``tenant_policy.yaml``) forbids what the plan asks for.
+    TENANT_POLICY = "TENANT_POLICY"
 
 
 RBAC_VIOLATIONS: Final = Counter(

@@ -27,6 +27,7 @@ from opsconductor.common.rpc.resources import DatabasePool
 from opsconductor.common.storage.execution_stats import ObservedDurations
 from opsconductor.common.storage.flags import FlagCache
 from opsconductor.common.storage.policies import load_timeout_policies
+from opsconductor.common.tenant_policy import TenantPolicies
 
 
 class ApiApp:
@@ -38,6 +39,7 @@ class ApiApp:
         self.verifier = TokenVerifier.from_settings(settings)
         self._rbac_policy = RbacPolicy.load(settings.rbac_policy_file)
         self._approval_policy = ApprovalPolicy.load(settings.approval_policy_file)
+        self._tenant_policies = TenantPolicies.load(settings.tenant_policy_file)
         self._worker: WorkerClient | None = None
         self._redis: Redis | None = None
         self._flags: FlagCache | None = None
@@ -76,6 +78,7 @@ class ApiApp:
             worker=self._worker,
             queue=queue,
             dedup_window=dedup_window,
+            tenant_policies=self._tenant_policies,
         )
         self._queries = ExecutionQueries(pool=pool, authorizer=authorizer, queue=queue)
         self._admin = AdminOperations(

@@ -18,6 +18,7 @@ from opsconductor.common.rpc.resources import DatabasePool
 from opsconductor.common.secrets import SecretResolver, SecretsSettings
 from opsconductor.common.storage.cancellation import CancelSignals
 from opsconductor.common.storage.policies import load_timeout_policies
+from opsconductor.common.tenant_policy import TenantPolicies
 from opsconductor.worker.logic.approval_checks import ApprovalChecks
 from opsconductor.worker.logic.consumer import BackgroundConsumer
 from opsconductor.worker.logic.immediate import ImmediateExecutions
@@ -35,6 +36,7 @@ class WorkerApp:
         self.verifier = TokenVerifier.from_settings(settings)
         self._rbac_policy = RbacPolicy.load(settings.rbac_policy_file)
         self._approval_policy = ApprovalPolicy.load(settings.approval_policy_file)
+        self._tenant_policies = TenantPolicies.load(settings.tenant_policy_file)
         self._secrets = SecretResolver.from_settings(SecretsSettings())
         self._cancel_signals = CancelSignals(settings.database_url.get_secret_value())
         self._immediate: ImmediateExecutions | None = None
@@ -59,6 +61,7 @@ class WorkerApp:
                 ttl=timedelta(seconds=self._approval_policy.approval_ttl_s),
                 worker_id=self.worker_id,
             ),
+            tenant_policies=self._tenant_policies,
         )
         authorizer = Authorizer(pool, self._rbac_policy, tier="worker")
         self._immediate = ImmediateExecutions(pool=pool, authorizer=authorizer, runner=runner)

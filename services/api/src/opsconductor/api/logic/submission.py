@@ -41,6 +41,7 @@ from opsconductor.common.planning import (
     decide_mode,
     estimate_duration,
 )
+from opsconductor.common.policy_enforcement import enforce_tenant_policy
 from opsconductor.common.queue import jobs
 from opsconductor.common.queue.redis_queue import RedisQueue
 from opsconductor.common.rbac import Authorizer, Permission, submit_permissions
@@ -59,6 +60,7 @@ from opsconductor.common.storage.executions import (
 )
 from opsconductor.common.storage.flags import FlagCache
 from opsconductor.common.storage.policies import TimeoutPolicy, select_policy
+from opsconductor.common.tenant_policy import TenantPolicies
 
 from .approval_intake import ApprovalIntake
 from .ports import WorkerPort
@@ -147,8 +149,11 @@ class Submissions:
         worker: WorkerPort,
         queue: RedisQueue | None,
         dedup_window: timedelta,
+        tenant_policies: TenantPolicies | None = None,
     ) -> None:
         self._pool = pool
+        #: What each tenant's plans may do (shell, egress...); default: the packaged, strictest.
+        self._tenant_policies = tenant_policies or TenantPolicies.load()
         self._authorizer = authorizer
         self._actions = actions
         self._flags = flags
@@ -227,6 +232,16 @@ class Submissions:
             principal,
             tenant_id=tenant_id,
             permissions=submit_permissions(decision.plan.action_class),
+            resource=resource,
+        )
+        await enforce_tenant_policy(
+            self._pool,
+            self._actions,
+            decision.plan,
+            self._tenant_policies.for_tenant(tenant_id),
+            tier="api",
+            tenant_id=tenant_id,
+            actor_id=principal.actor_id,
             resource=resource,
         )
         if decision.approval_level > flags.max_approval_level:

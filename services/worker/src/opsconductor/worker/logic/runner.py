@@ -12,6 +12,8 @@ write fenced by the job's lease token). What it guarantees:
 * cancellation is checked between steps (each check counted) and signalled live: the running
   step's handler sees ``cancel_event`` and finishes best-effort; steps not started are skipped;
 * secrets are resolved per step, just in time, and never written anywhere;
+* the tenant's policy (``tenant_policy.yaml`` as this worker loaded it) is checked again before
+  the locks and the first step, whatever the api decided, and handed to every step's handler;
 * an execution that needed an approval runs only if its approval is granted and bound to its
   exact plan (checked before the locks and the first step), and a level-3 one stops before each
   step not approved yet, keeping its locks (see :mod:`.approval_checks`).
@@ -45,6 +47,7 @@ from opsconductor.common.fsm import ExecutionStatus, StepStatus
 from opsconductor.common.masking import default_masker, mask_text
 from opsconductor.common.plan import Plan, Step, parse_plan
 from opsconductor.common.planning import MAX_PARALLEL_STEPS, HandlerLookup, can_parallelize
+from opsconductor.common.policy_enforcement import enforce_tenant_policy
 from opsconductor.common.secrets import SecretResolver
 from opsconductor.common.storage.cancellation import CancelSignals, check_cancelled
 from opsconductor.common.storage.execution_leases import requeue_execution
@@ -59,6 +62,7 @@ from opsconductor.common.storage.execution_steps import (
 from opsconductor.common.storage.executions import retire_idempotency_key, transition
 from opsconductor.common.storage.locks import LockRequest, acquire_locks, release_locks
 from opsconductor.common.storage.policies import TimeoutPolicy
+from opsconductor.common.tenant_policy import TenantPolicies, TenantPolicyDeniedError
 
 from . import metrics
 from .approval_checks import ApprovalChecks
@@ -148,8 +152,11 @@ class ExecutionRunner:
         policies: Mapping[str, TimeoutPolicy],
         worker_id: str,
         approvals: ApprovalChecks | None = None,
+        tenant_policies: TenantPolicies | None = None,
     ) -> None:
         self._pool = pool
+        #: What each tenant's steps may do; default: the packaged, strictest policy.
+        self.tenant_policies = tenant_policies or TenantPolicies.load()
         #: Approval binding and level-3 step gates (None: executions needing approval fail).
         self.approvals = approvals
         self._handlers = handlers
@@ -212,6 +219,8 @@ class ExecutionRunner:
         self._stop_events[record.id] = stop_event or asyncio.Event()
         lock_set = None
         outcome.refused = await self._check_approval(record, background=lease_token is not None)
+        if outcome.refused is None:
+            outcome.refused = await self._check_tenant_policy(record, plan)
         if outcome.refused is not None:
             outcome.error_class = outcome.refused.reason
             outcome.error_message = outcome.refused.message
@@ -294,6 +303,26 @@ class ExecutionRunner:
                 "this worker cannot check approvals", execution_id=str(record.id)
             )
         return await self.approvals.verify(record, background=background)
+
+    async def _check_tenant_policy(
+        self, record: ExecutionRecord, plan: Plan
+    ) -> TenantPolicyDeniedError | None:
+        """Before the first step: the refusal (audited) if the tenant's policy forbids a step."""
+        try:
+            await enforce_tenant_policy(
+                self._pool,
+                self._handlers,
+                plan,
+                self.tenant_policies.for_tenant(record.tenant_id),
+                tier="worker",
+                tenant_id=record.tenant_id,
+                actor_id=record.actor_id,
+                execution_id=record.id,
+                resource="worker/run",
+            )
+        except TenantPolicyDeniedError as exc:
+            return exc
+        return None
 
     async def _run_steps(
         self,
@@ -401,6 +430,7 @@ class ExecutionRunner:
                 timeout_s=max(budget_s, 0.0),
                 record_only=record.record_only,
                 cancel_event=cancel_event,
+                tenant_policy=self.tenant_policies.for_tenant(record.tenant_id),
             )
             async with asyncio.timeout(max(budget_s, 0.0)):
                 result: ActionResult = await handler.run(context)

@@ -23,6 +23,7 @@ from opsconductor.client import ClientTls
 from opsconductor.client.tls import RotatingChannel, open_channel
 from opsconductor.client.worker import WorkerClient
 from opsconductor.common.rpc.server import RpcServer, build_server
+from opsconductor.common.rpc.tls import ServerCertificates
 from opsconductor.execution.v1 import worker_service_pb2, worker_service_pb2_grpc
 from tests.tls_material import Authority
 
@@ -292,3 +293,46 @@ async def test_request_mode_and_incomplete_tls_settings_are_refused(tmp_path: Pa
     no_ca = replace(_tls_settings(server_dir, tls_client_auth="require"), tls_ca_file=None)
     with pytest.raises(ValueError, match="tls_ca_file"):
         build_server(no_ca, lambda s: [])
+
+
+# --- the fetcher itself (gRPC calls it from C-core threads, which coverage cannot see) --------
+
+
+def test_the_fetcher_rereads_only_changed_files_and_only_a_matching_pair(tmp_path: Path) -> None:
+    ca = Authority.create()
+    folder = ca.issue(tmp_path / "server")
+    certificates = ServerCertificates(
+        folder / "tls.crt", folder / "tls.key", folder / "ca.crt", check_interval_s=0
+    )
+    assert certificates.fetch() is None  # nothing changed
+    ca.issue(folder)
+    assert certificates.fetch() is not None
+    assert certificates.reloads == 1
+    assert certificates.fetch() is None
+    other = ca.issue(tmp_path / "other")
+    (folder / "tls.crt").write_bytes((other / "tls.crt").read_bytes())
+    assert certificates.fetch() is None  # key does not match: keep the working pair
+    (folder / "tls.key").write_bytes(b"not a key")
+    assert certificates.fetch() is None
+    (folder / "tls.key").unlink()
+    assert certificates.fetch() is None
+    assert certificates.reloads == 1
+    ca.issue(folder)
+    assert certificates.fetch() is not None
+    assert certificates.reloads == 2
+
+
+def test_the_fetcher_checks_the_files_at_most_once_per_interval(tmp_path: Path) -> None:
+    ca = Authority.create()
+    folder = ca.issue(tmp_path / "server")
+    certificates = ServerCertificates(
+        folder / "tls.crt", folder / "tls.key", None, check_interval_s=3600
+    )
+    ca.issue(folder)
+    assert certificates.fetch() is None  # within the interval: not even a stat
+    assert certificates.reloads == 0
+
+
+def test_a_server_does_not_start_without_its_pair(tmp_path: Path) -> None:
+    with pytest.raises(OSError):
+        ServerCertificates(tmp_path / "tls.crt", tmp_path / "tls.key", None, check_interval_s=0)

@@ -334,5 +334,5 @@ def test_the_fetcher_checks_the_files_at_most_once_per_interval(tmp_path: Path) 
 
 
 def test_a_server_does_not_start_without_its_pair(tmp_path: Path) -> None:
-    with pytest.raises(OSError):
+    with pytest.raises(FileNotFoundError):
         ServerCertificates(tmp_path / "tls.crt", tmp_path / "tls.key", None, check_interval_s=0)

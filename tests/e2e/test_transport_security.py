@@ -8,10 +8,12 @@ worker's port, and a worker that would start without TLS in production.
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,15 +26,16 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from opsconductor.client import AuthenticationError, ClientTls, ExecutionClient
+from opsconductor.client import ApprovalClient, AuthenticationError, ClientTls, ExecutionClient
 from opsconductor.client.tls import open_channel
 from opsconductor.common.auth import issue_token
+from opsconductor.common.storage.flags import update_flags
 from opsconductor.common.storage.role_bindings import bind_role
 from opsconductor.execution.v1 import worker_service_pb2, worker_service_pb2_grpc
 from tests.tls_material import Authority
 
 from .conftest import dead_redis_url
-from .plans import create_simple_query_plan
+from .plans import create_simple_query_plan, plan, probe_step
 from .stack import AUDIENCE, Stack, service_env, start_service
 
 ISSUER = "https://idp.e2e.test"
@@ -93,6 +96,8 @@ async def secured(e2e_dsn: str, e2e_pool: asyncpg.Pool) -> AsyncIterator[tuple[S
     common = {"OPSC_REDIS_URL": dead_redis_url()}
     tenant = f"t-{secrets.token_hex(4)}"
     await bind_role(e2e_pool, tenant, "alice", "operator", created_by="e2e")
+    await bind_role(e2e_pool, tenant, "bob", "approver", created_by="e2e")
+    await update_flags(e2e_pool, {"max_approval_level": 1}, by="e2e")
     try:
         worker = await start_service(
             "worker", running, {**common, **pki.env(pki.worker, "require")}, tls=worker_tls
@@ -103,6 +108,7 @@ async def secured(e2e_dsn: str, e2e_pool: asyncpg.Pool) -> AsyncIterator[tuple[S
             "OPSC_WORKER_TARGET": worker.address,
         }
         await start_service("api", running, api_env, tls=pki.user_tls)
+        await start_service("approvals", running, api_env, tls=pki.user_tls)
         yield running, pki, tenant
     finally:
         for service in reversed(list(running.services.values())):
@@ -120,6 +126,34 @@ async def test_an_immediate_run_crosses_tls_and_mtls_with_an_idp_token(
         result = await client.submit(create_simple_query_plan(tmp_path / "l"), tenant_id=tenant)
     assert result.execution_mode == "immediate"
     assert result.status == "succeeded", (result.error_class, result.error_message)
+
+
+async def test_an_approved_run_is_dispatched_by_the_approvals_service_over_mtls(
+    secured: tuple[Stack, Pki, str], tmp_path: Path
+) -> None:
+    """approvals → worker: the approver's token crosses mTLS and the worker accepts it."""
+    running, pki, tenant = secured
+    restart = plan(probe_step("restart", ["svc-1"], tmp_path / "l", action_class="modify"))
+    async with ExecutionClient(
+        running.address("api"), pki.token("alice", tenant), tls=pki.user_tls
+    ) as client:
+        submitted = await client.submit(restart, tenant_id=tenant)
+        assert submitted.status == "awaiting_approval"
+        async with ApprovalClient(
+            running.address("approvals"), pki.token("bob", tenant), tls=pki.user_tls
+        ) as approvals:
+            assert submitted.approval_id is not None
+            await approvals.approve(submitted.approval_id, tenant_id=tenant)
+        deadline = time.monotonic() + 15
+        while (
+            current := await client.get(submitted.execution_id, tenant_id=tenant)
+        ).status not in (
+            "succeeded",
+            "failed",
+        ):
+            assert time.monotonic() < deadline, current.status
+            await asyncio.sleep(0.05)
+    assert current.status == "succeeded", (current.error_class, current.error_message)
 
 
 async def test_the_worker_refuses_callers_without_an_internal_certificate(

@@ -185,7 +185,13 @@ _scalars = (
     st.none()
     | st.booleans()
     | st.integers(-MAX_SAFE_INTEGER, MAX_SAFE_INTEGER)
-    | st.floats(allow_nan=False, allow_infinity=False)
+    # Whole doubles beyond ±(2^53 - 1) are refused like the integers they are stored as.
+    | st.floats(
+        allow_nan=False,
+        allow_infinity=False,
+        min_value=-MAX_SAFE_INTEGER,
+        max_value=MAX_SAFE_INTEGER,
+    )
     | _text
     | st.sampled_from([{"$secret": "env:DB_PASSWORD"}, {"$secret": "file:token"}])
 )

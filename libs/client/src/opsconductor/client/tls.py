@@ -23,6 +23,8 @@ from typing import Any, Protocol
 import grpc
 import grpc.aio
 
+from .limits import CHANNEL_OPTIONS
+
 __all__ = ["ClientTls", "ClientTlsSettings", "RotatingChannel", "open_channel"]
 
 _Fingerprint = tuple[tuple[int, int, int] | None, ...]
@@ -91,11 +93,15 @@ class ClientTlsSettings(Protocol):
 def open_channel(
     target: str, tls: ClientTls | None = None, options: list[tuple[str, Any]] | None = None
 ) -> grpc.aio.Channel:
-    """A plaintext channel without ``tls``, else a TLS one (build it inside the event loop)."""
+    """A plaintext channel without ``tls``, else a TLS one (build it inside the event loop).
+
+    Every channel carries the services' message limits (:mod:`.limits`) before ``options``.
+    """
+    options = [*CHANNEL_OPTIONS, *(options or [])]
     if tls is None:
         return grpc.aio.insecure_channel(target, options=options)
     return grpc.aio.secure_channel(
-        target, tls.credentials(), options=[*(options or []), *tls.channel_options()]
+        target, tls.credentials(), options=[*options, *tls.channel_options()]
     )
 
 

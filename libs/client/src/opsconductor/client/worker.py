@@ -20,7 +20,10 @@ from opsconductor.execution.v1 import worker_service_pb2, worker_service_pb2_grp
 from .errors import RpcError, map_rpc_error
 from .tls import ClientTls, RotatingChannel
 
-_UNREACHABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
+# RESOURCE_EXHAUSTED: the worker's concurrent-RPC limit refused the call before it started.
+_UNREACHABLE = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.RESOURCE_EXHAUSTED}
+)
 
 
 class WorkerClient:

@@ -45,6 +45,7 @@ from jwt.exceptions import InvalidJTIError, InvalidSubjectError
 from pydantic import SecretStr
 
 from opsconductor.common.errors import AuthenticationError
+from opsconductor.common.identifiers import identity_problem
 from opsconductor.common.jwks import JwksKeys
 
 __all__ = [
@@ -334,6 +335,10 @@ class TokenVerifier:
         auth_method = claims.get("auth_method", DEFAULT_AUTH_METHOD)
         if not isinstance(auth_method, str) or not auth_method:
             raise AuthenticationError("invalid claim auth_method: must be a non-empty string")
+        # Identifiers end up in keys and columns: one that cannot be stored never gets in.
+        problem = identity_problem(tenant_id=tenant_id, actor_id=actor_id, auth_method=auth_method)
+        if problem is not None:
+            raise AuthenticationError(f"invalid claim {problem}")
         # PyJWT has already checked that a present "jti" is a string.
         return Principal(
             actor_id=actor_id,

@@ -12,6 +12,7 @@ Limits (all counts inclusive; lengths in characters, sizes in UTF-8 bytes of can
 ==========================  ====================================================================
 ``MAX_STEPS``               1..100 steps per plan, step ids unique within the plan
 ``MAX_TARGETS_PER_STEP``    1..500 targets per step, refs unique within the step
+``MAX_TARGETS_PER_PLAN``    at most 10 000 targets over all steps (counted before anything else)
 ``IDENTIFIER_PATTERN``      step ids and action names: a letter or digit, then up to 99 of
                             letters, digits, ``_ . -`` (they are part of keys and DB columns)
 ``MAX_TARGET_REF_LENGTH``   target refs: 1..300 printable characters, no whitespace (part of the
@@ -24,7 +25,7 @@ Limits (all counts inclusive; lengths in characters, sizes in UTF-8 bytes of can
                             credentials (empty string means none)
 ``MAX_PARAMS_BYTES``        params: a JSON object of at most 64 KiB, nested at most
                             ``MAX_PARAMS_DEPTH`` (16) containers deep, no NUL characters, finite
-                            numbers, integers within ±(2^53 - 1)
+                            numbers, integers within ±(2^53 - 1) (also when sent as a double)
 ``MAX_PLAN_BYTES``          the whole plan: at most 512 KiB
 ==========================  ====================================================================
 
@@ -75,6 +76,7 @@ __all__ = [
     "MAX_TAGS",
     "MAX_TAG_KEY_LENGTH",
     "MAX_TAG_VALUE_LENGTH",
+    "MAX_TARGETS_PER_PLAN",
     "MAX_TARGETS_PER_STEP",
     "MAX_TARGET_REF_LENGTH",
     "SECRET_PROVIDERS",
@@ -95,6 +97,9 @@ __all__ = [
 
 MAX_STEPS = 100
 MAX_TARGETS_PER_STEP = 500
+#: No valid plan comes close (512 KiB hold ~23 000 of the smallest targets); a bound on the
+#: total lets the transport refuse a huge plan by counting alone, before any parsing.
+MAX_TARGETS_PER_PLAN = 10_000
 IDENTIFIER_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$"
 MAX_TARGET_REF_LENGTH = 300
 MAX_TAGS = 32
@@ -295,7 +300,14 @@ def _normalize_param(value: Any, path: _Path, depth: int) -> Any:
     if isinstance(value, float):
         if not math.isfinite(value):
             raise _fail("numbers must be finite (no NaN or infinity)", *path)
-        if value.is_integer() and abs(value) <= MAX_SAFE_INTEGER:
+        if value.is_integer():
+            # Stored as an integer (canonical JSON), so the integer rule applies: a double
+            # like 2^60 would otherwise pass here and be refused when the worker re-reads it.
+            if abs(value) > MAX_SAFE_INTEGER:
+                raise _fail(
+                    f"integers must be within ±{MAX_SAFE_INTEGER}; pass larger numbers as strings",
+                    *path,
+                )
             return int(value)
         return value
     raise _fail(
@@ -404,6 +416,24 @@ class Plan(_Model):
 
     name: _Str
     steps: tuple[Step, ...] = Field(min_length=1, max_length=MAX_STEPS)
+
+    @field_validator("steps", mode="before")
+    @classmethod
+    def _check_total_targets(cls, value: Any) -> Any:
+        # Before the steps are validated: counting is cheap, building 50 000 models is not.
+        if isinstance(value, list | tuple):
+            total = sum(
+                len(targets)
+                for step in value
+                if isinstance(step, Mapping)
+                and isinstance(targets := step.get("targets"), list | tuple)
+            )
+            if total > MAX_TARGETS_PER_PLAN:
+                raise _fail(
+                    f"the plan has {total} targets in all; the limit is {MAX_TARGETS_PER_PLAN}"
+                )
+        return value
+
     sla_class: SlaClass
     runbook_url: _Str | None = None
     description: _Str = ""

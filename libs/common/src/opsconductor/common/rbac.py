@@ -12,7 +12,11 @@ is still refused. A check runs in this order:
 Every denial raises :class:`PermissionDeniedError` and is recorded three ways: an
 ``rbac_violation`` event filed under the *targeted* tenant (its own transaction, so it survives
 the caller's rollback), the counter ``opsc_rbac_violations_total{tier,reason}`` and a warning log
-line ``rbac_violation``.
+line ``rbac_violation``. A targeted tenant id no column can hold (a NUL byte, 300 characters) is
+filed under its escaped, shortened form (:func:`~opsconductor.common.identifiers.audit_text`),
+and each principal's rows are rate-limited, repeats aggregated
+(:mod:`~opsconductor.common.denial_audit`). Denial messages never name the tenant that was
+targeted: in the worker and approvals tiers that is the tenant owning a foreign id.
 """
 
 from __future__ import annotations
@@ -32,7 +36,9 @@ import yaml
 from prometheus_client import Counter
 
 from opsconductor.common.auth import Principal
+from opsconductor.common.denial_audit import DenialAuditLimiter, DenialRecord
 from opsconductor.common.errors import OpsConductorError, PermissionDeniedError, StorageError
+from opsconductor.common.identifiers import audit_text
 from opsconductor.common.storage.audit import record_rbac_violation
 from opsconductor.common.storage.role_bindings import load_roles
 
@@ -253,6 +259,9 @@ def _resolve(
     return names
 
 
+#: How much of a targeted tenant id the payload keeps (the filing column keeps 100).
+_MAX_AUDITED_TENANT: Final = 300
+
 # Strong references to in-flight violation writes: a shielded task whose caller was cancelled
 # must not be garbage-collected before it has written the audit record.
 _PENDING_RECORDS: set[asyncio.Task[None]] = set()
@@ -265,12 +274,24 @@ class Authorizer:
     the SOC can tell a refusal at the front door from one caught by the second line of defence.
     """
 
-    def __init__(self, pool: asyncpg.Pool, policy: RbacPolicy, *, tier: Tier) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        policy: RbacPolicy,
+        *,
+        tier: Tier,
+        denial_audit: DenialAuditLimiter | None = None,
+    ) -> None:
         if tier not in _TIERS:
             raise ValueError(f"tier must be one of {sorted(_TIERS)}, not {tier!r}")
         self._pool = pool
         self._policy = policy
         self._tier: Tier = tier
+        self._audit = denial_audit or DenialAuditLimiter(self._write_record)
+
+    async def flush_audit(self) -> None:
+        """Write the pending aggregated denial rows (call at shutdown)."""
+        await self._audit.flush()
 
     @property
     def policy(self) -> RbacPolicy:
@@ -376,7 +397,7 @@ class Authorizer:
     ) -> NoReturn:
         payload: dict[str, Any] = {
             "actor_tenant": principal.tenant_id,
-            "requested_tenant": tenant_id,
+            "requested_tenant": audit_text(tenant_id, _MAX_AUDITED_TENANT),
             "permissions": sorted(requested),
             "missing": sorted(missing),
             "reason": reason.value,
@@ -392,39 +413,42 @@ class Authorizer:
             execution_id=str(execution_id) if execution_id else None,
             **payload,
         )
-        task = asyncio.ensure_future(self._record(principal, tenant_id, execution_id, payload))
+        record = DenialRecord(
+            tenant_id=audit_text(tenant_id),
+            actor_tenant=principal.tenant_id,
+            actor_id=principal.actor_id,
+            execution_id=execution_id,
+            payload=payload,
+        )
+        task = asyncio.ensure_future(self._audit.record(record))
         _PENDING_RECORDS.add(task)
         task.add_done_callback(_PENDING_RECORDS.discard)
         # Shielded: cancelling the request (e.g. the client hanging up) must not erase the record.
         await asyncio.shield(task)
+        # A mismatch names no tenant but the caller's own: the targeted one may be the owner of
+        # a foreign execution id, which the caller must not learn.
+        details: dict[str, object] = {"denial_reason": reason.value, "missing": sorted(missing)}
+        if reason is not DenialReason.TENANT_MISMATCH:
+            details["tenant_id"] = tenant_id
         raise PermissionDeniedError(
-            _denial_message(principal, tenant_id, missing, reason, roles),
-            denial_reason=reason.value,
-            tenant_id=tenant_id,
-            missing=sorted(missing),
+            _denial_message(principal, tenant_id, missing, reason, roles), **details
         )
 
-    async def _record(
-        self,
-        principal: Principal,
-        tenant_id: str,
-        execution_id: UUID | None,
-        payload: Mapping[str, Any],
-    ) -> None:
+    async def _write_record(self, record: DenialRecord) -> None:
         try:
             await record_rbac_violation(
                 self._pool,
-                tenant_id=tenant_id,
-                actor_id=principal.actor_id,
-                execution_id=execution_id,
-                payload=payload,
+                tenant_id=record.tenant_id,
+                actor_id=record.actor_id,
+                execution_id=record.execution_id,
+                payload=record.payload,
             )
         except StorageError:
             # The request is refused either way; a lost audit row must be loud, not a new error.
             log.exception(
                 "rbac_violation_record_failed",
-                tenant_id=tenant_id,
-                actor_id=principal.actor_id,
+                tenant_id=record.tenant_id,
+                actor_id=record.actor_id,
                 tier=self._tier,
             )
 
@@ -451,7 +475,7 @@ def _denial_message(
     if reason is DenialReason.TENANT_MISMATCH:
         return (
             f"actor {principal.actor_id!r} is authenticated for tenant {principal.tenant_id!r} "
-            f"and may not access tenant {tenant_id!r}; use a token issued for that tenant"
+            "and may act only in that tenant; use a token issued for the tenant you mean"
         )
     if reason is DenialReason.ACTOR_MISMATCH:
         return (

@@ -88,6 +88,9 @@ class ServiceSettings(BaseSettings):
         dedup_window_s: how long an idempotency key deduplicates submissions, in seconds.
         otel_exporter: OpenTelemetry trace exporter, e.g. ``none`` (default), ``console``,
             ``otlp``; interpreted by the tracing set-up (`otel_enabled` is false for ``none``).
+        grpc_max_message_bytes: largest gRPC message served or sent (both directions);
+            larger ones are refused with ``RESOURCE_EXHAUSTED`` before they are decoded.
+        grpc_max_concurrent_rpcs: RPCs served at once; beyond it ``RESOURCE_EXHAUSTED``.
         port_file: where the gRPC server writes the port it bound (useful with
             ``grpc_port=0``: supervisors and end-to-end tests read it); ``None`` writes none.
     """
@@ -137,6 +140,8 @@ class ServiceSettings(BaseSettings):
     queue_prefix: str = Field(default="opsc:", min_length=1, max_length=64)
     dedup_window_s: int = Field(default=86400, gt=0)
     otel_exporter: str = "none"
+    grpc_max_message_bytes: int = Field(default=4 * 1024 * 1024, ge=64 * 1024)
+    grpc_max_concurrent_rpcs: int = Field(default=256, ge=1)
     port_file: Path | None = None
 
     @property

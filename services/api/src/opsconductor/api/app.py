@@ -46,6 +46,7 @@ class ApiApp:
         self._submissions: Submissions | None = None
         self._queries: ExecutionQueries | None = None
         self._admin: AdminOperations | None = None
+        self._authorizer: Authorizer | None = None
 
     async def start(self) -> None:
         """Open the pool, load the timeout policies, listen for flag changes."""
@@ -64,7 +65,7 @@ class ApiApp:
             queue = RedisQueue(self._redis, prefix=self.settings.queue_prefix)
         self._flags = FlagCache(pool, ttl=self.settings.flag_cache_ttl_s)
         await self._flags.start()
-        authorizer = Authorizer(pool, self._rbac_policy, tier="api")
+        authorizer = self._authorizer = Authorizer(pool, self._rbac_policy, tier="api")
         policies = await load_timeout_policies(pool)
         dedup_window = timedelta(seconds=self.settings.dedup_window_s)
         self._submissions = Submissions(
@@ -98,6 +99,8 @@ class ApiApp:
         if self._redis is not None:
             await self._redis.aclose()
         await self.verifier.close()
+        if self._authorizer is not None:
+            await self._authorizer.flush_audit()  # aggregated denials not written yet
         await self.db.close()
 
     @property

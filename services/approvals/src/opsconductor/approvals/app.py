@@ -33,6 +33,7 @@ class ApprovalsApp:
         self._redis: Redis | None = None
         self._dispatcher: ExecutionDispatcher | None = None
         self._decisions: ApprovalDecisions | None = None
+        self._authorizer: Authorizer | None = None
 
     async def start(self) -> None:
         """Open the pool, load the timeout policies, connect to the worker and the queue."""
@@ -56,9 +57,10 @@ class ApprovalsApp:
             policies=await load_timeout_policies(pool),
             margin_s=self.settings.dispatch_margin_s,
         )
+        self._authorizer = Authorizer(pool, self._rbac_policy, tier="approvals")
         self._decisions = ApprovalDecisions(
             pool=pool,
-            authorizer=Authorizer(pool, self._rbac_policy, tier="approvals"),
+            authorizer=self._authorizer,
             dispatcher=self._dispatcher,
         )
 
@@ -71,6 +73,8 @@ class ApprovalsApp:
         if self._redis is not None:
             await self._redis.aclose()
         await self.verifier.close()
+        if self._authorizer is not None:
+            await self._authorizer.flush_audit()  # aggregated denials not written yet
         await self.db.close()
 
     @property

@@ -19,3 +19,5 @@ class ProgressSettings(ServiceSettings):
     grpc_port: int = Field(default=50054, ge=0, le=65535)
     #: Port of the HTTP side (WebSocket, SSE, long-poll and the UI page): ``OPSC_HTTP_PORT``.
     http_port: int = Field(default=8080, ge=0, le=65535)
+    #: Every open StreamEvents counts as an RPC in flight: room for many watchers.
+    grpc_max_concurrent_rpcs: int = Field(default=2048, ge=1)

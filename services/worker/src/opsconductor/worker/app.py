@@ -42,6 +42,7 @@ class WorkerApp:
         self._immediate: ImmediateExecutions | None = None
         self._redis: Redis | None = None
         self._consumer: BackgroundConsumer | None = None
+        self._authorizer: Authorizer | None = None
 
     async def start(self) -> None:
         await self.db.open()
@@ -63,7 +64,7 @@ class WorkerApp:
             ),
             tenant_policies=self._tenant_policies,
         )
-        authorizer = Authorizer(pool, self._rbac_policy, tier="worker")
+        authorizer = self._authorizer = Authorizer(pool, self._rbac_policy, tier="worker")
         self._immediate = ImmediateExecutions(pool=pool, authorizer=authorizer, runner=runner)
         if self.settings.redis_url is not None and self.settings.consumer_concurrency > 0:
             self._redis = create_redis_client(self.settings.redis_url.get_secret_value())
@@ -95,6 +96,8 @@ class WorkerApp:
             await self._immediate.drain(self.settings.shutdown_grace_s)
         await self._cancel_signals.stop()
         await self.verifier.close()
+        if self._authorizer is not None:
+            await self._authorizer.flush_audit()  # aggregated denials not written yet
         await self.db.close()
 
     @property

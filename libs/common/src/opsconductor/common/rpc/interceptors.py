@@ -2,6 +2,8 @@
 
 For each RPC it
 
+* refuses a request that cannot be decoded, or holds NUL characters in a text field, as
+  ``INVALID_ARGUMENT`` (:mod:`.decoding`) instead of grpcio's ``UNKNOWN`` naming a class;
 * takes the request id from the ``x-request-id`` metadata (or makes one), puts it in a
   ``ContextVar`` and binds it to structlog's context, so every log line of the RPC carries it;
 * turns a domain error escaping the servicer into its gRPC status (:mod:`.status`), so
@@ -28,6 +30,12 @@ import grpc.aio
 import structlog
 from prometheus_client import Counter, Histogram
 
+from opsconductor.common.errors import InvalidArgumentError
+from opsconductor.common.rpc.decoding import (
+    UndecodableRequest,
+    check_text_fields,
+    tolerant_deserializer,
+)
 from opsconductor.common.rpc.metadata import (
     REQUEST_ID_METADATA_KEY,
     request_id_from_metadata,
@@ -120,7 +128,7 @@ def _wrap_handler(
     wrapped = _observed(behavior, full_method, metadata, streaming=response_stream)
     return factory(
         wrapped,
-        request_deserializer=handler.request_deserializer,
+        request_deserializer=tolerant_deserializer(handler.request_deserializer),
         response_serializer=handler.response_serializer,
     )
 
@@ -130,13 +138,23 @@ def _observed(
 ) -> _Behavior:
     service, method = split_method(full_method)
 
+    def call(request: Any, context: _Context) -> Any:
+        # A request the edge refuses never reaches the servicer.
+        if isinstance(request, UndecodableRequest):
+            return _refuse(request.error())
+        try:
+            check_text_fields(request)
+        except InvalidArgumentError as exc:
+            return _refuse(exc)
+        return behavior(request, context)
+
     async def unary_response(request: Any, context: _Context) -> Any:
         async with _observe(context, service, method, metadata) as state:
-            return await _guard(behavior(request, context), context, state)
+            return await _guard(call(request, context), context, state)
 
     async def stream_response(request: Any, context: _Context) -> None:
         async def write_all() -> None:
-            result = behavior(request, context)
+            result = call(request, context)
             if inspect.isasyncgen(result):
                 async for response in result:
                     await context.write(response)
@@ -147,6 +165,10 @@ def _observed(
             await _guard(write_all(), context, state)
 
     return stream_response if streaming else unary_response
+
+
+async def _refuse(error: InvalidArgumentError) -> None:
+    raise error
 
 
 async def _guard(work: Awaitable[Any], context: _Context, state: _RpcState) -> Any:

@@ -14,9 +14,13 @@ from contextvars import ContextVar, Token
 REQUEST_ID_METADATA_KEY = "x-request-id"
 """Metadata key a caller may set to correlate its request with our logs (echoed back)."""
 
-# A caller-supplied id ends up in logs and trailers: accept only short, plain tokens so it can
-# neither forge log structure nor smuggle a secret-sized blob.
-_ACCEPTABLE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+#: Width of ``executions.request_id``: a longer id could not be stored with the execution.
+MAX_REQUEST_ID_LENGTH = 100
+
+# A caller-supplied id ends up in logs, trailers and the executions row: accept only short,
+# plain tokens that fit the column, so it can neither forge log structure, nor smuggle a
+# secret-sized blob, nor make the insert fail.
+_ACCEPTABLE_REQUEST_ID = re.compile(rf"[A-Za-z0-9._:-]{{1,{MAX_REQUEST_ID_LENGTH}}}")
 
 _request_id: ContextVar[str | None] = ContextVar("opsconductor_request_id", default=None)
 
@@ -27,7 +31,12 @@ def new_request_id() -> str:
 
 
 def request_id_from_metadata(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
-    """Return the caller's ``x-request-id`` when it is an acceptable token, else a new id."""
+    """Return the caller's ``x-request-id`` when it is an acceptable token, else a new id.
+
+    An unacceptable id (too long for its column, or other characters) is replaced rather than
+    refused: it is optional correlation data, and the id actually used is echoed in the
+    ``x-request-id`` trailer of every answer.
+    """
     for key, value in metadata or ():
         if key.lower() != REQUEST_ID_METADATA_KEY:
             continue

@@ -3,6 +3,12 @@
 Shared by the api (decoding submissions) and the client (encoding them), so both sides agree on
 one mapping. Enum values travel as their lower-case names ("fast", "modify"); params are a
 ``google.protobuf.Struct``.
+
+Decoding is where a hostile plan is cheapest to refuse: :func:`plan_from_proto` first counts
+steps and targets on the message itself (a few microseconds even for 100 × 500 targets) and
+refuses what ``parse_plan`` would refuse anyway, before a single dict or model is built. Params
+are converted by a plain walk rather than ``json_format``, which raises on NaN and Infinity
+before the plan's own finite-number rule could name the field.
 """
 
 from __future__ import annotations
@@ -10,8 +16,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from google.protobuf import json_format
+from google.protobuf import struct_pb2
 
+from opsconductor.common.errors import PlanValidationError
+from opsconductor.common.plan import MAX_STEPS, MAX_TARGETS_PER_PLAN, MAX_TARGETS_PER_STEP
 from opsconductor.execution.v1 import types_pb2
 
 _SLA_PREFIX = "SLA_CLASS_"
@@ -39,8 +47,53 @@ def _enum_value(enum: Any, name: object, prefix: str, field: str) -> int:
         raise ValueError(f"{field}: unknown value {name!r}") from None
 
 
+def check_plan_counts(message: types_pb2.Plan) -> None:
+    """Refuse a plan with too many steps or targets, looking only at repeated-field lengths."""
+    if len(message.steps) > MAX_STEPS:
+        raise PlanValidationError.for_field("steps", f"must have at most {MAX_STEPS} item(s)")
+    total = 0
+    for index, step in enumerate(message.steps):
+        count = len(step.targets)
+        if count > MAX_TARGETS_PER_STEP:
+            raise PlanValidationError.for_field(
+                f"steps[{index}].targets", f"must have at most {MAX_TARGETS_PER_STEP} item(s)"
+            )
+        total += count
+    if total > MAX_TARGETS_PER_PLAN:
+        raise PlanValidationError.for_field(
+            "steps",
+            f"the plan has {total} targets in all; the limit is {MAX_TARGETS_PER_PLAN}",
+        )
+
+
+def _value(value: struct_pb2.Value) -> Any:
+    # The decoder already bounds nesting (protobuf's recursion limit), so recursion is safe
+    # here; parse_plan then enforces the plan's own, lower, depth limit with a field path.
+    kind = value.WhichOneof("kind")
+    if kind == "struct_value":
+        return _struct(value.struct_value)
+    if kind == "list_value":
+        return [_value(item) for item in value.list_value.values]
+    if kind == "number_value":
+        return value.number_value  # NaN and ±inf stay floats: parse_plan names the field
+    if kind == "string_value":
+        return value.string_value
+    if kind == "bool_value":
+        return value.bool_value
+    return None  # null_value, or a Value with no kind set
+
+
+def _struct(message: struct_pb2.Struct) -> dict[str, Any]:
+    return {key: _value(item) for key, item in message.fields.items()}
+
+
 def plan_from_proto(message: types_pb2.Plan) -> dict[str, Any]:
-    """The JSON form of a ``Plan`` message, ready for ``parse_plan``."""
+    """The JSON form of a ``Plan`` message, ready for ``parse_plan``.
+
+    Raises ``PlanValidationError`` at once, before converting anything, when the plan has more
+    steps or targets than ``parse_plan`` allows.
+    """
+    check_plan_counts(message)
     plan: dict[str, Any] = {
         "name": message.name,
         "sla_class": _enum_name(types_pb2.SlaClass, message.sla_class, _SLA_PREFIX) or None,
@@ -53,7 +106,7 @@ def plan_from_proto(message: types_pb2.Plan) -> dict[str, Any]:
                 )
                 or None,
                 "targets": [{"ref": t.ref, "tags": dict(t.tags)} for t in step.targets],
-                "params": json_format.MessageToDict(step.params),
+                "params": _struct(step.params),
             }
             for step in message.steps
         ],

@@ -51,6 +51,12 @@ Hook = Callable[[], Awaitable[None]]
 
 SettingsT = TypeVar("SettingsT")
 
+#: Largest gRPC message a server accepts or sends (a plan is at most 512 KiB as JSON; its
+#: protobuf form stays well below this). Larger messages get RESOURCE_EXHAUSTED before decoding.
+DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+#: RPCs a server serves at once; more get RESOURCE_EXHAUSTED at once, never a hang.
+DEFAULT_MAX_CONCURRENT_RPCS = 256
+
 HEALTH_SERVICE_NAME: str = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -125,6 +131,12 @@ class RpcServer:
         await self.server.stop(grace)
 
 
+def message_size_options(settings: object) -> list[tuple[str, int]]:
+    """gRPC channel/server options bounding messages both ways (refused before decoding)."""
+    limit = int(getattr(settings, "grpc_max_message_bytes", DEFAULT_MAX_MESSAGE_BYTES))
+    return [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
+
+
 def build_server(settings: ServerSettings, register: Register) -> RpcServer:
     """Create the ``grpc.aio`` server of a service, bound but not started.
 
@@ -137,7 +149,12 @@ def build_server(settings: ServerSettings, register: Register) -> RpcServer:
         interceptors=[ServerObservabilityInterceptor()],
         # grpc enables SO_REUSEPORT by default: a second instance on the same port would then
         # share its traffic silently instead of failing to start.
-        options=[("grpc.so_reuseport", 0)],
+        options=[("grpc.so_reuseport", 0), *message_size_options(settings)],
+        # Beyond this many RPCs in flight grpc answers RESOURCE_EXHAUSTED at once, so a flood
+        # is refused instead of queueing every later caller behind it.
+        maximum_concurrent_rpcs=getattr(
+            settings, "grpc_max_concurrent_rpcs", DEFAULT_MAX_CONCURRENT_RPCS
+        ),
     )
     service_names = list(register(server))
     health = health_aio.HealthServicer()

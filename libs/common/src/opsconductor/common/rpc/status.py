@@ -78,8 +78,27 @@ class _StatusAbortingContext(Protocol):
     async def abort_with_status(self, status: grpc.Status) -> NoReturn: ...
 
 
+def _unstorable_input(exc: BaseException) -> bool:
+    """A storage failure caused by a value no column can hold (SQLSTATE class 22, "data
+    exception": too long, NUL character, out of range): the request is at fault, not the
+    database, so the answer is INVALID_ARGUMENT, never UNAVAILABLE. The backstop behind the
+    edge's own checks."""
+    cause = exc.__cause__
+    return isinstance(exc, errors.StorageError) and str(getattr(cause, "sqlstate", "")).startswith(
+        "22"
+    )
+
+
+_UNSTORABLE_MESSAGE = (
+    "a value of the request cannot be stored: it is too long, out of range or contains NUL "
+    "characters"
+)
+
+
 def code_for_exception(exc: BaseException) -> grpc.StatusCode:
     """Return the status code an exception escaping an RPC is reported with."""
+    if _unstorable_input(exc):
+        return grpc.StatusCode.INVALID_ARGUMENT
     if isinstance(exc, errors.OpsConductorError):
         for error_type, code in _CODES:
             if isinstance(exc, error_type):
@@ -104,6 +123,8 @@ def status_for_exception(exc: BaseException, *, request_id: str) -> grpc.Status:
         reason = exc.reason if isinstance(exc, errors.OpsConductorError) else INTERNAL_REASON
         message = f"Internal error; quote request id {request_id} when reporting it"
         return _rich_status(code, message, reason, {}, request_id)
+    if _unstorable_input(exc):
+        return _rich_status(code, _UNSTORABLE_MESSAGE, "UNSTORABLE_VALUE", {}, request_id)
     # Domain messages are caller-facing by contract; masking them too costs little.
     message = _default_message(exc) if isinstance(exc, _OPAQUE) else mask(exc.message)
     details: list[Any] = []

@@ -287,3 +287,29 @@ async def test_a_390_kb_preview_is_refused_in_under_20_ms_of_api_cpu(
         per_request_ms = (_cpu_seconds(pid) - before) / rounds * 1000
     print(f"api CPU per refused 390 KB preview: {per_request_ms:.1f} ms")
     assert per_request_ms < 20, per_request_ms
+
+
+async def test_worker_denials_do_not_name_the_tenant_owning_a_foreign_id(
+    stack: Stack, tenant: Tenant, e2e_pool: asyncpg.Pool
+) -> None:
+    """RunImmediate for another tenant's execution id: denied without naming its owner."""
+    async with grpc.aio.insecure_channel(stack.address("api")) as channel:
+        response = await channel.unary_unary(
+            _EXEC + "SubmitExecution",
+            response_deserializer=execution_service_pb2.SubmitExecutionResponse.FromString,
+        )(
+            _submit(tenant.id, _noop_plan()).SerializeToString(),
+            metadata=[("authorization", f"Bearer {token('alice', tenant.id)}")],
+            timeout=30,
+        )
+    victim_id = response.execution.execution_id
+    outsider = await inspection.new_tenant(stack, e2e_pool)
+    async with grpc.aio.insecure_channel(stack.address("worker")) as channel:
+        code, details = await raw_call(
+            channel,
+            _WORKER,
+            worker_service_pb2.RunImmediateRequest(tenant_id=outsider.id, execution_id=victim_id),
+            bearer=token("alice", outsider.id),
+        )
+    assert code is grpc.StatusCode.PERMISSION_DENIED, (code, details)
+    assert tenant.id not in details

@@ -15,7 +15,7 @@ from opsconductor.common.rpc.decoding import (
 from opsconductor.execution.v1 import admin_service_pb2, execution_service_pb2, types_pb2
 
 
-@pytest.mark.parametrize("tenant", ["acme", "t-1", "a.b_c-9", "9", "x" * 100])
+@pytest.mark.parametrize("tenant", ["acme", "t-1", "a.b_c-9", "9", "_system", "x" * 100])
 def test_tenant_ids_in_the_charset_are_valid(tenant: str) -> None:
     assert is_valid_tenant_id(tenant)
 

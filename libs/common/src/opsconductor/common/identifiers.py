@@ -2,9 +2,9 @@
 may look like, and how a value that fails those rules is still written to an audit row.
 
 Tenant ids are part of keys (the lock key ``lock:v1:{tenant}:{target}:{action}``, Redis queue
-keys) and of ``VARCHAR(100)`` columns, so they follow one documented charset: a letter or digit,
-then up to 99 letters, digits, ``_``, ``.`` or ``-`` — no ``:``, no whitespace, no control
-characters, no NUL. Actor ids (``sub``) may be any printable text up to the 200 characters of
+keys) and of ``VARCHAR(100)`` columns, so they follow one documented charset: a letter, digit or
+``_`` (the operators' ``_system`` tenant), then up to 99 letters, digits, ``_``, ``.`` or ``-`` —
+no ``:``, no whitespace, no control characters, no NUL. Actor ids (``sub``) may be any printable text up to the 200 characters of
 their columns (IdPs use e-mail addresses, URNs, UUIDs); auth methods up to 50.
 
 A token whose claims break these rules is refused (``UNAUTHENTICATED``): nothing downstream then
@@ -34,12 +34,12 @@ MAX_TENANT_ID_LENGTH: Final = 100
 MAX_ACTOR_ID_LENGTH: Final = 200
 #: Width of ``approvals.auth_method``.
 MAX_AUTH_METHOD_LENGTH: Final = 50
-TENANT_ID_PATTERN: Final = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}"
+TENANT_ID_PATTERN: Final = r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}"
 
 _TENANT_ID = re.compile(TENANT_ID_PATTERN)
 _TENANT_RULE: Final = (
-    f"must be 1..{MAX_TENANT_ID_LENGTH} characters: a letter or digit, then letters, digits, "
-    "'_', '.' or '-'"
+    f"must be 1..{MAX_TENANT_ID_LENGTH} characters: a letter, digit or '_', then letters, "
+    "digits, '_', '.' or '-'"
 )
 
 

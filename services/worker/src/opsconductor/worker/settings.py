@@ -41,6 +41,9 @@ class WorkerSettings(ServiceSettings):
     #: The reaper fails a ``running`` execution this many seconds after its deadline (a live
     #: worker enforces the deadline itself; one this late is gone).
     reaper_deadline_grace_s: float = Field(default=30.0, ge=0)
+    #: The reaper fails an immediate execution still ``pending`` without a worker this many
+    #: seconds after its creation (its api died before the hand-over, which takes milliseconds).
+    reaper_unstarted_grace_s: float = Field(default=30.0, ge=0)
 
     @model_validator(mode="after")
     def _forwarded_tokens_only_over_tls(self) -> WorkerSettings:

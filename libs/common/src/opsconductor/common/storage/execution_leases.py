@@ -236,12 +236,19 @@ async def fail_overdue_executions(
 
 
 async def fail_lost_execution(
-    db: PoolOrConnection, execution_id: UUID, *, error_class: str, error_message: str, by: str
+    db: PoolOrConnection,
+    execution_id: UUID,
+    *,
+    error_class: str,
+    error_message: str,
+    by: str,
+    lease_token: UUID | None = None,
 ) -> bool:
     """End a non-terminal execution ``failed`` (its job died in the queue); False if already
-    terminal. Clears the fencing token."""
+    terminal. Clears the fencing token. With ``lease_token``, only while that token still owns
+    the execution (``StaleLeaseError`` otherwise)."""
     async with transaction(db) as conn:
-        locked = await lock_execution(conn, execution_id)
+        locked = await lock_execution(conn, execution_id, lease_token=lease_token)
         status = ExecutionStatus(locked["status"])
         if status in TERMINAL:
             return False
@@ -261,6 +268,47 @@ async def fail_lost_execution(
             tenant_id=locked["tenant_id"],
         )
     return True
+
+
+# Immediate executions no worker ever took: the api that created them died (or gave up on a
+# paused worker) before the hand-over. No worker id means no worker moved it to running.
+_UNSTARTED_IMMEDIATE = """
+SELECT id, status FROM executions
+WHERE execution_mode = 'immediate' AND status IN ('pending', 'queued') AND worker_id IS NULL
+  AND created_at < clock_timestamp() - make_interval(secs => $1)
+ORDER BY created_at
+LIMIT $2
+"""
+
+
+async def fail_unstarted_immediate(
+    db: PoolOrConnection, *, grace: timedelta, by: str = "reaper", limit: int = 1000
+) -> list[UUID]:
+    """End ``failed`` (``DISPATCH_LOST``, key retired) immediate executions still ``pending`` or
+    ``queued`` with no worker ``grace`` after they were created.
+
+    A hand-over to a worker takes milliseconds; one that has not happened within ``grace`` never
+    will. Each is a compare-and-set on its status, so a worker that starts it meanwhile wins.
+    """
+    async with transaction(db) as conn:
+        rows = await conn.fetch(_UNSTARTED_IMMEDIATE, grace.total_seconds(), limit)
+    failed: list[UUID] = []
+    for row in rows:
+        if await fail_unstarted_execution(
+            db,
+            row["id"],
+            expected_from=ExecutionStatus(row["status"]),
+            by=by,
+            error_class="DISPATCH_LOST",
+            error_message=(
+                "no worker started this immediate execution: it was never handed over "
+                "(the api stopped, or no worker answered); submit the plan again"
+            ),
+        ):
+            failed.append(row["id"])
+    if failed:
+        log.warning("unstarted_immediate_executions_failed", count=len(failed))
+    return failed
 
 
 async def fail_unstarted_execution(

@@ -28,6 +28,7 @@ from opsconductor.common.errors import (
     ApprovalLevelNotEnabledError,
     FeatureDisabledError,
     FSMError,
+    OpsConductorError,
     QueueUnavailableError,
     WorkerUnavailableError,
 )
@@ -131,6 +132,14 @@ class SubmitResult:
 async def _job_id(conn: PoolOrConnection, record: ExecutionRecord) -> UUID | None:
     row = await jobs.get_queue_row_for_execution(conn, record.id)
     return None if row is None else row.id
+
+
+def _unstarted_immediate(record: ExecutionRecord) -> bool:
+    return (
+        record.execution_mode == ExecutionMode.IMMEDIATE
+        and record.status is ExecutionStatus.PENDING
+        and record.worker_id is None
+    )
 
 
 class Submissions:
@@ -270,12 +279,13 @@ class Submissions:
         record, created = await self._create(
             self._pool, principal, request, decision, flags.record_only(tenant_id)
         )
-        if not created:
-            return SubmitResult(await self._await_duplicate(record), deduplicated=True)
-        await self._dispatch_immediate(record, token)
-        return SubmitResult(
-            await get_execution(self._pool, tenant_id, record.id), deduplicated=False
-        )
+        if created or _unstarted_immediate(record):
+            # A duplicate of an execution no worker has taken yet hands it over again: its first
+            # dispatch may have died with its api. The worker's compare-and-set on ``pending``
+            # lets exactly one hand-over run it; the other waits for its outcome below.
+            await self._dispatch_immediate(record, token)
+        record = await get_execution(self._pool, tenant_id, record.id)
+        return SubmitResult(await self._await_duplicate(record), deduplicated=not created)
 
     async def _submit_background(
         self, principal: Principal, request: SubmitRequest, decision: Decision, record_only: bool
@@ -384,20 +394,25 @@ class Submissions:
                 token=token,
                 timeout_s=record.timeout_ms / 1000 + DISPATCH_MARGIN_S,
             )
-        except WorkerUnavailableError:
-            # The worker never started it: end it failed and free the key for a retry.
+        except FSMError:
+            # Cancelled, or started by another hand-over, before this one: report its outcome.
+            pass
+        except Exception as exc:
+            # If no worker started it (still pending: unreachable, refused, timed out on a
+            # paused worker), nothing ran: end it failed and free the key for a retry. Once a
+            # worker has it, the worker records the outcome and this changes nothing.
+            reason = exc.reason if isinstance(exc, OpsConductorError) else "DISPATCH_FAILED"
             await fail_unstarted_execution(
                 self._pool,
                 record.id,
                 expected_from=ExecutionStatus.PENDING,
                 by="api",
-                error_class=WorkerUnavailableError.reason,
-                error_message="no worker could be reached",
+                error_class=reason,
+                error_message="no worker could be reached"
+                if isinstance(exc, WorkerUnavailableError)
+                else f"the worker did not start it ({reason})",
             )
             raise
-        except FSMError:
-            # Cancelled (or otherwise moved on) before the worker took it: report its state.
-            pass
 
     async def _await_duplicate(self, record: ExecutionRecord) -> ExecutionRecord:
         """A duplicate of an immediate execution in flight gets its outcome, not a snapshot."""

@@ -41,6 +41,7 @@ from opsconductor.common.storage.execution_leases import (
     claim_execution,
     record_lease_renewal,
 )
+from opsconductor.common.storage.execution_reads import get_execution
 from opsconductor.common.storage.execution_records import (
     ExecutionRecord,
     PoolOrConnection,
@@ -151,6 +152,12 @@ class BackgroundConsumer:
                 retry_allowed=job.attempts + 1 < job.max_attempts,
                 stop_event=self._stopping,
             )
+        except Exception:
+            # The runner ended the execution failed with the error's class if it could: then
+            # nothing is left to run, and redelivering the job would only fail again.
+            if (await get_execution(self._pool, record.tenant_id, record.id)).is_terminal:
+                await self._drop(job)
+            raise
         finally:
             renewer.cancel()
             with contextlib.suppress(asyncio.CancelledError):

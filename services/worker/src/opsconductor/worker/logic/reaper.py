@@ -16,7 +16,10 @@ so concurrent reapers never double-act (a second one skips the pass):
    approval requests past their expiry are expired and the executions waiting for them end
    ``failed`` (``APPROVAL_EXPIRED``; a paused level-3 execution's locks are released), and
    approved immediate executions no worker started within 5 minutes end ``failed``
-   (``DISPATCH_LOST``: the approvals service died between the decision and the dispatch);
+   (``DISPATCH_LOST``: the approvals service died between the decision and the dispatch), and
+   so do immediate executions still ``pending``/``queued`` without a worker ``unstarted_grace``
+   after their creation (the api died between create and dispatch, or gave up on a paused
+   worker): their keys are retired, so the plan can be submitted again;
 6. gauges: ready jobs per priority, leased, delayed, DLQ size, oldest ready job's age.
 """
 
@@ -38,6 +41,7 @@ from opsconductor.common.storage.approvals import expire_pending, fail_undispatc
 from opsconductor.common.storage.execution_leases import (
     fail_lost_execution,
     fail_overdue_executions,
+    fail_unstarted_immediate,
 )
 from opsconductor.common.storage.execution_records import transaction
 from opsconductor.common.storage.executions import retire_idempotency_keys
@@ -48,6 +52,8 @@ log = structlog.get_logger(__name__)
 
 #: An approved immediate execution not started this long after its approval was lost.
 UNDISPATCHED_GRACE = timedelta(minutes=5)
+#: An immediate execution no worker took this long after its creation was never handed over.
+UNSTARTED_GRACE = timedelta(seconds=30)
 #: pg advisory lock key of the reaper ("opsc_rea").
 REAPER_LOCK_KEY = 0x6F7073635F726561
 
@@ -75,6 +81,7 @@ class ReaperReport:
     idempotency_retired: int = 0
     approvals_expired: int = 0
     approvals_undispatched: int = 0
+    unstarted_failed: int = 0
 
 
 async def reap_once(
@@ -84,6 +91,7 @@ async def reap_once(
     dedup_window: timedelta,
     deadline_grace: timedelta = timedelta(seconds=30),
     orphan_grace_s: float = 300.0,
+    unstarted_grace: timedelta = UNSTARTED_GRACE,
 ) -> ReaperReport:
     """One pass (see the module docstring); skipped when another reaper holds the lock."""
     async with pool.acquire() as conn:
@@ -91,7 +99,9 @@ async def reap_once(
             log.info("reaper_skipped", reason="another reaper is running")
             return ReaperReport(skipped=True)
         try:
-            report = await _pass(pool, queue, dedup_window, deadline_grace, orphan_grace_s)
+            report = await _pass(
+                pool, queue, dedup_window, deadline_grace, orphan_grace_s, unstarted_grace
+            )
         finally:
             await conn.execute("SELECT pg_advisory_unlock($1)", REAPER_LOCK_KEY)
     log.info("reaper_pass", **report.__dict__)
@@ -104,6 +114,7 @@ async def _pass(
     dedup_window: timedelta,
     deadline_grace: timedelta,
     orphan_grace_s: float,
+    unstarted_grace: timedelta,
 ) -> ReaperReport:
     reconciled = None
     dead = 0
@@ -120,6 +131,7 @@ async def _pass(
     keys = await retire_idempotency_keys(pool, dedup_window)
     expired = await expire_pending(pool)
     undispatched = await fail_undispatched(pool, grace=UNDISPATCHED_GRACE)
+    unstarted = await fail_unstarted_immediate(pool, grace=unstarted_grace)
     await _publish_gauges(pool, queue)
     return ReaperReport(
         leases_requeued=reconciled.maintenance.reclaimed if reconciled else 0,
@@ -132,6 +144,7 @@ async def _pass(
         idempotency_retired=keys,
         approvals_expired=expired,
         approvals_undispatched=undispatched,
+        unstarted_failed=len(unstarted),
     )
 
 

@@ -16,7 +16,10 @@ write fenced by the job's lease token). What it guarantees:
   the locks and the first step, whatever the api decided, and handed to every step's handler;
 * an execution that needed an approval runs only if its approval is granted and bound to its
   exact plan (checked before the locks and the first step), and a level-3 one stops before each
-  step not approved yet, keeping its locks (see :mod:`.approval_checks`).
+  step not approved yet, keeping its locks (see :mod:`.approval_checks`);
+* whatever goes wrong once the execution is ``running`` (a stored plan that no longer parses, a
+  lock key that cannot be built, a bug) ends it ``failed`` at once with the real error class —
+  never left ``running`` for the reaper to call a timeout (:meth:`ExecutionRunner.execute`).
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from opsconductor.common.errors import (
     FailedPreconditionError,
     OpsConductorError,
     ResourceBusyError,
+    StaleLeaseError,
 )
 from opsconductor.common.fsm import ExecutionStatus, StepStatus
 from opsconductor.common.masking import default_masker, mask_text
@@ -50,7 +54,7 @@ from opsconductor.common.planning import MAX_PARALLEL_STEPS, HandlerLookup, can_
 from opsconductor.common.policy_enforcement import enforce_tenant_policy
 from opsconductor.common.secrets import SecretResolver
 from opsconductor.common.storage.cancellation import CancelSignals, check_cancelled
-from opsconductor.common.storage.execution_leases import requeue_execution
+from opsconductor.common.storage.execution_leases import fail_lost_execution, requeue_execution
 from opsconductor.common.storage.execution_reads import get_execution
 from opsconductor.common.storage.execution_records import ExecutionRecord, PoolOrConnection
 from opsconductor.common.storage.execution_steps import (
@@ -212,7 +216,59 @@ class ExecutionRunner:
         target was busy) puts the execution back in the queue instead of failing it; timeouts
         and cancellations are always final. ``stop_event`` (worker shutdown) stops the run
         before its next step and requeues it without spending an attempt.
+
+        Anything raised on the way (but a lost lease: another worker owns the execution now)
+        first ends the execution ``failed`` with the error's class, then propagates.
         """
+        try:
+            return await self._execute(record, lease_token, retry_allowed, stop_event)
+        except StaleLeaseError:
+            raise
+        except Exception as exc:
+            await self._fail_on_error(record, exc, lease_token)
+            raise
+
+    async def _fail_on_error(
+        self, record: ExecutionRecord, exc: Exception, lease_token: UUID | None
+    ) -> None:
+        """End a ``running`` execution ``failed`` with ``exc``'s true class (best effort)."""
+        if isinstance(exc, OpsConductorError):
+            message = mask_text(exc.message)[:1000]
+        else:
+            # A bug: its text may quote internals; the class names it, the log has the rest.
+            message = f"the worker failed while running this execution ({type(exc).__name__})"
+        try:
+            ended = await asyncio.shield(
+                fail_lost_execution(
+                    self._pool,
+                    record.id,
+                    error_class=_error_class(exc),
+                    error_message=message,
+                    by=self.worker_id,
+                    lease_token=lease_token,
+                )
+            )
+        except StaleLeaseError:
+            return  # another worker took it over meanwhile: its outcome is that worker's
+        except Exception:
+            # The database itself is failing: the deadline reaper is the backstop then.
+            log.exception("execution_fail_on_error_failed", exec_id=str(record.id))
+            return
+        log.warning(
+            "execution_failed_on_error",
+            exec_id=str(record.id),
+            error_class=_error_class(exc),
+            ended=ended,
+            worker_id=self.worker_id,
+        )
+
+    async def _execute(
+        self,
+        record: ExecutionRecord,
+        lease_token: UUID | None,
+        retry_allowed: bool,
+        stop_event: asyncio.Event | None,
+    ) -> RunResult:
         plan = parse_plan(record.plan_snapshot["plan"])
         started = time.monotonic()
         outcome = _Outcome()

@@ -46,6 +46,7 @@ async def run(settings: WorkerSettings, *, once: bool, interval_s: float) -> int
                 queue,
                 dedup_window=timedelta(seconds=settings.dedup_window_s),
                 deadline_grace=timedelta(seconds=settings.reaper_deadline_grace_s),
+                unstarted_grace=timedelta(seconds=settings.reaper_unstarted_grace_s),
             )
             if once:
                 return 0

@@ -4,8 +4,9 @@ may look like, and how a value that fails those rules is still written to an aud
 Tenant ids are part of keys (the lock key ``lock:v1:{tenant}:{target}:{action}``, Redis queue
 keys) and of ``VARCHAR(100)`` columns, so they follow one documented charset: a letter, digit or
 ``_`` (the operators' ``_system`` tenant), then up to 99 letters, digits, ``_``, ``.`` or ``-`` —
-no ``:``, no whitespace, no control characters, no NUL. Actor ids (``sub``) may be any printable text up to the 200 characters of
-their columns (IdPs use e-mail addresses, URNs, UUIDs); auth methods up to 50.
+no ``:``, no whitespace, no control characters, no NUL. Actor ids (``sub``) may be any printable
+text up to the 200 characters of their columns (IdPs use e-mail addresses, URNs, UUIDs); auth
+methods up to 50.
 
 A token whose claims break these rules is refused (``UNAUTHENTICATED``): nothing downstream then
 has to cope with an identifier it cannot store. A *requested* tenant id (the ``tenant_id`` field

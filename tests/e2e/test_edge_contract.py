@@ -9,6 +9,7 @@ refusal leaves no execution behind, while every denial leaves its audit row.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 from pathlib import Path
@@ -313,3 +314,39 @@ async def test_worker_denials_do_not_name_the_tenant_owning_a_foreign_id(
         )
     assert code is grpc.StatusCode.PERMISSION_DENIED, (code, details)
     assert tenant.id not in details
+
+
+async def test_big_previews_in_flight_do_not_stall_another_tenants_list(
+    stack: Stack, tenant: Tenant, e2e_pool: asyncpg.Pool
+) -> None:
+    """Finding 7: 8 such previews in flight made another tenant's ListExecutions take 5–11 s.
+    Now each is refused on counts, and the other tenant's list answers within a second."""
+    plan = types_pb2.Plan(name="big", sla_class=types_pb2.SLA_CLASS_FAST)
+    for index in range(100):
+        step = plan.steps.add(
+            id=f"s{index}", action="noop", action_class=types_pb2.ACTION_CLASS_READ
+        )
+        for target in range(500):
+            step.targets.add(ref=f"host-{target:04d}")
+    payload = execution_service_pb2.PreviewPlanRequest(tenant_id=tenant.id, plan=plan)
+    other = await inspection.new_tenant(stack, e2e_pool)
+    loop = asyncio.get_running_loop()
+    async with grpc.aio.insecure_channel(stack.address("api")) as channel:
+        previews = [
+            asyncio.ensure_future(
+                raw_call(channel, _EXEC + "PreviewPlan", payload, bearer=token("vera", tenant.id))
+            )
+            for _ in range(8)
+        ]
+        started = loop.time()
+        code, details = await raw_call(
+            channel,
+            _EXEC + "ListExecutions",
+            execution_service_pb2.ListExecutionsRequest(tenant_id=other.id),
+            bearer=token("vera", other.id),
+        )
+        listed_in = loop.time() - started
+        outcomes = await asyncio.gather(*previews)
+    assert code is grpc.StatusCode.OK, (code, details)
+    assert {outcome[0] for outcome in outcomes} == {grpc.StatusCode.INVALID_ARGUMENT}
+    assert listed_in < 1.0, listed_in

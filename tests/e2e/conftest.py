@@ -72,16 +72,23 @@ async def e2e_pool(e2e_dsn: str) -> AsyncIterator[asyncpg.Pool]:
 
 @asynccontextmanager
 async def running_stack(
-    dsn: str, redis_url: str, *, with_approvals: bool = False, **worker_env: str
+    dsn: str,
+    redis_url: str,
+    *,
+    with_approvals: bool = False,
+    tenant_policy_file: Path | None = None,
+    **worker_env: str,
 ) -> AsyncIterator[Stack]:
     """Worker and api processes (and the approvals service if asked) on ``dsn`` with
-    ``redis_url``, stopped on exit."""
+    ``redis_url``, stopped on exit; every service reads ``tenant_policy_file`` if given."""
     log_dir = Path(tempfile.mkdtemp(prefix="opsc-e2e-"))
     running = Stack(dsn=dsn, log_dir=log_dir)
     common = {
         "OPSC_REDIS_URL": redis_url,
         "OPSC_QUEUE_PREFIX": f"opsc-e2e:{RUN_ID}:{secrets.token_hex(3)}:",
     }
+    if tenant_policy_file is not None:
+        common["OPSC_TENANT_POLICY_FILE"] = str(tenant_policy_file)
     try:
         worker = await start_service(
             "worker",

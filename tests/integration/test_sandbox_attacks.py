@@ -15,6 +15,7 @@ import contextlib
 import os
 import secrets
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping
@@ -93,35 +94,51 @@ def text_of(outcome: ActionResult | ActionFailedError) -> str:
     return f"{output['stdout']}\n{output['stderr']}"
 
 
-@pytest.fixture
-def worker_secrets(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    """Canary settings in the worker's environment, not shaped like secrets for the masker."""
-    canaries = {
-        "DATABASE_URL": f"postgresql://127.0.0.1/canarydb{secrets.token_hex(6)}",
-        "REDIS_URL": f"redis://127.0.0.1/canaryredis{secrets.token_hex(6)}",
-        "OPSC_JWT_HS256_KEY": f"canarykey{secrets.token_hex(6)}",
-    }
-    for name, value in canaries.items():
-        monkeypatch.setenv(name, value)
-    return canaries
+WORKER_CANARIES = {
+    # Shaped so that the result masker does not hide them (no credentials in the URLs).
+    "DATABASE_URL": f"postgresql://127.0.0.1/canarydb{secrets.token_hex(6)}",
+    "REDIS_URL": f"redis://127.0.0.1/canaryredis{secrets.token_hex(6)}",
+    "OPSC_JWT_HS256_KEY": f"canarykey{secrets.token_hex(6)}",
+}
+# A worker-like process: started with the canaries in its environment (as the worker is with
+# its settings, so /proc/<worker>/environ holds them), it runs one step and prints its output.
+WORKER = """
+import asyncio, sys
+from tests.integration.test_sandbox_attacks import SandboxMode, action, ctx, policy, text_of
+mode = SandboxMode(sys.argv[1])
+step = ctx(["/bin/sh", "-c", sys.argv[2]], policy(network=mode is SandboxMode.SETPRIV))
+print(text_of(asyncio.run(action(mode).run(step))))
+"""
+
+
+async def run_in_worker_process(mode: SandboxMode, script: str) -> str:
+    worker = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        WORKER,
+        mode.value,
+        script,
+        env={**os.environ, **WORKER_CANARIES},
+        stdout=asyncio.subprocess.PIPE,
+    )
+    out, _ = await worker.communicate()
+    assert worker.returncode == 0
+    return out.decode()
 
 
 MODES = [SandboxMode.BWRAP, SandboxMode.SETPRIV]
 
 
 @pytest.mark.parametrize("mode", MODES)
-async def test_a_step_cannot_read_the_worker_environment(
-    mode: SandboxMode, worker_secrets: dict[str, str]
-) -> None:
+async def test_a_step_cannot_read_the_worker_environment(mode: SandboxMode) -> None:
     # /proc/$PPID is the worker (or the sandbox's own init); /proc/1 the machine's init.
     script = (
         "{ cat /proc/$PPID/environ; cat /proc/1/environ; env; "
         "for p in /proc/[0-9]*; do cat $p/environ; done; } 2>&1 | tr '\\0' '\\n' " + " ".join(SHIFT)
     )
-    outcome = await run(mode, script)
-    assert isinstance(outcome, ActionResult)
-    output = text_of(outcome)
-    for name, value in worker_secrets.items():
+    output = await run_in_worker_process(mode, script)
+    assert shifted("Permission denied") in output or mode is SandboxMode.BWRAP
+    for name, value in WORKER_CANARIES.items():
         assert value not in output
         assert shifted(value) not in output, f"{name} leaked"
         assert shifted(name) not in output, f"{name} is set in the step"
@@ -314,6 +331,15 @@ async def test_nothing_of_the_step_outlives_it_even_outside_its_process_group() 
             if f"Uid:\t{uid}\t" in status and "State:\tZ" not in status:
                 leftovers.append(entry.name)
     assert leftovers == []
+
+
+async def test_setpriv_mode_leaves_no_file_for_the_next_step_of_that_uid() -> None:
+    """The next step given the same uid (perhaps another tenant's) finds nothing of this one."""
+    name = f"/tmp/opsc-left-{secrets.token_hex(4)}"
+    outcome = await run(SandboxMode.SETPRIV, f"mkdir {name}; echo secret > {name}/f; echo ok")
+    assert isinstance(outcome, ActionResult)
+    assert outcome.output["stdout"] == "ok\n"
+    assert not os.path.exists(name)
 
 
 async def test_the_sandbox_fails_closed_when_bwrap_is_missing() -> None:

@@ -60,6 +60,9 @@ POLICY = TenantPolicy(
 @pytest.fixture(autouse=True)
 def _setpriv_sandbox(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OPSC_SANDBOX_MODE", "setpriv")
+    # The pid files the scripts write under /tmp are read after the step: keep them (the
+    # scratch clean-up has its own test in tests/integration/test_sandbox_attacks.py).
+    monkeypatch.setenv("OPSC_SANDBOX_SCRATCH_PATHS", "[]")
 
 
 @pytest.fixture

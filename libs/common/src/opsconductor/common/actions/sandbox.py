@@ -18,7 +18,10 @@ Every step gets a uid of its own from ``uid_base .. uid_base + uid_count - 1``, 
 file so that concurrent worker processes of a host never share one: the process limit counts per
 uid, and one step cannot signal, trace or read another. When the step ends, every process of
 that uid is killed (``kill -KILL -1`` run *as* that uid through ``setpriv``, which a non-root
-worker can do too), so nothing it started outlives it, inside its process group or not.
+worker can do too), so nothing it started outlives it, inside its process group or not. In
+setpriv mode the files it left in the shared scratch directories (``scratch_paths``: ``/tmp``,
+``/var/tmp``, ``/dev/shm``) are deleted too, also as that uid, so the next step given the same
+uid (perhaps another tenant's) finds nothing of it.
 
 Whatever prevents building the sandbox (a missing tool, no free uid, a network the mode cannot
 isolate) raises `SandboxUnavailableError`: the step fails; it never runs unsandboxed.
@@ -85,10 +88,13 @@ class SandboxSettings(BaseSettings):
     tmp_mb: int = Field(default=64, ge=1, le=65_536)
     #: Where the uid lock files live (created 0700; must belong to the worker's uid).
     lock_dir: Path = Path(tempfile.gettempdir()) / "opsconductor-sandbox"
+    #: setpriv mode: world-writable directories cleaned of the step's files after it.
+    scratch_paths: tuple[str, ...] = ("/tmp", "/var/tmp", "/dev/shm")  # noqa: S108
     bwrap: str = "bwrap"
     setpriv: str = "setpriv"
     prlimit: str = "prlimit"
     kill: str = "kill"
+    find: str = "find"
 
 
 class SandboxUnavailableError(ActionFailedError):
@@ -180,6 +186,22 @@ def _live_processes_of(uid: int) -> list[int]:
     return found
 
 
+async def _run_as(uid: int, setpriv: str, *argv: str) -> None:
+    """Run ``argv`` as ``uid`` (no groups) and wait for it; its output and status are ignored."""
+    process = await asyncio.create_subprocess_exec(
+        setpriv,
+        f"--reuid={uid}",
+        f"--regid={uid}",
+        "--clear-groups",
+        "--",
+        *argv,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    await process.wait()
+
+
 class Sandbox:
     """Builds the sandboxed command of each step and cleans up after it."""
 
@@ -206,8 +228,9 @@ class Sandbox:
                 "policy does not allow it (policy shell.network)"
             )
         tools = [_tool(settings.setpriv), _tool(settings.prlimit), _tool(settings.kill)]
-        if settings.mode is SandboxMode.BWRAP:
-            tools.append(_tool(settings.bwrap))
+        tools.append(
+            _tool(settings.bwrap) if settings.mode is SandboxMode.BWRAP else _tool(settings.find)
+        )
         self._check_visible(argv[0], directory=False)
         if cwd is not None:
             self._check_visible(cwd, directory=True)
@@ -218,9 +241,19 @@ class Sandbox:
             yield command
         finally:
             try:
-                await asyncio.shield(self.kill_all(uid, tools[0], tools[2]))
+                await asyncio.shield(self._clean_up(uid, tools))
             finally:
                 self._uids.release(uid)
+
+    async def _clean_up(self, uid: int, tools: list[str]) -> None:
+        await self.kill_all(uid, tools[0], tools[2])
+        roots = self._scratch_roots()
+        if self.settings.mode is SandboxMode.SETPRIV and roots:  # no roots: find would use "."
+            # As the uid: it can delete exactly what it could create, nothing of anyone else.
+            await _run_as(uid, tools[0], tools[3], *roots, "-xdev", "-user", str(uid), "-delete")
+
+    def _scratch_roots(self) -> list[str]:
+        return [path for path in self.settings.scratch_paths if os.path.isdir(path)]
 
     def _check_visible(self, path: str, *, directory: bool) -> None:
         """Fail like a missing file when ``path`` does not exist inside the sandbox."""
@@ -249,7 +282,7 @@ class Sandbox:
         policy: ShellPolicy,
         tools: list[str],
     ) -> SandboxedCommand:
-        setpriv, prlimit = tools[0], tools[1]
+        setpriv, prlimit, bwrap = tools[0], tools[1], tools[3]
         limits = [
             prlimit,
             f"--cpu={policy.cpu_s}:{policy.cpu_s + 1}",
@@ -272,7 +305,7 @@ class Sandbox:
         if self.settings.mode is SandboxMode.SETPRIV:
             return SandboxedCommand([*limits, *switch, *argv], cwd or SANDBOX_TMP, uid)
         return SandboxedCommand(
-            [*self._bwrap(tools[3], cwd, policy), *limits, *switch, *argv], "/", uid
+            [*self._bwrap(bwrap, cwd, policy), *limits, *switch, *argv], "/", uid
         )
 
     def _bwrap(self, bwrap: str, cwd: str | None, policy: ShellPolicy) -> list[str]:
@@ -296,20 +329,7 @@ class Sandbox:
         """SIGKILL every process of ``uid`` (as that uid) until none is left, bounded."""
         deadline = time.monotonic() + _REAP_WAIT_S
         while _live_processes_of(uid):
-            killer = await asyncio.create_subprocess_exec(
-                setpriv,
-                f"--reuid={uid}",
-                f"--regid={uid}",
-                "--clear-groups",
-                "--",
-                kill,
-                "-KILL",
-                "-1",
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.DEVNULL,
-                stderr=asyncio.subprocess.DEVNULL,
-            )
-            await killer.wait()
+            await _run_as(uid, setpriv, kill, "-KILL", "-1")
             if time.monotonic() >= deadline:  # pragma: no cover - a process stuck in D state
                 log.error("sandbox_processes_survived", uid=uid)
                 return

@@ -12,13 +12,14 @@ SRC_DIRS := $(addsuffix /src,$(PACKAGES))
 
 # proto-lint needs Node.js (npx fetches the official @bufbuild/buf); make test checks the same
 # naming rules without it (tests/unit/test_proto_contracts.py).
-.PHONY: help venv sandbox-tools protos protos-check proto-lint lint fmt typecheck importlint test test-fast migrate migrate-down run bench bench-immediate bench-background clean
+.PHONY: help venv sandbox-tools protos protos-check proto-lint lint fmt typecheck importlint k8s-validate test test-fast migrate migrate-down run bench bench-immediate bench-background clean
 
 help:
 	@echo "make run          start the whole system on this machine (embedded Postgres/Redis unless DATABASE_URL/REDIS_URL)"
 	@echo "make test         lint, type-check, layering, stale-protos check and the whole test suite with coverage gates"
 	@echo "make protos       regenerate libs/proto from protos/"
 	@echo "make migrate      apply migrations to DATABASE_URL; make migrate-down reverts one step"
+	@echo "make k8s-validate render every kustomize overlay and validate it against the Kubernetes schemas"
 	@echo "make bench        run the benchmarks under bench/ and print their figures"
 
 venv: $(STAMP)
@@ -64,8 +65,14 @@ importlint: $(STAMP)
 	$(VENV)/bin/lint-imports
 
 # The whole suite: hygiene first (fast, fails early), then every test with the coverage gates.
-test: $(STAMP) sandbox-tools lint typecheck importlint protos-check
+test: $(STAMP) sandbox-tools lint typecheck importlint protos-check k8s-validate
 	$(PY) tools/run_tests.py
+
+# Render k8s/base and every overlay (kubectl kustomize) and validate each object offline against
+# the Kubernetes 1.30 schemas (kubernetes-validate --strict); without kubectl it says what it
+# could not render.
+k8s-validate: $(STAMP)
+	$(PY) tools/k8s_validate.py -k 1.30.0
 
 test-fast: $(STAMP) sandbox-tools
 	$(VENV)/bin/pytest tests/unit -q

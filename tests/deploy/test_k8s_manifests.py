@@ -16,9 +16,18 @@ from typing import Any
 
 import pytest
 import yaml
+from pydantic import AliasChoices
+from pydantic_settings import BaseSettings
 
+from opsconductor.api.settings import ApiSettings
+from opsconductor.approvals.settings import ApprovalsSettings
 from opsconductor.common.masking import mask_text
+from opsconductor.common.rpc.health_probe import ProbeSettings
+from opsconductor.common.settings import ServiceSettings
+from opsconductor.common.storage.migrate import MigrationSettings
 from opsconductor.common.tenant_policy import TenantPolicies
+from opsconductor.progress.settings import ProgressSettings
+from opsconductor.worker.settings import WorkerSettings
 
 from .conftest import ROOT
 
@@ -572,3 +581,57 @@ def test_worker_actions_reach_the_internet_but_not_private_or_metadata_addresses
     policies, ns, pods = network
     assert allowed(policies, ns, pods["worker"], Peer(None, ip=ip), port) is expected
     assert not allowed(policies, ns, pods["api"], Peer(None, ip=ip), port)
+
+
+# --------------------------------------------------------------------------------------------------
+# Every variable the manifests set is one the code reads
+
+#: Settings the TLS work of issue 8 adds (another change); checked by name once they exist.
+_TLS_SETTINGS = {
+    "OPSC_TLS_CERT_FILE",
+    "OPSC_TLS_KEY_FILE",
+    "OPSC_TLS_CA_FILE",
+    "OPSC_TLS_CLIENT_AUTH",
+}
+
+
+def _variables(settings: type[BaseSettings]) -> set[str]:
+    """The environment variables a settings class reads (prefix + name, and its aliases)."""
+    prefix = str(settings.model_config.get("env_prefix", ""))
+    names = set()
+    for name, info in settings.model_fields.items():
+        names.add(f"{prefix}{name}".upper())
+        alias = info.validation_alias
+        if isinstance(alias, AliasChoices):
+            names.update(str(choice).upper() for choice in alias.choices)
+        elif isinstance(alias, str):
+            names.add(alias.upper())
+    return names
+
+
+def test_every_variable_set_is_read_by_the_process_it_is_set_for(
+    rendered: dict[str, Objects], target: str
+) -> None:
+    readers: dict[str, set[str]] = {
+        "api": _variables(ApiSettings),
+        "worker": _variables(WorkerSettings),
+        "approvals": _variables(ApprovalsSettings),
+        "progress": _variables(ProgressSettings),
+        "reaper": _variables(WorkerSettings),
+        "migrate": _variables(MigrationSettings),
+    }
+    probe = _variables(ProbeSettings)
+    pending = _TLS_SETTINGS - _variables(ServiceSettings)
+    for _name, pod in pod_specs(rendered[target]):
+        component = pod["metadata"]["labels"]["app.kubernetes.io/component"]
+        if component == "envoy":
+            continue
+        for container in containers(pod):
+            for variable in env_of(container):
+                known = readers[component] | (probe if target == "prod" else set())
+                assert variable in known | pending, f"{component}: {variable} is read by nothing"
+    config = next(
+        o for o in rendered[target] if o["kind"] == "ConfigMap" and "OPSC_GRPC_HOST" in o["data"]
+    )
+    for variable in config["data"]:
+        assert variable in _variables(ServiceSettings) | readers["migrate"], variable

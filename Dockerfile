@@ -57,11 +57,18 @@ EXPOSE 50051 9101
 CMD ["python", "-m", "opsconductor.api"]
 
 FROM runtime AS worker
-# The shell action's sandbox (bubblewrap); Debian's package, pinned to the bookworm release.
+# The shell action's sandbox (docs/security.md, "Kubernetes"): bubblewrap for nodes that allow
+# user namespaces; elsewhere setpriv (util-linux) switches each step to a uid of its own. That
+# copy of setpriv carries the file capabilities cap_setuid,cap_setgid and only the worker's group
+# may run it (0750); kill comes from procps. Debian packages pinned to the bookworm release.
 USER root
 RUN apt-get update \
  && apt-get install -y --no-install-recommends bubblewrap=0.8.0-2+deb12u1 \
+        libcap2-bin=1:2.66-4+deb12u3+b1 procps=2:4.0.2-3 \
+ && install -o root -g opsc -m 0750 /usr/bin/setpriv /usr/local/bin/opsc-setpriv \
+ && setcap cap_setuid,cap_setgid=ep /usr/local/bin/opsc-setpriv \
  && rm -rf /var/lib/apt/lists/*
+ENV OPSC_SANDBOX_SETPRIV=/usr/local/bin/opsc-setpriv
 COPY --from=build-worker /opt/venv /opt/venv
 USER 10001:10001
 EXPOSE 50052 9102

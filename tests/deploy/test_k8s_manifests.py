@@ -21,8 +21,8 @@ from pydantic_settings import BaseSettings
 
 from opsconductor.api.settings import ApiSettings
 from opsconductor.approvals.settings import ApprovalsSettings
+from opsconductor.common.actions.sandbox import SandboxSettings
 from opsconductor.common.masking import mask_text
-from opsconductor.common.rpc.health_probe import ProbeSettings
 from opsconductor.common.settings import ServiceSettings
 from opsconductor.common.storage.migrate import MigrationSettings
 from opsconductor.common.tenant_policy import TenantPolicies
@@ -160,6 +160,12 @@ def test_every_pod_is_non_root_seccomp_confined_and_without_a_token(
         assert not pod["spec"].get("hostPID"), name
 
 
+#: The one exception, only with the shell-sandbox component (docs/security.md, "Kubernetes"):
+#: the worker keeps SETUID/SETGID in its bounding set for the image's setpriv copy, whose file
+#: capabilities need privilege escalation allowed.
+SANDBOX_CAPABILITIES = {"drop": ["ALL"], "add": ["SETUID", "SETGID"]}
+
+
 def test_every_container_has_a_read_only_root_no_capabilities_and_limits(
     rendered: dict[str, Objects], target: str
 ) -> None:
@@ -167,12 +173,28 @@ def test_every_container_has_a_read_only_root_no_capabilities_and_limits(
         for container in containers(pod):
             security = container["securityContext"]
             assert security["readOnlyRootFilesystem"] is True, name
-            assert security["allowPrivilegeEscalation"] is False, name
-            assert security["capabilities"] == {"drop": ["ALL"]}, name
             assert not security.get("privileged"), name
+            if name == "Deployment/worker" and target != "base":
+                assert security["capabilities"] == SANDBOX_CAPABILITIES
+                assert security["allowPrivilegeEscalation"] is True
+                assert env_of(container)["OPSC_SANDBOX_MODE"]["value"] == "setpriv"
+            else:
+                assert security["capabilities"] == {"drop": ["ALL"]}, name
+                assert security["allowPrivilegeEscalation"] is False, name
             resources = container["resources"]
             for kind in ("requests", "limits"):
                 assert set(resources[kind]) == {"cpu", "memory"}, (name, kind)
+
+
+def test_namespaces_enforce_pod_security(rendered: dict[str, Objects]) -> None:
+    """Restricted is warned and audited everywhere; enforced as baseline only because of the
+    worker's sandbox capabilities (restricted admits no added capability)."""
+    for target in ("dev", "prod"):
+        (namespace,) = objects_of(rendered[target], "Namespace").values()
+        labels = namespace["metadata"]["labels"]
+        assert labels["pod-security.kubernetes.io/enforce"] == "baseline"
+        assert labels["pod-security.kubernetes.io/warn"] == "restricted"
+        assert labels["pod-security.kubernetes.io/audit"] == "restricted"
 
 
 def test_services_probe_the_grpc_health_service_on_their_own_port(
@@ -188,12 +210,10 @@ def test_services_probe_the_grpc_health_service_on_their_own_port(
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
             spec = container[probe]
             if target == "prod":
-                # mTLS: kubelet gRPC probes cannot speak TLS; the health check runs in the pod.
-                assert spec["exec"]["command"] == [
-                    "python",
-                    "-m",
-                    "opsconductor.common.rpc.health_probe",
-                ], (service, probe)
+                # mTLS: kubelet gRPC probes cannot speak TLS; they ask the plaintext
+                # health-only listener the service opens on OPSC_HEALTH_PORT.
+                assert spec["grpc"] == {"port": int(env["OPSC_HEALTH_PORT"]["value"])}
+                assert ports["health"] == spec["grpc"]["port"]
             else:
                 assert spec["grpc"] == {"port": grpc_port}, (service, probe)
     progress = service_container(rendered[target], "progress")
@@ -333,8 +353,8 @@ def test_prod_turns_mtls_on_with_cert_manager_certificates(rendered: dict[str, O
         assert certificate["secretName"] == secret
         assert certificate["issuerRef"] == {"kind": "Issuer", "name": "opsconductor-ca"}
         assert {"server auth", "client auth"} <= set(certificate["usages"])
-        # The name clients dial (OPSC_WORKER_TARGET, Envoy's SNI) and the probe's "localhost".
-        assert {service, "localhost", f"{service}.opsconductor.svc"} <= set(certificate["dnsNames"])
+        # The name clients dial (OPSC_WORKER_TARGET, Envoy's SNI).
+        assert {service, f"{service}.opsconductor.svc"} <= set(certificate["dnsNames"])
     for service in SERVICES:
         assert "OPSC_TLS_CERT_FILE" not in env_of(service_container(rendered["dev"], service))
 
@@ -586,14 +606,6 @@ def test_worker_actions_reach_the_internet_but_not_private_or_metadata_addresses
 # --------------------------------------------------------------------------------------------------
 # Every variable the manifests set is one the code reads
 
-#: Settings the TLS work of issue 8 adds (another change); checked by name once they exist.
-_TLS_SETTINGS = {
-    "OPSC_TLS_CERT_FILE",
-    "OPSC_TLS_KEY_FILE",
-    "OPSC_TLS_CA_FILE",
-    "OPSC_TLS_CLIENT_AUTH",
-}
-
 
 def _variables(settings: type[BaseSettings]) -> set[str]:
     """The environment variables a settings class reads (prefix + name, and its aliases)."""
@@ -614,22 +626,19 @@ def test_every_variable_set_is_read_by_the_process_it_is_set_for(
 ) -> None:
     readers: dict[str, set[str]] = {
         "api": _variables(ApiSettings),
-        "worker": _variables(WorkerSettings),
+        "worker": _variables(WorkerSettings) | _variables(SandboxSettings),
         "approvals": _variables(ApprovalsSettings),
         "progress": _variables(ProgressSettings),
         "reaper": _variables(WorkerSettings),
         "migrate": _variables(MigrationSettings),
     }
-    probe = _variables(ProbeSettings)
-    pending = _TLS_SETTINGS - _variables(ServiceSettings)
     for _name, pod in pod_specs(rendered[target]):
         component = pod["metadata"]["labels"]["app.kubernetes.io/component"]
         if component == "envoy":
             continue
         for container in containers(pod):
             for variable in env_of(container):
-                known = readers[component] | (probe if target == "prod" else set())
-                assert variable in known | pending, f"{component}: {variable} is read by nothing"
+                assert variable in readers[component], f"{component}: {variable} is read by nothing"
     config = next(
         o for o in rendered[target] if o["kind"] == "ConfigMap" and "OPSC_GRPC_HOST" in o["data"]
     )

@@ -80,12 +80,12 @@ def _make_pki(folder: Path, label: str, dns_names: list[str]) -> Pki:
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    return _make_pki(tmp_path_factory.mktemp("pki"), "cluster", ["api", "localhost"])
+    return _make_pki(tmp_path_factory.mktemp("pki"), "cluster", ["api"])
 
 
 @pytest.fixture(scope="module")
 def rogue(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    return _make_pki(tmp_path_factory.mktemp("rogue"), "rogue", ["api", "localhost"])
+    return _make_pki(tmp_path_factory.mktemp("rogue"), "rogue", ["api"])
 
 
 class Server:
@@ -126,6 +126,7 @@ def _env(monkeypatch: pytest.MonkeyPatch, port: int, pki: Pki | None = None) -> 
     for name in ("OPSC_TLS_CERT_FILE", "OPSC_TLS_KEY_FILE", "OPSC_TLS_CA_FILE"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("OPSC_GRPC_PORT", str(port))
+    monkeypatch.setenv("OPSC_TLS_SERVER_NAME", "api")
     if pki is not None:
         monkeypatch.setenv("OPSC_TLS_CERT_FILE", str(pki.cert))
         monkeypatch.setenv("OPSC_TLS_KEY_FILE", str(pki.key))
@@ -174,6 +175,17 @@ def test_mtls_server_refuses_a_probe_without_a_client_certificate(
     _env(monkeypatch, mtls.port)
     assert health_probe.main(["--timeout", "1"]) == 1
     assert "not healthy: UNAVAILABLE" in capsys.readouterr().err
+
+
+def test_the_server_is_checked_under_the_service_name(
+    mtls: Server, pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without the name (or with another one) 127.0.0.1 matches nothing in the certificate."""
+    _env(monkeypatch, mtls.port, pki)
+    monkeypatch.setenv("OPSC_TLS_SERVER_NAME", "worker")
+    assert health_probe.main(["--timeout", "1"]) == 1
+    monkeypatch.delenv("OPSC_TLS_SERVER_NAME")
+    assert health_probe.main(["--timeout", "1"]) == 1
 
 
 def test_a_server_of_another_ca_is_not_trusted(

@@ -1,12 +1,11 @@
-"""``python -m opsconductor.common.rpc.health_probe``: the gRPC health check of this pod's server.
+"""``python -m opsconductor.common.rpc.health_probe``: ask a local server's gRPC health service.
 
-Kubernetes' native ``grpc:`` probes speak plaintext only; once a server requires TLS client
-certificates (``OPSC_TLS_CLIENT_AUTH=require``) the kubelet can no longer ask it. This command is
-the exec probe that replaces them (k8s/components/tls): it calls ``grpc.health.v1.Health/Check``
-on ``127.0.0.1:$OPSC_GRPC_PORT`` with the pod's own certificate, verifying the server's
-certificate against ``OPSC_TLS_CA_FILE`` under the name ``localhost`` (every service certificate
-carries it), and exits 0 if the answer is ``SERVING``, 1 otherwise, with one line on stderr.
-Without ``OPSC_TLS_CERT_FILE`` it calls in plaintext.
+For operators (docs/runbooks/service-down.md: through ``kubectl port-forward`` or from inside a
+pod) and for exec probes where the plaintext health port (``OPSC_HEALTH_PORT``) is not wanted.
+It calls ``grpc.health.v1.Health/Check`` on ``127.0.0.1:$OPSC_GRPC_PORT`` — with the
+``OPSC_TLS_*`` certificate when ``OPSC_TLS_CERT_FILE`` is set, checking the server's certificate
+against ``OPSC_TLS_CA_FILE`` under the name ``OPSC_TLS_SERVER_NAME`` (e.g. ``api``) — and exits 0
+if the answer is ``SERVING``, 1 otherwise, with one line on stderr.
 """
 
 from __future__ import annotations
@@ -23,9 +22,6 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["ProbeSettings", "check", "main"]
 
-#: The name the server certificate is checked against (a SAN of every service certificate).
-SERVER_NAME = "localhost"
-
 
 class ProbeSettings(BaseSettings):
     """The few ``OPSC_*`` settings the probe needs: the port and the TLS files."""
@@ -36,6 +32,7 @@ class ProbeSettings(BaseSettings):
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
     tls_ca_file: Path | None = None
+    tls_server_name: str | None = None
 
 
 def _channel(settings: ProbeSettings, address: str) -> grpc.Channel:
@@ -48,9 +45,13 @@ def _channel(settings: ProbeSettings, address: str) -> grpc.Channel:
         private_key=settings.tls_key_file.read_bytes(),
         certificate_chain=settings.tls_cert_file.read_bytes(),
     )
-    return grpc.secure_channel(
-        address, credentials, options=[("grpc.ssl_target_name_override", SERVER_NAME)]
+    # 127.0.0.1 is not a name in the server's certificate: check the service's name instead.
+    options = (
+        [("grpc.ssl_target_name_override", settings.tls_server_name)]
+        if settings.tls_server_name
+        else []
     )
+    return grpc.secure_channel(address, credentials, options=options)
 
 
 def check(settings: ProbeSettings, *, service: str = "", timeout_s: float = 3.0) -> str:

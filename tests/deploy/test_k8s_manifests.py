@@ -136,6 +136,13 @@ def test_without_a_renderer_the_base_and_patches_are_checked_and_the_gap_is_said
     assert broken.errors
 
 
+def test_a_target_that_does_not_render_fails_the_validation(k8s_validate: ModuleType) -> None:
+    report = k8s_validate.run(command=["false"])
+    assert report.rendered == []
+    assert len(report.errors) == 3
+    assert all("render failed" in e for e in report.errors)
+
+
 def test_kustomizations_use_labels_not_common_labels() -> None:
     for path in (ROOT / "k8s").rglob("kustomization.yaml"):
         assert "commonLabels" not in yaml.safe_load(path.read_text()), path

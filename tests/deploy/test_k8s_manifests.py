@@ -356,6 +356,9 @@ def test_prod_turns_mtls_on_with_cert_manager_certificates(rendered: dict[str, O
             assert env[variable] == f"{mounts['tls']}/{file}"
         volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
         secret = volumes["tls"]["secret"]["secretName"]
+        # Not readable by a sandboxed step's uid (docs/security.md): owner-only, the pod's
+        # fsGroup adds group read for the service itself.
+        assert volumes["tls"]["secret"]["defaultMode"] == 0o400
         certificate = certificates[service]["spec"]
         assert certificate["secretName"] == secret
         assert certificate["issuerRef"] == {"kind": "Issuer", "name": "opsconductor-ca"}

@@ -185,6 +185,12 @@ def test_every_container_has_a_read_only_root_no_capabilities_and_limits(
                 assert security["capabilities"] == SANDBOX_CAPABILITIES
                 assert security["allowPrivilegeEscalation"] is True
                 assert env_of(container)["OPSC_SANDBOX_MODE"]["value"] == "setpriv"
+                # Step uids are unique per pod only: one worker pod per node.
+                (rule,) = pod["spec"]["affinity"]["podAntiAffinity"][
+                    "requiredDuringSchedulingIgnoredDuringExecution"
+                ]
+                assert rule["topologyKey"] == "kubernetes.io/hostname"
+                assert _matches(rule["labelSelector"], pod["metadata"]["labels"])
             else:
                 assert security["capabilities"] == {"drop": ["ALL"]}, name
                 assert security["allowPrivilegeEscalation"] is False, name

@@ -55,3 +55,28 @@ def assert_clean_refusal(code: grpc.StatusCode, details: str, *, what: str) -> N
     """A refusal with an acceptable code and a detail that leaks no internals."""
     assert code not in FORBIDDEN_CODES, f"{what}: {code.name} {details!r}"
     assert not LEAK.search(details), f"{what}: the detail leaks internals: {details!r}"
+
+
+def _varint(number: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, number = number & 0x7F, number >> 7
+        out.append(byte | (0x80 if number else 0))
+        if not number:
+            return bytes(out)
+
+
+def length_delimited(number: int, body: bytes) -> bytes:
+    """Field ``number`` holding ``body`` (wire type 2): for messages protobuf will not build."""
+    return _varint(number << 3 | 2) + _varint(len(body)) + body
+
+
+def deep_params_plan(depth: int) -> bytes:
+    """A ``Plan`` (bytes) whose step params nest ``depth`` Structs deep; protobuf itself refuses
+    to build one beyond its recursion limit, so it is written field by field."""
+    params = b""
+    for _ in range(depth):
+        value = length_delimited(5, params)  # Value.struct_value
+        params = length_delimited(1, length_delimited(1, b"a") + length_delimited(2, value))
+    step = length_delimited(1, b"s1") + length_delimited(5, params)
+    return length_delimited(1, b"deep") + length_delimited(2, step)

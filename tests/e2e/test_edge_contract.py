@@ -27,7 +27,7 @@ from opsconductor.execution.v1 import (
 
 from . import inspection
 from .conftest import Tenant, token
-from .edge_support import assert_clean_refusal, raw_call
+from .edge_support import assert_clean_refusal, deep_params_plan, length_delimited, raw_call
 from .stack import Stack
 
 module_end_checks = inspection.module_end_checks
@@ -56,20 +56,6 @@ async def _executions(pool: asyncpg.Pool, tenant_id: str) -> int:
     return int(
         await pool.fetchval("SELECT count(*) FROM executions WHERE tenant_id = $1", tenant_id)
     )
-
-
-def _varint(number: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, number = number & 0x7F, number >> 7
-        out.append(byte | (0x80 if number else 0))
-        if not number:
-            return bytes(out)
-
-
-def _field(number: int, body: bytes) -> bytes:
-    """A length-delimited field (wire type 2) of ``body``."""
-    return _varint(number << 3 | 2) + _varint(len(body)) + body
 
 
 def _undecodable(tenant_id: str) -> dict[str, bytes]:
@@ -141,19 +127,14 @@ async def test_params_nested_fifty_deep_are_invalid_argument(
     stack: Stack, tenant: Tenant, e2e_pool: asyncpg.Pool
 ) -> None:
     """A Struct deeper than protobuf's decoder allows is refused as INVALID_ARGUMENT."""
-    # Built as bytes: protobuf itself refuses to build a message this deep.
-    params = b""
-    for _ in range(50):
-        value = _field(1, params)  # Value.struct_value
-        params = _field(1, _field(1, b"a") + _field(2, value))  # Struct.fields entry
-    step = _noop_plan().steps[0].SerializeToString() + _field(5, params)
-    payload = _field(1, tenant.id.encode()) + _field(2, _field(1, b"deep") + _field(2, step))
+    payload = length_delimited(1, tenant.id.encode()) + length_delimited(2, deep_params_plan(50))
     async with grpc.aio.insecure_channel(stack.address("api")) as channel:
         code, details = await raw_call(
             channel, _EXEC + "SubmitExecution", payload, bearer=token("alice", tenant.id)
         )
     assert_clean_refusal(code, details, what="deep params")
     assert code is grpc.StatusCode.INVALID_ARGUMENT
+    assert "could not be decoded" in details
     assert await _executions(e2e_pool, tenant.id) == 0
 
 

@@ -18,6 +18,7 @@ import asyncpg
 import grpc
 import grpc.aio
 import pytest
+from opsc_test_actions import read_ledger
 
 from opsconductor.execution.v1 import (
     execution_service_pb2,
@@ -331,3 +332,32 @@ async def test_big_previews_in_flight_do_not_stall_another_tenants_list(
     assert code is grpc.StatusCode.OK, (code, details)
     assert {outcome[0] for outcome in outcomes} == {grpc.StatusCode.INVALID_ARGUMENT}
     assert listed_in < 1.0, listed_in
+
+
+async def test_racing_duplicate_submits_hand_over_one_execution_that_runs_once(
+    stack: Stack, tenant: Tenant, ledger: Path
+) -> None:
+    """Duplicates of a pending immediate execution hand it over again (a crashed api's row must
+    not wait for the dedup window); the worker's compare-and-set on ``pending`` lets exactly one
+    of the racing hand-overs run it, and every caller gets the same finished execution."""
+    plan = {
+        "name": f"race-{secrets.token_hex(4)}",
+        "sla_class": "fast",
+        "steps": [
+            {
+                "id": "probe",
+                "action": "probe",
+                "action_class": "read",
+                "targets": [{"ref": "srv-race"}],
+                "params": {"ledger": str(ledger), "hold_s": 0.2},
+            }
+        ],
+    }
+    async with tenant.client("alice") as client:
+        results = await asyncio.gather(
+            *(client.submit(plan, tenant_id=tenant.id) for _ in range(6))
+        )
+    assert len({result.execution_id for result in results}) == 1
+    assert {result.status for result in results} == {"succeeded"}
+    assert sum(not result.deduplicated for result in results) == 1
+    assert len(read_ledger(ledger)) == 1

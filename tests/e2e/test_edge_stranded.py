@@ -9,6 +9,8 @@ no worker, and no process is left that would ever dispatch them. Then:
   the stuck row reported as "deduplicated";
 * the reaper fails the second one (``DISPATCH_LOST``) and retires its key, so the same plan runs
   again as a new execution.
+
+And a hand-over the worker refuses (its own RBAC check) ends the row it never started at once.
 """
 
 from __future__ import annotations
@@ -20,12 +22,13 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
 
-from opsconductor.client import ExecutionClient
+from opsconductor.client import ExecutionClient, PermissionDeniedError
 
 from . import inspection
 from .conftest import Tenant, dead_redis_url, running_stack, token
@@ -135,3 +138,34 @@ async def test_stranded_immediate_executions_are_handed_over_again_or_reaped(
     assert again.status == "succeeded"
     assert not again.deduplicated
     os.kill(worker.process.pid, signal.SIGCONT)  # its late hand-overs now find nothing to run
+
+
+async def test_a_hand_over_the_worker_refuses_ends_the_pending_row_and_frees_its_key(
+    stack: Stack, tenant: Tenant, e2e_pool: asyncpg.Pool, tmp_path: Path
+) -> None:
+    """The api allows, the worker's own RBAC check refuses (its policy grants operators
+    nothing): the row no worker started ends ``failed`` with the refusal's class at once and
+    its key is retired — it used to stay ``pending`` for good, holding the key."""
+    policy = tmp_path / "strict_rbac.yaml"
+    policy.write_text(
+        "version: 1\nroles:\n  operator:\n    permissions: [executions:read]\n", encoding="utf-8"
+    )
+    strict = await start_worker(stack, "worker-strict", {"OPSC_RBAC_POLICY_FILE": str(policy)})
+    api = await start_service(
+        "api-strict",
+        stack,
+        {**stack.services["api"].extra_env, "OPSC_WORKER_TARGET": strict.address},
+        module="api",
+    )
+    plan = _noop_plan("refused-by-worker")
+    async with ExecutionClient(api.address, token("alice", tenant.id)) as client:
+        with pytest.raises(PermissionDeniedError):
+            await client.submit(plan, tenant_id=tenant.id)
+    row = await _pending(e2e_pool, tenant.id, "refused-by-worker")
+    assert row is not None
+    assert row["status"] == "failed"
+    stored = await e2e_pool.fetchrow(
+        "SELECT error_class, idempotency_retired_at FROM executions WHERE id = $1", row["id"]
+    )
+    assert stored["error_class"] == "PERMISSION_DENIED"
+    assert stored["idempotency_retired_at"] is not None

@@ -118,6 +118,9 @@ class World:
     tokens: list[str | None]
     ids: list[str]
     approval_ids: list[str]
+    #: The foreign tenant's execution and approval ids (probes aimed at them must not learn
+    #: which tenant owns them).
+    foreign_ids: list[str] = field(default_factory=list)
     created: set[str] = field(default_factory=set)
 
 

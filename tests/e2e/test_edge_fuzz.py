@@ -101,6 +101,7 @@ async def world(stack: Stack, tenant: Tenant, e2e_pool: asyncpg.Pool) -> World:
     submit = next(rpc for rpc in RPCS if rpc.method.endswith("/SubmitExecution"))
     ids: list[str] = []
     approval_ids: list[str] = []
+    foreign_ids: list[str] = []
     async with grpc.aio.insecure_channel(stack.address("api")) as channel:
         for t in (tenant, foreign):
             for index, action_class in enumerate(
@@ -113,10 +114,21 @@ async def world(stack: Stack, tenant: Tenant, e2e_pool: asyncpg.Pool) -> World:
                 ids.append(response.execution.execution_id)
                 if response.execution.approval_id:
                     approval_ids.append(response.execution.approval_id)
+                if t is foreign:
+                    foreign_ids.append(response.execution.execution_id)
+                    if response.execution.approval_id:
+                        foreign_ids.append(response.execution.approval_id)
     actors = ("alice", "alice", "alice", "vera", "ada", "ada", "dave", "bob")
     tokens: list[str | None] = [token(actor, tenant.id) for actor in actors]
     tokens += [token("alice", foreign.id), token("root", SYSTEM_TENANT), None, "not-a-jwt"]
-    return World(own=tenant, foreign=foreign, tokens=tokens, ids=ids, approval_ids=approval_ids)
+    return World(
+        own=tenant,
+        foreign=foreign,
+        tokens=tokens,
+        ids=ids,
+        approval_ids=approval_ids,
+        foreign_ids=foreign_ids,
+    )
 
 
 # --- the fuzz --------------------------------------------------------------------------------
@@ -247,6 +259,14 @@ async def test_hand_picked_attacks_on_every_rpc_are_refused_cleanly(
             [("authorization", f"Bearer {own}")],
         ),
         ("no_token", lambda rpc: rpc.request().SerializeToString(), []),
+        *(
+            (
+                "foreign_id",
+                lambda rpc, foreign_id=foreign_id: _aimed_at(rpc, world.own.id, foreign_id),
+                [("authorization", f"Bearer {own}")],
+            )
+            for foreign_id in world.foreign_ids
+        ),
     ]
     try:
         for name, build, metadata in cases:
@@ -255,6 +275,8 @@ async def test_hand_picked_attacks_on_every_rpc_are_refused_cleanly(
                 hung = code is grpc.StatusCode.DEADLINE_EXCEEDED and not rpc.streaming
                 if code in FORBIDDEN_CODES or hung or leaks:
                     failures.append(f"{name} {rpc.method} -> {code.name} {details[:200]!r}")
+                if world.foreign.id in details:
+                    failures.append(f"{name} {rpc.method} names the foreign tenant: {details!r}")
                 undecodable = name == "garbage" or (name == "bad_utf8" and _string_field_1(rpc))
                 if undecodable and code is not grpc.StatusCode.INVALID_ARGUMENT:
                     failures.append(f"{name} {rpc.method} -> {code.name}, not INVALID_ARGUMENT")
@@ -268,6 +290,15 @@ def _string_field_1(rpc: Rpc) -> bool:
     """Whether field 1 of the request is a string (else b"\x0a..." is just an unknown field)."""
     fd = rpc.request.DESCRIPTOR.fields_by_number.get(1)
     return fd is not None and fd.type == FieldDescriptor.TYPE_STRING
+
+
+def _aimed_at(rpc: Rpc, tenant_id: str, foreign_id: str) -> bytes:
+    """The caller's own tenant, but every id field set to an id of another tenant."""
+    message = rpc.request()
+    for name in ("tenant_id", "execution_id", "approval_id"):
+        if name in message.DESCRIPTOR.fields_by_name:
+            setattr(message, name, tenant_id if name == "tenant_id" else foreign_id)
+    return message.SerializeToString()
 
 
 def _with_tenant(rpc: Rpc, tenant_id: str) -> bytes:

@@ -83,8 +83,9 @@ migrate: $(STAMP)
 migrate-down: $(STAMP)
 	$(PY) -m opsconductor.common.storage.migrate down --steps 1
 
+# make run WORKERS=3: several worker processes.
 run: $(STAMP) sandbox-tools
-	$(PY) -m opsconductor.devstack
+	$(PY) -m opsconductor.devstack $(if $(WORKERS),--workers $(WORKERS))
 
 bench: bench-immediate bench-background
 

@@ -324,3 +324,68 @@ async def test_a_service_that_dies_stops_the_whole_stack_with_an_error(
     assert re.search(r"Service\(s\) died: .*worker", text), text
     assert "server_crashed" in text
     assert [p.pid for p in seen.values() if alive(p)] == []
+
+
+async def test_a_service_killed_after_start_is_restarted_with_its_count_in_the_table(
+    tmp_path: Path,
+    data_root: Path,
+    devstack_runner: list[subprocess.Popen[bytes]],
+    fresh_database_url: str,
+    redis_url: str,
+) -> None:
+    """``--workers 2`` starts two workers; once the stack serves, ``kill -9`` of the first one
+    is not fatal: the supervisor logs the exit, starts it again on the same port, and prints
+    the table again with RESTARTS 1 once it is SERVING; the stack still stops cleanly."""
+    data_dir = data_root / "devstack"
+    env, ports = devstack_env(data_dir, database_url=fresh_database_url, redis_url=redis_url)
+    output = tmp_path / "devstack.out"
+    with output.open("wb") as sink:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "opsconductor.devstack", "--workers", "2"],
+            env=env,
+            cwd=tmp_path,
+            stdin=subprocess.DEVNULL,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
+    devstack_runner.append(process)
+    await wait_all_serving(process, ports, output)
+
+    def table_row(service: str) -> re.Match[str] | None:
+        pattern = rf"^\s+{service}\s+127\.0\.0\.1:(\d+)\s+(\w+)\s+(\d+)\s+(\d+)"
+        matches = list(re.finditer(pattern, output.read_text(), re.M))
+        return matches[-1] if matches else None
+
+    deadline = time.monotonic() + 10
+    while table_row("worker-2") is None:
+        assert time.monotonic() < deadline, output.read_text()
+        await asyncio.sleep(0.05)
+    second = table_row("worker-2")
+    assert second is not None
+    assert second.group(2) == "SERVING", output.read_text()
+    assert await health_status(int(second.group(1))) == health_pb2.HealthCheckResponse.SERVING
+
+    first = table_row("worker")
+    assert first is not None
+    killed_pid = int(first.group(3))
+    os.kill(killed_pid, signal.SIGKILL)
+    deadline = time.monotonic() + READY_BUDGET_S
+    while "worker restarted and SERVING again" not in output.read_text():
+        assert process.poll() is None, output.read_text()
+        assert time.monotonic() < deadline, output.read_text()
+        await asyncio.sleep(0.1)
+    text = output.read_text()
+    assert "service_exited" in text
+    assert "service_restarted" in text
+    again = table_row("worker")
+    assert again is not None, text
+    assert (again.group(1), again.group(2), again.group(4)) == (
+        str(ports["worker"]),
+        "SERVING",
+        "1",
+    ), text
+    assert int(again.group(3)) != killed_pid
+    assert await health_status(ports["worker"]) == health_pb2.HealthCheckResponse.SERVING
+
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=STOP_BUDGET_S) == 0, output.read_text()

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -119,6 +121,49 @@ def test_postgres_left_by_a_crashed_process_is_adopted_then_stopped(data_dir: Pa
     finally:
         server.stop()
     assert not _process_alive(orphan)
+
+
+def test_postgres_restarted_meanwhile_is_stopped_too(data_dir: Path) -> None:
+    """Finding 11 of issue 8: the postmaster crashed and was started again behind the handle's
+    back (a new pid in ``postmaster.pid``). Stopping the handle must not fail (pgserver tries to
+    kill the dead pid it recorded and raises ``psutil.NoSuchProcess``) and must stop the
+    postmaster that runs the folder now, not leave it running."""
+    server = start_postgres(data_dir / "pg")  # imports pgserver, quieting its import warning
+    from pgserver._commands import pg_ctl
+
+    restarted: int | None = None
+    try:
+        os.kill(server.pid, signal.SIGKILL)
+        assert _wait_gone(server.pid)
+        # The same options as pgserver's start: no TCP, the same socket folder.
+        socket_dir = (server.data_dir / "postmaster.opts").read_text().split('"-k" "')[1]
+        options = f'-h "" -k {socket_dir.split(chr(34))[0]}'
+        argv = ["-w", "-l", str(server.data_dir / "log"), "-o", options]
+        deadline = time.monotonic() + 20
+        while True:  # the dead postmaster's children take a moment to release shared memory
+            try:
+                pg_ctl([*argv, "start"], pgdata=server.data_dir, user="pgserver", timeout=30)
+                break
+            except subprocess.CalledProcessError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        restarted = int((server.data_dir / "postmaster.pid").read_text().split("\n", 1)[0])
+        assert restarted != server.pid
+        assert _process_alive(restarted)
+    finally:
+        server.stop()
+    assert restarted is not None
+    assert not _process_alive(restarted), "the restarted postmaster was left running"
+
+
+def _wait_gone(pid: int, within_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + within_s
+    while _process_alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
 
 
 def test_redis_starts_on_a_free_port_and_restarts_on_the_same_port(data_dir: Path) -> None:

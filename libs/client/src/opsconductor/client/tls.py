@@ -122,13 +122,15 @@ class RotatingChannel:
         *,
         check_interval_s: float = 10.0,
         drain_s: float = 130.0,
+        options: list[tuple[str, Any]] | None = None,
     ) -> None:
         self._target = target
         self._tls = tls
+        self._options = options
         self._interval = check_interval_s
         self._drain_s = drain_s
         self._fingerprint = tls.fingerprint() if tls is not None else ()
-        self._channel = open_channel(target, tls)
+        self._channel = open_channel(target, tls, options)
         self._checked_at = time.monotonic()
         self._closing: dict[asyncio.Task[None], grpc.aio.Channel] = {}
         self.rotations = 0
@@ -142,7 +144,7 @@ class RotatingChannel:
         if fingerprint == self._fingerprint:
             return self._channel
         try:
-            fresh = open_channel(self._target, self._tls)
+            fresh = open_channel(self._target, self._tls, self._options)
         except (OSError, ValueError):
             return self._channel  # half-rotated or unreadable: keep the working channel
         old, self._channel, self._fingerprint = self._channel, fresh, fingerprint

@@ -20,6 +20,7 @@ from opsconductor.execution.v1 import worker_service_pb2, worker_service_pb2_grp
 from .errors import RpcError, map_rpc_error
 from .tls import ClientTls, RotatingChannel
 
+_CHANNEL_OPTIONS = [("grpc.lb_policy_name", "round_robin")]
 # RESOURCE_EXHAUSTED: the worker's concurrent-RPC limit refused the call before it started.
 _UNREACHABLE = frozenset(
     {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.RESOURCE_EXHAUSTED}
@@ -38,7 +39,11 @@ class WorkerClient:
     def __init__(
         self, target: str, *, tls: ClientTls | None = None, tls_reload_check_s: float = 10.0
     ) -> None:
-        self._channel = RotatingChannel(target, tls, check_interval_s=tls_reload_check_s)
+        # A target listing several workers (``ipv4:a:1,b:2``, or a DNS name with several
+        # addresses) spreads calls over them and skips a dead one.
+        self._channel = RotatingChannel(
+            target, tls, check_interval_s=tls_reload_check_s, options=_CHANNEL_OPTIONS
+        )
         self._bound: grpc.aio.Channel | None = None
         self._stub: worker_service_pb2_grpc.WorkerServiceStub | None = None
 

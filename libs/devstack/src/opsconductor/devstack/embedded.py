@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+import psutil  # type: ignore[import-untyped]  # pgserver raises its errors
 import structlog
 
 from opsconductor.common.errors import OpsConductorError
@@ -177,7 +178,9 @@ def _stop_cluster(data_dir: Path, cluster: _PostgresCluster) -> None:
     try:
         # pg_ctl stop, plus pgserver's own bookkeeping of the processes using the folder.
         cluster.server.cleanup()
-    except (subprocess.SubprocessError, OSError) as exc:
+    except (subprocess.SubprocessError, OSError, psutil.Error) as exc:
+        # psutil.NoSuchProcess: the postmaster pgserver recorded died (and maybe another one
+        # was started since); the checks below stop whatever runs the folder now.
         log.warning("embedded_postgres_stop_failed", data_dir=str(data_dir), error=str(exc))
     finally:
         # A later start on this folder must build a fresh pgserver handle that checks the server.
@@ -186,6 +189,22 @@ def _stop_cluster(data_dir: Path, cluster: _PostgresCluster) -> None:
     # recorded pid of a process that crashed); the owner of the folder stops it regardless.
     # SIGINT is Postgres' "fast" shutdown: roll back open transactions, disconnect, exit.
     _terminate(cluster.pid, polite=signal.SIGINT)
+    # Restarted meanwhile (pg_ctl restart, a crash and a new start): the postmaster that runs
+    # the folder now is not the one recorded at start, and pgserver only checks that one.
+    current = _current_postmaster(data_dir)
+    if current is not None and current != cluster.pid:
+        log.info("embedded_postgres_restarted_stopped", pid=current, started_pid=cluster.pid)
+        _terminate(current, polite=signal.SIGINT)
+
+
+def _current_postmaster(data_dir: Path) -> int | None:
+    """The pid in ``postmaster.pid`` if that process is a live Postgres, else None."""
+    try:
+        pid = int((data_dir / "postmaster.pid").read_text().split("\n", 1)[0])
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        return None
+    return pid if b"postgres" in cmdline and _process_alive(pid) else None
 
 
 def start_postgres(data_dir: Path) -> EmbeddedPostgres:

@@ -1,25 +1,37 @@
-"""The ``make run`` supervisor: dependencies, migrations, four services, health, clean stop.
+"""The ``make run`` supervisor: dependencies, migrations, the services, health, restarts, stop.
 
 1. Postgres: ``DATABASE_URL`` if set, else an embedded server under ``<devstack_dir>/pg`` with a
    database ``opsconductor``; Redis: ``REDIS_URL`` if set, else an embedded one.
 2. Migrations are applied (``migrate_up``: idempotent, under an advisory lock).
-3. api, worker, approvals and progress start as subprocesses, each in a process group of its own
-   (a Ctrl-C at the terminal reaches only the supervisor, which then stops things in order).
+3. api, ``--workers N`` workers, approvals, progress and the reaper loop start as subprocesses,
+   each in a process group of its own (a Ctrl-C at the terminal reaches only the supervisor,
+   which then stops things in order). A port set to 0 is an ephemeral port, chosen once, so a
+   restarted service comes back where its clients expect it.
 4. Each one's gRPC health check is polled until ``SERVING``; a table of the services follows.
-5. SIGTERM/SIGINT: SIGTERM to every service's process group, SIGKILL after the grace period,
-   then the embedded servers stop; exit 0 with nothing left running. If a service dies (or the
-   stack does not become ready in time), that is reported and everything is shut down: exit 1.
+   A service that cannot start (it dies, or the stack is not ready in time) is reported and
+   everything is shut down: exit 1.
+5. Once the stack has served, a service that exits without being asked to is started again,
+   like a process manager would: after a back-off (:class:`~.services.RestartBackoff`), logged
+   (``service_exited``, ``service_restarted``), with its restart count in the table, which is
+   printed again when it serves again. So an operator can ``kill -9`` a worker by hand and
+   watch its job complete on another one.
+6. SIGTERM/SIGINT: SIGTERM (and SIGCONT, for a paused one) to every service's process group,
+   SIGKILL after the grace period, then the embedded servers stop; exit 0, nothing left running.
+
+:class:`Supervisor` is also the launcher of the chaos soak (``make chaos``), which drives it
+through :meth:`Supervisor.start`, :meth:`Supervisor.service` and :meth:`Supervisor.stop`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import os
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TextIO
 from urllib.parse import urlsplit, urlunsplit
@@ -30,6 +42,7 @@ import grpc.aio
 import structlog
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from opsconductor.common.errors import OpsConductorError
 from opsconductor.common.storage.migrate import migrate_up
 from opsconductor.devstack.config import EMBEDDED_DATABASE, DevstackSettings
 from opsconductor.devstack.dev_identity import (
@@ -40,6 +53,14 @@ from opsconductor.devstack.dev_identity import (
     signing_key,
 )
 from opsconductor.devstack.embedded import start_postgres, start_redis
+from opsconductor.devstack.services import (
+    RestartBackoff,
+    RunningService,
+    ServiceSpec,
+    free_port,
+    signal_group,
+    spawn_service,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -54,41 +75,10 @@ _CHANNEL_OPTIONS = (
 )
 
 
-@dataclass(frozen=True)
-class ServiceSpec:
-    """How to start one service: its module, gRPC port and environment overrides."""
+class StackStartError(OpsConductorError):
+    """The dev stack did not come up (a service died or was not SERVING in time)."""
 
-    name: str
-    host: str
-    port: int
-    env: dict[str, str]
-    note: str = ""
-    #: Module to run; default ``opsconductor.<name>``.
-    module_name: str = ""
-    #: Extra command-line arguments.
-    args: tuple[str, ...] = ()
-
-    @property
-    def module(self) -> str:
-        return self.module_name or f"opsconductor.{self.name}"
-
-    @property
-    def has_health(self) -> bool:
-        """gRPC services report health; helper processes (the reaper) only have to stay up."""
-        return self.port > 0
-
-    @property
-    def address(self) -> str:
-        return f"{self.host}:{self.port}"
-
-
-@dataclass
-class RunningService:
-    """A started service process and what its health check last said."""
-
-    spec: ServiceSpec
-    process: asyncio.subprocess.Process
-    status: str = "STARTING"
+    reason = "DEVSTACK_START_FAILED"
 
 
 @dataclass
@@ -100,15 +90,32 @@ class _Dependency:
 
 
 class Supervisor:
-    """Runs the dev stack until told to stop; :meth:`run` returns the exit status."""
+    """Runs the dev stack; :meth:`run` (``make run``) returns the exit status.
 
-    def __init__(self, settings: DevstackSettings, out: TextIO | None = None) -> None:
+    ``extra_env`` is added to every service's environment (the chaos soak sets short leases
+    and its secrets that way); ``backoff`` is the restart rule.
+    """
+
+    def __init__(
+        self,
+        settings: DevstackSettings,
+        out: TextIO | None = None,
+        *,
+        extra_env: Mapping[str, str] | None = None,
+        backoff: RestartBackoff | None = None,
+    ) -> None:
         self.settings = settings
         self.out = out if out is not None else sys.stdout
         self.services: list[RunningService] = []
+        #: Postgres and Redis URLs the services use (set by :meth:`start`).
+        self.database_url: str | None = None
+        self.redis_url: str | None = None
+        self._extra_env = dict(extra_env or {})
+        self._backoff = backoff or RestartBackoff()
         self._dependencies: list[_Dependency] = []
         self._stop_requested = asyncio.Event()
         self._service_died = asyncio.Event()
+        self._serving = False
         self._stopping = False
         self._monitors: list[asyncio.Task[None]] = []
         self._jwt_key: str | None = None
@@ -117,46 +124,79 @@ class Supervisor:
         """Ask the stack to shut down (signal handlers call this)."""
         self._stop_requested.set()
 
+    @property
+    def jwt_key(self) -> str:
+        """The HS256 key the services verify tokens with."""
+        return self._jwt_key or signing_key(self.settings.devstack_dir)
+
+    def service(self, name: str) -> RunningService:
+        """The running service called ``name`` (``api``, ``worker``, ``worker-2``, ...)."""
+        for service in self.services:
+            if service.spec.name == name:
+                return service
+        raise KeyError(name)
+
     async def run(self) -> int:
-        """Start everything, wait for a stop request or a failure, stop everything."""
+        """Start everything, supervise until a stop request, stop everything."""
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.request_stop)
-        started = time.monotonic()
         try:
-            return await self._run(started)
+            try:
+                await self.start()
+            except StackStartError:
+                return 1
+            if self._stop_requested.is_set():
+                return 0
+            self._print_identity()
+            await self._stop_requested.wait()
+            return 0
         finally:
-            await self._stop_services()
-            await self._stop_dependencies()
+            await self.stop()
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(signum)
             log.info("devstack_stopped")
 
-    async def _run(self, started: float) -> int:
+    async def start(self) -> None:
+        """Dependencies, migrations, every service SERVING; then deaths mean restarts.
+
+        Raises :class:`StackStartError` (after printing why) if the stack does not come up;
+        returns early, with nothing started, if a stop was requested meanwhile. The caller
+        calls :meth:`stop` in every case.
+        """
+        started = time.monotonic()
         database_url = await self._database()
         if self._stop_requested.is_set():
-            return 0
+            return
         redis_url = await self._redis()
         if self._stop_requested.is_set():
-            return 0
+            return
         applied = await migrate_up(database_url)
         log.info("migrations_applied", versions=applied)
         await seed_dev_tenant(database_url)
+        self.database_url, self.redis_url = database_url, redis_url
         self._jwt_key = signing_key(self.settings.devstack_dir)
         for spec in self.service_specs(database_url, redis_url):
             await self._spawn(spec)
         outcome = await self._first_of(
             ready=self._all_serving(), within_s=self.settings.devstack_ready_s
         )
+        if outcome == "stop":
+            return
         if outcome != "ready":
-            return self._report_failed_start(outcome)
+            self._report_failed_start(outcome)
+            raise StackStartError("the dev stack did not start")
+        self._serving = True
         self._print_table(time.monotonic() - started)
-        self._print_identity()
-        outcome = await self._first_of(ready=None, within_s=None)
-        if outcome == "died":
-            self._report_death()
-            return 1
-        return 0
+
+    async def wait_serving(self, name: str, within_s: float) -> None:
+        """Wait until service ``name`` (its current process) reports SERVING again."""
+        service = self.service(name)
+        deadline = time.monotonic() + within_s
+        while service.status not in ("SERVING", "RUNNING") or not service.alive:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{name} not serving within {within_s:g} s ({service.status})")
+            await asyncio.sleep(_HEALTH_POLL_S)
 
     # ---------------------------------------------------------------------------------------------
     # Dependencies
@@ -194,76 +234,142 @@ class Supervisor:
     # Services
 
     def service_specs(self, database_url: str, redis_url: str) -> list[ServiceSpec]:
-        """The four services with their ports and environment (documented in ``config``)."""
+        """The services with their ports and environment (documented in ``config``).
+
+        Ports given as 0 become ephemeral ports here, once: restarts keep them.
+        """
         s = self.settings
         host = s.devstack_host
+
+        def port(value: int) -> int:
+            return value or free_port(host)
+
+        worker_ports = [port(s.worker_port), *(free_port(host) for _ in range(s.workers - 1))]
         common = {
             "OPSC_DATABASE_URL": database_url,
             "DATABASE_URL": database_url,
             "OPSC_REDIS_URL": redis_url,
             "REDIS_URL": redis_url,
             "OPSC_GRPC_HOST": host,
-            "OPSC_WORKER_TARGET": f"{host}:{s.worker_port}",
+            "OPSC_WORKER_TARGET": worker_target(host, worker_ports),
             "OPSC_LOG_JSON": "true" if s.log_json else "false",
-            "OPSC_JWT_HS256_KEY": self._jwt_key or signing_key(s.devstack_dir),
+            "OPSC_JWT_HS256_KEY": self.jwt_key,
             "PYTHONUNBUFFERED": "1",
+            **self._extra_env,
         }
 
-        def spec(name: str, port: int, metrics: int, note: str = "", **extra: str) -> ServiceSpec:
+        def spec(
+            name: str, grpc_port: int, metrics: int, note: str = "", **extra: str
+        ) -> ServiceSpec:
             env = {
                 **common,
-                "OPSC_GRPC_PORT": str(port),
+                "OPSC_GRPC_PORT": str(grpc_port),
                 "OPSC_METRICS_PORT": str(metrics),
                 **extra,
             }
-            return ServiceSpec(name, host, port, env, note)
+            return ServiceSpec(name, host, grpc_port, env, note)
 
+        workers = [
+            # Extra workers' metrics go to ephemeral ports (OPSC_METRICS_PORT=0).
+            ServiceSpec(
+                "worker" if index == 0 else f"worker-{index + 1}",
+                host,
+                worker_port,
+                {
+                    **common,
+                    "OPSC_GRPC_PORT": str(worker_port),
+                    "OPSC_METRICS_PORT": str(s.worker_metrics_port if index == 0 else 0),
+                },
+                module_name="opsconductor.worker",
+            )
+            for index, worker_port in enumerate(worker_ports)
+        ]
+        http_port = port(s.progress_http_port)
         return [
-            spec("api", s.api_port, s.api_metrics_port),
-            spec("worker", s.worker_port, s.worker_metrics_port),
-            spec("approvals", s.approvals_port, s.approvals_metrics_port),
+            spec("api", port(s.api_port), s.api_metrics_port),
+            *workers,
+            spec("approvals", port(s.approvals_port), s.approvals_metrics_port),
             spec(
                 "progress",
-                s.progress_port,
+                port(s.progress_port),
                 s.progress_metrics_port,
-                note=f"HTTP {host}:{s.progress_http_port}",
-                OPSC_HTTP_PORT=str(s.progress_http_port),
+                note=f"HTTP {host}:{http_port}",
+                OPSC_HTTP_PORT=str(http_port),
             ),
-            # The reaper (a Kubernetes CronJob in production) loops here every 60 s.
+            # The reaper (a Kubernetes CronJob in production) loops here.
             ServiceSpec(
                 "reaper",
                 host,
                 0,
                 {**common, "OPSC_SERVICE_NAME": "reaper"},
-                note="every 60 s",
+                note=f"every {s.reaper_interval_s:g} s",
                 module_name="opsconductor.worker.reaper",
-                args=("--interval", "60"),
+                args=("--interval", f"{s.reaper_interval_s:g}"),
             ),
         ]
 
     async def _spawn(self, spec: ServiceSpec) -> None:
         # The services inherit this environment (log level, JWT keys, ...) plus their overrides.
-        env = {**os.environ, **spec.env}
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            spec.module,
-            *spec.args,
-            env=env,
-            stdin=asyncio.subprocess.DEVNULL,
-            start_new_session=True,
-        )
+        process = await spawn_service(spec, os.environ, self.settings.devstack_log_dir)
         service = RunningService(spec, process)
         self.services.append(service)
         self._monitors.append(asyncio.create_task(self._watch(service)))
         log.info("service_started", service=spec.name, pid=process.pid, address=spec.address)
 
     async def _watch(self, service: RunningService) -> None:
-        code = await service.process.wait()
-        if not self._stopping:
+        """Follow one service for the stack's lifetime: a death before the stack served is
+        fatal; after, it means a restart with back-off."""
+        while True:
+            code = await service.process.wait()
+            if self._stopping:
+                return
             service.status = f"EXITED({code})"
-            log.error("service_died", service=service.spec.name, exit_code=code)
-            self._service_died.set()
+            service.last_exit = code
+            if not self._serving:
+                log.error("service_died", service=service.spec.name, exit_code=code)
+                self._service_died.set()
+                return
+            uptime = time.monotonic() - service.started_at
+            stable = uptime >= self._backoff.stable_after_s
+            service.quick_deaths = 1 if stable else service.quick_deaths + 1
+            delay = self._backoff.delay(service.quick_deaths)
+            log.warning(
+                "service_exited",
+                service=service.spec.name,
+                exit_code=code,
+                uptime_s=round(uptime, 1),
+                restart_in_s=delay,
+            )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop_requested.wait(), delay)
+            if self._stopping or self._stop_requested.is_set():
+                return
+            service.process = await spawn_service(
+                service.spec, os.environ, self.settings.devstack_log_dir
+            )
+            service.restarts += 1
+            service.started_at = time.monotonic()
+            service.status = "STARTING"
+            log.info(
+                "service_restarted",
+                service=service.spec.name,
+                pid=service.pid,
+                restarts=service.restarts,
+            )
+            if service.spec.has_health:
+                # Not awaited here: this loop must see the new process die even while polling.
+                self._monitors.append(asyncio.create_task(self._announce_serving(service)))
+            else:
+                service.status = "RUNNING"
+                self._print_rows()
+
+    async def _announce_serving(self, service: RunningService) -> None:
+        pid = service.pid
+        await self._poll_health(service, pid=pid)
+        if service.pid == pid and not self._stopping:
+            print(f"{service.spec.name} restarted and SERVING again:", file=self.out)
+            self._print_rows()
+            self.out.flush()
 
     async def _all_serving(self) -> None:
         await asyncio.gather(*(self._poll_health(s) for s in self.services if s.spec.has_health))
@@ -271,50 +377,61 @@ class Supervisor:
             if not service.spec.has_health:
                 service.status = "RUNNING"
 
-    async def _poll_health(self, service: RunningService) -> None:
+    async def _poll_health(self, service: RunningService, *, pid: int | None = None) -> None:
+        """Poll until SERVING; with ``pid``, give up once that process is no longer current."""
         request = health_pb2.HealthCheckRequest(service="")
         async with grpc.aio.insecure_channel(
             service.spec.address, options=_CHANNEL_OPTIONS
         ) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
-            while True:
+            while pid is None or (service.pid == pid and service.alive):
                 try:
                     response = await stub.Check(request, timeout=_HEALTH_RPC_TIMEOUT_S)
                 except grpc.aio.AioRpcError as exc:
-                    service.status = exc.code().name
+                    status = exc.code().name
                 else:
-                    service.status = health_pb2.HealthCheckResponse.ServingStatus.Name(
-                        response.status
-                    )
-                    if response.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
+                    status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+                if pid is not None and (service.pid != pid or not service.alive):
+                    return
+                service.status = status
+                if status == "SERVING":
+                    return
                 await asyncio.sleep(_HEALTH_POLL_S)
+
+    async def stop(self) -> None:
+        """Stop every service, then the embedded servers (idempotent)."""
+        await self._stop_services()
+        await self._stop_dependencies()
 
     async def _stop_services(self) -> None:
         self._stopping = True
-        running = [s for s in self.services if s.process.returncode is None]
+        self._stop_requested.set()
+        for monitor in self._monitors:
+            monitor.cancel()
+        await asyncio.gather(*self._monitors, return_exceptions=True)
+        self._monitors.clear()
+        running = [s for s in self.services if s.alive]
         for service in running:
-            _signal_group(service.process.pid, signal.SIGTERM)
+            signal_group(service.pid, signal.SIGTERM)
+            # A paused (SIGSTOPped) service would sit on the SIGTERM until resumed.
+            signal_group(service.pid, signal.SIGCONT)
         if running:
             waits = [service.process.wait() for service in running]
             try:
                 await asyncio.wait_for(asyncio.gather(*waits), self.settings.devstack_stop_grace_s)
             except TimeoutError:
                 for service in running:
-                    if service.process.returncode is None:
+                    if service.alive:
                         log.warning("service_killed", service=service.spec.name)
-                        _signal_group(service.process.pid, signal.SIGKILL)
+                        signal_group(service.pid, signal.SIGKILL)
                 await asyncio.gather(*(service.process.wait() for service in running))
         for service in self.services:
             # Anything a service started in its group and left behind goes too.
-            _signal_group(service.process.pid, signal.SIGKILL)
+            signal_group(service.pid, signal.SIGKILL)
             log.info(
                 "service_stopped", service=service.spec.name, exit_code=service.process.returncode
             )
-        for monitor in self._monitors:
-            monitor.cancel()
-        await asyncio.gather(*self._monitors, return_exceptions=True)
-        self._monitors.clear()
+        self.services.clear()
 
     # ---------------------------------------------------------------------------------------------
     # Waiting and reporting
@@ -342,23 +459,15 @@ class Supervisor:
                 return outcome
         return "timeout"
 
-    def _report_failed_start(self, outcome: str) -> int:
-        if outcome == "stop":
-            return 0
+    def _report_failed_start(self, outcome: str) -> None:
         if outcome == "died":
-            self._report_death()
+            dead = [s.spec.name for s in self.services if not s.alive]
+            print(f"Service(s) died: {', '.join(dead)}; stopping the dev stack.", file=self.out)
         else:
             print(
                 f"The dev stack did not reach SERVING within {self.settings.devstack_ready_s:g} s:",
                 file=self.out,
             )
-            self._print_rows()
-        self.out.flush()
-        return 1
-
-    def _report_death(self) -> None:
-        dead = [s.spec.name for s in self.services if s.process.returncode is not None]
-        print(f"Service(s) died: {', '.join(dead)}; stopping the dev stack.", file=self.out)
         self._print_rows()
         self.out.flush()
 
@@ -373,36 +482,46 @@ class Supervisor:
         self.out.flush()
 
     def _print_identity(self) -> None:
-        token = dev_token(self._jwt_key or signing_key(self.settings.devstack_dir))
+        token = dev_token(self.jwt_key)
+        api = self.service("api").spec.address
         print(
             f"\ntenant {DEV_TENANT!r}, principal {DEV_PRINCIPAL!r} (admin), token valid 12 h:\n"
             f"  export OPSC_TOKEN={token}\n"
             f'  grpcurl -plaintext -H "authorization: Bearer $OPSC_TOKEN" '
             f'-d \'{{"tenant_id": "{DEV_TENANT}"}}\' '
-            f"{self.settings.devstack_host}:{self.settings.api_port} "
-            "opsconductor.execution.v1.ExecutionService/ListExecutions\n",
+            f"{api} opsconductor.execution.v1.ExecutionService/ListExecutions\n",
             file=self.out,
             flush=True,
         )
 
     def _print_rows(self) -> None:
-        rows = [("SERVICE", "ADDRESS", "STATUS", "PID", "")]
+        rows = [("SERVICE", "ADDRESS", "STATUS", "PID", "RESTARTS", "")]
         for s in self.services:
             address = s.spec.address if s.spec.has_health else "-"
-            rows.append((s.spec.name, address, s.status, str(s.process.pid), s.spec.note))
+            rows.append((s.spec.name, address, s.status, str(s.pid), str(s.restarts), s.spec.note))
         for d in self._dependencies:
             rows.append(
-                (d.name, d.where, "RUNNING" if d.pid else "EXTERNAL", str(d.pid or "-"), "")
+                (d.name, d.where, "RUNNING" if d.pid else "EXTERNAL", str(d.pid or "-"), "-", "")
             )
-        widths = [max(len(row[i]) for row in rows) for i in range(4)]
+        widths = [max(len(row[i]) for row in rows) for i in range(5)]
         for row in rows:
             cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
-            print("  " + "  ".join([*cells, row[4]]).rstrip(), file=self.out)
+            print("  " + "  ".join([*cells, row[5]]).rstrip(), file=self.out)
 
 
-def _signal_group(pgid: int, signum: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, signum)
+def worker_target(host: str, ports: list[int]) -> str:
+    """The address the api and approvals reach the workers at.
+
+    One worker: ``host:port``. Several: a gRPC ``ipv4:`` address list, which the client
+    spreads calls over (round robin) and fails over from a dead worker.
+    """
+    if len(ports) == 1:
+        return f"{host}:{ports[0]}"
+    try:
+        ipaddress.IPv4Address(host)
+    except ValueError:
+        return f"{host}:{ports[0]}"  # a name: only gRPC's DNS resolver applies
+    return "ipv4:" + ",".join(f"{host}:{port}" for port in ports)
 
 
 def _with_database(dsn: str, database: str) -> str:
@@ -434,4 +553,11 @@ def run_devstack(settings: DevstackSettings) -> int:
         return 1
 
 
-__all__ = ["RunningService", "ServiceSpec", "Supervisor", "run_devstack"]
+__all__ = [
+    "RunningService",
+    "ServiceSpec",
+    "StackStartError",
+    "Supervisor",
+    "run_devstack",
+    "worker_target",
+]

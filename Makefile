@@ -12,7 +12,7 @@ SRC_DIRS := $(addsuffix /src,$(PACKAGES))
 
 # proto-lint needs Node.js (npx fetches the official @bufbuild/buf); make test checks the same
 # naming rules without it (tests/unit/test_proto_contracts.py).
-.PHONY: help venv sandbox-tools protos protos-check proto-lint lint fmt typecheck importlint k8s-validate test test-fast migrate migrate-down run bench bench-immediate bench-background clean
+.PHONY: help chaos venv sandbox-tools protos protos-check proto-lint lint fmt typecheck importlint k8s-validate test test-fast migrate migrate-down run bench bench-immediate bench-background clean
 
 help:
 	@echo "make run          start the whole system on this machine (embedded Postgres/Redis unless DATABASE_URL/REDIS_URL)"
@@ -21,6 +21,7 @@ help:
 	@echo "make migrate      apply migrations to DATABASE_URL; make migrate-down reverts one step"
 	@echo "make k8s-validate render every kustomize overlay and validate it against the Kubernetes schemas"
 	@echo "make bench        run the benchmarks under bench/ and print their figures"
+	@echo "make chaos        the chaos soak: CHAOS_PLANS (500), CHAOS_SEED (1), CHAOS_MINUTES (9, max 10)"
 
 venv: $(STAMP)
 
@@ -86,6 +87,11 @@ migrate-down: $(STAMP)
 # make run WORKERS=3: several worker processes.
 run: $(STAMP) sandbox-tools
 	$(PY) -m opsconductor.devstack $(if $(WORKERS),--workers $(WORKERS))
+
+# The whole system under a seeded storm of crashes, pauses and outages (tests/chaos); prints
+# the verdict table, writes it as JSON, exits non-zero if anything was lost.
+chaos: $(STAMP) sandbox-tools
+	$(PY) -m tests.chaos
 
 bench: bench-immediate bench-background
 

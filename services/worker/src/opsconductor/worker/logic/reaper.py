@@ -119,11 +119,16 @@ async def _pass(
     reconciled = None
     dead = 0
     if queue is not None:
-        # First: jobs re-pushed below must not be dispatched during a drain.
-        await _reapply_drain(pool, queue)
-        reconciled = await reconcile_queue(queue, pool, orphan_grace_s=orphan_grace_s)
-        LEASE_EXPIRATIONS.inc(reconciled.maintenance.reclaimed + reconciled.maintenance.dead)
-        dead = await _dead_letter(pool, queue)
+        try:
+            # First: jobs re-pushed below must not be dispatched during a drain.
+            await _reapply_drain(pool, queue)
+            reconciled = await reconcile_queue(queue, pool, orphan_grace_s=orphan_grace_s)
+            LEASE_EXPIRATIONS.inc(reconciled.maintenance.reclaimed + reconciled.maintenance.dead)
+            dead = await _dead_letter(pool, queue)
+        except QueueUnavailableError:
+            # Redis is down (or restarting empty): the queue work waits for the next pass,
+            # but what needs only Postgres (deadlines, locks, keys, approvals) must go on.
+            log.warning("reaper_queue_unavailable")
     overdue = await fail_overdue_executions(pool, grace=deadline_grace)
     for execution_id in overdue:
         await _remove_job(pool, queue, execution_id)
@@ -202,7 +207,11 @@ async def _publish_gauges(pool: asyncpg.Pool, queue: RedisQueue | None) -> None:
     DLQ_SIZE.set(await dlq.dlq_size(pool))
     if queue is None:
         return
-    stats = await queue.stats()
+    try:
+        stats = await queue.stats()
+    except QueueUnavailableError:
+        log.warning("reaper_queue_unavailable")
+        return
     for priority in (0, 50, 100):
         QUEUE_READY.labels(str(priority)).set(stats.ready_by_priority.get(priority, 0))
     QUEUE_LEASED.set(stats.leased)

@@ -17,6 +17,7 @@ from datetime import timedelta
 import structlog
 from prometheus_client import start_http_server
 
+from opsconductor.common.errors import OpsConductorError
 from opsconductor.common.logconfig import configure_logging
 from opsconductor.common.queue.redis_queue import RedisQueue, create_redis_client
 from opsconductor.common.rpc.server import load_settings
@@ -41,13 +42,20 @@ async def run(settings: WorkerSettings, *, once: bool, interval_s: float) -> int
         loop.add_signal_handler(signum, stop.set)
     try:
         while True:
-            await reap_once(
-                pool,
-                queue,
-                dedup_window=timedelta(seconds=settings.dedup_window_s),
-                deadline_grace=timedelta(seconds=settings.reaper_deadline_grace_s),
-                unstarted_grace=timedelta(seconds=settings.reaper_unstarted_grace_s),
-            )
+            try:
+                await reap_once(
+                    pool,
+                    queue,
+                    dedup_window=timedelta(seconds=settings.dedup_window_s),
+                    deadline_grace=timedelta(seconds=settings.reaper_deadline_grace_s),
+                    unstarted_grace=timedelta(seconds=settings.reaper_unstarted_grace_s),
+                )
+            except OpsConductorError as exc:
+                # Postgres unreachable mid-pass: the loop must outlive the outage (the next
+                # pass redoes whatever this one could not); a CronJob run reports the failure.
+                if once:
+                    raise
+                log.warning("reaper_pass_failed", error_class=exc.reason)
             if once:
                 return 0
             with contextlib.suppress(TimeoutError):

@@ -20,7 +20,7 @@ from opsconductor.common.storage.db import create_pool
 
 from .faults import FaultDriver, build_schedule
 from .stack import TENANTS, ChaosStack, remove_run_dir, start_stack
-from .verdict import Verdict, measure
+from .verdict import LockLeakSampler, Verdict, measure
 from .workload import TERMINAL, WorkloadDriver, build_workload
 
 _SETTLE_POLL_S = 1.0
@@ -91,19 +91,27 @@ async def run_soak(config: SoakConfig, *, out: object = None) -> Verdict:
         window_s = max(15.0, (budget_s - (started - began)) * 0.5)
         ops = build_workload(config.seed, config.plans, window_s)
         schedule = build_schedule(config.seed, window_s, stack.workers())
-        await asyncio.gather(
-            driver.run(ops, started),
-            faults.run(schedule, started),
-            _attacks(driver, attacks, config.seed, window_s, started),
-        )
-        faults.resume_all()
-        await _settle(stack, began + budget_s * 0.92)
+        sampler = LockLeakSampler(stack.database_url)
+        sampling_done = asyncio.Event()
+        sampling = asyncio.create_task(sampler.run(sampling_done))
+        try:
+            await asyncio.gather(
+                driver.run(ops, started),
+                faults.run(schedule, started),
+                _attacks(driver, attacks, config.seed, window_s, started),
+            )
+            faults.resume_all()
+            await _settle(stack, began + budget_s * 0.92)
+        finally:
+            sampling_done.set()
+            await sampling
         verdict = await measure(
             stack,
             seed=config.seed,
             outcomes=driver.outcomes,
             attacks=driver.cross_tenant,
             fault_log=faults.log,
+            leaked_locks=sampler.leaked,
         )
         verdict.figures["schedule"] = [f.__dict__ for f in schedule]
         verdict.figures["run_dir"] = str(stack.run_dir)

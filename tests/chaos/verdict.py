@@ -13,7 +13,9 @@ duplicate side effects
     discarded by a takeover: one in flight, on the previous worker, when a
     ``lease_taken_over`` event reset that step
 lock leaks
-    ``execution_locks`` rows whose owner execution is terminal or gone
+    ``execution_locks`` rows whose owner execution is terminal or gone: at the end, and in
+    samples taken every second during the run (a lock still there 2 s after its execution
+    ended, even if it would expire later, was not released)
 queue leftovers
     Redis job hashes or sorted-set members, and ``execution_queue`` rows, of terminal (or
     unknown) executions
@@ -29,6 +31,8 @@ audit gaps
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import json
 from collections import Counter
@@ -83,10 +87,34 @@ _LOCK_LEAKS = """
 SELECT count(*) FROM execution_locks l LEFT JOIN executions e ON e.id = l.owner_execution_id
 WHERE e.id IS NULL OR e.status::text = ANY($1::text[])
 """
+_LOCKS_OUTLIVING = """
+SELECT l.lock_key, l.owner_token::text AS owner FROM execution_locks l
+LEFT JOIN executions e ON e.id = l.owner_execution_id
+WHERE e.id IS NULL OR (e.status::text = ANY($1::text[]) AND e.ended_at < now() - interval '2 s')
+"""
 _QUEUE_ROWS_LEFT = """
 SELECT count(*) FROM execution_queue q LEFT JOIN executions e ON e.id = q.execution_id
 WHERE e.id IS NULL OR e.status::text = ANY($1::text[])
 """
+
+
+class LockLeakSampler:
+    """Samples, once a second while the soak runs, locks that outlived their execution."""
+
+    def __init__(self, database_url: str) -> None:
+        self._database_url = database_url
+        self.leaked: set[tuple[str, str]] = set()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        conn = await asyncpg.connect(self._database_url)
+        try:
+            while not stop.is_set():
+                rows = await conn.fetch(_LOCKS_OUTLIVING, sorted(TERMINAL))
+                self.leaked.update((r["lock_key"], r["owner"]) for r in rows)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 1.0)
+        finally:
+            await conn.close()
 
 
 @dataclass
@@ -174,6 +202,7 @@ async def measure(
     outcomes: list[OpOutcome],
     attacks: list[CrossTenantAttempt],
     fault_log: list[dict[str, Any]],
+    leaked_locks: set[tuple[str, str]],
 ) -> Verdict:
     """Every figure, from the stack's database, Redis and log files."""
     terminal = sorted(TERMINAL)
@@ -191,6 +220,9 @@ async def measure(
         stuck = sum(1 for status in statuses.values() if status not in TERMINAL)
         duplicates = await conn.fetchrow(_DUPLICATES)
         lock_leaks = await conn.fetchval(_LOCK_LEAKS, terminal)
+        leaked_locks |= {
+            (r["lock_key"], r["owner"]) for r in await conn.fetch(_LOCKS_OUTLIVING, terminal)
+        }
         queue_rows = await conn.fetchval(_QUEUE_ROWS_LEFT, terminal)
         tables = await _secret_in_tables(conn, stack.secret)
         expected = hashlib.sha256(stack.secret.encode()).hexdigest()
@@ -242,7 +274,8 @@ async def measure(
         "lost": lost,
         "stuck": stuck,
         "duplicate_side_effects": int(duplicates["duplicates"]),
-        "lock_leaks": lock_leaks,
+        "lock_leaks": max(lock_leaks, len(leaked_locks)),
+        "lock_leaks_at_end": lock_leaks,
         "queue_leftovers_redis": redis_left,
         "queue_leftovers_postgres": queue_rows,
         "secrets_in_logs": _secret_in_logs(logs, stack.secret),

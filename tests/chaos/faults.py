@@ -12,7 +12,10 @@ Kinds::
     term_worker    SIGTERM a worker: graceful requeue of its jobs, then the supervisor restarts it
 
 The schedule is a pure function of the seed, the duration and the worker names, so the same
-seed replays the same faults at the same offsets. Each fault is logged with its UTC time.
+seed replays the same faults at the same offsets. A worker fault names a worker; when that one
+runs no background job at the moment and another one does, the fault strikes the busy one
+instead (lowest name first), so that crashes and pauses hit work in flight. Each fault is
+logged with its UTC time and the pid it struck.
 """
 
 from __future__ import annotations
@@ -27,11 +30,14 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import asyncpg
+
 from .stack import LEASE_S, ChaosStack
 
 KINDS = ("kill_worker", "pause_worker", "kill_api", "restart_redis", "term_worker")
-#: A pause outlasts the lease by this much, so another worker takes the job over meanwhile.
-PAUSE_S = 2 * LEASE_S + 1.0
+#: A pause outlasts the lease, so another worker takes the job over meanwhile, and ends
+#: while that one may still run it: the resumed worker's writes must then be fenced off.
+PAUSE_S = LEASE_S + 2.0
 #: Average seconds between two faults.
 MEAN_GAP_S = 7.0
 
@@ -108,6 +114,8 @@ class FaultDriver:
             # Still paused from an earlier fault: the schedule stays the same, this one waits.
             self._record(fault, started, action="skipped: target still paused")
             return
+        if fault.kind.endswith("_worker"):
+            fault = Fault(fault.at_s, fault.kind, await self._busy_worker(fault.target))
         service = supervisor.service(fault.target if fault.kind != "kill_api" else "api")
         if not service.alive:
             self._record(fault, started, action="skipped: restarting")
@@ -125,6 +133,26 @@ class FaultDriver:
             self._busy.add(fault.target)
             self._record(fault, started, pid=pid, action=f"SIGSTOP for {PAUSE_S:g} s")
             self._tasks.append(asyncio.create_task(self._resume_later(fault, pid, started)))
+
+    async def _busy_worker(self, preferred: str) -> str:
+        """``preferred`` if it runs a background job (or none does), else a worker that does."""
+        conn = await asyncpg.connect(self._stack.database_url)
+        try:
+            rows = await conn.fetch(
+                "SELECT DISTINCT worker_id FROM executions WHERE status = 'running' "
+                "AND execution_mode = 'background' AND lease_token IS NOT NULL"
+            )
+        finally:
+            await conn.close()
+        pids = {int(r["worker_id"].rsplit(":", 1)[1]) for r in rows if r["worker_id"]}
+        busy = sorted(
+            name
+            for name in self._stack.workers()
+            if name not in self._busy and self._stack.supervisor.service(name).pid in pids
+        )
+        if not busy or preferred in busy:
+            return preferred
+        return busy[0]
 
     async def _resume_later(self, fault: Fault, pid: int, started: float) -> None:
         await asyncio.sleep(PAUSE_S)

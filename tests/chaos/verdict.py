@@ -12,6 +12,9 @@ duplicate side effects
     logical operation (across all its executions), not counting a call whose result was
     discarded by a takeover: one in flight, on the previous worker, when a
     ``lease_taken_over`` event reset that step
+zombie results kept
+    a step whose recorded result came from such a discarded call: a paused worker resumed
+    after the takeover and its write was not fenced off
 lock leaks
     ``execution_locks`` rows whose owner execution is terminal or gone: at the end, and in
     samples taken every second during the run (a lock still there 2 s after its execution
@@ -50,6 +53,7 @@ MUST_BE_ZERO = (
     "lost",
     "stuck",
     "duplicate_side_effects",
+    "zombie_results_kept",
     "lock_leaks",
     "queue_leftovers_redis",
     "queue_leftovers_postgres",
@@ -80,7 +84,10 @@ kept AS (
 )
 SELECT coalesce(sum(n - 1), 0) AS duplicates,
        (SELECT count(*) FROM discarded) AS discarded,
-       (SELECT count(*) FROM ok) AS effects
+       (SELECT count(*) FROM ok) AS effects,
+       (SELECT count(*) FROM execution_steps s
+         WHERE (jsonb_path_query_first(s.result, 'strict $.**.effect_id'))::text
+               IN (SELECT id::text FROM discarded)) AS zombie_kept
 FROM kept WHERE n > 1
 """
 _LOCK_LEAKS = """
@@ -274,6 +281,7 @@ async def measure(
         "lost": lost,
         "stuck": stuck,
         "duplicate_side_effects": int(duplicates["duplicates"]),
+        "zombie_results_kept": duplicates["zombie_kept"],
         "lock_leaks": max(lock_leaks, len(leaked_locks)),
         "lock_leaks_at_end": lock_leaks,
         "queue_leftovers_redis": redis_left,

@@ -5,6 +5,8 @@ Kinds of operation (one "op" is one logical plan; its ``op`` param makes it uniq
 
     immediate   1-3 short read steps, run synchronously
     background  1-3 read steps queued at priority 0, 50 or 100
+    long        3 background steps of 1.5-2 s: a worker paused in one comes back while its
+                successor still runs the plan (what fencing is for)
     duplicate   an immediate or background plan submitted 2-5 times at once (a browser refresh)
     cancel      a background plan of long steps, cancelled while it runs
     retry       a background plan whose step fails once, then succeeds on the retry
@@ -45,8 +47,9 @@ from opsconductor.common.errors import StorageError
 from .stack import APPROVER, DRIVER, SECRET_NAME, TENANTS, ChaosStack
 
 KIND_WEIGHTS = {
-    "immediate": 28,
-    "background": 28,
+    "immediate": 26,
+    "background": 22,
+    "long": 10,
     "duplicate": 12,
     "cancel": 8,
     "retry": 6,
@@ -137,6 +140,9 @@ def build_workload(seed: int, plans: int, window_s: float) -> list[Op]:
             step_params = {"hold_s": round(rng.uniform(0.3, 1.2), 2)}
         if kind == "duplicate":
             copies = rng.randint(2, 5)
+        elif kind == "long":
+            steps = 3
+            step_params = {"hold_s": round(rng.uniform(1.5, 2.0), 2)}
         elif kind == "cancel":
             steps = 3
             step_params = {"hold_s": 1.5}

@@ -182,6 +182,12 @@ def build_workload(seed: int, plans: int, window_s: float) -> list[Op]:
     return ops
 
 
+def _error_name(exc: OpsConductorError) -> str:
+    """``ResourceBusyError``, or ``RpcError:UNAVAILABLE`` for an unmapped status."""
+    code = exc.details.get("code")
+    return f"{type(exc).__name__}:{code}" if isinstance(exc, RpcError) else type(exc).__name__
+
+
 def _transient(exc: Exception) -> bool:
     """A failure worth retrying the same call for: the service (or Redis) was not there."""
     if isinstance(exc, QueueUnavailableError | StorageError):
@@ -240,7 +246,7 @@ class WorkloadDriver:
             try:
                 return await fn(*args, **kwargs)
             except OpsConductorError as exc:
-                outcome.errors[type(exc).__name__] += 1
+                outcome.errors[_error_name(exc)] += 1
                 if not _transient(exc) or time.monotonic() > deadline:
                     if _transient(exc):
                         outcome.gave_up += 1
@@ -307,7 +313,7 @@ class WorkloadDriver:
             except ApprovalInvalidatedError:
                 pass
             except OpsConductorError as exc:
-                outcome.errors[type(exc).__name__] += 1
+                outcome.errors[_error_name(exc)] += 1
             anew = await self._submit(outcome, changed)
             if anew is None or anew.approval_id is None:
                 return

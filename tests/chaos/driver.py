@@ -113,6 +113,7 @@ async def run_soak(config: SoakConfig, *, out: object = None) -> Verdict:
             fault_log=faults.log,
             leaked_locks=sampler.leaked,
         )
+        verdict.figures["lock_leak_details"] = list(sampler.details.values())[:20]
         verdict.figures["schedule"] = [f.__dict__ for f in schedule]
         verdict.figures["run_dir"] = str(stack.run_dir)
         verdict.figures["elapsed_s"] = round(time.monotonic() - began, 1)

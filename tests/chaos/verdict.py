@@ -95,7 +95,9 @@ SELECT count(*) FROM execution_locks l LEFT JOIN executions e ON e.id = l.owner_
 WHERE e.id IS NULL OR e.status::text = ANY($1::text[])
 """
 _LOCKS_OUTLIVING = """
-SELECT l.lock_key, l.owner_token::text AS owner FROM execution_locks l
+SELECT l.lock_key, l.owner_token::text AS owner, l.owner_execution_id::text AS execution_id,
+       e.status::text AS status, e.error_class, e.ended_at::text AS ended_at
+FROM execution_locks l
 LEFT JOIN executions e ON e.id = l.owner_execution_id
 WHERE e.id IS NULL OR (e.status::text = ANY($1::text[]) AND e.ended_at < now() - interval '2 s')
 """
@@ -111,13 +113,17 @@ class LockLeakSampler:
     def __init__(self, database_url: str) -> None:
         self._database_url = database_url
         self.leaked: set[tuple[str, str]] = set()
+        #: What each leaked lock's execution looked like when first seen (for a post-mortem).
+        self.details: dict[tuple[str, str], dict[str, Any]] = {}
 
     async def run(self, stop: asyncio.Event) -> None:
         conn = await asyncpg.connect(self._database_url)
         try:
             while not stop.is_set():
-                rows = await conn.fetch(_LOCKS_OUTLIVING, sorted(TERMINAL))
-                self.leaked.update((r["lock_key"], r["owner"]) for r in rows)
+                for row in await conn.fetch(_LOCKS_OUTLIVING, sorted(TERMINAL)):
+                    key = (row["lock_key"], row["owner"])
+                    self.leaked.add(key)
+                    self.details.setdefault(key, dict(row))
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), 1.0)
         finally:

@@ -1,13 +1,23 @@
-"""Ending an execution no worker started: failed, steps skipped, key retired — or untouched."""
+"""Ending an execution no worker started: failed, steps skipped, key retired — or untouched;
+ending one whose worker is gone: failed, and its locks released."""
 
 from __future__ import annotations
+
+from datetime import timedelta
+from uuid import uuid4
 
 import asyncpg
 
 from opsconductor.common.fsm import ExecutionStatus as S
-from opsconductor.common.storage.execution_leases import fail_unstarted_execution
+from opsconductor.common.storage.execution_leases import (
+    fail_lost_execution,
+    fail_overdue_executions,
+    fail_unstarted_execution,
+)
 from opsconductor.common.storage.execution_reads import get_execution
+from opsconductor.common.storage.execution_records import ExecutionRecord
 from opsconductor.common.storage.executions import create_execution
+from opsconductor.common.storage.locks import LockRequest, acquire_locks
 
 from .test_executions_repo import WINDOW, in_status, new_execution
 
@@ -51,3 +61,50 @@ async def test_an_execution_a_worker_took_meanwhile_is_left_alone(db_pool: async
     same = await get_execution(db_pool, record.tenant_id, record.id)
     assert same.status == S.RUNNING
     assert same.idempotency_retired_at is None
+
+
+async def _running_with_a_lock(db_pool: asyncpg.Pool) -> ExecutionRecord:
+    record = await in_status(db_pool, S.RUNNING)
+    await acquire_locks(
+        db_pool,
+        [LockRequest(record.tenant_id, "db-1", "restart")],
+        owner_token=uuid4(),
+        owner_execution_id=record.id,
+        ttl=timedelta(hours=1),
+    )
+    return record
+
+
+async def _locks_of(db_pool: asyncpg.Pool, record: ExecutionRecord) -> int:
+    count: int = await db_pool.fetchval(
+        "SELECT count(*) FROM execution_locks WHERE owner_execution_id = $1", record.id
+    )
+    return count
+
+
+async def test_the_reaper_failing_an_overdue_execution_releases_its_locks(
+    db_pool: asyncpg.Pool,
+) -> None:
+    """Found by the chaos soak: a worker died mid-run; the reaper ends the execution failed
+    (timed out) past its deadline. Its locks go in the same transaction — the dead worker
+    never will release them, and until their expiry every plan on those targets was refused
+    RESOURCE_BUSY although nothing ran there."""
+    record = await _running_with_a_lock(db_pool)
+    await db_pool.execute(
+        "UPDATE executions SET deadline_at = clock_timestamp() - interval '1 minute' WHERE id = $1",
+        record.id,
+    )
+    assert await fail_overdue_executions(db_pool, grace=timedelta(seconds=1)) == [record.id]
+    assert (await get_execution(db_pool, record.tenant_id, record.id)).status == S.FAILED
+    assert await _locks_of(db_pool, record) == 0
+
+
+async def test_a_lost_execution_failed_by_the_reaper_releases_its_locks(
+    db_pool: asyncpg.Pool,
+) -> None:
+    """Same for a job dead-lettered after its last lease expired (its worker died each time)."""
+    record = await _running_with_a_lock(db_pool)
+    assert await fail_lost_execution(
+        db_pool, record.id, error_class="LEASE_EXPIRED", error_message="lost", by="reaper"
+    )
+    assert await _locks_of(db_pool, record) == 0

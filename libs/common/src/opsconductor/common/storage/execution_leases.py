@@ -25,6 +25,7 @@ from opsconductor.common.storage.execution_records import (
     transaction,
 )
 from opsconductor.common.storage.executions import transition
+from opsconductor.common.storage.locks import release_execution_locks
 
 log = structlog.get_logger(__name__)
 
@@ -203,7 +204,7 @@ async def fail_overdue_executions(
 
     A live worker enforces the deadline itself; one past it by the grace period is gone. The
     execution ends ``failed`` with ``timed_out``; its fencing token is cleared, so a worker that
-    comes back cannot write for it any more.
+    comes back cannot write for it any more, and the locks it holds are released.
     """
     failed: list[UUID] = []
     async with transaction(db) as conn:
@@ -229,6 +230,8 @@ async def fail_overdue_executions(
                 },
                 tenant_id=row["tenant_id"],
             )
+            # Its worker is gone and will never release them: whoever ends it does.
+            await release_execution_locks(conn, row["id"])
             failed.append(row["id"])
     if failed:
         log.warning("overdue_executions_failed", count=len(failed))
@@ -245,8 +248,8 @@ async def fail_lost_execution(
     lease_token: UUID | None = None,
 ) -> bool:
     """End a non-terminal execution ``failed`` (its job died in the queue); False if already
-    terminal. Clears the fencing token. With ``lease_token``, only while that token still owns
-    the execution (``StaleLeaseError`` otherwise)."""
+    terminal. Clears the fencing token and releases its locks. With ``lease_token``, only while
+    that token still owns the execution (``StaleLeaseError`` otherwise)."""
     async with transaction(db) as conn:
         locked = await lock_execution(conn, execution_id, lease_token=lease_token)
         status = ExecutionStatus(locked["status"])
@@ -267,6 +270,7 @@ async def fail_lost_execution(
             },
             tenant_id=locked["tenant_id"],
         )
+        await release_execution_locks(conn, execution_id)
     return True
 
 

@@ -148,6 +148,7 @@ class Verdict:
             ("submits given up (transient errors for 60 s)", f["submits_given_up"]),
             ("distinct executions", f["distinct_executions"]),
             ("terminal by status", json.dumps(f["terminal_by_status"], sort_keys=True)),
+            ("failed by error class", json.dumps(f["failed_by_error_class"], sort_keys=True)),
             ("side effects (ok calls)", f["side_effects"]),
             ("  discarded by a takeover (fenced zombies)", f["effects_discarded_by_takeover"]),
             ("lease takeovers", f["lease_takeovers"]),
@@ -244,6 +245,14 @@ async def measure(
             "AND token_sha256 IS DISTINCT FROM $1",
             expected,
         )
+        failed_by_class = {
+            r["error_class"] or "-": r["n"]
+            for r in await conn.fetch(
+                "SELECT error_class, count(*) AS n FROM executions WHERE status = 'failed' "
+                "AND tenant_id = ANY($1) GROUP BY 1 ORDER BY 2 DESC",
+                list(TENANTS),
+            )
+        }
         takeovers = await conn.fetchval(
             "SELECT count(*) FROM execution_events WHERE type = 'lease_taken_over'"
         )
@@ -273,6 +282,7 @@ async def measure(
         "submits_given_up": sum(o.gave_up for o in outcomes),
         "distinct_executions": len(statuses),
         "terminal_by_status": dict(Counter(s for s in statuses.values() if s in TERMINAL)),
+        "failed_by_error_class": failed_by_class,
         "side_effects": duplicates["effects"],
         "effects_discarded_by_takeover": duplicates["discarded"],
         "lease_takeovers": takeovers,

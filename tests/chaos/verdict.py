@@ -23,7 +23,8 @@ queue leftovers
     Redis job hashes or sorted-set members, and ``execution_queue`` rows, of terminal (or
     unknown) executions
 secrets found
-    the secret's literal in any service log, in any table (event payloads included)
+    the secret's literal in any service log, in any table, in any event payload (counted on
+    its own too)
 wrong secret
     a step that took effect without the right secret value (SHA-256 recorded by the action)
 cross-tenant successes
@@ -59,6 +60,7 @@ MUST_BE_ZERO = (
     "queue_leftovers_postgres",
     "secrets_in_logs",
     "secrets_in_tables",
+    "secrets_in_event_payloads",
     "wrong_secret",
     "cross_tenant_successes",
     "audit_gaps",
@@ -304,6 +306,7 @@ async def measure(
         "queue_leftovers_postgres": queue_rows,
         "secrets_in_logs": _secret_in_logs(logs, stack.secret),
         "secrets_in_tables": sum(tables.values()),
+        "secrets_in_event_payloads": tables.get("execution_events", 0),
         "wrong_secret": wrong_secret,
         "cross_tenant_successes": sum(a.succeeded for a in attacks),
         "audit_gaps": sum(1 for a in attacks if a.denied and audited[a.actor] == 0),

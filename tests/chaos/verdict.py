@@ -154,6 +154,7 @@ class Verdict:
             ("side effects (ok calls)", f["side_effects"]),
             ("  discarded by a takeover (fenced zombies)", f["effects_discarded_by_takeover"]),
             ("lease takeovers", f["lease_takeovers"]),
+            ("graceful requeues (SIGTERM)", f["graceful_requeues"]),
             ("dead-lettered", f["dlq_entries"]),
             ("service restarts", json.dumps(f["service_restarts"], sort_keys=True)),
             ("faults", f"{len(f['fault_log'])} log lines, kinds {f['fault_kinds']}"),
@@ -259,6 +260,10 @@ async def measure(
             "SELECT count(*) FROM execution_events WHERE type = 'lease_taken_over'"
         )
         dlq = await conn.fetchval("SELECT count(*) FROM execution_dlq")
+        graceful = await conn.fetchval(
+            "SELECT count(*) FROM execution_events WHERE type = 'execution_requeued' "
+            "AND payload->>'reason' = 'shutdown'"
+        )
         audited = Counter(
             r["actor_id"]
             for r in await conn.fetch(
@@ -289,6 +294,7 @@ async def measure(
         "effects_discarded_by_takeover": duplicates["discarded"],
         "lease_takeovers": takeovers,
         "dlq_entries": dlq,
+        "graceful_requeues": graceful,
         "service_restarts": {s.spec.name: s.restarts for s in stack.supervisor.services},
         "errors_seen_by_driver": dict(sum((o.errors for o in outcomes), Counter())),
         "cross_tenant_attempts": len(attacks),

@@ -101,6 +101,44 @@ BAD_PLANS: dict[str, tuple[Callable[[Path], dict[str, Any]], str, str]] = {
         "name",
         "alice",
     ),
+    # Literal credentials (issue 8, finding 9): refused before anything is stored or returned.
+    "literal_authorization_header": (
+        lambda ledger: plan(
+            {
+                "id": "call",
+                "action": "http",
+                "action_class": "read",
+                "targets": [{"ref": "api"}],
+                "params": {
+                    "url": "https://api.example/v1",
+                    "headers": {"Authorization": "Bearer s3cr3t-literal-token"},
+                },
+            }
+        ),
+        "steps[0].params.headers.Authorization",
+        "alice",
+    ),
+    "bearer_token_in_any_header": (
+        lambda ledger: plan(
+            {
+                "id": "call",
+                "action": "http",
+                "action_class": "read",
+                "targets": [{"ref": "api"}],
+                "params": {
+                    "url": "https://api.example/v1",
+                    "headers": {"X-Forward": "bearer s3cr3t-literal-token"},
+                },
+            }
+        ),
+        "steps[0].params.headers.X-Forward",
+        "alice",
+    ),
+    "literal_password_nested_in_params": (
+        lambda ledger: _with_params(ledger, config={"db": {"DB_Password": "hunter2hunter2"}}),
+        "steps[0].params.config.db.DB_Password",
+        "alice",
+    ),
     "control_chars_in_step_id": (
         lambda ledger: _with_step(ledger, id="step\x00one"),
         "steps[0].id",

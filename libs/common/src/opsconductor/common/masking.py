@@ -63,6 +63,7 @@ __all__ = [
     "mask",
     "mask_processor",
     "mask_text",
+    "normalise_key",
     "register_secret",
     "registered_secrets",
     "unregister_secret",
@@ -163,7 +164,7 @@ class _LiteralState:
         self.cache: dict[str, str] = {}
 
 
-def _normalise_key(name: str) -> str:
+def normalise_key(name: str) -> str:
     """``accessToken`` / ``X-Api-Key`` / ``DB_PASSWORD`` -> ``access_token``, ``x_api_key`` ..."""
     return _NON_WORD.sub("_", _CAMEL_BOUNDARY.sub("_", name).lower()).strip("_")
 
@@ -183,7 +184,7 @@ class Masker:
         allowed_keys: Iterable[str] = DEFAULT_ALLOWED_KEYS,
         min_secret_length: int = MIN_SECRET_LENGTH,
     ) -> None:
-        self._allowed = frozenset(_normalise_key(k) for k in allowed_keys)
+        self._allowed = frozenset(normalise_key(k) for k in allowed_keys)
         self._min_secret_length = min_secret_length
         self._lock = threading.Lock()
         self._secret_counts: Counter[str] = Counter()
@@ -197,7 +198,7 @@ class Masker:
         cached = self._key_cache.get(key)
         if cached is not None:
             return cached
-        normalised = _normalise_key(key)
+        normalised = normalise_key(key)
         if normalised in self._allowed:
             verdict = False
         else:

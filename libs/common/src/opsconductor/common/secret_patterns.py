@@ -24,7 +24,7 @@ import string
 from collections.abc import Callable, Iterable
 from typing import Any, Final
 
-__all__ = ["REDACTED", "literal_regex", "redact_patterns"]
+__all__ = ["REDACTED", "credential_kind", "literal_regex", "redact_patterns"]
 
 REDACTED: Final = "***REDACTED***"
 
@@ -89,6 +89,32 @@ def redact_patterns(text: str, is_secret_name: Callable[[str], bool]) -> str:
     if any(p in text for p in _AWS_PREFIXES):
         text = _AWS.sub(REDACTED, text)
     return text
+
+
+_URL_WITH_PASSWORD = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s:/@\"'\\]*:[^\s/\"'\\]+@")
+#: What `credential_kind` recognises, most specific first.
+_CREDENTIAL_SHAPES: Final = (
+    ("a PEM private key", _PEM),
+    ("a JSON Web Token", _JWT),
+    ("a Bearer token", _BEARER),
+    ("Basic credentials", _BASIC),
+    ("an AWS access key id", _AWS),
+    ("a password in a URL", _URL_WITH_PASSWORD),
+)
+
+
+def credential_kind(text: str) -> str | None:
+    """What kind of literal credential ``text`` contains (``"a Bearer token"``...), if any.
+
+    For refusing plans that paste a credential where a secret reference belongs; the same
+    shapes `redact_patterns` redacts, without the name-based pairs (a plan names its fields).
+    """
+    if len(text) < 8:
+        return None
+    for kind, pattern in _CREDENTIAL_SHAPES:
+        if pattern.search(text):
+            return kind
+    return None
 
 
 def _redact_pairs(text: str, is_secret_name: Callable[[str], bool]) -> str:

@@ -40,8 +40,9 @@ from typing import Any, ClassVar, Protocol, TypeGuard, runtime_checkable
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from opsconductor.common.errors import FieldViolation, PlanValidationError, SecretResolutionError
-from opsconductor.common.masking import register_secret
+from opsconductor.common.masking import DEFAULT_ALLOWED_KEYS, normalise_key, register_secret
 from opsconductor.common.plan import SECRET_PROVIDERS, SECRET_REF_KEY, SecretRef, parse_secret_ref
+from opsconductor.common.secret_patterns import credential_kind
 
 __all__ = [
     "DEFAULT_ENV_PREFIX",
@@ -55,7 +56,9 @@ __all__ = [
     "SecretResolver",
     "SecretsSettings",
     "find_secret_refs",
+    "is_credential_key",
     "is_secret_ref",
+    "literal_credential_violations",
     "secret_ref_violations",
 ]
 
@@ -68,6 +71,28 @@ DEFAULT_FILE_ROOT = Path("/var/run/secrets/opsconductor")
 
 #: Secrets are passwords, tokens and keys: anything larger is a mistake (a wrong file).
 _MAX_SECRET_BYTES = 64 * 1024
+
+#: A plan key (param or header name) containing one of these, once normalised (lower case,
+#: separators and camelCase boundaries removed: ``X-Api-Key`` -> ``xapikey``), holds a
+#: credential and must be a secret reference. Narrower than the log masker's denylist (which
+#: also redacts ``key``, ``session``...): a plan refused for a harmless name is worse than a log
+#: field redacted for one.
+CREDENTIAL_KEY_SUBSTRINGS: tuple[str, ...] = (
+    "password",
+    "passwd",
+    "passphrase",
+    "secret",
+    "token",
+    "apikey",
+    "privatekey",
+    "accesskey",
+    "authorization",
+    "cookie",
+    "credential",
+)
+#: Denylisted only as a whole word of the normalised key (``pwd`` yes, ``pwdir`` no).
+CREDENTIAL_KEY_WORDS: frozenset[str] = frozenset({"pwd", "jwt", "sessionid"})
+_NOT_CREDENTIAL_KEYS = frozenset(normalise_key(k) for k in DEFAULT_ALLOWED_KEYS)
 
 
 def _parse(value: Mapping[str, Any]) -> SecretRef:
@@ -118,6 +143,62 @@ def find_secret_refs(params: object, *, path: str = "params") -> list[tuple[str,
     if violations:
         raise PlanValidationError(violations=violations)
     return [(where, _parse(ref)) for where, ref in _walk_refs(params, path)]
+
+
+def is_credential_key(key: str) -> bool:
+    """Whether a param or header named ``key`` must hold a secret reference, not a literal."""
+    normalised = normalise_key(key)
+    if normalised in _NOT_CREDENTIAL_KEYS:
+        return False
+    words = normalised.split("_")
+    compact = "".join(words)
+    return any(s in compact for s in CREDENTIAL_KEY_SUBSTRINGS) or any(
+        w in CREDENTIAL_KEY_WORDS for w in words
+    )
+
+
+def literal_credential_violations(params: object, *, path: str = "params") -> list[FieldViolation]:
+    """Credentials written into a plan instead of referenced (issue: plans are stored and read).
+
+    Refused: any value under a credential key (`is_credential_key`, at any depth) that is not a
+    secret reference (in a list or object under such a key, every leaf must be one; ``null``
+    and booleans reveal nothing and pass), and any string anywhere that looks like a credential
+    (`credential_kind`: ``Bearer <token>``, ``Basic <base64>``, a JWT, a PEM private key, an
+    AWS key id, a password in a URL). Descriptions never quote the value.
+    """
+    found: list[FieldViolation] = []
+    _walk_credentials(params, path, False, found)
+    return found
+
+
+def _walk_credentials(
+    value: object, path: str, under_key: bool, found: list[FieldViolation]
+) -> None:
+    if is_secret_ref(value) or value is None or isinstance(value, bool):
+        return
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            where = f"{path}.{key}" if path else str(key)
+            _walk_credentials(item, where, under_key or is_credential_key(str(key)), found)
+    elif isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            _walk_credentials(item, f"{path}[{index}]", under_key, found)
+    elif under_key:
+        found.append(
+            FieldViolation(
+                path,
+                f"names a credential, so it must be a secret reference like "
+                f'{{"{SECRET_KEY}": "env:NAME"}}, not a literal value',
+            )
+        )
+    elif isinstance(value, str) and (kind := credential_kind(value)) is not None:
+        found.append(
+            FieldViolation(
+                path,
+                f"contains what looks like {kind}; pass credentials as a secret reference "
+                f'like {{"{SECRET_KEY}": "env:NAME"}} in a field of their own',
+            )
+        )
 
 
 @runtime_checkable

@@ -33,7 +33,7 @@ from opsconductor.common.actions.shell import ShellAction
 from opsconductor.common.actions.sleep import SleepAction
 from opsconductor.common.errors import FieldViolation, OpsConductorError, PlanValidationError
 from opsconductor.common.plan import IDENTIFIER_PATTERN, ActionClass, Plan, Step
-from opsconductor.common.secrets import secret_ref_violations
+from opsconductor.common.secrets import literal_credential_violations, secret_ref_violations
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -178,7 +178,8 @@ class ActionRegistry:
         """Every problem of ``step`` for its action (fields prefixed with ``path``).
 
         The action must be registered; the declared ``action_class`` at least what the action
-        needs with these params; secret references well formed; the params valid for the
+        needs with these params; secret references well formed and no credential written in
+        literally (``secrets.literal_credential_violations``); the params valid for the
         handler. Resolves no secret and does no I/O.
         """
         handler = self._handlers.get(step.action)
@@ -195,6 +196,7 @@ class ActionRegistry:
                 )
             )
         violations += secret_ref_violations(step.params, path=_prefixed(path, "params"))
+        violations += literal_credential_violations(step.params, path=_prefixed(path, "params"))
         try:
             found = handler.validate(step.params)
         except Exception as exc:  # noqa: BLE001 - a plugin's bug must not become an INTERNAL error

@@ -80,6 +80,7 @@ def _rpcs() -> list[Rpc]:
                 "RequeueDlqEntry",
                 "GetQueueStats",
                 "SetDrain",
+                "VerifyAuditChain",
             ],
         ),
         ("worker", "WorkerService", w, ["RunImmediate"]),

@@ -12,10 +12,17 @@ from typing import Any
 
 import pytest
 
-from opsconductor.common.storage.migrate import applied_versions, main, migrate_up
+from opsconductor.common.storage.migrate import (
+    applied_versions,
+    discover,
+    find_migrations_dir,
+    main,
+    migrate_up,
+)
 
 UNREACHABLE_DSN = "postgresql://postgres:s3cret-pw@127.0.0.1:1/postgres"
 _DATABASE_VARIABLES = ("DATABASE_URL", "OPSC_DATABASE_URL", "OPSC_MIGRATIONS_DIR")
+ALL_VERSIONS = [m.version for m in discover(find_migrations_dir())]
 
 
 async def _run_cli(
@@ -46,10 +53,10 @@ async def test_cli_up_migrates_an_empty_database_from_database_url(
     result = await _run_cli("up", env={"DATABASE_URL": empty_db_dsn}, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     applied = [r for r in _log_lines(result.stdout) if r["event"] == "migration_applied"]
-    assert [r["version"] for r in applied] == [1, 2, 3]
+    assert [r["version"] for r in applied] == ALL_VERSIONS
     assert all(r["service"] == "migrate" and r["level"] == "info" for r in applied)
     assert {r["logger"] for r in applied} == {"opsconductor.common.storage.migrate"}
-    assert await applied_versions(empty_db_dsn) == [1, 2, 3]
+    assert await applied_versions(empty_db_dsn) == ALL_VERSIONS
 
     again = await _run_cli("up", env={"DATABASE_URL": empty_db_dsn})
     assert again.returncode == 0, again.stderr
@@ -62,15 +69,15 @@ async def test_cli_down_reverts_the_given_number_of_steps_with_dsn_option(db_dsn
     reverted = [
         r["version"] for r in _log_lines(result.stdout) if r["event"] == "migration_reverted"
     ]
-    assert reverted == [3, 2]
-    assert await applied_versions(db_dsn) == [1]
+    assert reverted == ALL_VERSIONS[:-3:-1]
+    assert await applied_versions(db_dsn) == ALL_VERSIONS[:-2]
 
 
 async def test_cli_opsc_database_url_takes_precedence(empty_db_dsn: str) -> None:
     env = {"DATABASE_URL": UNREACHABLE_DSN, "OPSC_DATABASE_URL": empty_db_dsn}
     result = await _run_cli("up", env=env)
     assert result.returncode == 0, result.stderr
-    assert await applied_versions(empty_db_dsn) == [1, 2, 3]
+    assert await applied_versions(empty_db_dsn) == ALL_VERSIONS
 
 
 async def test_cli_unreachable_database_exits_nonzero_with_one_line_and_no_traceback() -> None:
@@ -108,7 +115,7 @@ async def test_main_status_lists_applied_and_pending_migrations(
     with capture_logs() as logs:
         assert await asyncio.to_thread(main, ["status"]) == 0
     states = [(e["version"], e["state"]) for e in logs if e["event"] == "migration_status"]
-    assert states == [(1, "applied"), (2, "applied"), (3, "pending")]
+    assert states == [(v, "applied") for v in ALL_VERSIONS[:-1]] + [(ALL_VERSIONS[-1], "pending")]
 
 
 async def test_main_reports_a_domain_error_as_exit_status_1(

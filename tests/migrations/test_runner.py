@@ -31,6 +31,12 @@ from opsconductor.common.storage.migrate import (
 from .migration_helpers import dump_schema
 
 WriteMigrations = Callable[[dict[str, str]], Path]
+
+#: The repository's migrations: tests of the real ones follow whatever number was added last.
+REPOSITORY = discover(find_migrations_dir())
+ALL_VERSIONS = [m.version for m in REPOSITORY]
+#: What comes after the seed (0003): reverted by the "down to the seed" test.
+AFTER_SEED = [v for v in ALL_VERSIONS if v > 3]
 UNREACHABLE_DSN = "postgresql://postgres@127.0.0.1:1/postgres"
 
 TWO_MIGRATIONS = {
@@ -64,10 +70,11 @@ async def test_migrate_up_applies_every_migration_in_order_on_an_empty_database(
     empty_db_dsn: str,
 ) -> None:
     with capture_logs() as logs:
-        assert await migrate_up(empty_db_dsn) == [1, 2, 3]
-    assert await applied_versions(empty_db_dsn) == [1, 2, 3]
+        assert await migrate_up(empty_db_dsn) == ALL_VERSIONS
+    assert await applied_versions(empty_db_dsn) == ALL_VERSIONS
     applied = [e for e in logs if e["event"] == "migration_applied"]
-    assert [(e["version"], e["name"]) for e in applied] == [
+    assert [(e["version"], e["name"]) for e in applied] == [(m.version, m.name) for m in REPOSITORY]
+    assert [(e["version"], e["name"]) for e in applied][:3] == [
         (1, "schema"),
         (2, "indexes"),
         (3, "seed"),
@@ -82,9 +89,8 @@ async def test_ledger_records_name_and_checksum_of_each_up_file(db_dsn: str) -> 
         await conn.close()
     folder = find_migrations_dir()
     expected = {
-        (1, "schema", hashlib.sha256((folder / "0001_schema.up.sql").read_bytes()).hexdigest()),
-        (2, "indexes", hashlib.sha256((folder / "0002_indexes.up.sql").read_bytes()).hexdigest()),
-        (3, "seed", hashlib.sha256((folder / "0003_seed.up.sql").read_bytes()).hexdigest()),
+        (m.version, m.name, hashlib.sha256((folder / f"{m.label}.up.sql").read_bytes()).hexdigest())
+        for m in REPOSITORY
     }
     assert {tuple(r) for r in rows} == expected
 
@@ -100,7 +106,13 @@ async def test_rerunning_up_is_a_no_op(db_dsn: str) -> None:
 
 
 async def test_migrate_down_one_step_reverts_exactly_the_last_migration(db_dsn: str) -> None:
-    assert await migrate_down(db_dsn, steps=1) == [3]
+    assert await migrate_down(db_dsn, steps=1) == ALL_VERSIONS[-1:]
+    assert await applied_versions(db_dsn) == ALL_VERSIONS[:-1]
+    assert await migrate_up(db_dsn) == ALL_VERSIONS[-1:]
+
+
+async def test_migrate_down_to_before_the_seed_reverts_exactly_those(db_dsn: str) -> None:
+    assert await migrate_down(db_dsn, steps=len(AFTER_SEED) + 1) == [*AFTER_SEED[::-1], 3]
     assert await applied_versions(db_dsn) == [1, 2]
     # 0003 (seed rows) is gone; 0002 (indexes) and 0001 (tables) are still there.
     assert await _fetchval(db_dsn, "SELECT count(*) FROM timeout_policies") == 0
@@ -108,7 +120,7 @@ async def test_migrate_down_one_step_reverts_exactly_the_last_migration(db_dsn: 
     assert await _fetchval(db_dsn, "SELECT to_regclass('ux_exec_tenant_idem')::text") == (
         "ux_exec_tenant_idem"
     )
-    assert await migrate_up(db_dsn) == [3]
+    assert await migrate_up(db_dsn) == [3, *AFTER_SEED]
     assert await _fetchval(db_dsn, "SELECT count(*) FROM timeout_policies") == 6
 
 
@@ -117,7 +129,7 @@ async def test_down_all_then_up_leaves_an_identical_schema(db_dsn: str) -> None:
     assert "CREATE TABLE public.executions" in before
     assert "ux_exec_tenant_idem" in before
 
-    assert await migrate_down(db_dsn, steps=100) == [3, 2, 1]
+    assert await migrate_down(db_dsn, steps=100) == ALL_VERSIONS[::-1]
     assert await applied_versions(db_dsn) == []
     # Nothing is left but the ledger: no table, sequence, index or type of the schema.
     leftovers = await _fetchval(
@@ -134,16 +146,16 @@ async def test_down_all_then_up_leaves_an_identical_schema(db_dsn: str) -> None:
     )
     assert types == 0
 
-    assert await migrate_up(db_dsn) == [1, 2, 3]
+    assert await migrate_up(db_dsn) == ALL_VERSIONS
     assert await dump_schema(db_dsn) == before
 
 
 async def test_concurrent_runners_apply_each_migration_exactly_once(empty_db_dsn: str) -> None:
     """Five runners started together on one empty database: the advisory lock serializes them."""
     results = await asyncio.gather(*(migrate_up(empty_db_dsn) for _ in range(5)))
-    assert sorted(v for applied in results for v in applied) == [1, 2, 3]
-    assert [applied for applied in results if applied] == [[1, 2, 3]]
-    assert await applied_versions(empty_db_dsn) == [1, 2, 3]
+    assert sorted(v for applied in results for v in applied) == ALL_VERSIONS
+    assert [applied for applied in results if applied] == [ALL_VERSIONS]
+    assert await applied_versions(empty_db_dsn) == ALL_VERSIONS
     assert await _fetchval(empty_db_dsn, "SELECT count(*) FROM timeout_policies") == 6
 
 
@@ -167,7 +179,7 @@ async def test_runner_waits_while_another_session_holds_the_migration_lock(
             assert not runner.done()
             assert await applied_versions(empty_db_dsn) == []
             await holder.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_KEY)
-            assert await asyncio.wait_for(runner, 30) == [1, 2, 3]
+            assert await asyncio.wait_for(runner, 30) == ALL_VERSIONS
         assert "migration_lock_waiting" in [e["event"] for e in logs]
     finally:
         await holder.close()
@@ -320,11 +332,12 @@ async def test_broken_ledger_table_raises_storage_error(empty_db_dsn: str) -> No
 
 def test_discover_reads_the_repository_migrations(repo_root: Path) -> None:
     migrations = discover(repo_root / "migrations")
-    assert [(m.version, m.name, m.label) for m in migrations] == [
+    assert [(m.version, m.name, m.label) for m in migrations][:3] == [
         (1, "schema", "0001_schema"),
         (2, "indexes", "0002_indexes"),
         (3, "seed", "0003_seed"),
     ]
+    assert [m.version for m in migrations] == list(range(1, len(migrations) + 1))
     assert all(m.down_sql for m in migrations)
     first = migrations[0]
     assert (

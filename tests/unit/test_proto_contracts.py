@@ -43,6 +43,7 @@ EXPECTED_RPCS = {
         "RequeueDlqEntry",
         "GetQueueStats",
         "SetDrain",
+        "VerifyAuditChain",
     },
     "WorkerService": {"RunImmediate"},
     "ApprovalService": {"GetApproval", "ListPendingApprovals", "Approve", "Reject", "ApproveStep"},

@@ -33,6 +33,7 @@ from .base import DEFAULT_TIMEOUT_S, ChannelClient
 from .client import ExecutionClient, ExecutionContext
 from .errors import RpcError, map_rpc_error
 from .models import (
+    AuditChainVerdict,
     DlqEntry,
     DlqRequeue,
     Execution,
@@ -52,6 +53,7 @@ __all__ = [
     "ApprovalExpiredError",
     "ApprovalInvalidatedError",
     "ApprovalLevelNotEnabledError",
+    "AuditChainVerdict",
     "AuthenticationError",
     "ChannelClient",
     "ClientTls",

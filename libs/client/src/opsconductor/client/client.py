@@ -30,6 +30,7 @@ from opsconductor.execution.v1 import (
 from .base import ChannelClient
 from .errors import map_rpc_error
 from .models import (
+    AuditChainVerdict,
     DlqEntry,
     DlqRequeue,
     Execution,
@@ -265,6 +266,13 @@ class ExecutionClient(ChannelClient):
     async def get_queue_stats(self) -> QueueStats:
         request = admin_service_pb2.GetQueueStatsRequest()
         return QueueStats.from_proto(await self._call(self._admin.GetQueueStats, request))
+
+    async def verify_audit_chain(self, execution_id: str, *, tenant_id: str) -> AuditChainVerdict:
+        """Recompute an execution's tamper-evident event chain; names the first broken link."""
+        request = admin_service_pb2.VerifyAuditChainRequest(
+            tenant_id=tenant_id, execution_id=execution_id
+        )
+        return AuditChainVerdict.from_proto(await self._call(self._admin.VerifyAuditChain, request))
 
     async def set_drain(self, drain: bool) -> bool:
         """Stop (True) or resume (False) dispatching queued jobs; returns whether paused."""

@@ -297,3 +297,34 @@ class QueueStats:
             oldest_ready_age_seconds=m.oldest_ready_age_seconds,
             dispatch_paused=m.dispatch_paused,
         )
+
+
+@dataclass(frozen=True)
+class AuditChainVerdict:
+    """VerifyAuditChain's answer: intact, or the first broken link of an execution's events.
+
+    ``problem`` is ``""`` when intact, else ``"altered"``, ``"missing"`` or ``"unchained"``;
+    ``broken_seq`` is 0 when intact.
+    """
+
+    intact: bool
+    events_checked: int
+    events_expected: int
+    head_hash: str
+    broken_seq: int
+    problem: str
+    detail: str
+
+    @classmethod
+    def from_proto(cls, m: admin_service_pb2.VerifyAuditChainResponse) -> AuditChainVerdict:
+        return cls(
+            intact=m.intact,
+            events_checked=m.events_checked,
+            events_expected=m.events_expected,
+            head_hash=m.head_hash,
+            broken_seq=m.broken_seq,
+            problem=enum_text(
+                admin_service_pb2.AuditChainProblem, m.problem, "AUDIT_CHAIN_PROBLEM_"
+            ),
+            detail=m.detail,
+        )

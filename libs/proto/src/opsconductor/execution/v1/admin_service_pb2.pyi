@@ -4,12 +4,24 @@ from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class AuditChainProblem(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    AUDIT_CHAIN_PROBLEM_UNSPECIFIED: _ClassVar[AuditChainProblem]
+    AUDIT_CHAIN_PROBLEM_ALTERED: _ClassVar[AuditChainProblem]
+    AUDIT_CHAIN_PROBLEM_MISSING: _ClassVar[AuditChainProblem]
+    AUDIT_CHAIN_PROBLEM_UNCHAINED: _ClassVar[AuditChainProblem]
+AUDIT_CHAIN_PROBLEM_UNSPECIFIED: AuditChainProblem
+AUDIT_CHAIN_PROBLEM_ALTERED: AuditChainProblem
+AUDIT_CHAIN_PROBLEM_MISSING: AuditChainProblem
+AUDIT_CHAIN_PROBLEM_UNCHAINED: AuditChainProblem
 
 class FeatureFlags(_message.Message):
     __slots__ = ("stage_e_enabled", "enabled_tenants", "record_only_tenants", "max_approval_level", "dispatch_paused", "all_tenants_enabled")
@@ -150,3 +162,29 @@ class SetDrainResponse(_message.Message):
     DISPATCH_PAUSED_FIELD_NUMBER: _ClassVar[int]
     dispatch_paused: bool
     def __init__(self, dispatch_paused: _Optional[bool] = ...) -> None: ...
+
+class VerifyAuditChainRequest(_message.Message):
+    __slots__ = ("tenant_id", "execution_id")
+    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    EXECUTION_ID_FIELD_NUMBER: _ClassVar[int]
+    tenant_id: str
+    execution_id: str
+    def __init__(self, tenant_id: _Optional[str] = ..., execution_id: _Optional[str] = ...) -> None: ...
+
+class VerifyAuditChainResponse(_message.Message):
+    __slots__ = ("intact", "events_checked", "events_expected", "head_hash", "broken_seq", "problem", "detail")
+    INTACT_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_CHECKED_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_EXPECTED_FIELD_NUMBER: _ClassVar[int]
+    HEAD_HASH_FIELD_NUMBER: _ClassVar[int]
+    BROKEN_SEQ_FIELD_NUMBER: _ClassVar[int]
+    PROBLEM_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    intact: bool
+    events_checked: int
+    events_expected: int
+    head_hash: str
+    broken_seq: int
+    problem: AuditChainProblem
+    detail: str
+    def __init__(self, intact: _Optional[bool] = ..., events_checked: _Optional[int] = ..., events_expected: _Optional[int] = ..., head_hash: _Optional[str] = ..., broken_seq: _Optional[int] = ..., problem: _Optional[_Union[AuditChainProblem, str]] = ..., detail: _Optional[str] = ...) -> None: ...

@@ -65,6 +65,11 @@ class AdminServiceStub:
                 request_serializer=opsconductor_dot_execution_dot_v1_dot_admin__service__pb2.SetDrainRequest.SerializeToString,
                 response_deserializer=opsconductor_dot_execution_dot_v1_dot_admin__service__pb2.SetDrainResponse.FromString,
                 _registered_method=True)
+        self.VerifyAuditChain = channel.unary_unary(
+                '/opsconductor.execution.v1.AdminService/VerifyAuditChain',
+                request_serializer=opsconductor_dot_execution_dot_v1_dot_admin__service__pb2.VerifyAuditChainRequest.SerializeToString,
+                response_deserializer=opsconductor_dot_execution_dot_v1_dot_admin__service__pb2.VerifyAuditChainResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -110,6 +115,15 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def VerifyAuditChain(self, request, context):
+        """VerifyAuditChain recomputes one execution's tamper-evident event chain and names the first
+        broken link: an event altered, deleted or moved since it was written. Needs audit:read in
+        the execution's tenant.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -142,6 +156,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.SetDrain,
                     request_deserializer=opsconductor_dot_execution_dot_v1_dot_admin__service__pb2.SetDrainRequest.FromString,
                     response_serializer=opsconductor_dot_execution_dot_v1_dot_admin__service__pb2.SetDrainResponse.SerializeToString,
+            ),
+            'VerifyAuditChain': grpc.unary_unary_rpc_method_handler(
+                    servicer.VerifyAuditChain,
+                    request_deserializer=opsconductor_dot_execution_dot_v1_dot_admin__service__pb2.VerifyAuditChainRequest.FromString,
+                    response_serializer=opsconductor_dot_execution_dot_v1_dot_admin__service__pb2.VerifyAuditChainResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -307,6 +326,33 @@ class AdminService:
             '/opsconductor.execution.v1.AdminService/SetDrain',
             opsconductor_dot_execution_dot_v1_dot_admin__service__pb2.SetDrainRequest.SerializeToString,
             opsconductor_dot_execution_dot_v1_dot_admin__service__pb2.SetDrainResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VerifyAuditChain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/opsconductor.execution.v1.AdminService/VerifyAuditChain',
+            opsconductor_dot_execution_dot_v1_dot_admin__service__pb2.VerifyAuditChainRequest.SerializeToString,
+            opsconductor_dot_execution_dot_v1_dot_admin__service__pb2.VerifyAuditChainResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -35,6 +35,8 @@ from opsconductor.common.queue.dlq import DlqEntry
 from opsconductor.common.queue.records import QueueStats
 from opsconductor.common.queue.redis_queue import RedisQueue
 from opsconductor.common.rbac import Authorizer, Permission
+from opsconductor.common.storage.audit_chain import ChainVerdict, verify_chain
+from opsconductor.common.storage.execution_reads import as_execution_id
 from opsconductor.common.storage.execution_records import PoolOrConnection, transaction
 from opsconductor.common.storage.flags import SYSTEM_TENANT, FeatureFlags, FlagCache, update_flags
 from opsconductor.common.storage.policies import TimeoutPolicy
@@ -193,6 +195,34 @@ class AdminOperations:
             record_only=flags.record_only(entry.tenant_id),
             dedup_window=self._dedup_window,
         )
+
+    # -- audit --------------------------------------------------------------------------------
+
+    async def verify_audit_chain(
+        self, principal: Principal, tenant_id: str, execution_id: str
+    ) -> ChainVerdict:
+        """Verify one execution's event chain (``audit:read`` in its tenant).
+
+        Another tenant's execution is "not found", as for every tenant-scoped read.
+        """
+        eid = as_execution_id(execution_id)
+        await self._authorizer.authorize(
+            principal,
+            tenant_id=tenant_id,
+            permissions={Permission.AUDIT_READ},
+            resource="AdminService/VerifyAuditChain",
+        )
+        verdict = await verify_chain(self._pool, tenant_id, eid)
+        if not verdict.intact:
+            log.warning(
+                "audit_chain_broken",
+                tenant_id=tenant_id,
+                exec_id=str(eid),
+                broken_seq=verdict.broken_seq,
+                problem=str(verdict.problem),
+                by=principal.actor_id,
+            )
+        return verdict
 
     # -- authorization ----------------------------------------------------------------------
 

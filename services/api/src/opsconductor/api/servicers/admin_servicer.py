@@ -19,6 +19,7 @@ from opsconductor.common.errors import InvalidArgumentError
 from opsconductor.common.queue.dlq import DlqEntry
 from opsconductor.common.rpc.auth import authenticate
 from opsconductor.common.rpc.metadata import current_request_id
+from opsconductor.common.storage.audit_chain import ChainProblem
 from opsconductor.common.storage.flags import FeatureFlags
 from opsconductor.execution.v1 import admin_service_pb2, admin_service_pb2_grpc
 
@@ -117,6 +118,31 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
         principal, _ = await authenticate(context, self._app.verifier)
         paused = await self._app.admin.set_drain(principal, request.drain)
         return admin_service_pb2.SetDrainResponse(dispatch_paused=paused)
+
+    async def VerifyAuditChain(
+        self, request: admin_service_pb2.VerifyAuditChainRequest, context: _Context
+    ) -> admin_service_pb2.VerifyAuditChainResponse:
+        principal, _ = await authenticate(context, self._app.verifier)
+        verdict = await self._app.admin.verify_audit_chain(
+            principal, request.tenant_id, request.execution_id
+        )
+        return admin_service_pb2.VerifyAuditChainResponse(
+            intact=verdict.intact,
+            events_checked=verdict.events_checked,
+            events_expected=verdict.events_expected,
+            head_hash=verdict.head_hash,
+            broken_seq=verdict.broken_seq or 0,
+            problem=_PROBLEMS[verdict.problem],
+            detail=verdict.detail,
+        )
+
+
+_PROBLEMS: Mapping[ChainProblem | None, admin_service_pb2.AuditChainProblem] = {
+    None: admin_service_pb2.AUDIT_CHAIN_PROBLEM_UNSPECIFIED,
+    ChainProblem.ALTERED: admin_service_pb2.AUDIT_CHAIN_PROBLEM_ALTERED,
+    ChainProblem.MISSING: admin_service_pb2.AUDIT_CHAIN_PROBLEM_MISSING,
+    ChainProblem.UNCHAINED: admin_service_pb2.AUDIT_CHAIN_PROBLEM_UNCHAINED,
+}
 
 
 def _stamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:

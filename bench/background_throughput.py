@@ -321,6 +321,7 @@ async def measure(args: argparse.Namespace) -> tuple[list[WorkerResult], dict[st
                     )
                     result.steady = await steady(jobs, rate, args)
                     results.append(result)
+                peak_rss = stack.peak_rss()
                 stats = await admin.get_queue_stats()
                 leftovers = {
                     "ready": stats.ready,
@@ -344,6 +345,7 @@ async def measure(args: argparse.Namespace) -> tuple[list[WorkerResult], dict[st
             "redis": stack.redis,
             "rows": rows,
             "queue_left": leftovers,
+            "peak_rss_mb": peak_rss,
         }
     return results, meta
 
@@ -409,7 +411,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--submitters", type=int, default=16, help="concurrent submit callers (default 16)"
     )
-    parser.add_argument("--repeat", type=int, default=2, help="bursts per worker count (2)")
+    parser.add_argument("--repeat", type=int, default=3, help="bursts per worker count (3)")
     parser.add_argument(
         "--steady-s", type=float, default=20.0, help="steady-arrival phase length (20 s)"
     )
@@ -477,6 +479,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         **stack_meta,
     }
     print(render(results, meta))
+    print(
+        "\npeak RSS (MiB, VmHWM at the end of the run): "
+        + ", ".join(f"{name} {mb:.0f}" for name, mb in stack_meta["peak_rss_mb"].items())
+    )
     rows = stack_meta["rows"]
     print(
         f"\nexecutions: {rows['executions']} ({rows['succeeded']} succeeded); queue rows left:"

@@ -44,7 +44,7 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -168,6 +168,8 @@ class Results:
     rows: dict[str, Any]
     postgres: str
     payload_bytes: int
+    #: Peak RSS (MiB) of each process at the end of the run.
+    peak_rss_mb: dict[str, float] = field(default_factory=dict)
 
 
 def levels_from(args: argparse.Namespace) -> list[Level]:
@@ -264,6 +266,7 @@ async def measure(args: argparse.Namespace, levels: Sequence[Level]) -> Results:
                     lambda: _postgres_pids(stack, meter_conn),
                 )
                 await run_levels(args, levels, calls, meter, results)
+            results.peak_rss_mb = stack.peak_rss()
             results.rows = await stack.row_counts()
         finally:
             await meter_conn.close()
@@ -453,6 +456,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "loadavg_before": load_before,
     }
     print(render(medians, ratio, cpu, results, meta))
+    print(
+        "\npeak RSS (MiB, VmHWM at the end of the run): "
+        + ", ".join(f"{name} {mb:.0f}" for name, mb in results.peak_rss_mb.items())
+    )
     expected = args.repeat * sum(lv.requests for lv in levels) + sum(
         max(args.warmup, lv.concurrency) for lv in levels
     )
@@ -478,6 +485,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for p, by_c in results.stats.items()
         },
         "rows": rows,
+        "peak_rss_mb": results.peak_rss_mb,
         "run_time_s": round(run_time_s, 1),
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,8 @@ from pydantic import SecretStr
 
 from opsconductor.common.errors import StorageError
 from opsconductor.common.rpc.resources import DatabasePool
+from opsconductor.common.storage.db import create_pool
+from opsconductor.devstack.pg_roundtrips import RoundTripCounter
 
 
 async def test_pool_is_unavailable_until_opened_and_after_closed(db_dsn: str) -> None:
@@ -46,3 +48,44 @@ async def test_unreachable_database_is_retried_then_reported_without_the_dsn() -
     assert caught.value.details["attempts"] >= 2
     assert "sekret" not in str(caught.value)
     assert "sekret" not in repr(caught.value.details)
+
+
+async def test_release_sends_nothing_yet_an_open_transaction_is_rolled_back(db_dsn: str) -> None:
+    """The services' pools skip asyncpg's reset query (one round trip per release): a release
+    sends no statement, and what must not outlive a borrower still does not — a transaction
+    left open is rolled back by asyncpg itself before the (empty) reset hook."""
+    async with RoundTripCounter.for_dsn(db_dsn) as counter:
+        pool = await create_pool(counter.dsn(db_dsn), min_size=1, max_size=1)
+        try:
+            await pool.fetchval("SELECT 1")
+            mark = counter.mark()
+            for _ in range(3):
+                assert await pool.fetchval("SELECT 1") == 1
+            assert [rt.text for rt in counter.since(mark)] == ["SELECT 1"] * 3
+
+            conn = await pool.acquire()
+            await conn.execute("BEGIN")
+            await conn.execute("CREATE TEMP TABLE left_open (x int)")
+            await pool.release(conn)
+            async with pool.acquire() as again:
+                assert not again.is_in_transaction()
+                assert await again.fetchval("SELECT to_regclass('pg_temp.left_open')") is None
+        finally:
+            await pool.close()
+
+
+async def test_a_session_reset_pool_releases_session_state(db_dsn: str) -> None:
+    """``session_reset=True`` (the reaper's pool: it holds a session advisory lock) keeps
+    asyncpg's full reset: an advisory lock a borrower forgot is gone after release."""
+    pool = await create_pool(db_dsn, min_size=1, max_size=1, session_reset=True)
+    try:
+        async with pool.acquire() as conn:
+            assert await conn.fetchval("SELECT pg_try_advisory_lock(4242)")
+        async with pool.acquire() as conn:
+            held = await conn.fetchval(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = 4242"
+                " AND pid = pg_backend_pid()"
+            )
+            assert held == 0
+    finally:
+        await pool.close()

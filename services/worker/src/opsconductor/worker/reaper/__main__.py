@@ -29,7 +29,10 @@ log = structlog.get_logger("opsconductor.worker.reaper")
 
 
 async def run(settings: WorkerSettings, *, once: bool, interval_s: float) -> int:
-    pool = await create_pool(settings.database_url.get_secret_value(), min_size=1, max_size=4)
+    # The pass holds a session advisory lock: keep asyncpg's full reset on release.
+    pool = await create_pool(
+        settings.database_url.get_secret_value(), min_size=1, max_size=4, session_reset=True
+    )
     redis = (
         create_redis_client(settings.redis_url.get_secret_value())
         if settings.redis_url is not None

@@ -1,0 +1,181 @@
+"""SQL round trips per execution, counted on the wire, api and worker apart.
+
+``make bench-round-trips`` (or ``.venv/bin/python bench/round_trips.py --help``).
+
+The api and the worker reach Postgres through a counting proxy each
+(``opsconductor.devstack.pg_roundtrips``): every ``Sync`` and simple ``Query`` a client sends is
+one round trip (the driver's ``BEGIN``/``COMMIT``/``SAVEPOINT``, pool reset queries and prepares
+included). After a warm-up, ``--executions`` one-step ``noop`` plans are submitted one at a time,
+immediate first, then background (``requested_mode=background``; the job is awaited in Postgres
+through a connection of the benchmark's own, not counted), and after each one the benchmark waits
+until both services are quiet. Printed: the mean round trips per execution of each service, and
+the round trips of one execution by statement. ``tests/e2e/test_round_trips.py`` holds the same
+figures to a ceiling in ``make test``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import secrets
+import sys
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+from _stack import BenchStack, noop_plan
+
+from opsconductor.client import ExecutionClient
+from opsconductor.common.logconfig import configure_logging
+from opsconductor.devstack.pg_roundtrips import RoundTrip, RoundTripCounter
+
+BENCH_DIR = Path(__file__).resolve().parent
+DEFAULT_OUTPUT = BENCH_DIR / "results" / "round_trips.json"
+QUIET_S = 0.25
+
+
+async def quiet(counters: Sequence[RoundTripCounter], within_s: float = 30.0) -> None:
+    deadline = time.monotonic() + within_s
+    last, since = sum(c.count for c in counters), time.monotonic()
+    while time.monotonic() < deadline:
+        await asyncio.sleep(0.03)
+        now = sum(c.count for c in counters)
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= QUIET_S:
+            return
+    raise TimeoutError("the services never went quiet")
+
+
+async def wait_succeeded(conn: asyncpg.Connection, execution_id: UUID) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        status = await conn.fetchval("SELECT status FROM executions WHERE id = $1", execution_id)
+        if status == "succeeded":
+            return
+        if status not in {"pending", "queued", "running"}:
+            raise RuntimeError(f"execution {execution_id} ended {status}")
+        await asyncio.sleep(0.01)
+    raise TimeoutError(f"execution {execution_id} did not succeed within 30 s")
+
+
+async def measure(args: argparse.Namespace) -> dict[str, Any]:
+    run = secrets.token_hex(3)
+    server = os.environ.get("DATABASE_URL") or None
+    if server is None:
+        raise SystemExit("set DATABASE_URL: the counting proxies front a TCP Postgres server")
+    async with (
+        RoundTripCounter.for_dsn(server) as api_rt,
+        RoundTripCounter.for_dsn(server) as worker_rt,
+        BenchStack(
+            server_dsn=server,
+            log_level=args.log_level,
+            with_redis=True,
+            redis_url=os.environ.get("REDIS_URL") or None,
+            worker_env={"OPSC_CONSUMER_CONCURRENCY": "1"},
+            service_dsn={"api": api_rt.dsn, "worker": worker_rt.dsn},
+        ) as stack,
+    ):
+        conn = await asyncpg.connect(stack.dsn)
+        figures: dict[str, Any] = {"postgres": stack.postgres, "redis": stack.redis}
+        try:
+            async with ExecutionClient(stack.address("api"), stack.token()) as client:
+                for mode in ("immediate", "background"):
+
+                    async def one(i: int, mode: str = mode) -> None:
+                        plan = noop_plan(f"rt-{run}-{mode}-{i}", f"rt:{run}:{mode}:{i}")
+                        if mode == "immediate":
+                            done = await client.submit(plan, tenant_id=stack.tenant_id)
+                            if done.status != "succeeded":
+                                raise RuntimeError(f"immediate execution ended {done.status}")
+                            return
+                        queued = await client.submit(
+                            plan, tenant_id=stack.tenant_id, requested_mode="background"
+                        )
+                        await wait_succeeded(conn, UUID(str(queued.execution_id)))
+
+                    for i in range(args.warmup):
+                        await one(-1 - i)
+                    await quiet([api_rt, worker_rt])
+                    marks = api_rt.mark(), worker_rt.mark()
+                    for i in range(args.executions):
+                        await one(i)
+                        await quiet([api_rt, worker_rt])
+                    api_seen, worker_seen = api_rt.since(marks[0]), worker_rt.since(marks[1])
+                    figures[mode] = summarise(api_seen, worker_seen, args.executions)
+        finally:
+            await conn.close()
+    return figures
+
+
+def summarise(api: list[RoundTrip], worker: list[RoundTrip], n: int) -> dict[str, Any]:
+    return {
+        "api": len(api) / n,
+        "worker": len(worker) / n,
+        "total": (len(api) + len(worker)) / n,
+        "by_statement": {
+            side: RoundTripCounter.summary(seen).splitlines()
+            for side, seen in (("api", api), ("worker", worker))
+        },
+    }
+
+
+def render(figures: dict[str, Any], args: argparse.Namespace, load: float) -> str:
+    lines = [
+        "",
+        f"SQL round trips per one-step `noop` execution (mean of {args.executions}, after"
+        f" {args.warmup} warm-up), counted on the wire",
+        f"  services: OPSC_LOG_LEVEL={args.log_level}; Postgres {figures['postgres']};"
+        f" Redis {figures['redis']}; load average before: {load:.2f}",
+        "",
+        f"{'path':<12}{'api':>8}{'worker':>8}{'total':>8}",
+    ]
+    for mode in ("immediate", "background"):
+        f = figures[mode]
+        lines.append(f"{mode:<12}{f['api']:>8.1f}{f['worker']:>8.1f}{f['total']:>8.1f}")
+    for mode in ("immediate", "background"):
+        for side in ("api", "worker"):
+            lines.append(f"\n{mode}, {side}: round trips of {args.executions} executions")
+            lines += [f"  {line}" for line in figures[mode]["by_statement"][side]]
+    return "\n".join(lines)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n", 1)[0])
+    parser.add_argument("--executions", type=int, default=20, help="measured, per path (20)")
+    parser.add_argument("--warmup", type=int, default=5, help="unmeasured first, per path (5)")
+    parser.add_argument("--log-level", default="WARNING", help="OPSC_LOG_LEVEL (WARNING)")
+    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="JSON results")
+    args = parser.parse_args(argv)
+    if args.executions < 1 or args.warmup < 1:
+        parser.error("--executions and --warmup must be >= 1")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    configure_logging(level="WARNING", json=False, stream=sys.stderr, cache_loggers=False)
+    load = os.getloadavg()[0]
+    figures = asyncio.run(measure(args))
+    print(render(figures, args, load))
+    document = {
+        "benchmark": "round_trips",
+        "finished_at": datetime.now(UTC).isoformat(),
+        "executions": args.executions,
+        "log_level": args.log_level,
+        "loadavg_before": load,
+        **figures,
+    }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(document, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

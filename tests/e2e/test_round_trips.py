@@ -173,7 +173,8 @@ async def measure(
     assert idle_rate * window < EXECUTIONS, f"idle Postgres traffic: {idle_rate:.1f}/s"
     # Both services write and read Postgres for every execution: a proxy seeing nothing (or a
     # service bypassing it) would pass any ceiling.
-    assert seen_api and seen_worker, "a service's Postgres traffic did not go through its proxy"
+    assert seen_api, "the api's Postgres traffic did not go through its proxy"
+    assert seen_worker, "the worker's Postgres traffic did not go through its proxy"
     return (
         len(seen_api) / EXECUTIONS,
         len(seen_worker) / EXECUTIONS,

@@ -42,7 +42,7 @@ from opsconductor.client import (
     QueueUnavailableError,
     RpcError,
 )
-from opsconductor.common.errors import StorageError
+from opsconductor.common.errors import StorageError, WorkerUnavailableError
 
 from .stack import APPROVER, DRIVER, SECRET_NAME, TENANTS, ChaosStack
 
@@ -190,7 +190,7 @@ def _error_name(exc: OpsConductorError) -> str:
 
 def _transient(exc: Exception) -> bool:
     """A failure worth retrying the same call for: the service (or Redis) was not there."""
-    if isinstance(exc, QueueUnavailableError | StorageError):
+    if isinstance(exc, QueueUnavailableError | StorageError | WorkerUnavailableError):
         return True
     return isinstance(exc, RpcError) and exc.details.get("code") in ("UNAVAILABLE", "CANCELLED")
 

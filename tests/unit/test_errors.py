@@ -9,8 +9,8 @@ import re
 
 import pytest
 
-from opsconductor.common import errors
-from opsconductor.common.errors import (
+from opsconductor.contract import errors
+from opsconductor.contract.errors import (
     ExecutionTimeoutError,
     FailedPreconditionError,
     FieldViolation,

@@ -8,7 +8,7 @@ Failures raise the domain exceptions re-exported here (``ResourceBusyError``,
 ``FSMError``, ``ExecutionTimeoutError`` — also an ``asyncio.TimeoutError`` —, ...).
 """
 
-from opsconductor.common.errors import (
+from opsconductor.contract.errors import (
     ApprovalDecidedError,
     ApprovalExpiredError,
     ApprovalInvalidatedError,
@@ -26,6 +26,9 @@ from opsconductor.common.errors import (
     QueueUnavailableError,
     ResourceBusyError,
     SelfApprovalError,
+    StorageError,
+    UnimplementedError,
+    WorkerUnavailableError,
 )
 
 from .approvals import Approval, ApprovalClient
@@ -80,5 +83,8 @@ __all__ = [
     "ResourceBusyError",
     "RpcError",
     "SelfApprovalError",
+    "StorageError",
+    "UnimplementedError",
+    "WorkerUnavailableError",
     "map_rpc_error",
 ]

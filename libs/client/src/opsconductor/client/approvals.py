@@ -4,7 +4,7 @@
         pending, _ = await approvals.list_pending_approvals(tenant_id="acme")
         await approvals.approve(pending[0].approval_id, tenant_id="acme", comment="LGTM")
 
-Decisions raise the domain exceptions of :mod:`opsconductor.common.errors`:
+Decisions raise the domain exceptions of :mod:`opsconductor.contract.errors`:
 ``SelfApprovalError`` (the requester deciding), ``ApprovalDecidedError`` (someone decided
 first), ``ApprovalExpiredError``, ``ApprovalInvalidatedError`` (all ``FAILED_PRECONDITION``),
 ``PermissionDeniedError`` (also a ``PermissionError``) and ``NotFoundError``.
@@ -18,7 +18,7 @@ from typing import Any
 
 import grpc
 
-from opsconductor.common.rpc.plan_codec import plan_from_proto
+from opsconductor.contract.plan_codec import plan_from_proto
 from opsconductor.execution.v1 import approval_service_pb2, approval_service_pb2_grpc, types_pb2
 
 from .base import ChannelClient

@@ -1,6 +1,7 @@
 """Typed async client for OpsConductor Execution.
 
-Wraps the generated stubs: takes plans as dicts or ``opsconductor.common.plan.Plan``, returns
+Wraps the generated stubs: takes plans as dicts (the JSON form) or any model with a pydantic-style
+``model_dump(mode="json")`` such as the servers' ``opsconductor.common.plan.Plan``, returns
 the dataclasses of ``models``, and raises the domain exceptions of ``errors`` instead of raw
 ``grpc.aio.AioRpcError``. One client holds one channel and one bearer token;
 ``with_token`` makes a client for another principal on the same channel.
@@ -10,13 +11,12 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import grpc
 from google.protobuf import field_mask_pb2
 
-from opsconductor.common.plan import Plan, to_wire_dict
-from opsconductor.common.rpc.plan_codec import plan_to_proto
+from opsconductor.contract.plan_codec import plan_to_proto
 from opsconductor.execution.v1 import (
     admin_service_pb2,
     admin_service_pb2_grpc,
@@ -61,8 +61,21 @@ class ExecutionContext:
     approval_id: str | None = None
 
 
-def _plan_message(plan: Plan | Mapping[str, Any]) -> types_pb2.Plan:
-    return plan_to_proto(to_wire_dict(plan) if isinstance(plan, Plan) else plan)
+@runtime_checkable
+class PlanModel(Protocol):
+    """A plan object that dumps to the plan's JSON form (``opsconductor.common.plan.Plan``).
+
+    The client accepts it without importing the servers' library: only its JSON form travels.
+    """
+
+    def model_dump(self, *, mode: str) -> dict[str, Any]: ...
+
+
+PlanLike = PlanModel | Mapping[str, Any]
+
+
+def _plan_message(plan: PlanLike) -> types_pb2.Plan:
+    return plan_to_proto(plan if isinstance(plan, Mapping) else plan.model_dump(mode="json"))
 
 
 def _status_value(status: str) -> int:
@@ -81,7 +94,7 @@ class ExecutionClient(ChannelClient):
 
     async def submit(
         self,
-        plan: Plan | Mapping[str, Any],
+        plan: PlanLike,
         *,
         tenant_id: str,
         requested_mode: str | None = None,
@@ -101,7 +114,7 @@ class ExecutionClient(ChannelClient):
         response = await self._call(self._executions.SubmitExecution, request, token=token)
         return Execution.from_proto(response.execution)
 
-    async def execute(self, plan: Plan | Mapping[str, Any], context: ExecutionContext) -> Execution:
+    async def execute(self, plan: PlanLike, context: ExecutionContext) -> Execution:
         """``submit`` with the request details taken from ``context`` (the spec's shape)."""
         return await self.submit(
             plan,
@@ -173,7 +186,7 @@ class ExecutionClient(ChannelClient):
 
     async def preview(
         self,
-        plan: Plan | Mapping[str, Any],
+        plan: PlanLike,
         *,
         tenant_id: str,
         requested_mode: str | None = None,

@@ -2,7 +2,9 @@
 
 The server sends a status code plus a google.rpc ``ErrorInfo`` reason (and ``BadRequest`` field
 violations for invalid plans). The reason picks the class when it is known; otherwise the code
-does. Every class comes from ``opsconductor.common.errors``, so::
+does, through the fallback rows of the table the servers use too
+(:mod:`opsconductor.contract.status_codes`). Every class comes from
+``opsconductor.contract.errors``, so::
 
     ResourceBusyError          <- ABORTED / RESOURCE_BUSY
     PermissionDeniedError      <- PERMISSION_DENIED (also a builtin PermissionError)
@@ -20,44 +22,10 @@ from typing import Any
 import grpc
 from google.rpc import error_details_pb2, status_pb2
 
-from opsconductor.common import errors as e
+from opsconductor.contract import errors as e
+from opsconductor.contract.status_codes import class_for_code, class_for_reason
 
 _STATUS_DETAILS_KEY = "grpc-status-details-bin"
-
-_BY_REASON: dict[str, type[e.OpsConductorError]] = {
-    cls.reason: cls
-    for cls in (
-        e.PlanValidationError,
-        e.InvalidArgumentError,
-        e.AuthenticationError,
-        e.PermissionDeniedError,
-        e.NotFoundError,
-        e.ResourceBusyError,
-        e.ConflictError,
-        e.StaleLeaseError,
-        e.FSMError,
-        e.ApprovalInvalidatedError,
-        e.ApprovalExpiredError,
-        e.ApprovalDecidedError,
-        e.SelfApprovalError,
-        e.ApprovalLevelNotEnabledError,
-        e.FeatureDisabledError,
-        e.SecretResolutionError,
-        e.QueueUnavailableError,
-        e.ExecutionTimeoutError,
-        e.StorageError,
-    )
-}
-
-_BY_CODE: dict[grpc.StatusCode, type[e.OpsConductorError]] = {
-    grpc.StatusCode.INVALID_ARGUMENT: e.InvalidArgumentError,
-    grpc.StatusCode.UNAUTHENTICATED: e.AuthenticationError,
-    grpc.StatusCode.PERMISSION_DENIED: e.PermissionDeniedError,
-    grpc.StatusCode.NOT_FOUND: e.NotFoundError,
-    grpc.StatusCode.ABORTED: e.ConflictError,
-    grpc.StatusCode.FAILED_PRECONDITION: e.FailedPreconditionError,
-    grpc.StatusCode.DEADLINE_EXCEEDED: e.ExecutionTimeoutError,
-}
 
 
 class RpcError(e.OpsConductorError):
@@ -100,7 +68,7 @@ def map_rpc_error(error: grpc.aio.AioRpcError) -> Exception:
                 violations = [
                     e.FieldViolation(v.field, v.description) for v in bad.field_violations
                 ]
-    cls = _BY_REASON.get(reason) or _BY_CODE.get(code)
+    cls = class_for_reason(reason) or class_for_code(code)
     if violations and cls is e.InvalidArgumentError:
         # Any invalid request may name its fields (e.g. ListExecutions' page_token), not only
         # an invalid plan: keep them, on the InvalidArgumentError that carries violations.

@@ -9,6 +9,7 @@ from typing import Any
 from google.protobuf import json_format
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from opsconductor.contract.plan_codec import plan_from_proto
 from opsconductor.execution.v1 import admin_service_pb2, execution_service_pb2, types_pb2
 
 
@@ -103,6 +104,8 @@ class Execution:
     cancelled_at: datetime | None
     last_transition_at: datetime | None
     steps: tuple[ExecutionStep, ...]
+    #: The plan's JSON form, as submitted (secrets as references only).
+    plan: dict[str, Any] | None = None
 
     @property
     def is_terminal(self) -> bool:
@@ -149,6 +152,7 @@ class Execution:
             cancelled_at=_time(m, "cancelled_at"),
             last_transition_at=_time(m, "last_transition_at"),
             steps=tuple(ExecutionStep.from_proto(s) for s in m.steps),
+            plan=plan_from_proto(m.plan) if m.HasField("plan") else None,
         )
 
 

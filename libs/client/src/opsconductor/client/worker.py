@@ -13,8 +13,8 @@ from uuid import UUID
 
 import grpc
 
-from opsconductor.common.errors import WorkerUnavailableError
-from opsconductor.common.rpc.metadata import REQUEST_ID_METADATA_KEY, current_request_id
+from opsconductor.contract.errors import WorkerUnavailableError
+from opsconductor.contract.metadata import REQUEST_ID_METADATA_KEY, current_request_id
 from opsconductor.execution.v1 import worker_service_pb2, worker_service_pb2_grpc
 
 from .errors import RpcError, map_rpc_error

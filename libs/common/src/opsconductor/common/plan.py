@@ -61,6 +61,7 @@ from pydantic_core import ErrorDetails, PydanticCustomError
 
 from opsconductor.common.errors import FieldViolation, PlanValidationError
 from opsconductor.common.hashing import canonical_json
+from opsconductor.contract.plan_limits import MAX_STEPS, MAX_TARGETS_PER_PLAN, MAX_TARGETS_PER_STEP
 
 __all__ = [
     "IDENTIFIER_PATTERN",
@@ -95,11 +96,6 @@ __all__ = [
     "to_wire_dict",
 ]
 
-MAX_STEPS = 100
-MAX_TARGETS_PER_STEP = 500
-#: No valid plan comes close (512 KiB hold ~23 000 of the smallest targets); a bound on the
-#: total lets the transport refuse a huge plan by counting alone, before any parsing.
-MAX_TARGETS_PER_PLAN = 10_000
 IDENTIFIER_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$"
 MAX_TARGET_REF_LENGTH = 300
 MAX_TAGS = 32

@@ -2,8 +2,8 @@
 
 Servicers and service logic raise the domain exceptions of :mod:`opsconductor.common.errors`;
 the server interceptor hands whatever escapes an RPC to :func:`status_for_exception`, which picks
-the most specific status code (AIP-193: retry the call → ``UNAVAILABLE``, retry the sequence →
-``ABORTED``, fix the state first → ``FAILED_PRECONDITION``) and attaches a ``google.rpc.Status``
+the status code from the contract's table (:mod:`opsconductor.contract.status_codes`, the same
+table the client maps statuses back with) and attaches a ``google.rpc.Status``
 with an ``ErrorInfo`` (machine-readable ``reason``, our ``domain``, safe details as strings), and
 ``BadRequest`` field violations for invalid plans. Clients decode it with
 ``grpc_status.rpc_status.from_call``.
@@ -27,36 +27,17 @@ from grpc_status import rpc_status
 
 from opsconductor.common import errors
 from opsconductor.common.masking import mask
-from opsconductor.common.rpc.metadata import REQUEST_ID_METADATA_KEY
+from opsconductor.contract.metadata import REQUEST_ID_METADATA_KEY
+from opsconductor.contract.status_codes import ERROR_DOMAIN, INTERNAL_REASON, code_for_error
 
-ERROR_DOMAIN = "execution.opsconductor.io"
-"""``ErrorInfo.domain`` of every error this system returns."""
-
-INTERNAL_REASON = "INTERNAL"
-"""``ErrorInfo.reason`` of errors we did not expect (bugs, unmodelled outages)."""
-
-
-# Checked in order, so a subclass listed before its base wins. Subclasses of
-# FailedPreconditionError (FSMError, ApprovalInvalidatedError, FeatureDisabledError, ...) and of
-# InvalidArgumentError (PlanValidationError) map through their base.
-_CODES: tuple[tuple[type[errors.OpsConductorError], grpc.StatusCode], ...] = (
-    (errors.InvalidArgumentError, grpc.StatusCode.INVALID_ARGUMENT),
-    (errors.AuthenticationError, grpc.StatusCode.UNAUTHENTICATED),
-    (errors.PermissionDeniedError, grpc.StatusCode.PERMISSION_DENIED),
-    (errors.NotFoundError, grpc.StatusCode.NOT_FOUND),
-    # Concurrency conflicts: the caller retries the whole sequence (read, decide, write).
-    (errors.ResourceBusyError, grpc.StatusCode.ABORTED),
-    (errors.ConflictError, grpc.StatusCode.ABORTED),
-    (errors.StaleLeaseError, grpc.StatusCode.ABORTED),
-    (errors.FailedPreconditionError, grpc.StatusCode.FAILED_PRECONDITION),
-    (errors.QueueUnavailableError, grpc.StatusCode.UNAVAILABLE),
-    (errors.WorkerUnavailableError, grpc.StatusCode.UNAVAILABLE),
-    (errors.UnimplementedError, grpc.StatusCode.UNIMPLEMENTED),
-    (errors.ExecutionTimeoutError, grpc.StatusCode.DEADLINE_EXCEEDED),
-    # The database being unreachable is worth a retry of the call; the driver's own message may
-    # quote SQL or a DSN, so the caller gets the class's default message only (see below).
-    (errors.StorageError, grpc.StatusCode.UNAVAILABLE),
-)
+__all__ = [
+    "ERROR_DOMAIN",
+    "INTERNAL_REASON",
+    "abort_with_status",
+    "code_for_exception",
+    "is_expected",
+    "status_for_exception",
+]
 
 # Errors whose instance message may carry internals (driver text): callers get the docstring.
 _OPAQUE: tuple[type[errors.OpsConductorError], ...] = (errors.StorageError,)
@@ -99,11 +80,7 @@ def code_for_exception(exc: BaseException) -> grpc.StatusCode:
     """Return the status code an exception escaping an RPC is reported with."""
     if _unstorable_input(exc):
         return grpc.StatusCode.INVALID_ARGUMENT
-    if isinstance(exc, errors.OpsConductorError):
-        for error_type, code in _CODES:
-            if isinstance(exc, error_type):
-                return code
-    return grpc.StatusCode.INTERNAL
+    return code_for_error(exc)
 
 
 def is_expected(exc: BaseException) -> bool:

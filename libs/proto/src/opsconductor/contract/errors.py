@@ -1,0 +1,290 @@
+"""Domain exceptions of OpsConductor Execution: the contract the servers and the client share.
+
+Every error raised on purpose by OpsConductor code derives from one root, so callers can catch
+``OpsConductorError`` and nothing else. Each class carries ``reason``, a stable machine-readable
+code sent to callers (the google.rpc ``ErrorInfo`` reason), and its docstring's first paragraph
+is its default message. Messages and details are shown to callers: they must never contain a
+secret value (name the secret reference or the field instead).
+
+The hierarchy (reason on the right):
+
+* OpsConductorError ..................................... INTERNAL
+  + InvalidArgumentError (ValueError) ................... INVALID_ARGUMENT
+    - PlanValidationError ............................... INVALID_PLAN
+  + AuthenticationError ................................. UNAUTHENTICATED
+  + PermissionDeniedError (PermissionError) ............. PERMISSION_DENIED
+  + NotFoundError ....................................... NOT_FOUND
+  + ResourceBusyError ................................... RESOURCE_BUSY
+  + ConflictError ....................................... CONFLICT
+  + StaleLeaseError ..................................... LEASE_LOST
+  + FailedPreconditionError ............................. FAILED_PRECONDITION
+    - FSMError .......................................... ILLEGAL_TRANSITION
+    - ApprovalInvalidatedError .......................... APPROVAL_INVALIDATED
+    - ApprovalExpiredError .............................. APPROVAL_EXPIRED
+    - ApprovalDecidedError .............................. APPROVAL_ALREADY_DECIDED
+    - SelfApprovalError ................................. SELF_APPROVAL_FORBIDDEN
+    - ApprovalLevelNotEnabledError ...................... APPROVAL_LEVEL_NOT_ENABLED
+    - FeatureDisabledError .............................. STAGE_E_DISABLED
+    - SecretResolutionError ............................. SECRET_UNRESOLVED
+  + QueueUnavailableError ............................... QUEUE_UNAVAILABLE
+  + WorkerUnavailableError .............................. WORKER_UNAVAILABLE
+  + UnimplementedError .................................. UNIMPLEMENTED
+  + ExecutionTimeoutError (asyncio.TimeoutError) ........ EXECUTION_TIMEOUT
+  + StorageError ........................................ STORAGE_ERROR
+
+Three classes also derive from a builtin so that code written against the spec's snippets
+(``pytest.raises(PermissionError)``, ``pytest.raises(asyncio.TimeoutError)``) and generic
+``except ValueError`` handlers keep working. Each class's gRPC status is in one table,
+:mod:`opsconductor.contract.status_codes`, from which the servers build their statuses and the
+client maps them back; this module knows nothing about gRPC. ``opsconductor.common.errors``
+re-exports it for the server code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+__all__ = [
+    "ApprovalDecidedError",
+    "ApprovalExpiredError",
+    "ApprovalInvalidatedError",
+    "ApprovalLevelNotEnabledError",
+    "AuthenticationError",
+    "ConflictError",
+    "ExecutionTimeoutError",
+    "FSMError",
+    "FailedPreconditionError",
+    "FeatureDisabledError",
+    "FieldViolation",
+    "InvalidArgumentError",
+    "NotFoundError",
+    "OpsConductorError",
+    "PermissionDeniedError",
+    "PlanValidationError",
+    "QueueUnavailableError",
+    "ResourceBusyError",
+    "SecretResolutionError",
+    "SelfApprovalError",
+    "StaleLeaseError",
+    "StorageError",
+    "UnimplementedError",
+    "WorkerUnavailableError",
+]
+
+
+def _default_message(cls: type) -> str:
+    """First paragraph of the class docstring, on one line."""
+    doc = inspect.cleandoc(cls.__doc__ or "")
+    return " ".join(doc.split("\n\n", 1)[0].split())
+
+
+class OpsConductorError(Exception):
+    """An internal error occurred."""
+
+    reason: ClassVar[str] = "INTERNAL"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # The docstring is the default message: a class without one would say nothing useful.
+        if not cls.__dict__.get("__doc__"):
+            raise TypeError(f"{cls.__name__} needs a docstring: it is its default message")
+
+    def __init__(self, message: str | None = None, **details: object) -> None:
+        self.message: str = message if message is not None else _default_message(type(self))
+        #: Structured, caller-visible context (ids, keys, limits). Never secret values.
+        self.details: dict[str, object] = dict(details)
+        # Only the message goes into args: pickling rebuilds with cls(message) and then restores
+        # __dict__ (details and subclass state), which keeps every subclass picklable.
+        super().__init__(self.message)
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.message!r})"
+
+
+class InvalidArgumentError(OpsConductorError, ValueError):
+    """The request is invalid."""
+
+    reason = "INVALID_ARGUMENT"
+
+
+@dataclass(frozen=True, slots=True)
+class FieldViolation:
+    """One problem of a rejected plan: where (a path like ``steps[0].targets[2].ref``) and what.
+
+    ``field`` is empty when the problem concerns the plan as a whole. ``description`` tells the
+    caller how to fix it and never quotes a parameter value.
+    """
+
+    field: str
+    description: str
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.description}" if self.field else self.description
+
+
+class PlanValidationError(InvalidArgumentError):
+    """The plan is invalid."""
+
+    reason = "INVALID_PLAN"
+
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        violations: Iterable[FieldViolation] = (),
+        **details: object,
+    ) -> None:
+        self.violations: list[FieldViolation] = list(violations)
+        if message is None and self.violations:
+            message = f"{_default_message(type(self)).rstrip('.')}: {self.violations[0]}"
+            if len(self.violations) > 1:
+                message += f" (and {len(self.violations) - 1} more)"
+        super().__init__(message, **details)
+
+    @classmethod
+    def for_field(cls, field: str, description: str) -> PlanValidationError:
+        """A plan error with a single field violation (e.g. an unknown action found by the api)."""
+        return cls(violations=[FieldViolation(field, description)])
+
+
+class AuthenticationError(OpsConductorError):
+    """Authentication is missing, expired or invalid."""
+
+    reason = "UNAUTHENTICATED"
+
+
+class PermissionDeniedError(OpsConductorError, PermissionError):
+    """The caller is not allowed to perform this operation."""
+
+    reason = "PERMISSION_DENIED"
+
+
+class NotFoundError(OpsConductorError):
+    """The requested resource does not exist."""
+
+    reason = "NOT_FOUND"
+
+
+class ResourceBusyError(OpsConductorError):
+    """A target of this plan is locked by another execution; retry once it has finished.
+
+    Details: ``lock_key`` and ``held_by_execution_id``.
+    """
+
+    reason = "RESOURCE_BUSY"
+
+
+class ConflictError(OpsConductorError):
+    """The resource was changed concurrently; reload it and retry."""
+
+    reason = "CONFLICT"
+
+
+class StaleLeaseError(OpsConductorError):
+    """The job lease was lost to another worker; this worker may no longer write for it.
+
+    Raised when a fenced write (conditional on the lease token) matches no row.
+    """
+
+    reason = "LEASE_LOST"
+
+
+class FailedPreconditionError(OpsConductorError):
+    """The system is not in a state that allows this operation."""
+
+    reason = "FAILED_PRECONDITION"
+
+
+class FSMError(FailedPreconditionError):
+    """Illegal state transition.
+
+    Raised by ``opsconductor.common.fsm.check_transition`` with the message
+    ``"Illegal state transition {from} -> {to}"`` and details ``from_status``/``to_status``.
+    """
+
+    reason = "ILLEGAL_TRANSITION"
+
+
+class ApprovalInvalidatedError(FailedPreconditionError):
+    """The plan changed after it was approved; a new approval is required."""
+
+    reason = "APPROVAL_INVALIDATED"
+
+
+class ApprovalExpiredError(FailedPreconditionError):
+    """The approval request expired before it was decided; submit the plan again."""
+
+    reason = "APPROVAL_EXPIRED"
+
+
+class ApprovalDecidedError(FailedPreconditionError):
+    """The approval request has already been decided."""
+
+    reason = "APPROVAL_ALREADY_DECIDED"
+
+
+class SelfApprovalError(FailedPreconditionError):
+    """The requester of an execution cannot approve it; another principal must decide."""
+
+    reason = "SELF_APPROVAL_FORBIDDEN"
+
+
+class ApprovalLevelNotEnabledError(FailedPreconditionError):
+    """The approval level this plan requires is not enabled yet for this tenant."""
+
+    reason = "APPROVAL_LEVEL_NOT_ENABLED"
+
+
+class FeatureDisabledError(FailedPreconditionError):
+    """Stage E execution is disabled for this tenant."""
+
+    reason = "STAGE_E_DISABLED"
+
+
+class SecretResolutionError(FailedPreconditionError):
+    """A secret reference of the plan could not be resolved.
+
+    Details name the reference (``provider:name``), never a value.
+    """
+
+    reason = "SECRET_UNRESOLVED"
+
+
+class QueueUnavailableError(OpsConductorError):
+    """The background queue is unavailable; retry later (immediate plans are unaffected)."""
+
+    reason = "QUEUE_UNAVAILABLE"
+
+
+class WorkerUnavailableError(OpsConductorError):
+    """No worker could be reached to run the execution; it was not started. Retry later."""
+
+    reason = "WORKER_UNAVAILABLE"
+
+
+class UnimplementedError(OpsConductorError):
+    """This operation is part of the contract but not served yet."""
+
+    reason = "UNIMPLEMENTED"
+
+
+class ExecutionTimeoutError(OpsConductorError, asyncio.TimeoutError):
+    """The execution exceeded its time budget.
+
+    Details: ``timeout_policy_id`` and ``timeout_ms``. Also an ``asyncio.TimeoutError``.
+    """
+
+    reason = "EXECUTION_TIMEOUT"
+
+
+class StorageError(OpsConductorError):
+    """The database failed to complete the operation."""
+
+    reason = "STORAGE_ERROR"

@@ -103,7 +103,8 @@ def test_opsctl_and_the_typed_client_work_there(client_venv: Path) -> None:
         ]
     )
     assert helped.returncode == 0, helped.stderr
-    assert "submit" in helped.stdout and "shadow-report" in helped.stdout
+    assert "submit" in helped.stdout
+    assert "shadow-report" in helped.stdout
     imported = _run(
         [
             str(client_venv / "bin" / "python"),
@@ -132,6 +133,5 @@ def test_opsctl_and_the_typed_client_work_there(client_venv: Path) -> None:
     assert dead.returncode == 1
     assert dead.stdout == ""
     lines = dead.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("opsctl: error: cannot reach the service"), (
-        dead.stderr
-    )
+    assert len(lines) == 1, dead.stderr
+    assert lines[0].startswith("opsctl: error: cannot reach the service"), dead.stderr

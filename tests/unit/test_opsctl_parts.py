@@ -128,10 +128,13 @@ def test_flags_beat_env_beat_context(tmp_path: Path) -> None:
         "from-file",
         7.0,
     )
-    assert conn.context == "dev" and conn.tls is None
+    assert conn.context == "dev"
+    assert conn.tls is None
     assert conn.approvals == "127.0.0.1:50053"
     prod = resolve({}, {"OPSC_CONTEXT": "prod"}, config_path=config)
-    assert prod.api == "prod:443" and prod.tls is not None and prod.tls.ca_file == "/ca.crt"
+    assert prod.api == "prod:443"
+    assert prod.tls is not None
+    assert prod.tls.ca_file == "/ca.crt"
 
 
 @pytest.mark.parametrize(
@@ -194,7 +197,8 @@ def test_no_dev_key_no_token(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     good.write_bytes(KEY + b"\n")
     assert main(["-o", "json", "token", "--key-file", str(good), "--tenant", "t1"]) == 0
     minted = json.loads(capsys.readouterr().out)
-    assert minted["tenant"] == "t1" and minted["token"].count(".") == 2
+    assert minted["tenant"] == "t1"
+    assert minted["token"].count(".") == 2
 
 
 # -- flag assignments -----------------------------------------------------------------------
@@ -325,7 +329,8 @@ def test_expected_file_errors_name_the_field(tmp_path: Path) -> None:
         load_expected(path)
     good = _write(tmp_path, "tenant: t\nplans:\n  - {name: a, steps: [s1, {id: s2}]}\n", "e.yaml")
     loaded = load_expected(good)
-    assert loaded.tenant == "t" and loaded.plans["a"].steps == ({"id": "s1"}, {"id": "s2"})
+    assert loaded.tenant == "t"
+    assert loaded.plans["a"].steps == ({"id": "s1"}, {"id": "s2"})
 
 
 def test_exit_codes_of_execution_statuses() -> None:

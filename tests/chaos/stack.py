@@ -28,8 +28,10 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
+import yaml
 from opsc_test_actions.effects import SCHEMA
 
+from opsconductor.common.secret_catalogue import env_namespace
 from opsconductor.common.storage.db import create_pool
 from opsconductor.common.storage.flags import update_flags
 from opsconductor.common.storage.migrate import migrate_up
@@ -135,12 +137,20 @@ async def _prepare(database_url: str) -> None:
         await pool.close()
 
 
-def secret_env(secret: str) -> dict[str, str]:
-    """The worker variables that resolve ``env:CHAOS_TOKEN`` (global and tenant-scoped forms)."""
-    env = {f"OPSC_SECRET_{SECRET_NAME}": secret}
+def secret_env(secret: str, run_dir: Path) -> dict[str, str]:
+    """What resolves ``env:CHAOS_TOKEN`` for each chaos tenant: the variable in the tenant's
+    namespace, and a secret catalogue (read by the api and the workers) letting that tenant
+    give it to the ``chaos_effect`` action."""
+    env: dict[str, str] = {}
+    catalogue: dict[str, dict[str, object]] = {}
     for tenant in TENANTS:
-        scoped = tenant.upper().replace("-", "_")
-        env[f"OPSC_SECRET_{scoped}__{SECRET_NAME}"] = secret
+        namespace = env_namespace(tenant)
+        assert namespace is not None, tenant
+        env[f"OPSC_SECRET_{namespace}__{SECRET_NAME}"] = secret
+        catalogue[tenant] = {f"env:{SECRET_NAME}": {"actions": ["chaos_effect"]}}
+    path = run_dir / "secret-catalogue.yaml"
+    path.write_text(yaml.safe_dump({"tenants": catalogue}))
+    env["OPSC_SECRETS_CATALOGUE_FILE"] = str(path)
     return env
 
 
@@ -190,7 +200,7 @@ async def start_stack(*, ready_s: float = 90.0) -> ChaosStack:
         "OPSC_REAPER_DEADLINE_GRACE_S": "3",
         "OPSC_SHUTDOWN_GRACE_S": "5",
         "OPSC_CHAOS_EFFECTS_DSN": database_url,
-        **secret_env(secret),
+        **secret_env(secret, run_dir),
     }
     out = (run_dir / "supervisor.out").open("a")
     supervisor = Supervisor(

@@ -18,10 +18,12 @@ from pathlib import Path
 
 import asyncpg
 import pytest
+import yaml
 from pydantic import SecretStr
 
 from opsconductor.client import ApprovalClient, ExecutionClient
 from opsconductor.common.auth import issue_token
+from opsconductor.common.secret_catalogue import env_namespace
 from opsconductor.common.storage.db import create_pool
 from opsconductor.common.storage.flags import update_flags
 from opsconductor.common.storage.role_bindings import bind_role
@@ -29,9 +31,57 @@ from tests.conftest import RUN_ID, with_database
 
 from .stack import AUDIENCE, HS256_KEY, Stack, start_service
 
-#: A secret value the worker can resolve (as env:E2E_DB_PASSWORD); it must never be persisted
-#: or logged anywhere.
+#: A secret value the worker can resolve (as env:E2E_DB_PASSWORD, for tenant SECRET_TENANT
+#: only); it must never be persisted or logged anywhere.
 PLANTED_SECRET = f"PlantedSecret-{secrets.token_hex(8)}"
+#: Secrets live in a tenant's namespace and the catalogue names tenants, both fixed when the
+#: stack starts: these tenants have secrets (tests of other tenants get fresh ids).
+SECRET_TENANT = f"t-sec-a-{secrets.token_hex(4)}"
+OTHER_SECRET_TENANT = f"t-sec-b-{secrets.token_hex(4)}"
+#: The other tenant's own secret (env:E2E_DB_PASSWORD and file:e2e_token in its namespace).
+OTHER_PLANTED_SECRET = f"OtherTenantSecret-{secrets.token_hex(8)}"
+#: SECRET_TENANT's API token (env:E2E_API_TOKEN), for ALLOWED_API_HOST only.
+API_TOKEN_SECRET = f"ApiTokenSecret-{secrets.token_hex(8)}"
+#: A host SECRET_TENANT's API token may be sent to (nothing listens there: tests show refusals).
+ALLOWED_API_HOST = "api.allowed.example"
+#: The secret catalogue every stack's api and worker load.
+SECRET_CATALOGUE: dict[str, object] = {
+    "tenants": {
+        SECRET_TENANT: {
+            "env:E2E_DB_PASSWORD": {"actions": ["probe"]},
+            "env:E2E_API_TOKEN": {"http": [ALLOWED_API_HOST]},
+            # Allowed uses of names that only the other tenant has: resolving them must fail.
+            "file:e2e_token": {"actions": ["probe"]},
+            "env:OTHER_DB_PASSWORD": {"actions": ["probe"]},
+        },
+        OTHER_SECRET_TENANT: {
+            "env:E2E_DB_PASSWORD": {"actions": ["probe"]},
+            "file:e2e_token": {"actions": ["probe"]},
+        },
+    }
+}
+
+
+def env_secret(tenant: str, name: str) -> str:
+    """The worker variable holding ``name`` in ``tenant``'s namespace."""
+    namespace = env_namespace(tenant)
+    assert namespace is not None
+    return f"OPSC_SECRET_{namespace}__{name}"
+
+
+def write_secret_files() -> dict[str, str]:
+    """The catalogue file and the file provider's root with the other tenant's file secret
+    (outside the log folder the tests scan); the variables pointing services at them."""
+    folder = Path(tempfile.mkdtemp(prefix="opsc-e2e-secrets-"))
+    catalogue = folder / "secret-catalogue.yaml"
+    catalogue.write_text(yaml.safe_dump(SECRET_CATALOGUE))
+    root = folder / "secrets"
+    (root / OTHER_SECRET_TENANT).mkdir(parents=True)
+    (root / SECRET_TENANT).mkdir()
+    (root / OTHER_SECRET_TENANT / "e2e_token").write_text(OTHER_PLANTED_SECRET + "\n")
+    # The pre-namespace layout (one folder for all): no tenant may reach it any more.
+    (root / "e2e_token").write_text(OTHER_PLANTED_SECRET + "\n")
+    return {"OPSC_SECRETS_CATALOGUE_FILE": str(catalogue), "OPSC_SECRETS_FILE_ROOT": str(root)}
 
 
 def dead_redis_url() -> str:
@@ -89,12 +139,16 @@ async def running_stack(
     }
     if tenant_policy_file is not None:
         common["OPSC_TENANT_POLICY_FILE"] = str(tenant_policy_file)
+    common.update(write_secret_files())
+    planted = {
+        env_secret(SECRET_TENANT, "E2E_DB_PASSWORD"): PLANTED_SECRET,
+        env_secret(OTHER_SECRET_TENANT, "E2E_DB_PASSWORD"): OTHER_PLANTED_SECRET,
+        env_secret(SECRET_TENANT, "E2E_API_TOKEN"): API_TOKEN_SECRET,
+        # The pre-namespace name: a tenant must not reach it any more.
+        "OPSC_SECRET_E2E_DB_PASSWORD": OTHER_PLANTED_SECRET,
+    }
     try:
-        worker = await start_service(
-            "worker",
-            running,
-            {**common, "OPSC_SECRET_E2E_DB_PASSWORD": PLANTED_SECRET, **worker_env},
-        )
+        worker = await start_service("worker", running, {**common, **planted, **worker_env})
         await start_service("api", running, {**common, "OPSC_WORKER_TARGET": worker.address})
         if with_approvals:
             await start_service(
@@ -133,14 +187,25 @@ class Tenant:
         await bind_role(self.pool, self.id, actor, role, created_by="e2e")
 
 
-@pytest.fixture
-async def tenant(stack: Stack, e2e_pool: asyncpg.Pool) -> Tenant:
-    """A tenant of this test only: alice operator, dave deployer, vera viewer, ada admin."""
-    t = Tenant(id=f"t-{secrets.token_hex(4)}", stack=stack, pool=e2e_pool)
+async def bound_tenant(tenant_id: str, stack: Stack, pool: asyncpg.Pool) -> Tenant:
+    """``tenant_id`` with alice operator, dave deployer, vera viewer, ada admin."""
+    t = Tenant(id=tenant_id, stack=stack, pool=pool)
     for actor, role in (("alice", "operator"), ("dave", "deployer"), ("vera", "viewer")):
         await t.bind(actor, role)
     await t.bind("ada", "admin")
     return t
+
+
+@pytest.fixture
+async def tenant(stack: Stack, e2e_pool: asyncpg.Pool) -> Tenant:
+    """A tenant of this test only: alice operator, dave deployer, vera viewer, ada admin."""
+    return await bound_tenant(f"t-{secrets.token_hex(4)}", stack, e2e_pool)
+
+
+@pytest.fixture
+async def secret_tenant(stack: Stack, e2e_pool: asyncpg.Pool) -> Tenant:
+    """SECRET_TENANT (shared by the tests of a module): the tenant whose secrets the stack has."""
+    return await bound_tenant(SECRET_TENANT, stack, e2e_pool)
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ import pytest
 
 from opsconductor.common.storage.role_bindings import bind_role
 
-from .conftest import PLANTED_SECRET, Tenant
+from .conftest import API_TOKEN_SECRET, OTHER_PLANTED_SECRET, PLANTED_SECRET, Tenant
 from .stack import Stack
 
 T = TypeVar("T")
@@ -106,8 +106,9 @@ async def database_text(pool: asyncpg.Pool) -> str:
 
 
 def secret_fragments() -> list[str]:
-    """The planted secret and its random part: neither may appear anywhere."""
-    return [PLANTED_SECRET, PLANTED_SECRET.rsplit("-", 1)[-1]]
+    """The planted secrets and their random parts: none may appear anywhere."""
+    planted = (PLANTED_SECRET, OTHER_PLANTED_SECRET, API_TOKEN_SECRET)
+    return [fragment for value in planted for fragment in (value, value.rsplit("-", 1)[-1])]
 
 
 async def assert_secret_nowhere(stack: Stack, pool: asyncpg.Pool) -> None:

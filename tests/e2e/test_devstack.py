@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -30,6 +30,9 @@ import grpc.aio
 import psutil
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from opsconductor.client import ExecutionClient, PermissionDeniedError
+from opsconductor.devstack.dev_identity import DEV_SECRET_REF, DEV_TENANT, dev_token, signing_key
 
 pytestmark = pytest.mark.slow
 
@@ -172,6 +175,7 @@ async def run_devstack_and_stop(
     database_url: str | None,
     redis_url: str | None,
     expect_embedded: bool,
+    while_serving: Callable[[Path, dict[str, int]], Awaitable[None]] | None = None,
 ) -> float:
     data_dir = data_root / "devstack"
     env, ports = devstack_env(data_dir, database_url=database_url, redis_url=redis_url)
@@ -201,6 +205,8 @@ async def run_devstack_and_stop(
     for service, port in ports.items():
         assert re.search(rf"^\s+{service}\s+127\.0\.0\.1:{port}\s+SERVING\s+\d+", text, re.M), text
     assert ("embedded" in text) is expect_embedded
+    if while_serving is not None:
+        await while_serving(data_dir, ports)
 
     procs = snapshot_processes(process.pid, data_dir)
     names = " ".join(" ".join(p.cmdline()) for p in procs)
@@ -257,6 +263,40 @@ async def fresh_database_url(server_dsn: str) -> AsyncIterator[str]:
         await admin.close()
 
 
+def _step(action: str, params: dict[str, object]) -> dict[str, object]:
+    return {
+        "id": "s1",
+        "action": action,
+        "action_class": "read",
+        "targets": [{"ref": "host:web-01"}],
+        "params": params,
+    }
+
+
+async def dev_secret_works_only_where_catalogued(data_dir: Path, ports: dict[str, int]) -> None:
+    """The dev tenant's generated secret resolves for ``noop`` (its catalogue entry) and is
+    refused at submit for an ``http`` step, as docs/security.md says."""
+    ref = {"$secret": DEV_SECRET_REF}
+    token = dev_token(signing_key(data_dir))
+    async with ExecutionClient(f"127.0.0.1:{ports['api']}", token) as client:
+        done = await client.submit(
+            {"name": "hello", "sla_class": "fast", "steps": [_step("noop", {"token": ref})]},
+            tenant_id=DEV_TENANT,
+        )
+        assert done.status == "succeeded", (done.error_class, done.error_message)
+        with pytest.raises(PermissionDeniedError, match="not available to this step"):
+            await client.submit(
+                {
+                    "name": "elsewhere",
+                    "sla_class": "fast",
+                    "steps": [
+                        _step("http", {"url": "https://example.com/", "headers": {"X-T": ref}})
+                    ],
+                },
+                tenant_id=DEV_TENANT,
+            )
+
+
 async def test_make_run_with_given_servers_serves_then_stops_cleanly(
     tmp_path: Path,
     data_root: Path,
@@ -265,7 +305,8 @@ async def test_make_run_with_given_servers_serves_then_stops_cleanly(
     redis_url: str,
 ) -> None:
     """With DATABASE_URL/REDIS_URL set: no embedded server is started, the given database gets
-    migrated, four SERVING services within 30 s, then a clean SIGTERM stop."""
+    migrated, four SERVING services within 30 s (the dev tenant's secret usable where its
+    catalogue allows), then a clean SIGTERM stop."""
     await run_devstack_and_stop(
         tmp_path,
         data_root,
@@ -273,6 +314,7 @@ async def test_make_run_with_given_servers_serves_then_stops_cleanly(
         database_url=fresh_database_url,
         redis_url=redis_url,
         expect_embedded=False,
+        while_serving=dev_secret_works_only_where_catalogued,
     )
     conn = await asyncpg.connect(fresh_database_url)
     try:

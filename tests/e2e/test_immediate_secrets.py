@@ -1,10 +1,12 @@
 """Secrets: resolved just in time in the worker, never persisted, logged or returned.
 
-The worker runs with ``OPSC_SECRET_E2E_DB_PASSWORD`` set to a planted value; a plan refers to it
-as ``{"$secret": "env:E2E_DB_PASSWORD"}``. The probe action receives the resolved value (the
-ledger records its sha256 and that the masker knew it) and logs and echoes it, so the masking
-at every sink is exercised. Besides the checks here, every e2e module of this issue scans its
-whole database and every service log for the value when it ends (``module_end_checks``).
+The worker runs with ``OPSC_SECRET_<NS>__E2E_DB_PASSWORD`` set to a planted value in the
+namespace of ``SECRET_TENANT``, whose catalogue entry lets the probe action use it; a plan of
+that tenant refers to it as ``{"$secret": "env:E2E_DB_PASSWORD"}``. The probe action receives
+the resolved value (the ledger records its sha256 and that the masker knew it) and logs and
+echoes it, so the masking at every sink is exercised. Besides the checks here, every e2e module
+of this issue scans its whole database and every service log for the value when it ends
+(``module_end_checks``).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from opsconductor.client import Execution
 from opsconductor.common.masking import REDACTED
 
 from . import inspection
-from .conftest import PLANTED_SECRET, Tenant
+from .conftest import PLANTED_SECRET, SECRET_TENANT, Tenant, bound_tenant
 from .inspection import assert_secret_nowhere, database_text, secret_fragments
 from .plans import plan, probe_step
 from .stack import Stack
@@ -31,6 +33,12 @@ module_end_checks = inspection.module_end_checks
 pytestmark = pytest.mark.usefixtures("module_end_checks")
 
 SECRET_REF = {"$secret": "env:E2E_DB_PASSWORD"}
+
+
+@pytest.fixture
+async def tenant(stack: Stack, e2e_pool: asyncpg.Pool) -> Tenant:
+    """The tenant that has the planted secret in its namespace and catalogue."""
+    return await bound_tenant(SECRET_TENANT, stack, e2e_pool)
 
 
 def secret_plan(ledger: Path, **params: Any) -> dict[str, Any]:

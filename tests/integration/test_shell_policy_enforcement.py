@@ -26,8 +26,10 @@ from opsconductor.common.approval_policy import ApprovalPolicy
 from opsconductor.common.auth import Principal
 from opsconductor.common.hashing import plan_hash
 from opsconductor.common.plan import parse_plan, to_wire_dict
+from opsconductor.common.policy_enforcement import SecretUseDeniedError
 from opsconductor.common.rbac import Authorizer, RbacPolicy
-from opsconductor.common.secrets import SecretResolver
+from opsconductor.common.secret_catalogue import SecretCatalogue
+from opsconductor.common.secrets import EnvSecretProvider, SecretResolver
 from opsconductor.common.storage.audit import list_rbac_violations
 from opsconductor.common.storage.cancellation import CancelSignals
 from opsconductor.common.storage.execution_reads import get_execution
@@ -49,6 +51,12 @@ POLICY = TenantPolicies.from_document(
             }
         }
     }
+)
+
+#: The tenant's API token may be given to /usr/bin/env only.
+SECRET_VALUE = "worker-recheck-" + uuid4().hex
+CATALOGUE = SecretCatalogue.from_document(
+    {"tenants": {ALLOWED: {"env:API_TOKEN": {"shell": ["/usr/bin/env"]}}}}
 )
 
 
@@ -99,6 +107,7 @@ async def submissions(db_pool: asyncpg.Pool) -> AsyncIterator[Submissions]:
             queue=None,
             dedup_window=timedelta(hours=24),
             tenant_policies=POLICY,
+            secret_catalogue=CATALOGUE,
         )
     finally:
         await worker.close()
@@ -240,3 +249,67 @@ async def test_an_allowed_step_runs_in_the_sandbox_through_the_worker(
     assert "No such file or directory" in final.steps[0].result["stderr"]
     ok = await _bypassed_execution(db_pool, ALLOWED, shell_plan(["/usr/bin/touch", "/tmp/made"]))
     assert (await runner.run(ok)).status == "succeeded"
+
+
+# -- the secret catalogue, enforced by the worker too (finding 2 of issue 8) ------------------
+
+
+@pytest.fixture
+async def secret_runner(db_pool: asyncpg.Pool, db_dsn: str) -> AsyncIterator[ExecutionRunner]:
+    signals = CancelSignals(db_dsn)
+    await signals.start()
+    environ = {"OPSC_SECRET_TENANT_SHELL__API_TOKEN": SECRET_VALUE}
+    try:
+        yield ExecutionRunner(
+            pool=db_pool,
+            handlers=default_registry(),
+            secrets=SecretResolver([EnvSecretProvider(environ)], CATALOGUE),
+            cancel_signals=signals,
+            policies=await load_timeout_policies(db_pool),
+            worker_id="worker-secrets",
+            tenant_policies=POLICY,
+        )
+    finally:
+        await signals.stop()
+
+
+async def test_the_worker_refuses_a_secret_use_the_catalogue_does_not_allow(
+    secret_runner: ExecutionRunner, db_pool: asyncpg.Pool, marker_dir: Path
+) -> None:
+    """The api bypassed: a step giving the token to a program it is not catalogued for is
+    refused before the first step (nothing runs), the execution fails SECRET_USE_DENIED, and
+    the worker tier audits it."""
+    marker = marker_dir / "leaked"
+    record = await _bypassed_execution(
+        db_pool,
+        ALLOWED,
+        shell_plan(["/usr/bin/touch", str(marker)], env={"T": {"$secret": "env:API_TOKEN"}}),
+    )
+    with pytest.raises(SecretUseDeniedError):
+        await secret_runner.run(record)
+    assert not marker.exists()
+    final = await get_execution(db_pool, ALLOWED, record.id)
+    assert (final.status, final.error_class) == ("failed", "SECRET_USE_DENIED")
+    assert [s.status for s in final.steps] == ["skipped"]
+    [violation] = await list_rbac_violations(db_pool, ALLOWED)
+    assert (violation.reason, violation.tier, violation.execution_id) == (
+        "SECRET_USE_DENIED",
+        "worker",
+        record.id,
+    )
+    assert SECRET_VALUE not in repr(final)
+
+
+async def test_the_api_refuses_it_at_submit_with_nothing_written(
+    db_pool: asyncpg.Pool, submissions: Submissions
+) -> None:
+    """The same plan through the api's real Submissions with the catalogue: PERMISSION_DENIED
+    naming the field, no execution row, one audited denial under the tenant."""
+    principal = Principal(actor_id="mallory", tenant_id=ALLOWED)
+    plan = shell_plan(["/usr/bin/touch", "/tmp/x"], env={"T": {"$secret": "env:API_TOKEN"}})
+    with pytest.raises(SecretUseDeniedError) as refused:
+        await submissions.submit(principal, "", SubmitRequest(tenant_id=ALLOWED, plan=plan))
+    assert refused.value.details["field"] == "steps[0].params.env.T"
+    assert await count_executions(db_pool) == 0
+    [violation] = await list_rbac_violations(db_pool, ALLOWED)
+    assert (violation.reason, violation.tier) == ("SECRET_USE_DENIED", "api")

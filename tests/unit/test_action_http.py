@@ -27,7 +27,8 @@ from opsconductor.common.actions.http import HttpAction
 from opsconductor.common.errors import PlanValidationError
 from opsconductor.common.masking import REDACTED
 from opsconductor.common.plan import ActionClass
-from opsconductor.common.secrets import EnvSecretProvider, SecretResolver
+from opsconductor.common.secret_catalogue import SecretCatalogue
+from opsconductor.common.secrets import EnvSecretProvider, SecretResolver, SecretUse
 
 
 @dataclass
@@ -181,13 +182,18 @@ async def test_head_request(server: Server) -> None:
 
 async def test_secret_header_is_sent_and_masked_when_echoed_back(server: Server) -> None:
     value = "http-" + secrets.token_hex(10)
-    resolver = SecretResolver([EnvSecretProvider({"OPSC_SECRET_UPSTREAM": value})])
+    catalogue = SecretCatalogue.from_document(
+        {"tenants": {"tenant-a": {"env:UPSTREAM": {"http": [f"{server.url}/echo"]}}}}
+    )
+    resolver = SecretResolver(
+        [EnvSecretProvider({"OPSC_SECRET_TENANT_A__UPSTREAM": value})], catalogue
+    )
     params = {
         "url": f"{server.url}/echo",
         "headers": {"X-Upstream-Auth": {"$secret": "env:UPSTREAM"}},
     }
     assert HttpAction().validate(params) == []
-    resolved, _ = resolver.resolve_params(params)
+    resolved, _ = resolver.resolve_params(params, SecretUse("tenant-a", "http", params["url"]))
     result = await HttpAction().run(_ctx(resolved))
     assert server.requests[0].headers["X-Upstream-Auth"] == value
     assert value not in json.dumps(result.output)

@@ -29,7 +29,8 @@ from opsconductor.common.actions.base import (
 from opsconductor.common.actions.shell import IDEMPOTENCY_ENV, ShellAction, terminate_group
 from opsconductor.common.errors import PlanValidationError
 from opsconductor.common.masking import REDACTED
-from opsconductor.common.secrets import EnvSecretProvider, SecretResolver
+from opsconductor.common.secret_catalogue import SecretCatalogue
+from opsconductor.common.secrets import EnvSecretProvider, SecretResolver, SecretUse
 from opsconductor.common.tenant_policy import ShellPolicy, TenantPolicy
 
 # These tests are about argv, environment, output and process groups, with real processes in the
@@ -194,13 +195,18 @@ async def test_the_child_gets_the_step_idempotency_key() -> None:
 
 async def test_secret_env_value_reaches_the_child_but_never_the_result() -> None:
     value = "shell-" + secrets.token_hex(10)
-    resolver = SecretResolver([EnvSecretProvider({"OPSC_SECRET_API_TOKEN": value})])
+    catalogue = SecretCatalogue.from_document(
+        {"tenants": {"tenant-a": {"env:API_TOKEN": {"shell": ["/bin/sh"]}}}}
+    )
+    resolver = SecretResolver(
+        [EnvSecretProvider({"OPSC_SECRET_TENANT_A__API_TOKEN": value})], catalogue
+    )
     params = {
         "argv": ["/bin/sh", "-c", 'echo "token is $API_TOKEN" >&2; echo "$API_TOKEN"'],
         "env": {"API_TOKEN": {"$secret": "env:API_TOKEN"}},
     }
     assert ShellAction().validate(params) == []
-    resolved, _ = resolver.resolve_params(params)
+    resolved, _ = resolver.resolve_params(params, SecretUse("tenant-a", "shell", "/bin/sh"))
     result = await ShellAction().run(_ctx(resolved))
     assert value not in json.dumps(result.output)
     assert result.output["stdout"] == f"{REDACTED}\n"

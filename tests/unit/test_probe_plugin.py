@@ -20,7 +20,8 @@ from opsconductor.common.actions import ActionRegistry, default_registry
 from opsconductor.common.actions.base import ActionContext, ActionFailedError
 from opsconductor.common.errors import PlanValidationError
 from opsconductor.common.masking import REDACTED
-from opsconductor.common.secrets import EnvSecretProvider, SecretResolver
+from opsconductor.common.secret_catalogue import SecretCatalogue
+from opsconductor.common.secrets import EnvSecretProvider, SecretResolver, SecretUse
 
 
 def _ctx(
@@ -161,9 +162,14 @@ async def test_fail_without_a_ledger() -> None:
 async def test_emitted_secret_is_seen_but_never_written(tmp_path: Path) -> None:
     ledger = tmp_path / "ledger.jsonl"
     value = "probe-" + secrets.token_hex(10)
-    resolver = SecretResolver([EnvSecretProvider({"OPSC_SECRET_PLANTED": value})])
+    catalogue = SecretCatalogue.from_document(
+        {"tenants": {"tenant-a": {"env:PLANTED": {"actions": ["probe"]}}}}
+    )
+    resolver = SecretResolver(
+        [EnvSecretProvider({"OPSC_SECRET_TENANT_A__PLANTED": value})], catalogue
+    )
     resolved, _ = resolver.resolve_params(
-        {"ledger": str(ledger), "emit": {"$secret": "env:PLANTED"}}
+        {"ledger": str(ledger), "emit": {"$secret": "env:PLANTED"}}, SecretUse("tenant-a", "probe")
     )
     result = await ProbeAction().run(_ctx(resolved))
     (line,) = read_ledger(ledger)

@@ -8,6 +8,14 @@ allow-list, interpreters, pass-through variables). A refusal is `TenantPolicyDen
 (``PERMISSION_DENIED``) naming the field paths, and is audited like every denial: an
 ``rbac_violation`` event with reason ``TENANT_POLICY`` under the tenant (its own transaction),
 the ``opsc_rbac_violations_total`` counter and a warning log line.
+
+Secret uses are enforced the same way (`enforce_secret_uses`): every ``$secret`` reference of a
+step must be allowed by the tenant's secret catalogue for that step's action and destination
+(the handler's optional ``secret_destination(params)``: the URL of ``http``, the program of
+``shell``). A refusal is `SecretUseDeniedError` (``PERMISSION_DENIED``, reason
+``SECRET_USE_DENIED``) naming the field paths, with the same words whether the secret is not
+catalogued at all or not for this use; it is audited through the `Authorizer` when one is given
+(the api: the per-principal denial budget), else written directly (the worker's re-check).
 """
 
 from __future__ import annotations
@@ -19,14 +27,24 @@ from uuid import UUID
 import asyncpg
 import structlog
 
-from opsconductor.common.errors import FieldViolation, StorageError
-from opsconductor.common.plan import Plan
+from opsconductor.common.auth import Principal
+from opsconductor.common.errors import FieldViolation, PermissionDeniedError, StorageError
+from opsconductor.common.plan import Plan, Step
 from opsconductor.common.planning import HandlerLookup
-from opsconductor.common.rbac import RBAC_VIOLATIONS, DenialReason, Tier
+from opsconductor.common.rbac import RBAC_VIOLATIONS, Authorizer, DenialReason, Tier
+from opsconductor.common.secret_catalogue import SecretCatalogue
+from opsconductor.common.secrets import SecretUse, find_secret_refs
 from opsconductor.common.storage.audit import record_rbac_violation
 from opsconductor.common.tenant_policy import TenantPolicy, TenantPolicyDeniedError
 
-__all__ = ["enforce_tenant_policy", "plan_policy_violations"]
+__all__ = [
+    "SecretUseDeniedError",
+    "enforce_secret_uses",
+    "enforce_tenant_policy",
+    "plan_policy_violations",
+    "plan_secret_use_violations",
+    "step_secret_use",
+]
 
 log = structlog.get_logger(__name__)
 
@@ -52,6 +70,101 @@ def plan_policy_violations(
             violations = [FieldViolation("params", "could not be checked against the policy")]
         found += [FieldViolation(f"steps[{index}].{v.field}", v.description) for v in violations]
     return found[:_MAX_REPORTED]
+
+
+class SecretUseDeniedError(PermissionDeniedError):
+    """A step would use a secret where the tenant's secret catalogue does not allow it."""
+
+    reason = DenialReason.SECRET_USE_DENIED.value
+
+
+def step_secret_use(handlers: HandlerLookup, step: Step, tenant_id: str) -> SecretUse:
+    """Who uses ``step``'s secrets for what: tenant, action and the handler's destination."""
+    destination = None
+    find = getattr(handlers.get(step.action), "secret_destination", None)
+    if callable(find):
+        try:
+            found = find(step.params)
+        except Exception as exc:  # noqa: BLE001 - a plugin's bug must refuse, not crash
+            log.error("secret_destination_failed", action=step.action, error=type(exc).__name__)
+            found = None
+        destination = found if isinstance(found, str) else None
+    return SecretUse(tenant_id=tenant_id, action=step.action, destination=destination)
+
+
+def plan_secret_use_violations(
+    handlers: HandlerLookup, plan: Plan, catalogue: SecretCatalogue, tenant_id: str
+) -> list[FieldViolation]:
+    """Every secret reference of ``plan`` the catalogue does not allow where it is used."""
+    found: list[FieldViolation] = []
+    for index, step in enumerate(plan.steps):
+        refs = find_secret_refs(step.params, path=f"steps[{index}].params")
+        if not refs:
+            continue
+        use = step_secret_use(handlers, step, tenant_id)
+        for where, ref in refs:
+            if not catalogue.allows(tenant_id, ref, use.action, use.destination):
+                found.append(
+                    FieldViolation(
+                        where,
+                        f"secret {ref} is not available to this step: the tenant's secret "
+                        f"catalogue does not allow it for action {step.action!r} with this "
+                        "destination",
+                    )
+                )
+    return found[:_MAX_REPORTED]
+
+
+async def enforce_secret_uses(
+    pool: asyncpg.Pool,
+    handlers: HandlerLookup,
+    plan: Plan,
+    catalogue: SecretCatalogue,
+    *,
+    tier: Tier,
+    tenant_id: str,
+    principal: Principal | None = None,
+    actor_id: str = "",
+    authorizer: Authorizer | None = None,
+    execution_id: UUID | None = None,
+    resource: str = "",
+) -> None:
+    """Return if the catalogue allows every secret use of ``plan``; else audit and raise.
+
+    With ``authorizer`` and ``principal`` the row goes through the principal's denial budget;
+    otherwise it is written directly under ``actor_id``.
+    """
+    violations = plan_secret_use_violations(handlers, plan, catalogue, tenant_id)
+    if not violations:
+        return
+    reason = DenialReason.SECRET_USE_DENIED
+    audited = [{"field": v.field, "description": v.description} for v in violations]
+    if authorizer is not None and principal is not None:
+        await authorizer.record_denial(
+            principal,
+            tenant_id=tenant_id,
+            reason=reason,
+            resource=resource,
+            execution_id=execution_id,
+            details={"violations": audited},
+        )
+    else:
+        await _audit(
+            pool,
+            {"reason": reason.value, "tier": tier, "resource": resource, "violations": audited},
+            tier=tier,
+            tenant_id=tenant_id,
+            actor_id=actor_id,
+            execution_id=execution_id,
+        )
+    first = violations[0]
+    more = f" (and {len(violations) - 1} more)" if len(violations) > 1 else ""
+    raise SecretUseDeniedError(
+        f"{first}{more}",
+        denial_reason=reason.value,
+        field=first.field,
+        fields=", ".join(v.field for v in violations),
+    )
 
 
 async def enforce_tenant_policy(
@@ -89,7 +202,30 @@ async def _deny(
         # Paths and the policy setting involved; never a submitted value.
         "violations": [{"field": v.field, "description": v.description} for v in violations],
     }
-    RBAC_VIOLATIONS.labels(tier=tier, reason=reason).inc()
+    await _audit(
+        pool, payload, tier=tier, tenant_id=tenant_id, actor_id=actor_id, execution_id=execution_id
+    )
+    first = violations[0]
+    more = f" (and {len(violations) - 1} more)" if len(violations) > 1 else ""
+    raise TenantPolicyDeniedError(
+        f"refused by the tenant policy: {first}{more}",
+        denial_reason=reason,
+        field=first.field,
+        fields=", ".join(v.field for v in violations),
+    )
+
+
+async def _audit(
+    pool: asyncpg.Pool,
+    payload: dict[str, object],
+    *,
+    tier: Tier,
+    tenant_id: str,
+    actor_id: str,
+    execution_id: UUID | None,
+) -> None:
+    """Counter, log line and the row (shielded: a cancelled caller still leaves it)."""
+    RBAC_VIOLATIONS.labels(tier=tier, reason=str(payload["reason"])).inc()
     log.warning(
         "rbac_violation",
         tenant_id=tenant_id,
@@ -101,14 +237,6 @@ async def _deny(
     _PENDING.add(task)
     task.add_done_callback(_PENDING.discard)
     await asyncio.shield(task)
-    first = violations[0]
-    more = f" (and {len(violations) - 1} more)" if len(violations) > 1 else ""
-    raise TenantPolicyDeniedError(
-        f"refused by the tenant policy: {first}{more}",
-        denial_reason=reason,
-        field=first.field,
-        fields=", ".join(v.field for v in violations),
-    )
 
 
 async def _record(

@@ -104,6 +104,8 @@ class DenialReason(StrEnum):
     ACTOR_MISMATCH = "ACTOR_MISMATCH"
     #: The tenant's policy (``tenant_policy.yaml``) forbids what the plan asks for.
     TENANT_POLICY = "TENANT_POLICY"
+    #: A step would use a secret the tenant's secret catalogue does not allow for it there.
+    SECRET_USE_DENIED = "SECRET_USE_DENIED"  # noqa: S105 - a reason name
 
 
 RBAC_VIOLATIONS: Final = Counter(
@@ -433,6 +435,50 @@ class Authorizer:
         raise PermissionDeniedError(
             _denial_message(principal, tenant_id, missing, reason, roles), **details
         )
+
+    async def record_denial(
+        self,
+        principal: Principal,
+        *,
+        tenant_id: str,
+        reason: DenialReason,
+        resource: str = "",
+        execution_id: UUID | None = None,
+        details: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Audit a refusal decided outside RBAC (e.g. the secret catalogue) like an RBAC one.
+
+        The counter, the ``rbac_violation`` log line and a row through the per-principal
+        budget (`DenialAuditLimiter`). ``details`` must name fields and rules, never a submitted
+        value. The caller raises its own error afterwards.
+        """
+        payload: dict[str, Any] = {
+            "actor_tenant": principal.tenant_id,
+            "requested_tenant": audit_text(tenant_id, _MAX_AUDITED_TENANT),
+            "reason": reason.value,
+            "tier": self._tier,
+            "resource": resource,
+            "auth_method": principal.auth_method,
+            **(details or {}),
+        }
+        RBAC_VIOLATIONS.labels(tier=self._tier, reason=reason.value).inc()
+        log.warning(
+            "rbac_violation",
+            actor_id=principal.actor_id,
+            execution_id=str(execution_id) if execution_id else None,
+            **payload,
+        )
+        record = DenialRecord(
+            tenant_id=audit_text(tenant_id),
+            actor_tenant=principal.tenant_id,
+            actor_id=principal.actor_id,
+            execution_id=execution_id,
+            payload=payload,
+        )
+        task = asyncio.ensure_future(self._audit.record(record))
+        _PENDING_RECORDS.add(task)
+        task.add_done_callback(_PENDING_RECORDS.discard)
+        await asyncio.shield(task)
 
     async def _write_record(self, record: DenialRecord) -> None:
         try:

@@ -1,65 +1,81 @@
 """Secret references in plans, and their just-in-time resolution in the worker.
 
-A plan never carries a secret value, only a reference, a JSON object with exactly one key::
+A plan never carries a secret value, only a reference, a JSON object with exactly one key,
+naming a secret *in the submitting tenant's namespace* (tenant ``acme`` below)::
 
-    {"$secret": "env:DB_PASSWORD"}     the worker's environment variable OPSC_SECRET_DB_PASSWORD
-    {"$secret": "file:db_password"}    the file db_password in the file provider's root directory
+    {"$secret": "env:DB_PASSWORD"}     the environment variable OPSC_SECRET_ACME__DB_PASSWORD
+    {"$secret": "file:db_password"}    the file <root>/acme/db_password
 
 The reference syntax (``SecretRef``, ``parse_secret_ref``) is defined with the plan model in
-``opsconductor.common.plan``, which rejects malformed references when a plan is parsed.
+``opsconductor.common.plan``, which rejects malformed references when a plan is parsed. Where a
+secret may be used is the secret catalogue's business (``secret_catalogue``, with the mapping of
+tenant ids to namespaces).
 
 Two moments, two tools:
 
 * **Submit (api):** ``secret_ref_violations`` / ``find_secret_refs`` check the references'
-  syntax only. Nothing is resolved and no provider is consulted, so the api needs no access to
-  any secret.
-* **Run (worker):** just before a step runs, ``SecretResolver.resolve_params`` replaces the
-  step's references by their values, and registers every value with the masker before handing
+  syntax, ``literal_credential_violations`` refuses credentials written into a plan, and
+  ``policy_enforcement.enforce_secret_uses`` checks every use against the catalogue. Nothing is
+  resolved and no provider is consulted, so the api needs no access to any secret.
+* **Run (worker):** just before a step runs, ``SecretResolver.resolve_params`` checks each
+  reference against the catalogue again, replaces it by its value (at least
+  ``MIN_SECRET_LENGTH`` characters), and registers every value with the masker before handing
   them back, so a value that ends up in a log line, an event or a result is redacted.
 
 **Resolved parameters must never be persisted**: callers keep them in memory for the duration of
 the step (``ActionContext.params``) and store only the plan as submitted (with its references).
 
 Providers are deliberately narrow, because a plan author chooses the reference and could
-otherwise read any credential of the worker itself:
+otherwise read any credential of the worker itself or of another tenant:
 
-* ``env`` reads only variables named ``<prefix><NAME>`` (prefix ``OPSC_SECRET_`` by default, e.g.
-  filled by a Kubernetes ``envFrom`` with that prefix), never the worker's own configuration.
-* ``file`` reads only regular files whose real path (symlinks resolved) lies inside its root
-  (default ``/var/run/secrets/opsconductor``, where Kubernetes Secrets are mounted), so ``..`` or
-  a symlink cannot reach elsewhere.
+* ``env`` reads only variables named ``<prefix><NS>__<NAME>`` (prefix ``OPSC_SECRET_`` by
+  default, e.g. filled by a Kubernetes ``envFrom`` with that prefix), never the worker's own
+  configuration nor another tenant's namespace.
+* ``file`` reads only regular files whose real path (symlinks resolved) lies inside
+  ``<root>/<tenant>`` (root default ``/var/run/secrets/opsconductor``, where Kubernetes Secrets
+  are mounted), so ``..`` or a symlink cannot reach elsewhere.
+
+A secret that is not catalogued for this use, not set, or in a disabled provider gets one and
+the same answer (`unavailable_error`), which never quotes a value.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, TypeGuard, runtime_checkable
 
+import structlog
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from opsconductor.common.errors import FieldViolation, PlanValidationError, SecretResolutionError
+from opsconductor.common.identifiers import is_valid_tenant_id
 from opsconductor.common.masking import DEFAULT_ALLOWED_KEYS, normalise_key, register_secret
 from opsconductor.common.plan import SECRET_PROVIDERS, SECRET_REF_KEY, SecretRef, parse_secret_ref
+from opsconductor.common.secret_catalogue import SecretCatalogue, env_namespace
 from opsconductor.common.secret_patterns import credential_kind
 
 __all__ = [
     "DEFAULT_ENV_PREFIX",
     "DEFAULT_FILE_ROOT",
     "KNOWN_PROVIDERS",
+    "MIN_SECRET_LENGTH",
     "SECRET_KEY",
     "EnvSecretProvider",
     "FileSecretProvider",
     "SecretProvider",
     "SecretRef",
     "SecretResolver",
+    "SecretUse",
     "SecretsSettings",
     "find_secret_refs",
     "is_credential_key",
     "is_secret_ref",
     "literal_credential_violations",
     "secret_ref_violations",
+    "unavailable_error",
 ]
 
 #: The single key of a secret reference object (defined with the plan model).
@@ -69,6 +85,11 @@ KNOWN_PROVIDERS = SECRET_PROVIDERS
 DEFAULT_ENV_PREFIX = "OPSC_SECRET_"
 DEFAULT_FILE_ROOT = Path("/var/run/secrets/opsconductor")
 
+log = structlog.get_logger(__name__)
+
+#: Shorter secrets are refused at resolution: guessable, and masking them would redact common
+#: substrings everywhere (and which fragments got redacted would reveal them).
+MIN_SECRET_LENGTH = 8
 #: Secrets are passwords, tokens and keys: anything larger is a mistake (a wrong file).
 _MAX_SECRET_BYTES = 64 * 1024
 
@@ -101,6 +122,16 @@ def _parse(value: Mapping[str, Any]) -> SecretRef:
     if ref is None:  # pragma: no cover - callers check is_secret_ref first
         raise ValueError(f"not a secret reference: no {SECRET_KEY!r} key")
     return ref
+
+
+@dataclass(frozen=True)
+class SecretUse:
+    """Who uses a step's secrets for what: the catalogue decides on exactly this."""
+
+    tenant_id: str
+    action: str
+    #: The URL of an ``http`` step, the program of a ``shell`` step, None for other actions.
+    destination: str | None = None
 
 
 def is_secret_ref(value: object) -> TypeGuard[Mapping[str, Any]]:
@@ -203,21 +234,30 @@ def _walk_credentials(
 
 @runtime_checkable
 class SecretProvider(Protocol):
-    """Looks a secret up by name; raises ``SecretResolutionError`` naming only the reference."""
+    """Looks a secret up by tenant and name; raises `SecretUnavailable` naming nothing."""
 
     @property
     def name(self) -> str:
         """The provider part of references this provider resolves (``env``, ``file``)."""
         ...
 
-    def fetch(self, ref: SecretRef) -> str:
-        """The secret value ``ref`` names."""
+    def fetch(self, tenant_id: str, ref: SecretRef) -> str:
+        """The value ``ref`` names in ``tenant_id``'s namespace."""
         ...
 
 
-class EnvSecretProvider:
-    """Secrets from environment variables ``<prefix><NAME>`` (mounted Kubernetes Secrets).
+class SecretUnavailable(Exception):
+    """A provider has no such secret for this tenant; ``why`` is for the operator's log only."""
 
+    def __init__(self, why: str) -> None:
+        super().__init__(why)
+        self.why = why
+
+
+class EnvSecretProvider:
+    """Secrets from environment variables ``<prefix><NS>__<NAME>`` (mounted Kubernetes Secrets).
+
+    ``NS`` is the tenant's namespace (`env_namespace`): a tenant reads only its own variables.
     The prefix keeps the worker's own configuration (database URL, signing keys) out of reach
     of plan authors. ``environ`` defaults to the live process environment: this provider is,
     with settings classes, the one sanctioned reader of secret-bearing variables.
@@ -231,25 +271,30 @@ class EnvSecretProvider:
         self._environ = environ
         self._prefix = prefix
 
-    def fetch(self, ref: SecretRef) -> str:
-        """The value of ``<prefix><ref.name>``."""
+    def variable(self, tenant_id: str, ref: SecretRef) -> str | None:
+        """The variable holding ``ref`` for ``tenant_id`` (None: the tenant has no namespace)."""
+        namespace = env_namespace(tenant_id)
+        return None if namespace is None else f"{self._prefix}{namespace}__{ref.name}"
+
+    def fetch(self, tenant_id: str, ref: SecretRef) -> str:
+        """The value of ``<prefix><NS>__<ref.name>``."""
+        variable = self.variable(tenant_id, ref)
+        if variable is None:
+            raise SecretUnavailable("the tenant id has no environment namespace")
         environ = os.environ if self._environ is None else self._environ
-        value = environ.get(self._prefix + ref.name)
+        value = environ.get(variable)
         if value is None:
-            raise SecretResolutionError(
-                f"secret {ref} could not be resolved: environment variable "
-                f"{self._prefix}{ref.name} is not set",
-                secret_ref=str(ref),
-            )
+            raise SecretUnavailable(f"environment variable {variable} is not set")
         return value
 
 
 class FileSecretProvider:
-    """Secrets from files under one root directory (Kubernetes Secret volumes).
+    """Secrets from files ``<root>/<tenant id>/<name>`` (Kubernetes Secret volumes).
 
-    Names are file names in the root. The real path (symlinks resolved) must lie inside the
-    root's real path. One trailing newline is stripped, since files written by ``echo`` or
-    editors end with one and a password never does.
+    The real path (symlinks resolved) must lie inside the tenant's own directory, so neither
+    ``..`` nor a symlink reaches another tenant's files or anything else. One trailing newline
+    is stripped, since files written by ``echo`` or editors end with one and a password never
+    does.
     """
 
     name: ClassVar[str] = "file"
@@ -257,38 +302,39 @@ class FileSecretProvider:
     def __init__(self, root: Path | str = DEFAULT_FILE_ROOT) -> None:
         self._root = Path(root)
 
-    def fetch(self, ref: SecretRef) -> str:
-        """The text of the file ``ref`` names, if it is inside the root."""
-        root = self._root.resolve()
+    def fetch(self, tenant_id: str, ref: SecretRef) -> str:
+        """The text of the file ``ref`` names, if it is inside the tenant's directory."""
+        if not is_valid_tenant_id(tenant_id):
+            raise SecretUnavailable("the tenant id is not a directory name")
         try:
+            home = (self._root / tenant_id).resolve(strict=True)
             # plan.py already allows only one path segment; resolving and checking containment
-            # again here also stops a symlink planted inside the root from pointing outside it.
-            path = (root / ref.name).resolve(strict=True)
-        except (ValueError, OSError, RuntimeError) as exc:
-            raise self._error(ref, "no such file inside the secrets root") from exc
-        if not path.is_relative_to(root):
-            raise self._error(ref, "the path is outside the secrets root")
+            # again here also stops a symlink planted inside the folder from pointing outside.
+            path = (home / ref.name).resolve(strict=True)
+        except (ValueError, OSError, RuntimeError):
+            raise SecretUnavailable("no such file in the tenant's secrets folder") from None
+        if not path.is_relative_to(home) or not home.is_relative_to(self._root.resolve()):
+            raise SecretUnavailable("the path leaves the tenant's secrets folder")
         try:
             if not path.is_file():
-                raise self._error(ref, "not a regular file")
+                raise SecretUnavailable("not a regular file")
             with path.open("rb") as handle:
                 data = handle.read(_MAX_SECRET_BYTES + 1)
-        except OSError as exc:
-            raise self._error(ref, "the file cannot be read") from exc
+        except OSError:
+            raise SecretUnavailable("the file cannot be read") from None
         if len(data) > _MAX_SECRET_BYTES:
-            raise self._error(ref, f"the file is larger than {_MAX_SECRET_BYTES} bytes")
+            raise SecretResolutionError(
+                f"secret {ref} is not usable: larger than {_MAX_SECRET_BYTES} bytes",
+                secret_ref=str(ref),
+            )
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError:
-            # Not chained: the codec's message quotes bytes of the value.
-            raise self._error(ref, "the file is not UTF-8 text") from None
+            # Not chained, not quoted: the codec's message shows bytes of the value.
+            raise SecretResolutionError(
+                f"secret {ref} is not usable: not UTF-8 text", secret_ref=str(ref)
+            ) from None
         return text.removesuffix("\n").removesuffix("\r")
-
-    @staticmethod
-    def _error(ref: SecretRef, why: str) -> SecretResolutionError:
-        return SecretResolutionError(
-            f"secret {ref} could not be resolved: {why}", secret_ref=str(ref)
-        )
 
 
 class SecretsSettings(BaseSettings):
@@ -300,60 +346,112 @@ class SecretsSettings(BaseSettings):
     providers: tuple[str, ...] = ("env", "file")
     #: Prefix of the environment variables the ``env`` provider may read.
     env_prefix: str = DEFAULT_ENV_PREFIX
-    #: Directory the ``file`` provider is confined to.
+    #: Directory the ``file`` provider is confined to (one folder per tenant inside).
     file_root: Path = DEFAULT_FILE_ROOT
+    #: The secret catalogue (``secret_catalogue``); without one no secret may be used.
+    catalogue_file: Path | None = None
+
+    def catalogue(self) -> SecretCatalogue:
+        """The catalogue ``catalogue_file`` holds (``SecretCatalogueError`` if invalid)."""
+        return SecretCatalogue.load(self.catalogue_file)
+
+
+def unavailable_error(ref: SecretRef, path: str) -> SecretResolutionError:
+    """The one answer for a secret that is not allowed here, not catalogued or not set.
+
+    Identical in every case (and at submit: ``policy_enforcement``), so a caller cannot tell
+    whether a secret exists; the true cause goes to the worker's log only.
+    """
+    return SecretResolutionError(
+        f"secret {ref} at {path} is not available to this step: the tenant's secret catalogue "
+        "must allow it for this action and destination, and it must be set in the tenant's "
+        "namespace",
+        secret_ref=str(ref),
+        field=path,
+    )
 
 
 class SecretResolver:
-    """Replaces secret references by their values just in time, registering them for masking."""
+    """Replaces secret references by their values just in time, registering them for masking.
 
-    def __init__(self, providers: Iterable[SecretProvider]) -> None:
+    Every reference is checked against ``catalogue`` (default: empty, nothing allowed) for the
+    step's tenant, action and destination before any provider is asked.
+    """
+
+    def __init__(
+        self, providers: Iterable[SecretProvider], catalogue: SecretCatalogue | None = None
+    ) -> None:
         self._providers: dict[str, SecretProvider] = {p.name: p for p in providers}
+        self._catalogue = catalogue if catalogue is not None else SecretCatalogue.empty()
 
     @classmethod
     def from_settings(cls, settings: SecretsSettings) -> SecretResolver:
-        """The resolver with the providers ``settings`` enables (unknown names are ignored)."""
+        """The resolver with the providers ``settings`` enables and its catalogue."""
         available: dict[str, SecretProvider] = {
             "env": EnvSecretProvider(prefix=settings.env_prefix),
             "file": FileSecretProvider(settings.file_root),
         }
-        return cls(available[name] for name in settings.providers if name in available)
+        return cls(
+            (available[name] for name in settings.providers if name in available),
+            settings.catalogue(),
+        )
 
     @property
     def provider_names(self) -> frozenset[str]:
         """Names of the enabled providers."""
         return frozenset(self._providers)
 
-    def resolve(self, ref: SecretRef) -> str:
+    @property
+    def catalogue(self) -> SecretCatalogue:
+        """The catalogue every reference is checked against."""
+        return self._catalogue
+
+    def resolve(self, use: SecretUse, ref: SecretRef, *, path: str = "params") -> str:
         """The value of one reference (not registered with the masker: prefer resolve_params)."""
         provider = self._providers.get(ref.provider)
-        if provider is None:
-            raise SecretResolutionError(
-                f"secret {ref} could not be resolved: provider {ref.provider!r} is not enabled",
+        try:
+            if not self._catalogue.allows(use.tenant_id, ref, use.action, use.destination):
+                raise SecretUnavailable("the secret catalogue does not allow this use")
+            if provider is None:
+                raise SecretUnavailable(f"provider {ref.provider!r} is not enabled")
+            value = provider.fetch(use.tenant_id, ref)
+        except SecretUnavailable as exc:
+            log.warning(
+                "secret_unavailable",
+                tenant_id=use.tenant_id,
                 secret_ref=str(ref),
+                action=use.action,
+                field=path,
+                why=exc.why,
             )
-        value = provider.fetch(ref)
-        if not value:
-            # An empty secret is a misconfiguration, and masking "" would mean nothing.
+            raise unavailable_error(ref, path) from None
+        if len(value) < MIN_SECRET_LENGTH:
+            # Short values cannot be masked safely (and are guessable): a misconfiguration.
             raise SecretResolutionError(
-                f"secret {ref} could not be resolved: it is empty", secret_ref=str(ref)
+                f"secret {ref} at {path} is not usable: shorter than {MIN_SECRET_LENGTH} "
+                "characters",
+                secret_ref=str(ref),
+                field=path,
             )
         return value
 
-    def resolve_params(self, params: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    def resolve_params(
+        self, params: Mapping[str, Any], use: SecretUse
+    ) -> tuple[dict[str, Any], list[str]]:
         """A copy of ``params`` with every reference replaced by its value, and the values.
 
-        Every value is registered with the masker before this returns, so it is redacted from
-        logs even if the caller fails right after. The returned dict holds secrets: keep it in
-        memory for the step only, never persist or log it. Raises ``SecretResolutionError``
-        (naming the reference and its field, never a value) for a malformed reference, a
-        disabled provider or a missing secret.
+        ``use`` says who (tenant) uses them for what (action, destination). Every value is
+        registered with the masker before this returns, so it is redacted from logs even if
+        the caller fails right after. The returned dict holds secrets: keep it in memory for the
+        step only, never persist or log it. Raises ``SecretResolutionError`` (naming the
+        reference and its field, never a value) for a malformed reference or a secret that is
+        not available (`unavailable_error`) or too short.
         """
         values: list[str] = []
-        resolved = self._replace(params, "params", values)
+        resolved = self._replace(params, "params", values, use)
         return resolved, values
 
-    def _replace(self, value: Any, path: str, values: list[str]) -> Any:
+    def _replace(self, value: Any, path: str, values: list[str], use: SecretUse) -> Any:
         if is_secret_ref(value):
             try:
                 ref = _parse(value)
@@ -361,11 +459,7 @@ class SecretResolver:
                 raise SecretResolutionError(
                     f"malformed secret reference at {path}: {exc}", field=path
                 ) from exc
-            try:
-                secret = self.resolve(ref)
-            except SecretResolutionError as exc:
-                exc.details.setdefault("field", path)
-                raise
+            secret = self.resolve(use, ref, path=path)
             if secret not in values:
                 # Registered at once: even if a later reference fails, this one is masked.
                 register_secret(secret)
@@ -373,8 +467,11 @@ class SecretResolver:
             return secret
         if isinstance(value, Mapping):
             return {
-                key: self._replace(item, f"{path}.{key}", values) for key, item in value.items()
+                key: self._replace(item, f"{path}.{key}", values, use)
+                for key, item in value.items()
             }
         if isinstance(value, list | tuple):
-            return [self._replace(item, f"{path}[{i}]", values) for i, item in enumerate(value)]
+            return [
+                self._replace(item, f"{path}[{i}]", values, use) for i, item in enumerate(value)
+            ]
         return value

@@ -5,6 +5,11 @@ The HS256 key lives in the data folder (created once, mode 0600) and is handed t
 the ``dev`` tenant is enabled for Stage E (that tenant only) and the principal ``dev-admin``
 gets the ``admin`` role in it and in the system tenant (feature flags). The printed token lasts
 12 hours; ``python -m opsconductor.devstack token`` mints another.
+
+Secrets belong to a tenant and to destinations, so the ``dev`` tenant gets one of its own
+(`dev_secrets`): ``file:dev_token`` (random, created once in ``secrets/dev/dev_token`` of the
+data folder, mode 0600) and a secret catalogue (``secret-catalogue.yaml``) letting the ``noop``
+action receive it — enough to try a ``$secret`` reference, and its refusal anywhere else.
 """
 
 from __future__ import annotations
@@ -35,6 +40,34 @@ def signing_key(devstack_dir: Path) -> str:
         path.touch(mode=0o600)
         path.write_text(secrets.token_hex(32))
     return path.read_text().strip()
+
+
+#: The dev tenant's secret (``{"$secret": "file:dev_token"}``) and what may receive it.
+DEV_SECRET_REF = "file:dev_token"  # noqa: S105 - a reference, not a value
+DEV_CATALOGUE = f"""\
+# Written by make run: where the dev tenant's secrets may be used (docs/security.md).
+tenants:
+  {DEV_TENANT}:
+    "{DEV_SECRET_REF}":
+      actions: [noop]
+"""
+
+
+def dev_secrets(devstack_dir: Path) -> dict[str, str]:
+    """The dev tenant's secret file and the catalogue, created once; the services' variables.
+
+    ``OPSC_SECRETS_FILE_ROOT`` and ``OPSC_SECRETS_CATALOGUE_FILE`` point at them.
+    """
+    root = devstack_dir / "secrets"
+    folder = root / DEV_TENANT
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    secret = folder / DEV_SECRET_REF.split(":", 1)[1]
+    if not secret.exists():
+        secret.touch(mode=0o600)
+        secret.write_text(secrets.token_urlsafe(24))
+    catalogue = devstack_dir / "secret-catalogue.yaml"
+    catalogue.write_text(DEV_CATALOGUE)
+    return {"OPSC_SECRETS_FILE_ROOT": str(root), "OPSC_SECRETS_CATALOGUE_FILE": str(catalogue)}
 
 
 def dev_token(key: str, *, actor: str = DEV_PRINCIPAL, tenant: str = DEV_TENANT) -> str:

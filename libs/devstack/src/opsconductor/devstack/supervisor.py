@@ -48,6 +48,7 @@ from opsconductor.devstack.config import EMBEDDED_DATABASE, DevstackSettings
 from opsconductor.devstack.dev_identity import (
     DEV_PRINCIPAL,
     DEV_TENANT,
+    dev_secrets,
     dev_token,
     seed_dev_tenant,
     signing_key,
@@ -255,6 +256,12 @@ class Supervisor:
             "OPSC_LOG_JSON": "true" if s.log_json else "false",
             "OPSC_JWT_HS256_KEY": self.jwt_key,
             "PYTHONUNBUFFERED": "1",
+            # The dev tenant's secret and catalogue, unless the developer brings their own.
+            **{
+                name: value
+                for name, value in dev_secrets(s.devstack_dir).items()
+                if name not in os.environ
+            },
             **self._extra_env,
         }
 

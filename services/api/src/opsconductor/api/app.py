@@ -24,6 +24,7 @@ from opsconductor.common.errors import StorageError
 from opsconductor.common.queue.redis_queue import RedisQueue, create_redis_client
 from opsconductor.common.rbac import Authorizer, RbacPolicy
 from opsconductor.common.rpc.resources import DatabasePool
+from opsconductor.common.secrets import SecretsSettings
 from opsconductor.common.storage.execution_stats import ObservedDurations
 from opsconductor.common.storage.flags import FlagCache
 from opsconductor.common.storage.policies import load_timeout_policies
@@ -40,6 +41,8 @@ class ApiApp:
         self._rbac_policy = RbacPolicy.load(settings.rbac_policy_file)
         self._approval_policy = ApprovalPolicy.load(settings.approval_policy_file)
         self._tenant_policies = TenantPolicies.load(settings.tenant_policy_file)
+        # Where each tenant's secrets may go; checked at submit (the api resolves none).
+        self._secret_catalogue = SecretsSettings().catalogue()
         self._worker: WorkerClient | None = None
         self._redis: Redis | None = None
         self._flags: FlagCache | None = None
@@ -80,6 +83,7 @@ class ApiApp:
             queue=queue,
             dedup_window=dedup_window,
             tenant_policies=self._tenant_policies,
+            secret_catalogue=self._secret_catalogue,
         )
         self._queries = ExecutionQueries(pool=pool, authorizer=authorizer, queue=queue)
         self._admin = AdminOperations(

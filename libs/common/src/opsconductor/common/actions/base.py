@@ -300,7 +300,10 @@ class ActionHandler(Protocol):
 
     Optionally a handler also has ``required_action_class(params) -> ActionClass`` when the
     class a step must declare depends on its params (``http``: GET is read, POST is modify);
-    without it ``min_action_class`` applies to every step.
+    without it ``min_action_class`` applies to every step. ``secret_destination(params) -> str |
+    None`` names where the step's secrets go (``http``: the URL, ``shell``: the program), which
+    the tenant's secret catalogue must allow; without it a secret needs the action itself
+    listed in the catalogue (``actions:``).
     """
 
     @property

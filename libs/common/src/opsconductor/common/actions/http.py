@@ -184,6 +184,11 @@ class HttpAction:
         """Half a second: one request, whatever the targets."""
         return 500
 
+    def secret_destination(self, params: Mapping[str, Any]) -> str | None:
+        """The URL: where the secret catalogue must allow this step's secrets to go."""
+        url = params.get("url")
+        return url if isinstance(url, str) else None
+
     def validate(self, params: Mapping[str, Any]) -> list[FieldViolation]:
         """Check method, URL, headers, expected status and timeout (see the module docstring)."""
         return _parse(params)[1].violations

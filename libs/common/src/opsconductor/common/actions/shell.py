@@ -310,6 +310,11 @@ class ShellAction:
         """Check argv, env, env_allow, cwd, timeout and exit codes."""
         return _parse(params)[1].violations
 
+    def secret_destination(self, params: Mapping[str, Any]) -> str | None:
+        """The program (``argv[0]``): what the secret catalogue must allow secrets to reach."""
+        argv = params.get("argv")
+        return argv[0] if isinstance(argv, list) and argv and isinstance(argv[0], str) else None
+
     def policy_violations(
         self, params: Mapping[str, Any], policy: TenantPolicy
     ) -> list[FieldViolation]:

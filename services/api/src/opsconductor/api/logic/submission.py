@@ -42,10 +42,11 @@ from opsconductor.common.planning import (
     decide_mode,
     estimate_duration,
 )
-from opsconductor.common.policy_enforcement import enforce_tenant_policy
+from opsconductor.common.policy_enforcement import enforce_secret_uses, enforce_tenant_policy
 from opsconductor.common.queue import jobs
 from opsconductor.common.queue.redis_queue import RedisQueue
 from opsconductor.common.rbac import Authorizer, Permission, submit_permissions
+from opsconductor.common.secret_catalogue import SecretCatalogue
 from opsconductor.common.storage.execution_leases import fail_unstarted_execution
 from opsconductor.common.storage.execution_reads import get_execution
 from opsconductor.common.storage.execution_records import (
@@ -159,8 +160,11 @@ class Submissions:
         queue: RedisQueue | None,
         dedup_window: timedelta,
         tenant_policies: TenantPolicies | None = None,
+        secret_catalogue: SecretCatalogue | None = None,
     ) -> None:
         self._pool = pool
+        #: Where each tenant's secrets may be used; default: empty, no secret may be used.
+        self._secret_catalogue = secret_catalogue or SecretCatalogue.empty()
         #: What each tenant's plans may do (shell, egress...); default: the packaged, strictest.
         self._tenant_policies = tenant_policies or TenantPolicies.load()
         self._authorizer = authorizer
@@ -251,6 +255,18 @@ class Submissions:
             tier="api",
             tenant_id=tenant_id,
             actor_id=principal.actor_id,
+            resource=resource,
+        )
+        await enforce_secret_uses(
+            self._pool,
+            self._actions,
+            decision.plan,
+            self._secret_catalogue,
+            tier="api",
+            tenant_id=tenant_id,
+            principal=principal,
+            actor_id=principal.actor_id,
+            authorizer=self._authorizer,
             resource=resource,
         )
         if decision.approval_level > flags.max_approval_level:

@@ -51,7 +51,12 @@ from opsconductor.common.fsm import ExecutionStatus, StepStatus
 from opsconductor.common.masking import default_masker, mask_text
 from opsconductor.common.plan import Plan, Step, parse_plan
 from opsconductor.common.planning import MAX_PARALLEL_STEPS, HandlerLookup, can_parallelize
-from opsconductor.common.policy_enforcement import enforce_tenant_policy
+from opsconductor.common.policy_enforcement import (
+    SecretUseDeniedError,
+    enforce_secret_uses,
+    enforce_tenant_policy,
+    step_secret_use,
+)
 from opsconductor.common.secrets import SecretResolver
 from opsconductor.common.storage.cancellation import CancelSignals, check_cancelled
 from opsconductor.common.storage.execution_leases import fail_lost_execution, requeue_execution
@@ -362,9 +367,21 @@ class ExecutionRunner:
 
     async def _check_tenant_policy(
         self, record: ExecutionRecord, plan: Plan
-    ) -> TenantPolicyDeniedError | None:
-        """Before the first step: the refusal (audited) if the tenant's policy forbids a step."""
+    ) -> TenantPolicyDeniedError | SecretUseDeniedError | None:
+        """Before the first step: the refusal (audited) if the tenant's policy forbids a step
+        or its secret catalogue a secret use (never trust what the api decided)."""
         try:
+            await enforce_secret_uses(
+                self._pool,
+                self._handlers,
+                plan,
+                self._secrets.catalogue,
+                tier="worker",
+                tenant_id=record.tenant_id,
+                actor_id=record.actor_id,
+                execution_id=record.id,
+                resource="worker/run",
+            )
             await enforce_tenant_policy(
                 self._pool,
                 self._handlers,
@@ -376,7 +393,7 @@ class ExecutionRunner:
                 execution_id=record.id,
                 resource="worker/run",
             )
-        except TenantPolicyDeniedError as exc:
+        except (TenantPolicyDeniedError, SecretUseDeniedError) as exc:
             return exc
         return None
 
@@ -475,7 +492,9 @@ class ExecutionRunner:
         values: list[str] = []
         try:
             handler = self._handlers.get(step.action)
-            params, values = self._secrets.resolve_params(step.params)
+            params, values = self._secrets.resolve_params(
+                step.params, step_secret_use(self._handlers, step, record.tenant_id)
+            )
             context = ActionContext(
                 execution_id=str(record.id),
                 step_id=step.id,

@@ -1,13 +1,20 @@
-"""The ``http`` built-in against a real HTTP server on 127.0.0.1 (started by these tests)."""
+"""The ``http`` built-in against a real HTTP server on 127.0.0.1 (started by these tests).
+
+Loopback is refused by default (the egress policy), so these tests act as a tenant whose policy
+allows 127.0.0.1/32 (``LOOPBACK``); the attack tests show the refusals without it, and on every
+redirect hop.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import secrets
 import socket
 import threading
 import time
+import urllib.parse
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -23,12 +30,19 @@ from opsconductor.common.actions.base import (
     ActionTimeoutError,
     result_size_bytes,
 )
-from opsconductor.common.actions.http import HttpAction
+from opsconductor.common.actions.http import MAX_REDIRECTS, EgressDeniedError, HttpAction
+from opsconductor.common.egress import reserve_local_ports
 from opsconductor.common.errors import PlanValidationError
 from opsconductor.common.masking import REDACTED
 from opsconductor.common.plan import ActionClass
 from opsconductor.common.secret_catalogue import SecretCatalogue
 from opsconductor.common.secrets import EnvSecretProvider, SecretResolver, SecretUse
+from opsconductor.common.tenant_policy import EgressPolicy, TenantPolicy
+
+#: A tenant allowed to reach 127.0.0.1 (only): what the tests' local servers need.
+LOOPBACK = TenantPolicy(egress=EgressPolicy(allow_networks=("127.0.0.1/32",)))
+#: The packaged default: public addresses only.
+DEFAULT = TenantPolicy()
 
 
 @dataclass
@@ -70,6 +84,15 @@ def _handler(server: Server) -> type[BaseHTTPRequestHandler]:
                 self._reply(int(self.path.rsplit("/", 1)[1]), b"status body")
             elif self.path == "/big":
                 self._reply(200, b"b" * 200_000 + b"TAIL")
+            elif self.path.startswith("/redirect/"):
+                # /redirect/<code>/<url-encoded target>
+                _, _, code, target = self.path.split("/", 3)
+                self.send_response(int(code))
+                self.send_header("Location", urllib.parse.unquote(target))
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+            elif self.path == "/metrics":
+                self._reply(200, b"opsc_internal_metric 42\n")
             elif self.path == "/echo":
                 self._reply(200, json.dumps(dict(self.headers)).encode(), "application/json")
             else:
@@ -88,12 +111,12 @@ def _handler(server: Server) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
-@pytest.fixture
-def server() -> Iterator[Server]:
+@contextlib.contextmanager
+def _serving(host: str) -> Iterator[Server]:
     state = Server(url="")
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(state))
+    httpd = ThreadingHTTPServer((host, 0), _handler(state))
     httpd.daemon_threads = True
-    state.url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    state.url = f"http://{host}:{httpd.server_address[1]}"
     thread = threading.Thread(target=httpd.serve_forever, args=(0.01,), daemon=True)
     thread.start()
     try:
@@ -105,12 +128,26 @@ def server() -> Iterator[Server]:
         thread.join(5)
 
 
+@pytest.fixture
+def server() -> Iterator[Server]:
+    with _serving("127.0.0.1") as state:
+        yield state
+
+
+@pytest.fixture
+def inner_server() -> Iterator[Server]:
+    """Another loopback server (127.0.0.2), outside what ``LOOPBACK`` allows."""
+    with _serving("127.0.0.2") as state:
+        yield state
+
+
 def _ctx(
     params: Mapping[str, Any],
     *,
     timeout_s: float = 30.0,
     record_only: bool = False,
     key: str = "exec-1:step-a",
+    policy: TenantPolicy = LOOPBACK,
 ) -> ActionContext:
     return ActionContext(
         execution_id="exec-1",
@@ -122,6 +159,7 @@ def _ctx(
         timeout_s=timeout_s,
         record_only=record_only,
         cancel_event=asyncio.Event(),
+        tenant_policy=policy,
     )
 
 
@@ -264,7 +302,7 @@ async def test_transport_timeouts_are_action_timeouts() -> None:
 
     action = HttpAction(transport=httpx.MockTransport(refuse))
     with pytest.raises(ActionTimeoutError, match="ConnectTimeout"):
-        await action.run(_ctx({"url": "http://unreachable.test/"}))
+        await action.run(_ctx({"url": "http://1.1.1.1/"}))
 
 
 async def test_record_only_sends_nothing(server: Server) -> None:
@@ -359,3 +397,181 @@ def test_secret_references_allowed_in_headers_and_body() -> None:
         "body": {"password": {"$secret": "file:db_password"}},
     }
     assert HttpAction().validate(params) == []
+
+
+# -- egress: the attacks of issue 8, finding 3, and what stays allowed ------------------------
+
+
+def _redirect(server: Server, code: int, target: str) -> str:
+    return f"{server.url}/redirect/{code}/{urllib.parse.quote(target, safe='')}"
+
+
+@pytest.mark.parametrize(
+    "host",
+    ["127.0.0.1", "localhost", "localhost.", "LocalHost", "2130706433", "0x7f.1", "127.1",
+     "[::ffff:127.0.0.1]", "[::ffff:7f00:1]", "[::1]", "sub.localhost"],
+)  # fmt: skip
+async def test_loopback_in_any_spelling_is_refused_without_the_policy(
+    server: Server, host: str
+) -> None:
+    port = server.url.rsplit(":", 1)[1]
+    with pytest.raises(EgressDeniedError, match="loopback address") as info:
+        await HttpAction().run(_ctx({"url": f"http://{host}:{port}/metrics"}, policy=DEFAULT))
+    assert info.value.reason == "EGRESS_DENIED"
+    assert server.requests == []
+
+
+@pytest.mark.parametrize(
+    ("url", "kind"),
+    [
+        ("http://169.254.169.254/latest/meta-data/", "link-local"),
+        ("http://[fe80::1]/", "link-local"),
+        ("http://10.1.2.3/", "private"),
+        ("http://172.16.0.1/", "private"),
+        ("http://192.168.1.1/", "private"),
+        ("http://100.64.0.1/", r"shared \(CGNAT\)"),
+        ("http://0.0.0.0/", "unspecified"),
+        ("http://[::]/", "unspecified"),
+        ("http://224.0.0.1/", "multicast"),
+        ("http://[fd00::1]/", "private"),
+        ("http://[64:ff9b::a9fe:a9fe]/", "link-local"),
+        ("http://[2002:7f00:1::]/", "loopback"),
+    ],
+)
+async def test_non_public_addresses_are_refused_before_any_connection(url: str, kind: str) -> None:
+    with pytest.raises(EgressDeniedError, match=kind):
+        await HttpAction().run(_ctx({"url": url}, policy=DEFAULT, timeout_s=2.0))
+
+
+def test_a_host_the_client_cannot_parse_is_refused_by_validation() -> None:
+    """Octal dotted forms are no valid IPv4 address for httpx (and would resolve to loopback)."""
+    assert [v.field for v in HttpAction().validate({"url": "http://0177.0.0.1/"})] == ["params.url"]
+
+
+async def test_the_submit_check_refuses_literal_non_public_hosts() -> None:
+    action = HttpAction()
+    for url in ("http://127.0.0.1:9102/metrics", "http://localhost/", "http://2130706433/"):
+        [violation] = action.policy_violations({"url": url}, DEFAULT)
+        assert violation.field == "params.url"
+        assert "egress.allow_networks" in violation.description
+    assert action.policy_violations({"url": "http://127.0.0.1/"}, LOOPBACK) == []
+    # Names are resolved (and checked) by the worker; bad URLs are validate()'s business.
+    assert action.policy_violations({"url": "https://api.example.com/"}, DEFAULT) == []
+    assert action.policy_violations({"url": "http://[::1"}, DEFAULT) == []
+    assert action.policy_violations({}, DEFAULT) == []
+
+
+async def test_ssrf_to_the_services_own_port_is_refused_even_when_loopback_is_allowed(
+    server: Server,
+) -> None:
+    """The worker's /metrics stands in for every listener of the process (reserved ports)."""
+    port = int(server.url.rsplit(":", 1)[1])
+    reserve_local_ports([port])
+    try:
+        with pytest.raises(EgressDeniedError, match="this service's own"):
+            await HttpAction().run(_ctx({"url": f"{server.url}/metrics"}))
+    finally:
+        from opsconductor.common import egress
+
+        egress._reserved.discard(port)
+    assert server.requests == []
+
+
+@pytest.mark.parametrize("code", [301, 302, 303, 307, 308])
+async def test_a_redirect_from_an_allowed_server_to_another_address_is_refused(
+    server: Server, inner_server: Server, code: int
+) -> None:
+    """127.0.0.1 is allowed, 127.0.0.2 is not: the hop is checked like the first request."""
+    url = _redirect(server, code, f"{inner_server.url}/metrics")
+    with pytest.raises(EgressDeniedError, match="loopback"):
+        await HttpAction().run(_ctx({"url": url, "follow_redirects": True}))
+    assert len(server.requests) == 1
+    assert inner_server.requests == []
+
+
+async def test_a_redirect_to_the_metadata_service_is_refused(server: Server) -> None:
+    url = _redirect(server, 302, "http://169.254.169.254/latest/meta-data/iam/")
+    with pytest.raises(EgressDeniedError, match="link-local"):
+        await HttpAction().run(_ctx({"url": url, "follow_redirects": True}))
+
+
+async def test_allowed_redirects_are_followed_and_the_host_header_is_the_urls(
+    server: Server,
+) -> None:
+    """Connected to the checked address, the request still names the URL's host."""
+    port = server.url.rsplit(":", 1)[1]
+    url = _redirect(server, 302, f"http://localhost:{port}/echo")
+    result = await HttpAction().run(_ctx({"url": url, "follow_redirects": True}))
+    assert result.output["status"] == 200
+    assert server.requests[1].path == "/echo"
+    assert server.requests[1].headers["Host"] == f"localhost:{port}"
+    assert server.requests[0].headers["Host"] == f"127.0.0.1:{port}"
+
+
+async def test_without_follow_redirects_the_3xx_is_the_answer(server: Server) -> None:
+    url = _redirect(server, 302, "http://169.254.169.254/")
+    result = await HttpAction().run(_ctx({"url": url, "expected_status": 302}))
+    assert result.output["status"] == 302
+    assert len(server.requests) == 1
+
+
+async def test_a_cross_origin_redirect_drops_the_plans_headers(server: Server) -> None:
+    """The plan's headers (secrets allowed for the first destination) stay behind; the
+    idempotency key goes on."""
+    port = server.url.rsplit(":", 1)[1]
+    url = _redirect(server, 302, f"http://localhost:{port}/echo")
+    await HttpAction().run(
+        _ctx({"url": url, "follow_redirects": True, "headers": {"X-Token": "abc-secretish"}})
+    )
+    first, second = server.requests
+    assert first.headers["X-Token"] == "abc-secretish"
+    assert "X-Token" not in second.headers
+    assert second.headers["Idempotency-Key"] == "exec-1:step-a"
+
+
+async def test_a_same_origin_redirect_keeps_headers_and_303_turns_post_into_get(
+    server: Server,
+) -> None:
+    url = _redirect(server, 303, f"{server.url}/echo")
+    await HttpAction().run(
+        _ctx(
+            {
+                "method": "POST",
+                "url": url,
+                "body": {"a": 1},
+                "follow_redirects": True,
+                "headers": {"X-Team": "ops"},
+            }
+        )
+    )
+    first, second = server.requests
+    assert (first.method, second.method) == ("POST", "GET")
+    assert second.headers["X-Team"] == "ops"
+    assert second.body == b""
+
+
+async def test_a_307_with_a_body_to_another_origin_is_not_resent(server: Server) -> None:
+    port = server.url.rsplit(":", 1)[1]
+    url = _redirect(server, 307, f"http://localhost:{port}/echo")
+    with pytest.raises(ActionFailedError, match="another origin with a body"):
+        await HttpAction().run(
+            _ctx({"method": "PUT", "url": url, "body": "x", "follow_redirects": True})
+        )
+    assert len(server.requests) == 1
+
+
+async def test_redirect_loops_stop_after_the_hop_limit(server: Server) -> None:
+    loop_url = f"{server.url}/redirect/302/{urllib.parse.quote(server.url + '/x', safe='')}"
+    # Each hop points at a URL that redirects again: build a chain longer than the limit.
+    url = loop_url
+    for _ in range(MAX_REDIRECTS + 1):
+        url = _redirect(server, 302, url)
+    with pytest.raises(ActionFailedError, match=f"more than {MAX_REDIRECTS} redirects"):
+        await HttpAction().run(_ctx({"url": url, "follow_redirects": True}))
+    assert len(server.requests) == MAX_REDIRECTS + 1
+
+
+async def test_an_unresolvable_host_is_a_connect_error() -> None:
+    with pytest.raises(ActionFailedError) as info:
+        await HttpAction().run(_ctx({"url": "http://no-such-host.invalid/"}, timeout_s=10.0))
+    assert info.value.details["error_class"] == "ConnectError"

@@ -18,6 +18,7 @@ leaves a tenant on the defaults.
 
 from __future__ import annotations
 
+import ipaddress
 import os.path
 import re
 from collections.abc import Mapping, Sequence
@@ -183,7 +184,28 @@ class ShellPolicy(_Section):
 
 
 class EgressPolicy(_Section):
-    """Where the ``http`` action may connect for a tenant (see docs/security.md)."""
+    """Where the ``http`` action may connect for a tenant (see docs/security.md, `egress`).
+
+    Public addresses are always allowed; ``allow_networks`` (CIDRs, e.g. ``10.20.0.0/16``,
+    ``127.0.0.1/32``) adds non-public ones — loopback, private, link-local... — that steps of
+    this tenant may reach. The service's own ports stay refused on them regardless.
+    """
+
+    allow_networks: tuple[str, ...] = ()
+
+    @model_validator(mode="after")
+    def _networks(self) -> EgressPolicy:
+        for cidr in self.allow_networks:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                raise ValueError(f"allow_networks: {cidr!r} is not a network (CIDR)") from None
+        return self
+
+    @property
+    def networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        """``allow_networks`` parsed."""
+        return tuple(ipaddress.ip_network(cidr, strict=False) for cidr in self.allow_networks)
 
 
 class QuotaPolicy(_Section):

@@ -10,7 +10,18 @@ Params::
     expected_status  an integer or a list of them; default any 2xx
     timeout_s        whole-request limit in seconds (default 30, at most 300), further capped
                      by the step's remaining budget
-    follow_redirects false by default
+    follow_redirects false by default; when true, at most 5 hops, each checked like the first
+
+**Egress** (``opsconductor.common.egress``, docs/security.md "Egress policy for http"): the host
+is resolved here, every address it resolves to must be allowed for the tenant (public, or in
+its ``egress.allow_networks``; never this service's own ports on a non-public address), and the
+request goes to that checked address, keeping the ``Host`` header and the TLS server name (SNI
+and certificate check) of the URL — so a DNS answer cannot change between check and connect.
+Redirects are followed here, not by httpx: every hop is resolved and checked again; a hop to
+another origin (scheme, host or port) drops the plan's headers and body (they may hold secrets
+allowed for the first destination only), and a 307/308 to another origin with a body fails.
+A refusal fails the step with ``EGRESS_DENIED``; the api already refuses URLs whose host is a
+non-public IP literal or ``localhost`` at submit (``policy_violations``).
 
 Every request carries ``Idempotency-Key: <execution_id>:<step_id>``, identical on each attempt
 of the step, so a receiver that honours it applies a retried step once. The result holds the
@@ -22,7 +33,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import re
+import socket
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -41,11 +54,13 @@ from opsconductor.common.actions.base import (
     record_only_result,
 )
 from opsconductor.common.actions.params import ParamReader, require_text
+from opsconductor.common.egress import IpAddress, IpNetwork, egress_problem, literal_address
 from opsconductor.common.errors import FieldViolation, PlanValidationError
 from opsconductor.common.plan import ActionClass
 from opsconductor.common.secrets import find_secret_refs
+from opsconductor.common.tenant_policy import TenantPolicy
 
-__all__ = ["HttpAction"]
+__all__ = ["MAX_REDIRECTS", "EgressDeniedError", "HttpAction"]
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 METHODS = SAFE_METHODS | {"POST", "PUT", "PATCH", "DELETE"}
@@ -61,6 +76,15 @@ _MAX_TIMEOUT_S = 300.0
 #: Bytes of the response body read at most; the excerpt in the result is smaller still.
 _READ_CAP = 64 * 1024
 _BODY_EXCERPT_BYTES = 4096
+MAX_REDIRECTS = 5
+_REDIRECT_CODES = frozenset({301, 302, 303, 307, 308})
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+class EgressDeniedError(ActionFailedError):
+    """The request (or a redirect hop) would reach an address the tenant may not reach."""
+
+    reason = "EGRESS_DENIED"
 
 
 @dataclass(frozen=True)
@@ -87,6 +111,10 @@ def _url_problem(url: str) -> str | None:
         return shape
     if parts.username is not None or parts.password is not None:
         return "must not contain credentials; put them in a header as a secret reference"
+    try:
+        httpx.URL(url)  # stricter than urlsplit: e.g. "0177.0.0.1" is no valid IPv4 address
+    except httpx.InvalidURL:
+        return shape
     return None
 
 
@@ -184,6 +212,26 @@ class HttpAction:
         """Half a second: one request, whatever the targets."""
         return 500
 
+    def policy_violations(
+        self, params: Mapping[str, Any], policy: TenantPolicy
+    ) -> list[FieldViolation]:
+        """A URL whose host is a non-public IP literal or ``localhost`` the policy does not
+        allow, refused at submit (names resolve in the worker, which checks them again)."""
+        url = params.get("url")
+        try:
+            parts = urlsplit(url) if isinstance(url, str) else None
+            host, port = (parts.hostname, parts.port) if parts is not None else (None, None)
+        except ValueError:
+            return []  # validate() reports the URL itself
+        address = literal_address(host) if host else None
+        if address is None or parts is None:
+            return []
+        scheme = parts.scheme.lower()
+        problem = egress_problem(
+            address, port or _DEFAULT_PORTS.get(scheme, 0), policy.egress.networks
+        )
+        return [] if problem is None else [FieldViolation("params.url", problem)]
+
     def secret_destination(self, params: Mapping[str, Any]) -> str | None:
         """The URL: where the secret catalogue must allow this step's secrets to go."""
         url = params.get("url")
@@ -221,10 +269,12 @@ class HttpAction:
         async with httpx.AsyncClient(
             transport=self._transport,
             timeout=httpx.Timeout(timeout_s),
-            follow_redirects=request.follow_redirects,
+            follow_redirects=False,
             trust_env=False,
         ) as client:
-            sending = asyncio.create_task(_send(client, request, headers))
+            sending = asyncio.create_task(
+                _send(client, request, headers, ctx.tenant_policy.egress.networks)
+            )
             cancelled = asyncio.create_task(ctx.cancel_event.wait())
             try:
                 await asyncio.wait(
@@ -249,24 +299,127 @@ class HttpAction:
         return _check(request, sending, elapsed_ms, timeout_s, timeout_s >= ctx.timeout_s)
 
 
+async def _resolve(host: str, port: int) -> list[IpAddress]:
+    """Every address ``host`` stands for (literals without DNS), in resolver order."""
+    literal = literal_address(host)
+    if literal is not None:
+        return [literal]
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise httpx.ConnectError(f"cannot resolve host {host!r}") from exc
+    found: list[IpAddress] = []
+    for info in infos:
+        address = ipaddress.ip_address(str(info[4][0]).split("%", 1)[0])
+        if address not in found:
+            found.append(address)
+    return found
+
+
+async def _pinned(
+    url: httpx.URL, networks: tuple[IpNetwork, ...]
+) -> tuple[httpx.URL, str, dict[str, Any]]:
+    """``url`` aimed at one checked address, its ``Host`` header and the TLS extensions.
+
+    Every address the host resolves to must pass `egress_problem`: a mixed answer (one public,
+    one private) is refused rather than tried in turn.
+    """
+    host = url.host
+    port = url.port or _DEFAULT_PORTS[url.scheme]
+    addresses = await _resolve(host, port)
+    if not addresses:
+        raise httpx.ConnectError(f"cannot resolve host {host!r}")
+    for address in addresses:
+        problem = egress_problem(address, port, networks)
+        if problem is not None:
+            raise EgressDeniedError(
+                f"HTTP request to {host} refused by the egress policy: {problem}",
+                output={"error_class": EgressDeniedError.reason, "host": host},
+            )
+    extensions: dict[str, Any] = {}
+    if url.scheme == "https":
+        # The certificate is checked against the URL's host, not the address dialled.
+        extensions["sni_hostname"] = host
+    return url.copy_with(host=str(addresses[0])), url.netloc.decode("ascii"), extensions
+
+
+def _same_origin(a: httpx.URL, b: httpx.URL) -> bool:
+    return (a.scheme, a.host, a.port or _DEFAULT_PORTS[a.scheme]) == (
+        b.scheme,
+        b.host,
+        b.port or _DEFAULT_PORTS[b.scheme],
+    )
+
+
+def _redirect_target(url: httpx.URL, response: httpx.Response) -> httpx.URL | None:
+    location = response.headers.get("location")
+    if response.status_code not in _REDIRECT_CODES or not location:
+        return None
+    try:
+        target = url.join(location)
+    except httpx.InvalidURL:
+        return None
+    return target if target.scheme in _DEFAULT_PORTS and target.host else None
+
+
 async def _send(
-    client: httpx.AsyncClient, request: _Request, headers: dict[str, str]
+    client: httpx.AsyncClient,
+    request: _Request,
+    headers: dict[str, str],
+    networks: tuple[IpNetwork, ...],
 ) -> tuple[httpx.Response, bytes, bool]:
-    """The response, up to ``_READ_CAP`` bytes of its body, and whether more was left unread."""
-    body = request.body
-    content = body if isinstance(body, str) else None
-    payload = None if body is None or isinstance(body, str) else body
-    async with client.stream(
-        request.method, request.url, headers=headers, content=content, json=payload
-    ) as response:
-        data = bytearray()
-        more = False
-        async for chunk in response.aiter_bytes():
-            data += chunk
-            if len(data) > _READ_CAP:
-                more = True
-                break
-        return response, bytes(data[:_READ_CAP]), more
+    """The final response, up to ``_READ_CAP`` bytes of its body, and whether more was left.
+
+    Redirects (when asked for) are followed here, each hop checked like the first.
+    """
+    url = httpx.URL(request.url)
+    method, body, sent_headers = request.method, request.body, dict(headers)
+    plan_headers = {name for name in headers if name != IDEMPOTENCY_HEADER}
+    for hop in range(MAX_REDIRECTS + 1):
+        target, host_header, extensions = await _pinned(url, networks)
+        content = body if isinstance(body, str) else None
+        payload = None if body is None or isinstance(body, str) else body
+        async with client.stream(
+            method,
+            target,
+            headers={**sent_headers, "Host": host_header},
+            content=content,
+            json=payload,
+            extensions=extensions,
+        ) as response:
+            following = _redirect_target(url, response) if request.follow_redirects else None
+            if following is None:
+                return await _read(response)
+        if hop == MAX_REDIRECTS:
+            break
+        if response.status_code == 303 or (response.status_code in (301, 302) and method == "POST"):
+            method = "GET" if method != "HEAD" else method
+            body = None
+        if not _same_origin(url, following):
+            if body is not None:
+                raise ActionFailedError(
+                    f"HTTP {method} redirected to another origin with a body; not resent",
+                    output={"status": response.status_code},
+                )
+            # The plan's headers may hold secrets allowed for the first destination only.
+            sent_headers = {k: v for k, v in sent_headers.items() if k not in plan_headers}
+        url = following
+    raise ActionFailedError(
+        f"HTTP {request.method} followed more than {MAX_REDIRECTS} redirects",
+        output={"redirects": MAX_REDIRECTS},
+    )
+
+
+async def _read(response: httpx.Response) -> tuple[httpx.Response, bytes, bool]:
+    data = bytearray()
+    more = False
+    async for chunk in response.aiter_bytes():
+        data += chunk
+        if len(data) > _READ_CAP:
+            more = True
+            break
+    return response, bytes(data[:_READ_CAP]), more
 
 
 def _check(

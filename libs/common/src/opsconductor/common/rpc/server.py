@@ -38,6 +38,7 @@ from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined
 from grpc_reflection.v1alpha import reflection
 from pydantic import ValidationError
 
+from opsconductor.common.egress import reserve_local_ports
 from opsconductor.common.rpc.interceptors import ServerObservabilityInterceptor
 from opsconductor.common.rpc.tls import server_credentials
 
@@ -210,6 +211,10 @@ async def serve(
         loop.add_signal_handler(signum, stop_requested.set)
     try:
         await rpc.start()
+        # No http step may reach this process's own listeners (docs/security.md, egress).
+        reserve_local_ports(
+            [rpc.port, rpc.health_port, None if metrics is None else metrics.server_port]
+        )
         _write_port_file(settings.port_file, rpc.port)
         log.info(
             "server_started",

@@ -126,11 +126,13 @@ async def running_stack(
     redis_url: str,
     *,
     with_approvals: bool = False,
+    with_progress: bool = False,
     tenant_policy_file: Path | None = None,
     **worker_env: str,
 ) -> AsyncIterator[Stack]:
-    """Worker and api processes (and the approvals service if asked) on ``dsn`` with
-    ``redis_url``, stopped on exit; every service reads ``tenant_policy_file`` if given."""
+    """Worker and api processes (and the approvals and progress services if asked) on ``dsn``
+    with ``redis_url``, stopped on exit; every service reads ``tenant_policy_file`` if given.
+    The progress service's HTTP port is ``stack.http_port("progress")``."""
     log_dir = Path(tempfile.mkdtemp(prefix="opsc-e2e-"))
     running = Stack(dsn=dsn, log_dir=log_dir)
     common = {
@@ -153,6 +155,20 @@ async def running_stack(
         if with_approvals:
             await start_service(
                 "approvals", running, {**common, "OPSC_WORKER_TARGET": worker.address}
+            )
+        if with_progress:
+            await start_service(
+                "progress",
+                running,
+                {
+                    **common,
+                    "OPSC_HTTP_PORT": "0",
+                    "OPSC_HTTP_PORT_FILE": str(log_dir / "progress.http-port"),
+                    "OPSC_API_TARGET": running.address("api"),
+                    "OPSC_APPROVALS_TARGET": (
+                        running.address("approvals") if with_approvals else "127.0.0.1:9"
+                    ),
+                },
             )
         yield running
     finally:

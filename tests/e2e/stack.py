@@ -61,6 +61,10 @@ class Stack:
     def address(self, name: str) -> str:
         return self.services[name].address
 
+    def http_port(self, name: str) -> int:
+        """The HTTP port a service wrote to ``<name>.http-port`` (the progress service)."""
+        return int((self.log_dir / f"{name}.http-port").read_text())
+
     def logs(self) -> str:
         """Everything every service has logged so far."""
         return "".join(p.read_text(errors="replace") for p in sorted(self.log_dir.glob("*.log")))

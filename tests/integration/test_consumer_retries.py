@@ -267,7 +267,9 @@ async def test_a_failing_job_is_dead_lettered_after_exactly_max_attempts_with_do
     assert record.error_class == entries[0]["error_class"] == "ACTION_FAILED"
     types = await event_types(rig.pool, execution_id)
     assert types.count("execution_requeued") == 4
-    assert types[-1] == "execution_completed"
+    # Each retry is announced with its attempt; the DLQ move is the event before the end.
+    assert types.count("retry_scheduled") == 4
+    assert types[-2:] == ["moved_to_dlq", "execution_completed"]
     assert not await rig.queue.exists(job_id)
 
 

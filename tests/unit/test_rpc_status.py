@@ -65,6 +65,8 @@ CASES: list[tuple[errors.OpsConductorError, grpc.StatusCode, str]] = [
     ),
     (errors.FailedPreconditionError(), Code.FAILED_PRECONDITION, "FAILED_PRECONDITION"),
     (errors.QueueUnavailableError(), Code.UNAVAILABLE, "QUEUE_UNAVAILABLE"),
+    (errors.ResourceExhaustedError(), Code.RESOURCE_EXHAUSTED, "RESOURCE_EXHAUSTED"),
+    (errors.SubscriberLaggedError(), Code.RESOURCE_EXHAUSTED, "SUBSCRIBER_LAGGED"),
     (errors.WorkerUnavailableError(), Code.UNAVAILABLE, "WORKER_UNAVAILABLE"),
     (
         errors.UnimplementedError("SubmitExecution is not implemented yet"),

@@ -25,8 +25,10 @@ from opsconductor.contract.errors import (
     PlanValidationError,
     QueueUnavailableError,
     ResourceBusyError,
+    ResourceExhaustedError,
     SelfApprovalError,
     StorageError,
+    SubscriberLaggedError,
     UnimplementedError,
     WorkerUnavailableError,
 )
@@ -46,6 +48,7 @@ from .models import (
     Preview,
     QueueStats,
 )
+from .progress import ProgressTracker
 from .tls import ClientTls
 
 __all__ = [
@@ -78,11 +81,14 @@ __all__ = [
     "PermissionDeniedError",
     "PlanValidationError",
     "Preview",
+    "ProgressTracker",
     "QueueStats",
     "QueueUnavailableError",
     "ResourceBusyError",
+    "ResourceExhaustedError",
     "RpcError",
     "SelfApprovalError",
+    "SubscriberLaggedError",
     "StorageError",
     "UnimplementedError",
     "WorkerUnavailableError",

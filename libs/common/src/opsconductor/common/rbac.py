@@ -56,7 +56,7 @@ __all__ = [
 
 log = structlog.get_logger(__name__)
 
-Tier = Literal["api", "worker", "approvals"]
+Tier = Literal["api", "worker", "approvals", "progress"]
 _TIERS: Final = frozenset(get_args(Tier))
 
 

@@ -26,6 +26,8 @@ The hierarchy (reason on the right):
     - ApprovalLevelNotEnabledError ...................... APPROVAL_LEVEL_NOT_ENABLED
     - FeatureDisabledError .............................. STAGE_E_DISABLED
     - SecretResolutionError ............................. SECRET_UNRESOLVED
+  + ResourceExhaustedError .............................. RESOURCE_EXHAUSTED
+    - SubscriberLaggedError ............................. SUBSCRIBER_LAGGED
   + QueueUnavailableError ............................... QUEUE_UNAVAILABLE
   + WorkerUnavailableError .............................. WORKER_UNAVAILABLE
   + UnimplementedError .................................. UNIMPLEMENTED
@@ -67,10 +69,12 @@ __all__ = [
     "PlanValidationError",
     "QueueUnavailableError",
     "ResourceBusyError",
+    "ResourceExhaustedError",
     "SecretResolutionError",
     "SelfApprovalError",
     "StaleLeaseError",
     "StorageError",
+    "SubscriberLaggedError",
     "UnimplementedError",
     "WorkerUnavailableError",
 ]
@@ -255,6 +259,25 @@ class SecretResolutionError(FailedPreconditionError):
     """
 
     reason = "SECRET_UNRESOLVED"
+
+
+class ResourceExhaustedError(OpsConductorError):
+    """A limit was reached (e.g. live subscribers per tenant or per process); retry later.
+
+    Details name the limit (``limit``, ``max``) so the caller can tell which one.
+    """
+
+    reason = "RESOURCE_EXHAUSTED"
+
+
+class SubscriberLaggedError(ResourceExhaustedError):
+    """The subscriber read events too slowly and was disconnected; resume from ``after_seq``.
+
+    Details: ``execution_id`` and ``after_seq``, the seq of the last event delivered, from which
+    a new subscription misses nothing.
+    """
+
+    reason = "SUBSCRIBER_LAGGED"
 
 
 class QueueUnavailableError(OpsConductorError):

@@ -64,6 +64,8 @@ STATUS_TABLE: Final[tuple[StatusRow, ...]] = (
     StatusRow(e.ConflictError, grpc.StatusCode.ABORTED, fallback=True),
     StatusRow(e.StaleLeaseError, grpc.StatusCode.ABORTED),
     StatusRow(e.FailedPreconditionError, grpc.StatusCode.FAILED_PRECONDITION, fallback=True),
+    # A limit (subscribers per tenant or process, the server's RPCs in flight): retry later.
+    StatusRow(e.ResourceExhaustedError, grpc.StatusCode.RESOURCE_EXHAUSTED, fallback=True),
     StatusRow(e.QueueUnavailableError, grpc.StatusCode.UNAVAILABLE),
     StatusRow(e.WorkerUnavailableError, grpc.StatusCode.UNAVAILABLE),
     StatusRow(e.UnimplementedError, grpc.StatusCode.UNIMPLEMENTED),

@@ -1,11 +1,14 @@
 """Settings of the progress service: ``OPSC_*`` variables, defaults for ProgressService.
 
 Everything common (database, Redis, logging, JWT, ports) is documented on
-:class:`opsconductor.common.settings.ServiceSettings`; this class only sets the progress service's
-defaults: gRPC on 50054 and HTTP (WebSocket, SSE, long-poll, UI) on 8080.
+:class:`opsconductor.common.settings.ServiceSettings`; this class sets the progress service's
+defaults (gRPC on 50054, HTTP — WebSocket, SSE, long-poll, grpc-web and the UI — on 8080) and
+its own limits.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from pydantic import Field
 
@@ -13,11 +16,35 @@ from opsconductor.common.settings import ServiceSettings
 
 
 class ProgressSettings(ServiceSettings):
-    """Settings of the progress service (gRPC port 50054 unless ``OPSC_GRPC_PORT`` is set)."""
+    """Settings of the progress service (gRPC port 50054 unless ``OPSC_GRPC_PORT`` is set).
+
+    Attributes:
+        http_host / http_port: where the HTTP side listens (``OPSC_HTTP_HOST``/``_PORT``).
+        http_port_file: where the HTTP server writes the port it bound (with port 0).
+        max_subscribers: live subscriptions (every transport) this process serves at once.
+        max_subscribers_per_tenant: live subscriptions of one tenant in this process.
+        subscriber_buffer: events buffered per subscriber before it is cut off as too slow.
+        sse_heartbeat_s: idle time after which SSE and WebSocket send a heartbeat.
+        long_poll_max_wait_s: the longest ``wait_s`` a long-poll may ask for.
+        query_token_max_lifetime_s: a token passed as ``?access_token=`` (browsers cannot set
+            headers on EventSource/WebSocket) must expire within this many seconds of its issue.
+        api_target / approvals_target: gRPC addresses the grpc-web bridge forwards
+            ExecutionService and ApprovalService calls to.
+    """
 
     service_name: str = "progress"
     grpc_port: int = Field(default=50054, ge=0, le=65535)
-    #: Port of the HTTP side (WebSocket, SSE, long-poll and the UI page): ``OPSC_HTTP_PORT``.
-    http_port: int = Field(default=8080, ge=0, le=65535)
     #: Every open StreamEvents counts as an RPC in flight: room for many watchers.
     grpc_max_concurrent_rpcs: int = Field(default=2048, ge=1)
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(default=8080, ge=0, le=65535)
+    http_port_file: Path | None = None
+    max_subscribers: int = Field(default=5000, ge=1)
+    max_subscribers_per_tenant: int = Field(default=500, ge=1)
+    subscriber_buffer: int = Field(default=1000, ge=1)
+    sse_heartbeat_s: float = Field(default=15.0, gt=0)
+    long_poll_max_wait_s: float = Field(default=30.0, gt=0, le=300)
+    query_token_max_lifetime_s: int = Field(default=300, gt=0)
+    api_target: str = "127.0.0.1:50051"
+    approvals_target: str = "127.0.0.1:50053"
+    db_pool_size: int = Field(default=20, ge=1)

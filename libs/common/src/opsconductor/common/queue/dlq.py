@@ -26,6 +26,7 @@ from uuid import UUID
 
 from opsconductor.common.errors import ConflictError, NotFoundError
 from opsconductor.common.queue.jobs import QueueRow, insert_queue_row
+from opsconductor.common.storage.events import append_event
 from opsconductor.common.storage.execution_records import PoolOrConnection, transaction
 from opsconductor.common.storage.executions import (
     DEFAULT_PAGE_SIZE,
@@ -59,7 +60,7 @@ WITH gone AS (
 INSERT INTO execution_dlq (execution_id, tenant_id, attempts, error_class, error_message,
                            last_error)
 SELECT $1, gone.tenant_id, $2::int, $3::varchar, $4::text, $5::jsonb FROM gone
-RETURNING id
+RETURNING id, tenant_id
 """
 _OPEN_ENTRY = """
 SELECT id FROM execution_dlq WHERE execution_id = $1 AND requeued_at IS NULL
@@ -142,12 +143,20 @@ async def move_to_dlq(
     error = None if last_error is None else dict(last_error)
     klass = None if error_class is None else error_class[:_MAX_ERROR_CLASS]
     async with transaction(db) as conn:
-        dlq_id: UUID | None = await conn.fetchval(
-            _MOVE, execution_id, attempts, klass, error_message, error
+        moved = await conn.fetchrow(_MOVE, execution_id, attempts, klass, error_message, error)
+        if moved is None:
+            dlq_id: UUID | None = await conn.fetchval(_OPEN_ENTRY, execution_id)
+            return dlq_id
+        await append_event(
+            conn,
+            tenant_id=moved["tenant_id"],
+            execution_id=execution_id,
+            actor_id=None,
+            type="moved_to_dlq",
+            payload={"dlq_id": str(moved["id"]), "attempts": attempts, "error_class": klass},
         )
-        if dlq_id is None:
-            dlq_id = await conn.fetchval(_OPEN_ENTRY, execution_id)
-    return dlq_id
+    moved_id: UUID = moved["id"]
+    return moved_id
 
 
 async def get_dlq_entry(

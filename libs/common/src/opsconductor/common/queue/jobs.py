@@ -34,6 +34,7 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
+from opsconductor.common.storage.events import append_event
 from opsconductor.common.storage.execution_records import PoolOrConnection, transaction
 
 __all__ = [
@@ -90,6 +91,7 @@ UPDATE execution_queue
 SET state = 'delayed', attempts = $3, available_at = $4, last_error = $5, lease_owner = NULL,
     lease_token = NULL, lease_expires_at = NULL, updated_at = clock_timestamp()
 WHERE id = $1 AND lease_token = $2 AND state = 'leased'
+RETURNING execution_id, tenant_id
 """
 _RELEASE = """
 UPDATE execution_queue
@@ -233,11 +235,29 @@ async def retry_row(
     available_at: datetime,
     last_error: Mapping[str, Any] | None,
 ) -> bool:
-    """Mirror a failed attempt with a retry at ``available_at``; False on a lost lease."""
+    """Mirror a failed attempt with a retry at ``available_at``; False on a lost lease.
+
+    Appends ``retry_scheduled`` (attempt, when) to the execution's events in the same
+    transaction.
+    """
     error = None if last_error is None else dict(last_error)
     async with transaction(db) as conn:
-        status = await conn.execute(_RETRY, job_id, lease_token, attempts, available_at, error)
-    return _affected(status)
+        row = await conn.fetchrow(_RETRY, job_id, lease_token, attempts, available_at, error)
+        if row is None:
+            return False
+        await append_event(
+            conn,
+            tenant_id=row["tenant_id"],
+            execution_id=row["execution_id"],
+            actor_id=None,
+            type="retry_scheduled",
+            payload={
+                "attempts": attempts,
+                "available_at": available_at.isoformat(),
+                "error_class": (error or {}).get("error_class"),
+            },
+        )
+    return True
 
 
 async def release_row(

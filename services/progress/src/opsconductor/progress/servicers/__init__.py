@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import grpc.aio
 
-from opsconductor.common.rpc.resources import DatabasePool
+from opsconductor.progress.app import ProgressApp
 from opsconductor.progress.servicers.progress_servicer import add_progress_servicer
 
 
-def register_services(server: grpc.aio.Server, db: DatabasePool) -> list[str]:
+def register_services(server: grpc.aio.Server, app: ProgressApp) -> list[str]:
     """Add every servicer of the progress service to ``server``; returns the full service names."""
-    return [add_progress_servicer(server, db)]
+    return [add_progress_servicer(server, app)]

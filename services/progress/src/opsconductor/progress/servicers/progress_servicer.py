@@ -1,19 +1,23 @@
 """gRPC transport of ``ProgressService``: replay and follow execution events.
 
-Servicers translate protobuf messages to and from domain values and call the service logic;
-domain errors they let escape become gRPC statuses in the shared interceptor. RPCs whose logic
-belongs to later work answer ``UNIMPLEMENTED``.
+Protobuf in, :class:`~opsconductor.progress.logic.access.EventAccess` calls, protobuf out; no
+business logic here. Domain errors escape to the shared interceptor, which turns them into
+statuses (a subscriber cut off as too slow gets ``RESOURCE_EXHAUSTED`` / ``SUBSCRIBER_LAGGED``
+with the ``after_seq`` to resume from).
 """
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc.aio
 
-from opsconductor.common.errors import UnimplementedError
-from opsconductor.common.rpc.resources import DatabasePool
+from opsconductor.common.rpc.auth import authenticate
 from opsconductor.execution.v1 import progress_service_pb2, progress_service_pb2_grpc
+from opsconductor.progress.app import ProgressApp
+from opsconductor.progress.logic.access import EventQuery
+from opsconductor.progress.servicers.event_codec import event_to_proto
 
 SERVICE_NAME: str = progress_service_pb2.DESCRIPTOR.services_by_name["ProgressService"].full_name
 
@@ -23,22 +27,49 @@ _Context = grpc.aio.ServicerContext[Any, Any]
 class ProgressServicer(progress_service_pb2_grpc.ProgressServiceServicer):
     """``ProgressService`` over gRPC."""
 
-    def __init__(self, db: DatabasePool) -> None:
-        self._db = db
+    def __init__(self, app: ProgressApp) -> None:
+        self._app = app
 
     async def StreamEvents(
         self, request: progress_service_pb2.StreamEventsRequest, context: _Context
-    ) -> None:
-        # Server-streaming: an async generator of responses once built.
-        raise UnimplementedError("StreamEvents is not implemented yet", rpc="StreamEvents")
+    ) -> AsyncIterator[progress_service_pb2.StreamEventsResponse]:
+        principal, _token = await authenticate(context, self._app.verifier)
+        subscription = await self._app.access.subscribe(
+            principal,
+            request.tenant_id,
+            request.execution_id,
+            after_seq=request.after_seq,
+            resource="ProgressService/StreamEvents",
+        )
+        try:
+            while (event := await subscription.next()) is not None:
+                yield progress_service_pb2.StreamEventsResponse(event=event_to_proto(event))
+        finally:
+            subscription.release()
 
     async def ListEvents(
         self, request: progress_service_pb2.ListEventsRequest, context: _Context
     ) -> progress_service_pb2.ListEventsResponse:
-        raise UnimplementedError("ListEvents is not implemented yet", rpc="ListEvents")
+        principal, _token = await authenticate(context, self._app.verifier)
+        events, next_token = await self._app.access.list(
+            principal,
+            request.tenant_id,
+            EventQuery(
+                execution_id=request.execution_id,
+                types=tuple(request.types),
+                actor_id=request.actor_id,
+                after_seq=request.after_seq,
+                page_size=request.page_size,
+                page_token=request.page_token,
+            ),
+            resource="ProgressService/ListEvents",
+        )
+        return progress_service_pb2.ListEventsResponse(
+            events=[event_to_proto(e) for e in events], next_page_token=next_token or ""
+        )
 
 
-def add_progress_servicer(server: grpc.aio.Server, db: DatabasePool) -> str:
+def add_progress_servicer(server: grpc.aio.Server, app: ProgressApp) -> str:
     """Register ``ProgressService`` on ``server``; returns its full name."""
-    progress_service_pb2_grpc.add_ProgressServiceServicer_to_server(ProgressServicer(db), server)
+    progress_service_pb2_grpc.add_ProgressServiceServicer_to_server(ProgressServicer(app), server)
     return SERVICE_NAME

@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import Mapping
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import structlog
 
@@ -151,6 +153,7 @@ class BackgroundConsumer:
                 lease_token=job.lease_token,
                 retry_allowed=job.attempts + 1 < job.max_attempts,
                 stop_event=self._stopping,
+                dead_letter=functools.partial(self._dead_letter, job),
             )
         except Exception:
             # The runner ended the execution failed with the error's class if it could: then
@@ -307,6 +310,26 @@ class BackgroundConsumer:
                 error_message=result.error_message,
                 last_error=outcome.last_error,
             )
+
+    async def _dead_letter(
+        self, job: LeasedJob, conn: Any, error_class: str | None, error_message: str | None
+    ) -> None:
+        """The last attempt failed retryably: in the transaction that fails the execution, the
+        job leaves Redis and its row moves to the DLQ (row locked first, then Redis, then the
+        commit; a Redis failure rolls it all back and the lease expires)."""
+        if await jobs.get_queue_row(conn, job.job_id, for_update=True) is None:
+            return  # the reaper or an operator already settled it
+        outcome = await self._queue.fail(
+            job.job_id, job.lease_token, error_message or "", error_class=error_class
+        )
+        await dlq.move_to_dlq(
+            conn,
+            job.execution_id,
+            attempts=outcome.attempts,
+            error_class=error_class,
+            error_message=error_message,
+            last_error=outcome.last_error,
+        )
 
     async def _drop(self, job: LeasedJob) -> None:
         """The job has nothing (more) to run: out of both stores."""

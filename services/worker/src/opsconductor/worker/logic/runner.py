@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -61,7 +61,11 @@ from opsconductor.common.secrets import SecretResolver
 from opsconductor.common.storage.cancellation import CancelSignals, check_cancelled
 from opsconductor.common.storage.execution_leases import fail_lost_execution, requeue_execution
 from opsconductor.common.storage.execution_reads import get_execution
-from opsconductor.common.storage.execution_records import ExecutionRecord, PoolOrConnection
+from opsconductor.common.storage.execution_records import (
+    ExecutionRecord,
+    PoolOrConnection,
+    transaction,
+)
 from opsconductor.common.storage.execution_steps import (
     finish_step,
     load_steps,
@@ -116,6 +120,12 @@ class _Outcome:
         return (self.failed_step is not None or self.busy is not None) and not (
             self.timed_out or self.cancelled
         )
+
+
+#: Called inside the transaction that fails an execution whose last attempt failed retryably
+#: (connection, error class, error message): the consumer dead-letters the job there, so
+#: ``moved_to_dlq`` precedes ``execution_completed`` and neither exists without the other.
+DeadLetter = Callable[[Any, str | None, str | None], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -214,6 +224,7 @@ class ExecutionRunner:
         lease_token: UUID | None,
         retry_allowed: bool,
         stop_event: asyncio.Event | None = None,
+        dead_letter: DeadLetter | None = None,
     ) -> RunResult:
         """Run a ``running`` execution's steps and record how it ended.
 
@@ -224,9 +235,11 @@ class ExecutionRunner:
 
         Anything raised on the way (but a lost lease: another worker owns the execution now)
         first ends the execution ``failed`` with the error's class, then propagates.
+        ``dead_letter`` runs in the transaction of the final failure when no retry is allowed
+        for a retryable failure (see :data:`DeadLetter`).
         """
         try:
-            return await self._execute(record, lease_token, retry_allowed, stop_event)
+            return await self._execute(record, lease_token, retry_allowed, stop_event, dead_letter)
         except StaleLeaseError:
             raise
         except Exception as exc:
@@ -273,6 +286,7 @@ class ExecutionRunner:
         lease_token: UUID | None,
         retry_allowed: bool,
         stop_event: asyncio.Event | None,
+        dead_letter: DeadLetter | None = None,
     ) -> RunResult:
         plan = parse_plan(record.plan_snapshot["plan"])
         started = time.monotonic()
@@ -320,7 +334,9 @@ class ExecutionRunner:
                             f"execution exceeded its {record.timeout_policy_id} budget of "
                             f"{record.timeout_ms} ms"
                         )
-            final, retried = await self._finish(record, outcome, lease_token, retry_allowed)
+            final, retried = await self._finish(
+                record, outcome, lease_token, retry_allowed, dead_letter
+            )
         finally:
             self._stop_events.pop(record.id, None)
             if lock_set is not None and outcome.paused_step and self.approvals is not None:
@@ -539,6 +555,7 @@ class ExecutionRunner:
         outcome: _Outcome,
         lease_token: UUID | None,
         retry_allowed: bool,
+        dead_letter: DeadLetter | None = None,
     ) -> tuple[ExecutionRecord, bool]:
         """Record the end of a run: terminal, or back to the queue for a retry."""
         # A step still marked running was cut off by the execution timeout.
@@ -596,16 +613,20 @@ class ExecutionRunner:
             target = ExecutionStatus.SUCCEEDED
         if target is ExecutionStatus.FAILED:
             fields |= {"error_class": outcome.error_class, "error_message": outcome.error_message}
-        await transition(
-            self._pool,
-            record.id,
-            to=target,
-            by=self.worker_id,
-            expected_from=ExecutionStatus.RUNNING,
-            lease_token=lease_token,
-            fields=fields,
-            tenant_id=record.tenant_id,
-        )
+        exhausted = dead_letter is not None and lease_token is not None and outcome.retryable
+        async with transaction(self._pool) as conn:
+            if exhausted and dead_letter is not None:
+                await dead_letter(conn, outcome.error_class, outcome.error_message)
+            await transition(
+                conn,
+                record.id,
+                to=target,
+                by=self.worker_id,
+                expected_from=ExecutionStatus.RUNNING,
+                lease_token=lease_token,
+                fields=fields,
+                tenant_id=record.tenant_id,
+            )
         return await get_execution(self._pool, record.tenant_id, record.id), False
 
     def _log_started(self, record: ExecutionRecord, plan: Plan) -> None:

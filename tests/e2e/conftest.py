@@ -127,6 +127,7 @@ async def running_stack(
     *,
     with_approvals: bool = False,
     with_progress: bool = False,
+    progress_env: dict[str, str] | None = None,
     tenant_policy_file: Path | None = None,
     **worker_env: str,
 ) -> AsyncIterator[Stack]:
@@ -168,6 +169,7 @@ async def running_stack(
                     "OPSC_APPROVALS_TARGET": (
                         running.address("approvals") if with_approvals else "127.0.0.1:9"
                     ),
+                    **(progress_env or {}),
                 },
             )
         yield running

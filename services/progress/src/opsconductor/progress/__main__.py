@@ -2,8 +2,9 @@
 
 Start-up: settings from ``OPSC_*``, logging, then the shared bootstrap
 (:func:`opsconductor.common.rpc.server.serve`): listen, open the database pool and the one
-LISTEN connection, report SERVING; SIGTERM/SIGINT: NOT_SERVING, end the live subscriptions,
-drain in-flight RPCs, close the pool, exit 0.
+LISTEN connection, start the HTTP server (WebSocket, SSE, long-poll, grpc-web, the UI), report
+SERVING. SIGTERM/SIGINT: NOT_SERVING, cut every live subscriber off with its position (it
+resumes on another replica), stop HTTP, drain in-flight RPCs, close the pool, exit 0.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import structlog
 from opsconductor.common.logconfig import configure_logging
 from opsconductor.common.rpc.server import load_settings, run_server
 from opsconductor.progress.app import ProgressApp
+from opsconductor.progress.http.routes import build_http_app
+from opsconductor.progress.http.server import HttpServer
 from opsconductor.progress.servicers import register_services
 from opsconductor.progress.settings import ProgressSettings
 
@@ -27,10 +30,24 @@ def main() -> int:
     )
     structlog.get_logger(__name__).info("settings_loaded", **settings.startup_log_fields())
     app = ProgressApp(settings)
+    http = HttpServer(
+        build_http_app(app),
+        host=settings.http_host,
+        port=settings.http_port,
+        port_file=settings.http_port_file,
+        grace_s=settings.shutdown_grace_s,
+    )
+
+    async def stop_streams() -> None:
+        if app.started:
+            app.hub.disconnect_all()
+        await http.stop()
+
     return run_server(
         settings,
         lambda server: register_services(server, app),
-        on_startup=[app.start],
+        on_startup=[app.start, http.start],
+        on_stopping=[stop_streams],
         on_shutdown=[app.stop],
     )
 

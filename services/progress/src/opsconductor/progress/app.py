@@ -56,6 +56,10 @@ class ProgressApp:
         await self.db.close()
 
     @property
+    def started(self) -> bool:
+        return self._access is not None
+
+    @property
     def access(self) -> EventAccess:
         if self._access is None:
             raise StorageError("the service is starting; retry shortly")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 
 from opsconductor.common.settings import ServiceSettings
 
@@ -26,8 +26,10 @@ class ProgressSettings(ServiceSettings):
         subscriber_buffer: events buffered per subscriber before it is cut off as too slow.
         sse_heartbeat_s: idle time after which SSE and WebSocket send a heartbeat.
         long_poll_max_wait_s: the longest ``wait_s`` a long-poll may ask for.
-        query_token_max_lifetime_s: a token passed as ``?access_token=`` (browsers cannot set
-            headers on EventSource/WebSocket) must expire within this many seconds of its issue.
+        stream_ticket_key: HMAC key of the short-lived stream tickets a browser passes as
+            ``?ticket=`` (EventSource and WebSocket cannot send headers); replicas share it.
+            Unset: a random key per process. Secret.
+        stream_ticket_ttl_s: how long a stream ticket is valid.
         api_target / approvals_target: gRPC addresses the grpc-web bridge forwards
             ExecutionService and ApprovalService calls to.
     """
@@ -44,7 +46,8 @@ class ProgressSettings(ServiceSettings):
     subscriber_buffer: int = Field(default=1000, ge=1)
     sse_heartbeat_s: float = Field(default=15.0, gt=0)
     long_poll_max_wait_s: float = Field(default=30.0, gt=0, le=300)
-    query_token_max_lifetime_s: int = Field(default=300, gt=0)
+    stream_ticket_key: SecretStr | None = None
+    stream_ticket_ttl_s: int = Field(default=60, gt=0, le=600)
     api_target: str = "127.0.0.1:50051"
     approvals_target: str = "127.0.0.1:50053"
     db_pool_size: int = Field(default=20, ge=1)

@@ -95,19 +95,52 @@ def status_for_exception(exc: BaseException, *, request_id: str) -> grpc.Status:
     plan, ``BadRequest``) in the ``grpc-status-details-bin`` trailer, and the request id in the
     ``x-request-id`` trailer.
     """
+    described = describe_exception(exc, request_id=request_id)
+    details: list[Any] = []
+    if described.violations:
+        details.append(_bad_request(described.violations))
+    return _rich_status(
+        described.code,
+        described.message,
+        described.reason,
+        described.metadata,
+        request_id,
+        details,
+    )
+
+
+@dataclass(frozen=True)
+class DescribedError:
+    """What a caller is told about an exception, on any transport (gRPC status, HTTP JSON)."""
+
+    code: grpc.StatusCode
+    reason: str
+    message: str
+    #: Safe details as bounded strings, secrets masked, with the request id.
+    metadata: dict[str, str]
+    #: Field violations of an invalid request: ``(field, description)``.
+    violations: tuple[tuple[str, str], ...] = ()
+
+
+def describe_exception(exc: BaseException, *, request_id: str) -> DescribedError:
+    """The code, reason, caller-safe message and details an exception is reported with."""
     code = code_for_exception(exc)
     if code is grpc.StatusCode.INTERNAL or not isinstance(exc, errors.OpsConductorError):
         reason = exc.reason if isinstance(exc, errors.OpsConductorError) else INTERNAL_REASON
         message = f"Internal error; quote request id {request_id} when reporting it"
-        return _rich_status(code, message, reason, {}, request_id)
+        return DescribedError(code, reason, message, _safe_metadata({}, request_id))
     if _unstorable_input(exc):
-        return _rich_status(code, _UNSTORABLE_MESSAGE, "UNSTORABLE_VALUE", {}, request_id)
+        return DescribedError(
+            code, "UNSTORABLE_VALUE", _UNSTORABLE_MESSAGE, _safe_metadata({}, request_id)
+        )
     # Domain messages are caller-facing by contract; masking them too costs little.
     message = _default_message(exc) if isinstance(exc, _OPAQUE) else mask(exc.message)
-    details: list[Any] = []
+    violations: tuple[tuple[str, str], ...] = ()
     if isinstance(exc, errors.PlanValidationError):
-        details.append(_bad_request(exc))
-    return _rich_status(code, message, exc.reason, exc.details, request_id, details)
+        violations = tuple((v.field, v.description) for v in exc.violations)
+    return DescribedError(
+        code, exc.reason, message, _safe_metadata(exc.details, request_id), violations
+    )
 
 
 async def abort_with_status(
@@ -121,13 +154,11 @@ def _rich_status(
     code: grpc.StatusCode,
     message: str,
     reason: str,
-    details: Mapping[str, object],
+    metadata: Mapping[str, str],
     request_id: str,
     extra: list[Any] | None = None,
 ) -> grpc.Status:
-    info = error_details_pb2.ErrorInfo(
-        reason=reason, domain=ERROR_DOMAIN, metadata=_safe_metadata(details, request_id)
-    )
+    info = error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN, metadata=metadata)
     packed = []
     for detail in (info, *(extra or ())):
         any_detail = any_pb2.Any()
@@ -159,13 +190,11 @@ def _safe_metadata(details: Mapping[str, object], request_id: str) -> dict[str, 
     return metadata
 
 
-def _bad_request(exc: errors.PlanValidationError) -> error_details_pb2.BadRequest:
+def _bad_request(violations: tuple[tuple[str, str], ...]) -> error_details_pb2.BadRequest:
     return error_details_pb2.BadRequest(
         field_violations=[
-            error_details_pb2.BadRequest.FieldViolation(
-                field=violation.field, description=violation.description
-            )
-            for violation in exc.violations
+            error_details_pb2.BadRequest.FieldViolation(field=field, description=description)
+            for field, description in violations
         ]
     )
 

@@ -243,6 +243,13 @@ class EventHub:
             raise
         return slot
 
+    def disconnect_all(self) -> None:
+        """Cut every subscriber off with its position (shutdown: they resume elsewhere)."""
+        for feed in self._feeds.values():
+            for slot in feed.slots:
+                slot.lagged = True
+                slot.poke()
+
     def release(self, slot: Slot) -> None:
         feed = self._feeds.get(slot.execution_id)
         if feed is None or slot not in feed.slots:

@@ -81,6 +81,7 @@ def _rpcs() -> list[Rpc]:
                 "GetQueueStats",
                 "SetDrain",
                 "VerifyAuditChain",
+                "ListFlagChanges",
             ],
         ),
         ("worker", "WorkerService", w, ["RunImmediate"]),

@@ -93,6 +93,18 @@ async def _unary(channel: grpc.aio.Channel, rpc: Rpc, request: Message, bearer: 
 @pytest.fixture
 async def world(stack: Stack, tenant: Tenant, e2e_pool: asyncpg.Pool) -> World:
     """Two tenants with every role, a system admin, and real executions and approvals."""
+    # The previous test's fuzz may have flipped the rollout flags as the system admin (a valid
+    # UpdateFeatureFlags): start every world from the module's flags.
+    await update_flags(
+        e2e_pool,
+        {
+            "stage_e_enabled": True,
+            "all_tenants_enabled": True,
+            "record_only_tenants": [],
+            "max_approval_level": 3,
+        },
+        by="e2e",
+    )
     foreign = await inspection.new_tenant(stack, e2e_pool)
     for t in (tenant, foreign):
         for actor in ("bob", "carol"):

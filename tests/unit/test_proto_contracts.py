@@ -44,6 +44,7 @@ EXPECTED_RPCS = {
         "GetQueueStats",
         "SetDrain",
         "VerifyAuditChain",
+        "ListFlagChanges",
     },
     "WorkerService": {"RunImmediate"},
     "ApprovalService": {"GetApproval", "ListPendingApprovals", "Approve", "Reject", "ApproveStep"},

@@ -45,6 +45,7 @@ from .models import (
     ExecutionEvent,
     ExecutionStep,
     FeatureFlags,
+    FlagChange,
     Preview,
     QueueStats,
 )
@@ -76,6 +77,7 @@ __all__ = [
     "FailedPreconditionError",
     "FeatureDisabledError",
     "FeatureFlags",
+    "FlagChange",
     "NotFoundError",
     "OpsConductorError",
     "PermissionDeniedError",

@@ -36,6 +36,7 @@ from .models import (
     Execution,
     ExecutionEvent,
     FeatureFlags,
+    FlagChange,
     Preview,
     QueueStats,
 )
@@ -251,6 +252,16 @@ class ExecutionClient(ChannelClient):
         )
         response = await self._call(self._admin.UpdateFeatureFlags, request)
         return FeatureFlags.from_proto(response.flags)
+
+    async def list_flag_changes(
+        self, *, flag: str = "", page_size: int = 0, page_token: str = ""
+    ) -> tuple[list[FlagChange], str]:
+        """One page of feature-flag changes, newest first, and the next page's token."""
+        request = admin_service_pb2.ListFlagChangesRequest(
+            flag=flag, page_size=page_size, page_token=page_token
+        )
+        response = await self._call(self._admin.ListFlagChanges, request)
+        return [FlagChange.from_proto(m) for m in response.changes], response.next_page_token
 
     async def list_dlq_entries(
         self,

@@ -332,3 +332,35 @@ class AuditChainVerdict:
             ),
             detail=m.detail,
         )
+
+
+@dataclass(frozen=True)
+class FlagChange:
+    """One write of one feature flag: who, when, from what to what.
+
+    ``old_value`` is None when the flag had no row (its default applied), ``new_value`` None
+    when the row was deleted (back to the default).
+    """
+
+    change_id: str
+    flag: str
+    old_value: Any
+    new_value: Any
+    changed_by: str
+    changed_at: datetime | None
+
+    @classmethod
+    def from_proto(cls, m: admin_service_pb2.FlagChange) -> FlagChange:
+        def value(field: str) -> Any:
+            if not m.HasField(field):
+                return None
+            return json_format.MessageToDict(getattr(m, field))
+
+        return cls(
+            change_id=m.change_id,
+            flag=m.flag,
+            old_value=value("old_value"),
+            new_value=value("new_value"),
+            changed_by=m.changed_by,
+            changed_at=_time(m, "changed_at"),
+        )

@@ -3,6 +3,7 @@ development tokens and the shadow report of a record-only rollout."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from datetime import UTC, datetime, timedelta
@@ -23,7 +24,7 @@ from opsconductor.client.cli.main import Cli, pass_cli, run_async
 from opsconductor.client.cli.render import Column
 from opsconductor.client.cli.shadow import compare, load_expected, recorded_executions
 from opsconductor.client.client import ExecutionClient
-from opsconductor.client.models import DlqEntry, FeatureFlags
+from opsconductor.client.models import DlqEntry, FeatureFlags, FlagChange
 
 __all__ = ["register"]
 
@@ -405,6 +406,78 @@ def flags_set(app: Cli, assignments: tuple[str, ...]) -> int:
     return exit_codes.OK
 
 
+@flags.command(name="history")
+@click.option("--flag", default="", help="Only the changes of this flag.")
+@click.option("--limit", type=click.IntRange(1, 10_000), default=50, show_default=True)
+@pass_cli
+def flags_history(app: Cli, flag: str, limit: int) -> int:
+    """Every change of the flags, newest first: when, who, flag, old -> new."""
+
+    async def go() -> list[FlagChange]:
+        found: list[FlagChange] = []
+        token = ""
+        async with _admin(app) as client:
+            while len(found) < limit:
+                page, token = await client.list_flag_changes(
+                    flag=flag, page_size=min(limit, 200), page_token=token
+                )
+                found.extend(page)
+                if not token:
+                    break
+        return found[:limit]
+
+    def shown(value: Any) -> str:
+        return "(default)" if value is None else json.dumps(value)
+
+    app.out.emit(
+        run_async(go),
+        [
+            ("when", lambda c: c.changed_at),
+            ("who", lambda c: c.changed_by),
+            ("flag", lambda c: c.flag),
+            ("old", lambda c: shown(c.old_value)),
+            ("new", lambda c: shown(c.new_value)),
+        ],
+    )
+    return exit_codes.OK
+
+
+# -- audit chain ----------------------------------------------------------------------------
+
+
+@click.group()
+def audit() -> None:
+    """The tamper-evident event chain of executions."""
+
+
+@audit.command(name="verify")
+@click.argument("execution_id")
+@pass_cli
+def audit_verify(app: Cli, execution_id: str) -> int:
+    """Recompute EXECUTION_ID's event chain: exit 0 when intact, 8 naming the first broken link
+    (an event altered, missing or unchained)."""
+    tenant = app.connection.require_tenant()
+
+    async def go() -> Any:
+        async with _admin(app) as client:
+            return await client.verify_audit_chain(execution_id, tenant_id=tenant)
+
+    verdict = run_async(go)
+    if app.out.json:
+        app.out.emit(verdict)
+    elif verdict.intact:
+        app.out.line(
+            f"intact: {verdict.events_checked} of {verdict.events_expected} events verified, "
+            f"head {verdict.head_hash}"
+        )
+    else:
+        app.out.line(
+            f"BROKEN at seq {verdict.broken_seq} ({verdict.problem}): {verdict.detail} "
+            f"({verdict.events_checked} of {verdict.events_expected} events verified before it)"
+        )
+    return exit_codes.OK if verdict.intact else exit_codes.MISMATCH
+
+
 # -- development tokens ---------------------------------------------------------------------
 
 _TTL = re.compile(r"^(\d+)([smhd]?)$")
@@ -515,5 +588,5 @@ def shadow_report(app: Cli, expected_file: Path, since: str, until: str | None) 
 
 
 def register(group: click.Group) -> None:
-    for command in (approvals, dlq, queue, flags, token, shadow_report):
+    for command in (approvals, dlq, queue, flags, audit, token, shadow_report):
         group.add_command(command)

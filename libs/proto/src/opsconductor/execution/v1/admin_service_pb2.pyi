@@ -188,3 +188,37 @@ class VerifyAuditChainResponse(_message.Message):
     problem: AuditChainProblem
     detail: str
     def __init__(self, intact: _Optional[bool] = ..., events_checked: _Optional[int] = ..., events_expected: _Optional[int] = ..., head_hash: _Optional[str] = ..., broken_seq: _Optional[int] = ..., problem: _Optional[_Union[AuditChainProblem, str]] = ..., detail: _Optional[str] = ...) -> None: ...
+
+class FlagChange(_message.Message):
+    __slots__ = ("change_id", "flag", "old_value", "new_value", "changed_by", "changed_at")
+    CHANGE_ID_FIELD_NUMBER: _ClassVar[int]
+    FLAG_FIELD_NUMBER: _ClassVar[int]
+    OLD_VALUE_FIELD_NUMBER: _ClassVar[int]
+    NEW_VALUE_FIELD_NUMBER: _ClassVar[int]
+    CHANGED_BY_FIELD_NUMBER: _ClassVar[int]
+    CHANGED_AT_FIELD_NUMBER: _ClassVar[int]
+    change_id: str
+    flag: str
+    old_value: _struct_pb2.Value
+    new_value: _struct_pb2.Value
+    changed_by: str
+    changed_at: _timestamp_pb2.Timestamp
+    def __init__(self, change_id: _Optional[str] = ..., flag: _Optional[str] = ..., old_value: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., new_value: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., changed_by: _Optional[str] = ..., changed_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class ListFlagChangesRequest(_message.Message):
+    __slots__ = ("flag", "page_size", "page_token")
+    FLAG_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    flag: str
+    page_size: int
+    page_token: str
+    def __init__(self, flag: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class ListFlagChangesResponse(_message.Message):
+    __slots__ = ("changes", "next_page_token")
+    CHANGES_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    changes: _containers.RepeatedCompositeFieldContainer[FlagChange]
+    next_page_token: str
+    def __init__(self, changes: _Optional[_Iterable[_Union[FlagChange, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...

@@ -70,6 +70,11 @@ class AdminServiceStub:
                 request_serializer=opsconductor_dot_execution_dot_v1_dot_admin__service__pb2.VerifyAuditChainRequest.SerializeToString,
                 response_deserializer=opsconductor_dot_execution_dot_v1_dot_admin__service__pb2.VerifyAuditChainResponse.FromString,
                 _registered_method=True)
+        self.ListFlagChanges = channel.unary_unary(
+                '/opsconductor.execution.v1.AdminService/ListFlagChanges',
+                request_serializer=opsconductor_dot_execution_dot_v1_dot_admin__service__pb2.ListFlagChangesRequest.SerializeToString,
+                response_deserializer=opsconductor_dot_execution_dot_v1_dot_admin__service__pb2.ListFlagChangesResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -124,6 +129,14 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListFlagChanges(self, request, context):
+        """ListFlagChanges lists every write of a feature flag, newest first: who, when, old and new
+        value. Needs admin:flags in the system tenant.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -161,6 +174,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.VerifyAuditChain,
                     request_deserializer=opsconductor_dot_execution_dot_v1_dot_admin__service__pb2.VerifyAuditChainRequest.FromString,
                     response_serializer=opsconductor_dot_execution_dot_v1_dot_admin__service__pb2.VerifyAuditChainResponse.SerializeToString,
+            ),
+            'ListFlagChanges': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListFlagChanges,
+                    request_deserializer=opsconductor_dot_execution_dot_v1_dot_admin__service__pb2.ListFlagChangesRequest.FromString,
+                    response_serializer=opsconductor_dot_execution_dot_v1_dot_admin__service__pb2.ListFlagChangesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -353,6 +371,33 @@ class AdminService:
             '/opsconductor.execution.v1.AdminService/VerifyAuditChain',
             opsconductor_dot_execution_dot_v1_dot_admin__service__pb2.VerifyAuditChainRequest.SerializeToString,
             opsconductor_dot_execution_dot_v1_dot_admin__service__pb2.VerifyAuditChainResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListFlagChanges(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/opsconductor.execution.v1.AdminService/ListFlagChanges',
+            opsconductor_dot_execution_dot_v1_dot_admin__service__pb2.ListFlagChangesRequest.SerializeToString,
+            opsconductor_dot_execution_dot_v1_dot_admin__service__pb2.ListFlagChangesResponse.FromString,
             options,
             channel_credentials,
             insecure,

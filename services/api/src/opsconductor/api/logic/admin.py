@@ -38,6 +38,7 @@ from opsconductor.common.rbac import Authorizer, Permission
 from opsconductor.common.storage.audit_chain import ChainVerdict, verify_chain
 from opsconductor.common.storage.execution_reads import as_execution_id
 from opsconductor.common.storage.execution_records import PoolOrConnection, transaction
+from opsconductor.common.storage.flag_history import FlagChange, list_flag_changes
 from opsconductor.common.storage.flags import SYSTEM_TENANT, FeatureFlags, FlagCache, update_flags
 from opsconductor.common.storage.policies import TimeoutPolicy
 
@@ -104,6 +105,15 @@ class AdminOperations:
                 await self._queue.set_paused(flags.dispatch_paused)
         self._flags.invalidate()
         return flags
+
+    async def flag_history(
+        self, principal: Principal, *, flag: str, page_size: int, page_token: str
+    ) -> tuple[list[FlagChange], str | None]:
+        """Every write of a flag (of ``flag`` only, if not empty), newest first."""
+        await self._authorize_system(principal, Permission.ADMIN_FLAGS, "ListFlagChanges")
+        return await list_flag_changes(
+            self._pool, flag=flag or None, page_size=page_size, page_token=page_token or None
+        )
 
     # -- queue ------------------------------------------------------------------------------
 

@@ -20,6 +20,7 @@ from opsconductor.common.queue.dlq import DlqEntry
 from opsconductor.common.rpc.auth import authenticate
 from opsconductor.common.rpc.metadata import current_request_id
 from opsconductor.common.storage.audit_chain import ChainProblem
+from opsconductor.common.storage.flag_history import FlagChange
 from opsconductor.common.storage.flags import FeatureFlags
 from opsconductor.execution.v1 import admin_service_pb2, admin_service_pb2_grpc
 
@@ -119,6 +120,20 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
         paused = await self._app.admin.set_drain(principal, request.drain)
         return admin_service_pb2.SetDrainResponse(dispatch_paused=paused)
 
+    async def ListFlagChanges(
+        self, request: admin_service_pb2.ListFlagChangesRequest, context: _Context
+    ) -> admin_service_pb2.ListFlagChangesResponse:
+        principal, _ = await authenticate(context, self._app.verifier)
+        changes, token = await self._app.admin.flag_history(
+            principal,
+            flag=request.flag,
+            page_size=request.page_size,
+            page_token=request.page_token,
+        )
+        return admin_service_pb2.ListFlagChangesResponse(
+            changes=[_flag_change_to_proto(c) for c in changes], next_page_token=token or ""
+        )
+
     async def VerifyAuditChain(
         self, request: admin_service_pb2.VerifyAuditChainRequest, context: _Context
     ) -> admin_service_pb2.VerifyAuditChainResponse:
@@ -174,6 +189,26 @@ def _dlq_entry_to_proto(entry: DlqEntry) -> admin_service_pb2.DlqEntry:
         requeued_by=entry.requeued_by or "",
         last_error=_struct(entry.last_error),
     )
+
+
+def _json_value(value: Any) -> struct_pb2.Value:
+    message = struct_pb2.Value()
+    json_format.ParseDict(value, message)
+    return message
+
+
+def _flag_change_to_proto(change: FlagChange) -> admin_service_pb2.FlagChange:
+    message = admin_service_pb2.FlagChange(
+        change_id=str(change.id),
+        flag=change.flag,
+        changed_by=change.changed_by,
+        changed_at=_stamp(change.changed_at),
+    )
+    if change.old_value is not None:
+        message.old_value.CopyFrom(_json_value(change.old_value))
+    if change.new_value is not None:
+        message.new_value.CopyFrom(_json_value(change.new_value))
+    return message
 
 
 def _flags_to_proto(flags: FeatureFlags) -> admin_service_pb2.FeatureFlags:

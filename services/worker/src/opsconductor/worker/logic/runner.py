@@ -39,6 +39,7 @@ from opsconductor.common.actions.base import (
     ActionFailedError,
     ActionResult,
     ActionTimeoutError,
+    record_only_result,
 )
 from opsconductor.common.errors import (
     ExecutionTimeoutError,
@@ -505,6 +506,18 @@ class ExecutionRunner:
         budget_s: float,
     ) -> tuple[StepStatus, dict[str, Any] | None, str | None, str | None]:
         """Run one step's handler; map its outcome to (status, result, error class, message)."""
+        if record.record_only:
+            # The dark launch (docs/rollout.md): the step is recorded, no handler is called and
+            # no secret is resolved, whatever the handler would do with the flag. The result
+            # says what would have been called, secrets as their references.
+            would_run = record_only_result(
+                {
+                    "action": step.action,
+                    "targets": [t.ref for t in step.targets],
+                    "params": step.params,
+                }
+            )
+            return StepStatus.SUCCEEDED, would_run.to_dict(), None, None
         values: list[str] = []
         try:
             handler = self._handlers.get(step.action)

@@ -4,6 +4,7 @@ whoever writes it, and listed newest first with keyset pages."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 
 import asyncpg
 import pytest
@@ -79,5 +80,5 @@ async def test_racing_updates_each_leave_their_record(db_pool: asyncpg.Pool) -> 
     assert sorted(c.changed_by for c in changes) == sorted(f"r{n}" for n in range(12))
     # Each record's old value is the previous record's new value: an exact chain of writes.
     ordered = list(reversed(changes))
-    for before, after in zip(ordered, ordered[1:], strict=False):
+    for before, after in itertools.pairwise(ordered):
         assert after.old_value == before.new_value

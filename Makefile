@@ -12,7 +12,7 @@ SRC_DIRS := $(addsuffix /src,$(PACKAGES))
 
 # proto-lint needs Node.js (npx fetches the official @bufbuild/buf); make test checks the same
 # naming rules without it (tests/unit/test_proto_contracts.py).
-.PHONY: help chaos venv sandbox-tools protos protos-check proto-lint lint fmt typecheck importlint k8s-validate test test-fast migrate migrate-down run bench bench-immediate bench-background bench-round-trips clean
+.PHONY: help chaos venv sandbox-tools protos protos-check proto-lint lint fmt typecheck importlint k8s-validate test test-fast migrate migrate-down run bench bench-immediate bench-background bench-round-trips bench-masking clean
 
 help:
 	@echo "make run          start the whole system on this machine (embedded Postgres/Redis unless DATABASE_URL/REDIS_URL)"
@@ -97,7 +97,7 @@ chaos: $(STAMP) sandbox-tools
 # shows what the per-request log lines cost.
 BENCH_LOG_LEVELS ?= INFO WARNING
 
-bench: bench-immediate bench-background bench-round-trips
+bench: bench-immediate bench-background bench-round-trips bench-masking
 
 bench-immediate: $(STAMP)
 	@for level in $(BENCH_LOG_LEVELS); do \
@@ -111,6 +111,9 @@ bench-background: $(STAMP)
 
 bench-round-trips: $(STAMP)
 	$(PY) bench/round_trips.py
+
+bench-masking: $(STAMP)
+	$(PY) bench/masking.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage* htmlcov .devstack

@@ -40,6 +40,9 @@ SECRET_TENANT = f"t-sec-a-{secrets.token_hex(4)}"
 OTHER_SECRET_TENANT = f"t-sec-b-{secrets.token_hex(4)}"
 #: The other tenant's own secret (env:E2E_DB_PASSWORD and file:e2e_token in its namespace).
 OTHER_PLANTED_SECRET = f"OtherTenantSecret-{secrets.token_hex(8)}"
+#: A secret every encoding changes (quote, backslash, slash, plus, space, percent, non-ASCII):
+#: env:E2E_FANCY of SECRET_TENANT, for the probe's encoded echoes (issue 8, finding 4).
+FANCY_SECRET = f'Fa"ncy\\S\u00e9cret/+ %-{secrets.token_hex(6)}'
 #: SECRET_TENANT's API token (env:E2E_API_TOKEN), for ALLOWED_API_HOST only.
 API_TOKEN_SECRET = f"ApiTokenSecret-{secrets.token_hex(8)}"
 #: A host SECRET_TENANT's API token may be sent to (nothing listens there: tests show refusals).
@@ -50,6 +53,7 @@ SECRET_CATALOGUE: dict[str, object] = {
         SECRET_TENANT: {
             "env:E2E_DB_PASSWORD": {"actions": ["probe"]},
             "env:E2E_API_TOKEN": {"http": [ALLOWED_API_HOST]},
+            "env:E2E_FANCY": {"actions": ["probe"]},
             # Allowed uses of names that only the other tenant has: resolving them must fail.
             "file:e2e_token": {"actions": ["probe"]},
             "env:OTHER_DB_PASSWORD": {"actions": ["probe"]},
@@ -147,6 +151,7 @@ async def running_stack(
         env_secret(SECRET_TENANT, "E2E_DB_PASSWORD"): PLANTED_SECRET,
         env_secret(OTHER_SECRET_TENANT, "E2E_DB_PASSWORD"): OTHER_PLANTED_SECRET,
         env_secret(SECRET_TENANT, "E2E_API_TOKEN"): API_TOKEN_SECRET,
+        env_secret(SECRET_TENANT, "E2E_FANCY"): FANCY_SECRET,
         # The pre-namespace name: a tenant must not reach it any more.
         "OPSC_SECRET_E2E_DB_PASSWORD": OTHER_PLANTED_SECRET,
     }

@@ -19,10 +19,17 @@ from typing import Any, TypeVar
 
 import asyncpg
 import pytest
+from opsc_test_actions.probe import echoes_of
 
 from opsconductor.common.storage.role_bindings import bind_role
 
-from .conftest import API_TOKEN_SECRET, OTHER_PLANTED_SECRET, PLANTED_SECRET, Tenant
+from .conftest import (
+    API_TOKEN_SECRET,
+    FANCY_SECRET,
+    OTHER_PLANTED_SECRET,
+    PLANTED_SECRET,
+    Tenant,
+)
 from .stack import Stack
 
 T = TypeVar("T")
@@ -106,9 +113,13 @@ async def database_text(pool: asyncpg.Pool) -> str:
 
 
 def secret_fragments() -> list[str]:
-    """The planted secrets and their random parts: none may appear anywhere."""
-    planted = (PLANTED_SECRET, OTHER_PLANTED_SECRET, API_TOKEN_SECRET)
-    return [fragment for value in planted for fragment in (value, value.rsplit("-", 1)[-1])]
+    """The planted secrets, their random parts and the encoded echoes of FANCY_SECRET the
+    probe produces: none may appear anywhere."""
+    planted = (PLANTED_SECRET, OTHER_PLANTED_SECRET, API_TOKEN_SECRET, FANCY_SECRET)
+    fragments = [fragment for value in planted for fragment in (value, value.rsplit("-", 1)[-1])]
+    echoes = echoes_of(FANCY_SECRET)
+    echoes.pop("codec_error")  # the error's text is not secret; the quoted character is
+    return fragments + list(echoes.values())
 
 
 async def assert_secret_nowhere(stack: Stack, pool: asyncpg.Pool) -> None:

@@ -19,12 +19,13 @@ from typing import Any
 import asyncpg
 import pytest
 from opsc_test_actions import read_ledger
+from opsc_test_actions.probe import echoes_of
 
 from opsconductor.client import Execution
 from opsconductor.common.masking import REDACTED
 
 from . import inspection
-from .conftest import PLANTED_SECRET, SECRET_TENANT, Tenant, bound_tenant
+from .conftest import FANCY_SECRET, PLANTED_SECRET, SECRET_TENANT, Tenant, bound_tenant
 from .inspection import assert_secret_nowhere, database_text, secret_fragments
 from .plans import plan, probe_step
 from .stack import Stack
@@ -119,3 +120,39 @@ async def test_the_scan_fails_when_the_value_is_in_a_table(
     finally:
         await e2e_pool.execute("DELETE FROM execution_events WHERE id = $1", row_id)
     await assert_secret_nowhere(stack, e2e_pool)
+
+
+async def test_encoded_echoes_of_a_secret_are_masked_in_stored_results_and_logs(
+    tenant: Tenant, ledger: Path, stack: Stack, e2e_pool: asyncpg.Pool
+) -> None:
+    """Issue 8, finding 4, through the real worker: the probe echoes a secret full of quotes,
+    backslashes and non-ASCII JSON-escaped (also twice), URL-encoded, base64'd inside other
+    bytes at every alignment and reversed, into its stored result and its log lines, and
+    logs the UnicodeEncodeError encoding it raises. None of those echoes is stored, returned
+    or logged; each stored echo holds the redaction marker instead."""
+    fancy = {"$secret": "env:E2E_FANCY"}
+    step = probe_step("echo", ["db:echo"], ledger, emit=fancy, emit_encoded=True)
+    async with tenant.client("alice") as client:
+        done = await client.submit(plan(step), tenant_id=tenant.id)
+        fetched = await client.get(done.execution_id, tenant_id=tenant.id)
+    assert done.status == "succeeded", (done.error_class, done.error_message)
+    [line] = read_ledger(ledger)
+    assert line["emit_sha256"] == hashlib.sha256(FANCY_SECRET.encode()).hexdigest()
+    result = fetched.steps[0].result
+    assert result is not None
+    expected = echoes_of(FANCY_SECRET)
+    assert set(result["echoes"]) == set(expected)
+    for name, stored in result["echoes"].items():
+        assert REDACTED in stored, name
+        if name != "codec_error":
+            assert stored != expected[name]
+    assert "\\xe9" not in result["echoes"]["codec_error"]
+    assert "codec can't encode character" in result["echoes"]["codec_error"]
+    logged = [entry for entry in stack.logs().splitlines() if '"probe_echoes"' in entry]
+    assert logged, "the worker never logged the probe's echoes"
+    text = repr(asdict(done)) + repr(asdict(fetched)) + await database_text(e2e_pool)
+    text += stack.logs()
+    for name, echo in expected.items():
+        if name != "codec_error":
+            assert echo not in text, name
+    assert "'\\xe9'" not in stack.logs()

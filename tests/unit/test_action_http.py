@@ -575,3 +575,15 @@ async def test_an_unresolvable_host_is_a_connect_error() -> None:
     with pytest.raises(ActionFailedError) as info:
         await HttpAction().run(_ctx({"url": "http://no-such-host.invalid/"}, timeout_s=10.0))
     assert info.value.details["error_class"] == "ConnectError"
+
+
+async def test_a_non_ascii_secret_header_fails_without_quoting_it(server: Server) -> None:
+    """httpx's UnicodeEncodeError would quote the character; the action names the header."""
+    value = "p\u00e4ss-" + secrets.token_hex(6)
+    with pytest.raises(ActionFailedError, match="header X-Auth is not ASCII") as info:
+        await HttpAction().run(_ctx({"url": server.url, "headers": {"X-Auth": value}}))
+    text = str(info.value) + repr(info.value.details)
+    assert "\u00e4" not in text
+    assert "\\xe4" not in text
+    assert value not in text
+    assert server.requests == []

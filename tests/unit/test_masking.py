@@ -331,6 +331,109 @@ def test_registered_literal_is_redacted_url_encoded_too(masker: Masker) -> None:
     assert "p@ss" not in masked
 
 
+#: A secret with every character an encoding changes: quote, backslash, slash, space, plus,
+#: percent, a non-ASCII letter and a control character.
+FANCY = 'Fa"ncy\\S\u00e9cret/+ %\t-' + "q7Zx9Lm2"
+
+
+def _encodings(value: str) -> dict[str, str]:
+    """The forms of the issue-8 finding-4 reproduction, computed here independently."""
+    import base64
+    import json
+    from urllib.parse import quote, quote_plus
+
+    data = value.encode()
+    return {
+        "json": json.dumps(value)[1:-1],
+        "json_unicode": json.dumps(value, ensure_ascii=False)[1:-1],
+        "json_twice": json.dumps(json.dumps(value))[1:-1],
+        "quote": quote(value, safe=""),
+        "quote_slash_safe": quote(value),
+        "quote_plus": quote_plus(value),
+        "b64": base64.b64encode(data).decode(),
+        "b64_unpadded": base64.b64encode(data).decode().rstrip("="),
+        "b64url": base64.urlsafe_b64encode(data).decode(),
+        "b64url_unpadded": base64.urlsafe_b64encode(data).decode().rstrip("="),
+        "reversed": value[::-1],
+    }
+
+
+@pytest.mark.parametrize("form", sorted(_encodings(FANCY)))
+def test_every_encoded_echo_of_a_registered_secret_is_redacted(masker: Masker, form: str) -> None:
+    """The attack of finding 4: an echo JSON-escaped, URL-encoded, base64'd or reversed."""
+    masker.register_secret(FANCY)
+    encoded = _encodings(FANCY)[form]
+    assert encoded != FANCY or form in {"json_unicode"}
+    masked = masker.mask_text(f"upstream echoed <{encoded}> back")
+    assert encoded not in masked
+    assert REDACTED in masked
+
+
+@pytest.mark.parametrize("prefix", ["", "a", "ab", "abc", "Authorization: x"])
+@pytest.mark.parametrize("suffix", ["", "!", "!!", " trailing data"])
+@pytest.mark.parametrize("urlsafe", [False, True])
+def test_base64_of_a_secret_embedded_in_other_bytes_is_redacted_at_every_alignment(
+    masker: Masker, prefix: str, suffix: str, urlsafe: bool
+) -> None:
+    """Embedded in a longer encoded blob, the secret starts at byte 0, 1 or 2 of a group."""
+    import base64
+
+    masker.register_secret(FANCY)
+    encode = base64.urlsafe_b64encode if urlsafe else base64.b64encode
+    blob = encode((prefix + FANCY + suffix).encode()).decode()
+    masked = masker.mask_text(f"blob={blob};")
+    assert REDACTED in masked
+    # What stays visible is the encoding of the surrounding bytes, never of the secret's.
+    remaining = masked.removeprefix("blob=").removesuffix(";").replace(REDACTED, "")
+    assert len(remaining) <= len(blob) - len(FANCY.encode()) * 4 // 3 + 2
+
+
+def test_a_basic_auth_header_built_from_a_secret_is_redacted(masker: Masker) -> None:
+    import base64
+
+    secret = "svc-password-" + secrets.token_hex(6)
+    masker.register_secret(secret)
+    credentials = base64.b64encode(f"svc-user:{secret}".encode()).decode()
+    assert credentials not in masker.mask_text(f"sent X-Creds: {credentials}")
+
+
+def test_codec_errors_do_not_quote_the_character_they_failed_on(masker: Masker) -> None:
+    """A UnicodeEncodeError/UnicodeDecodeError message quotes a piece of the value."""
+    texts = []
+    try:
+        "pass-\u00e9-word".encode("ascii")
+    except UnicodeEncodeError as exc:
+        texts.append(str(exc))
+    try:
+        b"pw-\xfe\xff".decode("utf-8")
+    except UnicodeDecodeError as exc:
+        texts.append(str(exc))
+    for text in texts:
+        masked = masker.mask_text(f"header rejected: {text}")
+        assert "\\xe9" not in masked
+        assert "0xfe" not in masked
+        assert REDACTED in masked
+        assert "codec can't" in masked  # the kind of error stays readable
+    plural = "'ascii' codec can't encode characters in position 5-6: ordinal not in range(128)"
+    assert masker.mask_text(plural) == plural
+
+
+def test_derived_forms_of_short_values_are_not_registered(masker: Masker) -> None:
+    """A 4-7 character value is redacted as itself only: its base64 fragments and other
+    derived forms would be short enough to hit ordinary text."""
+    masker.register_secret("ab/d")
+    assert masker.mask_text("ab/d ab%2Fd d/ba") == f"{REDACTED} ab%2Fd d/ba"
+
+
+def test_literal_forms_of_a_plain_value() -> None:
+    from opsconductor.common.secret_patterns import literal_forms
+
+    forms = literal_forms("plain-value-123")
+    assert "plain-value-123" in forms
+    assert "321-eulav-nialp" in forms
+    assert "cGxhaW4tdmFsdWUtMTIz" in forms
+
+
 def test_longer_literal_wins_over_its_prefix(masker: Masker) -> None:
     masker.register_secrets(["abcd", "abcd1234", "abce"])
     assert masker.mask_text("x abcd1234 y abcd abce abc") == (

@@ -9,6 +9,10 @@ Params (all optional)::
     fail_times   fail the first N calls of a step (counted per idempotency key in the ledger)
     emit         a string, usually a secret reference: logged (``probe_emitted``) and echoed in
                  the result, both of which the masker must redact
+    emit_encoded also log (``probe_echoes``) and return (``echoes``) ``emit`` the ways a remote
+                 system echoes it: JSON-escaped, URL-encoded, base64 alone and inside other
+                 bytes, reversed, and the message of the UnicodeEncodeError encoding it as
+                 ASCII raises (issue 8, finding 4)
     estimate_ms  the duration estimate to report (default hold_s plus 5 ms), so a test can
                  submit a plan estimated short that really runs long
 
@@ -27,6 +31,7 @@ lock legitimately expired) is taken over. Record-only runs touch nothing.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
 import json
@@ -35,6 +40,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, quote_plus
 
 import structlog
 
@@ -121,7 +127,8 @@ def _append(ledger: str, entry: dict[str, Any]) -> None:
 
 def _parse(params: Mapping[str, Any]) -> tuple[dict[str, Any], ParamReader]:
     reader = ParamReader(
-        params, allowed={"ledger", "hold_s", "fail", "fail_times", "emit", "estimate_ms"}
+        params,
+        allowed={"ledger", "hold_s", "fail", "fail_times", "emit", "emit_encoded", "estimate_ms"},
     )
     hold_s = reader.number("hold_s", default=0.0, minimum=0, maximum=3600) or 0.0
     config = {
@@ -130,11 +137,32 @@ def _parse(params: Mapping[str, Any]) -> tuple[dict[str, Any], ParamReader]:
         "fail": reader.boolean("fail", default=False),
         "fail_times": reader.integer("fail_times", default=0, minimum=0, maximum=1000),
         "emit": reader.text("emit", secret_ok=True),
+        "emit_encoded": reader.boolean("emit_encoded", default=False),
         "estimate_ms": reader.integer(
             "estimate_ms", default=round(hold_s * 1000) + 5, minimum=0, maximum=86_400_000
         ),
     }
     return config, reader
+
+
+def echoes_of(value: str) -> dict[str, str]:
+    """``value`` as remote systems echo it back (see ``emit_encoded``)."""
+    data = value.encode()
+    echoes = {
+        "json": json.dumps({"echo": value}),
+        "json_in_json": json.dumps(json.dumps({"echo": value})),
+        "quote": quote(value, safe=""),
+        "quote_plus": quote_plus(value),
+        "reversed": value[::-1],
+    }
+    for k in range(3):
+        echoes[f"b64_{k}"] = base64.b64encode(b"x" * k + data + b"!").decode()
+        echoes[f"b64url_{k}"] = base64.urlsafe_b64encode(b"y" * k + data).decode().rstrip("=")
+    try:
+        value.encode("ascii")
+    except UnicodeEncodeError as exc:
+        echoes["codec_error"] = str(exc)
+    return echoes
 
 
 class ProbeAction:
@@ -163,6 +191,10 @@ class ProbeAction:
         emit = config["emit"] if isinstance(config["emit"], str) else None
         if emit is not None:
             log.info("probe_emitted", emit=emit, step_id=ctx.step_id)
+        echoes = echoes_of(emit) if emit is not None and config["emit_encoded"] else None
+        if echoes is not None:
+            log.info("probe_echoes", step_id=ctx.step_id, **echoes)
+            log.info("probe_echo_line " + " ".join(echoes.values()))
         entry: dict[str, Any] = {
             "idempotency_key": ctx.idempotency_key,
             "execution_id": ctx.execution_id,
@@ -214,6 +246,8 @@ class ProbeAction:
             "held_ms": (entry["end_ns"] - entry["start_ns"]) // 1_000_000,
             "emit": emit,
         }
+        if echoes is not None:
+            output["echoes"] = echoes
         if entry["outcome"] == "failed":
             raise ActionFailedError("probe failed as asked", output=output)
         if entry["outcome"] == "cancelled":

@@ -23,8 +23,11 @@ What is redacted (replaced by `REDACTED`):
   (``eyJ….….…``), PEM private-key blocks, credentials in URLs (``scheme://user:pass@host``
   becomes ``scheme://user:***REDACTED***@host``) and AWS access key ids (``AKIA…``).
 - **Literal values registered at run time** (`register_secret`, `registered_secrets`): resolved
-  secrets are registered by the worker so that their exact text is redacted wherever it shows up,
-  e.g. echoed back inside a third-party error message. Values shorter than
+  secrets are registered by the worker so that their text is redacted wherever it shows up,
+  e.g. echoed back inside a third-party error message — and so are the forms an echo takes
+  (`secret_patterns.literal_forms`): JSON-escaped, URL-encoded, base64 (standard and URL-safe,
+  alone or embedded at any of the 3 byte alignments) and reversed. All forms of all registered
+  values are compiled into one regex when the set changes, never per record. Values shorter than
   `MIN_SECRET_LENGTH` are ignored: a 1-3 character literal would redact every occurrence of
   common substrings (destroying the logs) and, worse, *which* fragments get redacted would
   reveal the secret to anyone reading them.
@@ -41,14 +44,18 @@ import logging
 import re
 import threading
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, MutableMapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
 from contextlib import contextmanager
 from typing import Any, Final, overload
-from urllib.parse import quote
 
 import structlog
 
-from opsconductor.common.secret_patterns import REDACTED, literal_regex, redact_patterns
+from opsconductor.common.secret_patterns import (
+    REDACTED,
+    literal_forms,
+    literal_regex,
+    redact_patterns,
+)
 
 __all__ = [
     "DEFAULT_ALLOWED_KEYS",
@@ -146,6 +153,7 @@ _KEY_CACHE_LIMIT: Final = 4096
 _CAMEL_BOUNDARY = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
 _NON_WORD = re.compile(r"[^a-z0-9$]+")
 
+_MIN_FORM_LENGTH: Final = 8
 _TEXT_CACHE_MAX_LEN: Final = 256
 _TEXT_CACHE_SIZE: Final = 8192
 
@@ -183,9 +191,12 @@ class Masker:
         *,
         allowed_keys: Iterable[str] = DEFAULT_ALLOWED_KEYS,
         min_secret_length: int = MIN_SECRET_LENGTH,
+        forms: Callable[[str], Iterable[str]] = literal_forms,
     ) -> None:
         self._allowed = frozenset(normalise_key(k) for k in allowed_keys)
         self._min_secret_length = min_secret_length
+        #: What a registered value is redacted as (`literal_forms`; a seam for the benchmark).
+        self._forms = forms
         self._lock = threading.Lock()
         self._secret_counts: Counter[str] = Counter()
         self._state = _LiteralState(frozenset())
@@ -215,7 +226,7 @@ class Masker:
     # -- registered literals ----------------------------------------------------------------
 
     def register_secret(self, value: str) -> None:
-        """Redact ``value`` (and its URL-encoded form) anywhere from now on.
+        """Redact ``value`` (and its encoded forms, `literal_forms`) anywhere from now on.
 
         Registrations are counted: the literal stays redacted until `unregister_secret` has been
         called as many times as this. Values shorter than the minimum length are ignored.
@@ -271,8 +282,15 @@ class Masker:
         return len(self._secret_counts)
 
     def _rebuild_literals(self) -> None:
-        # Caller holds the lock. A secret embedded in a URL shows up percent-encoded.
-        variants = {v for value in self._secret_counts for v in (value, quote(value, safe=""))}
+        # Caller holds the lock. Short forms would redact common text: a value needs the
+        # minimum length, a derived form (a base64 fragment...) 8 characters.
+        minimum = self._min_secret_length
+        variants = {
+            form
+            for value in self._secret_counts
+            for form in self._forms(value)
+            if len(form) >= minimum and (form == value or len(form) >= _MIN_FORM_LENGTH)
+        }
         self._state = _LiteralState(frozenset(variants))
 
     # -- masking ----------------------------------------------------------------------------

@@ -14,17 +14,24 @@ Patterns (all replaced by `REDACTED`):
 - PEM private-key blocks (also when truncated before the ``END`` line);
 - ``scheme://user:password@host`` -> ``scheme://user:***REDACTED***@host``;
 - ``Bearer <token>``, ``Basic <base64>`` (the scheme stays), JWTs (``eyJ….….…``), AWS access
-  key ids (``AKIA…`` and the other documented prefixes).
+  key ids (``AKIA…`` and the other documented prefixes);
+- the quoted character or byte of a codec error (``'ascii' codec can't encode character
+  '\\xe9' in position 5``): it is a piece of whatever was being encoded, often a secret.
+
+`literal_forms` lists the encodings of a known secret value that the masker also redacts.
 """
 
 from __future__ import annotations
 
+import base64
+import json
 import re
 import string
 from collections.abc import Callable, Iterable
 from typing import Any, Final
+from urllib.parse import quote, quote_plus
 
-__all__ = ["REDACTED", "credential_kind", "literal_regex", "redact_patterns"]
+__all__ = ["REDACTED", "credential_kind", "literal_forms", "literal_regex", "redact_patterns"]
 
 REDACTED: Final = "***REDACTED***"
 
@@ -68,6 +75,11 @@ _BASIC = re.compile(
 _JWT = re.compile(r"(?<![A-Za-z0-9_-])eyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
 _AWS = re.compile(r"(?<![A-Z0-9])(?:" + "|".join(_AWS_PREFIXES) + r")[A-Z0-9]{16}(?![A-Z0-9])")
 _SCHEME_REDACTED: Final = r"\g<scheme> " + REDACTED
+# UnicodeEncodeError / UnicodeDecodeError messages quote the offending character or byte.
+_CODEC_ERROR = re.compile(
+    r"(?P<lead>codec can't (?:en|de)code (?:character|byte)s? )"
+    r"(?P<quoted>'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"|0x[0-9a-fA-F]+)"
+)
 
 
 def redact_patterns(text: str, is_secret_name: Callable[[str], bool]) -> str:
@@ -88,7 +100,39 @@ def redact_patterns(text: str, is_secret_name: Callable[[str], bool]) -> str:
         text = _JWT.sub(REDACTED, text)
     if any(p in text for p in _AWS_PREFIXES):
         text = _AWS.sub(REDACTED, text)
+    if "codec can't" in text:
+        text = _CODEC_ERROR.sub(r"\g<lead>" + REDACTED, text)
     return text
+
+
+def _base64_forms(data: bytes) -> set[str]:
+    """Base64 (standard and URL-safe) of ``data`` alone, padded and not, and the part of it
+    that is the same wherever ``data`` sits inside a longer encoded text.
+
+    Embedded, ``data`` starts at byte offset 0, 1 or 2 of a 3-byte group: for each offset ``k``
+    the characters whose 6 bits come from ``data`` only are those from ``ceil(8k/6)`` up to
+    ``floor(8(k + len)/6)`` of the encoding of ``k`` filler bytes + ``data``.
+    """
+    forms: set[str] = set()
+    for encode in (base64.b64encode, base64.urlsafe_b64encode):
+        alone = encode(data).decode("ascii")
+        forms |= {alone, alone.rstrip("=")}
+        for k in (0, 1, 2):
+            encoded = encode(b"\0" * k + data).decode("ascii")
+            forms.add(encoded[(8 * k + 5) // 6 : (8 * (k + len(data))) // 6])
+    return forms
+
+
+def literal_forms(value: str) -> frozenset[str]:
+    """``value`` and the forms it takes when echoed back encoded: JSON-escaped (ASCII-only or
+    not, and escaped twice, as in JSON inside JSON), URL-encoded (``quote`` with and without
+    ``/`` safe, ``quote_plus``), base64 standard and URL-safe (`_base64_forms`), and reversed."""
+    forms = {value, value[::-1]}
+    for escaped in (json.dumps(value)[1:-1], json.dumps(value, ensure_ascii=False)[1:-1]):
+        forms |= {escaped, json.dumps(escaped)[1:-1]}
+    forms |= {quote(value, safe=""), quote(value), quote_plus(value, safe="")}
+    forms |= _base64_forms(value.encode("utf-8"))
+    return frozenset(forms)
 
 
 _URL_WITH_PASSWORD = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s:/@\"'\\]*:[^\s/\"'\\]+@")

@@ -260,6 +260,15 @@ class HttpAction:
             for name, value in request.headers.items()
         }
         headers[IDEMPOTENCY_HEADER] = ctx.idempotency_key
+        for name, value in headers.items():
+            if not value.isascii():
+                # httpx would raise a UnicodeEncodeError quoting the character: a piece of
+                # what may be a secret. Name the header only.
+                raise ActionFailedError(
+                    f"header {name} is not ASCII text (after resolving secrets); HTTP header "
+                    "values must be, so store the secret encoded (e.g. base64)",
+                    output={"error_class": "NonAsciiHeader"},
+                )
         if find_secret_refs(request.body, path="params.body"):
             raise PlanValidationError.for_field(
                 "params.body", "secret reference was not resolved before the run"

@@ -13,6 +13,7 @@ SRC_DIRS := $(addsuffix /src,$(PACKAGES))
 # proto-lint needs Node.js (npx fetches the official @bufbuild/buf); make test checks the same
 # naming rules without it (tests/unit/test_proto_contracts.py).
 .PHONY: help chaos venv sandbox-tools protos protos-check proto-lint lint fmt typecheck importlint k8s-validate test test-fast migrate migrate-down run bench bench-immediate bench-background bench-round-trips bench-masking clean
+.PHONY: monitoring-tools
 
 help:
 	@echo "make run          start the whole system on this machine (embedded Postgres/Redis unless DATABASE_URL/REDIS_URL)"
@@ -42,6 +43,18 @@ sandbox-tools:
 		  apt-get install -y -qq --no-install-recommends bubblewrap >/dev/null; }; }
 	@command -v bwrap >/dev/null && command -v setpriv >/dev/null && command -v prlimit >/dev/null
 
+# The alert rules' and dashboard's checks (docs/observability.md): Debian's Prometheus
+# (promtool, and the server the dashboard test scrapes with) and Alertmanager (amtool).
+monitoring-tools:
+	@command -v promtool >/dev/null && command -v amtool >/dev/null || { \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get install -y -qq --no-install-recommends prometheus prometheus-alertmanager \
+			>/dev/null 2>&1 || \
+		{ apt-get update -qq >/dev/null && \
+		  apt-get install -y -qq --no-install-recommends prometheus prometheus-alertmanager \
+			>/dev/null; }; }
+	@command -v promtool >/dev/null && command -v amtool >/dev/null && command -v prometheus >/dev/null
+
 protos: $(STAMP)
 	$(PY) tools/gen_protos.py
 
@@ -66,7 +79,7 @@ importlint: $(STAMP)
 	$(VENV)/bin/lint-imports
 
 # The whole suite: hygiene first (fast, fails early), then every test with the coverage gates.
-test: $(STAMP) sandbox-tools lint typecheck importlint protos-check k8s-validate
+test: $(STAMP) sandbox-tools monitoring-tools lint typecheck importlint protos-check k8s-validate
 	$(PY) tools/run_tests.py
 
 # Render k8s/base and every overlay (kubectl kustomize) and validate each object offline against

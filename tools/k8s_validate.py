@@ -39,6 +39,7 @@ KNOWN_CUSTOM_KINDS: dict[tuple[str, str], str] = {
     ("cert-manager.io/v1", "Certificate"): "cert-manager",
     ("monitoring.coreos.com/v1", "PrometheusRule"): "prometheus-operator",
     ("monitoring.coreos.com/v1", "ServiceMonitor"): "prometheus-operator",
+    ("monitoring.coreos.com/v1", "PodMonitor"): "prometheus-operator",
 }
 
 _JSON6902_OPS = frozenset({"add", "remove", "replace", "move", "copy", "test"})

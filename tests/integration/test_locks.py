@@ -66,7 +66,7 @@ async def eventually(condition: Callable[[], Awaitable[bool]], timeout: float = 
 
 
 def reaped_total() -> float:
-    return REGISTRY.get_sample_value("opsc_stale_locks_reaped_total") or 0.0
+    return REGISTRY.get_sample_value("opsc_mutex_reaped_total") or 0.0
 
 
 # --- mutual exclusion under real races ------------------------------------------------------
@@ -496,7 +496,7 @@ async def test_concurrent_reapers_remove_only_expired_locks_and_count_each_once(
     db_pool: asyncpg.Pool,
 ) -> None:
     """8 reapers race over 3 expired and 2 live locks: the 3 expired go, counted exactly once in
-    the return values, the log and opsc_stale_locks_reaped_total; the live ones stay."""
+    the return values, the log and opsc_mutex_reaped_total; the live ones stay."""
     live = await acquire_locks(
         db_pool,
         [restart("live-1"), restart("live-2")],

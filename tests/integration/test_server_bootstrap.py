@@ -403,6 +403,7 @@ IMPLEMENTED = {
     "RequeueDlqEntry",
     "GetQueueStats",
     "SetDrain",
+    "VerifyAuditChain",
     "RunImmediate",
     "GetApproval",
     "ListPendingApprovals",
@@ -455,7 +456,7 @@ async def test_every_rpc_not_built_yet_answers_unimplemented(
     finally:
         await rpc.stop(None)
     expected = {
-        "api": 11,  # ExecutionService (5) + AdminService (6)
+        "api": 12,  # ExecutionService (5) + AdminService (7)
         "worker": 1,
         "approvals": 5,
         "progress": 2,

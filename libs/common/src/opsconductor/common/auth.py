@@ -52,6 +52,7 @@ __all__ = [
     "DEFAULT_AUTH_METHOD",
     "DEFAULT_LEEWAY",
     "DEFAULT_MAX_TOKEN_LIFETIME",
+    "MACHINE_AUTH_METHODS",
     "JwtSettings",
     "Principal",
     "TokenVerifier",
@@ -61,6 +62,8 @@ __all__ = [
 
 #: ``auth_method`` of a token that does not say how its subject authenticated.
 DEFAULT_AUTH_METHOD: Final = "jwt"
+#: ``auth_method`` values of machine identities (schedulers, incident bots, our own services).
+MACHINE_AUTH_METHODS: Final = frozenset({"service"})
 #: Clock skew tolerated on ``exp``/``nbf``/``iat`` between the IdP and us.
 DEFAULT_LEEWAY: Final = timedelta(seconds=30)
 #: Longest ``exp − iat`` accepted unless configured otherwise (``make run`` mints 12 h tokens).
@@ -87,6 +90,12 @@ class Principal:
     tenant_id: str
     auth_method: str = DEFAULT_AUTH_METHOD
     token_id: str | None = None
+
+    @property
+    def is_machine(self) -> bool:
+        """Whether this is automation (a service token), not a person: its cancellations are
+        counted as ``system``-initiated (docs/observability.md)."""
+        return self.auth_method in MACHINE_AUTH_METHODS
 
 
 class JwtSettings(Protocol):

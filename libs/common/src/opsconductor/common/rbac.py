@@ -290,6 +290,9 @@ class Authorizer:
         self._policy = policy
         self._tier: Tier = tier
         self._audit = denial_audit or DenialAuditLimiter(self._write_record)
+        # Every series of this tier at 0: the first denial must show as an increase.
+        for reason in DenialReason:
+            RBAC_VIOLATIONS.labels(tier=tier, reason=reason.value)
 
     async def flush_audit(self) -> None:
         """Write the pending aggregated denial rows (call at shutdown)."""

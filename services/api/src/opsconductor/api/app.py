@@ -21,6 +21,7 @@ from opsconductor.common.actions.registry import default_registry
 from opsconductor.common.approval_policy import ApprovalPolicy
 from opsconductor.common.auth import TokenVerifier
 from opsconductor.common.errors import StorageError
+from opsconductor.common.queue.gauges import GaugePublisher
 from opsconductor.common.queue.redis_queue import RedisQueue, create_redis_client
 from opsconductor.common.rbac import Authorizer, RbacPolicy
 from opsconductor.common.rpc.resources import DatabasePool
@@ -50,6 +51,7 @@ class ApiApp:
         self._queries: ExecutionQueries | None = None
         self._admin: AdminOperations | None = None
         self._authorizer: Authorizer | None = None
+        self._gauges: GaugePublisher | None = None
 
     async def start(self) -> None:
         """Open the pool, load the timeout policies, listen for flag changes."""
@@ -94,8 +96,12 @@ class ApiApp:
             policies=policies,
             dedup_window=dedup_window,
         )
+        self._gauges = GaugePublisher(pool, queue, interval_s=self.settings.gauge_refresh_s)
+        self._gauges.start()
 
     async def stop(self) -> None:
+        if self._gauges is not None:
+            await self._gauges.stop()
         if self._flags is not None:
             await self._flags.close()
         if self._worker is not None:

@@ -24,6 +24,8 @@ class ApiSettings(ServiceSettings):
     #: Seconds feature flags are cached (a change is also pushed by LISTEN/NOTIFY).
     flag_cache_ttl_s: float = Field(default=2.0, gt=0)
     db_pool_size: int = Field(default=20, ge=1)
+    #: Seconds between refreshes of the queue, DLQ and approvals gauges (docs/observability.md).
+    gauge_refresh_s: float = Field(default=5.0, gt=0)
 
     @model_validator(mode="after")
     def _forwarded_tokens_only_over_tls(self) -> ApiSettings:

@@ -24,10 +24,16 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
+from prometheus_client import Counter
+
 from opsconductor.common.errors import ConflictError, NotFoundError
 from opsconductor.common.queue.jobs import QueueRow, insert_queue_row
 from opsconductor.common.storage.events import append_event
-from opsconductor.common.storage.execution_records import PoolOrConnection, transaction
+from opsconductor.common.storage.execution_records import (
+    PoolOrConnection,
+    after_commit,
+    transaction,
+)
 from opsconductor.common.storage.executions import (
     DEFAULT_PAGE_SIZE,
     MAX_PAGE_SIZE,
@@ -37,6 +43,9 @@ from opsconductor.common.storage.paging import (
     encode_page_token,
     invalid_page_request,
 )
+
+#: Counted once per entry created, when its transaction commits (worker or reaper).
+DLQ_MOVES = Counter("opsc_dlq_moves_total", "Executions moved to the dead-letter queue.")
 
 __all__ = [
     "DlqEntry",
@@ -155,6 +164,7 @@ async def move_to_dlq(
             type="moved_to_dlq",
             payload={"dlq_id": str(moved["id"]), "attempts": attempts, "error_class": klass},
         )
+        after_commit(conn, DLQ_MOVES.inc)
     moved_id: UUID = moved["id"]
     return moved_id
 

@@ -7,7 +7,7 @@ import ``opsconductor.common.storage.executions``.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -15,6 +15,7 @@ from typing import Any, Final, TypeAlias
 from uuid import UUID
 
 import asyncpg
+import structlog
 
 from opsconductor.common.errors import NotFoundError, StaleLeaseError, StorageError
 from opsconductor.common.fsm import TERMINAL, ExecutionStatus, StepStatus
@@ -24,6 +25,8 @@ from opsconductor.common.fsm import TERMINAL, ExecutionStatus, StepStatus
 PoolOrConnection: TypeAlias = asyncpg.Pool | asyncpg.Connection
 
 _DRIVER_ERRORS: Final = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
+
+log = structlog.get_logger(__name__)
 
 _LOCK_EXECUTION = """
 SELECT id, tenant_id, actor_id, status, lease_token
@@ -100,6 +103,8 @@ class ExecutionRecord:
     lease_token: UUID | None
     event_seq: int
     steps: tuple[StepRecord, ...] = ()
+    #: ``user`` or ``system`` once cancelled (migration 0005); None otherwise.
+    cancel_initiator: str | None = None
 
     @property
     def duration_ms(self) -> int | None:
@@ -184,6 +189,7 @@ def execution_from_row(
         lease_token=row["lease_token"],
         event_seq=row["event_seq"],
         steps=steps,
+        cancel_initiator=row.get("cancel_initiator"),
     )
 
 
@@ -197,13 +203,62 @@ async def transaction(db: PoolOrConnection) -> AsyncIterator[Any]:
     """
     try:
         if isinstance(db, asyncpg.Pool):
-            async with db.acquire() as conn, conn.transaction():
+            async with (
+                db.acquire() as conn,
+                _collecting_after_commit(conn),
+                conn.transaction(),
+            ):
                 yield conn
         else:
-            async with db.transaction():
+            async with _collecting_after_commit(db), db.transaction():
                 yield db
     except _DRIVER_ERRORS as exc:
         raise StorageError(f"database error: {type(exc).__name__}") from exc
+
+
+# Callbacks to run once the outermost transaction opened by `transaction` on a connection
+# commits: one list per nesting level (savepoint); a level that rolls back drops its own.
+_after_commit: dict[int, list[list[Callable[[], None]]]] = {}
+
+
+def after_commit(conn: Any, callback: Callable[[], None]) -> None:
+    """Run ``callback`` (in-process bookkeeping: metrics) once ``conn``'s transaction commits.
+
+    Dropped if that transaction (or the savepoint it was registered in) rolls back; run at once
+    when no :func:`transaction` is open on ``conn``. A failing callback is logged, never raised:
+    the write it describes has committed.
+    """
+    levels = _after_commit.get(id(conn))
+    if levels:
+        levels[-1].append(callback)
+    else:
+        _run_callbacks([callback])
+
+
+@asynccontextmanager
+async def _collecting_after_commit(conn: Any) -> AsyncIterator[None]:
+    levels = _after_commit.setdefault(id(conn), [])
+    levels.append([])
+    committed = False
+    try:
+        yield
+        committed = True
+    finally:
+        mine = levels.pop()
+        if not levels:
+            del _after_commit[id(conn)]
+            if committed:
+                _run_callbacks(mine)
+        elif committed:
+            levels[-1].extend(mine)
+
+
+def _run_callbacks(callbacks: list[Callable[[], None]]) -> None:
+    for callback in callbacks:
+        try:
+            callback()
+        except Exception:
+            log.exception("after_commit_callback_failed")
 
 
 async def lock_execution(

@@ -15,15 +15,17 @@ Every function takes a connection (joining the caller's transaction as a savepoi
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 from uuid import UUID
 
 import structlog
 
 from opsconductor.common.errors import FSMError, NotFoundError, StorageError
+from opsconductor.common.execution_metrics import record_finished
 from opsconductor.common.fsm import TERMINAL, ExecutionStatus, check_transition
 from opsconductor.common.hashing import step_idempotency_key
 from opsconductor.common.storage.approval_records import ApprovalState, close_pending_approvals
@@ -40,6 +42,7 @@ from opsconductor.common.storage.execution_records import (
     ExecutionRecord,
     PoolOrConnection,
     StepRecord,
+    after_commit,
     execution_from_row,
     lock_execution,
     step_from_row,
@@ -53,11 +56,15 @@ from opsconductor.common.storage.execution_steps import (
 )
 from opsconductor.common.storage.locks import release_execution_locks
 
+#: Who asked for a cancellation: a person, or automation (a machine identity).
+CancelInitiator = Literal["user", "system"]
+
 __all__ = [
     "CANCEL_CHANNEL",
     "DEFAULT_PAGE_SIZE",
     "MAX_PAGE_SIZE",
     "TRANSITION_FIELDS",
+    "CancelInitiator",
     "ExecutionRecord",
     "InvalidPageRequestError",
     "NewExecution",
@@ -150,7 +157,7 @@ RETURNING *
 _REQUEST_CANCEL = """
 UPDATE executions
 SET cancelled_by = $3, cancelled_at = GREATEST(clock_timestamp(), created_at),
-    cancel_reason = $4, updated_at = clock_timestamp()
+    cancel_reason = $4, cancel_initiator = $6, updated_at = clock_timestamp()
 WHERE id = $1 AND tenant_id = $2 AND cancelled_at IS NULL
   AND status <> ALL($5::execution_status[])
 RETURNING *
@@ -381,6 +388,9 @@ async def transition(
             # The lease holder ends it: no other worker may act for it any more, so every lock
             # it holds goes, including those a paused level-3 run kept between two approvals.
             await release_execution_locks(conn, execution_id)
+        if target in TERMINAL:
+            # Counted once, by the process that ended it, when (and only if) it commits.
+            after_commit(conn, functools.partial(record_finished, record))
     log.info(
         "execution_transitioned",
         execution_id=str(execution_id),
@@ -494,9 +504,18 @@ async def transition_status(
 
 
 async def request_cancel(
-    db: PoolOrConnection, execution_id: UUID | str, *, tenant_id: str, by: str, reason: str | None
+    db: PoolOrConnection,
+    execution_id: UUID | str,
+    *,
+    tenant_id: str,
+    by: str,
+    reason: str | None,
+    initiator: CancelInitiator = "user",
 ) -> tuple[ExecutionRecord, bool]:
     """Record a cancellation request once; return ``(record, newly_requested)``.
+
+    ``initiator`` says who asked: a person (``user``) or automation (``system``); metrics keep
+    the two apart.
 
     ``cancelled_by``/``cancelled_at`` are set together by one statement, only if unset and the
     execution is not terminal; then a ``cancel_requested`` event is appended and
@@ -508,7 +527,9 @@ async def request_cancel(
     """
     eid = as_execution_id(execution_id)
     async with transaction(db) as conn:
-        row = await conn.fetchrow(_REQUEST_CANCEL, eid, tenant_id, by, reason, _TERMINAL_VALUES)
+        row = await conn.fetchrow(
+            _REQUEST_CANCEL, eid, tenant_id, by, reason, _TERMINAL_VALUES, initiator
+        )
         if row is None:
             return await get_execution(conn, tenant_id, eid), False
         status = ExecutionStatus(row["status"])

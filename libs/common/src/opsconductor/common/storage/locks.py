@@ -26,6 +26,7 @@ All times come from the database clock (``now()``), so workers' clocks never dis
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Iterable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager, nullcontext
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ from uuid import UUID, uuid4
 
 import asyncpg
 import structlog
-from prometheus_client import Counter
+from prometheus_client import Counter, Histogram
 from tenacity import (
     AsyncRetrying,
     retry_if_exception_type,
@@ -59,7 +60,14 @@ MAX_TARGET_REF = 300
 MAX_ACTION = 100
 
 STALE_LOCKS_REAPED = Counter(
-    "opsc_stale_locks_reaped", "Expired execution locks deleted by the reaper."
+    "opsc_mutex_reaped", "Expired execution locks (stale mutexes) deleted by the reaper."
+)
+
+LOCK_WAIT = Histogram(
+    "opsc_lock_wait_seconds",
+    "Time to take an execution's locks (all or nothing), by outcome: acquired, busy, error.",
+    ["outcome"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
 )
 
 # Rows are visited in "C" collation order in every locking statement: the global order that makes
@@ -324,18 +332,29 @@ async def acquire_locks(
     ordered = sorted_requests(requests)
     if not ordered:
         return LockSet(owner_token)
-    if wait is None:
-        lock_set = await _acquire_once(pool_or_conn, ordered, owner_token, owner_execution_id, ttl)
-    else:
-        retrying = AsyncRetrying(
-            retry=retry_if_exception_type(ResourceBusyError),
-            stop=stop_after_delay(wait.total_seconds()),
-            wait=wait_random_exponential(multiplier=0.005, max=0.25),
-            reraise=True,
-        )
-        lock_set = await retrying(
-            _acquire_once, pool_or_conn, ordered, owner_token, owner_execution_id, ttl
-        )
+    started = time.perf_counter()
+    outcome = "busy"
+    try:
+        if wait is None:
+            lock_set = await _acquire_once(
+                pool_or_conn, ordered, owner_token, owner_execution_id, ttl
+            )
+        else:
+            retrying = AsyncRetrying(
+                retry=retry_if_exception_type(ResourceBusyError),
+                stop=stop_after_delay(wait.total_seconds()),
+                wait=wait_random_exponential(multiplier=0.005, max=0.25),
+                reraise=True,
+            )
+            lock_set = await retrying(
+                _acquire_once, pool_or_conn, ordered, owner_token, owner_execution_id, ttl
+            )
+        outcome = "acquired"
+    except StorageError:
+        outcome = "error"
+        raise
+    finally:
+        LOCK_WAIT.labels(outcome).observe(time.perf_counter() - started)
     log.debug(
         "locks_acquired",
         lock_keys=lock_set.keys,
@@ -430,7 +449,7 @@ async def check_lock_status(
 async def reap_expired_locks(pool_or_conn: PoolOrConnection) -> int:
     """Delete every expired lock and return how many went; safe to run from many workers at once.
 
-    Each reaped lock is counted once in ``opsc_stale_locks_reaped_total``, however many reapers
+    Each reaped lock is counted once in ``opsc_mutex_reaped_total``, however many reapers
     race: a row locked by another reaper (or by an acquirer taking it over) is skipped.
     """
     with _storage_errors("reap"):

@@ -81,7 +81,12 @@ class ExecutionQueries:
             resource="ExecutionService/CancelExecution",
         )
         record, _changed = await request_cancel(
-            self._pool, eid, tenant_id=tenant_id, by=principal.actor_id, reason=reason or None
+            self._pool,
+            eid,
+            tenant_id=tenant_id,
+            by=principal.actor_id,
+            reason=reason or None,
+            initiator="system" if principal.is_machine else "user",
         )
         if record.status == ExecutionStatus.CANCELLED:
             await self._dequeue_cancelled(record)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import time
 from collections.abc import Mapping
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -53,6 +54,7 @@ from opsconductor.common.storage.execution_steps import skip_remaining_steps
 from opsconductor.common.storage.executions import transition
 from opsconductor.common.storage.policies import TimeoutPolicy
 
+from . import metrics
 from .runner import ExecutionRunner, RunResult
 
 log = structlog.get_logger(__name__)
@@ -202,6 +204,9 @@ class BackgroundConsumer:
             # Finished, cancelled or waiting for approval meanwhile: nothing to run.
             await self._drop(job)
             return policy, None
+        metrics.QUEUE_WAIT.labels(str(job.priority)).observe(
+            max(time.time() - job.enqueued_at, 0.0)
+        )
         return policy, record
 
     async def _authorized(self, job: LeasedJob, record: ExecutionRecord) -> bool:

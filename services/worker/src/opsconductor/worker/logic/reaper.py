@@ -31,10 +31,11 @@ from uuid import UUID
 
 import asyncpg
 import structlog
-from prometheus_client import Counter, Gauge
+from prometheus_client import Counter
 
 from opsconductor.common.errors import QueueUnavailableError
 from opsconductor.common.queue import dlq, jobs
+from opsconductor.common.queue.gauges import publish_gauges
 from opsconductor.common.queue.reconcile import reconcile_queue
 from opsconductor.common.queue.redis_queue import RedisQueue
 from opsconductor.common.storage.approvals import expire_pending, fail_undispatched
@@ -60,12 +61,6 @@ REAPER_LOCK_KEY = 0x6F7073635F726561
 LEASE_EXPIRATIONS = Counter(
     "opsc_lease_expirations_total", "Job leases that expired (a worker died or stalled)."
 )
-DEAD_LETTERED = Counter("opsc_dlq_moves_total", "Jobs moved to the dead-letter queue.")
-QUEUE_READY = Gauge("opsc_queue_ready_jobs", "Jobs ready to run, by priority.", ["priority"])
-QUEUE_LEASED = Gauge("opsc_queue_leased_jobs", "Jobs leased to a worker.")
-QUEUE_DELAYED = Gauge("opsc_queue_delayed_jobs", "Jobs waiting for a retry.")
-QUEUE_OLDEST_AGE = Gauge("opsc_queue_oldest_ready_age_seconds", "Wait of the oldest ready job.")
-DLQ_SIZE = Gauge("opsc_dlq_size", "Dead-letter entries not requeued yet.")
 
 
 @dataclass(frozen=True)
@@ -137,7 +132,7 @@ async def _pass(
     expired = await expire_pending(pool)
     undispatched = await fail_undispatched(pool, grace=UNDISPATCHED_GRACE)
     unstarted = await fail_unstarted_immediate(pool, grace=unstarted_grace)
-    await _publish_gauges(pool, queue)
+    await publish_gauges(pool, queue)
     return ReaperReport(
         leases_requeued=reconciled.maintenance.reclaimed if reconciled else 0,
         retries_promoted=reconciled.maintenance.promoted if reconciled else 0,
@@ -170,7 +165,6 @@ async def _dead_letter(pool: asyncpg.Pool, queue: RedisQueue) -> int:
             pool, job.execution_id, error_class="LEASE_EXPIRED", error_message=message, by="reaper"
         )
         await queue.remove(job.job_id)
-        DEAD_LETTERED.inc()
         moved += 1
     return moved
 
@@ -201,19 +195,3 @@ async def _reapply_drain(pool: asyncpg.Pool, queue: RedisQueue) -> None:
     if await queue.is_paused() != paused:
         await queue.set_paused(paused)
         log.warning("dispatch_pause_reapplied", paused=paused)
-
-
-async def _publish_gauges(pool: asyncpg.Pool, queue: RedisQueue | None) -> None:
-    DLQ_SIZE.set(await dlq.dlq_size(pool))
-    if queue is None:
-        return
-    try:
-        stats = await queue.stats()
-    except QueueUnavailableError:
-        log.warning("reaper_queue_unavailable")
-        return
-    for priority in (0, 50, 100):
-        QUEUE_READY.labels(str(priority)).set(stats.ready_by_priority.get(priority, 0))
-    QUEUE_LEASED.set(stats.leased)
-    QUEUE_DELAYED.set(stats.delayed)
-    QUEUE_OLDEST_AGE.set(stats.oldest_ready_age_s or 0.0)

@@ -653,16 +653,8 @@ class ExecutionRunner:
         if requeued is not None:
             log.info("execution_requeued", reason=requeued, **fields)
             return
+        # Outcome metrics are counted by the terminal transition (common.execution_metrics).
         log.info("execution_finished", **fields)
-        labels = (record.execution_mode, record.sla_class, record.action_class, record.status)
-        metrics.EXECUTIONS.labels(*labels).inc()
-        metrics.EXECUTION_DURATION.labels(*labels).observe(fields["duration_ms"] / 1000)
-        if record.timed_out:
-            metrics.TIMEOUTS.labels(record.sla_class, record.timeout_policy_id or "").inc()
-        if record.status == ExecutionStatus.CANCELLED:
-            metrics.CANCELLATIONS.labels(record.execution_mode, record.sla_class).inc()
-        elif record.status == ExecutionStatus.FAILED:
-            metrics.FAILURES.labels(record.execution_mode, record.error_class or "").inc()
 
     def _log_fields(self, record: ExecutionRecord, plan: Plan) -> dict[str, Any]:
         """The fields spec §7.2 requires on every execution log line."""

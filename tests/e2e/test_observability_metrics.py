@@ -1,0 +1,480 @@
+"""Metrics end to end: a scripted mix through the real services moves each counter of each
+service's ``/metrics`` by exactly what it should (a user's cancellation never as a failure),
+every output passes ``promtool check metrics``, and a real Prometheus (the Debian binary,
+scraping the stack with the repository's rules loaded) answers every dashboard panel's query
+with data from exported metrics only, and holds the DLQ alert pending once more than 10 jobs are
+dead-lettered.
+
+Processes: api, worker, approvals, progress and the reaper loop, each with a metrics port, on a
+database and a Redis key prefix of this module's own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from pydantic import SecretStr
+
+from opsconductor.client import ExecutionClient, ExecutionTimeoutError, PermissionDeniedError
+from opsconductor.common.auth import issue_token
+from opsconductor.common.storage.role_bindings import bind_role
+from tests.conftest import RUN_ID
+from tests.deploy.test_monitoring import MONITORING, dashboard_queries, metric_names
+
+from .conftest import AUDIENCE, HS256_KEY, token
+from .inspection import wait_until
+from .plans import plan, probe_step
+from .stack import Stack, service_env, start_service
+
+SERVICES = ("api", "worker", "approvals", "progress", "reaper")
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class MetricsStack:
+    stack: Stack
+    metrics_ports: dict[str, int]
+    reaper: subprocess.Popen[bytes]
+
+    def scrape_text(self, service: str) -> str:
+        url = f"http://127.0.0.1:{self.metrics_ports[service]}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            text: str = response.read().decode()
+        return text
+
+    def scrape(self, service: str) -> Samples:
+        samples: Samples = {}
+        for family in text_string_to_metric_families(self.scrape_text(service)):
+            for sample in family.samples:
+                samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+        return samples
+
+
+@pytest.fixture(scope="module")
+async def metrics_stack(
+    e2e_dsn: str, e2e_pool: asyncpg.Pool, redis_url: str
+) -> AsyncIterator[MetricsStack]:
+    log_dir = Path(tempfile.mkdtemp(prefix="opsc-e2e-metrics-"))
+    stack = Stack(dsn=e2e_dsn, log_dir=log_dir)
+    ports = {name: _free_port() for name in SERVICES}
+    common = {
+        "OPSC_REDIS_URL": redis_url,
+        "OPSC_QUEUE_PREFIX": f"opsc-e2e:{RUN_ID}:{secrets.token_hex(3)}:",
+        "OPSC_GAUGE_REFRESH_S": "0.5",
+    }
+    reaper: subprocess.Popen[bytes] | None = None
+    try:
+        worker = await start_service(
+            "worker", stack, {**common, "OPSC_METRICS_PORT": str(ports["worker"])}
+        )
+        for name in ("api", "approvals"):
+            await start_service(
+                name,
+                stack,
+                {
+                    **common,
+                    "OPSC_WORKER_TARGET": worker.address,
+                    "OPSC_METRICS_PORT": str(ports[name]),
+                },
+            )
+        await start_service(
+            "progress",
+            stack,
+            {**common, "OPSC_HTTP_PORT": "0", "OPSC_METRICS_PORT": str(ports["progress"])},
+        )
+        env = service_env(e2e_dsn, {**common, "OPSC_METRICS_PORT": str(ports["reaper"])})
+        with (log_dir / "reaper.log").open("ab") as log:
+            reaper = subprocess.Popen(
+                [sys.executable, "-m", "opsconductor.worker.reaper", "--interval", "1"],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        running = MetricsStack(stack, ports, reaper)
+
+        async def reaper_serving() -> bool:
+            try:
+                await asyncio.to_thread(running.scrape_text, "reaper")
+            except OSError:
+                assert reaper is not None
+                assert reaper.poll() is None, "the reaper exited"
+                return False
+            return True
+
+        await wait_until(reaper_serving, within_s=30, what="the reaper's metrics")
+        yield running
+    finally:
+        if reaper is not None:
+            reaper.terminate()
+            reaper.wait(10)
+        for service in reversed(list(stack.services.values())):
+            service.stop()
+
+
+@dataclass
+class Prometheus:
+    url: str
+
+    def get(self, path: str, **params: str) -> Any:
+        query = urllib.parse.urlencode(params)
+        with urllib.request.urlopen(f"{self.url}{path}?{query}", timeout=10) as response:
+            body = json.loads(response.read())
+        assert body["status"] == "success", body
+        return body["data"]
+
+    def query(self, expr: str) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self.get("/api/v1/query", query=expr)["result"]
+        return result
+
+
+@pytest.fixture(scope="module")
+def prometheus(
+    metrics_stack: MetricsStack, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Prometheus]:
+    """The Debian Prometheus on a free port: scrapes every service each second, evaluates the
+    repository's rules each second."""
+    binary = shutil.which("prometheus")
+    assert binary, "prometheus is not installed: run `make monitoring-tools`"
+    folder = tmp_path_factory.mktemp("prometheus")
+    scrape_configs = [
+        {
+            "job_name": f"opsconductor-{name}",
+            "static_configs": [{"targets": [f"127.0.0.1:{port}"]}],
+        }
+        for name, port in metrics_stack.metrics_ports.items()
+    ]
+    config = {
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "rule_files": [str(MONITORING / "rules.yaml")],
+        "scrape_configs": scrape_configs,
+    }
+    (folder / "prometheus.yml").write_text(json.dumps(config))  # JSON is YAML
+    port = _free_port()
+    with (folder / "prometheus.log").open("ab") as log:
+        process = subprocess.Popen(
+            [
+                binary,
+                f"--config.file={folder / 'prometheus.yml'}",
+                f"--storage.tsdb.path={folder / 'data'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+                "--web.enable-lifecycle",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, "HOME": str(folder)},
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert process.poll() is None, (folder / "prometheus.log").read_text()[-2000:]
+            try:
+                with urllib.request.urlopen(f"{url}/-/ready", timeout=1) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "Prometheus not ready within 30 s"
+            time.sleep(0.1)
+        yield Prometheus(url)
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)
+
+
+@dataclass(frozen=True)
+class Mix:
+    before: dict[str, Samples]
+    after: dict[str, Samples]
+    outcomes: dict[str, Any]
+
+    def delta(self, service: str, name: str, **labels: str) -> float:
+        key = (name, frozenset(labels.items()))
+        return self.after[service].get(key, 0.0) - self.before[service].get(key, 0.0)
+
+    def deltas(self, service: str, name: str) -> dict[frozenset[tuple[str, str]], float]:
+        """Every series of ``name`` that moved on ``service``."""
+        moved = {}
+        for (sample, labels), value in self.after[service].items():
+            if sample == name:
+                change = value - self.before[service].get((sample, labels), 0.0)
+                if change:
+                    moved[labels] = change
+        return moved
+
+
+def _labels(**labels: str) -> frozenset[tuple[str, str]]:
+    return frozenset(labels.items())
+
+
+@pytest.fixture(scope="module")
+async def mix(
+    metrics_stack: MetricsStack,
+    prometheus: Prometheus,
+    e2e_pool: asyncpg.Pool,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Mix:
+    """Success, failure, timeout, user cancel, system cancel, RBAC denial and a dead-letter."""
+    tenant = f"t-{secrets.token_hex(4)}"
+    for actor, role in (("alice", "operator"), ("bot", "operator"), ("vera", "viewer")):
+        await bind_role(e2e_pool, tenant, actor, role, created_by="e2e")
+    ledger = tmp_path_factory.mktemp("mix") / "ledger.jsonl"
+    api = metrics_stack.stack.address("api")
+    bot_token = issue_token(
+        actor_id="bot",
+        tenant_id=tenant,
+        audience=AUDIENCE,
+        hs256_key=SecretStr(HS256_KEY),
+        ttl=timedelta(minutes=30),
+        auth_method="service",
+    )
+    before = {name: metrics_stack.scrape(name) for name in SERVICES}
+
+    def step(name: str, **params: Any) -> dict[str, Any]:
+        return probe_step(name, [f"host:{secrets.token_hex(4)}"], ledger, **params)
+
+    async with (
+        ExecutionClient(api, token("alice", tenant)) as alice,
+        ExecutionClient(api, bot_token) as bot,
+        ExecutionClient(api, token("vera", tenant)) as vera,
+    ):
+
+        async def cancelled_by(client: ExecutionClient) -> Any:
+            name = f"hold-{secrets.token_hex(4)}"
+            running = asyncio.create_task(
+                alice.submit(
+                    plan(step("hold", hold_s=30, estimate_ms=100), name=name), tenant_id=tenant
+                )
+            )
+
+            async def started() -> str | None:
+                found = await e2e_pool.fetchval(
+                    "SELECT id::text FROM executions WHERE tenant_id = $1 AND status = 'running'"
+                    " AND plan_snapshot->'plan'->>'name' = $2",
+                    tenant,
+                    name,
+                )
+                return str(found) if found else None
+
+            execution_id = await wait_until(started, within_s=20, what="a running execution")
+            await client.cancel(execution_id, tenant_id=tenant)
+            return await running
+
+        succeeded = await alice.submit(plan(step("ok")), tenant_id=tenant)
+        failed = await alice.submit(plan(step("boom", fail=True)), tenant_id=tenant)
+        with pytest.raises(PermissionDeniedError):
+            await vera.submit(plan(step("denied")), tenant_id=tenant)
+        dead = await alice.submit(
+            plan(probe_step("dlq", ["db:dlq"], ledger.parent / "missing" / "x.jsonl")),
+            tenant_id=tenant,
+            requested_mode="background",
+        )
+
+        async def times_out() -> Any:
+            name = f"slow-{secrets.token_hex(4)}"
+            with pytest.raises(ExecutionTimeoutError):
+                await alice.submit(
+                    plan(step("slow", hold_s=20, estimate_ms=100), name=name), tenant_id=tenant
+                )
+            found = await e2e_pool.fetchval(
+                "SELECT id::text FROM executions WHERE plan_snapshot->'plan'->>'name' = $1", name
+            )
+            return await alice.get(str(found), tenant_id=tenant)
+
+        timed_out, user_cancelled = await asyncio.gather(times_out(), cancelled_by(alice))
+        system_cancelled = await cancelled_by(bot)
+
+        async def dead_lettered() -> Any:
+            current = await alice.get(dead.execution_id, tenant_id=tenant)
+            return current if current.is_terminal else None
+
+        dead = await wait_until(dead_lettered, within_s=60, what="the dead-letter")
+
+    async def gauges_caught_up() -> bool:
+        api_now = metrics_stack.scrape("api")
+        return api_now.get(("opsc_dlq_size", frozenset()), 0) >= 1
+
+    await wait_until(gauges_caught_up, within_s=20, what="the DLQ gauge", interval_s=0.2)
+    after = {name: metrics_stack.scrape(name) for name in SERVICES}
+    outcomes = {
+        "succeeded": succeeded,
+        "failed": failed,
+        "timed_out": timed_out,
+        "user_cancelled": user_cancelled,
+        "system_cancelled": system_cancelled,
+        "dead": dead,
+    }
+    return Mix(before, after, outcomes)
+
+
+async def test_each_counter_moves_by_exactly_the_scripted_amount(mix: Mix) -> None:
+    o = mix.outcomes
+    assert o["succeeded"].status == "succeeded"
+    assert (o["failed"].status, o["timed_out"].status, o["timed_out"].timed_out) == (
+        "failed",
+        "failed",
+        True,
+    )
+    assert (o["user_cancelled"].status, o["system_cancelled"].status) == ("cancelled", "cancelled")
+    assert (o["dead"].status, o["dead"].attempts) == ("failed", 3)
+
+    # Every outcome was ended by the worker, which counts each once.
+    ended = "opsc_executions_total"
+    assert mix.deltas("worker", ended) == {
+        _labels(mode="immediate", sla_class="fast", action_class="read", status="succeeded"): 1,
+        _labels(mode="immediate", sla_class="fast", action_class="read", status="failed"): 2,
+        _labels(mode="immediate", sla_class="fast", action_class="read", status="cancelled"): 2,
+        _labels(mode="background", sla_class="fast", action_class="read", status="failed"): 1,
+    }
+    assert mix.deltas("worker", "opsc_executions_failed_total") == {
+        _labels(error_class=o["failed"].error_class, mode="immediate"): 1,
+        _labels(error_class=o["timed_out"].error_class, mode="immediate"): 1,
+        _labels(error_class=o["dead"].error_class, mode="background"): 1,
+    }
+    assert mix.deltas("worker", "opsc_executions_timed_out_total") == {
+        _labels(mode="immediate", sla_class="fast"): 1
+    }
+    # The person's and the automation's cancellations apart, and neither a failure.
+    assert mix.deltas("worker", "opsc_executions_cancelled_total") == {
+        _labels(initiator="user", mode="immediate", sla_class="fast"): 1,
+        _labels(initiator="system", mode="immediate", sla_class="fast"): 1,
+    }
+    durations = mix.deltas("worker", "opsc_execution_duration_seconds_count")
+    assert sum(durations.values()) == 6
+    assert (
+        durations[_labels(action="probe", sla_class="fast", mode="immediate", status="cancelled")]
+        == 2
+    )
+    assert mix.deltas("worker", "opsc_dlq_moves_total") == {frozenset(): 1}
+    assert sum(mix.deltas("worker", "opsc_queue_wait_seconds_count").values()) == 3  # 3 attempts
+    assert sum(mix.deltas("worker", "opsc_lock_wait_seconds_count").values()) >= 5
+
+    # The denial happened at the api; nothing ended there.
+    assert mix.deltas("api", "opsc_rbac_violations_total") == {
+        _labels(tier="api", reason="MISSING_PERMISSION"): 1
+    }
+    for service in ("api", "approvals", "progress", "reaper"):
+        for name in (ended, "opsc_executions_failed_total", "opsc_executions_cancelled_total"):
+            assert mix.deltas(service, name) == {}, (service, name)
+    assert mix.after["api"][("opsc_dlq_size", frozenset())] == 1
+    # The reaper exports its counters from the start (an alert's increase() needs the zero).
+    assert ("opsc_lease_expirations_total", frozenset()) in mix.after["reaper"]
+    assert ("opsc_mutex_reaped_total", frozenset()) in mix.after["reaper"]
+
+
+async def test_promtool_accepts_every_services_metrics(
+    mix: Mix, metrics_stack: MetricsStack, tmp_path: Path
+) -> None:
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool is not installed: run `make monitoring-tools`"
+    for service in SERVICES:
+        text = await asyncio.to_thread(metrics_stack.scrape_text, service)
+        result = subprocess.run(
+            [promtool, "check", "metrics"],
+            input=text,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert result.returncode == 0, f"{service}: {result.stdout}{result.stderr}"
+
+
+async def test_every_dashboard_panel_returns_data_from_exported_metrics(
+    mix: Mix, metrics_stack: MetricsStack, prometheus: Prometheus
+) -> None:
+    exported = {name for service in SERVICES for (name, _labels) in mix.after[service]} | {"up"}
+    recorded = {
+        rule["name"]
+        for group in prometheus.get("/api/v1/rules")["groups"]
+        for rule in group["rules"]
+        if rule["type"] == "recording"
+    }
+    assert "opsc:execution_timeout_rate:ratio_rate5m" in recorded
+    for title, expr in dashboard_queries():
+        for name in metric_names(expr):
+            assert name in exported or name in recorded, f"{title}: {name} is not exported"
+
+        async def answered(expr: str = expr) -> bool:
+            return bool(await asyncio.to_thread(prometheus.query, expr))
+
+        await wait_until(answered, within_s=30, what=f"data for panel {title!r}")
+
+    async def timeouts_seen() -> bool:
+        rate = await asyncio.to_thread(prometheus.query, "opsc:execution_timeout_rate:ratio_rate5m")
+        return bool(rate) and float(rate[0]["value"][1]) > 0
+
+    await wait_until(timeouts_seen, within_s=30, what="a timeout rate above 0", interval_s=0.5)
+    health = prometheus.query('min by (job) (up{job=~"opsconductor-.+"})')
+    assert {r["metric"]["job"]: r["value"][1] for r in health} == {
+        f"opsconductor-{name}": "1" for name in SERVICES
+    }
+
+
+async def test_the_dlq_alert_is_pending_once_more_than_ten_jobs_are_dead_lettered(
+    mix: Mix,
+    metrics_stack: MetricsStack,
+    prometheus: Prometheus,
+    e2e_pool: asyncpg.Pool,
+    tmp_path: Path,
+) -> None:
+    def dlq_alerts() -> list[dict[str, Any]]:
+        alerts = prometheus.get("/api/v1/alerts")["alerts"]
+        return [a for a in alerts if a["labels"]["alertname"] == "OpscDlqTooLarge"]
+
+    assert await asyncio.to_thread(dlq_alerts) == []  # one entry so far: silent
+    tenant = f"t-{secrets.token_hex(4)}"
+    await bind_role(e2e_pool, tenant, "alice", "operator", created_by="e2e")
+    missing = tmp_path / "missing" / "ledger.jsonl"
+    async with ExecutionClient(metrics_stack.stack.address("api"), token("alice", tenant)) as c:
+        await asyncio.gather(
+            *(
+                c.submit(
+                    plan(probe_step("dlq", [f"db:{i}"], missing)),
+                    tenant_id=tenant,
+                    requested_mode="background",
+                )
+                for i in range(10)
+            )
+        )
+
+    async def pending() -> list[dict[str, Any]] | None:
+        alerts = await asyncio.to_thread(dlq_alerts)
+        return alerts or None
+
+    alerts = await wait_until(pending, within_s=90, what="the DLQ alert", interval_s=0.5)
+    assert [(a["state"], a["labels"]["severity"]) for a in alerts] == [("pending", "page")]
+    assert float(alerts[0]["value"]) == 11
+    assert alerts[0]["annotations"]["runbook_url"].endswith("/docs/runbooks/dlq.md")

@@ -103,7 +103,7 @@ class ExecutionRecord:
     lease_token: UUID | None
     event_seq: int
     steps: tuple[StepRecord, ...] = ()
-    #: ``user`` or ``system`` once cancelled (migration 0005); None otherwise.
+    #: ``user`` or ``system`` once cancelled (migration 0006); None otherwise.
     cancel_initiator: str | None = None
 
     @property

@@ -404,6 +404,7 @@ IMPLEMENTED = {
     "GetQueueStats",
     "SetDrain",
     "VerifyAuditChain",
+    "ListFlagChanges",
     "RunImmediate",
     "GetApproval",
     "ListPendingApprovals",
@@ -456,7 +457,7 @@ async def test_every_rpc_not_built_yet_answers_unimplemented(
     finally:
         await rpc.stop(None)
     expected = {
-        "api": 12,  # ExecutionService (5) + AdminService (7)
+        "api": 13,  # ExecutionService (5) + AdminService (8)
         "worker": 1,
         "approvals": 5,
         "progress": 2,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import sys
 import time
 from pathlib import Path
 
@@ -13,9 +15,10 @@ from rich.table import Table
 from opsconductor.client.cli import exit_codes
 from opsconductor.client.cli.main import Cli, pass_cli, run_async
 from opsconductor.client.cli.plan_file import load_plan_file
-from opsconductor.client.cli.render import Column, Output
+from opsconductor.client.cli.render import Column, Output, jsonable
 from opsconductor.client.client import ExecutionClient
-from opsconductor.client.models import Execution
+from opsconductor.client.models import Execution, ExecutionEvent
+from opsconductor.contract.errors import SubscriberLaggedError
 
 __all__ = ["EXECUTION_COLUMNS", "register", "watch_execution"]
 
@@ -269,6 +272,86 @@ def cancel(app: Cli, execution_id: str, reason: str) -> int:
     return exit_codes.OK
 
 
+_EVENT_COLUMNS: list[Column] = [
+    ("seq", lambda e: e.seq),
+    ("time", lambda e: e.created_at),
+    ("type", lambda e: e.type),
+    ("actor", lambda e: e.actor_id),
+    ("payload", lambda e: json.dumps(e.payload, sort_keys=True)[:200]),
+]
+
+
+def _progress_client(app: Cli) -> ExecutionClient:
+    conn = app.connection
+    return ExecutionClient(
+        conn.progress, conn.require_token(), timeout=conn.timeout_s, tls=conn.tls
+    )
+
+
+@click.command()
+@click.argument("execution_id")
+@click.option("--follow", "-f", is_flag=True, help="Stay and print events live until the end.")
+@click.option("--after", "after_seq", type=click.IntRange(min=0), default=0, help="After seq N.")
+@click.option("--type", "types", multiple=True, help="Only events of this type (repeatable).")
+@pass_cli
+def events(
+    app: Cli, execution_id: str, follow: bool, after_seq: int, types: tuple[str, ...]
+) -> int:
+    """The events of an execution in order (ProgressService); --follow streams them live until
+    execution_completed, resuming by itself if the stream is cut (-o json: one object a line)."""
+    tenant = app.connection.require_tenant()
+
+    async def listed() -> list[ExecutionEvent]:
+        found: list[ExecutionEvent] = []
+        token = ""
+        async with _progress_client(app) as client:
+            while True:
+                page, token = await client.list_events(
+                    tenant_id=tenant,
+                    execution_id=execution_id,
+                    types=types,
+                    after_seq=after_seq,
+                    page_size=200,
+                    page_token=token,
+                )
+                found.extend(page)
+                if not token:
+                    return found
+
+    if not follow:
+        app.out.emit(run_async(listed), _EVENT_COLUMNS)
+        return exit_codes.OK
+
+    async def followed() -> int:
+        position = after_seq
+        async with _progress_client(app) as client:
+            while True:
+                try:
+                    async for event in client.stream_events(
+                        execution_id, tenant_id=tenant, after_seq=position
+                    ):
+                        position = event.seq
+                        if not types or event.type in types:
+                            _print_event(app.out, event)
+                        if event.type == "execution_completed":
+                            return exit_codes.OK
+                    return exit_codes.OK
+                except SubscriberLaggedError:
+                    continue  # cut off for reading slowly: resume after the last event shown
+
+    return run_async(followed)
+
+
+def _print_event(out: Output, event: ExecutionEvent) -> None:
+    if out.json:
+        sys.stdout.write(json.dumps(jsonable(event), sort_keys=True) + "\n")
+        sys.stdout.flush()
+        return
+    when = event.created_at.strftime("%H:%M:%S.%f")[:-3] if event.created_at else "-"
+    payload = json.dumps(event.payload, sort_keys=True)
+    out.line(f"{event.seq:>4} {when} {event.type:<24} {event.actor_id or '-'} {payload[:300]}")
+
+
 def register(group: click.Group) -> None:
-    for command in (submit, preview, get, list_, cancel):
+    for command in (submit, preview, get, list_, cancel, events):
         group.add_command(command)

@@ -79,6 +79,7 @@ async def run_soak(config: SoakConfig, *, out: object = None) -> Verdict:
     stack = await start_stack()
     faults = FaultDriver(stack)
     driver = WorkloadDriver(stack)
+    verdict: Verdict | None = None
     try:
         pool = await create_pool(stack.database_url, min_size=1, max_size=2)
         attacks = max(4, config.plans // 50)
@@ -121,8 +122,10 @@ async def run_soak(config: SoakConfig, *, out: object = None) -> Verdict:
         faults.resume_all()
         await driver.close()
         await stack.stop()
-        if not config.keep_run_dir:
+        # A failed verdict keeps the service logs: they are what the post-mortem needs.
+        if not config.keep_run_dir and not (verdict is not None and verdict.failed()):
             remove_run_dir(stack)
+    assert verdict is not None  # measure() ran, or the try raised
     if config.json_path is not None:
         config.json_path.parent.mkdir(parents=True, exist_ok=True)
         config.json_path.write_text(json.dumps(verdict.figures, indent=2, default=str))

@@ -64,6 +64,7 @@ MUST_BE_ZERO = (
     "wrong_secret",
     "cross_tenant_successes",
     "audit_gaps",
+    "bug_failures",
 )
 
 _DUPLICATES = """
@@ -256,6 +257,16 @@ async def measure(
                 list(TENANTS),
             )
         }
+        # A contract reason is UPPER_SNAKE; anything else is a Python class name: a bug that
+        # ended an execution (the worker logs its traceback as execution_failed_on_error).
+        bug_failures = [
+            {"exec_id": str(r["id"]), "error_class": r["error_class"]}
+            for r in await conn.fetch(
+                "SELECT id, error_class FROM executions WHERE status = 'failed' "
+                "AND tenant_id = ANY($1) AND error_class !~ '^[A-Z][A-Z0-9_]*$'",
+                list(TENANTS),
+            )
+        ]
         takeovers = await conn.fetchval(
             "SELECT count(*) FROM execution_events WHERE type = 'lease_taken_over'"
         )
@@ -290,6 +301,8 @@ async def measure(
         "distinct_executions": len(statuses),
         "terminal_by_status": dict(Counter(s for s in statuses.values() if s in TERMINAL)),
         "failed_by_error_class": failed_by_class,
+        "bug_failures": len(bug_failures),
+        "bug_failure_details": bug_failures[:20],
         "side_effects": duplicates["effects"],
         "effects_discarded_by_takeover": duplicates["discarded"],
         "lease_takeovers": takeovers,

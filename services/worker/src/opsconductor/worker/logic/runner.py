@@ -279,6 +279,8 @@ class ExecutionRunner:
             error_class=_error_class(exc),
             ended=ended,
             worker_id=self.worker_id,
+            # Not a contract error: a bug, and its traceback is what fixes it.
+            exc_info=not isinstance(exc, OpsConductorError),
         )
 
     async def _execute(

@@ -47,6 +47,8 @@ from typing import Any
 import asyncpg
 from redis.asyncio import Redis
 
+from opsconductor.common.queue import KEY_VERSION
+
 from .stack import TENANTS, ChaosStack
 from .workload import TERMINAL, CrossTenantAttempt, OpOutcome
 
@@ -195,7 +197,7 @@ async def _secret_in_tables(conn: asyncpg.Connection, secret: str) -> dict[str, 
 
 async def _redis_leftovers(redis: Redis, prefix: str, terminal_or_unknown: Any) -> int:
     """Queue entries in Redis whose execution is terminal or unknown to Postgres."""
-    base = f"{prefix}q:v1:"
+    base = f"{prefix}q:{KEY_VERSION}:"
     leftovers = 0
     jobs: dict[str, str | None] = {}
     async for key in redis.scan_iter(match=f"{base}job:*", count=500):

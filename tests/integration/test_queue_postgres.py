@@ -554,6 +554,48 @@ async def test_reconcile_re_pushes_every_row_redis_lost_in_dispatch_order(
         await queue.ack(held.job_id, held.lease_token)
 
 
+async def test_reconcile_rebuilds_the_tenant_ring_so_tenants_still_take_turns(
+    db_pool: asyncpg.Pool, queue: RedisQueue, redis_client: Redis
+) -> None:
+    """After Redis lost everything, the re-pushed jobs are served fairly again: tenant B's one
+    job comes out first (it joined the ring last, as a newcomer), not after A's backlog."""
+    flood = [await submit(db_pool, queue, tenant="tenant-a", priority=0) for _ in range(6)]
+    late = await submit(db_pool, queue, tenant="tenant-b", priority=100)
+    await forget_everything(redis_client, queue)
+    assert (await reconcile_queue(queue, db_pool)).repushed == 7
+    assert await queue.tenant_ring() == ["tenant-b", "tenant-a"]
+    taken = []
+    while (job := await queue.dequeue("worker-01", 300)) is not None:
+        taken.append(job.job_id)
+    assert taken == [late.id, *(row.id for row in flood)]
+
+
+async def test_an_upgrade_from_the_v1_layout_is_a_reconcile(
+    db_pool: asyncpg.Pool,
+    queue: RedisQueue,
+    redis_client: Redis,
+    redis_prefix: str,
+) -> None:
+    """Keys of the old single-line layout (``q:v1:``) are never read: the first reconcile
+    re-pushes every ``execution_queue`` row into the new layout, each job is handed out once,
+    and the old keys are left as they were for the operator to delete."""
+    rows = [await submit(db_pool, queue, tenant=t) for t in ("tenant-a", "tenant-b")]
+    await forget_everything(redis_client, queue)
+    v1 = f"{redis_prefix}q:v1:"
+    for row in rows:  # what a v1 api had written for the same jobs
+        await redis_client.zadd(f"{v1}ready", {str(row.id): 50})
+        await redis_client.hset(
+            f"{v1}job:{row.id}", mapping={"job_id": str(row.id), "state": "ready"}
+        )
+    assert await queue.dequeue("worker-01", 300) is None
+    assert (await reconcile_queue(queue, db_pool)).repushed == 2
+    taken = []
+    while (job := await queue.dequeue("worker-01", 300)) is not None:
+        taken.append(job.job_id)
+    assert sorted(taken) == sorted(row.id for row in rows)
+    assert await redis_client.zcard(f"{v1}ready") == 2
+
+
 async def test_reconcile_keeps_a_retry_delayed(
     db_pool: asyncpg.Pool, queue: RedisQueue, redis_client: Redis, clock: FakeClock
 ) -> None:

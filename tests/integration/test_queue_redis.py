@@ -383,8 +383,8 @@ async def test_queues_with_different_prefixes_do_not_see_each_other(
     one = RedisQueue(redis_client, prefix=f"{redis_prefix}a:", clock=clock)
     two = RedisQueue(redis_client, prefix=f"{redis_prefix}b:", clock=clock)
     job_id, _ = await put(one)
-    assert one.key_prefix == f"{redis_prefix}a:q:v1:"
-    assert one.job_key(job_id) == f"{redis_prefix}a:q:v1:job:{job_id}"
+    assert one.key_prefix == f"{redis_prefix}a:q:v2:"
+    assert one.job_key(job_id) == f"{redis_prefix}a:q:v2:job:{job_id}"
     assert await two.dequeue("worker-01", 300) is None
     assert (await take(one)).job_id == job_id
 

@@ -97,9 +97,9 @@ def queue() -> RedisQueue:
 
 
 def test_keys_carry_the_version_prefix(queue: RedisQueue) -> None:
-    assert KEY_VERSION == "v1"
-    assert queue.key_prefix == "unit:q:v1:"
-    assert queue.job_key(str(JOB)) == f"unit:q:v1:job:{JOB}"
+    assert KEY_VERSION == "v2"
+    assert queue.key_prefix == "unit:q:v2:"
+    assert queue.job_key(str(JOB)) == f"unit:q:v2:job:{JOB}"
     assert RedisQueue(Redis(), clock=lambda: 42.0).now() == 42.0
 
 

@@ -84,7 +84,7 @@ class ServiceSettings(BaseSettings):
         tenant_policy_file: YAML per-tenant policy (shell sandbox, egress, quotas);
             ``None`` uses the built-in, most restrictive one.
         worker_target: gRPC address (``host:port``) of the worker, used by the api.
-        queue_prefix: prefix of every Redis key of the queue (``{prefix}q:v1:...``).
+        queue_prefix: prefix of every Redis key of the queue (``{prefix}q:v2:...``).
         dedup_window_s: how long an idempotency key deduplicates submissions, in seconds.
         otel_exporter: OpenTelemetry trace exporter, e.g. ``none`` (default), ``console``,
             ``otlp``; interpreted by the tracing set-up (`otel_enabled` is false for ``none``).

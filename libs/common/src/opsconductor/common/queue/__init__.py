@@ -2,7 +2,7 @@
 
 * :mod:`.redis_queue` — :class:`RedisQueue`: priorities 0/50/100 (FIFO within), atomic
   dequeue-with-lease in Lua, renew/ack/fail/release fenced by the lease token, ``2^attempts`` s
-  retries, drain flag, stats. Keys under ``{prefix}q:v1:``.
+  retries, drain flag, stats, tenants served round-robin. Keys under ``{prefix}q:v2:``.
 * :mod:`.jobs` — ``execution_queue`` rows, one per queued job (the row id is the job id).
 * :mod:`.dlq` — ``execution_dlq``: move, list, requeue.
 * :mod:`.reconcile` — the reaper's repair of Redis from Postgres.

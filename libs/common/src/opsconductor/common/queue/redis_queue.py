@@ -1,40 +1,59 @@
-"""The Redis side of the background queue: priorities, leases with fencing tokens, retries.
+"""The Redis side of the background queue: fair share, priorities, leases with fencing tokens.
 
 Redis is a dispatch index; Postgres (``execution_queue``, :mod:`.jobs`) is the truth and the
 reaper rebuilds Redis from it (:mod:`.reconcile`). Every state change is one Lua script, so no
-client ever checks-then-acts. Keys, all under ``{prefix}q:v1:`` (``prefix`` defaults to
-``opsc:``; the ``v1`` changes with any incompatible layout change):
+client ever checks-then-acts. Keys, all under ``{prefix}q:v2:`` (``prefix`` defaults to
+``opsc:``; the ``v2`` changes with any incompatible layout change):
 
-=================  =====  ========================================================================
-key                type   content
-=================  =====  ========================================================================
-``ready``          zset   job id → ``priority × 10^13 + seq`` (``seq`` from ``INCR seq`` at
-                          enqueue): ZPOPMIN yields priority 0 before 50 before 100, FIFO within
-``leased``         zset   job id → lease deadline (ms)
-``delayed``        zset   job id → time it becomes ready (ms): retries in backoff, deferrals
-``dead``           zset   job id → when its last allowed lease expired (the reaper DLQs it)
-``seq``            str    the FIFO counter
-``paused``         str    present = dispatch drained: :meth:`RedisQueue.dequeue` returns None
-``job:{job_id}``   hash   ``job_id execution_id tenant_id priority score state attempts
-                          max_attempts lease_renewals max_lease_renewals lease_expirations
-                          deliveries enqueued_at ready_at available_at lease_token worker_id
-                          lease_deadline leased_at last_error`` (times in ms)
-=================  =====  ========================================================================
+==================  =====  =======================================================================
+key                 type   content
+==================  =====  =======================================================================
+``ready``           zset   every ready job, all tenants: job id → ``priority × 10^13 + seq``
+                           (``seq`` from ``INCR seq`` at enqueue) — stats and the index
+``tready:{tenant}`` zset   the tenant's ready jobs, same scores: its own line, priority then FIFO
+``ring``            list   tenants, each once, served round-robin: every tenant with ready jobs
+                           (and one whose line just emptied, until its next turn)
+``running``         hash   tenant → how many of its jobs are leased now
+``leased``          zset   job id → lease deadline (ms)
+``delayed``         zset   job id → time it becomes ready (ms): retries in backoff, deferrals
+``dead``            zset   job id → when its last allowed lease expired (the reaper DLQs it)
+``seq``             str    the FIFO counter
+``paused``          str    present = dispatch drained: :meth:`RedisQueue.dequeue` returns None
+``job:{job_id}``    hash   ``job_id execution_id tenant_id priority score state attempts
+                           max_attempts lease_renewals max_lease_renewals lease_expirations
+                           deliveries enqueued_at ready_at available_at lease_token worker_id
+                           lease_deadline leased_at last_error`` (times in ms)
+==================  =====  =======================================================================
 
-Semantics (DESIGN.md §4, spec §5):
+Semantics (DESIGN.md §4, spec §5, docs/security.md "Fair share and quotas"):
 
 * :meth:`~RedisQueue.dequeue` first makes due retries ready and reclaims expired leases, then
-  pops the best ready job and leases it with a fresh random token: a leased job is invisible to
-  every other worker until its lease ends.
+  leases a job with a fresh random token: the tenants of the ring take turns (the head is served
+  and moves to the tail), each tenant's line is priority 0 before 50 before 100, FIFO within; a
+  tenant already holding its running limit of leases is passed over (its jobs wait, nobody
+  else's do). A tenant that was not in the ring joins it at the head — it has not been served
+  for a whole round, so it goes next (fq_codel's "new flows"); one whose line empties keeps its
+  place until its next turn, so emptying and refilling at once wins no extra turn. Priority
+  orders a tenant's own jobs only: a flood of one tenant's urgent jobs delays another tenant's
+  job by the jobs already running, not by the flood. A leased job is invisible to every other
+  worker until its lease ends.
 * A lease ends by ack (done), fail (an attempt spent: retry after ``2^attempts`` s, or dead after
   ``max_attempts``), release (graceful shutdown or deferral: no attempt spent) or expiry (the
   holder is presumed dead: an attempt is spent; the job is ready again, or dead when none is
   left). The token is the only proof of ownership: once a lease ended, the old token matches
   nothing and every call with it raises :class:`StaleLeaseError`. A lease past its deadline that
-  nobody has reclaimed yet still belongs to its holder.
+  nobody has reclaimed yet still belongs to its holder. Every end of a lease gives its tenant's
+  running slot back, so a killed worker's slot returns with the expiry of its lease.
 * Time comes from the injected ``clock`` (epoch seconds), passed to every script as "now", so
   every worker and the reaper judge deadlines by the caller's clock and tests can move time.
 * Any Redis failure raises :class:`QueueUnavailableError` (``from`` the driver error).
+
+Upgrade from the ``v1`` layout (one global ``ready`` line, no tenants): nothing is migrated in
+Redis. The new code never reads ``q:v1:`` keys; the reaper's first pass finds every
+``execution_queue`` row missing from ``q:v2:`` and re-pushes it with the attempts it spent, the
+same path as a Redis restarted empty (:mod:`.reconcile`). A job an old worker still holds is
+fenced by the Postgres lease token if a new worker takes it over. The ``q:v1:`` keys are left
+for the operator to delete (docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -42,7 +61,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime
 from functools import cache
 from importlib import resources
@@ -72,11 +91,11 @@ __all__ = ["DEFAULT_PREFIX", "KEY_VERSION", "RedisQueue", "create_redis_client"]
 log = structlog.get_logger(__name__)
 
 DEFAULT_PREFIX: Final = "opsc:"
-KEY_VERSION: Final = "v1"
+KEY_VERSION: Final = "v2"
 MIN_PRIORITY: Final = 0
 MAX_PRIORITY: Final = 100
 _MAX_ERROR_CHARS: Final = 2000
-_SCRIPT_KEYS: Final = ("ready", "leased", "delayed", "dead", "seq", "paused")
+_SCRIPT_KEYS: Final = ("ready", "leased", "delayed", "dead", "seq", "paused", "ring", "running")
 _SCRIPTS: Final = (
     "enqueue",
     "dequeue",
@@ -142,6 +161,9 @@ class RedisQueue:
     ``redis`` is any ``redis.asyncio.Redis`` (bytes or decoded responses); ``clock`` returns epoch
     seconds; ``maintenance_batch`` bounds how many due retries and expired leases one script run
     moves (keeps every script short); ``max_backoff_s`` caps the ``2^attempts`` s retry delay.
+    ``running_limit`` is how many leases one tenant may hold at once (0: no limit) and
+    ``running_limits`` overrides it per tenant; only :meth:`dequeue` applies them, so they
+    matter on the workers' queues.
     """
 
     def __init__(
@@ -152,9 +174,14 @@ class RedisQueue:
         clock: Callable[[], float] = time.time,
         maintenance_batch: int = 100,
         max_backoff_s: float = 3600.0,
+        running_limit: int = 0,
+        running_limits: Mapping[str, int] | None = None,
     ) -> None:
         if maintenance_batch < 1:
             raise ValueError("maintenance_batch must be at least 1")
+        overrides = dict(running_limits or {})
+        if running_limit < 0 or any(limit < 0 for limit in overrides.values()):
+            raise ValueError("running limits must not be negative (0 means no limit)")
         self._redis = redis
         self._clock = clock
         self._batch = maintenance_batch
@@ -167,6 +194,11 @@ class RedisQueue:
         self._dead_key = f"{base}dead"
         self._paused_key = f"{base}paused"
         self._job_prefix = f"{base}job:"
+        self._running_key = f"{base}running"
+        self._ring_key = f"{base}ring"
+        self._running_limit = running_limit
+        # Encoded once: every dequeue hands the same limits to the script.
+        self._running_limits_json = json.dumps(overrides, separators=(",", ":"))
         self._scripts: dict[str, AsyncScript] = {
             name: redis.register_script(_script_source(name)) for name in _SCRIPTS
         }
@@ -182,7 +214,7 @@ class RedisQueue:
     async def _run(self, name: str, *args: str | int) -> Any:
         now_ms = _ms(self._clock())
         return await self._call(
-            name, self._scripts[name](keys=self._keys, args=[self._job_prefix, now_ms, *args])
+            name, self._scripts[name](keys=self._keys, args=[self.key_prefix, now_ms, *args])
         )
 
     async def _call(self, operation: str, awaitable: Awaitable[Any]) -> Any:
@@ -243,12 +275,21 @@ class RedisQueue:
         """Lease the best ready job to ``worker_id`` for ``lease_s`` seconds, or return None.
 
         One script: due retries become ready and expired leases are reclaimed first, so a job
-        whose holder died comes back here without waiting for the reaper. None when nothing is
-        ready or dispatch is paused.
+        whose holder died comes back here without waiting for the reaper; then the next tenant
+        of the ring under its running limit gives its best job. None when nothing is ready (or
+        every tenant with ready jobs is at its limit) or dispatch is paused.
         """
         lease_ms = _positive_ms("lease_s", lease_s)
         token = uuid.uuid4()
-        raw = await self._run("dequeue", lease_ms, worker_id, str(token), self._batch)
+        raw = await self._run(
+            "dequeue",
+            lease_ms,
+            worker_id,
+            str(token),
+            self._batch,
+            self._running_limit,
+            self._running_limits_json,
+        )
         if raw is None:
             return None
         job = LeasedJob.from_hash(json.loads(raw))
@@ -437,6 +478,17 @@ class RedisQueue:
     async def is_paused(self) -> bool:
         """Whether dispatch is drained."""
         return bool(await self._call("is_paused", self._redis.exists(self._paused_key)))
+
+    async def running_by_tenant(self) -> dict[str, int]:
+        """How many leases each tenant holds now (tenants with none are absent)."""
+        raw = await self._call("running_by_tenant", self._redis.hgetall(self._running_key))
+        return {tenant: int(count) for tenant, count in decode_hash(raw).items()}
+
+    async def tenant_ring(self) -> list[str]:
+        """The ring, in the order dequeue looks at it: tenants with ready jobs, and tenants
+        whose line emptied since their last turn (they leave at their next one)."""
+        raw = await self._call("tenant_ring", self._redis.lrange(self._ring_key, 0, -1))
+        return [m.decode() if isinstance(m, bytes) else str(m) for m in raw]
 
     def _stale(self, operation: str, job_id: UUID) -> StaleLeaseError:
         log.warning("lease_lost", operation=operation, job_id=str(job_id))

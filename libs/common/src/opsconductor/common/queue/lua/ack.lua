@@ -4,6 +4,6 @@ local key = job_key(id)
 if not holds_lease(key, ARGV[4]) then
   return 0
 end
-redis.call('ZREM', LEASED, id)
+clear_lease(key, id)
 redis.call('DEL', key)
 return 1

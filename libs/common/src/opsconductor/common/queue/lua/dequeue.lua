@@ -1,32 +1,75 @@
--- ARGV[3] lease duration (ms), [4] worker id, [5] the new lease token, [6] maintenance batch.
--- Housekeeping first (due retries become ready, expired leases are reclaimed), then the best
--- ready job is leased. Returns the job hash as one JSON object (one bulk reply parses far faster
--- than 40 of them) or nil when nothing is available or dispatch is paused.
+-- ARGV[3] lease duration (ms), [4] worker id, [5] the new lease token, [6] maintenance batch,
+-- [7] default running limit per tenant (0 = none), [8] JSON {tenant: limit} overrides.
+-- Housekeeping first (due retries become ready, expired leases are reclaimed), then a job is
+-- leased: the tenants of the ring take turns (round-robin), each tenant's own line is priority
+-- then FIFO, and a tenant holding as many leases as its limit is passed over.
+-- Returns the job hash as one JSON object (one bulk reply parses far faster than 40 of them) or
+-- nil when nothing is available or dispatch is paused.
 local batch = tonumber(ARGV[6])
 promote_due(batch)
 reclaim_expired(batch)
 if redis.call('EXISTS', PAUSED) == 1 then
   return false
 end
-while true do
-  local popped = redis.call('ZPOPMIN', READY)
-  if #popped == 0 then
-    return false
+local default_limit = tonumber(ARGV[7])
+local limits = cjson.decode(ARGV[8])
+
+local function under_limit(tenant)
+  local limit = tonumber(limits[tenant]) or default_limit
+  if limit <= 0 then
+    return true
   end
-  local id = popped[1]
-  local key = job_key(id)
-  -- A member without its hash is debris (e.g. a half-cleaned key space): skip it.
-  if redis.call('EXISTS', key) == 1 then
-    local deadline = NOW + tonumber(ARGV[3])
-    redis.call('ZADD', LEASED, deadline, id)
-    redis.call('HSET', key, 'state', 'leased', 'lease_token', ARGV[5], 'worker_id', ARGV[4],
-      'lease_deadline', deadline, 'lease_renewals', 0, 'leased_at', NOW)
-    redis.call('HINCRBY', key, 'deliveries', 1)
-    local fields = redis.call('HGETALL', key)
-    local job = {}
-    for i = 1, #fields, 2 do
-      job[fields[i]] = fields[i + 1]
+  return (tonumber(redis.call('HGET', RUNNING, tenant)) or 0) < limit
+end
+
+-- The tenant's best job still ready, or nil. Only a member of the global ready set with its
+-- hash is ready; anything else is debris (a half-cleaned key space) and is dropped; a line
+-- that held nothing but debris leaves the ring at once.
+local function pop_ready(tenant, tkey)
+  while true do
+    local popped = redis.call('ZPOPMIN', tkey)
+    if #popped == 0 then
+      redis.call('LREM', RING, 0, tenant)
+      return nil
     end
-    return cjson.encode(job)
+    local id = popped[1]
+    if redis.call('ZREM', READY, id) == 1 and redis.call('EXISTS', job_key(id)) == 1 then
+      return id
+    end
   end
 end
+
+-- Each tenant of the ring is looked at once at most. A tenant whose turn comes with an empty
+-- line leaves the ring; any other moves from the head to the tail (its turn is used whether it
+-- gives a job or is passed over at its limit), so the next dequeue starts with the next one.
+for _ = 1, redis.call('LLEN', RING) do
+  local tenant = redis.call('LINDEX', RING, 0)
+  if not tenant then
+    break
+  end
+  local tkey = tenant_ready_key(tenant)
+  if redis.call('EXISTS', tkey) == 0 then
+    redis.call('LPOP', RING)
+  else
+    redis.call('LMOVE', RING, RING, 'LEFT', 'RIGHT')
+    if under_limit(tenant) then
+      local id = pop_ready(tenant, tkey)
+      if id then
+        local key = job_key(id)
+        local deadline = NOW + tonumber(ARGV[3])
+        redis.call('ZADD', LEASED, deadline, id)
+        count_lease(tenant, 1)
+        redis.call('HSET', key, 'state', 'leased', 'lease_token', ARGV[5], 'worker_id', ARGV[4],
+          'lease_deadline', deadline, 'lease_renewals', 0, 'leased_at', NOW)
+        redis.call('HINCRBY', key, 'deliveries', 1)
+        local fields = redis.call('HGETALL', key)
+        local job = {}
+        for i = 1, #fields, 2 do
+          job[fields[i]] = fields[i + 1]
+        end
+        return cjson.encode(job)
+      end
+    end
+  end
+end
+return false

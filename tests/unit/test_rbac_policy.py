@@ -11,11 +11,13 @@ import yaml
 
 from opsconductor.common.auth import Principal
 from opsconductor.common.rbac import (
+    URGENT_PRIORITY,
     Authorizer,
     Permission,
     RbacPolicy,
     RbacPolicyError,
     action_permission,
+    priority_permissions,
     submit_permissions,
 )
 
@@ -35,7 +37,15 @@ def _doc(**roles: Any) -> dict[str, Any]:
 
 
 def test_default_policy_defines_the_documented_roles(policy: RbacPolicy) -> None:
-    assert policy.roles == {"viewer", "operator", "deployer", "approver", "admin", "service"}
+    assert policy.roles == {
+        "viewer",
+        "operator",
+        "deployer",
+        "approver",
+        "responder",
+        "admin",
+        "service",
+    }
 
 
 def test_viewer_reads_but_changes_nothing(policy: RbacPolicy) -> None:
@@ -61,6 +71,19 @@ def test_approver_decides_approvals_but_cannot_submit(policy: RbacPolicy) -> Non
     grants = policy.grants("approver")
     assert P.APPROVALS_DECIDE in grants
     assert P.EXECUTIONS_SUBMIT not in grants
+
+
+def test_only_responders_and_admins_may_submit_urgent_plans(policy: RbacPolicy) -> None:
+    """Priority 0 jumps the tenant's whole line: it needs ``executions:urgent``."""
+    urgent = priority_permissions(URGENT_PRIORITY)
+    assert urgent == {P.EXECUTIONS_SUBMIT, P.EXECUTIONS_URGENT}
+    assert {role for role in policy.roles if urgent <= policy.grants(role)} == {
+        "responder",
+        "admin",
+    }
+    assert policy.grants("responder") - policy.grants("operator") == {P.EXECUTIONS_URGENT}
+    for priority in (None, 1, 50, 100):
+        assert priority_permissions(priority) == {P.EXECUTIONS_SUBMIT}
 
 
 def test_admin_holds_every_permission(policy: RbacPolicy) -> None:

@@ -44,6 +44,7 @@ from opsconductor.common.storage.role_bindings import load_roles
 
 __all__ = [
     "RBAC_VIOLATIONS",
+    "URGENT_PRIORITY",
     "Authorizer",
     "DenialReason",
     "Permission",
@@ -51,6 +52,7 @@ __all__ = [
     "RbacPolicyError",
     "Tier",
     "action_permission",
+    "priority_permissions",
     "submit_permissions",
 ]
 
@@ -71,6 +73,8 @@ class Permission(StrEnum):
     EXECUTIONS_CANCEL = "executions:cancel"
     #: Preview a plan (mode, approval level, timeouts, hash) without running it.
     EXECUTIONS_PREVIEW = "executions:preview"
+    #: Submit at priority 0 (urgent): ahead of every other job of the tenant in the queue.
+    EXECUTIONS_URGENT = "executions:urgent"
     #: See pending approvals and the plans they cover.
     APPROVALS_READ = "approvals:read"
     #: Approve or reject (self-approval is refused separately).
@@ -127,6 +131,17 @@ def action_permission(action_class: str) -> Permission:
         return Permission(f"actions:{action_class}")
     except ValueError:
         raise ValueError(f"unknown action class {action_class!r}") from None
+
+
+#: The priority that needs ``executions:urgent`` (docs/security.md, "Fair share and quotas").
+URGENT_PRIORITY: Final = 0
+
+
+def priority_permissions(priority: int | None) -> frozenset[Permission]:
+    """Permissions needed to submit at ``priority`` (None: the default), beside the plan's."""
+    if priority == URGENT_PRIORITY:
+        return frozenset({Permission.EXECUTIONS_SUBMIT, Permission.EXECUTIONS_URGENT})
+    return frozenset({Permission.EXECUTIONS_SUBMIT})
 
 
 def submit_permissions(action_class: str) -> frozenset[Permission]:

@@ -45,7 +45,12 @@ from opsconductor.common.planning import (
 from opsconductor.common.policy_enforcement import enforce_secret_uses, enforce_tenant_policy
 from opsconductor.common.queue import jobs
 from opsconductor.common.queue.redis_queue import RedisQueue
-from opsconductor.common.rbac import Authorizer, Permission, submit_permissions
+from opsconductor.common.rbac import (
+    Authorizer,
+    Permission,
+    priority_permissions,
+    submit_permissions,
+)
 from opsconductor.common.secret_catalogue import SecretCatalogue
 from opsconductor.common.storage.execution_leases import fail_unstarted_execution
 from opsconductor.common.storage.execution_reads import get_execution
@@ -229,10 +234,12 @@ class Submissions:
         """Create the execution (or find its duplicate) and, if immediate, run it to the end."""
         tenant_id = request.tenant_id
         resource = "ExecutionService/SubmitExecution"
+        # Priority 0 needs its own permission: refused (and audited), never silently lowered,
+        # so a caller always runs at the priority it asked for or learns why not.
         await self._authorizer.authorize(
             principal,
             tenant_id=tenant_id,
-            permissions={Permission.EXECUTIONS_SUBMIT},
+            permissions=priority_permissions(request.priority),
             resource=resource,
         )
         flags = await self._flags.get()

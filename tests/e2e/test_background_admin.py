@@ -205,6 +205,7 @@ async def test_queue_stats_report_ready_per_priority_leased_delayed_and_the_dlq(
     """GetQueueStats counts exactly: ready jobs per priority while drained (with the age of the
     oldest), a running job as leased, a job in retry backoff as delayed, and open DLQ entries."""
     await root.set_drain(True)
+    await tenant.bind("alice", "responder")  # priority 0 needs executions:urgent
     submitted_at = time.monotonic()
     priorities = [0, 0, 0, 50, 50, 100]
     async with tenant.client("alice") as alice:

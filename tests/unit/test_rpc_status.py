@@ -64,6 +64,12 @@ CASES: list[tuple[errors.OpsConductorError, grpc.StatusCode, str]] = [
         "SECRET_UNRESOLVED",
     ),
     (errors.FailedPreconditionError(), Code.FAILED_PRECONDITION, "FAILED_PRECONDITION"),
+    (
+        errors.QuotaExceededError(retry_after_s=5.0, quota="queued", limit=10, in_use=10),
+        Code.RESOURCE_EXHAUSTED,
+        "QUOTA_EXCEEDED",
+    ),
+    (errors.ResourceExhaustedError(), Code.RESOURCE_EXHAUSTED, "RESOURCE_EXHAUSTED"),
     (errors.QueueUnavailableError(), Code.UNAVAILABLE, "QUEUE_UNAVAILABLE"),
     (errors.ResourceExhaustedError(), Code.RESOURCE_EXHAUSTED, "RESOURCE_EXHAUSTED"),
     (errors.SubscriberLaggedError(), Code.RESOURCE_EXHAUSTED, "SUBSCRIBER_LAGGED"),
@@ -165,6 +171,47 @@ def test_plan_validation_error_carries_bad_request_field_violations() -> None:
         ("steps[0].targets", "must not be empty"),
         ("sla_class", "must be one of fast, medium, long"),
     ]
+
+
+def retry_infos(rich: status_pb2.Status) -> list[error_details_pb2.RetryInfo]:
+    found = []
+    for detail in rich.details:
+        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            info = error_details_pb2.RetryInfo()
+            detail.Unpack(info)
+            found.append(info)
+    return found
+
+
+def test_a_quota_refusal_carries_a_retry_info_and_a_readable_reason() -> None:
+    """RESOURCE_EXHAUSTED with the delay in a google.rpc.RetryInfo and in the ErrorInfo."""
+    exc = errors.QuotaExceededError(
+        "tenant 'acme' has 10 background jobs waiting, its limit (quota max_queued)",
+        retry_after_s=2.5,
+        quota="queued",
+        limit=10,
+        in_use=10,
+    )
+    status = status_for_exception(exc, request_id=RID)
+    assert status.code is Code.RESOURCE_EXHAUSTED
+    assert status.details == exc.message
+    rich = decode(status)
+    [retry] = retry_infos(rich)
+    assert retry.retry_delay.ToMilliseconds() == 2500
+    assert dict(error_info(rich).metadata) == {
+        "quota": "queued",
+        "limit": "10",
+        "in_use": "10",
+        "retry_after_s": "2.5",
+        "request_id": RID,
+    }
+
+
+def test_a_resource_exhausted_error_without_a_delay_sends_no_retry_info() -> None:
+    exc = errors.ResourceExhaustedError()
+    assert exc.retry_after_s is None
+    assert "retry_after_s" not in exc.details
+    assert retry_infos(decode(status_for_exception(exc, request_id=RID))) == []
 
 
 def test_details_are_masked_bounded_and_stringified() -> None:

@@ -5,7 +5,8 @@
 
 Failures raise the domain exceptions re-exported here (``ResourceBusyError``,
 ``PermissionDeniedError`` — also a ``PermissionError`` —, ``ApprovalInvalidatedError``,
-``FSMError``, ``ExecutionTimeoutError`` — also an ``asyncio.TimeoutError`` —, ...).
+``FSMError``, ``ExecutionTimeoutError`` — also an ``asyncio.TimeoutError`` —,
+``QuotaExceededError`` with the server's ``retry_after_s`` ...).
 """
 
 from opsconductor.contract.errors import (
@@ -24,6 +25,7 @@ from opsconductor.contract.errors import (
     PermissionDeniedError,
     PlanValidationError,
     QueueUnavailableError,
+    QuotaExceededError,
     ResourceBusyError,
     ResourceExhaustedError,
     SelfApprovalError,
@@ -86,6 +88,7 @@ __all__ = [
     "ProgressTracker",
     "QueueStats",
     "QueueUnavailableError",
+    "QuotaExceededError",
     "ResourceBusyError",
     "ResourceExhaustedError",
     "RpcError",

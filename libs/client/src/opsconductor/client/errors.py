@@ -13,6 +13,10 @@ does, through the fallback rows of the table the servers use too
     ExecutionTimeoutError      <- DEADLINE_EXCEEDED (also an asyncio.TimeoutError)
     PlanValidationError        <- INVALID_ARGUMENT with field violations (``.violations``)
     QueueUnavailableError      <- UNAVAILABLE / QUEUE_UNAVAILABLE
+    QuotaExceededError         <- RESOURCE_EXHAUSTED / QUOTA_EXCEEDED (``.retry_after_s`` from
+                                  the ``RetryInfo``); any other RESOURCE_EXHAUSTED (a message
+                                  too large, the server's concurrency limit) is a
+                                  ResourceExhaustedError
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ def map_rpc_error(error: grpc.aio.AioRpcError) -> Exception:
     reason = ""
     metadata: dict[str, str] = {}
     violations: list[e.FieldViolation] = []
+    retry_after_s: float | None = None
     status = _status_details(error)
     if status is not None:
         for any_detail in status.details:
@@ -68,6 +73,10 @@ def map_rpc_error(error: grpc.aio.AioRpcError) -> Exception:
                 violations = [
                     e.FieldViolation(v.field, v.description) for v in bad.field_violations
                 ]
+            elif any_detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+                retry = error_details_pb2.RetryInfo()
+                any_detail.Unpack(retry)
+                retry_after_s = retry.retry_delay.ToMilliseconds() / 1000
     cls = class_for_reason(reason) or class_for_code(code)
     if violations and cls is e.InvalidArgumentError:
         # Any invalid request may name its fields (e.g. ListExecutions' page_token), not only
@@ -77,4 +86,16 @@ def map_rpc_error(error: grpc.aio.AioRpcError) -> Exception:
         return RpcError(message, code=code.name, **metadata)
     if issubclass(cls, e.PlanValidationError):
         return cls(message, violations=violations, **metadata)
+    if issubclass(cls, e.ResourceExhaustedError):
+        hinted = metadata.pop("retry_after_s", None)
+        if retry_after_s is None and hinted is not None:
+            retry_after_s = _seconds(hinted)
+        return cls(message, retry_after_s=retry_after_s, **metadata)
     return cls(message, **metadata)
+
+
+def _seconds(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None

@@ -86,6 +86,16 @@ class ServiceSettings(BaseSettings):
         worker_target: gRPC address (``host:port``) of the worker, used by the api.
         queue_prefix: prefix of every Redis key of the queue (``{prefix}q:v2:...``).
         dedup_window_s: how long an idempotency key deduplicates submissions, in seconds.
+        quota_max_queued: default per-tenant limit of background jobs waiting in the queue
+            (ready or in backoff); a submit beyond it is refused ``RESOURCE_EXHAUSTED``.
+            0: no limit. A tenant's ``quotas`` in the tenant policy overrides each default.
+        quota_max_running: default per-tenant limit of background jobs running (leased) at
+            once; the queue passes a tenant at its limit over. Keep it below the fleet's
+            consumer slots so another tenant always finds one. 0: no limit.
+        quota_max_immediate: default per-tenant limit of immediate executions in flight; a
+            submit beyond it is refused ``RESOURCE_EXHAUSTED``. 0: no limit.
+        quota_retry_after_s: the retry delay a refused background submit is told to wait
+            (immediate refusals estimate it from the runs in flight).
         otel_exporter: OpenTelemetry trace exporter, e.g. ``none`` (default), ``console``,
             ``otlp``; interpreted by the tracing set-up (`otel_enabled` is false for ``none``).
         grpc_max_message_bytes: largest gRPC message served or sent (both directions);
@@ -139,6 +149,10 @@ class ServiceSettings(BaseSettings):
     worker_target: str = "127.0.0.1:50052"
     queue_prefix: str = Field(default="opsc:", min_length=1, max_length=64)
     dedup_window_s: int = Field(default=86400, gt=0)
+    quota_max_queued: int = Field(default=500, ge=0)
+    quota_max_running: int = Field(default=10, ge=0)
+    quota_max_immediate: int = Field(default=20, ge=0)
+    quota_retry_after_s: float = Field(default=5.0, gt=0, le=3600)
     otel_exporter: str = "none"
     grpc_max_message_bytes: int = Field(default=4 * 1024 * 1024, ge=64 * 1024)
     grpc_max_concurrent_rpcs: int = Field(default=256, ge=1)

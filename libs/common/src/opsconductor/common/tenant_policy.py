@@ -209,7 +209,18 @@ class EgressPolicy(_Section):
 
 
 class QuotaPolicy(_Section):
-    """Per-tenant limits on queued, running and concurrent immediate work."""
+    """Per-tenant limits on queued, running and concurrent immediate work (docs/security.md,
+    "Fair share and quotas"); ``opsconductor.common.quotas`` applies them.
+
+    ``max_queued``: background jobs waiting (ready or in retry backoff) — a submit beyond it is
+    refused. ``max_running``: background jobs leased at once — the queue passes the tenant over
+    until one ends. ``max_immediate``: immediate executions in flight — a submit beyond it is
+    refused. Unset: the service's default (settings ``quota_max_*``); 0: no limit.
+    """
+
+    max_queued: int | None = Field(default=None, ge=0, le=1_000_000)
+    max_running: int | None = Field(default=None, ge=0, le=100_000)
+    max_immediate: int | None = Field(default=None, ge=0, le=100_000)
 
 
 class TenantPolicy(_Section):
@@ -280,6 +291,16 @@ class TenantPolicies:
         except yaml.YAMLError:
             raise TenantPolicyError(f"{source}: not valid YAML") from None
         return cls.from_document(doc, source)
+
+    @property
+    def defaults(self) -> TenantPolicy:
+        """The policy of every tenant without an entry of its own."""
+        return self._defaults
+
+    @property
+    def tenants(self) -> Mapping[str, TenantPolicy]:
+        """The tenants with an entry, each with its effective (merged) policy."""
+        return dict(self._tenants)
 
     def for_tenant(self, tenant_id: str) -> TenantPolicy:
         """The effective policy of ``tenant_id`` (the defaults when it has no entry)."""

@@ -27,6 +27,7 @@ The hierarchy (reason on the right):
     - FeatureDisabledError .............................. STAGE_E_DISABLED
     - SecretResolutionError ............................. SECRET_UNRESOLVED
   + ResourceExhaustedError .............................. RESOURCE_EXHAUSTED
+    - QuotaExceededError ................................ QUOTA_EXCEEDED
     - SubscriberLaggedError ............................. SUBSCRIBER_LAGGED
   + QueueUnavailableError ............................... QUEUE_UNAVAILABLE
   + WorkerUnavailableError .............................. WORKER_UNAVAILABLE
@@ -68,6 +69,7 @@ __all__ = [
     "PermissionDeniedError",
     "PlanValidationError",
     "QueueUnavailableError",
+    "QuotaExceededError",
     "ResourceBusyError",
     "ResourceExhaustedError",
     "SecretResolutionError",
@@ -265,9 +267,29 @@ class ResourceExhaustedError(OpsConductorError):
     """A limit was reached (e.g. live subscribers per tenant or per process); retry later.
 
     Details name the limit (``limit``, ``max``) so the caller can tell which one.
+    ``retry_after_s`` (also in the details), when known, is how long the caller should wait
+    before it retries; the servers send it as a ``google.rpc.RetryInfo``.
     """
 
     reason = "RESOURCE_EXHAUSTED"
+
+    def __init__(
+        self, message: str | None = None, *, retry_after_s: float | None = None, **details: object
+    ) -> None:
+        self.retry_after_s: float | None = retry_after_s
+        super().__init__(message, **details)
+        if retry_after_s is not None:
+            self.details["retry_after_s"] = f"{retry_after_s:g}"
+
+
+class QuotaExceededError(ResourceExhaustedError):
+    """A quota of this tenant is used up; retry once some of its work has finished.
+
+    Details: ``quota`` (``queued`` or ``immediate``), ``limit``, ``in_use`` and
+    ``retry_after_s``. Nothing was created by the refused request.
+    """
+
+    reason = "QUOTA_EXCEEDED"
 
 
 class SubscriberLaggedError(ResourceExhaustedError):

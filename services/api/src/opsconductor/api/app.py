@@ -23,6 +23,7 @@ from opsconductor.common.auth import TokenVerifier
 from opsconductor.common.errors import StorageError
 from opsconductor.common.queue.gauges import GaugePublisher
 from opsconductor.common.queue.redis_queue import RedisQueue, create_redis_client
+from opsconductor.common.quotas import TenantQuotas
 from opsconductor.common.rbac import Authorizer, RbacPolicy
 from opsconductor.common.rpc.resources import DatabasePool
 from opsconductor.common.secrets import SecretsSettings
@@ -86,6 +87,7 @@ class ApiApp:
             dedup_window=dedup_window,
             tenant_policies=self._tenant_policies,
             secret_catalogue=self._secret_catalogue,
+            quotas=TenantQuotas.from_settings(self.settings, self._tenant_policies),
         )
         self._queries = ExecutionQueries(pool=pool, authorizer=authorizer, queue=queue)
         self._admin = AdminOperations(

@@ -13,6 +13,7 @@ from opsconductor.common.approval_policy import ApprovalPolicy
 from opsconductor.common.auth import TokenVerifier
 from opsconductor.common.errors import StorageError
 from opsconductor.common.queue.redis_queue import RedisQueue, create_redis_client
+from opsconductor.common.quotas import TenantQuotas
 from opsconductor.common.rbac import Authorizer, RbacPolicy
 from opsconductor.common.rpc.resources import DatabasePool
 from opsconductor.common.secrets import SecretResolver, SecretsSettings
@@ -68,9 +69,18 @@ class WorkerApp:
         self._immediate = ImmediateExecutions(pool=pool, authorizer=authorizer, runner=runner)
         if self.settings.redis_url is not None and self.settings.consumer_concurrency > 0:
             self._redis = create_redis_client(self.settings.redis_url.get_secret_value())
+            # Each tenant's max_running applies where jobs are handed out: this queue's dequeue.
+            running_limit, running_limits = TenantQuotas.from_settings(
+                self.settings, self._tenant_policies
+            ).running_limits()
             self._consumer = BackgroundConsumer(
                 pool=pool,
-                queue=RedisQueue(self._redis, prefix=self.settings.queue_prefix),
+                queue=RedisQueue(
+                    self._redis,
+                    prefix=self.settings.queue_prefix,
+                    running_limit=running_limit,
+                    running_limits=running_limits,
+                ),
                 runner=runner,
                 authorizer=authorizer,
                 policies=policies,

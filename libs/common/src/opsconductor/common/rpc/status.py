@@ -4,8 +4,9 @@ Servicers and service logic raise the domain exceptions of :mod:`opsconductor.co
 the server interceptor hands whatever escapes an RPC to :func:`status_for_exception`, which picks
 the status code from the contract's table (:mod:`opsconductor.contract.status_codes`, the same
 table the client maps statuses back with) and attaches a ``google.rpc.Status``
-with an ``ErrorInfo`` (machine-readable ``reason``, our ``domain``, safe details as strings), and
-``BadRequest`` field violations for invalid plans. Clients decode it with
+with an ``ErrorInfo`` (machine-readable ``reason``, our ``domain``, safe details as strings),
+``BadRequest`` field violations for invalid plans and a ``RetryInfo`` (how long to wait) for a
+refusal that knows it (a quota). Clients decode it with
 ``grpc_status.rpc_status.from_call``.
 
 Anything that is not a domain error is a bug or an outage we did not model: the caller gets
@@ -21,7 +22,7 @@ from typing import Any, NoReturn, Protocol, cast
 
 import grpc
 import grpc.aio
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -99,6 +100,8 @@ def status_for_exception(exc: BaseException, *, request_id: str) -> grpc.Status:
     details: list[Any] = []
     if described.violations:
         details.append(_bad_request(described.violations))
+    if described.retry_after_s is not None:
+        details.append(_retry_info(described.retry_after_s))
     return _rich_status(
         described.code,
         described.message,
@@ -120,6 +123,8 @@ class DescribedError:
     metadata: dict[str, str]
     #: Field violations of an invalid request: ``(field, description)``.
     violations: tuple[tuple[str, str], ...] = ()
+    #: How long the caller should wait before retrying (a quota refusal), when known.
+    retry_after_s: float | None = None
 
 
 def describe_exception(exc: BaseException, *, request_id: str) -> DescribedError:
@@ -138,8 +143,14 @@ def describe_exception(exc: BaseException, *, request_id: str) -> DescribedError
     violations: tuple[tuple[str, str], ...] = ()
     if isinstance(exc, errors.PlanValidationError):
         violations = tuple((v.field, v.description) for v in exc.violations)
+    retry_after_s = exc.retry_after_s if isinstance(exc, errors.ResourceExhaustedError) else None
     return DescribedError(
-        code, exc.reason, message, _safe_metadata(exc.details, request_id), violations
+        code,
+        exc.reason,
+        message,
+        _safe_metadata(exc.details, request_id),
+        violations,
+        retry_after_s,
     )
 
 
@@ -197,6 +208,12 @@ def _bad_request(violations: tuple[tuple[str, str], ...]) -> error_details_pb2.B
             for field, description in violations
         ]
     )
+
+
+def _retry_info(seconds: float) -> error_details_pb2.RetryInfo:
+    delay = duration_pb2.Duration()
+    delay.FromMilliseconds(max(int(seconds * 1000), 0))
+    return error_details_pb2.RetryInfo(retry_delay=delay)
 
 
 def _default_message(exc: errors.OpsConductorError) -> str:

@@ -45,6 +45,7 @@ from opsconductor.common.planning import (
 from opsconductor.common.policy_enforcement import enforce_secret_uses, enforce_tenant_policy
 from opsconductor.common.queue import jobs
 from opsconductor.common.queue.redis_queue import RedisQueue
+from opsconductor.common.quotas import QuotaLimits, TenantQuotas
 from opsconductor.common.rbac import (
     Authorizer,
     Permission,
@@ -166,12 +167,15 @@ class Submissions:
         dedup_window: timedelta,
         tenant_policies: TenantPolicies | None = None,
         secret_catalogue: SecretCatalogue | None = None,
+        quotas: TenantQuotas | None = None,
     ) -> None:
         self._pool = pool
         #: Where each tenant's secrets may be used; default: empty, no secret may be used.
         self._secret_catalogue = secret_catalogue or SecretCatalogue.empty()
         #: What each tenant's plans may do (shell, egress...); default: the packaged, strictest.
         self._tenant_policies = tenant_policies or TenantPolicies.load()
+        #: Per-tenant limits; default: none (the app passes the configured ones).
+        self._quotas = quotas or TenantQuotas(QuotaLimits(0, 0, 0), self._tenant_policies)
         self._authorizer = authorizer
         self._actions = actions
         self._flags = flags
@@ -299,9 +303,13 @@ class Submissions:
             return await self._submit_background(
                 principal, request, decision, flags.record_only(tenant_id)
             )
-        record, created = await self._create(
-            self._pool, principal, request, decision, flags.record_only(tenant_id)
-        )
+        async with transaction(self._pool) as conn:
+            refusal = await self._quotas.admit_immediate(conn, tenant_id, decision.idempotency_key)
+            record, created = await self._create(
+                conn, principal, request, decision, flags.record_only(tenant_id)
+            )
+            if created and refusal is not None:
+                raise refusal  # a retired key made it new after all: rolled back
         if created or _unstarted_immediate(record):
             # A duplicate of an execution no worker has taken yet hands it over again: its first
             # dispatch may have died with its api. The worker's compare-and-set on ``pending``
@@ -322,9 +330,14 @@ class Submissions:
         if self._queue is None:
             raise QueueUnavailableError("no queue is configured for background execution")
         async with transaction(self._pool) as conn:
+            refusal = await self._quotas.admit_queued(
+                conn, request.tenant_id, decision.idempotency_key
+            )
             record, created = await self._create(conn, principal, request, decision, record_only)
             if not created:
                 return SubmitResult(record, deduplicated=True, job_id=await _job_id(conn, record))
+            if refusal is not None:
+                raise refusal  # a retired key made it new after all: rolled back
             await transition(
                 conn,
                 record.id,

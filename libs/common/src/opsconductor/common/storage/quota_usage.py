@@ -1,0 +1,87 @@
+"""What a tenant's quotas count, read under the tenant's quota lock (docs/security.md, "Fair
+share and quotas").
+
+Admission is race-proof because every admitting transaction first takes
+:func:`lock_tenant_quota`, a transaction-scoped advisory lock per tenant: concurrent submits of
+one tenant count and create one after the other, and each sees what the previous one committed
+(READ COMMITTED takes a new snapshot per statement, after the lock was granted). The lock ends
+with the transaction, so a crashed api holds nothing. What is counted are the rows themselves —
+queue rows waiting, immediate executions in flight — so a slot is free again as soon as its row
+moves on (dispatched, finished, failed by the reaper), never by a counter someone must remember
+to decrement.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Final
+
+import asyncpg
+
+__all__ = [
+    "QUOTA_LOCK_CLASS",
+    "ImmediateUsage",
+    "count_waiting_jobs",
+    "immediate_usage",
+    "live_execution_exists",
+    "lock_tenant_quota",
+]
+
+#: First key of the two-key advisory locks of quotas (a namespace: single-key advisory locks,
+#: such as the reaper's and the migrations', never collide with two-key ones).
+QUOTA_LOCK_CLASS: Final = 0x0F5A
+
+_LOCK = "SELECT pg_advisory_xact_lock($1::int4, hashtext($2))"
+# Leased rows are running, not waiting: the running limit counts those (Redis, at dequeue).
+_WAITING_JOBS = """
+SELECT count(*) FROM execution_queue WHERE tenant_id = $1 AND state <> 'leased'
+"""
+_IMMEDIATE = """
+SELECT count(*) AS in_flight,
+       min(COALESCE(started_at, created_at)
+           + make_interval(secs => COALESCE(estimated_duration_ms, timeout_ms) / 1000.0))
+           AS soonest_end
+FROM executions
+WHERE tenant_id = $1 AND execution_mode = 'immediate' AND status IN ('pending', 'running')
+"""
+_LIVE_KEY = """
+SELECT EXISTS (
+    SELECT 1 FROM executions
+    WHERE tenant_id = $1 AND idempotency_key = $2 AND idempotency_retired_at IS NULL
+)
+"""
+
+
+@dataclass(frozen=True)
+class ImmediateUsage:
+    """A tenant's immediate executions in flight (``pending`` or ``running``)."""
+
+    in_flight: int
+    #: When the first of them is expected to end (start + estimate), None when there is none.
+    soonest_end: datetime | None
+
+
+async def lock_tenant_quota(conn: asyncpg.Connection, tenant_id: str) -> None:
+    """Take the tenant's quota lock until the end of the caller's transaction."""
+    if not conn.is_in_transaction():
+        raise RuntimeError("the quota lock is transaction-scoped: open a transaction first")
+    await conn.execute(_LOCK, QUOTA_LOCK_CLASS, tenant_id)
+
+
+async def count_waiting_jobs(conn: asyncpg.Connection, tenant_id: str) -> int:
+    """Queue rows of the tenant not leased: ready or delayed (backoff, deferral)."""
+    return int(await conn.fetchval(_WAITING_JOBS, tenant_id))
+
+
+async def immediate_usage(conn: asyncpg.Connection, tenant_id: str) -> ImmediateUsage:
+    """The tenant's immediate executions in flight and when the first should end."""
+    row = await conn.fetchrow(_IMMEDIATE, tenant_id)
+    return ImmediateUsage(in_flight=int(row["in_flight"]), soonest_end=row["soonest_end"])
+
+
+async def live_execution_exists(
+    conn: asyncpg.Connection, tenant_id: str, idempotency_key: str
+) -> bool:
+    """Whether a submit with this key would find an execution (a duplicate is never refused)."""
+    return bool(await conn.fetchval(_LIVE_KEY, tenant_id, idempotency_key))

@@ -1,0 +1,216 @@
+"""Quota admission against a real Postgres: racing submits admit exactly the limit, a refusal
+leaves no row, a duplicate is never refused, slots come back as rows move on, and a submitter
+that dies holding the tenant's quota lock blocks nobody (docs/security.md, "Fair share and
+quotas"). The e2e view (RESOURCE_EXHAUSTED with RetryInfo through the api): tests/e2e/
+test_fair_share.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from uuid import uuid4
+
+import asyncpg
+import pytest
+
+from opsconductor.common.errors import QuotaExceededError
+from opsconductor.common.fsm import ExecutionStatus
+from opsconductor.common.queue import jobs
+from opsconductor.common.quotas import QuotaLimits, TenantQuotas
+from opsconductor.common.storage import quota_usage
+from opsconductor.common.storage.db import create_pool
+from opsconductor.common.storage.execution_records import transaction
+from opsconductor.common.storage.executions import NewExecution, create_execution, transition
+from opsconductor.common.tenant_policy import TenantPolicies
+
+TENANT = "tenant-quota"
+LIMIT = 10
+
+
+@pytest.fixture
+async def wide_pool(db_dsn: str) -> AsyncIterator[asyncpg.Pool]:
+    """12 transactions in flight at once (the shared server's connections are finite): a real
+    race, with the other submits queued right behind them."""
+    pool = await create_pool(db_dsn, min_size=12, max_size=12)
+    try:
+        yield pool
+    finally:
+        await pool.close()
+
+
+def quotas(**limits: int) -> TenantQuotas:
+    values = {"max_queued": LIMIT, "max_running": 0, "max_immediate": LIMIT, **limits}
+    return TenantQuotas(QuotaLimits(**values), TenantPolicies.from_document(None))
+
+
+def new_execution(mode: str, key: str | None = None) -> NewExecution:
+    return NewExecution(
+        tenant_id=TENANT,
+        actor_id="alice",
+        request_id=None,
+        idempotency_key=key or hashlib.sha256(uuid4().bytes).hexdigest(),
+        plan_hash="a" * 64,
+        plan_snapshot={"name": "q"},
+        plan_snapshot_hash="b" * 64,
+        execution_mode=mode,
+        sla_class="fast",
+        action_class="read",
+        approval_level=0,
+        priority=50,
+        timeout_policy_id="fast_read",
+        timeout_ms=10_000,
+        estimated_duration_ms=2_000,
+        record_only=False,
+    )
+
+
+async def submit_background(pool: asyncpg.Pool, limits: TenantQuotas, key: str | None = None):
+    """The api's background recipe: admit, create, queue row; refused → nothing committed."""
+    new = new_execution("background", key)
+    async with transaction(pool) as conn:
+        refusal = await limits.admit_queued(conn, TENANT, new.idempotency_key)
+        record, created = await create_execution(conn, new, dedup_window=timedelta(hours=1))
+        if not created:
+            return record, False
+        if refusal is not None:
+            raise refusal
+        await jobs.insert_queue_row(
+            conn, execution_id=record.id, tenant_id=TENANT, priority=50, max_attempts=3
+        )
+    return record, True
+
+
+async def submit_immediate(pool: asyncpg.Pool, limits: TenantQuotas, key: str | None = None):
+    new = new_execution("immediate", key)
+    async with transaction(pool) as conn:
+        refusal = await limits.admit_immediate(conn, TENANT, new.idempotency_key)
+        record, created = await create_execution(conn, new, dedup_window=timedelta(hours=1))
+        if created and refusal is not None:
+            raise refusal
+    return record, created
+
+
+async def count(pool: asyncpg.Pool, table: str) -> int:
+    return int(await pool.fetchval(f"SELECT count(*) FROM {table} WHERE tenant_id = $1", TENANT))
+
+
+async def race(submit, pool: asyncpg.Pool, limits: TenantQuotas, n: int = 50) -> list[object]:
+    start = asyncio.Event()
+
+    async def one() -> object:
+        await start.wait()
+        return await submit(pool, limits)
+
+    tasks = [asyncio.create_task(one()) for _ in range(n)]
+    await asyncio.sleep(0.05)
+    start.set()
+    return await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def test_fifty_racing_background_submits_against_a_limit_of_ten_admit_exactly_ten(
+    wide_pool: asyncpg.Pool,
+) -> None:
+    results = await race(submit_background, wide_pool, quotas())
+    refused = [r for r in results if isinstance(r, QuotaExceededError)]
+    admitted = [r for r in results if not isinstance(r, BaseException)]
+    assert (len(admitted), len(refused)) == (LIMIT, 40), results
+    assert await count(wide_pool, "execution_queue") == LIMIT
+    assert await count(wide_pool, "executions") == LIMIT  # refusals left no row behind
+    assert await count(wide_pool, "execution_events") == LIMIT  # nor an event
+    first = refused[0]
+    assert first.details["quota"] == "queued"
+    assert (first.details["limit"], first.details["in_use"]) == (LIMIT, LIMIT)
+    assert first.retry_after_s == 5.0
+    assert "max_queued" in first.message
+
+
+async def test_fifty_racing_immediate_submits_against_a_limit_of_ten_admit_exactly_ten(
+    wide_pool: asyncpg.Pool,
+) -> None:
+    results = await race(submit_immediate, wide_pool, quotas())
+    refused = [r for r in results if isinstance(r, QuotaExceededError)]
+    assert len(refused) == 40, results
+    assert await count(wide_pool, "executions") == LIMIT
+    hint = refused[0].retry_after_s
+    assert hint is not None
+    assert 1.0 <= hint <= 2.0  # the first run in flight is estimated to end 2 s after creation
+    assert refused[0].details["quota"] == "immediate"
+
+
+async def test_a_slot_comes_back_when_its_row_moves_on(db_pool: asyncpg.Pool) -> None:
+    limits = quotas(max_queued=2, max_immediate=1)
+    (first, _), _ = [await submit_background(db_pool, limits) for _ in range(2)]
+    with pytest.raises(QuotaExceededError):
+        await submit_background(db_pool, limits)
+    # Leased = running, not waiting: it frees a place in line.
+    row = await jobs.get_queue_row_for_execution(db_pool, first.id)
+    assert row is not None
+    await jobs.lease_row(
+        db_pool,
+        row.id,
+        worker_id="w",
+        lease_token=uuid4(),
+        lease_expires_at=row.enqueued_at + timedelta(minutes=5),
+        attempts=0,
+    )
+    await submit_background(db_pool, limits)
+
+    running, _ = await submit_immediate(db_pool, limits)
+    with pytest.raises(QuotaExceededError):
+        await submit_immediate(db_pool, limits)
+    await transition(db_pool, running.id, to=ExecutionStatus.FAILED, by="reaper", tenant_id=TENANT)
+    await submit_immediate(db_pool, limits)
+
+
+async def test_a_duplicate_at_the_limit_finds_its_execution_and_is_not_refused(
+    db_pool: asyncpg.Pool,
+) -> None:
+    limits = quotas(max_queued=1, max_immediate=1)
+    queued, _ = await submit_background(db_pool, limits, key="k-bg")
+    again, created = await submit_background(db_pool, limits, key="k-bg")
+    assert (again.id, created) == (queued.id, False)
+    running, _ = await submit_immediate(db_pool, limits, key="k-im")
+    again, created = await submit_immediate(db_pool, limits, key="k-im")
+    assert (again.id, created) == (running.id, False)
+    with pytest.raises(QuotaExceededError):
+        await submit_immediate(db_pool, limits, key="k-other")
+
+
+async def test_zero_means_no_limit(db_pool: asyncpg.Pool) -> None:
+    limits = quotas(max_queued=0, max_immediate=0)
+    for _ in range(3):
+        await submit_background(db_pool, limits)
+        await submit_immediate(db_pool, limits)
+    assert await count(db_pool, "executions") == 6
+
+
+async def test_a_submitter_killed_holding_the_quota_lock_blocks_nobody(
+    db_dsn: str, db_pool: asyncpg.Pool
+) -> None:
+    """The lock is transaction-scoped: when the session holding it dies (api SIGKILLed mid
+    submit), Postgres ends the transaction, releases it, and nothing it wrote survives."""
+    victim_pool = await create_pool(db_dsn, min_size=1, max_size=1)
+    victim = await victim_pool.acquire()
+    tx = victim.transaction()
+    await tx.start()
+    await quota_usage.lock_tenant_quota(victim, TENANT)
+    await create_execution(victim, new_execution("background"), dedup_window=timedelta(hours=1))
+    pid = victim.get_server_pid()
+
+    waiter = asyncio.create_task(submit_background(db_pool, quotas()))
+    await asyncio.sleep(0.3)
+    assert not waiter.done()  # serialized behind the holder
+    await db_pool.execute("SELECT pg_terminate_backend($1)", pid)
+    _, created = await asyncio.wait_for(waiter, 10)
+    assert created
+    assert await count(db_pool, "executions") == 1  # the dead submit's row went with it
+    victim_pool.terminate()
+
+
+async def test_the_quota_lock_needs_a_transaction(db_pool: asyncpg.Pool) -> None:
+    async with db_pool.acquire() as conn:
+        with pytest.raises(RuntimeError, match="transaction"):
+            await quota_usage.lock_tenant_quota(conn, TENANT)

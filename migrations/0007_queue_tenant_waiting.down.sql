@@ -1,0 +1,1 @@
+DROP INDEX IF EXISTS ix_queue_tenant_waiting;

@@ -16,6 +16,7 @@ import structlog
 from opsconductor.common.logconfig import configure_logging
 from opsconductor.common.rpc.server import load_settings, run_server
 from opsconductor.progress.app import ProgressApp
+from opsconductor.progress.http.grpc_web import GrpcWebGateway
 from opsconductor.progress.http.routes import build_http_app
 from opsconductor.progress.http.server import HttpServer
 from opsconductor.progress.servicers import register_services
@@ -30,8 +31,9 @@ def main() -> int:
     )
     structlog.get_logger(__name__).info("settings_loaded", **settings.startup_log_fields())
     app = ProgressApp(settings)
+    gateway = GrpcWebGateway(app, build_http_app(app))
     http = HttpServer(
-        build_http_app(app),
+        gateway,
         host=settings.http_host,
         port=settings.http_port,
         port_file=settings.http_port_file,
@@ -42,6 +44,7 @@ def main() -> int:
         if app.started:
             app.hub.disconnect_all()
         await http.stop()
+        await gateway.close()
 
     return run_server(
         settings,

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import structlog
 import uvicorn
-from starlette.applications import Starlette
+from starlette.types import ASGIApp
 
 log = structlog.get_logger(__name__)
 
@@ -57,7 +57,7 @@ class HttpServer:
 
     def __init__(
         self,
-        asgi: Starlette,
+        asgi: ASGIApp,
         *,
         host: str,
         port: int,

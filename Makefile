@@ -12,7 +12,7 @@ SRC_DIRS := $(addsuffix /src,$(PACKAGES))
 
 # proto-lint needs Node.js (npx fetches the official @bufbuild/buf); make test checks the same
 # naming rules without it (tests/unit/test_proto_contracts.py).
-.PHONY: help chaos venv sandbox-tools protos protos-check proto-lint lint fmt typecheck importlint k8s-validate test test-fast migrate migrate-down run bench bench-immediate bench-background bench-round-trips bench-masking clean
+.PHONY: help chaos venv sandbox-tools protos protos-check proto-lint lint fmt typecheck importlint k8s-validate test test-fast migrate migrate-down run bench bench-immediate bench-background bench-round-trips bench-masking bench-progress browser-tools ui ui-check clean
 .PHONY: monitoring-tools
 
 help:
@@ -54,6 +54,24 @@ monitoring-tools:
 		  apt-get install -y -qq --no-install-recommends prometheus prometheus-alertmanager \
 			>/dev/null; }; }
 	@command -v promtool >/dev/null && command -v amtool >/dev/null && command -v prometheus >/dev/null
+# Browser tests (tests/browser): Debian's chromium, driven by the playwright pip package of the
+# venv; never `playwright install` (it downloads a browser build). Quiet when already there.
+browser-tools:
+	@command -v chromium >/dev/null || { export DEBIAN_FRONTEND=noninteractive; \
+		apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1 || \
+		{ apt-get update -qq >/dev/null && \
+		  apt-get install -y -qq --no-install-recommends chromium >/dev/null; }; }
+	@command -v chromium >/dev/null
+
+# The UI's grpc-web client (Node.js: @bufbuild/buf + protoc-gen-es + @connectrpc/connect-web,
+# bundled by esbuild) is committed, so serving the UI needs no Node.js; ui-check (no Node.js)
+# fails when protos/ or ui-src/ changed since the last `make ui`, like protos-check.
+ui: $(STAMP)
+	cd services/progress/ui-src && npm ci --no-audit --no-fund && npx buf generate && npm run -s bundle
+	$(PY) tools/ui_bundle.py --stamp
+
+ui-check: $(STAMP)
+	$(PY) tools/ui_bundle.py --check
 
 protos: $(STAMP)
 	$(PY) tools/gen_protos.py
@@ -79,7 +97,7 @@ importlint: $(STAMP)
 	$(VENV)/bin/lint-imports
 
 # The whole suite: hygiene first (fast, fails early), then every test with the coverage gates.
-test: $(STAMP) sandbox-tools monitoring-tools lint typecheck importlint protos-check k8s-validate
+test: $(STAMP) sandbox-tools monitoring-tools browser-tools lint typecheck importlint protos-check ui-check k8s-validate
 	$(PY) tools/run_tests.py
 
 # Render k8s/base and every overlay (kubectl kustomize) and validate each object offline against

@@ -22,8 +22,13 @@ BUNDLE = (
 STAMP = BUNDLE.with_name("grpc-client.stamp.json")
 
 
+#: The protos the client imports (src/client.ts); the others do not reach the bundle.
+PROTOS = ("types", "execution_service", "approval_service", "progress_service")
+
+
 def _inputs() -> list[Path]:
-    protos = sorted((ROOT / "protos").rglob("*.proto"))
+    folder = ROOT / "protos" / "opsconductor" / "execution" / "v1"
+    protos = [folder / f"{name}.proto" for name in PROTOS]
     sources = sorted((UI_SRC / "src").glob("*.ts"))
     return [
         *protos,

@@ -54,7 +54,8 @@ monitoring-tools:
 		  apt-get install -y -qq --no-install-recommends prometheus prometheus-alertmanager \
 			>/dev/null; }; }
 	@command -v promtool >/dev/null && command -v amtool >/dev/null && command -v prometheus >/dev/null
-# Browser tests (tests/browser): Debian's chromium, driven by the playwright pip package of the
+
+# Browser tests (tests/e2e/test_progress_ui.py): Debian's chromium, driven by the playwright pip package of the
 # venv; never `playwright install` (it downloads a browser build). Quiet when already there.
 browser-tools:
 	@command -v chromium >/dev/null || { export DEBIAN_FRONTEND=noninteractive; \

@@ -61,11 +61,17 @@ def runbook_names() -> list[str]:
 
 def blocks(name: str) -> list[Block]:
     """Every fenced block of ``docs/runbooks/<name>.md``, in page order."""
+    return page_blocks(RUNBOOKS / f"{name}.md")
+
+
+def page_blocks(path: Path) -> list[Block]:
+    """Every fenced block of the Markdown page ``path``, in page order."""
+    name = path.stem
     found: list[Block] = []
     language: str | None = None
     start = 0
     body: list[str] = []
-    for number, line in enumerate((RUNBOOKS / f"{name}.md").read_text().splitlines(), 1):
+    for number, line in enumerate(path.read_text().splitlines(), 1):
         match = _FENCE.match(line)
         if match and language is None:
             language, start, body = match.group(1), number, []

@@ -213,16 +213,33 @@ def preview(app: Cli, plan_file: Path, mode: str | None) -> int:
 
 @click.command()
 @click.argument("execution_id")
+@click.option("--watch", is_flag=True, help="Follow it live until it ends; exit by its status.")
+@click.option(
+    "--watch-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Stop watching after this many seconds (exit 7).",
+)
 @pass_cli
-def get(app: Cli, execution_id: str) -> int:
-    """Show one execution and its steps (exit 0 whatever its status; submit --watch waits)."""
+def get(app: Cli, execution_id: str, watch: bool, watch_timeout: float | None) -> int:
+    """Show one execution and its steps (exit 0 for any status it has); with --watch, follow it
+    until it ends and exit by its final status, as submit --watch does."""
     tenant = app.connection.require_tenant()
 
     async def go() -> int:
         async with _client(app) as client:
             execution = await client.get(execution_id, tenant_id=tenant)
-        show_execution(app.out, execution)
-        return exit_codes.OK
+            if not watch:
+                show_execution(app.out, execution)
+                return exit_codes.OK
+            execution, ended = await watch_execution(
+                client, execution, app.out, give_up_after_s=watch_timeout
+            )
+        if app.out.json:
+            app.out.emit(execution)
+        if not ended:
+            app.out.note(f"gave up watching: {_summary(execution)}")
+            return exit_codes.WATCH_GAVE_UP
+        return _exit_for(execution)
 
     return run_async(go)
 

@@ -3,6 +3,7 @@ development tokens and the shadow report of a record-only rollout."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -25,6 +26,7 @@ from opsconductor.client.cli.render import Column
 from opsconductor.client.cli.shadow import compare, load_expected, recorded_executions
 from opsconductor.client.client import ExecutionClient
 from opsconductor.client.models import DlqEntry, FeatureFlags, FlagChange
+from opsconductor.contract.errors import NotFoundError
 
 __all__ = ["register"]
 
@@ -164,16 +166,33 @@ def approvals_reject(app: Cli, approval_id: str, comment: str) -> int:
 @click.argument("execution_id")
 @click.argument("step_id")
 @click.option("--comment", default="", help="Recorded with the decision.")
+@click.option(
+    "--wait",
+    "wait_s",
+    type=click.FloatRange(min=0),
+    default=0,
+    help="Seconds to wait for the worker to ask for this step (it asks when it reaches it).",
+)
 @pass_cli
-def approvals_approve_step(app: Cli, execution_id: str, step_id: str, comment: str) -> int:
+def approvals_approve_step(
+    app: Cli, execution_id: str, step_id: str, comment: str, wait_s: float
+) -> int:
     """Grant one step of a level-3 execution: it runs that step, then waits again."""
     tenant = app.connection.require_tenant()
 
     async def go() -> Approval:
+        deadline = asyncio.get_running_loop().time() + wait_s
         async with _approvals(app) as client:
-            return await client.approve_step(
-                execution_id, step_id, tenant_id=tenant, comment=comment
-            )
+            while True:
+                try:
+                    return await client.approve_step(
+                        execution_id, step_id, tenant_id=tenant, comment=comment
+                    )
+                except NotFoundError:
+                    # Not asked yet: the worker opens a step's request when it reaches it.
+                    if asyncio.get_running_loop().time() >= deadline:
+                        raise
+                    await asyncio.sleep(0.25)
 
     return _decided(app, run_async(go))
 

@@ -36,6 +36,7 @@ from pydantic import SecretStr
 
 from opsconductor.client import ExecutionClient, ExecutionTimeoutError, PermissionDeniedError
 from opsconductor.common.auth import issue_token
+from opsconductor.common.execution_logging import SPEC_FIELDS
 from opsconductor.common.storage.role_bindings import bind_role
 from tests.conftest import RUN_ID
 from tests.deploy.test_monitoring import MONITORING, dashboard_queries, metric_names
@@ -87,6 +88,8 @@ async def metrics_stack(
         "OPSC_REDIS_URL": redis_url,
         "OPSC_QUEUE_PREFIX": f"opsc-e2e:{RUN_ID}:{secrets.token_hex(3)}:",
         "OPSC_GAUGE_REFRESH_S": "0.5",
+        # Every service also appends its JSON lines to one file, as spec §7.2's check reads it.
+        "OPSC_LOG_FILE": str(log_dir / "logs" / "app.log"),
     }
     reaper: subprocess.Popen[bytes] | None = None
     try:
@@ -478,3 +481,72 @@ async def test_the_dlq_alert_is_pending_once_more_than_ten_jobs_are_dead_lettere
     assert [(a["state"], a["labels"]["severity"]) for a in alerts] == [("pending", "page")]
     assert float(alerts[0]["value"]) == 11
     assert alerts[0]["annotations"]["runbook_url"].endswith("/docs/runbooks/dlq.md")
+
+
+def _records(path: Path) -> list[dict[str, Any]]:
+    records = []
+    for line in path.read_text(errors="replace").splitlines():
+        if line.startswith("{"):
+            records.append(json.loads(line))
+    return records
+
+
+async def test_every_record_of_a_background_execution_carries_its_request_id_and_fields(
+    metrics_stack: MetricsStack, e2e_pool: asyncpg.Pool, tmp_path: Path
+) -> None:
+    """One execution api → queue → worker: every record of it, in the api's and the worker's
+    output, carries the submit's request id and every spec §7.2 field; the log file has its
+    execution_started with the fields spec §7.2's ``grep | jq`` reads."""
+    tenant = f"t-{secrets.token_hex(4)}"
+    await bind_role(e2e_pool, tenant, "alice", "operator", created_by="e2e")
+    async with ExecutionClient(metrics_stack.stack.address("api"), token("alice", tenant)) as c:
+        queued = await c.submit(
+            plan(probe_step("one", ["host:corr"], tmp_path / "ledger.jsonl"), sla="fast"),
+            tenant_id=tenant,
+            requested_mode="background",
+        )
+
+        async def finished() -> Any:
+            current = await c.get(queued.execution_id, tenant_id=tenant)
+            return current if current.is_terminal else None
+
+        done = await wait_until(finished, within_s=30, what="the background execution")
+    assert done.status == "succeeded"
+    request_id = await e2e_pool.fetchval(
+        "SELECT request_id FROM executions WHERE id = $1::uuid", queued.execution_id
+    )
+    assert request_id
+
+    def of_it(record: dict[str, Any]) -> bool:
+        return queued.execution_id in (record.get("exec_id"), record.get("execution_id"))
+
+    async def worker_done() -> bool:
+        worker = _records(metrics_stack.stack.services["worker"].log_path)
+        return any(r["event"] == "execution_finished" and of_it(r) for r in worker)
+
+    await wait_until(worker_done, within_s=10, what="the worker's execution_finished")
+    for service in ("api", "worker"):
+        mine = [r for r in _records(metrics_stack.stack.services[service].log_path) if of_it(r)]
+        assert len(mine) >= 2, service
+        for record in mine:
+            missing = [f for f in SPEC_FIELDS if f not in record]
+            assert missing == [], (service, record, missing)
+            assert record["request_id"] == request_id, (service, record["event"])
+            assert record["exec_id"] == queued.execution_id, (service, record["event"])
+    worker = [r for r in _records(metrics_stack.stack.services["worker"].log_path) if of_it(r)]
+    events = [r["event"] for r in worker]
+    assert {"execution_started", "step_finished", "execution_finished"} <= set(events), events
+    started = next(r for r in worker if r["event"] == "execution_started")
+    assert started["queue_wait_ms"] is not None
+    assert started["worker_id"]
+    assert started["targets"] == ["host:corr"]
+    # The file every service appends to: grep execution_started logs/app.log | jq '.request_id'
+    app_log = metrics_stack.stack.log_dir / "logs" / "app.log"
+    grepped = [
+        r
+        for r in _records(app_log)
+        if r["event"] == "execution_started" and r["exec_id"] == queued.execution_id
+    ]
+    assert [(r["request_id"], r["plan_hash"], r["actor_id"], r["tenant_id"]) for r in grepped] == [
+        (request_id, done.plan_hash, "alice", tenant)
+    ]

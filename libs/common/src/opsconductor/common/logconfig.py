@@ -25,10 +25,12 @@ left alone.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import traceback
 from collections.abc import Mapping, MutableMapping
 from contextvars import Token
+from pathlib import Path
 from typing import IO, Any, Final
 
 import structlog
@@ -110,6 +112,7 @@ def configure_logging(
     stream: IO[str] | None = None,
     service: str | None = None,
     cache_loggers: bool = True,
+    file: str | os.PathLike[str] | None = None,
 ) -> None:
     """Route structlog and stdlib logging to one masked handler on the root logger.
 
@@ -118,6 +121,8 @@ def configure_logging(
         json: one JSON object per line (production); ``False`` for the human console format.
         stream: where lines go; ``sys.stdout`` (looked up at call time) when ``None``.
         service: added as the ``service`` field of every line when given.
+        file: also append every line to this file (created with its folder), always as JSON
+            and masked like the stream's: ``grep execution_started logs/app.log | jq …``.
         cache_loggers: structlog's ``cache_logger_on_first_use``. Leave it on in services;
             tests that reconfigure logging, or use ``structlog.testing.capture_logs``, need it
             off because a cached logger keeps the chain it was first used with.
@@ -164,6 +169,40 @@ def configure_logging(
 
     _remove_sink_handlers(root)
     root.addHandler(handler)
+    if file is not None:
+        root.addHandler(_file_handler(Path(file), shared))
+
+
+def _file_handler(path: Path, shared: list[Processor]) -> logging.Handler:
+    """The same masked sink as the stream's, rendering JSON, appending to ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rendering = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[*shared, structlog.stdlib.ExtraAdder(), _foreign_stack_info],
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            structlog.processors.format_exc_info,
+            mask_processor,
+            structlog.processors.JSONRenderer(),
+        ],
+    )
+    handler = _FileSinkHandler(path.open("a", encoding="utf-8"))
+    handler.setFormatter(MaskingFormatter(inner=rendering, premask=False))
+    setattr(handler, _HANDLER_MARK, True)
+    return handler
+
+
+class _FileSinkHandler(_SinkHandler):
+    """The sink handler of a log file: it owns its stream and closes it."""
+
+    def close(self) -> None:
+        try:
+            self.acquire()
+            try:
+                self.stream.close()
+            finally:
+                self.release()
+        finally:
+            super().close()
 
 
 def _remove_sink_handlers(root: logging.Logger) -> None:

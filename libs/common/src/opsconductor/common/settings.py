@@ -46,6 +46,8 @@ class ServiceSettings(BaseSettings):
         log_level: ``DEBUG``, ``INFO``, ``WARNING``, ``ERROR`` or ``CRITICAL``
             (any case accepted, stored upper-case).
         log_json: one JSON object per log line (production); ``false`` for console output.
+        log_file: also append every (masked) line to this file, always as JSON, so that
+            ``grep execution_started logs/app.log | jq …`` works; ``None``: stdout only.
         shutdown_grace_s: seconds in-flight RPCs get to finish after SIGTERM.
         jwt_hs256_key: shared HS256 key for bearer JWTs (development). Secret.
         jwt_rs256_public_key_file: PEM file with the RS256 public key (production).
@@ -127,6 +129,7 @@ class ServiceSettings(BaseSettings):
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
     log_level: str = "INFO"
     log_json: bool = True
+    log_file: Path | None = None
     shutdown_grace_s: float = Field(default=10.0, ge=0)
     jwt_hs256_key: SecretStr | None = None
     jwt_rs256_public_key_file: Path | None = None

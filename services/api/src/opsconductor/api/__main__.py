@@ -22,7 +22,10 @@ def main() -> int:
     """Run the api service until SIGTERM/SIGINT; returns the exit status."""
     settings = load_settings(ApiSettings)
     configure_logging(
-        level=settings.log_level, json=settings.log_json, service=settings.service_name
+        level=settings.log_level,
+        json=settings.log_json,
+        service=settings.service_name,
+        file=settings.log_file,
     )
     structlog.get_logger(__name__).info("settings_loaded", **settings.startup_log_fields())
     app = ApiApp(settings)

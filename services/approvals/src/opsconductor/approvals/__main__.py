@@ -23,7 +23,10 @@ def main() -> int:
     """Run the approvals service until SIGTERM/SIGINT; returns the exit status."""
     settings = load_settings(ApprovalsSettings)
     configure_logging(
-        level=settings.log_level, json=settings.log_json, service=settings.service_name
+        level=settings.log_level,
+        json=settings.log_json,
+        service=settings.service_name,
+        file=settings.log_file,
     )
     structlog.get_logger(__name__).info("settings_loaded", **settings.startup_log_fields())
     app = ApprovalsApp(settings)

@@ -27,7 +27,10 @@ def main() -> int:
     """Run the progress service until SIGTERM/SIGINT; returns the exit status."""
     settings = load_settings(ProgressSettings)
     configure_logging(
-        level=settings.log_level, json=settings.log_json, service=settings.service_name
+        level=settings.log_level,
+        json=settings.log_json,
+        service=settings.service_name,
+        file=settings.log_file,
     )
     structlog.get_logger(__name__).info("settings_loaded", **settings.startup_log_fields())
     app = ProgressApp(settings)

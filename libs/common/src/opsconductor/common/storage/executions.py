@@ -25,6 +25,7 @@ from uuid import UUID
 import structlog
 
 from opsconductor.common.errors import FSMError, NotFoundError, StorageError
+from opsconductor.common.execution_logging import bind_execution_fields
 from opsconductor.common.execution_metrics import record_finished
 from opsconductor.common.fsm import TERMINAL, ExecutionStatus, check_transition
 from opsconductor.common.hashing import step_idempotency_key
@@ -243,6 +244,8 @@ async def create_execution(
             )
             if row is not None:
                 record = await _finish_creation(conn, execution_from_row(row), new)
+                # From here the caller's task works on this execution: its records say so.
+                bind_execution_fields(record)
                 log.info(
                     "execution_created",
                     execution_id=str(record.id),

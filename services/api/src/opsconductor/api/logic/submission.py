@@ -32,6 +32,7 @@ from opsconductor.common.errors import (
     QueueUnavailableError,
     WorkerUnavailableError,
 )
+from opsconductor.common.execution_logging import bind_execution_fields
 from opsconductor.common.fsm import ExecutionStatus
 from opsconductor.common.hashing import canonical_json, idempotency_key, plan_hash, snapshot_hash
 from opsconductor.common.plan import Plan, parse_plan, to_wire_dict
@@ -410,6 +411,7 @@ class Submissions:
             ],
         )
         record, created = await create_execution(db, new, dedup_window=self._dedup_window)
+        bind_execution_fields(record)  # the rest of this RPC's records are the execution's
         log.info(
             "execution_created" if created else "execution_deduplicated",
             exec_id=str(record.id),

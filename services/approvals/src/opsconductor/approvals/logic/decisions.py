@@ -28,6 +28,7 @@ from opsconductor.common.errors import (
     NotFoundError,
     SelfApprovalError,
 )
+from opsconductor.common.execution_logging import bind_execution_fields
 from opsconductor.common.planning import ExecutionMode
 from opsconductor.common.rbac import Authorizer, Permission
 from opsconductor.common.storage.approval_records import (
@@ -174,6 +175,7 @@ class ApprovalDecisions:
         record = await get_execution(
             self._pool, approval.tenant_id, approval.execution_id, with_steps=False
         )
+        bind_execution_fields(record)  # the decision's records are the execution's too
         mismatched = binding_mismatches(approval, record)
         if mismatched:
             await invalidate_approval(

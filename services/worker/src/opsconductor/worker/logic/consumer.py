@@ -34,6 +34,7 @@ from opsconductor.common.errors import (
     QueueUnavailableError,
     StaleLeaseError,
 )
+from opsconductor.common.execution_logging import bind_execution
 from opsconductor.common.fsm import ExecutionStatus
 from opsconductor.common.queue import dlq, jobs
 from opsconductor.common.queue.lease import LeaseRenewalLimitError, lease_seconds, renew_after
@@ -48,6 +49,7 @@ from opsconductor.common.storage.execution_reads import get_execution
 from opsconductor.common.storage.execution_records import (
     ExecutionRecord,
     PoolOrConnection,
+    execution_from_row,
     transaction,
 )
 from opsconductor.common.storage.execution_steps import skip_remaining_steps
@@ -141,8 +143,17 @@ class BackgroundConsumer:
                 log.exception("job_processing_failed", job_id=str(job.job_id))
 
     async def process(self, job: LeasedJob) -> None:
-        """Run one leased job to an outcome (see the module docstring)."""
-        policy, record = await self._handoff(job)
+        """Run one leased job to an outcome (see the module docstring).
+
+        Every record logged for the job once its execution is known carries the execution's
+        spec §7.2 fields (:mod:`opsconductor.common.execution_logging`), the submit's request id
+        and this job's queue wait included.
+        """
+        with contextlib.ExitStack() as bound:
+            await self._process(job, bound)
+
+    async def _process(self, job: LeasedJob, bound: contextlib.ExitStack) -> None:
+        policy, record = await self._handoff(job, bound)
         if record is None:
             return
         if not await self._authorized(job, record):
@@ -174,7 +185,9 @@ class BackgroundConsumer:
             return self._lease_s_override
         return lease_seconds(policy) if policy is not None else INITIAL_LEASE_S
 
-    async def _handoff(self, job: LeasedJob) -> tuple[TimeoutPolicy | None, ExecutionRecord | None]:
+    async def _handoff(
+        self, job: LeasedJob, bound: contextlib.ExitStack
+    ) -> tuple[TimeoutPolicy | None, ExecutionRecord | None]:
         row = await jobs.lease_row(
             self._pool,
             job.job_id,
@@ -189,10 +202,20 @@ class BackgroundConsumer:
             await self._queue.release(job.job_id, job.lease_token, delay_s=delay)
             log.info("job_deferred", job_id=str(job.job_id), reason="row_not_visible")
             return None, None
-        policy_id = await self._pool.fetchval(
-            "SELECT timeout_policy_id FROM executions WHERE id = $1", job.execution_id
+        # One read (as before, for the policy) also gives the log fields, bound before the claim
+        # so that its records carry them too.
+        queued = await self._pool.fetchrow(
+            "SELECT * FROM executions WHERE id = $1", job.execution_id
         )
-        policy = self._policies.get(policy_id or "")
+        if queued is not None:
+            bound.enter_context(
+                bind_execution(
+                    execution_from_row(queued),
+                    worker_id=self._worker_id,
+                    queue_wait_ms=int(max(time.time() - job.enqueued_at, 0.0) * 1000),
+                )
+            )
+        policy = self._policies.get((queued["timeout_policy_id"] if queued else None) or "")
         record = await claim_execution(
             self._pool,
             job.execution_id,

@@ -48,6 +48,7 @@ from opsconductor.common.errors import (
     ResourceBusyError,
     StaleLeaseError,
 )
+from opsconductor.common.execution_logging import bind_execution
 from opsconductor.common.fsm import ExecutionStatus, StepStatus
 from opsconductor.common.masking import default_masker, mask_text
 from opsconductor.common.plan import Plan, Step, parse_plan
@@ -239,13 +240,16 @@ class ExecutionRunner:
         ``dead_letter`` runs in the transaction of the final failure when no retry is allowed
         for a retryable failure (see :data:`DeadLetter`).
         """
-        try:
-            return await self._execute(record, lease_token, retry_allowed, stop_event, dead_letter)
-        except StaleLeaseError:
-            raise
-        except Exception as exc:
-            await self._fail_on_error(record, exc, lease_token)
-            raise
+        with bind_execution(record, worker_id=self.worker_id):
+            try:
+                return await self._execute(
+                    record, lease_token, retry_allowed, stop_event, dead_letter
+                )
+            except StaleLeaseError:
+                raise
+            except Exception as exc:
+                await self._fail_on_error(record, exc, lease_token)
+                raise
 
     async def _fail_on_error(
         self, record: ExecutionRecord, exc: Exception, lease_token: UUID | None
@@ -487,8 +491,16 @@ class ExecutionRunner:
             error_message=error_message,
             lease_token=lease_token,
         )
-        metrics.STEP_DURATION.labels(step.action, record.sla_class, status.value).observe(
-            time.monotonic() - step_started
+        step_s = time.monotonic() - step_started
+        metrics.STEP_DURATION.labels(step.action, record.sla_class, status.value).observe(step_s)
+        # The execution's §7.2 fields are bound (bind_execution); the step's own are step_*.
+        log.info(
+            "step_finished",
+            step_id=step.id,
+            step_action=step.action,
+            step_status=status.value,
+            step_error_class=error_class,
+            step_duration_ms=int(step_s * 1000),
         )
         if error_class == ExecutionTimeoutError.reason:
             # The step used up the policy's budget: the execution times out.
@@ -660,7 +672,9 @@ class ExecutionRunner:
 
     def _log_fields(self, record: ExecutionRecord, plan: Plan) -> dict[str, Any]:
         """The fields spec §7.2 requires on every execution log line."""
+        bound = structlog.contextvars.get_contextvars()
         return {
+            "request_id": record.request_id or bound.get("request_id"),
             "plan_hash": record.plan_hash,
             "exec_id": str(record.id),
             "actor_id": record.actor_id,
@@ -677,7 +691,7 @@ class ExecutionRunner:
             "error_class": record.error_class,
             "duration_ms": record.duration_ms,
             "retries_total": max(record.attempts - 1, 0),
-            "queue_wait_ms": 0,
+            "queue_wait_ms": bound.get("queue_wait_ms"),
             "worker_id": self.worker_id,
             "lease_renewals": record.lease_renewals,
             "cancel_checks_performed": record.cancel_checks_performed,

@@ -77,7 +77,9 @@ def main() -> int:
     parser.add_argument("--interval", type=float, default=60.0, help="seconds between passes")
     args = parser.parse_args()
     settings = load_settings(WorkerSettings)
-    configure_logging(level=settings.log_level, json=settings.log_json, service="reaper")
+    configure_logging(
+        level=settings.log_level, json=settings.log_json, service="reaper", file=settings.log_file
+    )
     if not args.once and settings.metrics_port:
         start_http_server(settings.metrics_port, addr=settings.grpc_host)
     return asyncio.run(run(settings, once=args.once, interval_s=args.interval))

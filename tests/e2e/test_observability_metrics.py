@@ -90,6 +90,9 @@ async def metrics_stack(
         "OPSC_GAUGE_REFRESH_S": "0.5",
         # Every service also appends its JSON lines to one file, as spec §7.2's check reads it.
         "OPSC_LOG_FILE": str(log_dir / "logs" / "app.log"),
+        # And its spans to one file (the OTLP exporter's stand-in here).
+        "OPSC_OTEL_EXPORTER": "file",
+        "OPSC_OTEL_FILE": str(log_dir / "spans.jsonl"),
     }
     reaper: subprocess.Popen[bytes] | None = None
     try:
@@ -550,3 +553,57 @@ async def test_every_record_of_a_background_execution_carries_its_request_id_and
     assert [(r["request_id"], r["plan_hash"], r["actor_id"], r["tenant_id"]) for r in grepped] == [
         (request_id, done.plan_hash, "alice", tenant)
     ]
+
+
+async def test_one_background_execution_is_one_trace_across_the_queue(
+    metrics_stack: MetricsStack, e2e_pool: asyncpg.Pool, tmp_path: Path
+) -> None:
+    """api → queue → worker: one trace with one root (the api's SubmitExecution), holding the
+    worker's execution, its queue wait, its lock wait and a span per step."""
+    tenant = f"t-{secrets.token_hex(4)}"
+    await bind_role(e2e_pool, tenant, "alice", "operator", created_by="e2e")
+    ledger = tmp_path / "ledger.jsonl"
+    async with ExecutionClient(metrics_stack.stack.address("api"), token("alice", tenant)) as c:
+        queued = await c.submit(
+            plan(
+                probe_step("first", ["host:t1"], ledger), probe_step("second", ["host:t2"], ledger)
+            ),
+            tenant_id=tenant,
+            requested_mode="background",
+        )
+
+        async def finished() -> Any:
+            current = await c.get(queued.execution_id, tenant_id=tenant)
+            return current if current.is_terminal else None
+
+        assert (await wait_until(finished, within_s=30, what="the execution")).status == "succeeded"
+    traceparent = await e2e_pool.fetchval(
+        "SELECT trace_context FROM executions WHERE id = $1::uuid", queued.execution_id
+    )
+    assert traceparent
+    trace_id = "0x" + traceparent.split("-")[1]
+    spans_file = metrics_stack.stack.log_dir / "spans.jsonl"
+
+    def trace_spans() -> list[dict[str, Any]]:
+        return [s for s in _records(spans_file) if s["context"]["trace_id"] == trace_id]
+
+    async def complete() -> list[dict[str, Any]] | None:
+        spans = trace_spans()
+        names = {s["name"] for s in spans}
+        return spans if {"step first", "step second", "execution"} <= names else None
+
+    spans = await wait_until(complete, within_s=20, what="the worker's spans", interval_s=0.2)
+    roots = [s for s in spans if s["parent_id"] is None]
+    assert [r["name"] for r in roots] == [
+        "/opsconductor.execution.v1.ExecutionService/SubmitExecution"
+    ]
+    services = {s["resource"]["attributes"]["service.name"] for s in spans}
+    assert {"opsconductor-api", "opsconductor-worker"} <= services
+    names = [s["name"] for s in spans]
+    for needed in ("queue_wait", "execution", "lock_wait", "step first", "step second"):
+        assert needed in names, names
+    by_id = {s["context"]["span_id"]: s for s in spans}
+    execution = next(s for s in spans if s["name"] == "execution")
+    assert by_id[execution["parent_id"]]["name"] == roots[0]["name"]
+    steps = [s for s in spans if s["name"].startswith("step ")]
+    assert all(by_id[s["parent_id"]]["name"] == "execution" for s in steps)

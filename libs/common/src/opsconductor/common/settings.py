@@ -98,8 +98,10 @@ class ServiceSettings(BaseSettings):
             submit beyond it is refused ``RESOURCE_EXHAUSTED``. 0: no limit.
         quota_retry_after_s: the retry delay a refused background submit is told to wait
             (immediate refusals estimate it from the runs in flight).
-        otel_exporter: OpenTelemetry trace exporter, e.g. ``none`` (default), ``console``,
-            ``otlp``; interpreted by the tracing set-up (`otel_enabled` is false for ``none``).
+        otel_exporter: OpenTelemetry trace exporter: ``none`` (default), ``otlp``, ``console``
+            or ``file`` (:mod:`opsconductor.common.tracing`; `otel_enabled` is false for ``none``).
+        otel_endpoint: the ``otlp`` exporter's collector endpoint.
+        otel_file: the ``file`` exporter's output file.
         grpc_max_message_bytes: largest gRPC message served or sent (both directions);
             larger ones are refused with ``RESOURCE_EXHAUSTED`` before they are decoded.
         grpc_max_concurrent_rpcs: RPCs served at once; beyond it ``RESOURCE_EXHAUSTED``.
@@ -157,6 +159,10 @@ class ServiceSettings(BaseSettings):
     quota_max_immediate: int = Field(default=20, ge=0)
     quota_retry_after_s: float = Field(default=5.0, gt=0, le=3600)
     otel_exporter: str = "none"
+    #: OTLP/gRPC endpoint of the ``otlp`` exporter (e.g. ``http://otel-collector:4317``).
+    otel_endpoint: str | None = None
+    #: Where the ``file`` exporter appends its spans (one JSON object a line).
+    otel_file: Path | None = None
     grpc_max_message_bytes: int = Field(default=4 * 1024 * 1024, ge=64 * 1024)
     grpc_max_concurrent_rpcs: int = Field(default=256, ge=1)
     port_file: Path | None = None

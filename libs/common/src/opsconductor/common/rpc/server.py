@@ -41,6 +41,7 @@ from pydantic import ValidationError
 from opsconductor.common.egress import reserve_local_ports
 from opsconductor.common.rpc.interceptors import ServerObservabilityInterceptor
 from opsconductor.common.rpc.tls import server_credentials
+from opsconductor.common.tracing import configure_tracing
 
 log = structlog.get_logger(__name__)
 
@@ -144,7 +145,12 @@ def build_server(settings: ServerSettings, register: Register) -> RpcServer:
     Must be called with an event loop running (``grpc.aio`` binds the server to it).
     """
     if settings.otel_enabled:
-        _instrument_tracing()
+        configure_tracing(
+            str(getattr(settings, "service_name", "service")),
+            exporter=str(getattr(settings, "otel_exporter", "none")),
+            endpoint=getattr(settings, "otel_endpoint", None),
+            file=getattr(settings, "otel_file", None),
+        )
     # Looked up at call time: the OpenTelemetry instrumentor replaces grpc.aio.server.
     server = grpc.aio.server(
         interceptors=[ServerObservabilityInterceptor()],
@@ -323,14 +329,6 @@ def _start_metrics_server(settings: ServerSettings) -> Any:
     server, _thread = start_http_server(settings.metrics_port, addr=settings.grpc_host)
     log.info("metrics_server_started", port=server.server_port)
     return server
-
-
-def _instrument_tracing() -> None:
-    from opentelemetry.instrumentation.grpc import GrpcAioInstrumentorServer
-
-    instrumentor = GrpcAioInstrumentorServer()  # type: ignore[no-untyped-call]
-    if not instrumentor.is_instrumented_by_opentelemetry:
-        instrumentor.instrument()
 
 
 def _write_port_file(path: Path | None, port: int) -> None:

@@ -105,6 +105,8 @@ class ExecutionRecord:
     steps: tuple[StepRecord, ...] = ()
     #: ``user`` or ``system`` once cancelled (migration 0006); None otherwise.
     cancel_initiator: str | None = None
+    #: W3C traceparent of the request that created it (migration 0008); None: not traced.
+    trace_context: str | None = None
 
     @property
     def duration_ms(self) -> int | None:
@@ -190,6 +192,7 @@ def execution_from_row(
         event_seq=row["event_seq"],
         steps=steps,
         cancel_initiator=row.get("cancel_initiator"),
+        trace_context=row.get("trace_context"),
     )
 
 

@@ -136,11 +136,12 @@ _INSERT = """
 INSERT INTO executions (
     tenant_id, actor_id, request_id, idempotency_key, plan_hash, plan_snapshot,
     plan_snapshot_hash, status, execution_mode, sla_class, action_class, approval_level,
-    priority, timeout_policy_id, timeout_ms, estimated_duration_ms, record_only, started_at
+    priority, timeout_policy_id, timeout_ms, estimated_duration_ms, record_only, started_at,
+    trace_context
 )
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8::execution_status, $9::execution_mode, $10::sla_class,
         $11, $12, $13, $14, $15, $16, $17,
-        CASE WHEN $8::execution_status = 'running' THEN now() END)
+        CASE WHEN $8::execution_status = 'running' THEN now() END, $18)
 ON CONFLICT (tenant_id, idempotency_key) WHERE idempotency_retired_at IS NULL DO NOTHING
 RETURNING *
 """
@@ -200,6 +201,8 @@ class NewExecution:
     record_only: bool
     initial_status: ExecutionStatus = ExecutionStatus.PENDING
     steps: Sequence[tuple[str, int, str, str]] = field(default_factory=tuple)
+    #: W3C traceparent of the creating request (tracing on), continued by the worker.
+    trace_context: str | None = None
 
 
 async def create_execution(
@@ -241,6 +244,7 @@ async def create_execution(
                 new.timeout_ms,
                 new.estimated_duration_ms,
                 new.record_only,
+                new.trace_context,
             )
             if row is not None:
                 record = await _finish_creation(conn, execution_from_row(row), new)

@@ -45,6 +45,7 @@ from tenacity import (
 )
 
 from opsconductor.common.errors import ResourceBusyError, StaleLeaseError, StorageError
+from opsconductor.common.tracing import tracer
 
 log = structlog.get_logger(__name__)
 
@@ -334,6 +335,7 @@ async def acquire_locks(
         return LockSet(owner_token)
     started = time.perf_counter()
     outcome = "busy"
+    span = tracer().start_span("lock_wait", attributes={"opsc.locks": len(ordered)})
     try:
         if wait is None:
             lock_set = await _acquire_once(
@@ -355,6 +357,8 @@ async def acquire_locks(
         raise
     finally:
         LOCK_WAIT.labels(outcome).observe(time.perf_counter() - started)
+        span.set_attribute("opsc.outcome", outcome)
+        span.end()
     log.debug(
         "locks_acquired",
         lock_keys=lock_set.keys,

@@ -70,6 +70,7 @@ from opsconductor.common.storage.executions import (
 from opsconductor.common.storage.flags import FlagCache
 from opsconductor.common.storage.policies import TimeoutPolicy, select_policy
 from opsconductor.common.tenant_policy import TenantPolicies
+from opsconductor.common.tracing import current_traceparent
 
 from .approval_intake import ApprovalIntake
 from .ports import WorkerPort
@@ -392,6 +393,7 @@ class Submissions:
             tenant_id=request.tenant_id,
             actor_id=principal.actor_id,
             request_id=request.request_id,
+            trace_context=current_traceparent(),
             idempotency_key=decision.idempotency_key,
             plan_hash=decision.plan_hash,
             plan_snapshot=snapshot,

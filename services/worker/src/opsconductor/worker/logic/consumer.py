@@ -55,6 +55,7 @@ from opsconductor.common.storage.execution_records import (
 from opsconductor.common.storage.execution_steps import skip_remaining_steps
 from opsconductor.common.storage.executions import transition
 from opsconductor.common.storage.policies import TimeoutPolicy
+from opsconductor.common.tracing import context_from_traceparent, tracer
 
 from . import metrics
 from .runner import ExecutionRunner, RunResult
@@ -156,6 +157,22 @@ class BackgroundConsumer:
         policy, record = await self._handoff(job, bound)
         if record is None:
             return
+        # Continue the submit's trace (stored with the execution): the wait in the queue, then
+        # this run with its lock wait and steps (no-ops unless tracing is configured).
+        parent = context_from_traceparent(record.trace_context)
+        attributes = {"opsc.exec_id": str(record.id), "opsc.job_id": str(job.job_id)}
+        tracer().start_span(
+            "queue_wait",
+            context=parent,
+            start_time=int(job.enqueued_at * 1e9),
+            attributes=attributes,
+        ).end()
+        with tracer().start_as_current_span("execution", context=parent, attributes=attributes):
+            await self._run_job(job, policy, record)
+
+    async def _run_job(
+        self, job: LeasedJob, policy: TimeoutPolicy | None, record: ExecutionRecord
+    ) -> None:
         if not await self._authorized(job, record):
             return
         lease_s = self._lease_s(policy)

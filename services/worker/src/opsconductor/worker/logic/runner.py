@@ -78,6 +78,7 @@ from opsconductor.common.storage.executions import retire_idempotency_key, trans
 from opsconductor.common.storage.locks import LockRequest, acquire_locks, release_locks
 from opsconductor.common.storage.policies import TimeoutPolicy
 from opsconductor.common.tenant_policy import TenantPolicies, TenantPolicyDeniedError
+from opsconductor.common.tracing import tracer
 
 from . import metrics
 from .approval_checks import ApprovalChecks
@@ -447,6 +448,22 @@ class ExecutionRunner:
                 return
 
     async def _run_one(
+        self,
+        record: ExecutionRecord,
+        step: Step,
+        outcome: _Outcome,
+        cancel_event: asyncio.Event,
+        started: float,
+        lease_token: UUID | None,
+    ) -> None:
+        # One span per step (a no-op unless tracing is configured: docs/observability.md).
+        with tracer().start_as_current_span(
+            f"step {step.id}",
+            attributes={"opsc.step_id": step.id, "opsc.action": step.action},
+        ):
+            await self._run_one_step(record, step, outcome, cancel_event, started, lease_token)
+
+    async def _run_one_step(
         self,
         record: ExecutionRecord,
         step: Step,

@@ -16,9 +16,11 @@ from structlog.testing import capture_logs
 from opsconductor.common.auth import Principal
 from opsconductor.common.errors import PermissionDeniedError, StorageError
 from opsconductor.common.identifiers import audit_text
-from opsconductor.common.rbac import Authorizer, RbacPolicy, submit_permissions
+from opsconductor.common.rbac import Authorizer, RbacPolicy, one_request, submit_permissions
 from opsconductor.common.storage.audit import list_rbac_violations
+from opsconductor.common.storage.db import create_pool
 from opsconductor.common.storage.role_bindings import bind_role, load_roles, unbind_role
+from opsconductor.devstack.pg_roundtrips import RoundTripCounter
 
 TENANT_A = "tenant-a"
 TENANT_B = "tenant-b"
@@ -441,3 +443,41 @@ async def test_database_failures_surface_as_storage_errors(db_dsn: str, policy: 
     with capture_logs() as logs, pytest.raises(PermissionDeniedError):
         await authorizer.authorize(MALLORY, tenant_id=TENANT_B, permissions=["events:read"])
     assert any(e["event"] == "rbac_violation_record_failed" for e in logs)
+
+
+async def test_one_request_reads_roles_once_and_the_next_request_sees_a_revocation(
+    db_dsn: str, policy: RbacPolicy
+) -> None:
+    """Inside ``one_request`` each authorizer reads a principal's bindings once, however many
+    checks it makes; the memo ends with the request, so the next request after a revocation is
+    refused, and two authorizers (tiers) never share what they read."""
+    alice = Principal(actor_id="alice", tenant_id=TENANT_A)
+    needs = submit_permissions("read")
+    async with RoundTripCounter.for_dsn(db_dsn) as counter:
+        pool = await create_pool(counter.dsn(db_dsn), min_size=1, max_size=2)
+        try:
+            api = Authorizer(pool, policy, tier="api")
+            worker = Authorizer(pool, policy, tier="worker")
+
+            def reads() -> int:
+                return sum("role_bindings" in rt.text for rt in counter.round_trips)
+
+            await bind_role(pool, TENANT_A, "alice", "operator")
+            before = reads()
+            with one_request():
+                for authorizer in (api, api, worker, worker):
+                    await authorizer.authorize(alice, tenant_id=TENANT_A, permissions=needs)
+            assert reads() - before == 2  # once per authorizer
+            await unbind_role(pool, TENANT_A, "alice", "operator")
+            with one_request(), pytest.raises(PermissionDeniedError):
+                await worker.authorize(alice, tenant_id=TENANT_A, permissions=needs)
+            # Outside a request nothing is remembered at all.
+            await bind_role(pool, TENANT_A, "alice", "operator")
+            await api.authorize(alice, tenant_id=TENANT_A, permissions=needs)
+            await unbind_role(pool, TENANT_A, "alice", "operator")
+            with pytest.raises(PermissionDeniedError):
+                await api.authorize(alice, tenant_id=TENANT_A, permissions=needs)
+            await api.flush_audit()
+            await worker.flush_audit()
+        finally:
+            await pool.close()

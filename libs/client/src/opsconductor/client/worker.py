@@ -15,7 +15,7 @@ import grpc
 
 from opsconductor.contract.errors import WorkerUnavailableError
 from opsconductor.contract.metadata import REQUEST_ID_METADATA_KEY, current_request_id
-from opsconductor.execution.v1 import worker_service_pb2, worker_service_pb2_grpc
+from opsconductor.execution.v1 import types_pb2, worker_service_pb2, worker_service_pb2_grpc
 
 from .errors import RpcError, map_rpc_error
 from .tls import ClientTls, RotatingChannel
@@ -58,8 +58,9 @@ class WorkerClient:
 
     async def run_immediate(
         self, *, tenant_id: str, execution_id: UUID, token: str, timeout_s: float
-    ) -> None:
-        """Run the execution to its end on a worker (raises what the worker raised)."""
+    ) -> types_pb2.Execution:
+        """Run the execution to its end on a worker (raises what the worker raised); returns
+        the finished execution as the worker sent it."""
         request = worker_service_pb2.RunImmediateRequest(
             tenant_id=tenant_id, execution_id=str(execution_id)
         )
@@ -68,7 +69,11 @@ class WorkerClient:
         if request_id:
             metadata.append((REQUEST_ID_METADATA_KEY, request_id))
         try:
-            await self._current_stub().RunImmediate(request, metadata=metadata, timeout=timeout_s)
+            response: worker_service_pb2.RunImmediateResponse = (
+                await self._current_stub().RunImmediate(
+                    request, metadata=metadata, timeout=timeout_s
+                )
+            )
         except grpc.aio.AioRpcError as exc:
             error = map_rpc_error(exc)
             if isinstance(error, RpcError) and exc.code() in _UNREACHABLE:
@@ -76,3 +81,4 @@ class WorkerClient:
                     "no worker could be reached; the execution was not started"
                 ) from exc
             raise error from exc
+        return response.execution

@@ -22,7 +22,9 @@ targeted: in the worker and approvals tiers that is the tenant owning a foreign 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from enum import StrEnum
 from importlib import resources
 from pathlib import Path
@@ -52,6 +54,7 @@ __all__ = [
     "RbacPolicyError",
     "Tier",
     "action_permission",
+    "one_request",
     "priority_permissions",
     "submit_permissions",
 ]
@@ -279,6 +282,29 @@ def _resolve(
 #: How much of a targeted tenant id the payload keeps (the filing column keeps 100).
 _MAX_AUDITED_TENANT: Final = 300
 
+#: Roles read during the current request, by (authorizer, tenant, actor): see :func:`one_request`.
+_REQUEST_ROLES: ContextVar[dict[tuple[int, str, str], frozenset[str]] | None] = ContextVar(
+    "opsc_request_roles", default=None
+)
+
+
+@contextmanager
+def one_request() -> Iterator[None]:
+    """Within this block (one request), each tier reads a principal's roles once.
+
+    A request that checks several permissions of one principal (tenant access, then the plan's
+    action class; the worker's submitter and permission checks) would otherwise read the same
+    ``role_bindings`` rows each time, a few milliseconds apart. The memo lives in a context
+    variable: it ends with the block and is never shared between requests, so a revoked binding
+    is seen by the very next request.
+    """
+    token = _REQUEST_ROLES.set({})
+    try:
+        yield
+    finally:
+        _REQUEST_ROLES.reset(token)
+
+
 # Strong references to in-flight violation writes: a shielded task whose caller was cancelled
 # must not be garbage-collected before it has written the audit record.
 _PENDING_RECORDS: set[asyncio.Task[None]] = set()
@@ -326,7 +352,14 @@ class Authorizer:
         """
         if principal.tenant_id != tenant_id:
             return frozenset()
-        return await load_roles(self._pool, tenant_id, principal.actor_id)
+        memo = _REQUEST_ROLES.get()
+        key = (id(self), tenant_id, principal.actor_id)
+        if memo is not None and key in memo:
+            return memo[key]
+        roles = await load_roles(self._pool, tenant_id, principal.actor_id)
+        if memo is not None:
+            memo[key] = roles
+        return roles
 
     async def authorize(
         self,

@@ -17,8 +17,8 @@ from opsconductor.common.fsm import ExecutionStatus
 from opsconductor.common.storage.execution_records import (
     ExecutionRecord,
     PoolOrConnection,
+    connection,
     execution_from_row,
-    transaction,
 )
 from opsconductor.common.storage.execution_steps import load_steps
 from opsconductor.common.storage.paging import (
@@ -60,7 +60,7 @@ async def get_execution(
     Both cases raise the same error, so a caller cannot probe which ids exist elsewhere.
     """
     eid = as_execution_id(execution_id)
-    async with transaction(db) as conn:
+    async with connection(db) as conn:
         row = await conn.fetchrow(_SELECT_ONE, eid, tenant_id)
         if row is None:
             raise NotFoundError("execution not found", execution_id=str(eid))
@@ -74,7 +74,7 @@ async def find_execution_tenant(db: PoolOrConnection, execution_id: UUID | str) 
         eid = as_execution_id(execution_id)
     except NotFoundError:
         return None
-    async with transaction(db) as conn:
+    async with connection(db) as conn:
         tenant: str | None = await conn.fetchval(
             "SELECT tenant_id FROM executions WHERE id = $1", eid
         )
@@ -106,7 +106,7 @@ async def list_executions(
     after: tuple[datetime, UUID] | None = None
     if page_token:
         after = decode_page_token(page_token, scope)
-    async with transaction(db) as conn:
+    async with connection(db) as conn:
         rows = await conn.fetch(
             _LIST,
             tenant_id,

@@ -264,6 +264,25 @@ def _run_callbacks(callbacks: list[Callable[[], None]]) -> None:
             log.exception("after_commit_callback_failed")
 
 
+@asynccontextmanager
+async def connection(db: PoolOrConnection) -> AsyncIterator[Any]:
+    """Yield a connection, opening no transaction; driver errors become :class:`StorageError`.
+
+    For reads and single statements: a statement is atomic on its own, and under READ COMMITTED
+    (the default) each statement of a transaction takes its own snapshot anyway, so ``BEGIN`` and
+    ``COMMIT`` around reads would only cost two round trips. On a connection already in a
+    transaction the statements simply join it.
+    """
+    try:
+        if isinstance(db, asyncpg.Pool):
+            async with db.acquire() as conn:
+                yield conn
+        else:
+            yield db
+    except _DRIVER_ERRORS as exc:
+        raise StorageError(f"database error: {type(exc).__name__}") from exc
+
+
 async def lock_execution(
     conn: Any, execution_id: UUID, *, lease_token: UUID | None = None
 ) -> Mapping[str, Any]:

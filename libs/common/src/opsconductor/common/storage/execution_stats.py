@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 
-from opsconductor.common.storage.execution_records import PoolOrConnection, transaction
+from opsconductor.common.storage.execution_records import PoolOrConnection, connection
 
 _P95 = """
 SELECT action, percentile_cont(0.95) WITHIN GROUP (ORDER BY duration_ms)::bigint AS p95
@@ -46,7 +46,7 @@ class ObservedDurations:
         wanted = set(actions)
         stale = sorted(a for a in wanted if a not in self._cache or self._cache[a][0] <= now)
         if stale:
-            async with transaction(self._pool) as conn:
+            async with connection(self._pool) as conn:
                 rows = await conn.fetch(_P95, stale, self._window_s, self._min_samples)
             found = {row["action"]: int(row["p95"]) for row in rows}
             for action in stale:

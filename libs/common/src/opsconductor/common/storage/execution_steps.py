@@ -21,6 +21,7 @@ from opsconductor.common.storage.events import append_event
 from opsconductor.common.storage.execution_records import (
     PoolOrConnection,
     StepRecord,
+    connection,
     lock_execution,
     step_from_row,
     transaction,
@@ -71,7 +72,7 @@ RETURNING *
 
 async def load_steps(db: PoolOrConnection, execution_id: UUID) -> tuple[StepRecord, ...]:
     """All steps of an execution in position order."""
-    async with transaction(db) as conn:
+    async with connection(db) as conn:
         rows = await conn.fetch(_SELECT_STEPS, execution_id)
     return tuple(step_from_row(row) for row in rows)
 

@@ -27,7 +27,7 @@ import structlog
 from opsconductor.common.errors import FSMError, NotFoundError, StorageError
 from opsconductor.common.execution_logging import bind_execution_fields
 from opsconductor.common.execution_metrics import record_finished
-from opsconductor.common.fsm import TERMINAL, ExecutionStatus, check_transition
+from opsconductor.common.fsm import TERMINAL, ExecutionStatus, allowed_sources, check_transition
 from opsconductor.common.hashing import step_idempotency_key
 from opsconductor.common.storage.approval_records import ApprovalState, close_pending_approvals
 from opsconductor.common.storage.events import append_event
@@ -44,6 +44,7 @@ from opsconductor.common.storage.execution_records import (
     PoolOrConnection,
     StepRecord,
     after_commit,
+    connection,
     execution_from_row,
     lock_execution,
     step_from_row,
@@ -331,7 +332,7 @@ async def retire_idempotency_key(db: PoolOrConnection, execution_id: UUID) -> bo
     The same plan can then be submitted again at once instead of replaying this failure for the
     whole dedup window. Returns whether a key was retired (never for a non-terminal execution).
     """
-    async with transaction(db) as conn:
+    async with connection(db) as conn:
         status = await conn.execute(_RETIRE_ONE, execution_id, _TERMINAL_VALUES)
     return bool(str(status).split()[-1] == "1")
 
@@ -372,22 +373,44 @@ async def transition(
     if worker_id is not None:
         values["worker_id"] = worker_id
     allowed_from = _status_set(expected_from)
+    # Legal and expected sources: the compare-and-set below moves only from one of these.
+    sources = allowed_sources(target) & (allowed_from or frozenset(ExecutionStatus))
     async with transaction(db) as conn:
-        locked = await lock_execution(conn, execution_id, lease_token=lease_token)
-        if tenant_id is not None and locked["tenant_id"] != tenant_id:
-            raise NotFoundError("execution not found", execution_id=str(execution_id))
-        current = ExecutionStatus(locked["status"])
-        if allowed_from is not None and current not in allowed_from:
-            raise FSMError(
-                f"Illegal state transition {current.value} -> {target.value}",
-                from_status=current.value,
-                to_status=target.value,
-                expected_from=sorted(s.value for s in allowed_from),
+        row = None
+        if sources:
+            # The usual case in one statement: the row lock, the fencing and tenant checks and
+            # the status compare-and-set are the UPDATE's own (re-checked on the newest row
+            # version if a concurrent writer got there first).
+            sql, params = _transition_update(target, values, fenced=True)
+            row = await conn.fetchrow(
+                sql,
+                execution_id,
+                target.value,
+                sorted(s.value for s in sources),
+                by,
+                *params,
+                lease_token,
+                tenant_id,
             )
-        check_transition(current, target)
-        sql, params = _transition_update(target, values)
-        row = await conn.fetchrow(sql, execution_id, target.value, current.value, by, *params)
+        if row is None:
+            # Refused (or raced): lock the row and say exactly why, as before; a move that is
+            # legal once the row is locked goes ahead.
+            locked = await lock_execution(conn, execution_id, lease_token=lease_token)
+            if tenant_id is not None and locked["tenant_id"] != tenant_id:
+                raise NotFoundError("execution not found", execution_id=str(execution_id))
+            current = ExecutionStatus(locked["status"])
+            if allowed_from is not None and current not in allowed_from:
+                raise FSMError(
+                    f"Illegal state transition {current.value} -> {target.value}",
+                    from_status=current.value,
+                    to_status=target.value,
+                    expected_from=sorted(s.value for s in allowed_from),
+                )
+            check_transition(current, target)
+            sql, params = _transition_update(target, values, fenced=False)
+            row = await conn.fetchrow(sql, execution_id, target.value, [current.value], by, *params)
         record = execution_from_row(row)
+        current = ExecutionStatus(row["last_transition_from"])
         seq = await _append_transition_events(
             conn, record, current, by, event_type, dict(event_payload or {})
         )
@@ -418,10 +441,18 @@ def _status_set(
     return frozenset(ExecutionStatus(s) for s in expected)
 
 
-def _transition_update(target: ExecutionStatus, values: Mapping[str, Any]) -> tuple[str, list[Any]]:
+def _transition_update(
+    target: ExecutionStatus, values: Mapping[str, Any], *, fenced: bool
+) -> tuple[str, list[Any]]:
+    """``UPDATE … RETURNING *`` moving the row from one of ``$3`` (statuses) to ``$2``.
+
+    ``fenced``: two more parameters after the fields, the lease token and the tenant, each
+    checked when not NULL (the single-statement path; the locking path checked them itself).
+    """
     sets = [
         "status = $2::execution_status",
-        "last_transition_from = $3::execution_status",
+        # The status before this UPDATE (SET expressions read the old row).
+        "last_transition_from = status",
         "last_transition_by = $4",
         "last_transition_at = clock_timestamp()",
         "updated_at = clock_timestamp()",
@@ -437,10 +468,14 @@ def _transition_update(target: ExecutionStatus, values: Mapping[str, Any]) -> tu
         # Column names come from TRANSITION_FIELDS only, never from input.
         sets.append(f"{column} = ${number}")
         params.append(value)
-    sql = (
-        f"UPDATE executions SET {', '.join(sets)} "
-        "WHERE id = $1 AND status = $3::execution_status RETURNING *"
-    )
+    where = "id = $1 AND status = ANY($3::execution_status[])"
+    if fenced:
+        token, tenant = len(params) + 5, len(params) + 6
+        where += (
+            f" AND (${token}::uuid IS NULL OR lease_token IS NOT DISTINCT FROM ${token}::uuid)"
+            f" AND (${tenant}::text IS NULL OR tenant_id = ${tenant}::text)"
+        )
+    sql = f"UPDATE executions SET {', '.join(sets)} WHERE {where} RETURNING *"
     return sql, params
 
 
@@ -572,7 +607,7 @@ async def request_cancel(
 
 async def increment_cancel_checks(db: PoolOrConnection, execution_id: UUID, n: int = 1) -> int:
     """Count ``n`` more cancellation checks on an execution; return the new total."""
-    async with transaction(db) as conn:
+    async with connection(db) as conn:
         total = await conn.fetchval(_INCREMENT_CANCEL_CHECKS, execution_id, n)
     if total is None:
         raise NotFoundError("execution not found", execution_id=str(execution_id))

@@ -16,4 +16,10 @@ class WorkerPort(Protocol):
 
     async def run_immediate(
         self, *, tenant_id: str, execution_id: UUID, token: str, timeout_s: float
-    ) -> None: ...
+    ) -> object:
+        """The worker's answer: the finished execution as the transport carries it.
+
+        The logic never looks inside it; the servicer returns it to the caller as is instead
+        of reading the execution back from Postgres.
+        """
+        ...

@@ -50,6 +50,7 @@ from opsconductor.common.quotas import QuotaLimits, TenantQuotas
 from opsconductor.common.rbac import (
     Authorizer,
     Permission,
+    one_request,
     priority_permissions,
     submit_permissions,
 )
@@ -136,6 +137,10 @@ class SubmitResult:
     deduplicated: bool
     #: The queue job of a background execution.
     job_id: UUID | None = None
+    #: The worker's own answer for an immediate run this request handed over: the finished
+    #: execution as the transport carries it, returned as is (``execution`` is then the row as
+    #: created, not read again).
+    worker_answer: object | None = None
 
 
 async def _job_id(conn: PoolOrConnection, record: ExecutionRecord) -> UUID | None:
@@ -238,6 +243,12 @@ class Submissions:
         self, principal: Principal, token: str, request: SubmitRequest
     ) -> SubmitResult:
         """Create the execution (or find its duplicate) and, if immediate, run it to the end."""
+        with one_request():  # the caller's roles are read once for both checks
+            return await self._submit(principal, token, request)
+
+    async def _submit(
+        self, principal: Principal, token: str, request: SubmitRequest
+    ) -> SubmitResult:
         tenant_id = request.tenant_id
         resource = "ExecutionService/SubmitExecution"
         # Priority 0 needs its own permission: refused (and audited), never silently lowered,
@@ -316,7 +327,9 @@ class Submissions:
             # A duplicate of an execution no worker has taken yet hands it over again: its first
             # dispatch may have died with its api. The worker's compare-and-set on ``pending``
             # lets exactly one hand-over run it; the other waits for its outcome below.
-            await self._dispatch_immediate(record, token)
+            answer = await self._dispatch_immediate(record, token)
+            if answer is not None:
+                return SubmitResult(record, deduplicated=not created, worker_answer=answer)
         record = await get_execution(self._pool, tenant_id, record.id)
         return SubmitResult(await self._await_duplicate(record), deduplicated=not created)
 
@@ -426,9 +439,10 @@ class Submissions:
         )
         return record, created
 
-    async def _dispatch_immediate(self, record: ExecutionRecord, token: str) -> None:
+    async def _dispatch_immediate(self, record: ExecutionRecord, token: str) -> object | None:
+        """The worker's answer, or None if another hand-over ran it (or it was cancelled)."""
         try:
-            await self._worker.run_immediate(
+            return await self._worker.run_immediate(
                 tenant_id=record.tenant_id,
                 execution_id=record.id,
                 token=token,
@@ -436,7 +450,7 @@ class Submissions:
             )
         except FSMError:
             # Cancelled, or started by another hand-over, before this one: report its outcome.
-            pass
+            return None
         except Exception as exc:
             # If no worker started it (still pending: unreachable, refused, timed out on a
             # paused worker), nothing ran: end it failed and free the key for a retry. Once a

@@ -83,6 +83,12 @@ class ExecutionServicer(execution_service_pb2_grpc.ExecutionServiceServicer):
                 request_id=current_request_id(),
             ),
         )
+        if isinstance(result.worker_answer, types_pb2.Execution):
+            # The worker's answer as is: the finished execution, no second read.
+            answer = types_pb2.Execution()
+            answer.CopyFrom(result.worker_answer)
+            answer.deduplicated = result.deduplicated
+            return execution_service_pb2.SubmitExecutionResponse(execution=answer)
         return execution_service_pb2.SubmitExecutionResponse(
             execution=execution_to_proto(
                 result.execution,

@@ -25,7 +25,7 @@ import structlog
 
 from opsconductor.common.auth import Principal
 from opsconductor.common.errors import FailedPreconditionError, OpsConductorError
-from opsconductor.common.rbac import Authorizer, Permission, submit_permissions
+from opsconductor.common.rbac import Authorizer, Permission, one_request, submit_permissions
 from opsconductor.common.storage.approvals import granted_by
 from opsconductor.common.storage.execution_reads import find_execution_tenant, get_execution
 from opsconductor.common.storage.execution_records import ExecutionRecord, PoolOrConnection
@@ -54,6 +54,12 @@ class ImmediateExecutions:
         self, caller: Principal, *, tenant_id: str, execution_id: UUID
     ) -> ExecutionRecord:
         """The execution, if ``caller`` may run it; otherwise refuse and audit."""
+        with one_request():  # each principal's roles are read once for all the checks
+            return await self._authorize(caller, tenant_id=tenant_id, execution_id=execution_id)
+
+    async def _authorize(
+        self, caller: Principal, *, tenant_id: str, execution_id: UUID
+    ) -> ExecutionRecord:
         if await granted_by(
             self._pool, execution_id, actor_id=caller.actor_id, tenant_id=caller.tenant_id
         ):

@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID, uuid4
@@ -661,7 +661,7 @@ class ExecutionRunner:
         async with transaction(self._pool) as conn:
             if exhausted and dead_letter is not None:
                 await dead_letter(conn, outcome.error_class, outcome.error_message)
-            await transition(
+            final = await transition(
                 conn,
                 record.id,
                 to=target,
@@ -671,7 +671,9 @@ class ExecutionRunner:
                 fields=fields,
                 tenant_id=record.tenant_id,
             )
-        return await get_execution(self._pool, record.tenant_id, record.id), False
+        # The transition returns the row as written; the steps were just read and nothing writes
+        # them once the execution is terminal.
+        return replace(final, steps=steps), False
 
     def _log_started(self, record: ExecutionRecord, plan: Plan) -> None:
         log.info("execution_started", **self._log_fields(record, plan))

@@ -58,6 +58,7 @@ from opsconductor.common.storage.events import append_event
 from opsconductor.common.storage.execution_records import (
     ExecutionRecord,
     PoolOrConnection,
+    connection,
     lock_execution,
     transaction,
 )
@@ -539,14 +540,14 @@ async def granted_by(
     db: PoolOrConnection, execution_id: UUID, *, actor_id: str, tenant_id: str
 ) -> bool:
     """Whether ``actor_id`` granted the approval bound to ``execution_id`` in ``tenant_id``."""
-    async with transaction(db) as conn:
+    async with connection(db) as conn:
         found = await conn.fetchval(_GRANTED_BY, execution_id, tenant_id, actor_id)
     return found is not None
 
 
 async def step_approved(db: PoolOrConnection, record: ExecutionRecord, step_id: str) -> bool:
     """Whether ``step_id`` of ``record`` has an approval granted for this very plan."""
-    async with transaction(db) as conn:
+    async with connection(db) as conn:
         found = await conn.fetchval(
             _STEP_APPROVED, record.id, step_id, record.plan_hash, record.plan_snapshot_hash
         )

@@ -33,6 +33,7 @@ __all__ = [
     "MAX_PAGE_SIZE",
     "InvalidPageRequestError",
     "as_execution_id",
+    "find_execution",
     "get_execution",
     "list_executions",
 ]
@@ -65,6 +66,17 @@ async def get_execution(
         if row is None:
             raise NotFoundError("execution not found", execution_id=str(eid))
         steps = await load_steps(conn, eid) if with_steps else ()
+    return execution_from_row(row, steps)
+
+
+async def find_execution(db: PoolOrConnection, execution_id: UUID) -> ExecutionRecord | None:
+    """The execution with its steps, whatever its tenant, or None: for a service's own checks
+    (which tenant a probe targeted, whether an approval binds it), never for a caller's reads."""
+    async with connection(db) as conn:
+        row = await conn.fetchrow("SELECT * FROM executions WHERE id = $1", execution_id)
+        if row is None:
+            return None
+        steps = await load_steps(conn, execution_id)
     return execution_from_row(row, steps)
 
 

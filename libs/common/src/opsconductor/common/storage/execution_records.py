@@ -265,6 +265,22 @@ def _run_callbacks(callbacks: list[Callable[[], None]]) -> None:
 
 
 @asynccontextmanager
+async def atomic(db: PoolOrConnection) -> AsyncIterator[Any]:
+    """Like :func:`transaction`, but on a connection already inside a transaction the
+    statements simply join it, without a savepoint (two round trips fewer): for writers whose
+    callers never catch their errors to go on in the same transaction, so the caller's
+    transaction stands or falls with them either way."""
+    if not isinstance(db, asyncpg.Pool) and db.is_in_transaction():
+        try:
+            yield db
+        except _DRIVER_ERRORS as exc:
+            raise StorageError(f"database error: {type(exc).__name__}") from exc
+        return
+    async with transaction(db) as conn:
+        yield conn
+
+
+@asynccontextmanager
 async def connection(db: PoolOrConnection) -> AsyncIterator[Any]:
     """Yield a connection, opening no transaction; driver errors become :class:`StorageError`.
 

@@ -62,6 +62,40 @@ FROM t
 WHERE s.execution_id = $1 AND s.step_id = $2
 RETURNING s.*
 """
+_STARTABLE_VALUES = sorted(s.value for s in _STARTABLE)
+# The usual case of start and finish in one statement: lock the execution row (first, as the
+# locking path does) if it is running and the lease token (when given) still owns it, then
+# update the step if its status allows. No row back: the locking path finds out why.
+_START_FAST = """
+WITH e AS (
+    SELECT id, tenant_id FROM executions
+    WHERE id = $1 AND status = 'running'
+      AND ($4::uuid IS NULL OR lease_token IS NOT DISTINCT FROM $4::uuid)
+    FOR UPDATE
+)
+UPDATE execution_steps s
+SET status = 'running', attempt = s.attempt + 1, worker_id = $3,
+    started_at = clock_timestamp(), ended_at = NULL, duration_ms = NULL,
+    result = NULL, error_class = NULL, error_message = NULL
+FROM e
+WHERE s.execution_id = e.id AND s.step_id = $2 AND s.status = ANY($5::varchar[])
+RETURNING s.*, e.tenant_id
+"""
+_FINISH_FAST = """
+WITH e AS (
+    SELECT id, tenant_id FROM executions
+    WHERE id = $1 AND status = 'running'
+      AND ($7::uuid IS NULL OR lease_token IS NOT DISTINCT FROM $7::uuid)
+    FOR UPDATE
+), t AS (SELECT clock_timestamp() AS now)
+UPDATE execution_steps s
+SET status = $3, result = $4, error_class = $5, error_message = $6,
+    ended_at = GREATEST(t.now, s.started_at),
+    duration_ms = (extract(epoch FROM GREATEST(t.now, s.started_at) - s.started_at) * 1000)::bigint
+FROM e, t
+WHERE s.execution_id = e.id AND s.step_id = $2 AND s.status = 'running'
+RETURNING s.*, e.tenant_id
+"""
 _SKIP = """
 UPDATE execution_steps
 SET status = 'skipped', ended_at = GREATEST(clock_timestamp(), started_at)
@@ -91,15 +125,22 @@ async def start_step(
     again (:class:`FSMError`): resumed jobs skip finished steps instead.
     """
     async with transaction(db) as conn:
-        execution = await _lock_running_execution(conn, execution_id, lease_token, "running")
-        current = await _lock_step(conn, execution_id, step_id)
-        if current not in _STARTABLE:
-            raise _illegal_step(step_id, current, StepStatus.RUNNING)
-        row = await conn.fetchrow(_START, execution_id, step_id, worker_id)
+        row = await conn.fetchrow(
+            _START_FAST, execution_id, step_id, worker_id, lease_token, _STARTABLE_VALUES
+        )
+        if row is not None:
+            tenant_id = row["tenant_id"]
+        else:  # refused (or raced): lock both rows and say exactly why
+            execution = await _lock_running_execution(conn, execution_id, lease_token, "running")
+            tenant_id = execution["tenant_id"]
+            current = await _lock_step(conn, execution_id, step_id)
+            if current not in _STARTABLE:
+                raise _illegal_step(step_id, current, StepStatus.RUNNING)
+            row = await conn.fetchrow(_START, execution_id, step_id, worker_id)
         step = step_from_row(row)
         await append_event(
             conn,
-            tenant_id=execution["tenant_id"],
+            tenant_id=tenant_id,
             execution_id=execution_id,
             actor_id=worker_id,
             type="step_started",
@@ -131,13 +172,29 @@ async def finish_step(
     if outcome not in _FINISHED:
         raise ValueError(f"a step finishes succeeded or failed, not {outcome.value}")
     async with transaction(db) as conn:
-        execution = await _lock_running_execution(conn, execution_id, lease_token, outcome.value)
-        current = await _lock_step(conn, execution_id, step_id)
-        if current is not StepStatus.RUNNING:
-            raise _illegal_step(step_id, current, outcome)
         row = await conn.fetchrow(
-            _FINISH, execution_id, step_id, outcome.value, result, error_class, error_message
+            _FINISH_FAST,
+            execution_id,
+            step_id,
+            outcome.value,
+            result,
+            error_class,
+            error_message,
+            lease_token,
         )
+        if row is not None:
+            tenant_id = row["tenant_id"]
+        else:  # refused (or raced): lock both rows and say exactly why
+            execution = await _lock_running_execution(
+                conn, execution_id, lease_token, outcome.value
+            )
+            tenant_id = execution["tenant_id"]
+            current = await _lock_step(conn, execution_id, step_id)
+            if current is not StepStatus.RUNNING:
+                raise _illegal_step(step_id, current, outcome)
+            row = await conn.fetchrow(
+                _FINISH, execution_id, step_id, outcome.value, result, error_class, error_message
+            )
         step = step_from_row(row)
         payload: dict[str, Any] = {
             "step_id": step.step_id,
@@ -150,7 +207,7 @@ async def finish_step(
             payload["error_class"] = error_class
         await append_event(
             conn,
-            tenant_id=execution["tenant_id"],
+            tenant_id=tenant_id,
             execution_id=execution_id,
             actor_id=step.worker_id,
             type=f"step_{outcome.value}",

@@ -44,6 +44,7 @@ from opsconductor.common.storage.execution_records import (
     PoolOrConnection,
     StepRecord,
     after_commit,
+    atomic,
     connection,
     execution_from_row,
     lock_execution,
@@ -218,7 +219,7 @@ async def create_execution(
     if new.initial_status in TERMINAL:
         raise ValueError(f"an execution cannot start {new.initial_status}")
     for _ in range(_CREATE_ATTEMPTS):
-        async with transaction(db) as conn:
+        async with atomic(db) as conn:
             await conn.execute(
                 _RETIRE_EXPIRED_KEY,
                 new.tenant_id,
@@ -375,7 +376,7 @@ async def transition(
     allowed_from = _status_set(expected_from)
     # Legal and expected sources: the compare-and-set below moves only from one of these.
     sources = allowed_sources(target) & (allowed_from or frozenset(ExecutionStatus))
-    async with transaction(db) as conn:
+    async with atomic(db) as conn:
         row = None
         if sources:
             # The usual case in one statement: the row lock, the fencing and tenant checks and

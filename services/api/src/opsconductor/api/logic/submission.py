@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any, Protocol
 from uuid import UUID
@@ -353,7 +353,8 @@ class Submissions:
                 return SubmitResult(record, deduplicated=True, job_id=await _job_id(conn, record))
             if refusal is not None:
                 raise refusal  # a retired key made it new after all: rolled back
-            await transition(
+            steps = record.steps
+            record = await transition(
                 conn,
                 record.id,
                 to=ExecutionStatus.QUEUED,
@@ -376,8 +377,9 @@ class Submissions:
                 row.max_attempts,
                 decision.policy.max_lease_renewals,
             )
-            record = await get_execution(conn, record.tenant_id, record.id)
-        return SubmitResult(record, deduplicated=False, job_id=row.id)
+        # The row as the transition wrote it, with the steps as created (nothing else wrote
+        # either inside this transaction).
+        return SubmitResult(replace(record, steps=steps), deduplicated=False, job_id=row.id)
 
     async def _submit_for_approval(
         self, principal: Principal, request: SubmitRequest, decision: Decision, record_only: bool

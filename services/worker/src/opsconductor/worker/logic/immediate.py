@@ -24,10 +24,10 @@ from uuid import UUID
 import structlog
 
 from opsconductor.common.auth import Principal
-from opsconductor.common.errors import FailedPreconditionError, OpsConductorError
+from opsconductor.common.errors import FailedPreconditionError, NotFoundError, OpsConductorError
 from opsconductor.common.rbac import Authorizer, Permission, one_request, submit_permissions
 from opsconductor.common.storage.approvals import granted_by
-from opsconductor.common.storage.execution_reads import find_execution_tenant, get_execution
+from opsconductor.common.storage.execution_reads import find_execution
 from opsconductor.common.storage.execution_records import ExecutionRecord, PoolOrConnection
 
 from .runner import ExecutionRunner
@@ -60,25 +60,31 @@ class ImmediateExecutions:
     async def _authorize(
         self, caller: Principal, *, tenant_id: str, execution_id: UUID
     ) -> ExecutionRecord:
-        if await granted_by(
-            self._pool, execution_id, actor_id=caller.actor_id, tenant_id=caller.tenant_id
-        ):
-            return await self._authorize_approver(
-                caller, tenant_id=tenant_id, execution_id=execution_id
+        # One read of the execution wherever it lives: its approval says whether the caller may
+        # be its approver, and its tenant is where a probe is audited.
+        found = await find_execution(self._pool, execution_id)
+        if (
+            found is not None
+            and found.approval_id is not None
+            and await granted_by(
+                self._pool, execution_id, actor_id=caller.actor_id, tenant_id=caller.tenant_id
             )
+        ):
+            return await self._authorize_approver(caller, tenant_id=tenant_id, record=found)
         # Where the execution really lives, not where the request says: a request naming the
         # caller's own tenant for another tenant's execution is a probe, audited there, linked
         # to the execution it targeted (the event is that tenant's, so nothing leaks).
-        actual_tenant = await find_execution_tenant(self._pool, execution_id)
         await self._authorizer.authorize(
             caller,
-            tenant_id=tenant_id if actual_tenant is None else actual_tenant,
+            tenant_id=tenant_id if found is None else found.tenant_id,
             permissions={Permission.EXECUTIONS_SUBMIT},
             execution_id=execution_id,
             resource=_RESOURCE,
         )
         # NotFound for "absent" and "in another tenant" alike, so ids cannot be probed.
-        record = await get_execution(self._pool, tenant_id, execution_id)
+        if found is None or found.tenant_id != tenant_id:
+            raise NotFoundError("execution not found", execution_id=str(execution_id))
+        record = found
         needed = submit_permissions(record.action_class)
         await self._authorizer.require_actor(
             caller,
@@ -98,7 +104,7 @@ class ImmediateExecutions:
         return record
 
     async def _authorize_approver(
-        self, caller: Principal, *, tenant_id: str, execution_id: UUID
+        self, caller: Principal, *, tenant_id: str, record: ExecutionRecord
     ) -> ExecutionRecord:
         """The approver of the execution dispatching it: still a decider, and the submitter
         still allowed what the plan needs (both checked against Postgres, both audited)."""
@@ -106,10 +112,11 @@ class ImmediateExecutions:
             caller,
             tenant_id=tenant_id,
             permissions={Permission.APPROVALS_DECIDE},
-            execution_id=execution_id,
+            execution_id=record.id,
             resource=_RESOURCE,
         )
-        record = await get_execution(self._pool, tenant_id, execution_id)
+        if record.tenant_id != tenant_id:
+            raise NotFoundError("execution not found", execution_id=str(record.id))
         submitter = Principal(
             actor_id=record.actor_id, tenant_id=record.tenant_id, auth_method="approved_dispatch"
         )

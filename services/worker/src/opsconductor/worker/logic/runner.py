@@ -85,6 +85,8 @@ from .approval_checks import ApprovalChecks
 
 log = structlog.get_logger(__name__)
 
+#: Steps ``skip_remaining_steps`` marks skipped when a run ends (none: nothing to write).
+_SKIPPABLE = frozenset({StepStatus.PENDING, StepStatus.AWAITING_APPROVAL})
 #: Locks outlive the execution budget by this much, so only a dead worker's locks expire.
 LOCK_TTL_BUFFER = timedelta(seconds=30)
 
@@ -603,8 +605,11 @@ class ExecutionRunner:
     ) -> tuple[ExecutionRecord, bool]:
         """Record the end of a run: terminal, or back to the queue for a retry."""
         # A step still marked running was cut off by the execution timeout.
-        for step in await load_steps(self._pool, record.id):
+        steps = await load_steps(self._pool, record.id)
+        changed = False
+        for step in steps:
             if step.status == StepStatus.RUNNING:
+                changed = True
                 await finish_step(
                     self._pool,
                     record.id,
@@ -634,10 +639,13 @@ class ExecutionRunner:
             )
             return requeued, True
         reason = "timed_out" if outcome.timed_out else "cancelled" if outcome.cancelled else None
-        await skip_remaining_steps(
-            self._pool, record.id, 0, lease_token=lease_token, reason=reason or "failed"
-        )
-        steps = await load_steps(self._pool, record.id)
+        if any(s.status in _SKIPPABLE for s in steps):
+            changed = True
+            await skip_remaining_steps(
+                self._pool, record.id, 0, lease_token=lease_token, reason=reason or "failed"
+            )
+        if changed:
+            steps = await load_steps(self._pool, record.id)
         summary = {
             "steps": {s.step_id: str(s.status) for s in steps},
             "counts": {

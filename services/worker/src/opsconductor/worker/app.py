@@ -13,6 +13,7 @@ from opsconductor.common.approval_policy import ApprovalPolicy
 from opsconductor.common.auth import TokenVerifier
 from opsconductor.common.errors import StorageError
 from opsconductor.common.queue.redis_queue import RedisQueue, create_redis_client
+from opsconductor.common.queue.wakeups import Wakeups
 from opsconductor.common.quotas import TenantQuotas
 from opsconductor.common.rbac import Authorizer, RbacPolicy
 from opsconductor.common.rpc.resources import DatabasePool
@@ -43,6 +44,7 @@ class WorkerApp:
         self._immediate: ImmediateExecutions | None = None
         self._redis: Redis | None = None
         self._consumer: BackgroundConsumer | None = None
+        self._wakeups: Wakeups | None = None
         self._authorizer: Authorizer | None = None
 
     async def start(self) -> None:
@@ -73,14 +75,18 @@ class WorkerApp:
             running_limit, running_limits = TenantQuotas.from_settings(
                 self.settings, self._tenant_policies
             ).running_limits()
+            queue = RedisQueue(
+                self._redis,
+                prefix=self.settings.queue_prefix,
+                running_limit=running_limit,
+                running_limits=running_limits,
+            )
+            # Push dispatch: an idle slot wakes when a job is announced, polling is the fallback.
+            self._wakeups = Wakeups(self._redis, queue.wake_channel)
+            self._wakeups.start()
             self._consumer = BackgroundConsumer(
                 pool=pool,
-                queue=RedisQueue(
-                    self._redis,
-                    prefix=self.settings.queue_prefix,
-                    running_limit=running_limit,
-                    running_limits=running_limits,
-                ),
+                queue=queue,
                 runner=runner,
                 authorizer=authorizer,
                 policies=policies,
@@ -88,6 +94,7 @@ class WorkerApp:
                 concurrency=self.settings.consumer_concurrency,
                 poll_interval_s=self.settings.consumer_poll_interval_s,
                 lease_s_override=self.settings.lease_s_override,
+                wakeups=self._wakeups,
             )
             self._consumer.start()
 
@@ -100,6 +107,8 @@ class WorkerApp:
         if self._consumer is not None:
             # Running jobs finish their current step and go back to the queue unspent.
             await self._consumer.stop(self.settings.shutdown_grace_s)
+        if self._wakeups is not None:
+            await self._wakeups.stop()
         if self._redis is not None:
             await self._redis.aclose()
         if self._immediate is not None:

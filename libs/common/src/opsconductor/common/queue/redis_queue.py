@@ -271,6 +271,22 @@ class RedisQueue:
             )
         return bool(created)
 
+    @property
+    def wake_channel(self) -> str:
+        """The pub/sub channel :meth:`announce` publishes on (see :mod:`.wakeups`)."""
+        return f"{self.key_prefix}wake"
+
+    async def announce(self) -> None:
+        """Wake an idle consumer: a job was just queued and its row committed.
+
+        Best effort: a lost announcement only leaves the job to the consumers' polling, so a
+        Redis failure here is logged, never raised (the submit already succeeded).
+        """
+        try:
+            await self._redis.publish(self.wake_channel, b"1")
+        except (RedisError, OSError) as exc:
+            log.info("queue_announce_failed", error=type(exc).__name__)
+
     async def dequeue(self, worker_id: str, lease_s: float) -> LeasedJob | None:
         """Lease the best ready job to ``worker_id`` for ``lease_s`` seconds, or return None.
 

@@ -377,6 +377,8 @@ class Submissions:
                 row.max_attempts,
                 decision.policy.max_lease_renewals,
             )
+        # Committed: wake an idle worker now rather than at its next poll.
+        await self._queue.announce()
         # The row as the transition wrote it, with the steps as created (nothing else wrote
         # either inside this transaction).
         return SubmitResult(replace(record, steps=steps), deduplicated=False, job_id=row.id)

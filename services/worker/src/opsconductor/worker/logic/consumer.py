@@ -40,6 +40,7 @@ from opsconductor.common.queue import dlq, jobs
 from opsconductor.common.queue.lease import LeaseRenewalLimitError, lease_seconds, renew_after
 from opsconductor.common.queue.records import LeasedJob
 from opsconductor.common.queue.redis_queue import RedisQueue
+from opsconductor.common.queue.wakeups import Wakeups
 from opsconductor.common.rbac import Authorizer, submit_permissions
 from opsconductor.common.storage.execution_leases import (
     claim_execution,
@@ -88,6 +89,7 @@ class BackgroundConsumer:
         concurrency: int = 4,
         poll_interval_s: float = 0.1,
         lease_s_override: float | None = None,
+        wakeups: Wakeups | None = None,
     ) -> None:
         """``lease_s_override`` (drills and tests only) replaces every lease duration, the
         first one at dequeue included, so a dead worker's job comes back within seconds."""
@@ -100,6 +102,8 @@ class BackgroundConsumer:
         self._concurrency = concurrency
         self._poll_interval_s = poll_interval_s
         self._lease_s_override = lease_s_override
+        #: Wakes an idle slot when a job is announced (None: polling only).
+        self._wakeups = wakeups
         self._initial_lease_s = lease_s_override or INITIAL_LEASE_S
         self._stopping = asyncio.Event()
         self._slots: list[asyncio.Task[None]] = []
@@ -113,6 +117,8 @@ class BackgroundConsumer:
     async def stop(self, grace_s: float) -> None:
         """Stop taking jobs; running ones finish their current step and are requeued."""
         self._stopping.set()
+        if self._wakeups is not None:
+            self._wakeups.wake_all()
         if not self._slots:
             return
         _done, pending = await asyncio.wait(self._slots, timeout=grace_s)
@@ -130,8 +136,12 @@ class BackgroundConsumer:
                 job = None
                 idle = min(idle * 2, 5.0)
             if job is None:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), idle)
+                if self._wakeups is not None:
+                    # Push dispatch: woken when a job is announced; the poll is the fallback.
+                    await self._wakeups.wait(idle)
+                else:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._stopping.wait(), idle)
                 idle = min(idle * 1.5, IDLE_MAX_S)
                 continue
             idle = self._poll_interval_s

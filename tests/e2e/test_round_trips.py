@@ -16,7 +16,8 @@ background job (api 27.8, worker 88.8); without the pool's reset query on releas
 95.9; with reads outside transactions, roles read once per request, the worker's answer
 returned as is and transitions in one compare-and-set statement 43.6 and 74.2; with one read of
 the execution per worker authorization, steps started and finished in one statement and no
-empty skip 30.6 and 57.2 (32.0 and 59.2 with the tenant quotas' two round trips per submit and push dispatch).
+empty skip 30.6 and 57.2 (32.0 and 59.2 with the tenant quotas' two round trips per submit,
+and push dispatch).
 """
 
 from __future__ import annotations

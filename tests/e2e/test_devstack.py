@@ -27,6 +27,7 @@ from pathlib import Path
 import asyncpg
 import grpc
 import grpc.aio
+import httpx
 import psutil
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -205,6 +206,14 @@ async def run_devstack_and_stop(
     for service, port in ports.items():
         assert re.search(rf"^\s+{service}\s+127\.0\.0\.1:{port}\s+SERVING\s+\d+", text, re.M), text
     assert ("embedded" in text) is expect_embedded
+    # make run prints the UI's address, and the page is served there (no Node.js needed).
+    ui = re.search(r"UI: (http://127\.0\.0\.1:(\d+)/ui/)", text)
+    assert ui is not None, text
+    assert ui.group(2) == env["OPSC_PROGRESS_HTTP_PORT"]
+    async with httpx.AsyncClient(timeout=10) as http:
+        page = await http.get(ui.group(1))
+    assert page.status_code == 200
+    assert "grpc-client.js" in page.text
     if while_serving is not None:
         await while_serving(data_dir, ports)
 

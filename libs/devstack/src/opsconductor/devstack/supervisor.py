@@ -292,16 +292,21 @@ class Supervisor:
             for index, worker_port in enumerate(worker_ports)
         ]
         http_port = port(s.progress_http_port)
+        api_port, approvals_port = port(s.api_port), port(s.approvals_port)
         return [
-            spec("api", port(s.api_port), s.api_metrics_port),
+            spec("api", api_port, s.api_metrics_port),
             *workers,
-            spec("approvals", port(s.approvals_port), s.approvals_metrics_port),
+            spec("approvals", approvals_port, s.approvals_metrics_port),
             spec(
                 "progress",
                 port(s.progress_port),
                 s.progress_metrics_port,
-                note=f"HTTP {host}:{http_port}",
+                note=f"HTTP {host}:{http_port}, UI {self.ui_url(host, http_port)}",
+                OPSC_HTTP_HOST=host,
                 OPSC_HTTP_PORT=str(http_port),
+                # Its grpc-web bridge (the browser UI's lists and decisions) reaches these.
+                OPSC_API_TARGET=f"{host}:{api_port}",
+                OPSC_APPROVALS_TARGET=f"{host}:{approvals_port}",
             ),
             # The reaper (a Kubernetes CronJob in production) loops here.
             ServiceSpec(
@@ -488,12 +493,20 @@ class Supervisor:
         print("Press Ctrl-C to stop.", file=self.out)
         self.out.flush()
 
+    @staticmethod
+    def ui_url(host: str, http_port: int) -> str:
+        """Where the browser UI of the progress service answers."""
+        return f"http://{host}:{http_port}/ui/"
+
     def _print_identity(self) -> None:
         token = dev_token(self.jwt_key)
         api = self.service("api").spec.address
+        progress = self.service("progress").spec.env
+        ui = self.ui_url(progress["OPSC_HTTP_HOST"], int(progress["OPSC_HTTP_PORT"]))
         print(
             f"\ntenant {DEV_TENANT!r}, principal {DEV_PRINCIPAL!r} (admin), token valid 12 h:\n"
             f"  export OPSC_TOKEN={token}\n"
+            f"  UI: {ui} (sign in by pasting the token)\n"
             f'  grpcurl -plaintext -H "authorization: Bearer $OPSC_TOKEN" '
             f'-d \'{{"tenant_id": "{DEV_TENANT}"}}\' '
             f"{api} opsconductor.execution.v1.ExecutionService/ListExecutions\n",

@@ -186,3 +186,39 @@ def test_the_rendered_config_maps_carry_these_files(rendered: dict[str, Any]) ->
         mounts = {m["mountPath"] for m in container["volumeMounts"]}
         assert "/etc/envoy" in mounts
         assert ("/etc/envoy/tls" in mounts) is (target == "prod")
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/ui/",
+        "/ui/grpc-client.js",
+        "/v1/tickets",
+        "/v1/tenants/acme/executions/0b9c/events/ws",
+        "/v1/tenants/acme/executions/0b9c/events/sse",
+        "/v1/tenants/acme/executions/0b9c/events/poll",
+    ],
+)
+def test_ui_and_event_transports_reach_the_progress_http_side(
+    config: dict[str, Any], path: str
+) -> None:
+    """The page, stream tickets, WebSocket, SSE and long-poll go to the progress service's HTTP
+    port without a route timeout (streams follow an execution to its end)."""
+    route = resolve(config, path)["route"]
+    assert route["cluster"] == "progress_http"
+    assert route["timeout"] == "0s"
+
+
+def test_websocket_upgrades_are_allowed(config: dict[str, Any]) -> None:
+    assert {"upgrade_type": "websocket"} in connection_manager(config)["upgrade_configs"]
+
+
+def test_access_log_never_writes_query_strings(config: dict[str, Any]) -> None:
+    """Stream tickets travel as ?ticket=: every access log writes the path without its query."""
+    logs = connection_manager(config)["access_log"]
+    assert logs
+    for log in logs:
+        line = log["typed_config"]["log_format"]["text_format_source"]["inline_string"]
+        assert "%REQ_WITHOUT_QUERY(X-ENVOY-ORIGINAL-PATH?:PATH)%" in line
+        assert "(:PATH)" not in line.replace("?:PATH", "")
+        assert "AUTHORIZATION" not in line.upper()

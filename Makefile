@@ -141,6 +141,11 @@ bench-background: $(STAMP)
 		$(PY) bench/background_throughput.py --log-level $$level \
 			--output bench/results/background_throughput_$$level.json || exit 1; done
 
+# 1 000 live subscribers of one execution on one progress process: delivery latency (commit →
+# subscriber) and the process's peak RSS.
+bench-progress: $(STAMP)
+	$(PY) bench/progress_fanout.py --output bench/results/progress_fanout.json
+
 bench-round-trips: $(STAMP)
 	$(PY) bench/round_trips.py
 

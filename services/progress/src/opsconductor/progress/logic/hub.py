@@ -15,6 +15,7 @@ Limits: live subscribers per tenant and per process; beyond them ``ResourceExhau
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import enum
 from collections import Counter
@@ -60,24 +61,31 @@ class Wake(enum.Enum):
 
 
 class Slot:
-    """One live subscriber's place in the hub: its buffer and whether it was cut off."""
+    """One live subscriber's place in the hub: its buffer and whether it was cut off.
+
+    A deque and one Event rather than an ``asyncio.Queue``: with a thousand subscribers of one
+    execution every event is offered a thousand times, and the waiting side must not create
+    tasks per event.
+    """
 
     def __init__(self, tenant_id: str, execution_id: UUID, buffer_size: int) -> None:
         self.tenant_id = tenant_id
         self.execution_id = execution_id
-        self.buffer: asyncio.Queue[EventRecord] = asyncio.Queue(buffer_size)
+        self.buffer: collections.deque[EventRecord] = collections.deque()
+        self._size = buffer_size
         #: Set when the buffer overflowed: the subscriber must resume from its position.
         self.lagged = False
-        self._wake = asyncio.Event()
+        self._poked = False
+        self._signal = asyncio.Event()
 
     def offer(self, event: EventRecord) -> None:
         if self.lagged:
             return
-        try:
-            self.buffer.put_nowait(event)
-        except asyncio.QueueFull:
+        if len(self.buffer) >= self._size:
             self.lagged = True
-            self._wake.set()
+        else:
+            self.buffer.append(event)
+        self._signal.set()
 
     def _overflowed(self) -> bool:
         return self.lagged
@@ -85,37 +93,32 @@ class Slot:
     def rearm(self) -> None:
         """Forget an overflow the subscriber caught up with from the database (its buffer
         held only events it has read there): back to live delivery."""
-        while not self.buffer.empty():
-            self.buffer.get_nowait()
+        self.buffer.clear()
         self.lagged = False
 
     def poke(self) -> None:
         """The listener reconnected: re-read from the database, a notification may be lost."""
-        self._wake.set()
+        self._poked = True
+        self._signal.set()
 
     async def next(self, wait_s: float | None) -> EventRecord | Wake:
         """The next buffered event, or why there is none (after ``wait_s`` at the latest)."""
-        if not self.buffer.empty():
-            return self.buffer.get_nowait()
-        if self.lagged:
-            return Wake.LAGGED
-        self._wake.clear()
-        getter = asyncio.ensure_future(self.buffer.get())
-        waker = asyncio.ensure_future(self._wake.wait())
-        try:
-            done, _ = await asyncio.wait(
-                {getter, waker}, timeout=wait_s, return_when=asyncio.FIRST_COMPLETED
-            )
-        finally:
-            waker.cancel()
-            if not getter.done():
-                getter.cancel()
-        if getter in done and not getter.cancelled():
-            return getter.result()
-        if waker not in done:
-            return Wake.TIMEOUT
-        # The wake is set by an overflow (offer) or a reconnect of the listener (poke).
-        return Wake.LAGGED if self._overflowed() else Wake.POKE
+        while True:
+            if self.buffer:
+                return self.buffer.popleft()
+            if self._overflowed():
+                return Wake.LAGGED
+            if self._poked:
+                self._poked = False
+                return Wake.POKE
+            self._signal.clear()
+            if wait_s is not None and wait_s <= 0:
+                return Wake.TIMEOUT
+            try:
+                async with asyncio.timeout(wait_s):
+                    await self._signal.wait()
+            except TimeoutError:
+                return Wake.TIMEOUT
 
 
 class _Feed:

@@ -2,10 +2,35 @@
 
 from __future__ import annotations
 
+import collections
+
 from google.protobuf import struct_pb2, timestamp_pb2
 
 from opsconductor.common.storage.event_reads import EventRecord
 from opsconductor.execution.v1 import types_pb2
+
+
+class EventEncoder:
+    """:func:`event_to_proto` once per event however many subscribers send it.
+
+    The hub hands the same record to every subscriber of an execution; the last few encoded
+    events are kept, keyed by (execution, seq).
+    """
+
+    def __init__(self, size: int = 256) -> None:
+        self._size = size
+        self._cache: collections.OrderedDict[tuple[object, int], types_pb2.ExecutionEvent] = (
+            collections.OrderedDict()
+        )
+
+    def encode(self, event: EventRecord) -> types_pb2.ExecutionEvent:
+        key = (event.execution_id, event.seq if event.execution_id else -event.id)
+        message = self._cache.get(key)
+        if message is None:
+            message = self._cache[key] = event_to_proto(event)
+            if len(self._cache) > self._size:
+                self._cache.popitem(last=False)
+        return message
 
 
 def event_to_proto(event: EventRecord) -> types_pb2.ExecutionEvent:

@@ -17,7 +17,7 @@ from opsconductor.common.rpc.auth import authenticate
 from opsconductor.execution.v1 import progress_service_pb2, progress_service_pb2_grpc
 from opsconductor.progress.app import ProgressApp
 from opsconductor.progress.logic.access import EventQuery
-from opsconductor.progress.servicers.event_codec import event_to_proto
+from opsconductor.progress.servicers.event_codec import EventEncoder, event_to_proto
 
 SERVICE_NAME: str = progress_service_pb2.DESCRIPTOR.services_by_name["ProgressService"].full_name
 
@@ -29,6 +29,7 @@ class ProgressServicer(progress_service_pb2_grpc.ProgressServiceServicer):
 
     def __init__(self, app: ProgressApp) -> None:
         self._app = app
+        self._encoder = EventEncoder()
 
     async def StreamEvents(
         self, request: progress_service_pb2.StreamEventsRequest, context: _Context
@@ -42,8 +43,10 @@ class ProgressServicer(progress_service_pb2_grpc.ProgressServiceServicer):
             resource="ProgressService/StreamEvents",
         )
         try:
+            # Headers now: the caller learns it is subscribed before the first event exists.
+            await context.send_initial_metadata(())
             while (event := await subscription.next()) is not None:
-                yield progress_service_pb2.StreamEventsResponse(event=event_to_proto(event))
+                yield progress_service_pb2.StreamEventsResponse(event=self._encoder.encode(event))
         finally:
             subscription.release()
 

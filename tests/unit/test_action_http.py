@@ -12,12 +12,14 @@ import contextlib
 import json
 import secrets
 import socket
+import ssl
 import threading
 import time
 import urllib.parse
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -38,6 +40,7 @@ from opsconductor.common.plan import ActionClass
 from opsconductor.common.secret_catalogue import SecretCatalogue
 from opsconductor.common.secrets import EnvSecretProvider, SecretResolver, SecretUse
 from opsconductor.common.tenant_policy import EgressPolicy, TenantPolicy
+from tests.tls_material import Authority
 
 #: A tenant allowed to reach 127.0.0.1 (only): what the tests' local servers need.
 LOOPBACK = TenantPolicy(egress=EgressPolicy(allow_networks=("127.0.0.1/32",)))
@@ -587,3 +590,98 @@ async def test_a_non_ascii_secret_header_fails_without_quoting_it(server: Server
     assert "\\xe4" not in text
     assert value not in text
     assert server.requests == []
+
+
+# -- TLS to a pinned address: SNI and the certificate check use the URL's host ----------------
+
+
+@contextlib.contextmanager
+def _serving_tls(folder: Path, sni_seen: list[str | None]) -> Iterator[Server]:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(folder / "tls.crt", folder / "tls.key")
+
+    def remember(sock: ssl.SSLObject, name: str | None, ctx: ssl.SSLContext) -> None:
+        sni_seen.append(name)
+
+    context.sni_callback = remember  # type: ignore[assignment]
+    state = Server(url="")
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(state))
+    httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
+    httpd.daemon_threads = True
+    state.url = f"https://localhost:{httpd.server_address[1]}"
+    thread = threading.Thread(target=httpd.serve_forever, args=(0.01,), daemon=True)
+    thread.start()
+    try:
+        yield state
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(5)
+
+
+def _trusting(folder: Path) -> HttpAction:
+    verify = ssl.create_default_context(cafile=str(folder / "ca.crt"))
+    return HttpAction(transport=httpx.AsyncHTTPTransport(verify=verify))
+
+
+async def test_https_to_the_pinned_address_sends_the_urls_host_as_sni(tmp_path: Path) -> None:
+    """Connected to 127.0.0.1 (the checked address), TLS still names ``localhost``."""
+    folder = Authority.create().issue(tmp_path / "tls", "localhost")
+    sni_seen: list[str | None] = []
+    with _serving_tls(folder, sni_seen) as state:
+        result = await _trusting(folder).run(_ctx({"url": f"{state.url}/echo"}))
+    assert result.output["status"] == 200
+    assert sni_seen == ["localhost"]
+    assert state.requests[0].headers["Host"] == state.url.removeprefix("https://")
+
+
+async def test_the_certificate_is_checked_against_the_urls_host_not_the_address(
+    tmp_path: Path,
+) -> None:
+    """A certificate valid for 127.0.0.1 (the address dialled) but not for ``localhost`` (the
+    URL's host) is refused: pinning the address does not weaken the hostname check."""
+    folder = Authority.create().issue(tmp_path / "tls", "other.example")
+    with _serving_tls(folder, []) as state, pytest.raises(ActionFailedError) as info:
+        await _trusting(folder).run(_ctx({"url": f"{state.url}/echo"}))
+    assert info.value.details["error_class"] == "ConnectError"
+    assert state.requests == []
+
+
+async def test_a_name_is_checked_after_resolution(server: Server) -> None:
+    """This machine's own host name resolves (through the system resolver) to loopback:
+    refused without the policy, reached with it, the Host header still the name."""
+    name = socket.gethostname()
+    port = server.url.rsplit(":", 1)[1]
+    try:
+        resolved = {info[4][0] for info in socket.getaddrinfo(name, None)}
+    except OSError:
+        resolved = set()
+    if resolved != {"127.0.0.1"}:
+        pytest.skip(f"{name} does not resolve to 127.0.0.1 only here ({sorted(resolved)})")
+    with pytest.raises(EgressDeniedError, match="loopback"):
+        await HttpAction().run(_ctx({"url": f"http://{name}:{port}/echo"}, policy=DEFAULT))
+    assert server.requests == []
+    result = await HttpAction().run(_ctx({"url": f"http://{name}:{port}/echo"}))
+    assert result.output["status"] == 200
+    assert server.requests[0].headers["Host"] == f"{name}:{port}"
+
+
+async def test_the_request_goes_to_the_address_that_was_checked(
+    server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Resolution happens once per hop, here, and httpx is handed the checked address: a name
+    no real DNS knows reaches the local server, so httpx never resolved it (a second answer,
+    as in DNS rebinding, could not have moved the request)."""
+    calls: list[str] = []
+
+    async def resolver(host: str, port: object, **kwargs: object) -> list[Any]:
+        calls.append(host)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", 0))]
+
+    loop = asyncio.get_running_loop()
+    monkeypatch.setattr(loop, "getaddrinfo", resolver)
+    port = server.url.rsplit(":", 1)[1]
+    result = await HttpAction().run(_ctx({"url": f"http://rebind.invalid:{port}/echo"}))
+    assert result.output["status"] == 200
+    assert calls == ["rebind.invalid"]
+    assert server.requests[0].headers["Host"] == f"rebind.invalid:{port}"

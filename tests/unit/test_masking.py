@@ -425,6 +425,14 @@ def test_derived_forms_of_short_values_are_not_registered(masker: Masker) -> Non
     assert masker.mask_text("ab/d ab%2Fd d/ba") == f"{REDACTED} ab%2Fd d/ba"
 
 
+def test_a_quoted_path_ending_in_a_secret_word_is_not_a_pair(masker: Masker) -> None:
+    """``ls`` and ``cat`` quote paths: '/var/run/secrets': No such file is an error message."""
+    text = "ls: cannot access '/var/run/secrets': No such file or directory"
+    assert masker.mask_text(text) == text
+    assert masker.mask_text("/api/token=abc123") == f"/api/token={REDACTED}"
+    assert masker.mask_text("'token': 'abc123'") == f"'token': '{REDACTED}'"
+
+
 def test_literal_forms_of_a_plain_value() -> None:
     from opsconductor.common.secret_patterns import literal_forms
 

@@ -184,6 +184,10 @@ def _redact_pairs(text: str, is_secret_name: Callable[[str], bool]) -> str:
         match = _PAIR_AT.match(text, start)
         if match is None or not is_secret_name(match["name"]):
             continue
+        if start > 0 and text[start - 1] == "/" and text[match.end("name")] in "\"'":
+            # The end of a quoted path ("cannot access '/var/run/secrets': No such file"),
+            # not a quoted name.
+            continue
         value_start, value_end = match.span("value")
         value = match["value"]
         if value[0] in "\"'":

@@ -466,6 +466,12 @@ class BenchStack:
                 "OPSC_LOG_JSON": "true",
                 "OPSC_LOG_LEVEL": self.log_level,
                 "OPSC_SHUTDOWN_GRACE_S": "5",
+                # The benchmarks drive one tenant far beyond the default per-tenant quotas
+                # (20 immediate executions in flight, 500 queued): limits high enough never to
+                # refuse, so the quota checks still run and cost what they cost.
+                "OPSC_QUOTA_MAX_IMMEDIATE": "100000",
+                "OPSC_QUOTA_MAX_QUEUED": "1000000",
+                "OPSC_QUOTA_MAX_RUNNING": "100000",
             }
         )
         if self._redis_service_url:

@@ -252,8 +252,13 @@ async def test_queue_stats_report_ready_per_priority_leased_delayed_and_the_dlq(
             assert (await wait_status(alice, execution.execution_id, tenant.id, 30)).status == (
                 "succeeded"
             )
-    final = await root.get_queue_stats()
-    assert (final.ready, final.leased, final.delayed) == (0, 0, 0)
+
+    # The worker acks a job just after it recorded the execution's end: wait for that ack.
+    async def drained() -> QueueStats | None:
+        final = await root.get_queue_stats()
+        return final if (final.ready, final.leased, final.delayed) == (0, 0, 0) else None
+
+    await wait_until(drained, within_s=10, what="the last job acked")
 
 
 async def test_every_admin_rpc_checks_who_calls(

@@ -46,13 +46,17 @@ async def test_list_pages_through_sixty_executions_without_gaps_or_duplicates(
     """60 executions listed 25 at a time: pages of 25, 25 and 10, newest first, each exactly
     once; the status filter returns exactly the failed (or succeeded) ones, also paginated;
     the mode filter returns all of them as immediate and none as background."""
+    # At most 10 in flight: the tenant's max_immediate quota (20 by default) refuses more.
+    in_flight = asyncio.Semaphore(10)
     async with tenant.client("alice") as client:
-        submitted = await asyncio.gather(
-            *(
-                client.submit(create_plan(target=f"srv-{i}", fail=i % 5 == 0), tenant_id=tenant.id)
-                for i in range(60)
-            )
-        )
+
+        async def submit(i: int) -> Execution:
+            async with in_flight:
+                return await client.submit(
+                    create_plan(target=f"srv-{i}", fail=i % 5 == 0), tenant_id=tenant.id
+                )
+
+        submitted = await asyncio.gather(*(submit(i) for i in range(60)))
         pages: list[list[Execution]] = []
         token_ = ""
         while True:

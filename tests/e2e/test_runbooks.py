@@ -7,8 +7,9 @@ that gives it something to act on (a dead-lettered job, a queued execution, a st
 denial), with the connection settings the runbooks' README documents. A command that exits
 non-zero fails the test with its output, so a runbook cannot drift from the code.
 
-Where no ``opsctl`` is installed (the client distribution ships it), its commands are left out
-and the last test is skipped naming every one of them; the other commands still run.
+Where no ``opsctl`` is installed (the client distribution ships it, so in this project's venv it
+always is), its commands are left out and the last test is skipped naming every one of them;
+the other commands still run.
 """
 
 from __future__ import annotations
@@ -77,6 +78,7 @@ class Live:
             "PATH": f"{BIN}{os.pathsep}{base.get('PATH', '')}",
             "HOME": str(self.home),  # no operator config file of the machine's user
             "OPSC_API_ADDR": self.stack.address("api"),
+            "OPSC_PROGRESS_ADDR": self.stack.address("progress"),
             "OPSC_TENANT": SYSTEM_TENANT,
             "OPSC_TOKEN": token("ops-admin", SYSTEM_TENANT),
             "OPSC_TIMEOUT": "20",
@@ -105,8 +107,8 @@ async def live(e2e_dsn: str, e2e_pool: asyncpg.Pool, redis_url: str) -> AsyncIte
     await bind_role(e2e_pool, SYSTEM_TENANT, "ops-admin", "admin", created_by="e2e")
     await bind_role(e2e_pool, tenant, "alice", "operator", created_by="e2e")
     await bind_role(e2e_pool, tenant, "ada", "admin", created_by="e2e")
-    # No runbook command needs the approvals or progress service (docs/runbooks/README.md).
-    async with running_stack(e2e_dsn, redis_url) as stack:
+    # `opsctl events` reads the progress service; no runbook needs the approvals service.
+    async with running_stack(e2e_dsn, redis_url, with_progress=True) as stack:
         with tempfile.TemporaryDirectory(prefix="opsc-runbooks-") as home:
             yield Live(stack, e2e_pool, redis_url, tenant, Path(home))
 

@@ -65,6 +65,9 @@ def test_every_stage_of_the_page_is_a_command() -> None:
         assert first in {"opsctl", "export", "python", "python3"}, command
 
 
+# The whole procedure is ~45 opsctl processes in a row: more than the default per-test limit
+# on a loaded machine.
+@pytest.mark.timeout(420)
 async def test_the_rollout_page_runs_against_a_live_stack(
     stack: Stack, e2e_pool: asyncpg.Pool, tmp_path: Path
 ) -> None:

@@ -151,6 +151,7 @@ def _ctx(
     record_only: bool = False,
     key: str = "exec-1:step-a",
     policy: TenantPolicy = LOOPBACK,
+    request_id: str | None = None,
 ) -> ActionContext:
     return ActionContext(
         execution_id="exec-1",
@@ -163,6 +164,7 @@ def _ctx(
         record_only=record_only,
         cancel_event=asyncio.Event(),
         tenant_policy=policy,
+        request_id=request_id,
     )
 
 
@@ -184,6 +186,14 @@ async def test_get_sends_the_step_idempotency_key_and_returns_status_and_body(
     (seen,) = server.requests
     assert (seen.method, seen.path) == ("GET", "/hi")
     assert seen.headers["Idempotency-Key"] == "exec-1:step-a"
+
+
+async def test_the_submits_request_id_goes_out_as_x_request_id(server: Server) -> None:
+    await HttpAction().run(_ctx({"url": server.url}, request_id="req-42"))
+    await HttpAction().run(_ctx({"url": server.url}))
+    with_id, without = server.requests
+    assert with_id.headers["X-Request-Id"] == "req-42"
+    assert "X-Request-Id" not in without.headers
 
 
 async def test_every_attempt_of_a_step_sends_the_same_key(server: Server) -> None:
@@ -370,6 +380,10 @@ def test_required_class_follows_the_method() -> None:
             "params.headers.Idempotency-Key",
         ),
         ({"url": "https://h/", "headers": {"Host": "x"}}, "params.headers.Host"),
+        (
+            {"url": "https://h/", "headers": {"x-request-id": "forged"}},
+            "params.headers.x-request-id",
+        ),
         ({"url": "https://h/", "headers": {"X": "a\r\nInjected: 1"}}, "params.headers.X"),
         ({"url": "https://h/", "headers": {"X": 5}}, "params.headers.X"),
         ({"url": "https://h/", "headers": ["X"]}, "params.headers"),
@@ -524,12 +538,16 @@ async def test_a_cross_origin_redirect_drops_the_plans_headers(server: Server) -
     port = server.url.rsplit(":", 1)[1]
     url = _redirect(server, 302, f"http://localhost:{port}/echo")
     await HttpAction().run(
-        _ctx({"url": url, "follow_redirects": True, "headers": {"X-Token": "abc-secretish"}})
+        _ctx(
+            {"url": url, "follow_redirects": True, "headers": {"X-Token": "abc-secretish"}},
+            request_id="req-7",
+        )
     )
     first, second = server.requests
     assert first.headers["X-Token"] == "abc-secretish"
     assert "X-Token" not in second.headers
     assert second.headers["Idempotency-Key"] == "exec-1:step-a"
+    assert second.headers["X-Request-Id"] == "req-7"
 
 
 async def test_a_same_origin_redirect_keeps_headers_and_303_turns_post_into_get(

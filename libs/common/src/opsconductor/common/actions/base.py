@@ -77,6 +77,8 @@ class ActionContext:
     cancel_event: asyncio.Event = field(repr=False)
     #: The submitting tenant's policy as this worker loaded it (default: the most restrictive).
     tenant_policy: TenantPolicy = field(default=TenantPolicy(), repr=False)
+    #: The request id of the submit (correlation): handlers pass it on (``http``: a header).
+    request_id: str | None = None
 
 
 def _jsonable(value: Any) -> Any:

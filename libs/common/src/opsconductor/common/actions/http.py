@@ -65,8 +65,12 @@ __all__ = ["MAX_REDIRECTS", "EgressDeniedError", "HttpAction"]
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 METHODS = SAFE_METHODS | {"POST", "PUT", "PATCH", "DELETE"}
 IDEMPOTENCY_HEADER = "Idempotency-Key"
+#: The submit's request id, so the system acted upon can correlate with our logs.
+REQUEST_ID_HEADER = "X-Request-Id"
 #: Set by this handler or by httpx; a plan may not override them.
-_RESERVED_HEADERS = frozenset({"idempotency-key", "host", "content-length", "transfer-encoding"})
+_RESERVED_HEADERS = frozenset(
+    {"idempotency-key", "x-request-id", "host", "content-length", "transfer-encoding"}
+)
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,256}")
 _MAX_URL_LENGTH = 2048
 _MAX_HEADERS = 64
@@ -260,6 +264,8 @@ class HttpAction:
             for name, value in request.headers.items()
         }
         headers[IDEMPOTENCY_HEADER] = ctx.idempotency_key
+        if ctx.request_id:
+            headers[REQUEST_ID_HEADER] = ctx.request_id
         for name, value in headers.items():
             if not value.isascii():
                 # httpx would raise a UnicodeEncodeError quoting the character: a piece of
@@ -384,7 +390,7 @@ async def _send(
     """
     url = httpx.URL(request.url)
     method, body, sent_headers = request.method, request.body, dict(headers)
-    plan_headers = {name for name in headers if name != IDEMPOTENCY_HEADER}
+    plan_headers = {name for name in headers if name not in (IDEMPOTENCY_HEADER, REQUEST_ID_HEADER)}
     for hop in range(MAX_REDIRECTS + 1):
         target, host_header, extensions = await _pinned(url, networks)
         content = body if isinstance(body, str) else None

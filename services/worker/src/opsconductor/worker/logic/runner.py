@@ -568,6 +568,8 @@ class ExecutionRunner:
                 record_only=record.record_only,
                 cancel_event=cancel_event,
                 tenant_policy=self.tenant_policies.for_tenant(record.tenant_id),
+                request_id=record.request_id
+                or structlog.contextvars.get_contextvars().get("request_id"),
             )
             async with asyncio.timeout(max(budget_s, 0.0)):
                 result: ActionResult = await handler.run(context)

@@ -17,7 +17,14 @@ from playwright.async_api import Browser, Page, async_playwright, expect
 
 from opsconductor.common.storage.flags import update_flags
 
-from .approvals_support import RUNBOOK, deploy_plan, modify_plan, wait_status, with_approvers
+from .approvals_support import (
+    RUNBOOK,
+    deploy_plan,
+    modify_plan,
+    production_plan,
+    wait_status,
+    with_approvers,
+)
 from .conftest import Tenant, running_stack, token
 from .plans import plan, probe_step
 from .stack import Stack
@@ -221,4 +228,37 @@ async def test_self_approval_shows_the_refusal(
     await expect(error).to_contain_text("You cannot approve your own request")
     await expect(error).to_contain_text("another principal must decide")
     await shot(page, "approval-self-refused")
+    await page.close()
+
+
+async def test_level_3_steps_are_approved_one_by_one_in_the_dialog(
+    browser: Browser, tenant: Tenant, ledger: Path
+) -> None:
+    """A level-3 production plan: bob approves the plan, then each step's request shows that
+    step in the dialog with an "Approve step" button; after the last one the execution runs to
+    its end. The runbook link is there for level 3 too."""
+    await with_approvers(tenant)
+    async with tenant.client("alice") as client:
+        submitted = await client.submit(production_plan(ledger, steps=2), tenant_id=tenant.id)
+        assert submitted.approval_level == 3
+        page = await signed_in(browser, tenant, "bob")
+        await page.get_by_role("link", name="Approvals").click()
+        for expected_step in ("", "s1", "s2"):
+            # The inbox refreshes itself: each step's request shows up once the step is next.
+            row = page.locator(f'#approvals-rows tr[data-execution-id="{submitted.execution_id}"]')
+            await expect(row.locator("td").nth(2)).to_have_text(
+                expected_step or "whole plan", timeout=30_000
+            )
+            await row.get_by_role("button").click()
+            await expect(page.locator("#dlg-level")).to_have_text("3 — step by step")
+            await expect(page.locator("#dlg-runbook")).to_have_attribute("href", RUNBOOK)
+            if expected_step:
+                await expect(page.locator("#dlg-step")).to_have_text(expected_step)
+                await shot(page, f"approval-level-3-{expected_step}")
+                await page.get_by_role("button", name=f"Approve step {expected_step}").click()
+            else:
+                await page.get_by_role("button", name="Approve", exact=True).click()
+            await expect(page.get_by_role("dialog")).to_be_hidden()
+        final = await wait_status(client, submitted, "succeeded", "failed", "cancelled")
+    assert final.status == "succeeded", (final.error_class, final.error_message)
     await page.close()

@@ -187,6 +187,18 @@
     } catch (err) { showBanner(explain(err)); }
   }
 
+  // The inbox refreshes itself while shown (and no dialog is open): new requests appear, e.g.
+  // the next step of a level-3 execution once the previous one ran.
+  let inboxTimer = null;
+  function stopInboxRefresh() { clearInterval(inboxTimer); inboxTimer = null; }
+  function startInboxRefresh() {
+    stopInboxRefresh();
+    inboxTimer = setInterval(() => {
+      if ($("approvals").hidden) { stopInboxRefresh(); return; }
+      if (!$("approval-dialog").open) loadApprovals();
+    }, 2000);
+  }
+
   const LEVELS = { 1: "1 — confirmation", 2: "2 — plan review", 3: "3 — step by step" };
 
   function openDialog(a) {
@@ -250,7 +262,8 @@
     if (following && !hash.startsWith("#/executions/")) { following.stop(); following = null; }
     const match = hash.match(/^#\/executions\/([0-9a-f-]+)$/);
     if (match) { openExecution(match[1]); return; }
-    if (hash === "#/approvals") { show("approvals"); loadApprovals(); return; }
+    if (hash === "#/approvals") { show("approvals"); loadApprovals(); startInboxRefresh(); return; }
+    stopInboxRefresh();
     show("executions");
     loadExecutions();
   }

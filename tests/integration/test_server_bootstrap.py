@@ -7,8 +7,10 @@ log line, metrics, UNIMPLEMENTED for every RPC not built yet, and the serve() li
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
+import sys
 import urllib.request
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, replace
@@ -27,7 +29,6 @@ from prometheus_client import REGISTRY
 from pydantic import SecretStr
 
 from opsconductor.common.errors import FieldViolation, NotFoundError, PlanValidationError
-from opsconductor.common.rpc.resources import DatabasePool
 from opsconductor.common.rpc.server import RpcServer, build_server, serve
 from opsconductor.execution.v1 import (
     execution_service_pb2,
@@ -53,6 +54,8 @@ class BootSettings:
     metrics_port: int | None = None
     shutdown_grace_s: float = 2.0
     otel_enabled: bool = False
+    otel_exporter: str = "none"
+    otel_file: Path | None = None
     port_file: Path | None = None
 
 
@@ -369,14 +372,16 @@ def _service_registrars() -> list[tuple[str, Callable[[grpc.aio.Server], Sequenc
     from opsconductor.approvals.app import ApprovalsApp
     from opsconductor.approvals.servicers import register_services as register_approvals
     from opsconductor.approvals.settings import ApprovalsSettings
+    from opsconductor.progress.app import ProgressApp
     from opsconductor.progress.servicers import register_services as register_progress
+    from opsconductor.progress.settings import ProgressSettings
     from opsconductor.worker.app import WorkerApp
     from opsconductor.worker.servicers import register_services as register_worker
     from opsconductor.worker.settings import WorkerSettings
 
     never = SecretStr("postgresql://never-opened.invalid/db")
     key = SecretStr("bootstrap-test-signing-key-0123456789abcdef")
-    db = DatabasePool(never)
+    progress = ProgressApp(ProgressSettings(database_url=never, jwt_hs256_key=key))
     api = ApiApp(ApiSettings(database_url=never, jwt_hs256_key=key))
     worker = WorkerApp(WorkerSettings(database_url=never, jwt_hs256_key=key))
     approvals = ApprovalsApp(ApprovalsSettings(database_url=never, jwt_hs256_key=key))
@@ -384,7 +389,7 @@ def _service_registrars() -> list[tuple[str, Callable[[grpc.aio.Server], Sequenc
         ("api", lambda server: register_api(server, api)),
         ("worker", lambda server: register_worker(server, worker)),
         ("approvals", lambda server: register_approvals(server, approvals)),
-        ("progress", lambda server: register_progress(server, db)),
+        ("progress", lambda server: register_progress(server, progress)),
     ]
 
 
@@ -411,6 +416,8 @@ IMPLEMENTED = {
     "Approve",
     "Reject",
     "ApproveStep",
+    "StreamEvents",
+    "ListEvents",
 }
 
 
@@ -513,24 +520,68 @@ async def test_serve_runs_startup_before_serving_and_stops_cleanly_on_sigterm(
     assert names[-1] == "server_stopped"
 
 
-async def test_tracing_instrumentation_is_enabled_only_when_configured() -> None:
-    """With otel_enabled the OpenTelemetry aio server interceptor is installed; RPCs still work."""
+async def test_tracing_instrumentation_is_enabled_only_when_configured(tmp_path: Path) -> None:
+    """``otel_enabled`` with the ``none`` exporter installs nothing; with an exporter the
+    OpenTelemetry aio interceptors are installed, RPCs still work and their spans are exported.
+
+    The positive case runs in a child process: a tracer provider is process-wide and for good.
+    """
     from opentelemetry.instrumentation.grpc import GrpcAioInstrumentorServer
 
     instrumentor = GrpcAioInstrumentorServer()  # type: ignore[no-untyped-call]
-    assert not instrumentor.is_instrumented_by_opentelemetry
     rpc = build_server(replace(BootSettings(), otel_enabled=True), register_scripted)
+    await rpc.stop(None)
+    assert not instrumentor.is_instrumented_by_opentelemetry
+
+    spans = tmp_path / "spans.jsonl"
+    child = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        _TRACED_CHILD,
+        str(spans),
+        cwd=Path(__file__).resolve().parents[2],
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    output, _ = await asyncio.wait_for(child.communicate(), timeout=60)
+    assert child.returncode == 0, output.decode(errors="replace")
+    assert output.decode().strip().endswith("instrumented ab"), output.decode(errors="replace")
+    names = [json.loads(line)["name"] for line in spans.read_text().splitlines()]
+    assert any("PreviewPlan" in name for name in names), names
+
+
+_TRACED_CHILD = """
+import asyncio, sys
+from dataclasses import replace
+from pathlib import Path
+
+import grpc.aio
+from opentelemetry.instrumentation.grpc import GrpcAioInstrumentorServer
+
+from opsconductor.common.rpc.server import build_server
+from opsconductor.execution.v1 import execution_service_pb2, execution_service_pb2_grpc
+from tests.integration.test_server_bootstrap import BootSettings, register_scripted
+
+
+async def main() -> None:
+    settings = replace(
+        BootSettings(), otel_enabled=True, otel_exporter="file", otel_file=Path(sys.argv[1])
+    )
+    rpc = build_server(settings, register_scripted)
+    instrumented = GrpcAioInstrumentorServer().is_instrumented_by_opentelemetry
+    await rpc.start()
+    await rpc.mark_serving()
     try:
-        assert instrumentor.is_instrumented_by_opentelemetry
-        await rpc.start()
-        await rpc.mark_serving()
         async with grpc.aio.insecure_channel(rpc.address) as channel:
             stub = execution_service_pb2_grpc.ExecutionServiceStub(channel)
             response = await stub.PreviewPlan(execution_service_pb2.PreviewPlanRequest(), timeout=5)
-            assert response.plan_hash == "ab" * 32
     finally:
         await rpc.stop(None)
-        instrumentor.uninstrument()
+    print("instrumented" if instrumented else "not instrumented", response.plan_hash[:2])
+
+
+asyncio.run(main())
+"""
 
 
 async def _collect_seqs(call: Any, into: list[int]) -> None:

@@ -448,36 +448,14 @@ class Authorizer:
         execution_id: UUID | None,
         resource: str,
     ) -> NoReturn:
-        payload: dict[str, Any] = {
-            "actor_tenant": principal.tenant_id,
-            "requested_tenant": audit_text(tenant_id, _MAX_AUDITED_TENANT),
-            "permissions": sorted(requested),
-            "missing": sorted(missing),
-            "reason": reason.value,
-            "tier": self._tier,
-            "resource": resource,
-            "auth_method": principal.auth_method,
-        }
-        # Metric and log first: they are synchronous, so even a cancelled caller leaves them.
-        RBAC_VIOLATIONS.labels(tier=self._tier, reason=reason.value).inc()
-        log.warning(
-            "rbac_violation",
-            actor_id=principal.actor_id,
-            execution_id=str(execution_id) if execution_id else None,
-            **payload,
-        )
-        record = DenialRecord(
-            tenant_id=audit_text(tenant_id),
-            actor_tenant=principal.tenant_id,
-            actor_id=principal.actor_id,
+        await self.record_denial(
+            principal,
+            tenant_id=tenant_id,
+            reason=reason,
+            resource=resource,
             execution_id=execution_id,
-            payload=payload,
+            details={"permissions": sorted(requested), "missing": sorted(missing)},
         )
-        task = asyncio.ensure_future(self._audit.record(record))
-        _PENDING_RECORDS.add(task)
-        task.add_done_callback(_PENDING_RECORDS.discard)
-        # Shielded: cancelling the request (e.g. the client hanging up) must not erase the record.
-        await asyncio.shield(task)
         # A mismatch names no tenant but the caller's own: the targeted one may be the owner of
         # a foreign execution id, which the caller must not learn.
         details: dict[str, object] = {"denial_reason": reason.value, "missing": sorted(missing)}
@@ -512,6 +490,7 @@ class Authorizer:
             "auth_method": principal.auth_method,
             **(details or {}),
         }
+        # Metric and log first: they are synchronous, so even a cancelled caller leaves them.
         RBAC_VIOLATIONS.labels(tier=self._tier, reason=reason.value).inc()
         log.warning(
             "rbac_violation",
@@ -529,6 +508,7 @@ class Authorizer:
         task = asyncio.ensure_future(self._audit.record(record))
         _PENDING_RECORDS.add(task)
         task.add_done_callback(_PENDING_RECORDS.discard)
+        # Shielded: cancelling the request (e.g. the client hanging up) must not erase the record.
         await asyncio.shield(task)
 
     async def _write_record(self, record: DenialRecord) -> None:

@@ -144,3 +144,43 @@ def test_construction_checks_its_settings() -> None:
 async def test_dead_jobs_needs_a_positive_limit(queue: RedisQueue) -> None:
     with pytest.raises(ValueError, match="limit"):
         await queue.dead_jobs(0)
+
+
+TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
+def test_a_job_carries_the_correlation_of_the_request_that_queued_it() -> None:
+    job = LeasedJob.from_hash(HASH | {"request_id": "req-42", "traceparent": TRACEPARENT})
+    assert (job.request_id, job.trace_context) == ("req-42", TRACEPARENT)
+    # Queued before jobs carried it: none (the worker falls back to the execution's).
+    assert (LeasedJob.from_hash(HASH).request_id, QueuedJob.from_hash(HASH).trace_context) == (
+        None,
+        None,
+    )
+
+
+@pytest.mark.parametrize(
+    "request_id",
+    ["", "x" * 101, "has space", "line\nbreak", '{"event": "forged"}', "é"],
+)
+def test_a_malformed_or_oversized_request_id_from_redis_is_dropped(request_id: str) -> None:
+    job = LeasedJob.from_hash(HASH | {"request_id": request_id, "traceparent": TRACEPARENT})
+    assert (job.request_id, job.trace_context) == (None, TRACEPARENT)
+
+
+@pytest.mark.parametrize(
+    "traceparent",
+    [
+        "",
+        TRACEPARENT + "-00",  # longer than version 00 allows
+        TRACEPARENT.upper(),
+        "01" + TRACEPARENT[2:],  # another version: not carried
+        "00-00000000000000000000000000000000-00f067aa0ba902b7-01",  # zero trace id
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",  # zero span id
+        "00-4bf92f3577b34da6a3ce929d0e0e473g-00f067aa0ba902b7-01",
+        "x" * 100_000,
+    ],
+)
+def test_a_malformed_or_oversized_traceparent_from_redis_is_dropped(traceparent: str) -> None:
+    job = QueuedJob.from_hash(HASH | {"request_id": "req-1", "traceparent": traceparent})
+    assert (job.request_id, job.trace_context) == ("req-1", None)

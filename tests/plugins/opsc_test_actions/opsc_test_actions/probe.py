@@ -16,7 +16,8 @@ Params (all optional)::
     estimate_ms  the duration estimate to report (default hold_s plus 5 ms), so a test can
                  submit a plan estimated short that really runs long
 
-Ledger line: ``idempotency_key, execution_id, step_id, tenant_id, pid, targets, start_ns,
+Ledger line: ``idempotency_key, execution_id, step_id, tenant_id, request_id, traceparent`` (the
+correlation the worker handed the step), ``pid, targets, start_ns,
 end_ns`` (``time.monotonic_ns``, comparable across processes), ``outcome`` (ok, failed,
 cancelled, interrupted, overlap), ``secret_seen`` (``emit`` was a registered secret) and
 ``emit_sha256`` (to check the right value arrived) -- never the emitted value itself.
@@ -200,6 +201,8 @@ class ProbeAction:
             "execution_id": ctx.execution_id,
             "step_id": ctx.step_id,
             "tenant_id": ctx.tenant_id,
+            "request_id": ctx.request_id,
+            "traceparent": ctx.traceparent,
             "pid": os.getpid(),
             "targets": sorted(ctx.targets),
             "start_ns": time.monotonic_ns(),

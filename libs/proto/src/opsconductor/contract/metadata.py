@@ -25,6 +25,11 @@ _ACCEPTABLE_REQUEST_ID = re.compile(rf"[A-Za-z0-9._:-]{{1,{MAX_REQUEST_ID_LENGTH
 _request_id: ContextVar[str | None] = ContextVar("opsconductor_request_id", default=None)
 
 
+def is_acceptable_request_id(text: str) -> bool:
+    """Whether ``text`` is a request id we keep: a short plain token that fits its column."""
+    return _ACCEPTABLE_REQUEST_ID.fullmatch(text) is not None
+
+
 def new_request_id() -> str:
     """Return a fresh random request id (32 hex characters)."""
     return uuid.uuid4().hex
@@ -41,7 +46,7 @@ def request_id_from_metadata(metadata: Iterable[tuple[str, str | bytes]] | None)
         if key.lower() != REQUEST_ID_METADATA_KEY:
             continue
         text = value.decode("ascii", "replace") if isinstance(value, bytes) else value
-        if _ACCEPTABLE_REQUEST_ID.fullmatch(text):
+        if is_acceptable_request_id(text):
             return text
         break
     return new_request_id()

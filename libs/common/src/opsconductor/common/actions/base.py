@@ -79,6 +79,9 @@ class ActionContext:
     tenant_policy: TenantPolicy = field(default=TenantPolicy(), repr=False)
     #: The request id of the submit (correlation): handlers pass it on (``http``: a header).
     request_id: str | None = None
+    #: The W3C ``traceparent`` of this step's span (None without one): handlers pass it on so
+    #: the system acted upon joins the execution's trace (``http``: the ``traceparent`` header).
+    traceparent: str | None = None
 
 
 def _jsonable(value: Any) -> Any:

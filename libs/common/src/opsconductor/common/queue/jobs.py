@@ -102,9 +102,10 @@ WHERE id = $1 AND lease_token = $2 AND state = 'leased'
 """
 _DELETE = "DELETE FROM execution_queue WHERE id = $1"
 _DELETE_FENCED = "DELETE FROM execution_queue WHERE id = $1 AND lease_token = $2"
-# With the renewal limit of the execution's policy: a re-pushed job needs it and the row has not.
+# With the renewal limit of the execution's policy and the execution's correlation (request id,
+# traceparent): a re-pushed job needs them and the row has not.
 _LIST = """
-SELECT q.*, p.max_lease_renewals
+SELECT q.*, p.max_lease_renewals, e.request_id, e.trace_context
 FROM execution_queue q
 JOIN executions e ON e.id = q.execution_id
 LEFT JOIN timeout_policies p ON p.id = e.timeout_policy_id
@@ -136,6 +137,9 @@ class QueueRow:
     last_error: Any
     #: The renewal limit of the execution's timeout policy; only listings fill it in.
     max_lease_renewals: int | None = None
+    #: The execution's request id and W3C traceparent; only listings fill them in.
+    request_id: str | None = None
+    trace_context: str | None = None
 
 
 def queue_row_from_record(row: Mapping[str, Any]) -> QueueRow:

@@ -91,6 +91,9 @@ async def _repush(queue: RedisQueue, db: asyncpg.Pool, row: QueueRow) -> int:
             row.max_lease_renewals or 0,
             locked.available_at if locked.state == "delayed" else None,
             attempts=min(locked.attempts, locked.max_attempts - 1),
+            # The execution's correlation, as its submit queued it.
+            request_id=row.request_id,
+            trace_context=row.trace_context,
         )
     return int(created)
 

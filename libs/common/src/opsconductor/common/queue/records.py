@@ -7,19 +7,31 @@ fields). Times are epoch seconds (floats) of the queue's clock; ids are UUIDs.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 from uuid import UUID
 
+from opsconductor.contract.metadata import is_acceptable_request_id
+
 __all__ = [
+    "TRACEPARENT_LENGTH",
     "FailOutcome",
     "LeasedJob",
     "MaintenanceReport",
     "QueueStats",
     "QueuedJob",
+    "correlation_request_id",
+    "correlation_traceparent",
     "decode_hash",
 ]
+
+#: Length of a W3C ``traceparent`` of version 00, the only one the queue carries.
+TRACEPARENT_LENGTH: Final = 55
+# version 00, 32 hex trace id, 16 hex parent id, 2 hex flags (lower case, as W3C requires);
+# all-zero ids are invalid (checked apart).
+_TRACEPARENT: Final = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}")
 
 
 def _text(value: bytes | str) -> str:
@@ -31,6 +43,27 @@ def decode_hash(pairs: Sequence[bytes | str] | Mapping[Any, Any]) -> dict[str, s
     if isinstance(pairs, Mapping):
         return {_text(k): _text(v) for k, v in pairs.items()}
     return {_text(pairs[i]): _text(pairs[i + 1]) for i in range(0, len(pairs), 2)}
+
+
+def correlation_request_id(value: str | None) -> str | None:
+    """``value`` when it is a request id the queue may carry (short plain token), else None.
+
+    The correlation fields of a job come from Redis, which anybody with access could have
+    written: a malformed or oversized value is dropped, never trusted nor raised on.
+    """
+    if value is None or not is_acceptable_request_id(value):
+        return None
+    return value
+
+
+def correlation_traceparent(value: str | None) -> str | None:
+    """``value`` when it is a valid W3C ``traceparent`` (version 00), else None."""
+    if value is None or len(value) != TRACEPARENT_LENGTH:
+        return None
+    match = _TRACEPARENT.fullmatch(value)
+    if match is None or set(match[1]) == {"0"} or set(match[2]) == {"0"}:
+        return None
+    return value
 
 
 def _ms_to_s(ms: str) -> float:
@@ -74,6 +107,8 @@ class QueuedJob:
     worker_id: str | None
     lease_deadline: float | None
     last_error: dict[str, Any] | None
+    request_id: str | None = None
+    trace_context: str | None = None
 
     @classmethod
     def from_hash(cls, fields: Mapping[str, str]) -> QueuedJob:
@@ -95,6 +130,8 @@ class QueuedJob:
             worker_id=fields.get("worker_id"),
             lease_deadline=_seconds(fields.get("lease_deadline")),
             last_error=_last_error(fields.get("last_error")),
+            request_id=correlation_request_id(fields.get("request_id")),
+            trace_context=correlation_traceparent(fields.get("traceparent")),
         )
 
 
@@ -104,7 +141,9 @@ class LeasedJob:
 
     Only the holder of ``lease_token`` may renew, ack, fail or release it; the same token fences
     the worker's Postgres writes. ``attempts`` already spent (failures and expired leases) and
-    ``lease_expirations`` tell a worker it is picking up after a crash.
+    ``lease_expirations`` tell a worker it is picking up after a crash. ``request_id`` and
+    ``trace_context`` carry the queuing request's correlation across the queue (see
+    :class:`QueuedJob`).
     """
 
     job_id: UUID
@@ -122,6 +161,8 @@ class LeasedJob:
     deliveries: int
     enqueued_at: float
     last_error: dict[str, Any] | None
+    request_id: str | None = None
+    trace_context: str | None = None
 
     @property
     def renewals_left(self) -> int:
@@ -148,6 +189,8 @@ class LeasedJob:
             deliveries=job.deliveries,
             enqueued_at=job.enqueued_at,
             last_error=job.last_error,
+            request_id=job.request_id,
+            trace_context=job.trace_context,
         )
 
 

@@ -22,7 +22,8 @@ key                 type   content
 ``job:{job_id}``    hash   ``job_id execution_id tenant_id priority score state attempts
                            max_attempts lease_renewals max_lease_renewals lease_expirations
                            deliveries enqueued_at ready_at available_at lease_token worker_id
-                           lease_deadline leased_at last_error`` (times in ms)
+                           lease_deadline leased_at last_error request_id traceparent``
+                           (times in ms; the last two only when the job was queued with them)
 ==================  =====  =======================================================================
 
 Semantics (DESIGN.md §4, spec §5, docs/security.md "Fair share and quotas"):
@@ -83,6 +84,8 @@ from opsconductor.common.queue.records import (
     MaintenanceReport,
     QueuedJob,
     QueueStats,
+    correlation_request_id,
+    correlation_traceparent,
     decode_hash,
 )
 
@@ -235,11 +238,17 @@ class RedisQueue:
         available_at: float | datetime | None = None,
         *,
         attempts: int = 0,
+        request_id: str | None = None,
+        trace_context: str | None = None,
     ) -> bool:
         """Queue a job; return False (and change nothing) if ``job_id`` is already queued.
 
         ``available_at`` (epoch seconds or an aware datetime) in the future delays the job until
         then. ``attempts`` already spent is for re-pushing a Postgres row after Redis lost it.
+        ``request_id`` and ``trace_context`` (the W3C ``traceparent`` of the request that queued
+        the job) travel with the job to the worker that leases it; a value that is not a valid
+        request id / traceparent is left out (optional correlation never fails a submit), so a
+        job's payload stays bounded (100 + 55 characters at most).
         """
         if max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
@@ -250,6 +259,15 @@ class RedisQueue:
         if isinstance(available_at, datetime):
             available_at = available_at.timestamp()
         job = _as_uuid(job_id)
+        kept_request_id = correlation_request_id(request_id)
+        kept_trace = correlation_traceparent(trace_context)
+        if (request_id, trace_context) != (kept_request_id, kept_trace):
+            log.warning(
+                "job_correlation_dropped",
+                job_id=str(job),
+                request_id_dropped=request_id != kept_request_id,
+                trace_context_dropped=trace_context != kept_trace,
+            )
         created = await self._run(
             "enqueue",
             str(job),
@@ -260,6 +278,8 @@ class RedisQueue:
             max_lease_renewals,
             _ms(available_at) if available_at is not None else 0,
             attempts,
+            kept_request_id or "",
+            kept_trace or "",
         )
         if created:
             log.info(

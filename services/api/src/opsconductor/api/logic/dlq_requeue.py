@@ -55,6 +55,7 @@ from opsconductor.common.storage.executions import (
     transition,
 )
 from opsconductor.common.storage.policies import TimeoutPolicy
+from opsconductor.common.tracing import current_traceparent
 
 __all__ = [
     "DLQ_REQUEUED_EVENT",
@@ -91,6 +92,8 @@ def _rerun_of(old: ExecutionRecord, *, request_id: str | None, record_only: bool
         tenant_id=old.tenant_id,
         actor_id=old.actor_id,
         request_id=None if request_id is None else request_id[:_MAX_REQUEST_ID],
+        # The requeue's trace: the new run's spans continue the request that requeued it.
+        trace_context=current_traceparent(),
         idempotency_key=old.idempotency_key,
         plan_hash=old.plan_hash,
         plan_snapshot=old.plan_snapshot,
@@ -217,6 +220,8 @@ async def requeue_dead_letter(
             row.priority,
             row.max_attempts,
             policy.max_lease_renewals,
+            request_id=record.request_id,
+            trace_context=record.trace_context,
         )
         record = await get_execution(conn, record.tenant_id, record.id)
     log.info(

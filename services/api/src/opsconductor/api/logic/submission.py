@@ -376,6 +376,8 @@ class Submissions:
                 row.priority,
                 row.max_attempts,
                 decision.policy.max_lease_renewals,
+                request_id=record.request_id,
+                trace_context=record.trace_context,
             )
         # Committed: wake an idle worker now rather than at its next poll.
         await self._queue.announce()

@@ -95,6 +95,10 @@ class ExecutionDispatcher:
             row.priority,
             row.max_attempts,
             policy.max_lease_renewals,
+            # The submit's correlation: the released job logs and traces as the request that
+            # created the execution.
+            request_id=record.request_id,
+            trace_context=record.trace_context,
         )
         log.info("approved_execution_queued", execution_id=str(record.id), job_id=str(row.id))
         return row.id

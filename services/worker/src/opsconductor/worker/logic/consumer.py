@@ -167,8 +167,15 @@ class BackgroundConsumer:
         policy, record = await self._handoff(job, bound)
         if record is None:
             return
-        # Continue the submit's trace (stored with the execution): the wait in the queue, then
-        # this run with its lock wait and steps (no-ops unless tracing is configured).
+        # The submit's correlation as the job carries it; the execution's copy for a job queued
+        # before jobs carried it.
+        record = replace(
+            record,
+            request_id=job.request_id or record.request_id,
+            trace_context=job.trace_context or record.trace_context,
+        )
+        # Continue the submit's trace: the wait in the queue, then this run with its lock wait
+        # and steps (no-ops unless tracing is configured).
         parent = context_from_traceparent(record.trace_context)
         attributes = {"opsc.exec_id": str(record.id), "opsc.job_id": str(job.job_id)}
         tracer().start_span(
@@ -238,6 +245,9 @@ class BackgroundConsumer:
             bound.enter_context(
                 bind_execution(
                     execution_from_row(queued),
+                    # The submit's request id as the job carries it (the execution's for a
+                    # job queued before jobs carried it).
+                    request_id=job.request_id,
                     worker_id=self._worker_id,
                     queue_wait_ms=int(max(time.time() - job.enqueued_at, 0.0) * 1000),
                 )

@@ -78,7 +78,7 @@ from opsconductor.common.storage.executions import retire_idempotency_key, trans
 from opsconductor.common.storage.locks import LockRequest, acquire_locks, release_locks
 from opsconductor.common.storage.policies import TimeoutPolicy
 from opsconductor.common.tenant_policy import TenantPolicies, TenantPolicyDeniedError
-from opsconductor.common.tracing import tracer
+from opsconductor.common.tracing import current_traceparent, tracer
 
 from . import metrics
 from .approval_checks import ApprovalChecks
@@ -570,6 +570,8 @@ class ExecutionRunner:
                 tenant_policy=self.tenant_policies.for_tenant(record.tenant_id),
                 request_id=record.request_id
                 or structlog.contextvars.get_contextvars().get("request_id"),
+                # The step's span is current here (_run_one).
+                traceparent=current_traceparent(),
             )
             async with asyncio.timeout(max(budget_s, 0.0)):
                 result: ActionResult = await handler.run(context)

@@ -152,6 +152,7 @@ def _ctx(
     key: str = "exec-1:step-a",
     policy: TenantPolicy = LOOPBACK,
     request_id: str | None = None,
+    traceparent: str | None = None,
 ) -> ActionContext:
     return ActionContext(
         execution_id="exec-1",
@@ -165,7 +166,11 @@ def _ctx(
         cancel_event=asyncio.Event(),
         tenant_policy=policy,
         request_id=request_id,
+        traceparent=traceparent,
     )
+
+
+TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 
 
 def _closed_port() -> int:
@@ -194,6 +199,15 @@ async def test_the_submits_request_id_goes_out_as_x_request_id(server: Server) -
     with_id, without = server.requests
     assert with_id.headers["X-Request-Id"] == "req-42"
     assert "X-Request-Id" not in without.headers
+
+
+async def test_the_step_spans_trace_context_goes_out_as_traceparent(server: Server) -> None:
+    await HttpAction().run(_ctx({"url": server.url}, request_id="r-1", traceparent=TRACEPARENT))
+    await HttpAction().run(_ctx({"url": server.url}))
+    traced, untraced = server.requests
+    assert traced.headers["traceparent"] == TRACEPARENT
+    assert traced.headers["X-Request-Id"] == "r-1"
+    assert "traceparent" not in untraced.headers
 
 
 async def test_every_attempt_of_a_step_sends_the_same_key(server: Server) -> None:
@@ -384,6 +398,14 @@ def test_required_class_follows_the_method() -> None:
             {"url": "https://h/", "headers": {"x-request-id": "forged"}},
             "params.headers.x-request-id",
         ),
+        (
+            {"url": "https://h/", "headers": {"Traceparent": TRACEPARENT}},
+            "params.headers.Traceparent",
+        ),
+        (
+            {"url": "https://h/", "headers": {"tracestate": "vendor=x"}},
+            "params.headers.tracestate",
+        ),
         ({"url": "https://h/", "headers": {"X": "a\r\nInjected: 1"}}, "params.headers.X"),
         ({"url": "https://h/", "headers": {"X": 5}}, "params.headers.X"),
         ({"url": "https://h/", "headers": ["X"]}, "params.headers"),
@@ -541,6 +563,7 @@ async def test_a_cross_origin_redirect_drops_the_plans_headers(server: Server) -
         _ctx(
             {"url": url, "follow_redirects": True, "headers": {"X-Token": "abc-secretish"}},
             request_id="req-7",
+            traceparent=TRACEPARENT,
         )
     )
     first, second = server.requests
@@ -548,6 +571,7 @@ async def test_a_cross_origin_redirect_drops_the_plans_headers(server: Server) -
     assert "X-Token" not in second.headers
     assert second.headers["Idempotency-Key"] == "exec-1:step-a"
     assert second.headers["X-Request-Id"] == "req-7"
+    assert first.headers["traceparent"] == second.headers["traceparent"] == TRACEPARENT
 
 
 async def test_a_same_origin_redirect_keeps_headers_and_303_turns_post_into_get(

@@ -67,10 +67,22 @@ METHODS = SAFE_METHODS | {"POST", "PUT", "PATCH", "DELETE"}
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 #: The submit's request id, so the system acted upon can correlate with our logs.
 REQUEST_ID_HEADER = "X-Request-Id"
-#: Set by this handler or by httpx; a plan may not override them.
+#: The W3C trace context of the step's span, so the system acted upon joins the trace.
+TRACEPARENT_HEADER = "traceparent"
+#: Set by this handler or by httpx; a plan may not override them (``tracestate`` belongs to
+#: the trace context too: a plan's would pair with our traceparent).
 _RESERVED_HEADERS = frozenset(
-    {"idempotency-key", "x-request-id", "host", "content-length", "transfer-encoding"}
+    {
+        "idempotency-key",
+        "x-request-id",
+        "traceparent",
+        "tracestate",
+        "host",
+        "content-length",
+        "transfer-encoding",
+    }
 )
+_OWN_HEADERS = (IDEMPOTENCY_HEADER, REQUEST_ID_HEADER, TRACEPARENT_HEADER)
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,256}")
 _MAX_URL_LENGTH = 2048
 _MAX_HEADERS = 64
@@ -266,6 +278,8 @@ class HttpAction:
         headers[IDEMPOTENCY_HEADER] = ctx.idempotency_key
         if ctx.request_id:
             headers[REQUEST_ID_HEADER] = ctx.request_id
+        if ctx.traceparent:
+            headers[TRACEPARENT_HEADER] = ctx.traceparent
         for name, value in headers.items():
             if not value.isascii():
                 # httpx would raise a UnicodeEncodeError quoting the character: a piece of
@@ -390,7 +404,7 @@ async def _send(
     """
     url = httpx.URL(request.url)
     method, body, sent_headers = request.method, request.body, dict(headers)
-    plan_headers = {name for name in headers if name not in (IDEMPOTENCY_HEADER, REQUEST_ID_HEADER)}
+    plan_headers = {name for name in headers if name not in _OWN_HEADERS}
     for hop in range(MAX_REDIRECTS + 1):
         target, host_header, extensions = await _pinned(url, networks)
         content = body if isinstance(body, str) else None

@@ -34,6 +34,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
 
+from opsc_test_actions import read_ledger
+
 from opsconductor.client import ExecutionClient, ExecutionTimeoutError, PermissionDeniedError
 from opsconductor.common.auth import issue_token
 from opsconductor.common.execution_logging import SPEC_FIELDS
@@ -607,3 +609,10 @@ async def test_one_background_execution_is_one_trace_across_the_queue(
     assert by_id[execution["parent_id"]]["name"] == roots[0]["name"]
     steps = [s for s in spans if s["name"].startswith("step ")]
     assert all(by_id[s["parent_id"]]["name"] == "execution" for s in steps)
+    # Each step's action was handed its own span's trace context (the http action sends it as
+    # its traceparent header): trace id of the submit, parent id of the step's span.
+    step_span_ids = {s["name"]: s["context"]["span_id"] for s in steps}
+    for line in read_ledger(ledger):
+        _version, line_trace, line_parent, _flags = line["traceparent"].split("-")
+        assert "0x" + line_trace == trace_id
+        assert "0x" + line_parent == step_span_ids[f"step {line['step_id']}"]

@@ -8,9 +8,9 @@ Tests in one process use :func:`configure_tracing` with an ``InMemorySpanExporte
 
 gRPC calls are traced by ``opentelemetry-instrumentation-grpc`` on both sides (the server
 instrumentor replaces ``grpc.aio.server``, the client one ``grpc.aio`` channels), which carries
-the context in the ``traceparent`` metadata. The queue is crossed through Postgres: the api
-stores the submit's W3C ``traceparent`` with the execution (``executions.trace_context``) and
-the worker continues that trace (:func:`context_from_traceparent`): the queue wait, the lock
+the context in the ``traceparent`` metadata. The queue is crossed in the job payload: the api
+puts the submit's W3C ``traceparent`` into the Redis job (and stores it with the execution,
+``executions.trace_context``, the fallback for older jobs) and the worker continues that trace (:func:`context_from_traceparent`): the queue wait, the lock
 wait and each step are spans of the submit's trace.
 """
 

@@ -31,10 +31,9 @@ from typing import Any
 
 import asyncpg
 import pytest
+from opsc_test_actions import read_ledger
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
-
-from opsc_test_actions import read_ledger
 
 from opsconductor.client import ExecutionClient, ExecutionTimeoutError, PermissionDeniedError
 from opsconductor.common.auth import issue_token

@@ -10,8 +10,9 @@ gRPC calls are traced by ``opentelemetry-instrumentation-grpc`` on both sides (t
 instrumentor replaces ``grpc.aio.server``, the client one ``grpc.aio`` channels), which carries
 the context in the ``traceparent`` metadata. The queue is crossed in the job payload: the api
 puts the submit's W3C ``traceparent`` into the Redis job (and stores it with the execution,
-``executions.trace_context``, the fallback for older jobs) and the worker continues that trace (:func:`context_from_traceparent`): the queue wait, the lock
-wait and each step are spans of the submit's trace.
+``executions.trace_context``, the fallback for older jobs) and the worker continues that trace
+(:func:`context_from_traceparent`): the queue wait, the lock wait and each step are spans of
+the submit's trace.
 """
 
 from __future__ import annotations

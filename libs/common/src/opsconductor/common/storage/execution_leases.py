@@ -24,7 +24,7 @@ from opsconductor.common.storage.execution_records import (
     lock_execution,
     transaction,
 )
-from opsconductor.common.storage.executions import transition
+from opsconductor.common.storage.executions import retire_idempotency_key, transition
 from opsconductor.common.storage.locks import release_execution_locks
 
 log = structlog.get_logger(__name__)
@@ -343,9 +343,5 @@ async def fail_unstarted_execution(
             fields={"error_class": error_class, "error_message": error_message},
             tenant_id=locked["tenant_id"],
         )
-        await conn.execute(
-            "UPDATE executions SET idempotency_retired_at = clock_timestamp() "
-            "WHERE id = $1 AND idempotency_retired_at IS NULL",
-            execution_id,
-        )
+        await retire_idempotency_key(conn, execution_id)
     return True

@@ -341,14 +341,12 @@ class BackgroundConsumer:
                 await self._runner.approvals.pause(
                     conn, job.execution_id, result.paused_step, lease_token=job.lease_token
                 )
-                await jobs.delete_queue_row(conn, job.job_id, lease_token=job.lease_token)
-                await self._queue.ack(job.job_id, job.lease_token)
+                await self._ack(conn, job)
                 log.info("job_paused_for_approval", job_id=str(job.job_id))
                 return
             if not result.retryable:
                 # Done: succeeded, cancelled, timed out, or failed for good.
-                await jobs.delete_queue_row(conn, job.job_id, lease_token=job.lease_token)
-                await self._queue.ack(job.job_id, job.lease_token)
+                await self._ack(conn, job)
                 return
             outcome = await self._queue.fail(
                 job.job_id,
@@ -399,8 +397,13 @@ class BackgroundConsumer:
     async def _drop(self, job: LeasedJob) -> None:
         """The job has nothing (more) to run: out of both stores."""
         async with transaction(self._pool) as conn:
-            await jobs.delete_queue_row(conn, job.job_id, lease_token=job.lease_token)
-            await self._queue.ack(job.job_id, job.lease_token)
+            await self._ack(conn, job)
+
+    async def _ack(self, conn: Any, job: LeasedJob) -> None:
+        """Out of both stores, in the caller's transaction: the row (fenced on the lease token)
+        first, then Redis, so a Redis failure rolls the delete back and the lease expires."""
+        await jobs.delete_queue_row(conn, job.job_id, lease_token=job.lease_token)
+        await self._queue.ack(job.job_id, job.lease_token)
 
 
 __all__ = ["BackgroundConsumer"]

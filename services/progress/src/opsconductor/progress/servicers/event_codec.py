@@ -7,7 +7,7 @@ import collections
 from google.protobuf import struct_pb2, timestamp_pb2
 
 from opsconductor.common.storage.event_reads import EventRecord
-from opsconductor.execution.v1 import types_pb2
+from opsconductor.execution.v1 import progress_service_pb2, types_pb2
 
 
 class EventEncoder:
@@ -22,6 +22,7 @@ class EventEncoder:
         self._cache: collections.OrderedDict[tuple[object, int], types_pb2.ExecutionEvent] = (
             collections.OrderedDict()
         )
+        self._frames: collections.OrderedDict[tuple[object, int], bytes] = collections.OrderedDict()
 
     def encode(self, event: EventRecord) -> types_pb2.ExecutionEvent:
         key = (event.execution_id, event.seq if event.execution_id else -event.id)
@@ -31,6 +32,26 @@ class EventEncoder:
             if len(self._cache) > self._size:
                 self._cache.popitem(last=False)
         return message
+
+    def stream_frame(self, event: EventRecord) -> bytes:
+        """The serialised ``StreamEventsResponse`` of ``event``, built once for every
+        subscriber (a thousand subscribers of one execution share the same bytes)."""
+        key = (event.execution_id, event.seq if event.execution_id else -event.id)
+        frame = self._frames.get(key)
+        if frame is None:
+            frame = self._frames[key] = progress_service_pb2.StreamEventsResponse(
+                event=self.encode(event)
+            ).SerializeToString()
+            if len(self._frames) > self._size:
+                self._frames.popitem(last=False)
+        return frame
+
+
+def serialize_stream_response(response: bytes | progress_service_pb2.StreamEventsResponse) -> bytes:
+    """The response serializer of ``StreamEvents``: pre-serialised frames pass as they are."""
+    if isinstance(response, bytes):
+        return response
+    return response.SerializeToString()
 
 
 def event_to_proto(event: EventRecord) -> types_pb2.ExecutionEvent:

@@ -11,13 +11,18 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
+import grpc
 import grpc.aio
 
 from opsconductor.common.rpc.auth import authenticate
 from opsconductor.execution.v1 import progress_service_pb2, progress_service_pb2_grpc
 from opsconductor.progress.app import ProgressApp
 from opsconductor.progress.logic.access import EventQuery
-from opsconductor.progress.servicers.event_codec import EventEncoder, event_to_proto
+from opsconductor.progress.servicers.event_codec import (
+    EventEncoder,
+    event_to_proto,
+    serialize_stream_response,
+)
 
 SERVICE_NAME: str = progress_service_pb2.DESCRIPTOR.services_by_name["ProgressService"].full_name
 
@@ -33,7 +38,7 @@ class ProgressServicer(progress_service_pb2_grpc.ProgressServiceServicer):
 
     async def StreamEvents(
         self, request: progress_service_pb2.StreamEventsRequest, context: _Context
-    ) -> AsyncIterator[progress_service_pb2.StreamEventsResponse]:
+    ) -> AsyncIterator[bytes]:
         principal, _token = await authenticate(context, self._app.verifier)
         subscription = await self._app.access.subscribe(
             principal,
@@ -46,7 +51,8 @@ class ProgressServicer(progress_service_pb2_grpc.ProgressServiceServicer):
             # Headers now: the caller learns it is subscribed before the first event exists.
             await context.send_initial_metadata(())
             while (event := await subscription.next()) is not None:
-                yield progress_service_pb2.StreamEventsResponse(event=self._encoder.encode(event))
+                # Serialised once per event for all subscribers (see add_progress_servicer).
+                yield self._encoder.stream_frame(event)
         finally:
             subscription.release()
 
@@ -73,6 +79,24 @@ class ProgressServicer(progress_service_pb2_grpc.ProgressServiceServicer):
 
 
 def add_progress_servicer(server: grpc.aio.Server, app: ProgressApp) -> str:
-    """Register ``ProgressService`` on ``server``; returns its full name."""
-    progress_service_pb2_grpc.add_ProgressServiceServicer_to_server(ProgressServicer(app), server)
+    """Register ``ProgressService`` on ``server``; returns its full name.
+
+    As the generated ``add_ProgressServiceServicer_to_server`` but ``StreamEvents`` responses
+    go out as the bytes the servicer serialised once per event (profiled at 1 000
+    subscribers: per-subscriber serialisation was most of the process's time).
+    """
+    servicer = ProgressServicer(app)
+    handlers = {
+        "StreamEvents": grpc.unary_stream_rpc_method_handler(
+            servicer.StreamEvents,
+            request_deserializer=progress_service_pb2.StreamEventsRequest.FromString,
+            response_serializer=serialize_stream_response,
+        ),
+        "ListEvents": grpc.unary_unary_rpc_method_handler(
+            servicer.ListEvents,
+            request_deserializer=progress_service_pb2.ListEventsRequest.FromString,
+            response_serializer=progress_service_pb2.ListEventsResponse.SerializeToString,
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     return SERVICE_NAME

@@ -13,28 +13,36 @@ WORKDIR /src
 COPY requirements/constraints.txt requirements/constraints.txt
 COPY libs/proto libs/proto
 COPY libs/common libs/common
+COPY libs/lifecycle libs/lifecycle
+COPY libs/actions libs/actions
+COPY libs/policy libs/policy
+COPY libs/rpc libs/rpc
 COPY libs/client libs/client
 COPY services services
 
 FROM build AS build-api
 RUN python -m venv /opt/venv \
  && /opt/venv/bin/pip install -c requirements/constraints.txt \
-        ./libs/proto ./libs/common ./libs/client ./services/api
+        ./libs/proto ./libs/common ./libs/lifecycle ./libs/actions ./libs/policy \
+        ./libs/rpc ./libs/client ./services/api
 
 FROM build AS build-worker
 RUN python -m venv /opt/venv \
  && /opt/venv/bin/pip install -c requirements/constraints.txt \
-        ./libs/proto ./libs/common ./libs/client ./services/worker
+        ./libs/proto ./libs/common ./libs/lifecycle ./libs/actions ./libs/policy \
+        ./libs/rpc ./libs/client ./services/worker
 
 FROM build AS build-approvals
 RUN python -m venv /opt/venv \
  && /opt/venv/bin/pip install -c requirements/constraints.txt \
-        ./libs/proto ./libs/common ./libs/client ./services/approvals
+        ./libs/proto ./libs/common ./libs/lifecycle ./libs/actions ./libs/policy \
+        ./libs/rpc ./libs/client ./services/approvals
 
 FROM build AS build-progress
 RUN python -m venv /opt/venv \
  && /opt/venv/bin/pip install -c requirements/constraints.txt \
-        ./libs/proto ./libs/common ./libs/client ./services/progress
+        ./libs/proto ./libs/common ./libs/lifecycle ./libs/policy ./libs/actions \
+        ./libs/rpc ./libs/client ./services/progress
 
 # ---- runtime: what every service image shares -----------------------------------------------------
 FROM python:3.11.11-slim-bookworm AS runtime

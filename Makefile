@@ -6,7 +6,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-PACKAGES := libs/proto libs/common libs/client libs/devstack services/api services/worker services/approvals services/progress
+PACKAGES := libs/proto libs/common libs/lifecycle libs/actions libs/policy libs/rpc libs/client libs/devstack services/api services/worker services/approvals services/progress
 PYPROJECTS := $(addsuffix /pyproject.toml,$(PACKAGES))
 SRC_DIRS := $(addsuffix /src,$(PACKAGES))
 
@@ -111,10 +111,10 @@ test-fast: $(STAMP) sandbox-tools
 	$(VENV)/bin/pytest tests/unit -q
 
 migrate: $(STAMP)
-	$(PY) -m opsconductor.common.storage.migrate up
+	$(PY) -m opsconductor.lifecycle.storage.migrate up
 
 migrate-down: $(STAMP)
-	$(PY) -m opsconductor.common.storage.migrate down --steps 1
+	$(PY) -m opsconductor.lifecycle.storage.migrate down --steps 1
 
 # make run WORKERS=3: several worker processes.
 run: $(STAMP) sandbox-tools

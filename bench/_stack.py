@@ -55,10 +55,10 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from opsconductor.common.auth import issue_token
-from opsconductor.common.storage.db import create_pool
-from opsconductor.common.storage.flags import update_flags
-from opsconductor.common.storage.migrate import migrate_up
-from opsconductor.common.storage.role_bindings import bind_role
+from opsconductor.lifecycle.storage.db import create_pool
+from opsconductor.lifecycle.storage.flags import update_flags
+from opsconductor.lifecycle.storage.migrate import migrate_up
+from opsconductor.lifecycle.storage.role_bindings import bind_role
 
 AUDIENCE = "opsconductor-execution"
 _START_TIMEOUT_S = 60.0

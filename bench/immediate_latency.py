@@ -58,8 +58,8 @@ from _stack import BenchStack, noop_plan
 
 from opsconductor.client import ExecutionClient, OpsConductorError
 from opsconductor.common.logconfig import configure_logging
-from opsconductor.common.rpc.plan_codec import plan_to_proto
 from opsconductor.execution.v1 import execution_service_pb2
+from opsconductor.rpc.plan_codec import plan_to_proto
 
 BENCH_DIR = Path(__file__).resolve().parent
 DEFAULT_OUTPUT = BENCH_DIR / "results" / "immediate_latency.json"

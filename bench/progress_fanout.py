@@ -49,11 +49,11 @@ from _stack import (
 )
 
 from opsconductor.common.auth import issue_token
-from opsconductor.common.storage.db import create_pool
-from opsconductor.common.storage.events import append_event
-from opsconductor.common.storage.migrate import migrate_up
-from opsconductor.common.storage.role_bindings import bind_role
 from opsconductor.execution.v1 import progress_service_pb2, progress_service_pb2_grpc
+from opsconductor.lifecycle.storage.db import create_pool
+from opsconductor.lifecycle.storage.events import append_event
+from opsconductor.lifecycle.storage.migrate import migrate_up
+from opsconductor.lifecycle.storage.role_bindings import bind_role
 
 TENANT = "bench-progress"
 ACTOR = "bench-viewer"

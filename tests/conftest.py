@@ -20,8 +20,8 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 
-from opsconductor.common.storage.db import create_pool
-from opsconductor.common.storage.migrate import migrate_up
+from opsconductor.lifecycle.storage.db import create_pool
+from opsconductor.lifecycle.storage.migrate import migrate_up
 
 RUN_ID = f"{os.getpid()}_{secrets.token_hex(3)}"
 _clone_counter = itertools.count()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import asyncpg
 
-from opsconductor.common.storage.db import create_pool
+from opsconductor.lifecycle.storage.db import create_pool
 
 from .faults import FaultDriver, build_schedule
 from .stack import TENANTS, ChaosStack, remove_run_dir, start_stack

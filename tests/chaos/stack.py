@@ -32,15 +32,15 @@ import yaml
 from opsc_test_actions.effects import SCHEMA
 
 from opsconductor.common.secret_catalogue import env_namespace
-from opsconductor.common.storage.db import create_pool
-from opsconductor.common.storage.flags import update_flags
-from opsconductor.common.storage.migrate import migrate_up
-from opsconductor.common.storage.role_bindings import bind_role
 from opsconductor.devstack.config import DevstackSettings
 from opsconductor.devstack.dev_identity import dev_token
 from opsconductor.devstack.embedded import EmbeddedPostgres, start_postgres
 from opsconductor.devstack.services import RestartBackoff
 from opsconductor.devstack.supervisor import Supervisor
+from opsconductor.lifecycle.storage.db import create_pool
+from opsconductor.lifecycle.storage.flags import update_flags
+from opsconductor.lifecycle.storage.migrate import migrate_up
+from opsconductor.lifecycle.storage.role_bindings import bind_role
 from tests.e2e.redis_server import RedisServer
 
 WORKERS = 3

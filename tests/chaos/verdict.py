@@ -47,7 +47,7 @@ from typing import Any
 import asyncpg
 from redis.asyncio import Redis
 
-from opsconductor.common.queue import KEY_VERSION
+from opsconductor.lifecycle.queue import KEY_VERSION
 
 from .stack import TENANTS, ChaosStack
 from .workload import TERMINAL, CrossTenantAttempt, OpOutcome

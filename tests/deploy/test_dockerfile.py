@@ -135,6 +135,10 @@ def test_nothing_of_the_development_tooling_is_installed_or_copied(
     for folder in (
         "libs/proto",
         "libs/common",
+        "libs/lifecycle",
+        "libs/actions",
+        "libs/policy",
+        "libs/rpc",
         "libs/client",
         *(f"services/{s}" for s in SERVICES),
     ):

@@ -19,13 +19,13 @@ import yaml
 from pydantic import AliasChoices
 from pydantic_settings import BaseSettings
 
+from opsconductor.actions.sandbox import SandboxSettings
 from opsconductor.api.settings import ApiSettings
 from opsconductor.approvals.settings import ApprovalsSettings
-from opsconductor.common.actions.sandbox import SandboxSettings
 from opsconductor.common.masking import mask_text
 from opsconductor.common.settings import ServiceSettings
-from opsconductor.common.storage.migrate import MigrationSettings
 from opsconductor.common.tenant_policy import TenantPolicies
+from opsconductor.lifecycle.storage.migrate import MigrationSettings
 from opsconductor.progress.settings import ProgressSettings
 from opsconductor.worker.settings import WorkerSettings
 
@@ -424,7 +424,7 @@ def test_migrations_run_as_a_job_of_the_advisory_locked_runner(
 ) -> None:
     job = objects_of(rendered[target], "Job")["migrate"]
     (container,) = job["spec"]["template"]["spec"]["containers"]
-    assert container["command"] == ["python", "-m", "opsconductor.common.storage.migrate", "up"]
+    assert container["command"] == ["python", "-m", "opsconductor.lifecycle.storage.migrate", "up"]
     assert job["spec"]["template"]["spec"]["restartPolicy"] == "Never"
 
 

@@ -19,7 +19,7 @@ import asyncpg
 import pytest
 
 from opsconductor.client import Approval, ApprovalClient, Execution, ExecutionClient
-from opsconductor.common.storage.flags import update_flags
+from opsconductor.lifecycle.storage.flags import update_flags
 
 from .conftest import Tenant, running_stack
 from .inspection import wait_until

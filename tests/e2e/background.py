@@ -30,7 +30,7 @@ import asyncpg
 import pytest
 
 from opsconductor.client import Execution, ExecutionClient
-from opsconductor.common.queue.redis_queue import RedisQueue, create_redis_client
+from opsconductor.lifecycle.queue.redis_queue import RedisQueue, create_redis_client
 
 from .inspection import wait_until
 from .plans import plan, probe_step

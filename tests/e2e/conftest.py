@@ -24,9 +24,9 @@ from pydantic import SecretStr
 from opsconductor.client import ApprovalClient, ExecutionClient
 from opsconductor.common.auth import issue_token
 from opsconductor.common.secret_catalogue import env_namespace
-from opsconductor.common.storage.db import create_pool
-from opsconductor.common.storage.flags import update_flags
-from opsconductor.common.storage.role_bindings import bind_role
+from opsconductor.lifecycle.storage.db import create_pool
+from opsconductor.lifecycle.storage.flags import update_flags
+from opsconductor.lifecycle.storage.role_bindings import bind_role
 from tests.conftest import RUN_ID, with_database
 
 from .stack import AUDIENCE, HS256_KEY, Stack, start_service

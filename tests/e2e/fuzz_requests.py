@@ -21,7 +21,6 @@ from google.protobuf import struct_pb2
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
-from opsconductor.common.storage.flags import SYSTEM_TENANT
 from opsconductor.execution.v1 import (
     admin_service_pb2,
     approval_service_pb2,
@@ -30,6 +29,7 @@ from opsconductor.execution.v1 import (
     types_pb2,
     worker_service_pb2,
 )
+from opsconductor.lifecycle.storage.flags import SYSTEM_TENANT
 
 from .conftest import Tenant
 from .edge_support import deep_params_plan, length_delimited

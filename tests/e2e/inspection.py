@@ -21,7 +21,7 @@ import asyncpg
 import pytest
 from opsc_test_actions.probe import echoes_of
 
-from opsconductor.common.storage.role_bindings import bind_role
+from opsconductor.lifecycle.storage.role_bindings import bind_role
 
 from .conftest import (
     API_TOKEN_SECRET,

@@ -19,8 +19,8 @@ from opsconductor.client import (
 )
 from opsconductor.common.approval_policy import determine_approval_level
 from opsconductor.common.plan import parse_plan
-from opsconductor.common.storage.flags import update_flags
 from opsconductor.execution.v1 import approval_service_pb2, approval_service_pb2_grpc
+from opsconductor.lifecycle.storage.flags import update_flags
 
 from . import approvals_support
 from .approvals_support import (

@@ -26,7 +26,7 @@ from opsconductor.client import (
     PermissionDeniedError,
     QueueStats,
 )
-from opsconductor.common.storage.flags import SYSTEM_TENANT
+from opsconductor.lifecycle.storage.flags import SYSTEM_TENANT
 
 from .conftest import Tenant, running_stack
 from .inspection import new_tenant, rbac_violations, wait_until

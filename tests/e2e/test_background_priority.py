@@ -12,7 +12,7 @@ import asyncpg
 import pytest
 from opsc_test_actions import read_ledger
 
-from opsconductor.common.storage.flags import SYSTEM_TENANT
+from opsconductor.lifecycle.storage.flags import SYSTEM_TENANT
 
 from .conftest import Tenant, running_stack
 from .inspection import wait_until

@@ -21,7 +21,7 @@ from opsc_test_actions import read_ledger
 from opsconductor.client import QueueUnavailableError
 from opsconductor.common.hashing import idempotency_key
 from opsconductor.common.plan import parse_plan
-from opsconductor.common.storage.flags import update_flags
+from opsconductor.lifecycle.storage.flags import update_flags
 
 from . import background
 from .background import (

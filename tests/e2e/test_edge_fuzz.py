@@ -31,12 +31,12 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 
-from opsconductor.common.storage.flags import SYSTEM_TENANT, update_flags
-from opsconductor.common.storage.role_bindings import bind_role
 from opsconductor.execution.v1 import (
     execution_service_pb2,
     types_pb2,
 )
+from opsconductor.lifecycle.storage.flags import SYSTEM_TENANT, update_flags
+from opsconductor.lifecycle.storage.role_bindings import bind_role
 
 from . import inspection
 from .conftest import Tenant, running_stack, token

@@ -28,7 +28,7 @@ from opsconductor.client import (
     PermissionDeniedError,
     QuotaExceededError,
 )
-from opsconductor.common.storage.flags import SYSTEM_TENANT
+from opsconductor.lifecycle.storage.flags import SYSTEM_TENANT
 
 from .background import background_plan
 from .conftest import Tenant, running_stack

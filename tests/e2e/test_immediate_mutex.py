@@ -19,7 +19,7 @@ import pytest
 from opsc_test_actions import read_ledger
 
 from opsconductor.client import Execution, ExecutionContext, ResourceBusyError
-from opsconductor.common.storage.locks import check_lock_status, lock_key
+from opsconductor.lifecycle.storage.locks import check_lock_status, lock_key
 
 from . import inspection
 from .conftest import Tenant

@@ -18,7 +18,7 @@ import pytest
 from opsc_test_actions import read_ledger
 
 from opsconductor.client import Execution, ExecutionClient, FeatureDisabledError
-from opsconductor.common.storage.flags import SYSTEM_TENANT
+from opsconductor.lifecycle.storage.flags import SYSTEM_TENANT
 
 from . import inspection
 from .conftest import Tenant

@@ -22,13 +22,13 @@ from opsc_test_actions import read_ledger
 from opsconductor.client import ExecutionClient, ExecutionContext, FSMError
 from opsconductor.common.hashing import canonical_json, idempotency_key, plan_hash, snapshot_hash
 from opsconductor.common.plan import parse_plan, to_wire_dict
-from opsconductor.common.storage.executions import (
+from opsconductor.lifecycle.storage.executions import (
     NewExecution,
     create_execution,
     get_execution,
     transition_status,
 )
-from opsconductor.common.storage.locks import check_lock_status
+from opsconductor.lifecycle.storage.locks import check_lock_status
 
 from . import inspection
 from .conftest import Tenant

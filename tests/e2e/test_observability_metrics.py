@@ -37,8 +37,8 @@ from pydantic import SecretStr
 
 from opsconductor.client import ExecutionClient, ExecutionTimeoutError, PermissionDeniedError
 from opsconductor.common.auth import issue_token
-from opsconductor.common.execution_logging import SPEC_FIELDS
-from opsconductor.common.storage.role_bindings import bind_role
+from opsconductor.lifecycle.execution_logging import SPEC_FIELDS
+from opsconductor.lifecycle.storage.role_bindings import bind_role
 from tests.conftest import RUN_ID
 from tests.deploy.test_monitoring import MONITORING, dashboard_queries, metric_names
 

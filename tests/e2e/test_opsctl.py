@@ -26,11 +26,11 @@ import yaml
 from opsc_test_actions.probe import read_ledger
 
 from opsconductor.client import ExecutionClient
-from opsconductor.common.queue import dlq
-from opsconductor.common.queue.redis_queue import RedisQueue, create_redis_client
-from opsconductor.common.storage.execution_leases import fail_lost_execution
-from opsconductor.common.storage.flags import SYSTEM_TENANT, update_flags
-from opsconductor.common.storage.role_bindings import bind_role
+from opsconductor.lifecycle.queue import dlq
+from opsconductor.lifecycle.queue.redis_queue import RedisQueue, create_redis_client
+from opsconductor.lifecycle.storage.execution_leases import fail_lost_execution
+from opsconductor.lifecycle.storage.flags import SYSTEM_TENANT, update_flags
+from opsconductor.lifecycle.storage.role_bindings import bind_role
 
 from .approvals_support import RUNBOOK
 from .background import background_plan, stack_env

@@ -18,12 +18,12 @@ import pytest
 from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 
-from opsconductor.common.storage.flags import update_flags
 from opsconductor.execution.v1 import (
     approval_service_pb2,
     execution_service_pb2,
     progress_service_pb2,
 )
+from opsconductor.lifecycle.storage.flags import update_flags
 
 from .conftest import Tenant, running_stack, token
 from .plans import plan, probe_step

@@ -15,7 +15,7 @@ import asyncpg
 import pytest
 from playwright.async_api import Browser, Page, async_playwright, expect
 
-from opsconductor.common.storage.flags import update_flags
+from opsconductor.lifecycle.storage.flags import update_flags
 
 from .approvals_support import (
     RUNBOOK,

@@ -26,8 +26,8 @@ from opsconductor.client import (
     FeatureDisabledError,
     PermissionDeniedError,
 )
-from opsconductor.common.storage.flags import SYSTEM_TENANT, update_flags
-from opsconductor.common.storage.role_bindings import bind_role
+from opsconductor.lifecycle.storage.flags import SYSTEM_TENANT, update_flags
+from opsconductor.lifecycle.storage.role_bindings import bind_role
 
 from . import inspection
 from .background import background_plan

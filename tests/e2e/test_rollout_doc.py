@@ -22,9 +22,9 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from opsconductor.common.storage.flags import SYSTEM_TENANT, update_flags
-from opsconductor.common.storage.migrate import discover, find_migrations_dir
-from opsconductor.common.storage.role_bindings import bind_role
+from opsconductor.lifecycle.storage.flags import SYSTEM_TENANT, update_flags
+from opsconductor.lifecycle.storage.migrate import discover, find_migrations_dir
+from opsconductor.lifecycle.storage.role_bindings import bind_role
 from tests.deploy.runbooks import page_blocks
 
 from .conftest import running_stack, token

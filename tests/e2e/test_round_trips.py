@@ -35,8 +35,8 @@ import asyncpg
 import pytest
 
 from opsconductor.client import ExecutionClient
-from opsconductor.common.storage.role_bindings import bind_role
 from opsconductor.devstack.pg_roundtrips import RoundTrip, RoundTripCounter
+from opsconductor.lifecycle.storage.role_bindings import bind_role
 from tests.conftest import RUN_ID
 
 from .conftest import token

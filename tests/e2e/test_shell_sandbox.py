@@ -53,7 +53,7 @@ def shifted(text: str) -> str:
 @pytest.fixture(scope="module")
 async def stack(e2e_dsn: str, e2e_pool: asyncpg.Pool, redis_url: str) -> AsyncIterator[Stack]:
     """api, worker and approvals service reading the module's tenant policy file."""
-    from opsconductor.common.storage.flags import update_flags
+    from opsconductor.lifecycle.storage.flags import update_flags
 
     await update_flags(e2e_pool, {"max_approval_level": 1}, by="e2e")
     policy_file = Path(tempfile.mkdtemp(prefix="opsc-e2e-policy-")) / "tenant_policy.yaml"

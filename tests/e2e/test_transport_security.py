@@ -29,9 +29,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opsconductor.client import ApprovalClient, AuthenticationError, ClientTls, ExecutionClient
 from opsconductor.client.tls import open_channel
 from opsconductor.common.auth import issue_token
-from opsconductor.common.storage.flags import update_flags
-from opsconductor.common.storage.role_bindings import bind_role
 from opsconductor.execution.v1 import worker_service_pb2, worker_service_pb2_grpc
+from opsconductor.lifecycle.storage.flags import update_flags
+from opsconductor.lifecycle.storage.role_bindings import bind_role
 from tests.tls_material import Authority
 
 from .conftest import dead_redis_url

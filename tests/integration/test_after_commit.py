@@ -6,7 +6,7 @@ import asyncpg
 import pytest
 from structlog.testing import capture_logs
 
-from opsconductor.common.storage.execution_records import after_commit, transaction
+from opsconductor.lifecycle.storage.execution_records import after_commit, transaction
 
 
 class Boom(Exception):

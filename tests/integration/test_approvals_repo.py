@@ -23,7 +23,7 @@ from opsconductor.common.errors import (
     SelfApprovalError,
 )
 from opsconductor.common.fsm import ExecutionStatus, StepStatus
-from opsconductor.common.storage.approval_records import (
+from opsconductor.lifecycle.storage.approval_records import (
     ApprovalState,
     close_pending_approvals,
     find_approval_owner,
@@ -31,7 +31,7 @@ from opsconductor.common.storage.approval_records import (
     list_pending_approvals,
     step_approval,
 )
-from opsconductor.common.storage.approvals import (
+from opsconductor.lifecycle.storage.approvals import (
     ApprovalDecision,
     binding_mismatches,
     decide,
@@ -43,8 +43,8 @@ from opsconductor.common.storage.approvals import (
     request_step_approval,
     step_approved,
 )
-from opsconductor.common.storage.execution_leases import claim_execution
-from opsconductor.common.storage.executions import (
+from opsconductor.lifecycle.storage.execution_leases import claim_execution
+from opsconductor.lifecycle.storage.executions import (
     ExecutionRecord,
     NewExecution,
     create_execution,
@@ -52,7 +52,7 @@ from opsconductor.common.storage.executions import (
     request_cancel,
     transition,
 )
-from opsconductor.common.storage.locks import LockRequest, acquire_locks
+from opsconductor.lifecycle.storage.locks import LockRequest, acquire_locks
 from opsconductor.worker.logic.reaper import reap_once
 
 S = ExecutionStatus

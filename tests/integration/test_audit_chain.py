@@ -11,8 +11,8 @@ import asyncpg
 import pytest
 
 from opsconductor.common.errors import NotFoundError
-from opsconductor.common.storage.audit_chain import ChainProblem, link_hash, verify_chain
-from opsconductor.common.storage.events import append_event
+from opsconductor.lifecycle.storage.audit_chain import ChainProblem, link_hash, verify_chain
+from opsconductor.lifecycle.storage.events import append_event
 
 TENANT = "tenant-audit"
 

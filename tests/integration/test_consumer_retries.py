@@ -24,11 +24,12 @@ import pytest
 from opsc_test_actions import read_ledger
 from redis.asyncio import Redis
 
+from opsconductor.actions.planning import ExecutionMode
+from opsconductor.actions.registry import default_registry
 from opsconductor.api.logic.admin import AdminOperations, parse_dlq_id
 from opsconductor.api.logic.dlq_requeue import DLQ_REQUEUED_EVENT, DeadLetterNotRequeueableError
 from opsconductor.api.logic.submission import Submissions, SubmitRequest
 from opsconductor.client.worker import WorkerClient
-from opsconductor.common.actions.registry import default_registry
 from opsconductor.common.approval_policy import ApprovalPolicy
 from opsconductor.common.auth import Principal
 from opsconductor.common.errors import (
@@ -37,18 +38,17 @@ from opsconductor.common.errors import (
     InvalidArgumentError,
     QueueUnavailableError,
 )
-from opsconductor.common.planning import ExecutionMode
-from opsconductor.common.queue import RedisQueue, create_redis_client, jobs
-from opsconductor.common.queue.dlq import DlqEntryRequeuedError, list_dlq, move_to_dlq
-from opsconductor.common.rbac import Authorizer, RbacPolicy
 from opsconductor.common.secrets import SecretResolver
-from opsconductor.common.storage.cancellation import CancelSignals
-from opsconductor.common.storage.execution_reads import get_execution
-from opsconductor.common.storage.execution_stats import ObservedDurations
-from opsconductor.common.storage.executions import retire_idempotency_key
-from opsconductor.common.storage.flags import SYSTEM_TENANT, FlagCache, update_flags
-from opsconductor.common.storage.policies import TimeoutPolicy, load_timeout_policies
-from opsconductor.common.storage.role_bindings import bind_role
+from opsconductor.lifecycle.queue import RedisQueue, create_redis_client, jobs
+from opsconductor.lifecycle.queue.dlq import DlqEntryRequeuedError, list_dlq, move_to_dlq
+from opsconductor.lifecycle.storage.cancellation import CancelSignals
+from opsconductor.lifecycle.storage.execution_reads import get_execution
+from opsconductor.lifecycle.storage.execution_stats import ObservedDurations
+from opsconductor.lifecycle.storage.executions import retire_idempotency_key
+from opsconductor.lifecycle.storage.flags import SYSTEM_TENANT, FlagCache, update_flags
+from opsconductor.lifecycle.storage.policies import TimeoutPolicy, load_timeout_policies
+from opsconductor.lifecycle.storage.role_bindings import bind_role
+from opsconductor.policy.rbac import Authorizer, RbacPolicy
 from opsconductor.worker.logic.consumer import INITIAL_LEASE_S, BackgroundConsumer
 from opsconductor.worker.logic.runner import ExecutionRunner
 from tests.integration.test_queue_redis import FakeClock

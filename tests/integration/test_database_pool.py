@@ -9,9 +9,9 @@ import pytest
 from pydantic import SecretStr
 
 from opsconductor.common.errors import StorageError
-from opsconductor.common.rpc.resources import DatabasePool
-from opsconductor.common.storage.db import create_pool
 from opsconductor.devstack.pg_roundtrips import RoundTripCounter
+from opsconductor.lifecycle.storage.db import create_pool
+from opsconductor.rpc.resources import DatabasePool
 
 
 async def test_pool_is_unavailable_until_opened_and_after_closed(db_dsn: str) -> None:

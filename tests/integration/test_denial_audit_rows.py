@@ -7,9 +7,9 @@ import contextlib
 import asyncpg
 
 from opsconductor.common.auth import Principal
-from opsconductor.common.denial_audit import DEFAULT_BURST, DEFAULT_MAX_GROUPS
 from opsconductor.common.errors import PermissionDeniedError
-from opsconductor.common.rbac import Authorizer, RbacPolicy
+from opsconductor.policy.denial_audit import DEFAULT_BURST, DEFAULT_MAX_GROUPS
+from opsconductor.policy.rbac import Authorizer, RbacPolicy
 
 VIEWER = Principal(actor_id="vera", tenant_id="home")
 

@@ -7,9 +7,9 @@ from uuid import UUID
 import asyncpg
 import pytest
 
-from opsconductor.common.storage.event_reads import event_head, list_events, read_events_after
-from opsconductor.common.storage.events import append_event
-from opsconductor.common.storage.paging import InvalidPageRequestError
+from opsconductor.lifecycle.storage.event_reads import event_head, list_events, read_events_after
+from opsconductor.lifecycle.storage.events import append_event
+from opsconductor.lifecycle.storage.paging import InvalidPageRequestError
 
 TENANT = "tenant-reads"
 

@@ -9,8 +9,8 @@ from uuid import UUID
 import asyncpg
 import pytest
 
-from opsconductor.common.storage.db import connect
-from opsconductor.common.storage.events import EVENTS_CHANNEL, append_event
+from opsconductor.lifecycle.storage.db import connect
+from opsconductor.lifecycle.storage.events import EVENTS_CHANNEL, append_event
 
 TENANT = "tenant-events"
 

@@ -9,15 +9,15 @@ from uuid import uuid4
 import asyncpg
 
 from opsconductor.common.fsm import ExecutionStatus as S
-from opsconductor.common.storage.execution_leases import (
+from opsconductor.lifecycle.storage.execution_leases import (
     fail_lost_execution,
     fail_overdue_executions,
     fail_unstarted_execution,
 )
-from opsconductor.common.storage.execution_reads import get_execution
-from opsconductor.common.storage.execution_records import ExecutionRecord
-from opsconductor.common.storage.executions import create_execution
-from opsconductor.common.storage.locks import LockRequest, acquire_locks
+from opsconductor.lifecycle.storage.execution_reads import get_execution
+from opsconductor.lifecycle.storage.execution_records import ExecutionRecord
+from opsconductor.lifecycle.storage.executions import create_execution
+from opsconductor.lifecycle.storage.locks import LockRequest, acquire_locks
 
 from .test_executions_repo import WINDOW, in_status, new_execution
 

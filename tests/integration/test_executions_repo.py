@@ -18,8 +18,8 @@ import pytest
 
 from opsconductor.common.errors import FSMError, NotFoundError, StaleLeaseError, StorageError
 from opsconductor.common.fsm import TERMINAL, TRANSITIONS, ExecutionStatus, StepStatus
-from opsconductor.common.storage.db import connect
-from opsconductor.common.storage.executions import (
+from opsconductor.lifecycle.storage.db import connect
+from opsconductor.lifecycle.storage.executions import (
     CANCEL_CHANNEL,
     MAX_PAGE_SIZE,
     ExecutionRecord,

@@ -10,8 +10,8 @@ import asyncpg
 import pytest
 
 from opsconductor.common.errors import InvalidArgumentError, PlanValidationError
-from opsconductor.common.storage.flag_history import list_flag_changes
-from opsconductor.common.storage.flags import update_flags
+from opsconductor.lifecycle.storage.flag_history import list_flag_changes
+from opsconductor.lifecycle.storage.flags import update_flags
 
 
 async def test_update_flags_records_who_and_old_and_new(db_pool: asyncpg.Pool) -> None:

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from opsconductor.common.rpc import health_probe
+from opsconductor.rpc import health_probe
 
 
 @dataclass(frozen=True)

@@ -32,10 +32,10 @@ from jwt.algorithms import RSAAlgorithm
 from opsconductor.common.auth import TokenVerifier
 from opsconductor.common.errors import AuthenticationError
 from opsconductor.common.jwks import JwksKeys
-from opsconductor.common.rpc.auth import authenticate
-from opsconductor.common.rpc.server import RpcServer, build_server
 from opsconductor.common.settings import ServiceSettings
 from opsconductor.execution.v1 import worker_service_pb2, worker_service_pb2_grpc
+from opsconductor.rpc.auth import authenticate
+from opsconductor.rpc.server import RpcServer, build_server
 
 AUDIENCE = "opsconductor-execution"
 ISSUER = "https://idp.test"

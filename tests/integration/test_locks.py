@@ -23,8 +23,8 @@ from prometheus_client import REGISTRY
 from structlog.testing import capture_logs
 
 from opsconductor.common.errors import ResourceBusyError, StaleLeaseError, StorageError
-from opsconductor.common.storage.db import create_pool
-from opsconductor.common.storage.locks import (
+from opsconductor.lifecycle.storage.db import create_pool
+from opsconductor.lifecycle.storage.locks import (
     LockRequest,
     LockSet,
     acquire_locks,
@@ -201,8 +201,8 @@ from datetime import timedelta
 import structlog
 
 from opsconductor.common.errors import ResourceBusyError
-from opsconductor.common.storage.db import create_pool
-from opsconductor.common.storage.locks import LockRequest, held_locks
+from opsconductor.lifecycle.storage.db import create_pool
+from opsconductor.lifecycle.storage.locks import LockRequest, held_locks
 
 structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
 

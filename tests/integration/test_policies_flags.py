@@ -12,7 +12,7 @@ import asyncpg
 import pytest
 
 from opsconductor.common.errors import InvalidArgumentError, PlanValidationError, StorageError
-from opsconductor.common.storage.flags import (
+from opsconductor.lifecycle.storage.flags import (
     FLAG_NAMES,
     SYSTEM_TENANT,
     FeatureFlags,
@@ -20,7 +20,7 @@ from opsconductor.common.storage.flags import (
     load_flags,
     update_flags,
 )
-from opsconductor.common.storage.policies import (
+from opsconductor.lifecycle.storage.policies import (
     TimeoutPolicy,
     load_timeout_policies,
     select_policy,

@@ -13,9 +13,9 @@ import asyncpg
 import pytest
 
 from opsconductor.common.errors import ResourceExhaustedError, SubscriberLaggedError
-from opsconductor.common.storage.db import connect
-from opsconductor.common.storage.event_reads import event_head
-from opsconductor.common.storage.events import append_event
+from opsconductor.lifecycle.storage.db import connect
+from opsconductor.lifecycle.storage.event_reads import event_head
+from opsconductor.lifecycle.storage.events import append_event
 from opsconductor.progress.logic.hub import EventHub, HubLimits
 from opsconductor.progress.logic.subscription import Subscription
 

@@ -23,13 +23,13 @@ from opsc_test_actions import read_ledger
 from redis.asyncio import Redis
 from structlog.testing import capture_logs
 
+from opsconductor.actions.planning import ExecutionMode
 from opsconductor.api.logic.submission import SubmitRequest
-from opsconductor.common.execution_logging import SPEC_FIELDS
-from opsconductor.common.planning import ExecutionMode
-from opsconductor.common.queue import RedisQueue
-from opsconductor.common.queue.reconcile import reconcile_queue
-from opsconductor.common.queue.records import decode_hash
-from opsconductor.common.storage.execution_reads import get_execution
+from opsconductor.lifecycle.execution_logging import SPEC_FIELDS
+from opsconductor.lifecycle.queue import RedisQueue
+from opsconductor.lifecycle.queue.reconcile import reconcile_queue
+from opsconductor.lifecycle.queue.records import decode_hash
+from opsconductor.lifecycle.storage.execution_reads import get_execution
 from tests.integration.test_consumer_retries import (
     SUBMITTER,
     TENANT,

@@ -21,7 +21,7 @@ import pytest
 from redis.asyncio import Redis
 
 from opsconductor.common.errors import StaleLeaseError
-from opsconductor.common.queue import LeasedJob, RedisQueue
+from opsconductor.lifecycle.queue import LeasedJob, RedisQueue
 
 T0 = 1_700_000_000.0
 

@@ -23,12 +23,12 @@ from opsconductor.common.errors import (
     StaleLeaseError,
 )
 from opsconductor.common.fsm import ExecutionStatus
-from opsconductor.common.queue import RedisQueue, create_redis_client, jobs
-from opsconductor.common.queue import dlq as dlq_repo
-from opsconductor.common.queue.reconcile import reconcile_queue
-from opsconductor.common.storage.execution_reads import InvalidPageRequestError
-from opsconductor.common.storage.execution_records import transaction
-from opsconductor.common.storage.executions import NewExecution, create_execution, transition
+from opsconductor.lifecycle.queue import RedisQueue, create_redis_client, jobs
+from opsconductor.lifecycle.queue import dlq as dlq_repo
+from opsconductor.lifecycle.queue.reconcile import reconcile_queue
+from opsconductor.lifecycle.storage.execution_reads import InvalidPageRequestError
+from opsconductor.lifecycle.storage.execution_records import transaction
+from opsconductor.lifecycle.storage.executions import NewExecution, create_execution, transition
 from tests.integration.test_queue_redis import T0, FakeClock
 
 TENANT = "tenant-pg"

@@ -19,7 +19,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from opsconductor.common.errors import QueueUnavailableError, StaleLeaseError
-from opsconductor.common.queue import (
+from opsconductor.lifecycle.queue import (
     LeasedJob,
     LeaseRenewalLimitError,
     MaintenanceReport,

@@ -9,8 +9,8 @@ from collections.abc import AsyncIterator
 import pytest
 from redis.asyncio import Redis
 
-from opsconductor.common.queue.redis_queue import RedisQueue, create_redis_client
-from opsconductor.common.queue.wakeups import Wakeups
+from opsconductor.lifecycle.queue.redis_queue import RedisQueue, create_redis_client
+from opsconductor.lifecycle.queue.wakeups import Wakeups
 
 #: Far longer than any wake-up may take: a slot that returns sooner was woken, not timed out.
 LONG_POLL_S = 20.0

@@ -18,13 +18,13 @@ import pytest
 
 from opsconductor.common.errors import QuotaExceededError
 from opsconductor.common.fsm import ExecutionStatus
-from opsconductor.common.queue import jobs
-from opsconductor.common.quotas import QuotaLimits, TenantQuotas
-from opsconductor.common.storage import quota_usage
-from opsconductor.common.storage.db import create_pool
-from opsconductor.common.storage.execution_records import transaction
-from opsconductor.common.storage.executions import NewExecution, create_execution, transition
 from opsconductor.common.tenant_policy import TenantPolicies
+from opsconductor.lifecycle.queue import jobs
+from opsconductor.lifecycle.storage import quota_usage
+from opsconductor.lifecycle.storage.db import create_pool
+from opsconductor.lifecycle.storage.execution_records import transaction
+from opsconductor.lifecycle.storage.executions import NewExecution, create_execution, transition
+from opsconductor.policy.quotas import QuotaLimits, TenantQuotas
 
 TENANT = "tenant-quota"
 LIMIT = 10

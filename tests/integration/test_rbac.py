@@ -16,11 +16,11 @@ from structlog.testing import capture_logs
 from opsconductor.common.auth import Principal
 from opsconductor.common.errors import PermissionDeniedError, StorageError
 from opsconductor.common.identifiers import audit_text
-from opsconductor.common.rbac import Authorizer, RbacPolicy, one_request, submit_permissions
-from opsconductor.common.storage.audit import list_rbac_violations
-from opsconductor.common.storage.db import create_pool
-from opsconductor.common.storage.role_bindings import bind_role, load_roles, unbind_role
 from opsconductor.devstack.pg_roundtrips import RoundTripCounter
+from opsconductor.lifecycle.storage.audit import list_rbac_violations
+from opsconductor.lifecycle.storage.db import create_pool
+from opsconductor.lifecycle.storage.role_bindings import bind_role, load_roles, unbind_role
+from opsconductor.policy.rbac import Authorizer, RbacPolicy, one_request, submit_permissions
 
 TENANT_A = "tenant-a"
 TENANT_B = "tenant-b"
@@ -424,7 +424,7 @@ async def test_a_denial_aimed_at_an_unstorable_tenant_id_is_still_audited(
 
 async def test_database_failures_surface_as_storage_errors(db_dsn: str, policy: RbacPolicy) -> None:
     """Roles that cannot be read mean no decision: the check fails closed with StorageError."""
-    from opsconductor.common.storage.db import create_pool
+    from opsconductor.lifecycle.storage.db import create_pool
 
     pool = await create_pool(db_dsn, min_size=1, max_size=2)
     await pool.close()

@@ -15,7 +15,7 @@ from datetime import timedelta
 
 import asyncpg
 
-from opsconductor.common.queue.redis_queue import RedisQueue, create_redis_client
+from opsconductor.lifecycle.queue.redis_queue import RedisQueue, create_redis_client
 from opsconductor.worker.logic.reaper import reap_once
 
 

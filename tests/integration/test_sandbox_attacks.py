@@ -24,9 +24,9 @@ from typing import Any
 
 import pytest
 
-from opsconductor.common.actions.base import ActionContext, ActionFailedError, ActionResult
-from opsconductor.common.actions.sandbox import Sandbox, SandboxMode, SandboxSettings
-from opsconductor.common.actions.shell import ShellAction
+from opsconductor.actions.base import ActionContext, ActionFailedError, ActionResult
+from opsconductor.actions.sandbox import Sandbox, SandboxMode, SandboxSettings
+from opsconductor.actions.shell import ShellAction
 from opsconductor.common.tenant_policy import ShellPolicy, TenantPolicy
 
 SH = "/bin/sh"

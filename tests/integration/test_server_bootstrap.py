@@ -29,7 +29,6 @@ from prometheus_client import REGISTRY
 from pydantic import SecretStr
 
 from opsconductor.common.errors import FieldViolation, NotFoundError, PlanValidationError
-from opsconductor.common.rpc.server import RpcServer, build_server, serve
 from opsconductor.execution.v1 import (
     execution_service_pb2,
     execution_service_pb2_grpc,
@@ -37,6 +36,7 @@ from opsconductor.execution.v1 import (
     progress_service_pb2_grpc,
     types_pb2,
 )
+from opsconductor.rpc.server import RpcServer, build_server, serve
 
 EXECUTION_SERVICE = "opsconductor.execution.v1.ExecutionService"
 PROGRESS_SERVICE = "opsconductor.execution.v1.ProgressService"
@@ -558,7 +558,7 @@ from pathlib import Path
 import grpc.aio
 from opentelemetry.instrumentation.grpc import GrpcAioInstrumentorServer
 
-from opsconductor.common.rpc.server import build_server
+from opsconductor.rpc.server import build_server
 from opsconductor.execution.v1 import execution_service_pb2, execution_service_pb2_grpc
 from tests.integration.test_server_bootstrap import BootSettings, register_scripted
 
@@ -691,7 +691,7 @@ def test_invalid_settings_name_the_field_never_the_value(
 ) -> None:
     """load_settings exits 2 naming the bad field; a secret-bearing input is never printed."""
     from opsconductor.api.settings import ApiSettings
-    from opsconductor.common.rpc.server import load_settings
+    from opsconductor.rpc.server import load_settings
 
     def factory() -> ApiSettings:
         return ApiSettings(

@@ -16,8 +16,8 @@ import grpc
 import grpc.aio
 import pytest
 
-from opsconductor.common.rpc.server import RpcServer, build_server
 from opsconductor.execution.v1 import execution_service_pb2, execution_service_pb2_grpc
+from opsconductor.rpc.server import RpcServer, build_server
 
 _CANCEL = "/opsconductor.execution.v1.ExecutionService/CancelExecution"
 

@@ -19,26 +19,26 @@ from uuid import uuid4
 import asyncpg
 import pytest
 
+from opsconductor.actions.registry import default_registry
 from opsconductor.api.logic.submission import Submissions, SubmitRequest
 from opsconductor.client.worker import WorkerClient
-from opsconductor.common.actions.registry import default_registry
 from opsconductor.common.approval_policy import ApprovalPolicy
 from opsconductor.common.auth import Principal
 from opsconductor.common.hashing import plan_hash
 from opsconductor.common.plan import parse_plan, to_wire_dict
-from opsconductor.common.policy_enforcement import SecretUseDeniedError
-from opsconductor.common.rbac import Authorizer, RbacPolicy
 from opsconductor.common.secret_catalogue import SecretCatalogue
 from opsconductor.common.secrets import EnvSecretProvider, SecretResolver
-from opsconductor.common.storage.audit import list_rbac_violations
-from opsconductor.common.storage.cancellation import CancelSignals
-from opsconductor.common.storage.execution_reads import get_execution
-from opsconductor.common.storage.execution_stats import ObservedDurations
-from opsconductor.common.storage.executions import NewExecution, create_execution
-from opsconductor.common.storage.flags import FlagCache, update_flags
-from opsconductor.common.storage.policies import load_timeout_policies
-from opsconductor.common.storage.role_bindings import bind_role
 from opsconductor.common.tenant_policy import TenantPolicies, TenantPolicyDeniedError
+from opsconductor.lifecycle.storage.audit import list_rbac_violations
+from opsconductor.lifecycle.storage.cancellation import CancelSignals
+from opsconductor.lifecycle.storage.execution_reads import get_execution
+from opsconductor.lifecycle.storage.execution_stats import ObservedDurations
+from opsconductor.lifecycle.storage.executions import NewExecution, create_execution
+from opsconductor.lifecycle.storage.flags import FlagCache, update_flags
+from opsconductor.lifecycle.storage.policies import load_timeout_policies
+from opsconductor.lifecycle.storage.role_bindings import bind_role
+from opsconductor.policy.enforcement import SecretUseDeniedError
+from opsconductor.policy.rbac import Authorizer, RbacPolicy
 from opsconductor.worker.logic.runner import ExecutionRunner
 
 LOCKED = "tenant-locked"  # no shell (the packaged default)

@@ -22,9 +22,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opsconductor.client import ClientTls
 from opsconductor.client.tls import RotatingChannel, open_channel
 from opsconductor.client.worker import WorkerClient
-from opsconductor.common.rpc.server import RpcServer, build_server
-from opsconductor.common.rpc.tls import ServerCertificates
 from opsconductor.execution.v1 import worker_service_pb2, worker_service_pb2_grpc
+from opsconductor.rpc.server import RpcServer, build_server
+from opsconductor.rpc.tls import ServerCertificates
 from tests.tls_material import Authority
 
 SERVING = health_pb2.HealthCheckResponse.SERVING

@@ -14,8 +14,8 @@ import pytest
 
 from opsconductor.common.errors import PlanValidationError
 from opsconductor.common.fsm import ExecutionStatus
-from opsconductor.common.queue import jobs
-from opsconductor.common.storage.execution_reads import get_execution
+from opsconductor.lifecycle.queue import jobs
+from opsconductor.lifecycle.storage.execution_reads import get_execution
 from tests.integration import test_consumer_retries as retries
 from tests.integration.test_consumer_retries import TENANT, Rig, probe_plan, run_next, submit
 

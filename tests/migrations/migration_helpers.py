@@ -33,7 +33,7 @@ VALID_EXECUTION: dict[str, Any] = {
 async def insert_execution(conn: asyncpg.Connection, **overrides: Any) -> UUID:
     """Insert ``VALID_EXECUTION`` with ``overrides``; return the new id.
 
-    ``conn`` must carry the JSON codecs of ``opsconductor.common.storage.db``.
+    ``conn`` must carry the JSON codecs of ``opsconductor.lifecycle.storage.db``.
     """
     row = {**VALID_EXECUTION, **overrides}
     columns = ", ".join(row)  # keys come from this module and the tests, never from input

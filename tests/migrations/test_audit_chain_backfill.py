@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from uuid import UUID
 
-from opsconductor.common.storage.audit_chain import verify_chain
-from opsconductor.common.storage.db import connect
-from opsconductor.common.storage.events import append_event
-from opsconductor.common.storage.migrate import applied_versions, migrate_down, migrate_up
+from opsconductor.lifecycle.storage.audit_chain import verify_chain
+from opsconductor.lifecycle.storage.db import connect
+from opsconductor.lifecycle.storage.events import append_event
+from opsconductor.lifecycle.storage.migrate import applied_versions, migrate_down, migrate_up
 
 AUDIT_CHAIN_VERSION = 4
 

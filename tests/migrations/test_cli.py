@@ -1,4 +1,4 @@
-"""``python -m opsconductor.common.storage.migrate``: what ``make migrate`` runs."""
+"""``python -m opsconductor.lifecycle.storage.migrate``: what ``make migrate`` runs."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from opsconductor.common.storage.migrate import (
+from opsconductor.lifecycle.storage.migrate import (
     applied_versions,
     discover,
     find_migrations_dir,
@@ -31,7 +31,7 @@ async def _run_cli(
     clean = {k: v for k, v in os.environ.items() if k not in _DATABASE_VARIABLES}
     return await asyncio.to_thread(
         subprocess.run,
-        [sys.executable, "-m", "opsconductor.common.storage.migrate", *args],
+        [sys.executable, "-m", "opsconductor.lifecycle.storage.migrate", *args],
         env={**clean, **(env or {})},
         cwd=cwd,
         capture_output=True,
@@ -55,7 +55,7 @@ async def test_cli_up_migrates_an_empty_database_from_database_url(
     applied = [r for r in _log_lines(result.stdout) if r["event"] == "migration_applied"]
     assert [r["version"] for r in applied] == ALL_VERSIONS
     assert all(r["service"] == "migrate" and r["level"] == "info" for r in applied)
-    assert {r["logger"] for r in applied} == {"opsconductor.common.storage.migrate"}
+    assert {r["logger"] for r in applied} == {"opsconductor.lifecycle.storage.migrate"}
     assert await applied_versions(empty_db_dsn) == ALL_VERSIONS
 
     again = await _run_cli("up", env={"DATABASE_URL": empty_db_dsn})

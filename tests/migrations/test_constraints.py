@@ -9,7 +9,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from opsconductor.common.storage.db import connect
+from opsconductor.lifecycle.storage.db import connect
 
 from .migration_helpers import insert_execution
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import asyncpg
 
-from opsconductor.common.storage.migrate import discover, find_migrations_dir, migrate_up
+from opsconductor.lifecycle.storage.migrate import discover, find_migrations_dir, migrate_up
 
 
 def _folder_up_to(tmp_path: Path, version: int) -> Path:

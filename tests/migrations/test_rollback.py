@@ -22,7 +22,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from opsconductor.common.storage.migrate import (
+from opsconductor.lifecycle.storage.migrate import (
     applied_versions,
     discover,
     find_migrations_dir,

@@ -14,8 +14,8 @@ import pytest
 from structlog.testing import capture_logs
 
 from opsconductor.common.errors import StorageError
-from opsconductor.common.storage import migrate
-from opsconductor.common.storage.migrate import (
+from opsconductor.lifecycle.storage import migrate
+from opsconductor.lifecycle.storage.migrate import (
     MIGRATION_LOCK_KEY,
     MigrationChecksumError,
     MigrationDefinitionError,
@@ -404,7 +404,7 @@ def test_missing_migrations_folder_says_how_to_configure_it(
 ) -> None:
     """An installed package with no migrations/ above it (a container without the folder)."""
     monkeypatch.delenv("OPSC_MIGRATIONS_DIR", raising=False)
-    installed = tmp_path / "site-packages/opsconductor/common/storage/migrate.py"
+    installed = tmp_path / "site-packages/opsconductor/lifecycle/storage/migrate.py"
     monkeypatch.setattr(migrate, "__file__", str(installed))
     with pytest.raises(MigrationDefinitionError, match="set OPSC_MIGRATIONS_DIR"):
         find_migrations_dir()

@@ -11,8 +11,8 @@ import re
 import asyncpg
 import pytest
 
-from opsconductor.common.storage.db import connect
-from opsconductor.common.storage.migrate import discover, find_migrations_dir
+from opsconductor.lifecycle.storage.db import connect
+from opsconductor.lifecycle.storage.migrate import discover, find_migrations_dir
 
 from .migration_helpers import insert_execution
 

@@ -25,14 +25,14 @@ from typing import Any
 import httpx
 import pytest
 
-from opsconductor.common.actions.base import (
+from opsconductor.actions.base import (
     MAX_RESULT_BYTES,
     ActionContext,
     ActionFailedError,
     ActionTimeoutError,
     result_size_bytes,
 )
-from opsconductor.common.actions.http import MAX_REDIRECTS, EgressDeniedError, HttpAction
+from opsconductor.actions.http import MAX_REDIRECTS, EgressDeniedError, HttpAction
 from opsconductor.common.egress import reserve_local_ports
 from opsconductor.common.errors import PlanValidationError
 from opsconductor.common.masking import REDACTED

@@ -1,4 +1,4 @@
-"""ActionResult, the error classes and the text helpers of ``opsconductor.common.actions.base``."""
+"""ActionResult, the error classes and the text helpers of ``opsconductor.actions.base``."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import secrets
 
 import pytest
 
-from opsconductor.common.actions.base import (
+from opsconductor.actions.base import (
     MAX_RESULT_BYTES,
     TRUNCATION_MARKER,
     ActionContext,
@@ -22,7 +22,7 @@ from opsconductor.common.actions.base import (
     record_only_result,
     result_size_bytes,
 )
-from opsconductor.common.actions.params import ParamReader, require_text
+from opsconductor.actions.params import ParamReader, require_text
 from opsconductor.common.errors import OpsConductorError, PlanValidationError
 from opsconductor.common.masking import REDACTED, register_secret
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from opsconductor.common.actions.base import (
+from opsconductor.actions.base import (
     MAX_RESULT_BYTES,
     ActionContext,
     ActionFailedError,
@@ -26,7 +26,7 @@ from opsconductor.common.actions.base import (
     ActionTimeoutError,
     result_size_bytes,
 )
-from opsconductor.common.actions.shell import IDEMPOTENCY_ENV, ShellAction, terminate_group
+from opsconductor.actions.shell import IDEMPOTENCY_ENV, ShellAction, terminate_group
 from opsconductor.common.errors import PlanValidationError
 from opsconductor.common.masking import REDACTED
 from opsconductor.common.secret_catalogue import SecretCatalogue

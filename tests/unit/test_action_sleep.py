@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from opsconductor.common.actions.base import ActionContext, ActionTimeoutError
-from opsconductor.common.actions.noop import NoopAction
-from opsconductor.common.actions.sleep import SleepAction
+from opsconductor.actions.base import ActionContext, ActionTimeoutError
+from opsconductor.actions.noop import NoopAction
+from opsconductor.actions.sleep import SleepAction
 from opsconductor.common.errors import PlanValidationError
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from opsconductor.common.actions import (
+from opsconductor.actions import (
     ENTRY_POINT_GROUP,
     ActionContext,
     ActionHandler,
@@ -19,10 +19,10 @@ from opsconductor.common.actions import (
     builtin_handlers,
     default_registry,
 )
-from opsconductor.common.actions.http import HttpAction
-from opsconductor.common.actions.noop import NoopAction
-from opsconductor.common.actions.shell import ShellAction
-from opsconductor.common.actions.sleep import SleepAction
+from opsconductor.actions.http import HttpAction
+from opsconductor.actions.noop import NoopAction
+from opsconductor.actions.shell import ShellAction
+from opsconductor.actions.sleep import SleepAction
 from opsconductor.common.errors import FieldViolation, PlanValidationError
 from opsconductor.common.plan import ActionClass, Plan, Step
 
@@ -123,8 +123,8 @@ def test_a_plugin_class_or_instance_is_loaded_from_its_entry_point() -> None:
 
 def test_builtins_declared_as_entry_points_are_not_duplicated() -> None:
     found = [
-        EntryPoint("noop", "opsconductor.common.actions.noop:NoopAction", ENTRY_POINT_GROUP),
-        EntryPoint("noop", "opsconductor.common.actions.noop:NoopAction", ENTRY_POINT_GROUP),
+        EntryPoint("noop", "opsconductor.actions.noop:NoopAction", ENTRY_POINT_GROUP),
+        EntryPoint("noop", "opsconductor.actions.noop:NoopAction", ENTRY_POINT_GROUP),
     ]
     assert ActionRegistry.from_entry_points(found=found).names() == (
         "http",

@@ -15,7 +15,7 @@ from opsconductor.client import (
     map_rpc_error,
 )
 from opsconductor.common import errors
-from opsconductor.common.rpc.status import status_for_exception
+from opsconductor.rpc.status import status_for_exception
 
 
 def as_rpc_error(status: grpc.Status) -> grpc.aio.AioRpcError:

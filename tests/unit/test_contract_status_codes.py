@@ -9,7 +9,6 @@ import pytest
 
 from opsconductor.client.errors import RpcError, map_rpc_error
 from opsconductor.common import errors as common_errors
-from opsconductor.common.rpc.status import code_for_exception, status_for_exception
 from opsconductor.contract import errors as e
 from opsconductor.contract.status_codes import (
     STATUS_TABLE,
@@ -18,6 +17,7 @@ from opsconductor.contract.status_codes import (
     code_for_error,
     error_classes,
 )
+from opsconductor.rpc.status import code_for_exception, status_for_exception
 
 CLASSES = error_classes()
 

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from opsconductor.common.denial_audit import DenialAuditLimiter, DenialRecord
+from opsconductor.policy.denial_audit import DenialAuditLimiter, DenialRecord
 
 
 class _Clock:

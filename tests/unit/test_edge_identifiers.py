@@ -7,12 +7,12 @@ import pytest
 
 from opsconductor.common.errors import InvalidArgumentError
 from opsconductor.common.identifiers import audit_text, identity_problem, is_valid_tenant_id
-from opsconductor.common.rpc.decoding import (
+from opsconductor.execution.v1 import admin_service_pb2, execution_service_pb2, types_pb2
+from opsconductor.rpc.decoding import (
     UndecodableRequest,
     check_text_fields,
     tolerant_deserializer,
 )
-from opsconductor.execution.v1 import admin_service_pb2, execution_service_pb2, types_pb2
 
 
 @pytest.mark.parametrize("tenant", ["acme", "t-1", "a.b_c-9", "9", "_system", "x" * 100])

@@ -10,13 +10,13 @@ from pathlib import Path
 import structlog
 from structlog.testing import capture_logs
 
-from opsconductor.common.execution_logging import (
+from opsconductor.common.logconfig import configure_logging, reset_logging
+from opsconductor.lifecycle.execution_logging import (
     SPEC_FIELDS,
     bind_execution,
     bind_execution_fields,
     execution_log_fields,
 )
-from opsconductor.common.logconfig import configure_logging, reset_logging
 
 from .test_execution_metrics import _record
 

@@ -9,9 +9,9 @@ from uuid import uuid4
 
 from prometheus_client import REGISTRY
 
-from opsconductor.common.execution_metrics import BoundedLabel, plan_action, record_finished
 from opsconductor.common.fsm import ExecutionStatus
-from opsconductor.common.storage.execution_records import ExecutionRecord
+from opsconductor.lifecycle.execution_metrics import BoundedLabel, plan_action, record_finished
+from opsconductor.lifecycle.storage.execution_records import ExecutionRecord
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from opsconductor.common.actions.registry import ActionRegistry
+from opsconductor.actions.registry import ActionRegistry
 from opsconductor.common.errors import PlanValidationError
 from opsconductor.common.plan import parse_plan
 from opsconductor.common.secret_patterns import credential_kind

@@ -7,7 +7,7 @@ from uuid import uuid4
 
 import pytest
 
-from opsconductor.common.storage.locks import (
+from opsconductor.lifecycle.storage.locks import (
     HeldLock,
     LockRequest,
     LockSet,

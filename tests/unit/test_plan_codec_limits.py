@@ -11,9 +11,9 @@ import pytest
 
 from opsconductor.common import errors
 from opsconductor.common.plan import MAX_TARGETS_PER_PLAN, parse_plan
-from opsconductor.common.rpc.plan_codec import plan_from_proto
-from opsconductor.common.rpc.status import status_for_exception
 from opsconductor.execution.v1 import types_pb2
+from opsconductor.rpc.plan_codec import plan_from_proto
+from opsconductor.rpc.status import status_for_exception
 
 
 def _plan(steps: int, targets: int) -> types_pb2.Plan:

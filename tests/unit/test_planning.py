@@ -7,16 +7,16 @@ from typing import Any
 
 import pytest
 
-from opsconductor.common.actions.base import ActionContext, ActionResult
-from opsconductor.common.errors import FieldViolation
-from opsconductor.common.plan import ActionClass, Plan, parse_plan
-from opsconductor.common.planning import (
+from opsconductor.actions.base import ActionContext, ActionResult
+from opsconductor.actions.planning import (
     IMMEDIATE_LIMIT_MS,
     ExecutionMode,
     can_parallelize,
     decide_mode,
     estimate_duration,
 )
+from opsconductor.common.errors import FieldViolation
+from opsconductor.common.plan import ActionClass, Plan, parse_plan
 
 
 class FixedHandler:

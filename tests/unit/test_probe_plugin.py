@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 from opsc_test_actions import ProbeAction, ProbeOverlapError, read_ledger
 
-from opsconductor.common.actions import ActionRegistry, default_registry
-from opsconductor.common.actions.base import ActionContext, ActionFailedError
+from opsconductor.actions import ActionRegistry, default_registry
+from opsconductor.actions.base import ActionContext, ActionFailedError
 from opsconductor.common.errors import PlanValidationError
 from opsconductor.common.masking import REDACTED
 from opsconductor.common.secret_catalogue import SecretCatalogue

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from opsconductor.common.errors import FailedPreconditionError, OpsConductorError
-from opsconductor.common.queue import LeaseRenewalLimitError, lease_seconds, renew_after
-from opsconductor.common.storage.policies import TimeoutPolicy
+from opsconductor.lifecycle.queue import LeaseRenewalLimitError, lease_seconds, renew_after
+from opsconductor.lifecycle.storage.policies import TimeoutPolicy
 
 POLICY = TimeoutPolicy(
     id="medium_modify",

@@ -8,7 +8,7 @@ from uuid import uuid4
 import pytest
 from redis.asyncio import Redis
 
-from opsconductor.common.queue import (
+from opsconductor.lifecycle.queue import (
     KEY_VERSION,
     LeasedJob,
     MaintenanceReport,
@@ -16,7 +16,7 @@ from opsconductor.common.queue import (
     QueueStats,
     RedisQueue,
 )
-from opsconductor.common.queue.records import decode_hash
+from opsconductor.lifecycle.queue.records import decode_hash
 
 JOB, EXECUTION, TOKEN = uuid4(), uuid4(), uuid4()
 HASH = {

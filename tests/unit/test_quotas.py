@@ -8,15 +8,15 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from opsconductor.common.quotas import (
+from opsconductor.common.settings import ServiceSettings
+from opsconductor.common.tenant_policy import TenantPolicies, TenantPolicyError
+from opsconductor.policy.quotas import (
     MAX_RETRY_AFTER_S,
     MIN_RETRY_AFTER_S,
     QuotaLimits,
     TenantQuotas,
     retry_after,
 )
-from opsconductor.common.settings import ServiceSettings
-from opsconductor.common.tenant_policy import TenantPolicies, TenantPolicyError
 
 NOW = datetime(2026, 12, 2, 12, 0, tzinfo=UTC)
 DEFAULTS = QuotaLimits(max_queued=500, max_running=10, max_immediate=20)

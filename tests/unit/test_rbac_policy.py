@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from opsconductor.common.auth import Principal
-from opsconductor.common.rbac import (
+from opsconductor.policy.rbac import (
     URGENT_PRIORITY,
     Authorizer,
     Permission,
@@ -102,7 +102,7 @@ def test_service_role_is_read_only(policy: RbacPolicy) -> None:
 
 def test_every_permission_is_documented_in_the_policy_file() -> None:
     """The header comment of the packaged file lists each permission the code knows."""
-    text = resources.files("opsconductor.common").joinpath("rbac_policy.yaml").read_text()
+    text = resources.files("opsconductor.policy").joinpath("rbac_policy.yaml").read_text()
     header = text.split("version:", 1)[0]
     for permission in Permission:
         assert f"#   {permission.value} " in header, permission

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from opsconductor.common.rpc.metadata import (
+from opsconductor.rpc.metadata import (
     current_request_id,
     new_request_id,
     request_id_from_metadata,

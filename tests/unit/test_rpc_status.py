@@ -10,7 +10,7 @@ from google.rpc import error_details_pb2, status_pb2
 
 from opsconductor.common import errors
 from opsconductor.common.masking import REDACTED
-from opsconductor.common.rpc.status import (
+from opsconductor.rpc.status import (
     ERROR_DOMAIN,
     code_for_exception,
     is_expected,

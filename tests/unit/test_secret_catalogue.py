@@ -7,9 +7,8 @@ from typing import Any
 
 import pytest
 
-from opsconductor.common.actions.registry import ActionRegistry
+from opsconductor.actions.registry import ActionRegistry
 from opsconductor.common.plan import SecretRef, parse_plan
-from opsconductor.common.policy_enforcement import plan_secret_use_violations, step_secret_use
 from opsconductor.common.secret_catalogue import (
     SecretCatalogue,
     SecretCatalogueError,
@@ -17,6 +16,7 @@ from opsconductor.common.secret_catalogue import (
     env_namespace,
     normalise_url,
 )
+from opsconductor.policy.enforcement import plan_secret_use_violations, step_secret_use
 
 TOKEN = SecretRef("env", "API_TOKEN")
 

@@ -8,12 +8,11 @@ from typing import Any
 
 import pytest
 
-from opsconductor.common.actions.base import ActionContext
-from opsconductor.common.actions.registry import default_registry
-from opsconductor.common.actions.shell import ShellAction
+from opsconductor.actions.base import ActionContext
+from opsconductor.actions.registry import default_registry
+from opsconductor.actions.shell import ShellAction
 from opsconductor.common.errors import FieldViolation
 from opsconductor.common.plan import parse_plan
-from opsconductor.common.policy_enforcement import plan_policy_violations
 from opsconductor.common.tenant_policy import (
     ShellPolicy,
     TenantPolicies,
@@ -23,6 +22,7 @@ from opsconductor.common.tenant_policy import (
     is_interpreter,
     is_worker_variable,
 )
+from opsconductor.policy.enforcement import plan_policy_violations
 
 
 def test_shell_is_off_by_default_for_every_tenant() -> None:

@@ -17,8 +17,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from opsconductor.common.actions.base import ActionContext, ActionResult
-from opsconductor.common.actions.params import ParamReader
+from opsconductor.actions.base import ActionContext, ActionResult
+from opsconductor.actions.params import ParamReader
 from opsconductor.common.errors import FieldViolation
 from opsconductor.common.plan import ActionClass
 

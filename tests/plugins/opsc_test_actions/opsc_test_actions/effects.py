@@ -36,13 +36,13 @@ import structlog
 from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from opsconductor.common.actions.base import (
+from opsconductor.actions.base import (
     ActionContext,
     ActionFailedError,
     ActionResult,
     record_only_result,
 )
-from opsconductor.common.actions.params import ParamReader
+from opsconductor.actions.params import ParamReader
 from opsconductor.common.errors import FieldViolation
 from opsconductor.common.plan import ActionClass
 

@@ -45,13 +45,13 @@ from urllib.parse import quote, quote_plus
 
 import structlog
 
-from opsconductor.common.actions.base import (
+from opsconductor.actions.base import (
     ActionContext,
     ActionFailedError,
     ActionResult,
     record_only_result,
 )
-from opsconductor.common.actions.params import ParamReader
+from opsconductor.actions.params import ParamReader
 from opsconductor.common.errors import FieldViolation
 from opsconductor.common.masking import mask_text
 from opsconductor.common.plan import ActionClass

@@ -1,6 +1,6 @@
 """Authentication: bearer JWTs in gRPC metadata → a verified :class:`Principal`.
 
-Who may call is decided here; what they may do is :mod:`opsconductor.common.rbac`'s job. A token
+Who may call is decided here; what they may do is :mod:`opsconductor.policy.rbac`'s job. A token
 carries the actor (``sub``), the tenant (``tenant_id``) and how the actor authenticated
 (``auth_method``, default ``"jwt"``). Roles are never read from the token: they live in Postgres.
 

@@ -210,7 +210,7 @@ class EgressPolicy(_Section):
 
 class QuotaPolicy(_Section):
     """Per-tenant limits on queued, running and concurrent immediate work (docs/security.md,
-    "Fair share and quotas"); ``opsconductor.common.quotas`` applies them.
+    "Fair share and quotas"); ``opsconductor.policy.quotas`` applies them.
 
     ``max_queued``: background jobs waiting (ready or in retry backoff) — a submit beyond it is
     refused. ``max_running``: background jobs leased at once — the queue passes the tenant over

@@ -22,9 +22,9 @@ import asyncpg
 from pydantic import SecretStr
 
 from opsconductor.common.auth import issue_token
-from opsconductor.common.storage.db import create_pool
-from opsconductor.common.storage.flags import SYSTEM_TENANT, load_flags, update_flags
-from opsconductor.common.storage.role_bindings import bind_role
+from opsconductor.lifecycle.storage.db import create_pool
+from opsconductor.lifecycle.storage.flags import SYSTEM_TENANT, load_flags, update_flags
+from opsconductor.lifecycle.storage.role_bindings import bind_role
 
 DEV_TENANT = "dev"
 DEV_PRINCIPAL = "dev-admin"

@@ -43,7 +43,6 @@ import structlog
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from opsconductor.common.errors import OpsConductorError
-from opsconductor.common.storage.migrate import migrate_up
 from opsconductor.devstack.config import EMBEDDED_DATABASE, DevstackSettings
 from opsconductor.devstack.dev_identity import (
     DEV_PRINCIPAL,
@@ -62,6 +61,7 @@ from opsconductor.devstack.services import (
     signal_group,
     spawn_service,
 )
+from opsconductor.lifecycle.storage.migrate import migrate_up
 
 log = structlog.get_logger(__name__)
 

@@ -1,7 +1,7 @@
 """The one table between domain errors and gRPC status codes, read by both sides of the wire.
 
 The servers turn an exception that escapes an RPC into the status of the first row whose class
-it is an instance of (``opsconductor.common.rpc.status``); the client turns a status back into
+it is an instance of (``opsconductor.rpc.status``); the client turns a status back into
 the class its ``ErrorInfo.reason`` names and, when the reason is unknown (an older server, a
 proxy, a bare status), into the row marked ``fallback`` for that code
 (``opsconductor.client.errors``). Keeping both directions here means a new error class needs

@@ -1,7 +1,7 @@
 """``python -m opsconductor.api`` (``opsc-api``): serve ExecutionService and AdminService over gRPC.
 
 Start-up: settings from ``OPSC_*``, logging, then the shared bootstrap
-(:func:`opsconductor.common.rpc.server.serve`): listen, open the database pool, report SERVING;
+(:func:`opsconductor.rpc.server.serve`): listen, open the database pool, report SERVING;
 SIGTERM/SIGINT: NOT_SERVING, drain in-flight RPCs, close the pool, exit 0.
 """
 
@@ -15,7 +15,7 @@ from opsconductor.api.app import ApiApp
 from opsconductor.api.servicers import register_services
 from opsconductor.api.settings import ApiSettings
 from opsconductor.common.logconfig import configure_logging
-from opsconductor.common.rpc.server import load_settings, run_server
+from opsconductor.rpc.server import load_settings, run_server
 
 
 def main() -> int:

@@ -11,26 +11,26 @@ from typing import TypeVar
 
 from redis.asyncio import Redis
 
+from opsconductor.actions.registry import default_registry
 from opsconductor.api.logic.admin import AdminOperations
 from opsconductor.api.logic.queries import ExecutionQueries
 from opsconductor.api.logic.submission import Submissions
 from opsconductor.api.settings import ApiSettings
 from opsconductor.client.tls import ClientTls
 from opsconductor.client.worker import WorkerClient
-from opsconductor.common.actions.registry import default_registry
 from opsconductor.common.approval_policy import ApprovalPolicy
 from opsconductor.common.auth import TokenVerifier
 from opsconductor.common.errors import StorageError
-from opsconductor.common.queue.gauges import GaugePublisher
-from opsconductor.common.queue.redis_queue import RedisQueue, create_redis_client
-from opsconductor.common.quotas import TenantQuotas
-from opsconductor.common.rbac import Authorizer, RbacPolicy
-from opsconductor.common.rpc.resources import DatabasePool
 from opsconductor.common.secrets import SecretsSettings
-from opsconductor.common.storage.execution_stats import ObservedDurations
-from opsconductor.common.storage.flags import FlagCache
-from opsconductor.common.storage.policies import load_timeout_policies
 from opsconductor.common.tenant_policy import TenantPolicies
+from opsconductor.lifecycle.queue.gauges import GaugePublisher
+from opsconductor.lifecycle.queue.redis_queue import RedisQueue, create_redis_client
+from opsconductor.lifecycle.storage.execution_stats import ObservedDurations
+from opsconductor.lifecycle.storage.flags import FlagCache
+from opsconductor.lifecycle.storage.policies import load_timeout_policies
+from opsconductor.policy.quotas import TenantQuotas
+from opsconductor.policy.rbac import Authorizer, RbacPolicy
+from opsconductor.rpc.resources import DatabasePool
 
 
 class ApiApp:

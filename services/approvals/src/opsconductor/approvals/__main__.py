@@ -1,7 +1,7 @@
 """``python -m opsconductor.approvals`` (``opsc-approvals``): serve ApprovalService over gRPC.
 
 Start-up: settings from ``OPSC_*``, logging, then the shared bootstrap
-(:func:`opsconductor.common.rpc.server.serve`): listen, open the database pool, connect to the
+(:func:`opsconductor.rpc.server.serve`): listen, open the database pool, connect to the
 worker and the queue, report SERVING; SIGTERM/SIGINT: NOT_SERVING, drain in-flight RPCs, wait
 (bounded) for the approved immediate executions it started, close everything, exit 0.
 """
@@ -16,7 +16,7 @@ from opsconductor.approvals.app import ApprovalsApp
 from opsconductor.approvals.servicers import register_services
 from opsconductor.approvals.settings import ApprovalsSettings
 from opsconductor.common.logconfig import configure_logging
-from opsconductor.common.rpc.server import load_settings, run_server
+from opsconductor.rpc.server import load_settings, run_server
 
 
 def main() -> int:

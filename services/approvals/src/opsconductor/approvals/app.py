@@ -15,10 +15,10 @@ from opsconductor.client.tls import ClientTls
 from opsconductor.client.worker import WorkerClient
 from opsconductor.common.auth import TokenVerifier
 from opsconductor.common.errors import StorageError
-from opsconductor.common.queue.redis_queue import RedisQueue, create_redis_client
-from opsconductor.common.rbac import Authorizer, RbacPolicy
-from opsconductor.common.rpc.resources import DatabasePool
-from opsconductor.common.storage.policies import load_timeout_policies
+from opsconductor.lifecycle.queue.redis_queue import RedisQueue, create_redis_client
+from opsconductor.lifecycle.storage.policies import load_timeout_policies
+from opsconductor.policy.rbac import Authorizer, RbacPolicy
+from opsconductor.rpc.resources import DatabasePool
 
 
 class ApprovalsApp:

@@ -1,7 +1,7 @@
 """``python -m opsconductor.progress`` (``opsc-progress``): ProgressService over gRPC, plus HTTP.
 
 Start-up: settings from ``OPSC_*``, logging, then the shared bootstrap
-(:func:`opsconductor.common.rpc.server.serve`): listen, open the database pool and the one
+(:func:`opsconductor.rpc.server.serve`): listen, open the database pool and the one
 LISTEN connection, start the HTTP server (WebSocket, SSE, long-poll, grpc-web, the UI), report
 SERVING. SIGTERM/SIGINT: NOT_SERVING, cut every live subscriber off with its position (it
 resumes on another replica), stop HTTP, drain in-flight RPCs, close the pool, exit 0.
@@ -14,13 +14,13 @@ import sys
 import structlog
 
 from opsconductor.common.logconfig import configure_logging
-from opsconductor.common.rpc.server import load_settings, run_server
 from opsconductor.progress.app import ProgressApp
 from opsconductor.progress.http.grpc_web import GrpcWebGateway
 from opsconductor.progress.http.routes import build_http_app
 from opsconductor.progress.http.server import HttpServer
 from opsconductor.progress.servicers import register_services
 from opsconductor.progress.settings import ProgressSettings
+from opsconductor.rpc.server import load_settings, run_server
 
 
 def main() -> int:

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from opsconductor.common.auth import TokenVerifier
 from opsconductor.common.errors import StorageError
-from opsconductor.common.rbac import Authorizer, RbacPolicy
-from opsconductor.common.rpc.resources import DatabasePool
-from opsconductor.common.storage.db import connect
+from opsconductor.lifecycle.storage.db import connect
+from opsconductor.policy.rbac import Authorizer, RbacPolicy
 from opsconductor.progress.logic.access import EventAccess
 from opsconductor.progress.logic.hub import EventHub, HubLimits
 from opsconductor.progress.settings import ProgressSettings
+from opsconductor.rpc.resources import DatabasePool
 
 
 class ProgressApp:

@@ -1,7 +1,7 @@
 """``python -m opsconductor.worker`` (``opsc-worker``): serve WorkerService over gRPC.
 
 Start-up: settings from ``OPSC_*``, logging, then the shared bootstrap
-(:func:`opsconductor.common.rpc.server.serve`): listen, open the database pool, report SERVING;
+(:func:`opsconductor.rpc.server.serve`): listen, open the database pool, report SERVING;
 SIGTERM/SIGINT: NOT_SERVING, drain in-flight RPCs, close the pool, exit 0.
 """
 
@@ -12,7 +12,7 @@ import sys
 import structlog
 
 from opsconductor.common.logconfig import configure_logging
-from opsconductor.common.rpc.server import load_settings, run_server
+from opsconductor.rpc.server import load_settings, run_server
 from opsconductor.worker.app import WorkerApp
 from opsconductor.worker.servicers import register_services
 from opsconductor.worker.settings import WorkerSettings

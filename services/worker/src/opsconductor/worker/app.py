@@ -8,19 +8,19 @@ from datetime import timedelta
 
 from redis.asyncio import Redis
 
-from opsconductor.common.actions.registry import default_registry
+from opsconductor.actions.registry import default_registry
 from opsconductor.common.approval_policy import ApprovalPolicy
 from opsconductor.common.auth import TokenVerifier
 from opsconductor.common.errors import StorageError
-from opsconductor.common.queue.redis_queue import RedisQueue, create_redis_client
-from opsconductor.common.queue.wakeups import Wakeups
-from opsconductor.common.quotas import TenantQuotas
-from opsconductor.common.rbac import Authorizer, RbacPolicy
-from opsconductor.common.rpc.resources import DatabasePool
 from opsconductor.common.secrets import SecretResolver, SecretsSettings
-from opsconductor.common.storage.cancellation import CancelSignals
-from opsconductor.common.storage.policies import load_timeout_policies
 from opsconductor.common.tenant_policy import TenantPolicies
+from opsconductor.lifecycle.queue.redis_queue import RedisQueue, create_redis_client
+from opsconductor.lifecycle.queue.wakeups import Wakeups
+from opsconductor.lifecycle.storage.cancellation import CancelSignals
+from opsconductor.lifecycle.storage.policies import load_timeout_policies
+from opsconductor.policy.quotas import TenantQuotas
+from opsconductor.policy.rbac import Authorizer, RbacPolicy
+from opsconductor.rpc.resources import DatabasePool
 from opsconductor.worker.logic.approval_checks import ApprovalChecks
 from opsconductor.worker.logic.consumer import BackgroundConsumer
 from opsconductor.worker.logic.immediate import ImmediateExecutions

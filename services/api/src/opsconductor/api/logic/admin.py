@@ -30,17 +30,22 @@ from opsconductor.common.errors import (
     InvalidArgumentError,
     QueueUnavailableError,
 )
-from opsconductor.common.queue import dlq
-from opsconductor.common.queue.dlq import DlqEntry
-from opsconductor.common.queue.records import QueueStats
-from opsconductor.common.queue.redis_queue import RedisQueue
-from opsconductor.common.rbac import Authorizer, Permission
-from opsconductor.common.storage.audit_chain import ChainVerdict, verify_chain
-from opsconductor.common.storage.execution_reads import as_execution_id
-from opsconductor.common.storage.execution_records import PoolOrConnection, transaction
-from opsconductor.common.storage.flag_history import FlagChange, list_flag_changes
-from opsconductor.common.storage.flags import SYSTEM_TENANT, FeatureFlags, FlagCache, update_flags
-from opsconductor.common.storage.policies import TimeoutPolicy
+from opsconductor.lifecycle.queue import dlq
+from opsconductor.lifecycle.queue.dlq import DlqEntry
+from opsconductor.lifecycle.queue.records import QueueStats
+from opsconductor.lifecycle.queue.redis_queue import RedisQueue
+from opsconductor.lifecycle.storage.audit_chain import ChainVerdict, verify_chain
+from opsconductor.lifecycle.storage.execution_reads import as_execution_id
+from opsconductor.lifecycle.storage.execution_records import PoolOrConnection, transaction
+from opsconductor.lifecycle.storage.flag_history import FlagChange, list_flag_changes
+from opsconductor.lifecycle.storage.flags import (
+    SYSTEM_TENANT,
+    FeatureFlags,
+    FlagCache,
+    update_flags,
+)
+from opsconductor.lifecycle.storage.policies import TimeoutPolicy
+from opsconductor.policy.rbac import Authorizer, Permission
 
 from .dlq_requeue import RequeueResult, requeue_dead_letter
 

@@ -31,10 +31,10 @@ import structlog
 from opsconductor.common.approval_policy import ApprovalPolicy
 from opsconductor.common.auth import Principal
 from opsconductor.common.errors import ApprovalInvalidatedError
-from opsconductor.common.rbac import Authorizer, Permission
-from opsconductor.common.storage.approval_records import ApprovalRecord, get_approval
-from opsconductor.common.storage.approvals import invalidate_approval, request_approval
-from opsconductor.common.storage.execution_records import PoolOrConnection
+from opsconductor.lifecycle.storage.approval_records import ApprovalRecord, get_approval
+from opsconductor.lifecycle.storage.approvals import invalidate_approval, request_approval
+from opsconductor.lifecycle.storage.execution_records import PoolOrConnection
+from opsconductor.policy.rbac import Authorizer, Permission
 
 log = structlog.get_logger(__name__)
 

@@ -38,24 +38,24 @@ from opsconductor.common.errors import (
     QueueUnavailableError,
 )
 from opsconductor.common.fsm import ExecutionStatus
-from opsconductor.common.queue import dlq, jobs
-from opsconductor.common.queue.dlq import DlqEntry
-from opsconductor.common.queue.redis_queue import RedisQueue
-from opsconductor.common.storage.events import append_event
-from opsconductor.common.storage.execution_reads import get_execution
-from opsconductor.common.storage.execution_records import (
+from opsconductor.common.tracing import current_traceparent
+from opsconductor.lifecycle.queue import dlq, jobs
+from opsconductor.lifecycle.queue.dlq import DlqEntry
+from opsconductor.lifecycle.queue.redis_queue import RedisQueue
+from opsconductor.lifecycle.storage.events import append_event
+from opsconductor.lifecycle.storage.execution_reads import get_execution
+from opsconductor.lifecycle.storage.execution_records import (
     ExecutionRecord,
     PoolOrConnection,
     transaction,
 )
-from opsconductor.common.storage.executions import (
+from opsconductor.lifecycle.storage.executions import (
     NewExecution,
     create_execution,
     retire_idempotency_key,
     transition,
 )
-from opsconductor.common.storage.policies import TimeoutPolicy
-from opsconductor.common.tracing import current_traceparent
+from opsconductor.lifecycle.storage.policies import TimeoutPolicy
 
 __all__ = [
     "DLQ_REQUEUED_EVENT",
@@ -155,7 +155,7 @@ async def requeue_dead_letter(
 
     ``tenant_scope`` limits the lookup to one tenant (a tenant admin): another tenant's entry is
     "not found". ``record_only`` None keeps the old execution's setting. Raises
-    :class:`NotFoundError`, :class:`~opsconductor.common.queue.dlq.DlqEntryRequeuedError`,
+    :class:`NotFoundError`, :class:`~opsconductor.lifecycle.queue.dlq.DlqEntryRequeuedError`,
     :class:`DeadLetterNotRequeueableError`, :class:`ConflictError` (a live execution of the same
     plan holds its idempotency key) and :class:`QueueUnavailableError`; each leaves no trace.
     """

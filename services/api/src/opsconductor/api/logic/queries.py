@@ -9,16 +9,16 @@ import structlog
 from opsconductor.common.auth import Principal
 from opsconductor.common.errors import QueueUnavailableError
 from opsconductor.common.fsm import ExecutionStatus
-from opsconductor.common.queue import jobs
-from opsconductor.common.queue.redis_queue import RedisQueue
-from opsconductor.common.rbac import Authorizer, Permission
-from opsconductor.common.storage.execution_reads import (
+from opsconductor.lifecycle.queue import jobs
+from opsconductor.lifecycle.queue.redis_queue import RedisQueue
+from opsconductor.lifecycle.storage.execution_reads import (
     as_execution_id,
     get_execution,
     list_executions,
 )
-from opsconductor.common.storage.execution_records import ExecutionRecord, PoolOrConnection
-from opsconductor.common.storage.executions import request_cancel
+from opsconductor.lifecycle.storage.execution_records import ExecutionRecord, PoolOrConnection
+from opsconductor.lifecycle.storage.executions import request_cancel
+from opsconductor.policy.rbac import Authorizer, Permission
 
 log = structlog.get_logger(__name__)
 

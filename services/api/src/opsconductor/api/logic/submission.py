@@ -18,6 +18,13 @@ from uuid import UUID
 
 import structlog
 
+from opsconductor.actions.planning import (
+    DurationEstimate,
+    ExecutionMode,
+    HandlerLookup,
+    decide_mode,
+    estimate_duration,
+)
 from opsconductor.common.approval_policy import (
     LEVEL_STEP_BY_STEP,
     ApprovalPolicy,
@@ -32,46 +39,39 @@ from opsconductor.common.errors import (
     QueueUnavailableError,
     WorkerUnavailableError,
 )
-from opsconductor.common.execution_logging import bind_execution_fields
 from opsconductor.common.fsm import ExecutionStatus
 from opsconductor.common.hashing import canonical_json, idempotency_key, plan_hash, snapshot_hash
 from opsconductor.common.plan import Plan, parse_plan, to_wire_dict
-from opsconductor.common.planning import (
-    DurationEstimate,
-    ExecutionMode,
-    HandlerLookup,
-    decide_mode,
-    estimate_duration,
+from opsconductor.common.secret_catalogue import SecretCatalogue
+from opsconductor.common.tenant_policy import TenantPolicies
+from opsconductor.common.tracing import current_traceparent
+from opsconductor.lifecycle.execution_logging import bind_execution_fields
+from opsconductor.lifecycle.queue import jobs
+from opsconductor.lifecycle.queue.redis_queue import RedisQueue
+from opsconductor.lifecycle.storage.execution_leases import fail_unstarted_execution
+from opsconductor.lifecycle.storage.execution_reads import get_execution
+from opsconductor.lifecycle.storage.execution_records import (
+    ExecutionRecord,
+    PoolOrConnection,
+    transaction,
 )
-from opsconductor.common.policy_enforcement import enforce_secret_uses, enforce_tenant_policy
-from opsconductor.common.queue import jobs
-from opsconductor.common.queue.redis_queue import RedisQueue
-from opsconductor.common.quotas import QuotaLimits, TenantQuotas
-from opsconductor.common.rbac import (
+from opsconductor.lifecycle.storage.execution_stats import ObservedDurations
+from opsconductor.lifecycle.storage.executions import (
+    NewExecution,
+    create_execution,
+    transition,
+)
+from opsconductor.lifecycle.storage.flags import FlagCache
+from opsconductor.lifecycle.storage.policies import TimeoutPolicy, select_policy
+from opsconductor.policy.enforcement import enforce_secret_uses, enforce_tenant_policy
+from opsconductor.policy.quotas import QuotaLimits, TenantQuotas
+from opsconductor.policy.rbac import (
     Authorizer,
     Permission,
     one_request,
     priority_permissions,
     submit_permissions,
 )
-from opsconductor.common.secret_catalogue import SecretCatalogue
-from opsconductor.common.storage.execution_leases import fail_unstarted_execution
-from opsconductor.common.storage.execution_reads import get_execution
-from opsconductor.common.storage.execution_records import (
-    ExecutionRecord,
-    PoolOrConnection,
-    transaction,
-)
-from opsconductor.common.storage.execution_stats import ObservedDurations
-from opsconductor.common.storage.executions import (
-    NewExecution,
-    create_execution,
-    transition,
-)
-from opsconductor.common.storage.flags import FlagCache
-from opsconductor.common.storage.policies import TimeoutPolicy, select_policy
-from opsconductor.common.tenant_policy import TenantPolicies
-from opsconductor.common.tracing import current_traceparent
 
 from .approval_intake import ApprovalIntake
 from .ports import WorkerPort

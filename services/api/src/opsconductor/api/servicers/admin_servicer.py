@@ -16,13 +16,13 @@ from google.protobuf import json_format, struct_pb2, timestamp_pb2
 from opsconductor.api.app import ApiApp
 from opsconductor.api.logic.admin import parse_dlq_id
 from opsconductor.common.errors import InvalidArgumentError
-from opsconductor.common.queue.dlq import DlqEntry
-from opsconductor.common.rpc.auth import authenticate
-from opsconductor.common.rpc.metadata import current_request_id
-from opsconductor.common.storage.audit_chain import ChainProblem
-from opsconductor.common.storage.flag_history import FlagChange
-from opsconductor.common.storage.flags import FeatureFlags
 from opsconductor.execution.v1 import admin_service_pb2, admin_service_pb2_grpc
+from opsconductor.lifecycle.queue.dlq import DlqEntry
+from opsconductor.lifecycle.storage.audit_chain import ChainProblem
+from opsconductor.lifecycle.storage.flag_history import FlagChange
+from opsconductor.lifecycle.storage.flags import FeatureFlags
+from opsconductor.rpc.auth import authenticate
+from opsconductor.rpc.metadata import current_request_id
 
 SERVICE_NAME: str = admin_service_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
 

@@ -10,16 +10,16 @@ from typing import Any
 
 import grpc.aio
 
+from opsconductor.actions.planning import ExecutionMode
 from opsconductor.api.app import ApiApp
 from opsconductor.api.logic.submission import SubmitRequest
 from opsconductor.common.errors import InvalidArgumentError, PlanValidationError
 from opsconductor.common.fsm import ExecutionStatus
-from opsconductor.common.planning import ExecutionMode
-from opsconductor.common.rpc.auth import authenticate
-from opsconductor.common.rpc.execution_codec import execution_to_proto
-from opsconductor.common.rpc.metadata import current_request_id
-from opsconductor.common.rpc.plan_codec import plan_from_proto
 from opsconductor.execution.v1 import execution_service_pb2, execution_service_pb2_grpc, types_pb2
+from opsconductor.rpc.auth import authenticate
+from opsconductor.rpc.execution_codec import execution_to_proto
+from opsconductor.rpc.metadata import current_request_id
+from opsconductor.rpc.plan_codec import plan_from_proto
 
 SERVICE_NAME: str = execution_service_pb2.DESCRIPTOR.services_by_name["ExecutionService"].full_name
 

@@ -7,7 +7,7 @@ another tenant is refused with ``PERMISSION_DENIED`` and the attempt is audited 
 can never decide it (:class:`SelfApprovalError`, backed by the ``approval_not_self`` CHECK).
 
 A decision records the principal, how it authenticated, its source address, the time and the
-comment; the first one wins (:func:`opsconductor.common.storage.approvals.decide` is a
+comment; the first one wins (:func:`opsconductor.lifecycle.storage.approvals.decide` is a
 compare-and-set), concurrent losers get ``FAILED_PRECONDITION``. Before granting, the approval's
 binding is checked once more against the execution row ("at dispatch"): a mismatch invalidates
 it. A grant releases the execution (:mod:`.dispatch`); a rejection ends it ``rejected``.
@@ -21,6 +21,7 @@ from typing import Any, Final
 
 import structlog
 
+from opsconductor.actions.planning import ExecutionMode
 from opsconductor.common.auth import Principal
 from opsconductor.common.errors import (
     ApprovalInvalidatedError,
@@ -28,28 +29,27 @@ from opsconductor.common.errors import (
     NotFoundError,
     SelfApprovalError,
 )
-from opsconductor.common.execution_logging import bind_execution_fields
-from opsconductor.common.planning import ExecutionMode
-from opsconductor.common.rbac import Authorizer, Permission
-from opsconductor.common.storage.approval_records import (
+from opsconductor.lifecycle.execution_logging import bind_execution_fields
+from opsconductor.lifecycle.storage.approval_records import (
     ApprovalRecord,
     find_approval_owner,
     get_approval,
     list_pending_approvals,
     step_approval,
 )
-from opsconductor.common.storage.approvals import (
+from opsconductor.lifecycle.storage.approvals import (
     ApprovalDecision,
     binding_mismatches,
     decide,
     invalidate_approval,
 )
-from opsconductor.common.storage.execution_reads import (
+from opsconductor.lifecycle.storage.execution_reads import (
     as_execution_id,
     find_execution_tenant,
     get_execution,
 )
-from opsconductor.common.storage.execution_records import PoolOrConnection, transaction
+from opsconductor.lifecycle.storage.execution_records import PoolOrConnection, transaction
+from opsconductor.policy.rbac import Authorizer, Permission
 
 from .dispatch import ExecutionDispatcher
 

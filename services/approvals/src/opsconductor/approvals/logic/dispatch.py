@@ -31,12 +31,12 @@ from opsconductor.common.errors import (
     WorkerUnavailableError,
 )
 from opsconductor.common.fsm import ExecutionStatus
-from opsconductor.common.queue import jobs
-from opsconductor.common.queue.redis_queue import RedisQueue
-from opsconductor.common.storage.execution_leases import fail_unstarted_execution
-from opsconductor.common.storage.execution_records import ExecutionRecord, PoolOrConnection
-from opsconductor.common.storage.executions import transition
-from opsconductor.common.storage.policies import TimeoutPolicy
+from opsconductor.lifecycle.queue import jobs
+from opsconductor.lifecycle.queue.redis_queue import RedisQueue
+from opsconductor.lifecycle.storage.execution_leases import fail_unstarted_execution
+from opsconductor.lifecycle.storage.execution_records import ExecutionRecord, PoolOrConnection
+from opsconductor.lifecycle.storage.executions import transition
+from opsconductor.lifecycle.storage.policies import TimeoutPolicy
 
 from .ports import WorkerPort
 

@@ -16,10 +16,10 @@ from google.protobuf import timestamp_pb2
 from opsconductor.approvals.logic.decisions import Caller, covered_scope
 from opsconductor.approvals.servicers.client_address import source_ip
 from opsconductor.common.errors import InvalidArgumentError
-from opsconductor.common.rpc.auth import authenticate
-from opsconductor.common.rpc.plan_codec import plan_to_proto
-from opsconductor.common.storage.approval_records import ApprovalRecord
 from opsconductor.execution.v1 import approval_service_pb2, approval_service_pb2_grpc, types_pb2
+from opsconductor.lifecycle.storage.approval_records import ApprovalRecord
+from opsconductor.rpc.auth import authenticate
+from opsconductor.rpc.plan_codec import plan_to_proto
 
 if TYPE_CHECKING:
     from opsconductor.approvals.app import ApprovalsApp

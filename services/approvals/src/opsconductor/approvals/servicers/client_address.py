@@ -14,7 +14,7 @@ from typing import Any, Final
 
 import grpc.aio
 
-from opsconductor.common.rpc.auth import peer_ip
+from opsconductor.rpc.auth import peer_ip
 
 FORWARDED_FOR: Final = "x-forwarded-for"
 #: Width of ``approvals.source_ip``.

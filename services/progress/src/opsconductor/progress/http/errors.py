@@ -1,7 +1,7 @@
 """Domain errors → HTTP answers: the status, and a JSON body a person can act on.
 
 The code, reason and message are the ones gRPC callers get
-(:func:`opsconductor.common.rpc.status.describe_exception`), so a refusal reads the same on every
+(:func:`opsconductor.rpc.status.describe_exception`), so a refusal reads the same on every
 transport; unexpected errors say only "internal error" with the request id, and are logged.
 """
 
@@ -13,7 +13,7 @@ from typing import Any
 import grpc
 import structlog
 
-from opsconductor.common.rpc.status import DescribedError, describe_exception, is_expected
+from opsconductor.rpc.status import DescribedError, describe_exception, is_expected
 
 log = structlog.get_logger(__name__)
 

@@ -36,16 +36,16 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from opsconductor.client.tls import ClientTls, open_channel
 from opsconductor.common.auth import Principal, bearer_from_metadata
-from opsconductor.common.rpc.status import describe_exception, is_expected
-from opsconductor.common.storage.event_reads import EventRecord
 from opsconductor.execution.v1 import (
     approval_service_pb2,
     execution_service_pb2,
     progress_service_pb2,
 )
+from opsconductor.lifecycle.storage.event_reads import EventRecord
 from opsconductor.progress.app import ProgressApp
 from opsconductor.progress.logic.access import EventQuery
 from opsconductor.progress.servicers.event_codec import event_to_proto
+from opsconductor.rpc.status import describe_exception, is_expected
 
 log = structlog.get_logger(__name__)
 

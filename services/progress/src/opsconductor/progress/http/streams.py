@@ -31,7 +31,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from opsconductor.common.errors import SubscriberLaggedError
-from opsconductor.common.storage.paging import invalid_page_request
+from opsconductor.lifecycle.storage.paging import invalid_page_request
 from opsconductor.progress.http.context import HttpContext
 from opsconductor.progress.http.errors import WS_CLOSE_BASE, describe
 from opsconductor.progress.logic.subscription import Subscription

@@ -18,10 +18,10 @@ import asyncpg
 
 from opsconductor.common.auth import Principal
 from opsconductor.common.errors import NotFoundError
-from opsconductor.common.rbac import Authorizer, Permission
-from opsconductor.common.storage.event_reads import EventRecord, event_head, list_events
-from opsconductor.common.storage.execution_reads import as_execution_id, find_execution_tenant
-from opsconductor.common.storage.paging import invalid_page_request
+from opsconductor.lifecycle.storage.event_reads import EventRecord, event_head, list_events
+from opsconductor.lifecycle.storage.execution_reads import as_execution_id, find_execution_tenant
+from opsconductor.lifecycle.storage.paging import invalid_page_request
+from opsconductor.policy.rbac import Authorizer, Permission
 from opsconductor.progress.logic.hub import EventHub
 from opsconductor.progress.logic.subscription import Subscription
 

@@ -1,7 +1,7 @@
 """Fan-out of execution events: one LISTEN connection per process, one reader per execution.
 
 Writers append an event and ``NOTIFY execution_events, '<execution_id>:<seq>'`` in the same
-transaction (:mod:`opsconductor.common.storage.events`); the notification carries ids only.
+transaction (:mod:`opsconductor.lifecycle.storage.events`); the notification carries ids only.
 This hub holds the process's single listening connection. For every execution that has live
 subscribers it keeps one :class:`_Feed`, which on a notification reads the new rows once
 (``seq > last``) and hands them to every subscriber's bounded buffer. A lost notification only
@@ -27,8 +27,8 @@ import asyncpg
 import structlog
 
 from opsconductor.common.errors import ResourceExhaustedError
-from opsconductor.common.storage.event_reads import EventRecord, event_head, read_events_after
-from opsconductor.common.storage.events import EVENTS_CHANNEL
+from opsconductor.lifecycle.storage.event_reads import EventRecord, event_head, read_events_after
+from opsconductor.lifecycle.storage.events import EVENTS_CHANNEL
 
 log = structlog.get_logger(__name__)
 

@@ -13,7 +13,7 @@ from uuid import UUID
 import asyncpg
 
 from opsconductor.common.errors import SubscriberLaggedError
-from opsconductor.common.storage.event_reads import EventRecord, read_events_after
+from opsconductor.lifecycle.storage.event_reads import EventRecord, read_events_after
 from opsconductor.progress.logic.hub import EventHub, Slot, Wake
 
 _REPLAY_BATCH = 500

@@ -6,8 +6,8 @@ import collections
 
 from google.protobuf import struct_pb2, timestamp_pb2
 
-from opsconductor.common.storage.event_reads import EventRecord
 from opsconductor.execution.v1 import progress_service_pb2, types_pb2
+from opsconductor.lifecycle.storage.event_reads import EventRecord
 
 
 class EventEncoder:

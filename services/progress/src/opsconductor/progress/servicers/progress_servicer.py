@@ -14,7 +14,6 @@ from typing import Any
 import grpc
 import grpc.aio
 
-from opsconductor.common.rpc.auth import authenticate
 from opsconductor.execution.v1 import progress_service_pb2, progress_service_pb2_grpc
 from opsconductor.progress.app import ProgressApp
 from opsconductor.progress.logic.access import EventQuery
@@ -23,6 +22,7 @@ from opsconductor.progress.servicers.event_codec import (
     event_to_proto,
     serialize_stream_response,
 )
+from opsconductor.rpc.auth import authenticate
 
 SERVICE_NAME: str = progress_service_pb2.DESCRIPTOR.services_by_name["ProgressService"].full_name
 

@@ -36,14 +36,14 @@ from opsconductor.common.errors import (
     StaleLeaseError,
     StorageError,
 )
-from opsconductor.common.storage.approval_records import ApprovalRecord
-from opsconductor.common.storage.approvals import (
+from opsconductor.lifecycle.storage.approval_records import ApprovalRecord
+from opsconductor.lifecycle.storage.approvals import (
     enforce_binding,
     request_step_approval,
     step_approved,
 )
-from opsconductor.common.storage.execution_records import ExecutionRecord, PoolOrConnection
-from opsconductor.common.storage.locks import LockSet, extend_locks
+from opsconductor.lifecycle.storage.execution_records import ExecutionRecord, PoolOrConnection
+from opsconductor.lifecycle.storage.locks import LockSet, extend_locks
 
 log = structlog.get_logger(__name__)
 

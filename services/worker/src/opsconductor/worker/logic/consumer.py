@@ -34,29 +34,29 @@ from opsconductor.common.errors import (
     QueueUnavailableError,
     StaleLeaseError,
 )
-from opsconductor.common.execution_logging import bind_execution
 from opsconductor.common.fsm import ExecutionStatus
-from opsconductor.common.queue import dlq, jobs
-from opsconductor.common.queue.lease import LeaseRenewalLimitError, lease_seconds, renew_after
-from opsconductor.common.queue.records import LeasedJob
-from opsconductor.common.queue.redis_queue import RedisQueue
-from opsconductor.common.queue.wakeups import Wakeups
-from opsconductor.common.rbac import Authorizer, submit_permissions
-from opsconductor.common.storage.execution_leases import (
+from opsconductor.common.tracing import context_from_traceparent, tracer
+from opsconductor.lifecycle.execution_logging import bind_execution
+from opsconductor.lifecycle.queue import dlq, jobs
+from opsconductor.lifecycle.queue.lease import LeaseRenewalLimitError, lease_seconds, renew_after
+from opsconductor.lifecycle.queue.records import LeasedJob
+from opsconductor.lifecycle.queue.redis_queue import RedisQueue
+from opsconductor.lifecycle.queue.wakeups import Wakeups
+from opsconductor.lifecycle.storage.execution_leases import (
     claim_execution,
     record_lease_renewal,
 )
-from opsconductor.common.storage.execution_reads import get_execution
-from opsconductor.common.storage.execution_records import (
+from opsconductor.lifecycle.storage.execution_reads import get_execution
+from opsconductor.lifecycle.storage.execution_records import (
     ExecutionRecord,
     PoolOrConnection,
     execution_from_row,
     transaction,
 )
-from opsconductor.common.storage.execution_steps import skip_remaining_steps
-from opsconductor.common.storage.executions import transition
-from opsconductor.common.storage.policies import TimeoutPolicy
-from opsconductor.common.tracing import context_from_traceparent, tracer
+from opsconductor.lifecycle.storage.execution_steps import skip_remaining_steps
+from opsconductor.lifecycle.storage.executions import transition
+from opsconductor.lifecycle.storage.policies import TimeoutPolicy
+from opsconductor.policy.rbac import Authorizer, submit_permissions
 
 from . import metrics
 from .runner import ExecutionRunner, RunResult
@@ -157,7 +157,7 @@ class BackgroundConsumer:
         """Run one leased job to an outcome (see the module docstring).
 
         Every record logged for the job once its execution is known carries the execution's
-        spec §7.2 fields (:mod:`opsconductor.common.execution_logging`), the submit's request id
+        spec §7.2 fields (:mod:`opsconductor.lifecycle.execution_logging`), the submit's request id
         and this job's queue wait included.
         """
         with contextlib.ExitStack() as bound:

@@ -25,10 +25,10 @@ import structlog
 
 from opsconductor.common.auth import Principal
 from opsconductor.common.errors import FailedPreconditionError, NotFoundError, OpsConductorError
-from opsconductor.common.rbac import Authorizer, Permission, one_request, submit_permissions
-from opsconductor.common.storage.approvals import granted_by
-from opsconductor.common.storage.execution_reads import find_execution
-from opsconductor.common.storage.execution_records import ExecutionRecord, PoolOrConnection
+from opsconductor.lifecycle.storage.approvals import granted_by
+from opsconductor.lifecycle.storage.execution_reads import find_execution
+from opsconductor.lifecycle.storage.execution_records import ExecutionRecord, PoolOrConnection
+from opsconductor.policy.rbac import Authorizer, Permission, one_request, submit_permissions
 
 from .runner import ExecutionRunner
 

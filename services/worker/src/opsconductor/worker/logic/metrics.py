@@ -1,14 +1,14 @@
 """Prometheus metrics of steps, recorded by the worker where a step's outcome is known.
 
 Execution outcomes are counted by the terminal transition in whichever service ends one
-(:mod:`opsconductor.common.execution_metrics`).
+(:mod:`opsconductor.lifecycle.execution_metrics`).
 """
 
 from __future__ import annotations
 
 from prometheus_client import Histogram
 
-from opsconductor.common.execution_metrics import DURATION_BUCKETS
+from opsconductor.lifecycle.execution_metrics import DURATION_BUCKETS
 
 STEP_DURATION = Histogram(
     "opsc_step_duration_seconds",

@@ -34,20 +34,20 @@ import structlog
 from prometheus_client import Counter
 
 from opsconductor.common.errors import QueueUnavailableError
-from opsconductor.common.queue import dlq, jobs
-from opsconductor.common.queue.gauges import publish_gauges
-from opsconductor.common.queue.reconcile import reconcile_queue
-from opsconductor.common.queue.redis_queue import RedisQueue
-from opsconductor.common.storage.approvals import expire_pending, fail_undispatched
-from opsconductor.common.storage.execution_leases import (
+from opsconductor.lifecycle.queue import dlq, jobs
+from opsconductor.lifecycle.queue.gauges import publish_gauges
+from opsconductor.lifecycle.queue.reconcile import reconcile_queue
+from opsconductor.lifecycle.queue.redis_queue import RedisQueue
+from opsconductor.lifecycle.storage.approvals import expire_pending, fail_undispatched
+from opsconductor.lifecycle.storage.execution_leases import (
     fail_lost_execution,
     fail_overdue_executions,
     fail_unstarted_immediate,
 )
-from opsconductor.common.storage.execution_records import transaction
-from opsconductor.common.storage.executions import retire_idempotency_keys
-from opsconductor.common.storage.flags import load_flags
-from opsconductor.common.storage.locks import reap_expired_locks
+from opsconductor.lifecycle.storage.execution_records import transaction
+from opsconductor.lifecycle.storage.executions import retire_idempotency_keys
+from opsconductor.lifecycle.storage.flags import load_flags
+from opsconductor.lifecycle.storage.locks import reap_expired_locks
 
 log = structlog.get_logger(__name__)
 

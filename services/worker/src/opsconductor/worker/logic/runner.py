@@ -34,13 +34,14 @@ from uuid import UUID, uuid4
 
 import structlog
 
-from opsconductor.common.actions.base import (
+from opsconductor.actions.base import (
     ActionContext,
     ActionFailedError,
     ActionResult,
     ActionTimeoutError,
     record_only_result,
 )
+from opsconductor.actions.planning import MAX_PARALLEL_STEPS, HandlerLookup, can_parallelize
 from opsconductor.common.errors import (
     ExecutionTimeoutError,
     FailedPreconditionError,
@@ -48,37 +49,36 @@ from opsconductor.common.errors import (
     ResourceBusyError,
     StaleLeaseError,
 )
-from opsconductor.common.execution_logging import bind_execution
 from opsconductor.common.fsm import ExecutionStatus, StepStatus
 from opsconductor.common.masking import default_masker, mask_text
 from opsconductor.common.plan import Plan, Step, parse_plan
-from opsconductor.common.planning import MAX_PARALLEL_STEPS, HandlerLookup, can_parallelize
-from opsconductor.common.policy_enforcement import (
-    SecretUseDeniedError,
-    enforce_secret_uses,
-    enforce_tenant_policy,
-    step_secret_use,
-)
 from opsconductor.common.secrets import SecretResolver
-from opsconductor.common.storage.cancellation import CancelSignals, check_cancelled
-from opsconductor.common.storage.execution_leases import fail_lost_execution, requeue_execution
-from opsconductor.common.storage.execution_reads import get_execution
-from opsconductor.common.storage.execution_records import (
+from opsconductor.common.tenant_policy import TenantPolicies, TenantPolicyDeniedError
+from opsconductor.common.tracing import current_traceparent, tracer
+from opsconductor.lifecycle.execution_logging import bind_execution
+from opsconductor.lifecycle.storage.cancellation import CancelSignals, check_cancelled
+from opsconductor.lifecycle.storage.execution_leases import fail_lost_execution, requeue_execution
+from opsconductor.lifecycle.storage.execution_reads import get_execution
+from opsconductor.lifecycle.storage.execution_records import (
     ExecutionRecord,
     PoolOrConnection,
     transaction,
 )
-from opsconductor.common.storage.execution_steps import (
+from opsconductor.lifecycle.storage.execution_steps import (
     finish_step,
     load_steps,
     skip_remaining_steps,
     start_step,
 )
-from opsconductor.common.storage.executions import retire_idempotency_key, transition
-from opsconductor.common.storage.locks import LockRequest, acquire_locks, release_locks
-from opsconductor.common.storage.policies import TimeoutPolicy
-from opsconductor.common.tenant_policy import TenantPolicies, TenantPolicyDeniedError
-from opsconductor.common.tracing import current_traceparent, tracer
+from opsconductor.lifecycle.storage.executions import retire_idempotency_key, transition
+from opsconductor.lifecycle.storage.locks import LockRequest, acquire_locks, release_locks
+from opsconductor.lifecycle.storage.policies import TimeoutPolicy
+from opsconductor.policy.enforcement import (
+    SecretUseDeniedError,
+    enforce_secret_uses,
+    enforce_tenant_policy,
+    step_secret_use,
+)
 
 from . import metrics
 from .approval_checks import ApprovalChecks

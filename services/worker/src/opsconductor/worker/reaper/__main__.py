@@ -19,9 +19,9 @@ from prometheus_client import start_http_server
 
 from opsconductor.common.errors import OpsConductorError
 from opsconductor.common.logconfig import configure_logging
-from opsconductor.common.queue.redis_queue import RedisQueue, create_redis_client
-from opsconductor.common.rpc.server import load_settings
-from opsconductor.common.storage.db import create_pool
+from opsconductor.lifecycle.queue.redis_queue import RedisQueue, create_redis_client
+from opsconductor.lifecycle.storage.db import create_pool
+from opsconductor.rpc.server import load_settings
 from opsconductor.worker.logic.reaper import reap_once
 from opsconductor.worker.settings import WorkerSettings
 

@@ -6,10 +6,10 @@ from typing import Any
 
 import grpc.aio
 
-from opsconductor.common.rpc.auth import authenticate
-from opsconductor.common.rpc.execution_codec import execution_to_proto
-from opsconductor.common.storage.execution_reads import as_execution_id
 from opsconductor.execution.v1 import worker_service_pb2, worker_service_pb2_grpc
+from opsconductor.lifecycle.storage.execution_reads import as_execution_id
+from opsconductor.rpc.auth import authenticate
+from opsconductor.rpc.execution_codec import execution_to_proto
 from opsconductor.worker.app import WorkerApp
 
 SERVICE_NAME: str = worker_service_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name

@@ -1,0 +1,1 @@
+"""The execution lifecycle core: storage, queue and the façade every service calls."""

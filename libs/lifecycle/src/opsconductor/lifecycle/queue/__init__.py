@@ -1,0 +1,72 @@
+"""The background queue: a Redis dispatch index mirrored by durable Postgres rows.
+
+* :mod:`.redis_queue` — :class:`RedisQueue`: priorities 0/50/100 (FIFO within), atomic
+  dequeue-with-lease in Lua, renew/ack/fail/release fenced by the lease token, ``2^attempts`` s
+  retries, drain flag, stats, tenants served round-robin. Keys under ``{prefix}q:v2:``.
+* :mod:`.jobs` — ``execution_queue`` rows, one per queued job (the row id is the job id).
+* :mod:`.dlq` — ``execution_dlq``: move, list, requeue.
+* :mod:`.reconcile` — the reaper's repair of Redis from Postgres.
+* :mod:`.lease` — lease duration and renewal timing from the timeout policy.
+
+How callers combine the two sides (one Postgres transaction each; the Postgres statement first,
+so it holds the row lock the reaper waits on, then the Redis call, then commit — a Redis failure
+raises :class:`~opsconductor.common.errors.QueueUnavailableError` and rolls everything back)::
+
+    # submit (api)
+    async with transaction(pool) as conn:
+        record, created = await create_execution(conn, new, dedup_window=...)
+        row = await jobs.insert_queue_row(conn, execution_id=record.id, tenant_id=...,
+                                          priority=..., max_attempts=policy.max_attempts)
+        await queue.enqueue(row.id, record.id, record.tenant_id, row.priority,
+                            row.max_attempts, policy.max_lease_renewals)
+
+    # worker
+    job = await queue.dequeue(worker_id, lease_seconds(policy, p95))
+    row = await jobs.lease_row(pool, job.job_id, worker_id=..., lease_token=job.lease_token,
+                               lease_expires_at=..., attempts=job.attempts)
+    if row is None:                      # submit not committed yet: defer, do not run
+        await queue.release(job.job_id, job.lease_token, delay_s=1.0)
+    ...                                  # run, renewing with queue.renew + jobs.renew_row
+    async with transaction(pool) as conn:  # success
+        await jobs.delete_queue_row(conn, job.job_id, lease_token=job.lease_token)
+        await queue.ack(job.job_id, job.lease_token)
+    async with transaction(pool) as conn:  # failure: lock the row before Redis decides
+        await jobs.get_queue_row(conn, job.job_id, for_update=True)
+        outcome = await queue.fail(job.job_id, job.lease_token, message, error_class=...)
+        if outcome.dead:
+            await dlq.move_to_dlq(conn, job.execution_id, attempts=outcome.attempts, ...)
+        else:
+            await jobs.retry_row(conn, job.job_id, lease_token=job.lease_token, ...)
+"""
+
+from __future__ import annotations
+
+from opsconductor.lifecycle.queue.lease import LeaseRenewalLimitError, lease_seconds, renew_after
+from opsconductor.lifecycle.queue.records import (
+    FailOutcome,
+    LeasedJob,
+    MaintenanceReport,
+    QueuedJob,
+    QueueStats,
+)
+from opsconductor.lifecycle.queue.redis_queue import (
+    DEFAULT_PREFIX,
+    KEY_VERSION,
+    RedisQueue,
+    create_redis_client,
+)
+
+__all__ = [
+    "DEFAULT_PREFIX",
+    "KEY_VERSION",
+    "FailOutcome",
+    "LeaseRenewalLimitError",
+    "LeasedJob",
+    "MaintenanceReport",
+    "QueueStats",
+    "QueuedJob",
+    "RedisQueue",
+    "create_redis_client",
+    "lease_seconds",
+    "renew_after",
+]

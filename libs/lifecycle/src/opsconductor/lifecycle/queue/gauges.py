@@ -1,0 +1,114 @@
+"""Gauges of the queue, the dead-letter queue and pending approvals, refreshed off the hot path.
+
+They describe shared state (Redis and Postgres), not one process, so any process may publish
+them: the api refreshes them every few seconds (:class:`GaugePublisher`; it runs
+always, the reaper runs once a minute as a CronJob in Kubernetes) and the reaper after each
+pass. Replicas publish the same values; dashboards and alerts take ``max`` over instances.
+One refresh costs a Redis stats call and two small counts in Postgres, never on a request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Final
+
+import structlog
+from prometheus_client import Gauge
+
+from opsconductor.common.errors import QueueUnavailableError, StorageError
+from opsconductor.lifecycle.queue import dlq
+from opsconductor.lifecycle.queue.redis_queue import RedisQueue
+from opsconductor.lifecycle.storage.execution_records import PoolOrConnection, transaction
+
+__all__ = [
+    "APPROVALS_PENDING",
+    "DLQ_SIZE",
+    "PRIORITIES",
+    "QUEUE_DELAYED",
+    "QUEUE_LEASED",
+    "QUEUE_LENGTH",
+    "QUEUE_OLDEST_AGE",
+    "GaugePublisher",
+    "publish_gauges",
+]
+
+log = structlog.get_logger(__name__)
+
+#: The priorities the queue distinguishes (urgent, normal, bulk): the ``priority`` label.
+PRIORITIES: Final = (0, 50, 100)
+
+QUEUE_LENGTH: Final = Gauge(
+    "opsc_queue_length", "Jobs ready to run (waiting for a worker), by priority.", ["priority"]
+)
+QUEUE_LEASED: Final = Gauge("opsc_queue_leased_jobs", "Jobs leased to a worker (running).")
+QUEUE_DELAYED: Final = Gauge("opsc_queue_delayed_jobs", "Jobs waiting for a retry.")
+QUEUE_OLDEST_AGE: Final = Gauge(
+    "opsc_queue_oldest_ready_age_seconds", "How long the oldest ready job has been waiting."
+)
+DLQ_SIZE: Final = Gauge("opsc_dlq_size", "Dead-letter entries not requeued yet.")
+APPROVALS_PENDING: Final = Gauge(
+    "opsc_approvals_pending", "Approval requests waiting for a decision, by level.", ["level"]
+)
+
+_PENDING_APPROVALS = """
+SELECT level, count(*) AS n FROM approvals
+WHERE state = 'pending' AND expires_at > clock_timestamp()
+GROUP BY level
+"""
+
+
+async def publish_gauges(pool: PoolOrConnection, queue: RedisQueue | None) -> None:
+    """Refresh every gauge of this module; a store that cannot be reached keeps its values."""
+    try:
+        DLQ_SIZE.set(await dlq.dlq_size(pool))
+        async with transaction(pool) as conn:
+            rows = await conn.fetch(_PENDING_APPROVALS)
+        pending = {int(row["level"]): int(row["n"]) for row in rows}
+        for level in (1, 2, 3):
+            APPROVALS_PENDING.labels(str(level)).set(pending.get(level, 0))
+    except StorageError:
+        log.warning("gauges_database_unavailable")
+    if queue is None:
+        return
+    try:
+        stats = await queue.stats()
+    except QueueUnavailableError:
+        log.warning("gauges_queue_unavailable")
+        return
+    for priority in PRIORITIES:
+        QUEUE_LENGTH.labels(str(priority)).set(stats.ready_by_priority.get(priority, 0))
+    QUEUE_LEASED.set(stats.leased)
+    QUEUE_DELAYED.set(stats.delayed)
+    QUEUE_OLDEST_AGE.set(stats.oldest_ready_age_s or 0.0)
+
+
+class GaugePublisher:
+    """Calls :func:`publish_gauges` every ``interval_s`` until stopped."""
+
+    def __init__(
+        self, pool: PoolOrConnection, queue: RedisQueue | None, *, interval_s: float
+    ) -> None:
+        self._pool = pool
+        self._queue = queue
+        self._interval_s = interval_s
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="gauge-publisher")
+
+    async def stop(self) -> None:
+        if self._task is None:
+            return
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        self._task = None
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await publish_gauges(self._pool, self._queue)
+            except Exception:
+                log.exception("gauges_refresh_failed")
+            await asyncio.sleep(self._interval_s)

@@ -1,0 +1,1 @@
+"""Who may do what: RBAC, audited denials, quotas and plan-policy enforcement."""

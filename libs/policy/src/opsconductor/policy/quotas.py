@@ -1,0 +1,169 @@
+"""Per-tenant quotas: the limits in force and their race-proof admission (docs/security.md,
+"Fair share and quotas").
+
+Three limits per tenant, each a service default (settings ``quota_max_*``) that the tenant
+policy's ``quotas`` section may override (:class:`TenantQuotas`), 0 meaning none:
+
+* ``max_queued`` — background jobs waiting. Checked at submit (:meth:`TenantQuotas.admit_queued`);
+  beyond it the submit is refused.
+* ``max_immediate`` — immediate executions in flight (``pending``/``running``). Checked at
+  submit (:meth:`TenantQuotas.admit_immediate`); beyond it the submit is refused.
+* ``max_running`` — background jobs leased at once. Not a refusal: the queue's dequeue passes a
+  tenant at its limit over (:meth:`TenantQuotas.running_limits` configures the workers' queue).
+
+A refusal is :class:`~opsconductor.common.errors.QuotaExceededError` (``RESOURCE_EXHAUSTED``
+with a ``RetryInfo``), raised inside the submit's transaction before anything is written, so it
+leaves no row behind. A duplicate of an execution that exists is never refused: it creates
+nothing. Admission holds the tenant's quota lock (:mod:`.storage.quota_usage`) until the
+submit commits, so 50 racing submits against a limit of 10 admit exactly 10.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import asyncpg
+
+from opsconductor.common.errors import QuotaExceededError
+from opsconductor.common.settings import ServiceSettings
+from opsconductor.common.tenant_policy import QuotaPolicy, TenantPolicies
+from opsconductor.lifecycle.storage import quota_usage
+
+__all__ = ["MAX_RETRY_AFTER_S", "MIN_RETRY_AFTER_S", "QuotaLimits", "TenantQuotas", "retry_after"]
+
+#: Bounds of the retry hint of an immediate refusal (estimated from the runs in flight).
+MIN_RETRY_AFTER_S = 1.0
+MAX_RETRY_AFTER_S = 60.0
+
+
+@dataclass(frozen=True)
+class QuotaLimits:
+    """One tenant's effective limits (0: none)."""
+
+    max_queued: int
+    max_running: int
+    max_immediate: int
+
+    @classmethod
+    def from_settings(cls, settings: ServiceSettings) -> QuotaLimits:
+        """The service defaults."""
+        return cls(
+            max_queued=settings.quota_max_queued,
+            max_running=settings.quota_max_running,
+            max_immediate=settings.quota_max_immediate,
+        )
+
+    def overridden_by(self, policy: QuotaPolicy) -> QuotaLimits:
+        """These limits with every value ``policy`` sets replacing the default."""
+        return QuotaLimits(
+            max_queued=self.max_queued if policy.max_queued is None else policy.max_queued,
+            max_running=self.max_running if policy.max_running is None else policy.max_running,
+            max_immediate=self.max_immediate
+            if policy.max_immediate is None
+            else policy.max_immediate,
+        )
+
+
+def retry_after(soonest_end: datetime | None, now: datetime, *, default_s: float) -> float:
+    """Seconds to wait before retrying: until the first run in flight should end, within
+    [MIN_RETRY_AFTER_S, MAX_RETRY_AFTER_S], or ``default_s`` when nothing tells."""
+    if soonest_end is None:
+        return default_s
+    wait = (soonest_end - now).total_seconds()
+    return round(min(max(wait, MIN_RETRY_AFTER_S), MAX_RETRY_AFTER_S), 1)
+
+
+class TenantQuotas:
+    """Every tenant's limits (service defaults, then the tenant policy) and their admission."""
+
+    def __init__(
+        self, defaults: QuotaLimits, policies: TenantPolicies, *, retry_after_s: float = 5.0
+    ) -> None:
+        self._base = defaults.overridden_by(policies.defaults.quotas)
+        self._tenants = {
+            tenant: defaults.overridden_by(policy.quotas)
+            for tenant, policy in policies.tenants.items()
+        }
+        self._retry_after_s = retry_after_s
+
+    @classmethod
+    def from_settings(cls, settings: ServiceSettings, policies: TenantPolicies) -> TenantQuotas:
+        return cls(
+            QuotaLimits.from_settings(settings),
+            policies,
+            retry_after_s=settings.quota_retry_after_s,
+        )
+
+    def for_tenant(self, tenant_id: str) -> QuotaLimits:
+        """The effective limits of ``tenant_id``."""
+        return self._tenants.get(tenant_id, self._base)
+
+    def running_limits(self) -> tuple[int, dict[str, int]]:
+        """``(default, {tenant: limit})`` of ``max_running``, as ``RedisQueue`` takes them."""
+        default = self._base.max_running
+        return default, {
+            tenant: limits.max_running
+            for tenant, limits in self._tenants.items()
+            if limits.max_running != default
+        }
+
+    async def admit_queued(
+        self, conn: asyncpg.Connection, tenant_id: str, idempotency_key: str
+    ) -> QuotaExceededError | None:
+        """Admit one more background job of ``tenant_id``, in the submit's transaction.
+
+        Takes the tenant's quota lock (held until commit). Raises
+        :class:`QuotaExceededError` when the tenant is at ``max_queued`` and the submit is not
+        a duplicate; returns the refusal (not raised) when it is at the limit but the key is
+        live — raise it if the submit creates an execution after all (a retired key).
+        """
+        limit = self.for_tenant(tenant_id).max_queued
+        await quota_usage.lock_tenant_quota(conn, tenant_id)
+        if limit == 0:
+            return None
+        waiting = await quota_usage.count_waiting_jobs(conn, tenant_id)
+        if waiting < limit:
+            return None
+        refusal = QuotaExceededError(
+            f"tenant {tenant_id!r} has {waiting} background jobs waiting, its limit "
+            f"(quota max_queued); retry in {self._retry_after_s:g} s, once some have started",
+            retry_after_s=self._retry_after_s,
+            quota="queued",
+            limit=limit,
+            in_use=waiting,
+            tenant_id=tenant_id,
+        )
+        return await _unless_duplicate(conn, tenant_id, idempotency_key, refusal)
+
+    async def admit_immediate(
+        self, conn: asyncpg.Connection, tenant_id: str, idempotency_key: str
+    ) -> QuotaExceededError | None:
+        """Admit one more immediate execution of ``tenant_id`` (see :meth:`admit_queued`)."""
+        limit = self.for_tenant(tenant_id).max_immediate
+        await quota_usage.lock_tenant_quota(conn, tenant_id)
+        if limit == 0:
+            return None
+        usage = await quota_usage.immediate_usage(conn, tenant_id)
+        if usage.in_flight < limit:
+            return None
+        wait = retry_after(usage.soonest_end, datetime.now(UTC), default_s=self._retry_after_s)
+        refusal = QuotaExceededError(
+            f"tenant {tenant_id!r} has {usage.in_flight} immediate executions in flight, its "
+            f"limit (quota max_immediate); retry in {wait:g} s, when one has finished",
+            retry_after_s=wait,
+            quota="immediate",
+            limit=limit,
+            in_use=usage.in_flight,
+            tenant_id=tenant_id,
+        )
+        return await _unless_duplicate(conn, tenant_id, idempotency_key, refusal)
+
+
+async def _unless_duplicate(
+    conn: asyncpg.Connection, tenant_id: str, idempotency_key: str, refusal: QuotaExceededError
+) -> QuotaExceededError:
+    # A duplicate creates nothing, so it takes no slot: let it find its execution.
+    if await quota_usage.live_execution_exists(conn, tenant_id, idempotency_key):
+        return refusal
+    raise refusal

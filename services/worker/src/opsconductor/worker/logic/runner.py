@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID, uuid4
@@ -107,6 +107,9 @@ class _Outcome:
     paused_step: str | None = None
     #: Refused before the first step (the approval binding); the execution fails.
     refused: OpsConductorError | None = None
+    #: Set at worker shutdown. Per run, not per execution id: after a lost lease the same
+    #: worker may take the execution over while its first run is still unwinding.
+    stop_event: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
     def stopped(self) -> bool:
@@ -188,7 +191,6 @@ class ExecutionRunner:
         self._cancel_signals = cancel_signals
         self._policies = policies
         self.worker_id = worker_id
-        self._stop_events: dict[UUID, asyncio.Event] = {}
 
     def _policy(self, record: ExecutionRecord) -> TimeoutPolicy | None:
         return self._policies.get(record.timeout_policy_id or "")
@@ -300,8 +302,7 @@ class ExecutionRunner:
     ) -> RunResult:
         plan = parse_plan(record.plan_snapshot["plan"])
         started = time.monotonic()
-        outcome = _Outcome()
-        self._stop_events[record.id] = stop_event or asyncio.Event()
+        outcome = _Outcome(stop_event=stop_event or asyncio.Event())
         lock_set = None
         outcome.refused = await self._check_approval(record, background=lease_token is not None)
         if outcome.refused is None:
@@ -348,7 +349,6 @@ class ExecutionRunner:
                 record, outcome, lease_token, retry_allowed, dead_letter
             )
         finally:
-            self._stop_events.pop(record.id, None)
             if lock_set is not None and outcome.paused_step and self.approvals is not None:
                 # Paused for a step approval: nobody may touch the targets until it resumes.
                 await asyncio.shield(self.approvals.hold_locks(lock_set))
@@ -476,7 +476,7 @@ class ExecutionRunner:
     ) -> None:
         if outcome.stopped:
             return
-        if self._stop_events[record.id].is_set():
+        if outcome.stop_event.is_set():
             outcome.interrupted = True
             return
         if cancel_event.is_set() or await check_cancelled(self._pool, record.id):

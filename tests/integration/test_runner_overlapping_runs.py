@@ -21,12 +21,13 @@ import asyncpg
 import pytest
 
 from opsconductor.actions.registry import default_registry
-from opsconductor.common.fsm import ExecutionStatus
+from opsconductor.common.fsm import ExecutionStatus, StepStatus
 from opsconductor.common.hashing import plan_hash
 from opsconductor.common.plan import parse_plan, to_wire_dict
 from opsconductor.common.secrets import SecretResolver
 from opsconductor.lifecycle.storage.cancellation import CancelSignals
 from opsconductor.lifecycle.storage.execution_leases import claim_execution
+from opsconductor.lifecycle.storage.execution_steps import load_steps
 from opsconductor.lifecycle.storage.executions import NewExecution, create_execution, transition
 from opsconductor.lifecycle.storage.policies import load_timeout_policies
 from opsconductor.worker.logic.runner import ExecutionRunner
@@ -108,7 +109,9 @@ async def test_a_stale_run_ending_does_not_break_the_live_runs_next_step(
     )
     assert claimed is not None
     live = asyncio.create_task(runner.execute(claimed, lease_token=token, retry_allowed=False))
-    await asyncio.sleep(0.15)  # A sleeps in s1
+    async with asyncio.timeout(5):  # until A is inside s1 (its 0.4 s sleep)
+        while (await load_steps(db_pool, claimed.id))[0].status != StepStatus.RUNNING:
+            await asyncio.sleep(0.01)
     stop = asyncio.Event()
     stop.set()
     [stale] = await asyncio.gather(

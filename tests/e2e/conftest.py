@@ -133,11 +133,12 @@ async def running_stack(
     with_progress: bool = False,
     progress_env: dict[str, str] | None = None,
     tenant_policy_file: Path | None = None,
+    common_env: dict[str, str] | None = None,
     **worker_env: str,
 ) -> AsyncIterator[Stack]:
     """Worker and api processes (and the approvals and progress services if asked) on ``dsn``
-    with ``redis_url``, stopped on exit; every service reads ``tenant_policy_file`` if given.
-    The progress service's HTTP port is ``stack.http_port("progress")``."""
+    with ``redis_url``, stopped on exit; every service reads ``tenant_policy_file`` if given and
+    gets ``common_env``. The progress service's HTTP port is ``stack.http_port("progress")``."""
     log_dir = Path(tempfile.mkdtemp(prefix="opsc-e2e-"))
     running = Stack(dsn=dsn, log_dir=log_dir)
     common = {
@@ -147,6 +148,7 @@ async def running_stack(
     if tenant_policy_file is not None:
         common["OPSC_TENANT_POLICY_FILE"] = str(tenant_policy_file)
     common.update(write_secret_files())
+    common.update(common_env or {})
     planted = {
         env_secret(SECRET_TENANT, "E2E_DB_PASSWORD"): PLANTED_SECRET,
         env_secret(OTHER_SECRET_TENANT, "E2E_DB_PASSWORD"): OTHER_PLANTED_SECRET,

@@ -18,7 +18,8 @@ the submit's trace.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from threading import Lock
 from typing import Any, Final
@@ -41,6 +42,7 @@ __all__ = [
     "FileSpanExporter",
     "configure_tracing",
     "context_from_traceparent",
+    "continue_trace",
     "current_traceparent",
     "tracer",
 ]
@@ -140,3 +142,20 @@ def context_from_traceparent(traceparent: str | None) -> Any:
     if not traceparent:
         return otel_context.get_current()
     return _PROPAGATOR.extract({"traceparent": traceparent})
+
+
+@contextmanager
+def continue_trace(
+    name: str, traceparent: str | None, attributes: Mapping[str, str] | None = None
+) -> Iterator[None]:
+    """A current span ``name`` in the stored trace ``traceparent`` (the request that asked for
+    the work), linked to the current span (the request doing it now, e.g. an approval): the
+    approval's release and the run it starts belong to the submit's trace."""
+    now = trace.get_current_span().get_span_context()
+    with tracer().start_as_current_span(
+        name,
+        context=context_from_traceparent(traceparent),
+        links=[trace.Link(now)] if now.is_valid and traceparent else None,
+        attributes=dict(attributes or {}),
+    ):
+        yield

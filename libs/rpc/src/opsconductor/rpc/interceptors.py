@@ -225,13 +225,19 @@ def _record(
     GRPC_REQUESTS.labels(service, method, code_name).inc()
     GRPC_REQUEST_DURATION.labels(service, method).observe(duration)
     emit = log.debug if service in _QUIET_SERVICES else log.info
+    ids = {"request_id": state.request_id}
+    bound = structlog.contextvars.get_contextvars().get("request_id")
+    if bound and bound != state.request_id:
+        # The call served an execution, which bound its submit's request id (an approval, a
+        # worker run the approvals service started): that id correlates, the call's own next to it.
+        ids = {"request_id": bound, "rpc_request_id": state.request_id}
     emit(
         "rpc_completed",
         method=f"{service}/{method}",
         code=code_name,
         duration_ms=round(duration * 1000, 3),
-        request_id=state.request_id,
         peer=context.peer(),
+        **ids,
     )
 
 

@@ -31,6 +31,7 @@ from opsconductor.common.errors import (
     WorkerUnavailableError,
 )
 from opsconductor.common.fsm import ExecutionStatus
+from opsconductor.common.tracing import continue_trace, current_traceparent
 from opsconductor.lifecycle.queue import jobs
 from opsconductor.lifecycle.queue.redis_queue import RedisQueue
 from opsconductor.lifecycle.storage.execution_leases import fail_unstarted_execution
@@ -88,18 +89,19 @@ class ExecutionDispatcher:
             priority=record.priority,
             max_attempts=policy.max_attempts,
         )
-        await self._queue.enqueue(
-            row.id,
-            record.id,
-            record.tenant_id,
-            row.priority,
-            row.max_attempts,
-            policy.max_lease_renewals,
-            # The submit's correlation: the released job logs and traces as the request that
-            # created the execution.
-            request_id=record.request_id,
-            trace_context=record.trace_context,
-        )
+        # The submit's correlation: the released job logs as the request that created the
+        # execution, and its trace continues the submit's through this release.
+        with continue_trace("approval_released", record.trace_context, _attributes(record)):
+            await self._queue.enqueue(
+                row.id,
+                record.id,
+                record.tenant_id,
+                row.priority,
+                row.max_attempts,
+                policy.max_lease_renewals,
+                request_id=record.request_id,
+                trace_context=current_traceparent() or record.trace_context,
+            )
         log.info("approved_execution_queued", execution_id=str(record.id), job_id=str(row.id))
         return row.id
 
@@ -111,12 +113,13 @@ class ExecutionDispatcher:
 
     async def _run_immediate(self, record: ExecutionRecord, token: str) -> None:
         try:
-            await self._worker.run_immediate(
-                tenant_id=record.tenant_id,
-                execution_id=record.id,
-                token=token,
-                timeout_s=record.timeout_ms / 1000 + self._margin_s,
-            )
+            with continue_trace("approval_released", record.trace_context, _attributes(record)):
+                await self._worker.run_immediate(
+                    tenant_id=record.tenant_id,
+                    execution_id=record.id,
+                    token=token,
+                    timeout_s=record.timeout_ms / 1000 + self._margin_s,
+                )
         except WorkerUnavailableError:
             await self._fail_unstarted(record)
         except OpsConductorError as exc:
@@ -146,3 +149,7 @@ class ExecutionDispatcher:
         """Wait (bounded) for the immediate runs still in flight, at shutdown."""
         if self._running:
             await asyncio.wait(set(self._running), timeout=grace_s)
+
+
+def _attributes(record: ExecutionRecord) -> dict[str, str]:
+    return {"opsc.exec_id": str(record.id)}

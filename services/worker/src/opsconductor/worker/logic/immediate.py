@@ -25,6 +25,7 @@ import structlog
 
 from opsconductor.common.auth import Principal
 from opsconductor.common.errors import FailedPreconditionError, NotFoundError, OpsConductorError
+from opsconductor.lifecycle.execution_logging import bind_execution_fields
 from opsconductor.lifecycle.storage.approvals import granted_by
 from opsconductor.lifecycle.storage.execution_reads import find_execution
 from opsconductor.lifecycle.storage.execution_records import ExecutionRecord, PoolOrConnection
@@ -63,6 +64,9 @@ class ImmediateExecutions:
         # One read of the execution wherever it lives: its approval says whether the caller may
         # be its approver, and its tenant is where a probe is audited.
         found = await find_execution(self._pool, execution_id)
+        if found is not None:
+            # The rest of this RPC's records (checks, denials, the start) are the execution's.
+            bind_execution_fields(found, worker_id=self._runner.worker_id)
         if (
             found is not None
             and found.approval_id is not None

@@ -9,8 +9,6 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import TypeVar
 
-from redis.asyncio import Redis
-
 from opsconductor.actions.registry import default_registry
 from opsconductor.api.logic.admin import AdminOperations
 from opsconductor.api.logic.queries import ExecutionQueries
@@ -24,7 +22,7 @@ from opsconductor.common.errors import StorageError
 from opsconductor.common.secrets import SecretsSettings
 from opsconductor.common.tenant_policy import TenantPolicies
 from opsconductor.lifecycle.queue.gauges import GaugePublisher
-from opsconductor.lifecycle.queue.redis_queue import RedisQueue, create_redis_client
+from opsconductor.lifecycle.queue.redis_queue import RedisQueue, open_queue
 from opsconductor.lifecycle.storage.execution_stats import ObservedDurations
 from opsconductor.lifecycle.storage.flags import FlagCache
 from opsconductor.lifecycle.storage.policies import load_timeout_policies
@@ -46,7 +44,7 @@ class ApiApp:
         # Where each tenant's secrets may go; checked at submit (the api resolves none).
         self._secret_catalogue = SecretsSettings().catalogue()
         self._worker: WorkerClient | None = None
-        self._redis: Redis | None = None
+        self._queue: RedisQueue | None = None
         self._flags: FlagCache | None = None
         self._submissions: Submissions | None = None
         self._queries: ExecutionQueries | None = None
@@ -67,8 +65,9 @@ class ApiApp:
         )
         queue = None
         if self.settings.redis_url is not None:
-            self._redis = create_redis_client(self.settings.redis_url.get_secret_value())
-            queue = RedisQueue(self._redis, prefix=self.settings.queue_prefix)
+            queue = self._queue = open_queue(
+                self.settings.redis_url.get_secret_value(), prefix=self.settings.queue_prefix
+            )
         self._flags = FlagCache(pool, ttl=self.settings.flag_cache_ttl_s)
         await self._flags.start()
         authorizer = self._authorizer = Authorizer(pool, self._rbac_policy, tier="api")
@@ -108,8 +107,8 @@ class ApiApp:
             await self._flags.close()
         if self._worker is not None:
             await self._worker.close()
-        if self._redis is not None:
-            await self._redis.aclose()
+        if self._queue is not None:
+            await self._queue.aclose()
         await self.verifier.close()
         if self._authorizer is not None:
             await self._authorizer.flush_audit()  # aggregated denials not written yet

@@ -6,8 +6,6 @@ the process waits for it); they reach the use cases through this object once ``s
 
 from __future__ import annotations
 
-from redis.asyncio import Redis
-
 from opsconductor.approvals.logic.decisions import ApprovalDecisions
 from opsconductor.approvals.logic.dispatch import ExecutionDispatcher
 from opsconductor.approvals.settings import ApprovalsSettings
@@ -15,7 +13,7 @@ from opsconductor.client.tls import ClientTls
 from opsconductor.client.worker import WorkerClient
 from opsconductor.common.auth import TokenVerifier
 from opsconductor.common.errors import StorageError
-from opsconductor.lifecycle.queue.redis_queue import RedisQueue, create_redis_client
+from opsconductor.lifecycle.queue.redis_queue import RedisQueue, open_queue
 from opsconductor.lifecycle.storage.policies import load_timeout_policies
 from opsconductor.policy.rbac import Authorizer, RbacPolicy
 from opsconductor.rpc.resources import DatabasePool
@@ -30,7 +28,7 @@ class ApprovalsApp:
         self.verifier = TokenVerifier.from_settings(settings)
         self._rbac_policy = RbacPolicy.load(settings.rbac_policy_file)
         self._worker: WorkerClient | None = None
-        self._redis: Redis | None = None
+        self._queue: RedisQueue | None = None
         self._dispatcher: ExecutionDispatcher | None = None
         self._decisions: ApprovalDecisions | None = None
         self._authorizer: Authorizer | None = None
@@ -48,8 +46,9 @@ class ApprovalsApp:
         )
         queue = None
         if self.settings.redis_url is not None:
-            self._redis = create_redis_client(self.settings.redis_url.get_secret_value())
-            queue = RedisQueue(self._redis, prefix=self.settings.queue_prefix)
+            queue = self._queue = open_queue(
+                self.settings.redis_url.get_secret_value(), prefix=self.settings.queue_prefix
+            )
         self._dispatcher = ExecutionDispatcher(
             pool=pool,
             queue=queue,
@@ -70,8 +69,8 @@ class ApprovalsApp:
             await self._dispatcher.drain(self.settings.shutdown_grace_s)
         if self._worker is not None:
             await self._worker.close()
-        if self._redis is not None:
-            await self._redis.aclose()
+        if self._queue is not None:
+            await self._queue.aclose()
         await self.verifier.close()
         if self._authorizer is not None:
             await self._authorizer.flush_audit()  # aggregated denials not written yet

@@ -6,15 +6,13 @@ import os
 import socket
 from datetime import timedelta
 
-from redis.asyncio import Redis
-
 from opsconductor.actions.registry import default_registry
 from opsconductor.common.approval_policy import ApprovalPolicy
 from opsconductor.common.auth import TokenVerifier
 from opsconductor.common.errors import StorageError
 from opsconductor.common.secrets import SecretResolver, SecretsSettings
 from opsconductor.common.tenant_policy import TenantPolicies
-from opsconductor.lifecycle.queue.redis_queue import RedisQueue, create_redis_client
+from opsconductor.lifecycle.queue.redis_queue import RedisQueue, open_queue
 from opsconductor.lifecycle.queue.wakeups import Wakeups
 from opsconductor.lifecycle.storage.cancellation import CancelSignals
 from opsconductor.lifecycle.storage.policies import load_timeout_policies
@@ -42,7 +40,7 @@ class WorkerApp:
         self._secrets = SecretResolver.from_settings(SecretsSettings())
         self._cancel_signals = CancelSignals(settings.database_url.get_secret_value())
         self._immediate: ImmediateExecutions | None = None
-        self._redis: Redis | None = None
+        self._queue: RedisQueue | None = None
         self._consumer: BackgroundConsumer | None = None
         self._wakeups: Wakeups | None = None
         self._authorizer: Authorizer | None = None
@@ -70,19 +68,18 @@ class WorkerApp:
         authorizer = self._authorizer = Authorizer(pool, self._rbac_policy, tier="worker")
         self._immediate = ImmediateExecutions(pool=pool, authorizer=authorizer, runner=runner)
         if self.settings.redis_url is not None and self.settings.consumer_concurrency > 0:
-            self._redis = create_redis_client(self.settings.redis_url.get_secret_value())
             # Each tenant's max_running applies where jobs are handed out: this queue's dequeue.
             running_limit, running_limits = TenantQuotas.from_settings(
                 self.settings, self._tenant_policies
             ).running_limits()
-            queue = RedisQueue(
-                self._redis,
+            queue = self._queue = open_queue(
+                self.settings.redis_url.get_secret_value(),
                 prefix=self.settings.queue_prefix,
                 running_limit=running_limit,
                 running_limits=running_limits,
             )
             # Push dispatch: an idle slot wakes when a job is announced, polling is the fallback.
-            self._wakeups = Wakeups(self._redis, queue.wake_channel)
+            self._wakeups = queue.wakeups()
             self._wakeups.start()
             self._consumer = BackgroundConsumer(
                 pool=pool,
@@ -109,8 +106,8 @@ class WorkerApp:
             await self._consumer.stop(self.settings.shutdown_grace_s)
         if self._wakeups is not None:
             await self._wakeups.stop()
-        if self._redis is not None:
-            await self._redis.aclose()
+        if self._queue is not None:
+            await self._queue.aclose()
         if self._immediate is not None:
             await self._immediate.drain(self.settings.shutdown_grace_s)
         await self._cancel_signals.stop()

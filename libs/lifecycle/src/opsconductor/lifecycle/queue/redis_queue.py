@@ -88,8 +88,9 @@ from opsconductor.lifecycle.queue.records import (
     correlation_traceparent,
     decode_hash,
 )
+from opsconductor.lifecycle.queue.wakeups import Wakeups
 
-__all__ = ["DEFAULT_PREFIX", "KEY_VERSION", "RedisQueue", "create_redis_client"]
+__all__ = ["DEFAULT_PREFIX", "KEY_VERSION", "RedisQueue", "create_redis_client", "open_queue"]
 
 log = structlog.get_logger(__name__)
 
@@ -526,6 +527,31 @@ class RedisQueue:
         raw = await self._call("tenant_ring", self._redis.lrange(self._ring_key, 0, -1))
         return [m.decode() if isinstance(m, bytes) else str(m) for m in raw]
 
+    def wakeups(self) -> Wakeups:
+        """Push dispatch for this queue's consumers: woken by :meth:`announce` (not started)."""
+        return Wakeups(self._redis, self.wake_channel)
+
+    async def aclose(self) -> None:
+        """Close the queue's Redis client (the one :func:`open_queue` made for it)."""
+        await self._redis.aclose()
+
     def _stale(self, operation: str, job_id: UUID) -> StaleLeaseError:
         log.warning("lease_lost", operation=operation, job_id=str(job_id))
         return StaleLeaseError(job_id=str(job_id), operation=operation)
+
+
+def open_queue(
+    url: str,
+    *,
+    prefix: str = DEFAULT_PREFIX,
+    running_limit: int = 0,
+    running_limits: Mapping[str, int] | None = None,
+) -> RedisQueue:
+    """The queue on its own client (:func:`create_redis_client`): services hold the queue, never
+    a Redis client, so no key is reached around the core; :meth:`RedisQueue.aclose` closes it."""
+    return RedisQueue(
+        create_redis_client(url),
+        prefix=prefix,
+        running_limit=running_limit,
+        running_limits=running_limits,
+    )

@@ -69,14 +69,17 @@ async def get_execution(
     return execution_from_row(row, steps)
 
 
-async def find_execution(db: PoolOrConnection, execution_id: UUID) -> ExecutionRecord | None:
-    """The execution with its steps, whatever its tenant, or None: for a service's own checks
-    (which tenant a probe targeted, whether an approval binds it), never for a caller's reads."""
+async def find_execution(
+    db: PoolOrConnection, execution_id: UUID, *, with_steps: bool = True
+) -> ExecutionRecord | None:
+    """The execution (with its steps unless ``with_steps=False``), whatever its tenant, or None:
+    for a service's own checks (which tenant a probe targeted, whether an approval binds it, a
+    job's policy), never for a caller's reads."""
     async with connection(db) as conn:
         row = await conn.fetchrow("SELECT * FROM executions WHERE id = $1", execution_id)
         if row is None:
             return None
-        steps = await load_steps(conn, execution_id)
+        steps = await load_steps(conn, execution_id) if with_steps else ()
     return execution_from_row(row, steps)
 
 

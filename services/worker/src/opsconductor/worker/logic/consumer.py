@@ -46,11 +46,10 @@ from opsconductor.lifecycle.storage.execution_leases import (
     claim_execution,
     record_lease_renewal,
 )
-from opsconductor.lifecycle.storage.execution_reads import get_execution
+from opsconductor.lifecycle.storage.execution_reads import find_execution, get_execution
 from opsconductor.lifecycle.storage.execution_records import (
     ExecutionRecord,
     PoolOrConnection,
-    execution_from_row,
     transaction,
 )
 from opsconductor.lifecycle.storage.execution_steps import skip_remaining_steps
@@ -238,13 +237,11 @@ class BackgroundConsumer:
             return None, None
         # One read (as before, for the policy) also gives the log fields, bound before the claim
         # so that its records carry them too.
-        queued = await self._pool.fetchrow(
-            "SELECT * FROM executions WHERE id = $1", job.execution_id
-        )
+        queued = await find_execution(self._pool, job.execution_id, with_steps=False)
         if queued is not None:
             bound.enter_context(
                 bind_execution(
-                    execution_from_row(queued),
+                    queued,
                     # The submit's request id as the job carries it (the execution's for a
                     # job queued before jobs carried it).
                     request_id=job.request_id,
@@ -252,7 +249,7 @@ class BackgroundConsumer:
                     queue_wait_ms=int(max(time.time() - job.enqueued_at, 0.0) * 1000),
                 )
             )
-        policy = self._policies.get((queued["timeout_policy_id"] if queued else None) or "")
+        policy = self._policies.get((queued.timeout_policy_id if queued else None) or "")
         record = await claim_execution(
             self._pool,
             job.execution_id,

@@ -38,6 +38,7 @@ from opsconductor.lifecycle.queue import dlq, jobs
 from opsconductor.lifecycle.queue.gauges import publish_gauges
 from opsconductor.lifecycle.queue.reconcile import reconcile_queue
 from opsconductor.lifecycle.queue.redis_queue import RedisQueue
+from opsconductor.lifecycle.storage.advisory import try_advisory_lock
 from opsconductor.lifecycle.storage.approvals import expire_pending, fail_undispatched
 from opsconductor.lifecycle.storage.execution_leases import (
     fail_lost_execution,
@@ -89,16 +90,13 @@ async def reap_once(
     unstarted_grace: timedelta = UNSTARTED_GRACE,
 ) -> ReaperReport:
     """One pass (see the module docstring); skipped when another reaper holds the lock."""
-    async with pool.acquire() as conn:
-        if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", REAPER_LOCK_KEY):
+    async with try_advisory_lock(pool, REAPER_LOCK_KEY) as held:
+        if not held:
             log.info("reaper_skipped", reason="another reaper is running")
             return ReaperReport(skipped=True)
-        try:
-            report = await _pass(
-                pool, queue, dedup_window, deadline_grace, orphan_grace_s, unstarted_grace
-            )
-        finally:
-            await conn.execute("SELECT pg_advisory_unlock($1)", REAPER_LOCK_KEY)
+        report = await _pass(
+            pool, queue, dedup_window, deadline_grace, orphan_grace_s, unstarted_grace
+        )
     log.info("reaper_pass", **report.__dict__)
     return report
 

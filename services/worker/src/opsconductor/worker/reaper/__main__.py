@@ -19,7 +19,7 @@ from prometheus_client import start_http_server
 
 from opsconductor.common.errors import OpsConductorError
 from opsconductor.common.logconfig import configure_logging
-from opsconductor.lifecycle.queue.redis_queue import RedisQueue, create_redis_client
+from opsconductor.lifecycle.queue.redis_queue import open_queue
 from opsconductor.lifecycle.storage.db import create_pool
 from opsconductor.rpc.server import load_settings
 from opsconductor.worker.logic.reaper import reap_once
@@ -33,12 +33,11 @@ async def run(settings: WorkerSettings, *, once: bool, interval_s: float) -> int
     pool = await create_pool(
         settings.database_url.get_secret_value(), min_size=1, max_size=4, session_reset=True
     )
-    redis = (
-        create_redis_client(settings.redis_url.get_secret_value())
+    queue = (
+        open_queue(settings.redis_url.get_secret_value(), prefix=settings.queue_prefix)
         if settings.redis_url is not None
         else None
     )
-    queue = RedisQueue(redis, prefix=settings.queue_prefix) if redis is not None else None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -66,8 +65,8 @@ async def run(settings: WorkerSettings, *, once: bool, interval_s: float) -> int
             if stop.is_set():
                 return 0
     finally:
-        if redis is not None:
-            await redis.aclose()
+        if queue is not None:
+            await queue.aclose()
         await pool.close()
 
 

@@ -7,6 +7,7 @@ are saved under ``test-artifacts/browser/``."""
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -155,6 +156,54 @@ async def test_executions_list_filters_by_status(
         page.locator(f'#executions-rows a[href="#/executions/{execution_id}"]')
     ).to_be_visible()
     await shot(page, "executions-list")
+    await page.close()
+
+
+async def test_executions_list_pages_past_one_hundred(
+    browser: Browser, tenant: Tenant, ledger: Path, e2e_pool: asyncpg.Pool
+) -> None:
+    """105 executions: the list shows the newest 100 and offers the older ones; "Show older
+    executions" appends the other 5 (the next page, over grpc-web), each execution exactly
+    once, newest first, and the button goes away at the end of the list."""
+    in_flight = asyncio.Semaphore(10)  # the tenant's max_immediate quota refuses more
+    async with tenant.client("alice") as client:
+
+        async def submit(i: int) -> str:
+            async with in_flight:
+                done = await client.submit(
+                    plan(probe_step("query", [f"srv-{i}"], ledger)), tenant_id=tenant.id
+                )
+                return done.execution_id
+
+        submitted = set(await asyncio.gather(*(submit(i) for i in range(105))))
+    newest_first = [
+        str(r["id"])
+        for r in await e2e_pool.fetch(
+            "SELECT id FROM executions WHERE tenant_id = $1 ORDER BY created_at DESC, id DESC",
+            tenant.id,
+        )
+    ]
+    assert set(newest_first) == submitted
+    page = await signed_in(browser, tenant, "vera")
+    rows = page.locator("#executions-rows tr")
+    more = page.get_by_role("button", name="Show older executions")
+    await expect(rows).to_have_count(100)
+    await expect(more).to_be_visible()
+    await expect(page.locator("#executions-count")).to_have_text("100 shown, more exist")
+    await shot(page, "executions-list-first-page")
+    await more.click()
+    await expect(rows).to_have_count(105)
+    await expect(more).to_be_hidden()
+    await expect(page.locator("#executions-count")).to_have_text("105 shown")
+    hrefs = await page.locator("#executions-rows a").evaluate_all(
+        "links => links.map(a => a.getAttribute('href'))"
+    )
+    assert hrefs == [f"#/executions/{e}" for e in newest_first]
+    await shot(page, "executions-list-second-page")
+    # A filter starts the list over from its first page.
+    await page.get_by_label("Status").select_option("running")
+    await expect(page.locator("#executions-empty")).to_be_visible()
+    await expect(more).to_be_hidden()
     await page.close()
 
 

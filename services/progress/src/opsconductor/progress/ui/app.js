@@ -79,13 +79,23 @@
   }
 
   // -- executions list ----------------------------------------------------------------------
-  async function loadExecutions() {
+  const PAGE_SIZE = 100;
+  let nextPageToken = "";
+  // A reply to an older request (the filter changed meanwhile) is dropped, not appended.
+  let listGeneration = 0;
+
+  async function loadExecutions(more) {
+    const append = more === true;
+    const generation = append ? listGeneration : ++listGeneration;
     const wanted = $("status-filter").value;
     const statuses = wanted ? [STATUS_NAMES.indexOf(wanted) + 1] : [];
+    const pageToken = append ? nextPageToken : "";
+    $("executions-more").disabled = true;
     try {
-      const reply = await session.api.executions.listExecutions({ tenantId: session.tenantId, statuses, pageSize: 100 });
+      const reply = await session.api.executions.listExecutions({ tenantId: session.tenantId, statuses, pageSize: PAGE_SIZE, pageToken });
+      if (generation !== listGeneration) return;
       const rows = $("executions-rows");
-      rows.replaceChildren();
+      if (!append) rows.replaceChildren();
       for (const message of reply.executions) {
         const e = G.executionJson(message);
         const tr = document.createElement("tr");
@@ -97,9 +107,16 @@
         tr.dataset.status = statusName(e.status);
         rows.append(tr);
       }
-      $("executions-empty").hidden = reply.executions.length > 0;
+      nextPageToken = reply.nextPageToken || "";
+      $("executions-more").hidden = !nextPageToken;
+      $("executions-count").textContent = nextPageToken ? `${rows.children.length} shown, more exist` : `${rows.children.length} shown`;
+      $("executions-empty").hidden = rows.children.length > 0;
       showBanner("");
-    } catch (err) { showBanner(explain(err)); }
+    } catch (err) {
+      if (generation === listGeneration) showBanner(explain(err));
+    } finally {
+      $("executions-more").disabled = false;
+    }
   }
 
   // -- one execution ------------------------------------------------------------------------
@@ -278,8 +295,9 @@
     } catch (err) { showBanner(`Cannot sign in: ${err.message}`); }
   });
   $("sign-out").addEventListener("click", signOut);
-  $("status-filter").addEventListener("change", loadExecutions);
-  $("refresh").addEventListener("click", loadExecutions);
+  $("status-filter").addEventListener("change", () => loadExecutions());
+  $("refresh").addEventListener("click", () => loadExecutions());
+  $("executions-more").addEventListener("click", () => loadExecutions(true));
   window.addEventListener("hashchange", route);
   route();
 })();

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
+from uuid import uuid4
 
 import asyncpg
 import pytest
@@ -38,6 +39,8 @@ from pydantic import SecretStr
 from opsconductor.client import ExecutionClient, ExecutionTimeoutError, PermissionDeniedError
 from opsconductor.common.auth import issue_token
 from opsconductor.lifecycle.execution_logging import SPEC_FIELDS
+from opsconductor.lifecycle.queue.redis_queue import RedisQueue, create_redis_client
+from opsconductor.lifecycle.storage.locks import LockRequest, acquire_locks
 from opsconductor.lifecycle.storage.role_bindings import bind_role
 from tests.conftest import RUN_ID
 from tests.deploy.test_monitoring import MONITORING, dashboard_queries, metric_names
@@ -246,6 +249,31 @@ def _labels(**labels: str) -> frozenset[tuple[str, str]]:
     return frozenset(labels.items())
 
 
+async def _expire_a_lease(metrics_stack: MetricsStack, tenant: str) -> None:
+    """A worker that vanished holding a job: leased for 0.2 s by a consumer that is no service
+    (the real worker's dequeue or the reaper's pass reclaims it), then removed."""
+    env = metrics_stack.stack.services["worker"].extra_env
+    redis = create_redis_client(env["OPSC_REDIS_URL"])
+    queue = RedisQueue(redis, prefix=env["OPSC_QUEUE_PREFIX"])
+    try:
+        while True:
+            job_id = uuid4()
+            await queue.enqueue(job_id, uuid4(), tenant, 50, 3, 1)
+            leased = await queue.dequeue("vanished-worker", 0.2)
+            if leased is not None and leased.job_id == job_id:
+                break
+            await queue.remove(job_id)  # the real worker was quicker: again
+
+        async def reclaimed() -> bool:
+            job = await queue.get(job_id)
+            return job is not None and job.lease_expirations == 1
+
+        await wait_until(reclaimed, within_s=20, what="the expired lease reclaimed")
+        await queue.remove(job_id)
+    finally:
+        await redis.aclose()
+
+
 @pytest.fixture(scope="module")
 async def mix(
     metrics_stack: MetricsStack,
@@ -329,9 +357,29 @@ async def mix(
 
         dead = await wait_until(dead_lettered, within_s=60, what="the dead-letter")
 
+    await _expire_a_lease(metrics_stack, tenant)
+    # A lock its holder never released, past its TTL: the reaper's next pass deletes it.
+    stale = await acquire_locks(
+        e2e_pool,
+        [LockRequest(tenant, "host:stale", "probe")],
+        owner_token=uuid4(),
+        owner_execution_id=None,
+        ttl=timedelta(seconds=30),
+    )
+    await e2e_pool.execute(
+        "UPDATE execution_locks SET acquired_at = now() - interval '2 hours',"
+        " expires_at = now() - interval '1 hour' WHERE lock_key = ANY($1::varchar[])",
+        stale.keys,
+    )
+
     async def gauges_caught_up() -> bool:
+        # The stored counters as the api exports them, after the work was counted elsewhere.
         api_now = metrics_stack.scrape("api")
-        return api_now.get(("opsc_dlq_size", frozenset()), 0) >= 1
+        moved = [
+            api_now.get((name, frozenset()), 0) - before["api"].get((name, frozenset()), 0)
+            for name in ("opsc_lease_expirations_total", "opsc_mutex_reaped_total")
+        ]
+        return api_now.get(("opsc_dlq_size", frozenset()), 0) >= 1 and min(moved) >= 1
 
     await wait_until(gauges_caught_up, within_s=20, what="the DLQ gauge", interval_s=0.2)
     after = {name: metrics_stack.scrape(name) for name in SERVICES}
@@ -396,9 +444,13 @@ async def test_each_counter_moves_by_exactly_the_scripted_amount(mix: Mix) -> No
         for name in (ended, "opsc_executions_failed_total", "opsc_executions_cancelled_total"):
             assert mix.deltas(service, name) == {}, (service, name)
     assert mix.after["api"][("opsc_dlq_size", frozenset())] == 1
-    # The reaper exports its counters from the start (an alert's increase() needs the zero).
-    assert ("opsc_lease_expirations_total", frozenset()) in mix.after["reaper"]
-    assert ("opsc_mutex_reaped_total", frozenset()) in mix.after["reaper"]
+    # Counted in the stores (Redis, Postgres) where it happened, exported by the long-running
+    # api: one lease expired, one stale lock reaped, whoever's process did it.
+    assert mix.delta("api", "opsc_lease_expirations_total") == 1
+    assert mix.delta("api", "opsc_mutex_reaped_total") == 1
+    # Exported before anything was counted (an alert's increase() needs the zero).
+    assert ("opsc_lease_expirations_total", frozenset()) in mix.before["api"]
+    assert ("opsc_mutex_reaped_total", frozenset()) in mix.before["api"]
 
 
 async def test_promtool_accepts_every_services_metrics(
@@ -444,6 +496,14 @@ async def test_every_dashboard_panel_returns_data_from_exported_metrics(
         return bool(rate) and float(rate[0]["value"][1]) > 0
 
     await wait_until(timeouts_seen, within_s=30, what="a timeout rate above 0", interval_s=0.5)
+    # The reaper's work reaches the alerts through the api's scrape.
+    for alert in ("OpscLeaseExpirations", "OpscStaleLocksReaped"):
+
+        async def firing(alert: str = alert) -> bool:
+            alerts = (await asyncio.to_thread(prometheus.get, "/api/v1/alerts"))["alerts"]
+            return any(a["labels"]["alertname"] == alert and a["state"] == "firing" for a in alerts)
+
+        await wait_until(firing, within_s=30, what=f"{alert} firing", interval_s=0.5)
     health = prometheus.query('min by (job) (up{job=~"opsconductor-.+"})')
     assert {r["metric"]["job"]: r["value"][1] for r in health} == {
         f"opsconductor-{name}": "1" for name in SERVICES

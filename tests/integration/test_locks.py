@@ -19,7 +19,6 @@ from uuid import UUID, uuid4
 
 import asyncpg
 import pytest
-from prometheus_client import REGISTRY
 from structlog.testing import capture_logs
 
 from opsconductor.common.errors import ResourceBusyError, StaleLeaseError, StorageError
@@ -65,8 +64,9 @@ async def eventually(condition: Callable[[], Awaitable[bool]], timeout: float = 
         await asyncio.sleep(0.01)
 
 
-def reaped_total() -> float:
-    return REGISTRY.get_sample_value("opsc_mutex_reaped_total") or 0.0
+async def reaped_total(pool: asyncpg.Pool) -> int:
+    """The stored count of reaped locks (exported by the api as opsc_mutex_reaped_total)."""
+    return int(await pool.fetchval("SELECT value FROM metric_counters WHERE name = 'mutex_reaped'"))
 
 
 # --- mutual exclusion under real races ------------------------------------------------------
@@ -496,7 +496,8 @@ async def test_concurrent_reapers_remove_only_expired_locks_and_count_each_once(
     db_pool: asyncpg.Pool,
 ) -> None:
     """8 reapers race over 3 expired and 2 live locks: the 3 expired go, counted exactly once in
-    the return values, the log and opsc_mutex_reaped_total; the live ones stay."""
+    the return values, the log and the stored counter behind opsc_mutex_reaped_total; the live
+    ones stay."""
     live = await acquire_locks(
         db_pool,
         [restart("live-1"), restart("live-2")],
@@ -511,15 +512,15 @@ async def test_concurrent_reapers_remove_only_expired_locks_and_count_each_once(
         )
         stale_keys += stale.keys
     await backdate(db_pool, stale_keys)
-    before = reaped_total()
+    before = await reaped_total(db_pool)
     with capture_logs() as logs:
         counts = await asyncio.gather(*(reap_expired_locks(db_pool) for _ in range(8)))
     assert sum(counts) == 3
-    assert reaped_total() - before == 3
+    assert await reaped_total(db_pool) - before == 3
     assert sum(entry["count"] for entry in logs if entry["event"] == "locks_reaped") == 3
     assert await lock_rows(db_pool) == dict.fromkeys(live.keys, live.owner_token)
     assert await reap_expired_locks(db_pool) == 0
-    assert reaped_total() - before == 3
+    assert await reaped_total(db_pool) - before == 3
 
 
 # --- release on every way out of held_locks -------------------------------------------------

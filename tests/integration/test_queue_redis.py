@@ -594,3 +594,27 @@ async def test_decoded_responses_work_too(
         if keys:
             await client.delete(*keys)
         await client.aclose()
+
+
+async def test_every_expired_lease_is_counted_once_whoever_reclaims_it(
+    queue: RedisQueue, clock: FakeClock
+) -> None:
+    """The stored count behind opsc_lease_expirations_total: a worker's dequeue reclaiming two
+    leases (one of them the job's last attempt: dead), then the reaper's pass another, each
+    counted once; a lease that ended well (ack) and a pass with nothing expired add nothing."""
+    assert (await queue.stats()).lease_expirations_total == 0
+    retried, _ = await put(queue, max_attempts=3)
+    last_try, _ = await put(queue, max_attempts=1)
+    await take(queue, "worker-01", lease_s=5)
+    await take(queue, "worker-01", lease_s=5)
+    clock.advance(6)
+    assert (await take(queue, "worker-02", lease_s=5)).job_id == retried
+    assert (await queue.stats()).lease_expirations_total == 2
+    assert [job.job_id for job in await queue.dead_jobs()] == [last_try]
+    clock.advance(6)
+    assert (await queue.requeue_expired()).reclaimed == 1
+    assert (await queue.stats()).lease_expirations_total == 3
+    job = await take(queue, "worker-03", lease_s=5)
+    await queue.ack(job.job_id, job.lease_token)
+    assert await queue.requeue_expired() == MaintenanceReport()
+    assert (await queue.stats()).lease_expirations_total == 3

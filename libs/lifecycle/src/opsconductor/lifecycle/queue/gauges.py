@@ -4,17 +4,28 @@ They describe shared state (Redis and Postgres), not one process, so any process
 them: the api refreshes them every few seconds (:class:`GaugePublisher`; it runs
 always, the reaper runs once a minute as a CronJob in Kubernetes) and the reaper after each
 pass. Replicas publish the same values; dashboards and alerts take ``max`` over instances.
-One refresh costs a Redis stats call and two small counts in Postgres, never on a request.
+One refresh costs a Redis stats call and three small reads in Postgres, never on a request.
+
+With them go the **stored counters**: events counted in the stores by the work itself, because
+the process doing it may not live until the next scrape (the reaper CronJob): every lease that
+expired (Redis, by the script that reclaims it, whether a worker's dequeue or the reaper does)
+and every stale mutex reaped (Postgres ``metric_counters``, by the statement that deletes it).
+They are exported as counters (``opsc_lease_expirations_total``, ``opsc_mutex_reaped_total``)
+with the values the last refresh read: monotonic but for a Redis restarted empty, which
+Prometheus takes as a counter reset.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Iterator
 from typing import Final
 
 import structlog
-from prometheus_client import Gauge
+from prometheus_client import REGISTRY, Gauge
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 from opsconductor.common.errors import QueueUnavailableError, StorageError
 from opsconductor.lifecycle.queue import dlq
@@ -29,7 +40,9 @@ __all__ = [
     "QUEUE_LEASED",
     "QUEUE_LENGTH",
     "QUEUE_OLDEST_AGE",
+    "STORED_COUNTERS",
     "GaugePublisher",
+    "StoredCounters",
     "publish_gauges",
 ]
 
@@ -51,6 +64,42 @@ APPROVALS_PENDING: Final = Gauge(
     "opsc_approvals_pending", "Approval requests waiting for a decision, by level.", ["level"]
 )
 
+
+class StoredCounters(Collector):
+    """Counters whose truth is in the stores, exported as the last refresh read them (none
+    before the first: an unknown count is not a zero)."""
+
+    HELP: Final = {
+        "opsc_lease_expirations": (
+            "Job leases that expired (a worker died or stalled), counted in Redis where they "
+            "were reclaimed."
+        ),
+        "opsc_mutex_reaped": "Expired execution locks (stale mutexes) deleted by the reaper.",
+    }
+
+    def __init__(self) -> None:
+        self._values: dict[str, int] = {}
+
+    def set(self, name: str, value: int) -> None:
+        if name not in self.HELP:
+            raise ValueError(f"not a stored counter: {name}")
+        self._values[name] = value
+
+    def describe(self) -> Iterator[CounterMetricFamily]:
+        for name, text in self.HELP.items():
+            yield CounterMetricFamily(name, text)
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        for name, text in self.HELP.items():
+            if name in self._values:
+                yield CounterMetricFamily(name, text, value=self._values[name])
+
+
+STORED_COUNTERS: Final = StoredCounters()
+REGISTRY.register(STORED_COUNTERS)
+
+_STORED = "SELECT value FROM metric_counters WHERE name = 'mutex_reaped'"
+
 _PENDING_APPROVALS = """
 SELECT level, count(*) AS n FROM approvals
 WHERE state = 'pending' AND expires_at > clock_timestamp()
@@ -64,6 +113,8 @@ async def publish_gauges(pool: PoolOrConnection, queue: RedisQueue | None) -> No
         DLQ_SIZE.set(await dlq.dlq_size(pool))
         async with transaction(pool) as conn:
             rows = await conn.fetch(_PENDING_APPROVALS)
+            reaped = await conn.fetchval(_STORED)
+        STORED_COUNTERS.set("opsc_mutex_reaped", int(reaped or 0))
         pending = {int(row["level"]): int(row["n"]) for row in rows}
         for level in (1, 2, 3):
             APPROVALS_PENDING.labels(str(level)).set(pending.get(level, 0))
@@ -81,6 +132,7 @@ async def publish_gauges(pool: PoolOrConnection, queue: RedisQueue | None) -> No
     QUEUE_LEASED.set(stats.leased)
     QUEUE_DELAYED.set(stats.delayed)
     QUEUE_OLDEST_AGE.set(stats.oldest_ready_age_s or 0.0)
+    STORED_COUNTERS.set("opsc_lease_expirations", stats.lease_expirations_total)
 
 
 class GaugePublisher:

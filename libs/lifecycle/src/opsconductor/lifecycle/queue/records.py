@@ -215,7 +215,9 @@ class QueueStats:
     """Queue gauges: ready jobs per priority, leases (and how many have expired), delayed, dead.
 
     ``oldest_ready_age_s`` is the wait of the oldest job at the head of a priority (None when
-    nothing is ready); ``paused`` tells whether dispatch is drained.
+    nothing is ready); ``paused`` tells whether dispatch is drained;
+    ``lease_expirations_total`` counts every lease that ever expired (since Redis last started
+    empty), whoever reclaimed it.
     """
 
     ready_by_priority: dict[int, int]
@@ -225,6 +227,7 @@ class QueueStats:
     dead: int
     oldest_ready_age_s: float | None
     paused: bool
+    lease_expirations_total: int = 0
 
     @property
     def ready(self) -> int:

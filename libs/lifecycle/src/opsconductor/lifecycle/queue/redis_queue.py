@@ -489,7 +489,9 @@ class RedisQueue:
 
     async def stats(self) -> QueueStats:
         """Gauges from one consistent snapshot (see :class:`QueueStats`)."""
-        per_priority, leased, expired, delayed, dead, oldest, paused = await self._run("stats")
+        per_priority, leased, expired, delayed, dead, oldest, paused, expirations = await self._run(
+            "stats"
+        )
         ready = {
             int(per_priority[i]): int(per_priority[i + 1]) for i in range(0, len(per_priority), 2)
         }
@@ -502,6 +504,7 @@ class RedisQueue:
             dead=int(dead),
             oldest_ready_age_s=oldest_age,
             paused=bool(paused),
+            lease_expirations_total=int(expirations),
         )
 
     async def set_paused(self, paused: bool) -> None:

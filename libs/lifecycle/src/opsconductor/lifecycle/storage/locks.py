@@ -36,7 +36,7 @@ from uuid import UUID, uuid4
 
 import asyncpg
 import structlog
-from prometheus_client import Counter, Histogram
+from prometheus_client import Histogram
 from tenacity import (
     AsyncRetrying,
     retry_if_exception_type,
@@ -59,10 +59,6 @@ LOCK_KEY_PREFIX = "lock:v1"
 MAX_TENANT_ID = 100
 MAX_TARGET_REF = 300
 MAX_ACTION = 100
-
-STALE_LOCKS_REAPED = Counter(
-    "opsc_mutex_reaped", "Expired execution locks (stale mutexes) deleted by the reaper."
-)
 
 LOCK_WAIT = Histogram(
     "opsc_lock_wait_seconds",
@@ -120,13 +116,21 @@ FROM execution_locks WHERE lock_key = $1 AND expires_at >= now()
 """
 # SKIP LOCKED: a row locked by someone else is being taken over, released or reaped by another
 # reaper; skipping it means the reaper never waits (so never deadlocks) and never double-counts.
+# The count goes to metric_counters in the same statement (a data-modifying CTE always runs):
+# exported by the api, since the reaper's process may live one pass only (migration 0009).
 _REAP = """
-DELETE FROM execution_locks
-WHERE lock_key IN (
-    SELECT lock_key FROM execution_locks WHERE expires_at < now()
-    FOR UPDATE SKIP LOCKED
-) AND expires_at < now()
-RETURNING lock_key
+WITH reaped AS (
+    DELETE FROM execution_locks
+    WHERE lock_key IN (
+        SELECT lock_key FROM execution_locks WHERE expires_at < now()
+        FOR UPDATE SKIP LOCKED
+    ) AND expires_at < now()
+    RETURNING lock_key
+), counted AS (
+    UPDATE metric_counters SET value = value + (SELECT count(*) FROM reaped)
+    WHERE name = 'mutex_reaped' AND EXISTS (SELECT 1 FROM reaped)
+)
+SELECT lock_key FROM reaped
 """
 
 # Releases that outlived a cancelled caller; strong references so they are not garbage collected.
@@ -453,15 +457,15 @@ async def check_lock_status(
 async def reap_expired_locks(pool_or_conn: PoolOrConnection) -> int:
     """Delete every expired lock and return how many went; safe to run from many workers at once.
 
-    Each reaped lock is counted once in ``opsc_mutex_reaped_total``, however many reapers
-    race: a row locked by another reaper (or by an acquirer taking it over) is skipped.
+    Each reaped lock is counted once in ``metric_counters`` (``mutex_reaped``, exported as
+    ``opsc_mutex_reaped_total``), however many reapers race: a row locked by another reaper (or
+    by an acquirer taking it over) is skipped.
     """
     with _storage_errors("reap"):
         async with _connection(pool_or_conn) as conn:
             rows = await conn.fetch(_REAP)
     count = len(rows)
     if count:
-        STALE_LOCKS_REAPED.inc(count)
         log.info("locks_reaped", count=count, lock_keys=[row["lock_key"] for row in rows])
     else:
         log.debug("locks_reaped", count=0)

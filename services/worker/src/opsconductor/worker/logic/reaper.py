@@ -4,7 +4,7 @@ Run every 60 s (Kubernetes CronJob, or the loop mode). Each pass, under a Postgr
 so concurrent reapers never double-act (a second one skips the pass):
 
 1. queue housekeeping — due retries become ready, expired leases are requeued (each counted as a
-   lease expiration: a worker died or stalled);
+   lease expiration in Redis by the script that reclaims it: a worker died or stalled);
    (before anything is re-pushed, a drain the ``dispatch_paused`` flag asks for is re-applied:
    Redis restarted empty has forgotten it);
 2. jobs whose last lease expired go to the DLQ and their executions end ``failed``;
@@ -20,7 +20,12 @@ so concurrent reapers never double-act (a second one skips the pass):
    so do immediate executions still ``pending``/``queued`` without a worker ``unstarted_grace``
    after their creation (the api died between create and dispatch, or gave up on a paused
    worker): their keys are retired, so the plan can be submitted again;
-6. gauges: ready jobs per priority, leased, delayed, DLQ size, oldest ready job's age.
+6. gauges: ready jobs per priority, leased, delayed, DLQ size, oldest ready job's age (and the
+   stored counters, :mod:`opsconductor.lifecycle.queue.gauges`).
+
+It counts nothing in its own process: a CronJob's process is gone before Prometheus scrapes it.
+What it does is counted in the stores (leases in Redis, reaped locks in ``metric_counters``) and
+exported by the api's gauge refresh.
 """
 
 from __future__ import annotations
@@ -31,7 +36,6 @@ from uuid import UUID
 
 import asyncpg
 import structlog
-from prometheus_client import Counter
 
 from opsconductor.common.errors import QueueUnavailableError
 from opsconductor.lifecycle.queue import dlq, jobs
@@ -58,10 +62,6 @@ UNDISPATCHED_GRACE = timedelta(minutes=5)
 UNSTARTED_GRACE = timedelta(seconds=30)
 #: pg advisory lock key of the reaper ("opsc_rea").
 REAPER_LOCK_KEY = 0x6F7073635F726561
-
-LEASE_EXPIRATIONS = Counter(
-    "opsc_lease_expirations_total", "Job leases that expired (a worker died or stalled)."
-)
 
 
 @dataclass(frozen=True)
@@ -116,7 +116,6 @@ async def _pass(
             # First: jobs re-pushed below must not be dispatched during a drain.
             await _reapply_drain(pool, queue)
             reconciled = await reconcile_queue(queue, pool, orphan_grace_s=orphan_grace_s)
-            LEASE_EXPIRATIONS.inc(reconciled.maintenance.reclaimed + reconciled.maintenance.dead)
             dead = await _dead_letter(pool, queue)
         except QueueUnavailableError:
             # Redis is down (or restarting empty): the queue work waits for the next pass,

@@ -18,6 +18,10 @@ local READY, LEASED, DELAYED, DEAD, SEQ, PAUSED = KEYS[1], KEYS[2], KEYS[3], KEY
 local RING, RUNNING = KEYS[7], KEYS[8]
 local JOB_PREFIX = ARGV[1] .. 'job:'
 local TENANT_READY_PREFIX = ARGV[1] .. 'tready:'
+-- Every lease that ever expired, whoever reclaimed it (a worker's dequeue or the reaper): the
+-- api exports it as opsc_lease_expirations_total (gone with the rest if Redis restarts empty:
+-- Prometheus reads that as a counter reset).
+local LEASE_EXPIRATIONS = ARGV[1] .. 'lease_expirations'
 local NOW = tonumber(ARGV[2])
 
 local function job_key(id)
@@ -133,6 +137,9 @@ local function reclaim_expired(limit)
         reclaimed = reclaimed + 1
       end
     end
+  end
+  if reclaimed + dead > 0 then
+    redis.call('INCRBY', LEASE_EXPIRATIONS, reclaimed + dead)
   end
   return {reclaimed, dead}
 end

@@ -1,5 +1,6 @@
 -- No own arguments. Returns {{priority, ready count, ...}, leased, expired leases, delayed, dead,
--- oldest head-of-line ready_at (ms, or -1), paused (0/1)} from one consistent snapshot.
+-- oldest head-of-line ready_at (ms, or -1), paused (0/1), leases expired ever} from one
+-- consistent snapshot.
 local per_priority = {}
 local oldest = -1
 for p = 0, 100 do
@@ -25,4 +26,5 @@ return {
   redis.call('ZCARD', DEAD),
   oldest,
   redis.call('EXISTS', PAUSED),
+  tonumber(redis.call('GET', LEASE_EXPIRATIONS)) or 0,
 }

@@ -465,49 +465,31 @@ async def test_the_dlq_lists_newest_first_filtered_and_paged(db_pool: asyncpg.Po
         await dlq_repo.list_dlq(db_pool, page_size=-1)
 
 
-async def test_requeue_from_the_dlq_gives_a_fresh_budget_once(db_pool: asyncpg.Pool) -> None:
+async def test_a_dlq_entry_is_locked_open_and_marked_requeued_once(db_pool: asyncpg.Pool) -> None:
+    """The two halves of a requeue (the api's RequeueDlqEntry runs the queue recipe between
+    them): another tenant's or an unknown entry is "not found"; once marked, the entry is
+    refused (a conflict naming who requeued it) and no longer counted as open."""
     dlq_id = await dead_letter(db_pool, tenant="t1", error_class="A")
     with pytest.raises(NotFoundError):
-        await dlq_repo.requeue_from_dlq(db_pool, dlq_id, by="bob", tenant_id="t2")
-    entry, row = await dlq_repo.requeue_from_dlq(db_pool, dlq_id, by="bob")
-    assert (entry.requeued_by, row.attempts, row.max_attempts, row.state) == ("bob", 0, 3, "ready")
+        await dlq_repo.lock_open_entry(db_pool, dlq_id, tenant_id="t2")
+    with pytest.raises(NotFoundError):
+        await dlq_repo.lock_open_entry(db_pool, uuid4())
+    async with transaction(db_pool) as conn:
+        locked = await dlq_repo.lock_open_entry(conn, dlq_id, tenant_id="t1")
+        entry = await dlq_repo.mark_requeued(conn, locked.id, by="bob")
+    assert entry.requeued_by == "bob"
     assert entry.requeued_at is not None
-    assert row.execution_id == entry.execution_id
-    with pytest.raises(ConflictError):
-        await dlq_repo.requeue_from_dlq(db_pool, dlq_id, by="bob")
+    assert entry.execution_id == locked.execution_id
+    with pytest.raises(ConflictError, match="already requeued by bob"):
+        await dlq_repo.lock_open_entry(db_pool, dlq_id)
     assert await dlq_repo.dlq_size(db_pool) == 0
     assert await dlq_repo.dlq_size(db_pool, include_requeued=True) == 1
     listed, _ = await dlq_repo.list_dlq(db_pool, include_requeued=True)
     assert [e.requeued_by for e in listed] == ["bob"]
     with pytest.raises(NotFoundError):
-        await dlq_repo.requeue_from_dlq(db_pool, uuid4(), by="bob")
+        await dlq_repo.mark_requeued(db_pool, uuid4(), by="bob")
     with pytest.raises(NotFoundError):
         await dlq_repo.get_dlq_entry(db_pool, dlq_id, tenant_id="t2")
-
-
-async def test_requeue_refuses_an_execution_that_is_queued_again(db_pool: asyncpg.Pool) -> None:
-    dlq_id = await dead_letter(db_pool, tenant="t1", error_class="A")
-    entry = await dlq_repo.get_dlq_entry(db_pool, dlq_id)
-    await jobs.insert_queue_row(
-        db_pool, execution_id=entry.execution_id, tenant_id="t1", priority=50, max_attempts=3
-    )
-    with pytest.raises(ConflictError):
-        await dlq_repo.requeue_from_dlq(db_pool, dlq_id, by="bob")
-
-
-async def test_requeue_without_a_policy_needs_an_explicit_budget(db_pool: asyncpg.Pool) -> None:
-    execution_id = await new_execution(db_pool, policy=None)
-    await jobs.insert_queue_row(
-        db_pool, execution_id=execution_id, tenant_id=TENANT, priority=50, max_attempts=3
-    )
-    dlq_id = await dlq_repo.move_to_dlq(
-        db_pool, execution_id, attempts=3, error_class="A", error_message="boom"
-    )
-    assert dlq_id is not None
-    with pytest.raises(ValueError, match="max_attempts"):
-        await dlq_repo.requeue_from_dlq(db_pool, dlq_id, by="bob")
-    _, row = await dlq_repo.requeue_from_dlq(db_pool, dlq_id, by="bob", max_attempts=7)
-    assert row.max_attempts == 7
 
 
 # -- reconcile -------------------------------------------------------------------------------------

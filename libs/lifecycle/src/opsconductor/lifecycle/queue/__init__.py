@@ -5,6 +5,7 @@
   retries, drain flag, stats, tenants served round-robin. Keys under ``{prefix}q:v2:``.
 * :mod:`.jobs` — ``execution_queue`` rows, one per queued job (the row id is the job id).
 * :mod:`.dlq` — ``execution_dlq``: move, list, requeue.
+* :mod:`.enqueue` — the one recipe that queues an execution (row, transition, Redis push).
 * :mod:`.reconcile` — the reaper's repair of Redis from Postgres.
 * :mod:`.lease` — lease duration and renewal timing from the timeout policy.
 
@@ -12,13 +13,12 @@ How callers combine the two sides (one Postgres transaction each; the Postgres s
 so it holds the row lock the reaper waits on, then the Redis call, then commit — a Redis failure
 raises :class:`~opsconductor.common.errors.QueueUnavailableError` and rolls everything back)::
 
-    # submit (api)
+    # submit (api), approval release, DLQ requeue: the queue recipe of .enqueue
     async with transaction(pool) as conn:
         record, created = await create_execution(conn, new, dedup_window=...)
-        row = await jobs.insert_queue_row(conn, execution_id=record.id, tenant_id=...,
-                                          priority=..., max_attempts=policy.max_attempts)
-        await queue.enqueue(row.id, record.id, record.tenant_id, row.priority,
-                            row.max_attempts, policy.max_lease_renewals)
+        queued = await enqueue_execution(conn, queue, record, policy, by="api",
+                                         expected_from=ExecutionStatus.PENDING)
+    await queue.announce()               # committed: wake an idle worker
 
     # worker
     job = await queue.dequeue(worker_id, lease_seconds(policy, p95))

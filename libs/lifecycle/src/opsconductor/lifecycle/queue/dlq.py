@@ -8,10 +8,8 @@
   that runs its own transaction in between: lock the entry (refusing one already requeued with
   :class:`DlqEntryRequeuedError`), do the work, mark it requeued (by whom, when), commit. The api's
   RequeueDlqEntry uses them to create a *new* execution of the same frozen plan (a dead-lettered
-  execution is ``failed``, a terminal state, and never moves again).
-* :func:`requeue_from_dlq` gives the same execution a new queue row with a fresh attempt budget
-  and marks the entry, once: a building block for a model where the execution itself goes back
-  to the queue (the FSM forbids that today: see above).
+  execution is ``failed``, a terminal state, and never moves again), queued by the one queue
+  recipe (:mod:`.enqueue`).
 """
 
 from __future__ import annotations
@@ -27,7 +25,6 @@ from uuid import UUID
 from prometheus_client import Counter
 
 from opsconductor.common.errors import ConflictError, NotFoundError
-from opsconductor.lifecycle.queue.jobs import QueueRow, insert_queue_row
 from opsconductor.lifecycle.storage.events import append_event
 from opsconductor.lifecycle.storage.execution_records import (
     PoolOrConnection,
@@ -56,7 +53,6 @@ __all__ = [
     "lock_open_entry",
     "mark_requeued",
     "move_to_dlq",
-    "requeue_from_dlq",
 ]
 
 _MAX_ERROR_CLASS = 100  # execution_dlq.error_class is VARCHAR(100)
@@ -83,12 +79,6 @@ SELECT execution_id FROM execution_events
 WHERE type = 'dlq_requeued' AND tenant_id = $2 AND payload->>'dlq_id' = $1
 ORDER BY id DESC LIMIT 1
 """
-_EXECUTION_BUDGET = """
-SELECT e.priority, p.max_attempts
-FROM executions e LEFT JOIN timeout_policies p ON p.id = e.timeout_policy_id
-WHERE e.id = $1
-"""
-_QUEUED = "SELECT 1 FROM execution_queue WHERE execution_id = $1"
 _MARK_REQUEUED = """
 UPDATE execution_dlq SET requeued_at = clock_timestamp(), requeued_by = $2
 WHERE id = $1 RETURNING *
@@ -215,42 +205,6 @@ async def mark_requeued(conn: PoolOrConnection, dlq_id: UUID, *, by: str) -> Dlq
     if marked is None:
         raise NotFoundError("dead-letter entry not found", dlq_id=str(dlq_id))
     return _entry(marked)
-
-
-async def requeue_from_dlq(
-    db: PoolOrConnection,
-    dlq_id: UUID,
-    *,
-    by: str,
-    tenant_id: str | None = None,
-    max_attempts: int | None = None,
-) -> tuple[DlqEntry, QueueRow]:
-    """Give a dead-lettered execution a new queue row with a fresh budget; mark the entry.
-
-    The budget is ``max_attempts`` or else the execution's timeout policy's. Raises
-    :class:`NotFoundError` (unknown entry, or another tenant's when ``tenant_id`` is given) and
-    :class:`ConflictError` when the entry was already requeued (:class:`DlqEntryRequeuedError`)
-    or the execution is queued. Pass a connection inside a transaction, push the row to Redis,
-    then commit.
-    """
-    async with transaction(db) as conn:
-        entry = await lock_open_entry(conn, dlq_id, tenant_id=tenant_id)
-        execution_id = entry.execution_id
-        if await conn.fetchval(_QUEUED, execution_id) is not None:
-            raise ConflictError("execution is already queued", execution_id=str(execution_id))
-        budget = await conn.fetchrow(_EXECUTION_BUDGET, execution_id)
-        attempts = max_attempts if max_attempts is not None else budget["max_attempts"]
-        if attempts is None:
-            raise ValueError("no max_attempts given and the execution has no timeout policy")
-        queued = await insert_queue_row(
-            conn,
-            execution_id=execution_id,
-            tenant_id=entry.tenant_id,
-            priority=budget["priority"],
-            max_attempts=attempts,
-        )
-        marked = await mark_requeued(conn, dlq_id, by=by)
-    return marked, queued
 
 
 async def list_dlq(

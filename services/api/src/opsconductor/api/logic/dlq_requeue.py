@@ -5,14 +5,15 @@ a requeue cannot put it back in the queue. It creates a new execution instead, a
 one's frozen record: same tenant, submitter, plan snapshot, hashes and idempotency key (the old
 execution's key is retired first, so the new one may hold it), same priority; a fresh attempt
 budget from the timeout policy. Everything happens in ONE Postgres transaction, with the Redis
-push last before the commit (a Redis failure rolls it all back and the entry stays open):
+push last before the commit (the queue recipe, :mod:`opsconductor.lifecycle.queue.enqueue`; a
+Redis failure rolls it all back and the entry stays open):
 
 1. lock the DLQ entry (refused if it was requeued already, naming by whom and as what);
 2. retire the old execution's idempotency key, create the new execution (event
    ``execution_started``, actor: the submitter), record ``dlq_requeued`` on it (actor: the
-   admin; payload: ``requeued_from``, ``dlq_id``, the job id, the old attempts and error), move it
-   to ``queued`` (by the admin) and insert its queue row;
-3. mark the entry requeued (``requeued_at``, ``requeued_by``) and push the job to Redis.
+   admin; payload: ``requeued_from``, ``dlq_id``, the job id, the old attempts and error) after
+   inserting its queue row, mark the entry requeued (``requeued_at``, ``requeued_by``);
+3. move it to ``queued`` (by the admin) and push the job to Redis.
 
 The old execution is not touched: ``execution_completed`` stays its last event. The links go
 both ways: the new execution's ``dlq_requeued`` event names the old one, and the entry (which
@@ -39,8 +40,10 @@ from opsconductor.common.errors import (
 )
 from opsconductor.common.fsm import ExecutionStatus
 from opsconductor.common.tracing import current_traceparent
-from opsconductor.lifecycle.queue import dlq, jobs
+from opsconductor.lifecycle.queue import dlq
 from opsconductor.lifecycle.queue.dlq import DlqEntry
+from opsconductor.lifecycle.queue.enqueue import enqueue_execution
+from opsconductor.lifecycle.queue.jobs import QueueRow
 from opsconductor.lifecycle.queue.redis_queue import RedisQueue
 from opsconductor.lifecycle.storage.events import append_event
 from opsconductor.lifecycle.storage.execution_reads import get_execution
@@ -53,7 +56,6 @@ from opsconductor.lifecycle.storage.executions import (
     NewExecution,
     create_execution,
     retire_idempotency_key,
-    transition,
 )
 from opsconductor.lifecycle.storage.policies import TimeoutPolicy
 
@@ -179,50 +181,40 @@ async def requeue_dead_letter(
                 execution_id=str(record.id),
                 status=record.status.value,
             )
-        row = await jobs.insert_queue_row(
+        marked: list[DlqEntry] = []
+
+        async def audit(job: QueueRow) -> None:
+            # Before the transition: the new execution's log reads started, dlq_requeued, queued.
+            await append_event(
+                conn,
+                tenant_id=record.tenant_id,
+                execution_id=record.id,
+                actor_id=by,
+                type=DLQ_REQUEUED_EVENT,
+                payload={
+                    "dlq_id": str(dlq_id),
+                    "requeued_from": str(old.id),
+                    "requeued_by": by,
+                    "job_id": str(job.id),
+                    "max_attempts": policy.max_attempts,
+                    "previous_attempts": entry.attempts,
+                    "previous_error_class": entry.error_class,
+                    "request_id": request_id,
+                },
+            )
+            marked.append(await dlq.mark_requeued(conn, dlq_id, by=by))
+
+        # The recipe pushes to Redis last: a Redis failure rolls everything above back.
+        queued = await enqueue_execution(
             conn,
-            execution_id=record.id,
-            tenant_id=record.tenant_id,
-            priority=record.priority,
-            max_attempts=policy.max_attempts,
-        )
-        await append_event(
-            conn,
-            tenant_id=record.tenant_id,
-            execution_id=record.id,
-            actor_id=by,
-            type=DLQ_REQUEUED_EVENT,
-            payload={
-                "dlq_id": str(dlq_id),
-                "requeued_from": str(old.id),
-                "requeued_by": by,
-                "job_id": str(row.id),
-                "max_attempts": policy.max_attempts,
-                "previous_attempts": entry.attempts,
-                "previous_error_class": entry.error_class,
-                "request_id": request_id,
-            },
-        )
-        await transition(
-            conn,
-            record.id,
-            to=ExecutionStatus.QUEUED,
+            queue,
+            record,
+            policy,
             by=by,
             expected_from=ExecutionStatus.PENDING,
-            tenant_id=record.tenant_id,
+            before_queued=audit,
         )
-        marked = await dlq.mark_requeued(conn, dlq_id, by=by)
-        # Last, before the commit: a Redis failure rolls everything above back.
-        await queue.enqueue(
-            row.id,
-            record.id,
-            record.tenant_id,
-            row.priority,
-            row.max_attempts,
-            policy.max_lease_renewals,
-            request_id=record.request_id,
-            trace_context=record.trace_context,
-        )
+        row = queued.job
         record = await get_execution(conn, record.tenant_id, record.id)
     log.info(
         "dlq_entry_requeued",
@@ -233,4 +225,4 @@ async def requeue_dead_letter(
         tenant_id=record.tenant_id,
         by=by,
     )
-    return RequeueResult(entry=marked, execution=record, job_id=row.id)
+    return RequeueResult(entry=marked[0], execution=record, job_id=row.id)

@@ -47,6 +47,7 @@ from opsconductor.common.tenant_policy import TenantPolicies
 from opsconductor.common.tracing import current_traceparent
 from opsconductor.lifecycle.execution_logging import bind_execution_fields
 from opsconductor.lifecycle.queue import jobs
+from opsconductor.lifecycle.queue.enqueue import enqueue_execution
 from opsconductor.lifecycle.queue.redis_queue import RedisQueue
 from opsconductor.lifecycle.storage.execution_leases import fail_unstarted_execution
 from opsconductor.lifecycle.storage.execution_reads import get_execution
@@ -59,7 +60,6 @@ from opsconductor.lifecycle.storage.execution_stats import ObservedDurations
 from opsconductor.lifecycle.storage.executions import (
     NewExecution,
     create_execution,
-    transition,
 )
 from opsconductor.lifecycle.storage.flags import FlagCache
 from opsconductor.lifecycle.storage.policies import TimeoutPolicy, select_policy
@@ -353,37 +353,21 @@ class Submissions:
                 return SubmitResult(record, deduplicated=True, job_id=await _job_id(conn, record))
             if refusal is not None:
                 raise refusal  # a retired key made it new after all: rolled back
-            steps = record.steps
-            record = await transition(
+            queued = await enqueue_execution(
                 conn,
-                record.id,
-                to=ExecutionStatus.QUEUED,
+                self._queue,
+                record,
+                decision.policy,
                 by="api",
                 expected_from=ExecutionStatus.PENDING,
-                tenant_id=record.tenant_id,
-            )
-            row = await jobs.insert_queue_row(
-                conn,
-                execution_id=record.id,
-                tenant_id=record.tenant_id,
-                priority=record.priority,
-                max_attempts=decision.policy.max_attempts,
-            )
-            await self._queue.enqueue(
-                row.id,
-                record.id,
-                record.tenant_id,
-                row.priority,
-                row.max_attempts,
-                decision.policy.max_lease_renewals,
-                request_id=record.request_id,
-                trace_context=record.trace_context,
             )
         # Committed: wake an idle worker now rather than at its next poll.
         await self._queue.announce()
         # The row as the transition wrote it, with the steps as created (nothing else wrote
         # either inside this transaction).
-        return SubmitResult(replace(record, steps=steps), deduplicated=False, job_id=row.id)
+        return SubmitResult(
+            replace(queued.record, steps=record.steps), deduplicated=False, job_id=queued.job.id
+        )
 
     async def _submit_for_approval(
         self, principal: Principal, request: SubmitRequest, decision: Decision, record_only: bool

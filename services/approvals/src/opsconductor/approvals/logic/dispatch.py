@@ -32,11 +32,10 @@ from opsconductor.common.errors import (
 )
 from opsconductor.common.fsm import ExecutionStatus
 from opsconductor.common.tracing import continue_trace, current_traceparent
-from opsconductor.lifecycle.queue import jobs
+from opsconductor.lifecycle.queue.enqueue import enqueue_execution
 from opsconductor.lifecycle.queue.redis_queue import RedisQueue
 from opsconductor.lifecycle.storage.execution_leases import fail_unstarted_execution
 from opsconductor.lifecycle.storage.execution_records import ExecutionRecord, PoolOrConnection
-from opsconductor.lifecycle.storage.executions import transition
 from opsconductor.lifecycle.storage.policies import TimeoutPolicy
 
 from .ports import WorkerPort
@@ -73,37 +72,22 @@ class ExecutionDispatcher:
                 "the execution's timeout policy no longer exists",
                 timeout_policy_id=record.timeout_policy_id or "",
             )
-        await transition(
-            conn,
-            record.id,
-            to=ExecutionStatus.QUEUED,
-            by=by,
-            expected_from=ExecutionStatus.AWAITING_APPROVAL,
-            event_payload={"reason": "approved"},
-            tenant_id=record.tenant_id,
-        )
-        row = await jobs.insert_queue_row(
-            conn,
-            execution_id=record.id,
-            tenant_id=record.tenant_id,
-            priority=record.priority,
-            max_attempts=policy.max_attempts,
-        )
         # The submit's correlation: the released job logs as the request that created the
         # execution, and its trace continues the submit's through this release.
         with continue_trace("approval_released", record.trace_context, _attributes(record)):
-            await self._queue.enqueue(
-                row.id,
-                record.id,
-                record.tenant_id,
-                row.priority,
-                row.max_attempts,
-                policy.max_lease_renewals,
-                request_id=record.request_id,
-                trace_context=current_traceparent() or record.trace_context,
+            queued = await enqueue_execution(
+                conn,
+                self._queue,
+                record,
+                policy,
+                by=by,
+                expected_from=ExecutionStatus.AWAITING_APPROVAL,
+                event_payload={"reason": "approved"},
+                trace_context=current_traceparent(),
             )
-        log.info("approved_execution_queued", execution_id=str(record.id), job_id=str(row.id))
-        return row.id
+        job_id = queued.job.id
+        log.info("approved_execution_queued", execution_id=str(record.id), job_id=str(job_id))
+        return job_id
 
     def start_immediate(self, record: ExecutionRecord, token: str) -> None:
         """Run ``record`` on a worker in the background (call once the decision committed)."""

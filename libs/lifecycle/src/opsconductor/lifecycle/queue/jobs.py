@@ -34,8 +34,8 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
-from opsconductor.lifecycle.storage.events import append_event
-from opsconductor.lifecycle.storage.execution_records import PoolOrConnection, transaction
+from opsconductor.lifecycle.storage.events import EVENTS_CHANNEL
+from opsconductor.lifecycle.storage.execution_records import PoolOrConnection, connection
 
 __all__ = [
     "QueueRow",
@@ -53,13 +53,21 @@ __all__ = [
     "retry_row",
 ]
 
+# The row, or the one the execution already has, in one statement (a row committed after
+# this statement's snapshot is read by a second one).
 _INSERT = """
-INSERT INTO execution_queue (execution_id, tenant_id, priority, max_attempts, state, available_at)
-VALUES ($1, $2, $3, $4,
-        CASE WHEN $5::timestamptz > clock_timestamp() THEN 'delayed' ELSE 'ready' END,
-        COALESCE($5::timestamptz, clock_timestamp()))
-ON CONFLICT (execution_id) DO NOTHING
-RETURNING *
+WITH inserted AS (
+    INSERT INTO execution_queue (execution_id, tenant_id, priority, max_attempts, state,
+                                 available_at)
+    VALUES ($1, $2, $3, $4,
+            CASE WHEN $5::timestamptz > clock_timestamp() THEN 'delayed' ELSE 'ready' END,
+            COALESCE($5::timestamptz, clock_timestamp()))
+    ON CONFLICT (execution_id) DO NOTHING
+    RETURNING *
+)
+SELECT * FROM inserted
+UNION ALL
+SELECT * FROM execution_queue WHERE execution_id = $1 AND NOT EXISTS (SELECT 1 FROM inserted)
 """
 _SELECT_BY_ID = "SELECT * FROM execution_queue WHERE id = $1"
 _SELECT_BY_ID_FOR_UPDATE = "SELECT * FROM execution_queue WHERE id = $1 FOR UPDATE"
@@ -86,12 +94,31 @@ UPDATE execution_queue
 SET lease_expires_at = $3, lease_renewals = $4, updated_at = clock_timestamp()
 WHERE id = $1 AND lease_token = $2 AND state = 'leased'
 """
+# The retry and its event in one statement (seq handed out by the execution row, as
+# storage/events.py does; the audit hash is the insert trigger's; NOTIFY delivered at commit).
 _RETRY = """
-UPDATE execution_queue
-SET state = 'delayed', attempts = $3, available_at = $4, last_error = $5, lease_owner = NULL,
-    lease_token = NULL, lease_expires_at = NULL, updated_at = clock_timestamp()
-WHERE id = $1 AND lease_token = $2 AND state = 'leased'
-RETURNING execution_id, tenant_id
+WITH retried AS (
+    UPDATE execution_queue
+    SET state = 'delayed', attempts = $3, available_at = $4, last_error = $5, lease_owner = NULL,
+        lease_token = NULL, lease_expires_at = NULL, updated_at = clock_timestamp()
+    WHERE id = $1 AND lease_token = $2 AND state = 'leased'
+    RETURNING execution_id, tenant_id
+), next AS (
+    UPDATE executions e SET event_seq = e.event_seq + 1
+    FROM retried WHERE e.id = retried.execution_id
+    RETURNING e.id, e.event_seq
+), event AS (
+    INSERT INTO execution_events (execution_id, tenant_id, actor_id, seq, type, payload)
+    SELECT next.id, retried.tenant_id, NULL, next.event_seq, 'retry_scheduled',
+           jsonb_build_object('attempts', $3::int, 'available_at', $6::text,
+                              'error_class', $5::jsonb -> 'error_class')
+    FROM next, retried
+    RETURNING execution_id, seq
+)
+SELECT retried.execution_id,
+       (SELECT count(pg_notify($7, event.execution_id::text || ':' || event.seq)) FROM event)
+           AS notified
+FROM retried
 """
 _RELEASE = """
 UPDATE execution_queue
@@ -166,7 +193,7 @@ async def insert_queue_row(
     ``available_at`` in the future makes the row ``delayed``. One row per execution
     (``ux_queue_execution``); run it in the submit's transaction, then push to Redis, then commit.
     """
-    async with transaction(db) as conn:
+    async with connection(db) as conn:
         row = await conn.fetchrow(
             _INSERT, execution_id, tenant_id, priority, max_attempts, available_at
         )
@@ -179,14 +206,14 @@ async def get_queue_row(
     db: PoolOrConnection, job_id: UUID, *, for_update: bool = False
 ) -> QueueRow | None:
     """The queue row of a job, or None; ``for_update`` locks it for the caller's transaction."""
-    async with transaction(db) as conn:
+    async with connection(db) as conn:
         row = await conn.fetchrow(_SELECT_BY_ID_FOR_UPDATE if for_update else _SELECT_BY_ID, job_id)
     return None if row is None else queue_row_from_record(row)
 
 
 async def get_queue_row_for_execution(db: PoolOrConnection, execution_id: UUID) -> QueueRow | None:
     """The queue row of an execution (to cancel it: its ``id`` is the Redis job id), or None."""
-    async with transaction(db) as conn:
+    async with connection(db) as conn:
         row = await conn.fetchrow(_SELECT_BY_EXECUTION, execution_id)
     return None if row is None else queue_row_from_record(row)
 
@@ -209,7 +236,7 @@ async def lease_row(
     worker must not run the job but defer it (``RedisQueue.release(..., delay_s=...)``); only
     the reaper drops entries whose row never appears.
     """
-    async with transaction(db) as conn:
+    async with connection(db) as conn:
         row = await conn.fetchrow(
             _LEASE, job_id, worker_id, lease_token, lease_expires_at, attempts
         )
@@ -225,7 +252,7 @@ async def renew_row(
     lease_renewals: int,
 ) -> bool:
     """Mirror a renewal; False when ``lease_token`` no longer holds the row."""
-    async with transaction(db) as conn:
+    async with connection(db) as conn:
         status = await conn.execute(_RENEW, job_id, lease_token, lease_expires_at, lease_renewals)
     return _affected(status)
 
@@ -242,26 +269,21 @@ async def retry_row(
     """Mirror a failed attempt with a retry at ``available_at``; False on a lost lease.
 
     Appends ``retry_scheduled`` (attempt, when) to the execution's events in the same
-    transaction.
+    statement.
     """
     error = None if last_error is None else dict(last_error)
-    async with transaction(db) as conn:
-        row = await conn.fetchrow(_RETRY, job_id, lease_token, attempts, available_at, error)
-        if row is None:
-            return False
-        await append_event(
-            conn,
-            tenant_id=row["tenant_id"],
-            execution_id=row["execution_id"],
-            actor_id=None,
-            type="retry_scheduled",
-            payload={
-                "attempts": attempts,
-                "available_at": available_at.isoformat(),
-                "error_class": (error or {}).get("error_class"),
-            },
+    async with connection(db) as conn:
+        row = await conn.fetchrow(
+            _RETRY,
+            job_id,
+            lease_token,
+            attempts,
+            available_at,
+            error,
+            available_at.isoformat(),
+            EVENTS_CHANNEL,
         )
-    return True
+    return row is not None
 
 
 async def release_row(
@@ -275,7 +297,7 @@ async def release_row(
 
     False when ``lease_token`` no longer holds the row.
     """
-    async with transaction(db) as conn:
+    async with connection(db) as conn:
         status = await conn.execute(_RELEASE, job_id, lease_token, available_at)
     return _affected(status)
 
@@ -287,7 +309,7 @@ async def delete_queue_row(
 
     Returns whether a row was deleted.
     """
-    async with transaction(db) as conn:
+    async with connection(db) as conn:
         if lease_token is None:
             status = await conn.execute(_DELETE, job_id)
         else:
@@ -308,13 +330,13 @@ async def queue_rows_missing(
     Each carries its policy's ``max_lease_renewals`` (None without a policy). The reaper
     re-pushes these in the order returned, so FIFO within a priority survives a Redis restart.
     """
-    async with transaction(db) as conn:
+    async with connection(db) as conn:
         rows = await conn.fetch(_LIST, list(present), limit)
     return [queue_row_from_record(row) for row in rows]
 
 
 async def existing_job_ids(db: PoolOrConnection, job_ids: Collection[UUID]) -> set[UUID]:
     """Which of ``job_ids`` have a queue row (the rest are Redis entries with no row)."""
-    async with transaction(db) as conn:
+    async with connection(db) as conn:
         rows = await conn.fetch(_EXISTING, list(job_ids))
     return {row["id"] for row in rows}

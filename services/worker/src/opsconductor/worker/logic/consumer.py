@@ -2,11 +2,12 @@
 
 For each job, in order:
 
-1. **Lease handoff** — ``lease_row`` mirrors the Redis lease in Postgres and installs the lease
-   token as the execution's fencing token; if the row is not visible yet (its submit has not
-   committed) the job is deferred, not run.
-2. **Claim** — the execution goes ``queued → running`` (or is taken over from a worker that
-   died: steps it left running go back to pending; steps that succeeded are kept and skipped).
+1. **Lease handoff and claim**, one statement (:func:`.handoff.hand_off`): the queue row mirrors
+   the Redis lease, and a ``queued`` execution goes ``running`` with the lease token as its
+   fencing token, its event and its steps. If the row is not visible yet (its submit has not
+   committed) the job is deferred, not run; an execution running already (its worker died or was
+   paused past its lease) is taken over on the careful path: steps it left running go back to
+   pending, steps that succeeded are kept and skipped.
 3. **Re-authorize** the submitter against Postgres (second RBAC tier) — never trusting the job.
 4. **Run** with the shared runner, every write fenced by the lease token, the lease renewed
    at half-life up to the policy's limit.
@@ -37,15 +38,12 @@ from opsconductor.common.errors import (
 from opsconductor.common.fsm import ExecutionStatus
 from opsconductor.common.tracing import context_from_traceparent, tracer
 from opsconductor.lifecycle.execution_logging import bind_execution
-from opsconductor.lifecycle.queue import dlq, jobs
+from opsconductor.lifecycle.queue import dlq, handoff, jobs
 from opsconductor.lifecycle.queue.lease import LeaseRenewalLimitError, lease_seconds, renew_after
 from opsconductor.lifecycle.queue.records import LeasedJob
 from opsconductor.lifecycle.queue.redis_queue import RedisQueue
 from opsconductor.lifecycle.queue.wakeups import Wakeups
-from opsconductor.lifecycle.storage.execution_leases import (
-    claim_execution,
-    record_lease_renewal,
-)
+from opsconductor.lifecycle.storage.execution_leases import claim_execution
 from opsconductor.lifecycle.storage.execution_reads import find_execution, get_execution
 from opsconductor.lifecycle.storage.execution_records import (
     ExecutionRecord,
@@ -221,7 +219,45 @@ class BackgroundConsumer:
     async def _handoff(
         self, job: LeasedJob, bound: contextlib.ExitStack
     ) -> tuple[TimeoutPolicy | None, ExecutionRecord | None]:
-        row = await jobs.lease_row(
+        (handed,) = await handoff.hand_off(self._pool, [job], worker_id=self._worker_id)
+        if not handed.leased:
+            # Its submit has not committed yet (or never will: the reaper drops it then).
+            delay = min(DEFER_S * 2 ** max(job.deliveries - 1, 0), DEFER_MAX_S)
+            await self._queue.release(job.job_id, job.lease_token, delay_s=delay)
+            log.info("job_deferred", job_id=str(job.job_id), reason="row_not_visible")
+            return None, None
+        record = handed.record
+        if record is None:
+            record = await self._claim_carefully(job, bound)
+            if record is None:
+                # Finished, cancelled or waiting for approval meanwhile: nothing to run.
+                await self._drop(job)
+                return None, None
+        else:
+            bound.enter_context(self._bind(job, record))
+        metrics.QUEUE_WAIT.labels(str(job.priority)).observe(
+            max(time.time() - job.enqueued_at, 0.0)
+        )
+        return self._policies.get(record.timeout_policy_id or ""), record
+
+    def _bind(
+        self, job: LeasedJob, record: ExecutionRecord
+    ) -> contextlib.AbstractContextManager[Any]:
+        return bind_execution(
+            record,
+            # The submit's request id as the job carries it (the execution's for a job
+            # queued before jobs carried it).
+            request_id=job.request_id,
+            worker_id=self._worker_id,
+            queue_wait_ms=int(max(time.time() - job.enqueued_at, 0.0) * 1000),
+        )
+
+    async def _claim_carefully(
+        self, job: LeasedJob, bound: contextlib.ExitStack
+    ) -> ExecutionRecord | None:
+        """What the one-statement handoff leaves: a takeover of a running execution, or one
+        with nothing to run. The fencing token first, then the claim, each checked row-locked."""
+        await jobs.lease_row(
             self._pool,
             job.job_id,
             worker_id=self._worker_id,
@@ -229,42 +265,19 @@ class BackgroundConsumer:
             lease_expires_at=datetime.fromtimestamp(job.lease_deadline, UTC),
             attempts=job.attempts,
         )
-        if row is None:
-            # Its submit has not committed yet (or never will: the reaper drops it then).
-            delay = min(DEFER_S * 2 ** max(job.deliveries - 1, 0), DEFER_MAX_S)
-            await self._queue.release(job.job_id, job.lease_token, delay_s=delay)
-            log.info("job_deferred", job_id=str(job.job_id), reason="row_not_visible")
-            return None, None
-        # One read (as before, for the policy) also gives the log fields, bound before the claim
-        # so that its records carry them too.
+        # One read (for the policy) also gives the log fields, bound before the claim so that
+        # its records carry them too.
         queued = await find_execution(self._pool, job.execution_id, with_steps=False)
         if queued is not None:
-            bound.enter_context(
-                bind_execution(
-                    queued,
-                    # The submit's request id as the job carries it (the execution's for a
-                    # job queued before jobs carried it).
-                    request_id=job.request_id,
-                    worker_id=self._worker_id,
-                    queue_wait_ms=int(max(time.time() - job.enqueued_at, 0.0) * 1000),
-                )
-            )
+            bound.enter_context(self._bind(job, queued))
         policy = self._policies.get((queued.timeout_policy_id if queued else None) or "")
-        record = await claim_execution(
+        return await claim_execution(
             self._pool,
             job.execution_id,
             lease_token=job.lease_token,
             worker_id=self._worker_id,
             budget=timedelta(milliseconds=policy.execution_timeout_ms if policy else 600_000),
         )
-        if record is None:
-            # Finished, cancelled or waiting for approval meanwhile: nothing to run.
-            await self._drop(job)
-            return policy, None
-        metrics.QUEUE_WAIT.labels(str(job.priority)).observe(
-            max(time.time() - job.enqueued_at, 0.0)
-        )
-        return policy, record
 
     async def _authorized(self, job: LeasedJob, record: ExecutionRecord) -> bool:
         """Second RBAC tier: the submitter must still hold what the plan needs (from Postgres)."""
@@ -311,19 +324,25 @@ class BackgroundConsumer:
                 log.warning("lease_renewal_failed", job_id=str(job.job_id), error=exc.reason)
                 return
             job = replace(job, lease_renewals=job.lease_renewals + 1, lease_deadline=deadline)
-            await jobs.renew_row(
+            await handoff.record_renewal(
                 self._pool,
                 job.job_id,
+                job.execution_id,
                 lease_token=job.lease_token,
                 lease_expires_at=datetime.fromtimestamp(deadline, UTC),
                 lease_renewals=job.lease_renewals,
             )
-            await record_lease_renewal(self._pool, job.execution_id, job.lease_token)
 
     async def _settle(self, job: LeasedJob, result: RunResult) -> None:
         """Mirror the outcome in both stores: the Postgres row is locked first (the reaper's
         reconcile waits on it), then Redis changes, then the commit; a Redis failure rolls the
         Postgres side back and the lease simply expires."""
+        if not (result.interrupted or result.paused_step is not None or result.retryable):
+            # Done: succeeded, cancelled, timed out, or failed for good. The fenced delete is
+            # the row lock; no row (the reaper or an operator settled it): nothing to ack.
+            async with transaction(self._pool) as conn:
+                await self._ack(conn, job, settled_only=True)
+            return
         async with transaction(self._pool) as conn:
             if await jobs.get_queue_row(conn, job.job_id, for_update=True) is None:
                 return  # the reaper or an operator already settled it
@@ -340,10 +359,6 @@ class BackgroundConsumer:
                 )
                 await self._ack(conn, job)
                 log.info("job_paused_for_approval", job_id=str(job.job_id))
-                return
-            if not result.retryable:
-                # Done: succeeded, cancelled, timed out, or failed for good.
-                await self._ack(conn, job)
                 return
             outcome = await self._queue.fail(
                 job.job_id,
@@ -396,10 +411,16 @@ class BackgroundConsumer:
         async with transaction(self._pool) as conn:
             await self._ack(conn, job)
 
-    async def _ack(self, conn: Any, job: LeasedJob) -> None:
+    async def _ack(self, conn: Any, job: LeasedJob, *, settled_only: bool = False) -> None:
         """Out of both stores, in the caller's transaction: the row (fenced on the lease token)
-        first, then Redis, so a Redis failure rolls the delete back and the lease expires."""
-        await jobs.delete_queue_row(conn, job.job_id, lease_token=job.lease_token)
+        first, then Redis, so a Redis failure rolls the delete back and the lease expires.
+
+        ``settled_only``: when no row of this lease is left (settled by the reaper or an
+        operator, or the lease was taken over), leave Redis alone too."""
+        deleted = await jobs.delete_queue_row(conn, job.job_id, lease_token=job.lease_token)
+        if settled_only and not deleted:
+            log.info("job_already_settled", job_id=str(job.job_id))
+            return
         await self._queue.ack(job.job_id, job.lease_token)
 
 

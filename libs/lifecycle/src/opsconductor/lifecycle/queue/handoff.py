@@ -1,0 +1,195 @@
+"""The worker's Postgres side of a lease, in as few round trips as the guarantees allow.
+
+:func:`hand_off` is the lease handoff *and* the claim of any number of leased jobs in ONE
+statement (no ``BEGIN``/``COMMIT``: a statement is atomic on its own): each job's queue row is
+set ``leased`` with its Redis lease (what :func:`.jobs.lease_row` does) and, when its execution is
+``pending`` or ``queued``, the execution goes ``running`` under a compare-and-set with the job's
+lease token as fencing token, its attempt counted and its deadline set from its timeout policy
+(600 s without one, as on the careful path), the ``execution_running`` event appended (the audit
+hash is the ``BEFORE INSERT`` trigger's, the ``NOTIFY`` is delivered at commit) and the execution
+comes back with its steps.
+
+What the one statement does not claim is reported as such and left to the careful path
+(:func:`.jobs.lease_row`, then ``execution_leases.claim_execution``): a job whose row is not
+visible (its submit has not committed: defer it), and an execution that is running already (a
+takeover: steps reset, ``lease_taken_over``), terminal or waiting for an approval (nothing to
+run). A concurrent writer of the execution (a cancel) holds its row lock; the ``UPDATE`` then
+waits and re-checks the status on the newest row version, so a cancelled execution is never
+claimed.
+
+:func:`record_renewal` mirrors a Redis lease renewal in one statement: the queue row's deadline
+and renewal count, and the execution's ``lease_renewals``, both fenced on the lease token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+from uuid import UUID
+
+import structlog
+
+from opsconductor.common.fsm import ExecutionStatus, allowed_sources
+from opsconductor.lifecycle.queue.records import LeasedJob
+from opsconductor.lifecycle.storage.events import EVENTS_CHANNEL
+from opsconductor.lifecycle.storage.execution_records import (
+    ExecutionRecord,
+    PoolOrConnection,
+    StepRecord,
+    connection,
+    execution_from_row,
+    step_from_row,
+)
+
+__all__ = ["Handoff", "hand_off", "record_renewal"]
+
+log = structlog.get_logger(__name__)
+
+#: Statuses the one-statement claim moves to running (a running one is a takeover: careful path).
+_CLAIMABLE = sorted(
+    s.value
+    for s in allowed_sources(ExecutionStatus.RUNNING)
+    - {ExecutionStatus.RUNNING, ExecutionStatus.AWAITING_APPROVAL}
+)
+_HAND_OFF = """
+WITH input AS (
+    SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::timestamptz[], $4::int[])
+        AS i(job_id, lease_token, lease_expires_at, attempts)
+), leased AS (
+    UPDATE execution_queue q
+    SET state = 'leased', lease_owner = $5, lease_token = i.lease_token,
+        lease_expires_at = i.lease_expires_at, lease_renewals = 0, attempts = i.attempts,
+        updated_at = clock_timestamp()
+    FROM input i
+    WHERE q.id = i.job_id
+    RETURNING q.id, q.execution_id, i.lease_token
+), claimed AS (
+    UPDATE executions e
+    SET status = 'running', last_transition_from = e.status, last_transition_by = $5,
+        last_transition_at = clock_timestamp(), updated_at = clock_timestamp(),
+        started_at = COALESCE(e.started_at, GREATEST(clock_timestamp(), e.created_at)),
+        worker_id = $5, lease_token = l.lease_token, attempts = e.attempts + 1,
+        deadline_at = clock_timestamp() + make_interval(secs => COALESCE(
+            (SELECT p.execution_timeout_ms FROM timeout_policies p
+             WHERE p.id = e.timeout_policy_id), 600000) / 1000.0),
+        event_seq = e.event_seq + 1
+    FROM leased l
+    WHERE e.id = l.execution_id AND e.status = ANY($6::execution_status[])
+    RETURNING e.*
+), event AS (
+    INSERT INTO execution_events (execution_id, tenant_id, actor_id, seq, type, payload)
+    SELECT c.id, c.tenant_id, $5, c.event_seq, 'execution_running',
+           jsonb_build_object('status', 'running', 'from', c.last_transition_from)
+    FROM claimed c
+    RETURNING execution_id, seq
+)
+SELECT l.id AS job_id, c.*,
+       CASE WHEN ev.seq IS NOT NULL
+            THEN pg_notify($7, ev.execution_id::text || ':' || ev.seq) END AS notified,
+       (SELECT jsonb_agg(s ORDER BY s.position) FROM execution_steps s
+        WHERE s.execution_id = c.id) AS step_rows
+FROM leased l
+LEFT JOIN claimed c ON c.id = l.execution_id
+LEFT JOIN event ev ON ev.execution_id = c.id
+"""
+
+_RENEW = """
+WITH q AS (
+    UPDATE execution_queue
+    SET lease_expires_at = $3, lease_renewals = $4, updated_at = clock_timestamp()
+    WHERE id = $1 AND lease_token = $2 AND state = 'leased'
+    RETURNING id
+), e AS (
+    UPDATE executions SET lease_renewals = lease_renewals + 1
+    WHERE id = $5 AND lease_token = $2
+    RETURNING id
+)
+SELECT (SELECT count(*) FROM q) AS queue_rows, (SELECT count(*) FROM e) AS execution_rows
+"""
+
+_STEP_TIMES = ("created_at", "started_at", "ended_at")
+
+
+@dataclass(frozen=True)
+class Handoff:
+    """What :func:`hand_off` did for one job."""
+
+    job: LeasedJob
+    #: The queue row was there and is now leased to this job's token (False: not visible yet).
+    leased: bool
+    #: The execution, claimed (running, fenced by the job's token) with its steps; None when the
+    #: one statement did not claim it (see the module docstring: the careful path decides).
+    record: ExecutionRecord | None = None
+
+
+def _step(value: Mapping[str, Any]) -> StepRecord:
+    """A step from its ``jsonb`` rendering (times as ISO 8601 text, ids as text)."""
+    row = dict(value)
+    for name in _STEP_TIMES:
+        if row.get(name) is not None:
+            row[name] = datetime.fromisoformat(row[name])
+    row["execution_id"] = UUID(row["execution_id"])
+    return step_from_row(row)
+
+
+async def hand_off(
+    db: PoolOrConnection, leased: Sequence[LeasedJob], *, worker_id: str
+) -> list[Handoff]:
+    """Mirror the Redis leases of ``leased`` and claim what can be claimed, in one statement.
+
+    Returns one :class:`Handoff` per job, in the order given.
+    """
+    if not leased:
+        return []
+    async with connection(db) as conn:
+        rows = await conn.fetch(
+            _HAND_OFF,
+            [job.job_id for job in leased],
+            [job.lease_token for job in leased],
+            [datetime.fromtimestamp(job.lease_deadline, UTC) for job in leased],
+            [job.attempts for job in leased],
+            worker_id,
+            _CLAIMABLE,
+            EVENTS_CHANNEL,
+        )
+    by_job = {row["job_id"]: row for row in rows}
+    out: list[Handoff] = []
+    for job in leased:
+        row = by_job.get(job.job_id)
+        if row is None:
+            out.append(Handoff(job, leased=False))
+            continue
+        if row["id"] is None:
+            out.append(Handoff(job, leased=True))
+            continue
+        steps = tuple(_step(step) for step in row["step_rows"] or ())
+        record = execution_from_row(row, steps)
+        log.info(
+            "execution_transitioned",
+            execution_id=str(record.id),
+            from_status=row["last_transition_from"],
+            to_status=ExecutionStatus.RUNNING.value,
+            by=worker_id,
+        )
+        out.append(Handoff(job, leased=True, record=record))
+    return out
+
+
+async def record_renewal(
+    db: PoolOrConnection,
+    job_id: UUID,
+    execution_id: UUID,
+    *,
+    lease_token: UUID,
+    lease_expires_at: datetime,
+    lease_renewals: int,
+) -> bool:
+    """Mirror one Redis renewal (queue row deadline and count, execution ``lease_renewals``),
+    fenced on ``lease_token``; False when the token no longer holds the queue row."""
+    async with connection(db) as conn:
+        row = await conn.fetchrow(
+            _RENEW, job_id, lease_token, lease_expires_at, lease_renewals, execution_id
+        )
+    return bool(row["queue_rows"])

@@ -176,6 +176,10 @@ def test_the_dashboard_is_phase_7_with_the_panels_the_issue_lists() -> None:
         "mutex reaping",
         "approvals pending",
         "per-service health",
+        "progress: live subscribers by transport",
+        "progress: events delivered",
+        "progress: delivery lag p95",
+        "progress: slow subscribers cut off",
     ):
         assert needed in titles, needed
     assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])

@@ -337,6 +337,14 @@ async def mix(
             requested_mode="background",
         )
 
+        async def followed() -> list[Any]:
+            # A live gRPC subscriber of the progress service, from now to the end.
+            progress = metrics_stack.stack.address("progress")
+            async with ExecutionClient(progress, token("alice", tenant)) as client:
+                return [e async for e in client.stream_events(dead.execution_id, tenant_id=tenant)]
+
+        following = asyncio.create_task(followed())
+
         async def times_out() -> Any:
             name = f"slow-{secrets.token_hex(4)}"
             with pytest.raises(ExecutionTimeoutError):
@@ -356,6 +364,7 @@ async def mix(
             return current if current.is_terminal else None
 
         dead = await wait_until(dead_lettered, within_s=60, what="the dead-letter")
+        streamed = await asyncio.wait_for(following, 30)
 
     await _expire_a_lease(metrics_stack, tenant)
     # A lock its holder never released, past its TTL: the reaper's next pass deletes it.
@@ -390,6 +399,7 @@ async def mix(
         "user_cancelled": user_cancelled,
         "system_cancelled": system_cancelled,
         "dead": dead,
+        "streamed": streamed,
     }
     return Mix(before, after, outcomes)
 
@@ -444,6 +454,17 @@ async def test_each_counter_moves_by_exactly_the_scripted_amount(mix: Mix) -> No
         for name in (ended, "opsc_executions_failed_total", "opsc_executions_cancelled_total"):
             assert mix.deltas(service, name) == {}, (service, name)
     assert mix.after["api"][("opsc_dlq_size", frozenset())] == 1
+    # The progress service: one gRPC subscriber, gone now, handed every event of the
+    # dead-lettered execution, most of them live (their commit-to-delivery lag measured).
+    assert o["streamed"][-1].type == "execution_completed"
+    assert mix.deltas("progress", "opsc_progress_events_delivered_total") == {
+        _labels(transport="grpc"): len(o["streamed"])
+    }
+    assert mix.after["progress"][("opsc_progress_subscribers", _labels(transport="grpc"))] == 0
+    lag = mix.deltas("progress", "opsc_progress_delivery_lag_seconds_count")
+    assert set(lag) == {_labels(transport="grpc")}
+    assert 1 <= lag[_labels(transport="grpc")] <= len(o["streamed"])
+    assert mix.deltas("progress", "opsc_progress_slow_subscriber_disconnects_total") == {}
     # Counted in the stores (Redis, Postgres) where it happened, exported by the long-running
     # api: one lease expired, one stale lock reaped, whoever's process did it.
     assert mix.delta("api", "opsc_lease_expirations_total") == 1
@@ -675,3 +696,49 @@ async def test_one_background_execution_is_one_trace_across_the_queue(
         _version, line_trace, line_parent, _flags = line["traceparent"].split("-")
         assert "0x" + line_trace == trace_id
         assert "0x" + line_parent == step_span_ids[f"step {line['step_id']}"]
+
+
+async def test_a_progress_subscriber_hanging_up_mid_stream_is_released(
+    metrics_stack: MetricsStack, e2e_pool: asyncpg.Pool, tmp_path: Path
+) -> None:
+    """A gRPC subscriber of a running execution (tracing on: the instrumented server iterates
+    the stream) reads its first event and hangs up: the progress service releases it (the
+    subscribers gauge back to what it was) and logs the call CANCELLED."""
+    tenant = f"t-{secrets.token_hex(4)}"
+    await bind_role(e2e_pool, tenant, "alice", "operator", created_by="e2e")
+    gauge = ("opsc_progress_subscribers", _labels(transport="grpc"))
+    name = f"hold-{secrets.token_hex(4)}"
+    async with ExecutionClient(metrics_stack.stack.address("api"), token("alice", tenant)) as c:
+        running = asyncio.create_task(
+            c.submit(
+                plan(probe_step("hold", ["host:hang"], tmp_path / "l.jsonl", hold_s=30)),
+                tenant_id=tenant,
+            )
+        )
+
+        async def started() -> str | None:
+            found = await e2e_pool.fetchval(
+                "SELECT id::text FROM executions WHERE tenant_id = $1 AND status = 'running'",
+                tenant,
+            )
+            return str(found) if found else None
+
+        execution_id = await wait_until(started, within_s=20, what=f"{name} running")
+        idle = metrics_stack.scrape("progress")[gauge]
+        progress = metrics_stack.stack.address("progress")
+        async with ExecutionClient(progress, token("alice", tenant)) as follower:
+            async for _event in follower.stream_events(execution_id, tenant_id=tenant):
+                assert metrics_stack.scrape("progress")[gauge] == idle + 1
+                break
+
+        async def released() -> bool:
+            return metrics_stack.scrape("progress")[gauge] == idle
+
+        await wait_until(released, within_s=10, what="the subscriber released")
+        await c.cancel(execution_id, tenant_id=tenant)
+        await running
+    log = _records(metrics_stack.stack.services["progress"].log_path)
+    streams = [
+        r for r in log if r["event"] == "rpc_completed" and r["method"].endswith("/StreamEvents")
+    ]
+    assert streams[-1]["code"] == "CANCELLED"

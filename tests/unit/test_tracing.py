@@ -19,6 +19,7 @@ from opsconductor.common.tracing import (
     FileSpanExporter,
     configure_tracing,
     context_from_traceparent,
+    continue_trace,
     current_traceparent,
     tracer,
 )
@@ -79,3 +80,14 @@ def test_the_file_exporter_appends_one_json_span_a_line(tmp_path: Path) -> None:
     spans = [json.loads(line) for line in path.read_text().splitlines()]
     assert [s["name"] for s in spans] == ["inner", "outer"]
     assert spans[0]["parent_id"] == spans[1]["context"]["span_id"]
+
+
+def test_continue_trace_carries_the_stored_trace_even_where_tracing_is_off() -> None:
+    """The approvals service releasing an execution without a tracer of its own still hands
+    the submit's trace on (the job's traceparent stays the submit's); with nothing stored, the
+    current (empty) context goes on."""
+    stored = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    with continue_trace("approval_released", stored, {"opsc.exec_id": "e1"}):
+        assert current_traceparent() == stored
+    with continue_trace("approval_released", None):
+        assert current_traceparent() is None

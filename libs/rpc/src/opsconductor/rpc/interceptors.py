@@ -12,8 +12,8 @@ For each RPC it
 * emits one canonical ``rpc_completed`` line (method, code, duration, request id, peer) and the
   ``opsc_grpc_requests_total`` / ``opsc_grpc_request_duration_seconds`` metrics.
 
-It wraps all four handler kinds; a response-streaming handler may be an async generator or a
-coroutine that writes with ``context.write``.
+It wraps all four handler kinds; a response-streaming handler is an async generator (and so is
+its wrapper, which an outer interceptor such as OpenTelemetry's iterates).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import inspect
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any, cast
+from typing import Any, Final, cast
 
 import grpc
 import grpc.aio
@@ -152,19 +152,37 @@ def _observed(
         async with _observe(context, service, method, metadata) as state:
             return await _guard(call(request, context), context, state)
 
-    async def stream_response(request: Any, context: _Context) -> None:
-        async def write_all() -> None:
-            result = call(request, context)
-            if inspect.isasyncgen(result):
-                async for response in result:
-                    await context.write(response)
-            elif inspect.isawaitable(result):
-                await result
-
+    async def stream_response(request: Any, context: _Context) -> AsyncIterator[Any]:
+        # An async generator itself, not a coroutine writing with context.write: an outer
+        # interceptor (OpenTelemetry's) iterates the behaviour it wraps.
         async with _observe(context, service, method, metadata) as state:
-            await _guard(write_all(), context, state)
+            result = call(request, context)
+            if not inspect.isasyncgen(result):
+                if inspect.isawaitable(result):
+                    await _guard(result, context, state)
+                return
+            try:
+                while (response := await _guard(_next(result), context, state)) is not _END:
+                    try:
+                        yield response
+                    except GeneratorExit:  # the caller went away mid-stream
+                        state.code = grpc.StatusCode.CANCELLED
+                        raise
+            finally:
+                await result.aclose()  # the servicer's own clean-up runs now, not at GC
 
     return stream_response if streaming else unary_response
+
+
+_END: Final = object()
+
+
+async def _next(responses: AsyncIterator[Any]) -> Any:
+    """The stream's next response, or ``_END`` (not an exception for :func:`_guard` to map)."""
+    try:
+        return await anext(responses)
+    except StopAsyncIteration:
+        return _END
 
 
 async def _refuse(error: InvalidArgumentError) -> None:

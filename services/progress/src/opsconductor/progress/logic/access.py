@@ -23,6 +23,7 @@ from opsconductor.lifecycle.storage.execution_reads import as_execution_id, find
 from opsconductor.lifecycle.storage.paging import invalid_page_request
 from opsconductor.policy.rbac import Authorizer, Permission
 from opsconductor.progress.logic.hub import EventHub
+from opsconductor.progress.logic.metrics import transport_of
 from opsconductor.progress.logic.subscription import Subscription
 
 #: The largest ``after_seq`` accepted (a BIGINT column).
@@ -76,7 +77,12 @@ class EventAccess:
             self._hub.release(slot)
             raise
         return Subscription(
-            self._hub, slot, eid, after_seq=after_seq, completed_seq=head.completed_seq
+            self._hub,
+            slot,
+            eid,
+            after_seq=after_seq,
+            completed_seq=head.completed_seq,
+            transport=transport_of(resource),
         )
 
     async def list(

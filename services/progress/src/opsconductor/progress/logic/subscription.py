@@ -8,12 +8,14 @@ event it handed out and takes only its successor. Older events from the hub are 
 
 from __future__ import annotations
 
+import time
 from uuid import UUID
 
 import asyncpg
 
 from opsconductor.common.errors import SubscriberLaggedError
 from opsconductor.lifecycle.storage.event_reads import EventRecord, read_events_after
+from opsconductor.progress.logic import metrics
 from opsconductor.progress.logic.hub import EventHub, Slot, Wake
 
 _REPLAY_BATCH = 500
@@ -30,9 +32,15 @@ class Subscription:
         *,
         after_seq: int,
         completed_seq: int | None,
+        transport: str = "other",
     ) -> None:
         self._hub = hub
         self._slot = slot
+        self._transport = transport
+        #: Events committed after this are live: their delivery lag is measured.
+        self._since = time.time()
+        self._released = False
+        metrics.SUBSCRIBERS.labels(transport).inc()
         self.execution_id = execution_id
         #: Seq of the last event handed out: resuming with ``after_seq=position`` misses nothing.
         self.position = after_seq
@@ -50,6 +58,9 @@ class Subscription:
     def release(self) -> None:
         """Leave the hub (idempotent)."""
         self._hub.release(self._slot)
+        if not self._released:
+            self._released = True
+            metrics.SUBSCRIBERS.labels(self._transport).dec()
 
     async def next(self, wait_s: float | None = None) -> EventRecord | None:
         """The next event; None when nothing came within ``wait_s`` (a heartbeat is due) or
@@ -72,6 +83,7 @@ class Subscription:
                 if woke is Wake.TIMEOUT:
                     return None
                 if woke is Wake.LAGGED:
+                    metrics.SLOW_DISCONNECTS.labels(self._transport).inc()
                     raise SubscriberLaggedError(
                         execution_id=str(self.execution_id), after_seq=self.position
                     )
@@ -89,5 +101,12 @@ class Subscription:
             if event.is_terminal:
                 self.done = True
                 self._pending.clear()
+            self._count(event)
             return event
         return None
+
+    def _count(self, event: EventRecord) -> None:
+        metrics.EVENTS_DELIVERED.labels(self._transport).inc()
+        committed = event.created_at.timestamp()
+        if committed >= self._since:
+            metrics.DELIVERY_LAG.labels(self._transport).observe(max(time.time() - committed, 0.0))

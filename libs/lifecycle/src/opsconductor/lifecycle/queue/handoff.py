@@ -23,6 +23,7 @@ and renewal count, and the execution's ``lease_renewals``, both fenced on the le
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -32,6 +33,7 @@ from uuid import UUID
 import structlog
 
 from opsconductor.common.fsm import ExecutionStatus, allowed_sources
+from opsconductor.lifecycle.execution_logging import bind_execution
 from opsconductor.lifecycle.queue.records import LeasedJob
 from opsconductor.lifecycle.storage.events import EVENTS_CHANNEL
 from opsconductor.lifecycle.storage.execution_records import (
@@ -166,13 +168,20 @@ async def hand_off(
             continue
         steps = tuple(_step(step) for step in row["step_rows"] or ())
         record = execution_from_row(row, steps)
-        log.info(
-            "execution_transitioned",
-            execution_id=str(record.id),
-            from_status=row["last_transition_from"],
-            to_status=ExecutionStatus.RUNNING.value,
-            by=worker_id,
-        )
+        # Its §7.2 fields, as the worker binds them for the run (the job's request id).
+        with bind_execution(
+            record,
+            request_id=job.request_id,
+            worker_id=worker_id,
+            queue_wait_ms=int(max(time.time() - job.enqueued_at, 0.0) * 1000),
+        ):
+            log.info(
+                "execution_transitioned",
+                execution_id=str(record.id),
+                from_status=row["last_transition_from"],
+                to_status=ExecutionStatus.RUNNING.value,
+                by=worker_id,
+            )
         out.append(Handoff(job, leased=True, record=record))
     return out
 

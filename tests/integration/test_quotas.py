@@ -84,13 +84,10 @@ async def submit_background(pool: asyncpg.Pool, limits: TenantQuotas, key: str |
 
 
 async def submit_immediate(pool: asyncpg.Pool, limits: TenantQuotas, key: str | None = None):
+    """The api's immediate recipe: the quota lock, then admission and creation in one statement."""
     new = new_execution("immediate", key)
     async with transaction(pool) as conn:
-        refusal = await limits.admit_immediate(conn, TENANT, new.idempotency_key)
-        record, created = await create_execution(conn, new, dedup_window=timedelta(hours=1))
-        if created and refusal is not None:
-            raise refusal
-    return record, created
+        return await limits.create_immediate(conn, new, dedup_window=timedelta(hours=1))
 
 
 async def count(pool: asyncpg.Pool, table: str) -> int:
@@ -177,6 +174,37 @@ async def test_a_duplicate_at_the_limit_finds_its_execution_and_is_not_refused(
     assert (again.id, created) == (running.id, False)
     with pytest.raises(QuotaExceededError):
         await submit_immediate(db_pool, limits, key="k-other")
+
+
+async def test_a_key_retired_at_the_limit_is_refused_and_stays_live(
+    db_pool: asyncpg.Pool,
+) -> None:
+    """A key whose execution ended past the dedup window would make the submit new after all:
+    at the limit it is refused, and the retirement goes with the refusal (nothing written)."""
+    limits = quotas(max_immediate=1)
+    old, _ = await submit_immediate(db_pool, limits, key="k-old")
+    await transition(db_pool, old.id, to=ExecutionStatus.FAILED, by="reaper", tenant_id=TENANT)
+    await db_pool.execute(
+        "UPDATE executions SET created_at = created_at - interval '3 hours',"
+        " ended_at = ended_at - interval '2 hours' WHERE id = $1",
+        old.id,
+    )
+    await submit_immediate(db_pool, limits, key="k-busy")
+    with pytest.raises(QuotaExceededError):
+        await submit_immediate(db_pool, limits, key="k-old")
+    retired = await db_pool.fetchval(
+        "SELECT idempotency_retired_at FROM executions WHERE id = $1", old.id
+    )
+    assert retired is None
+    assert await count(db_pool, "executions") == 2
+    # Below the limit the same key retires the old execution and creates a new one.
+    limits = quotas(max_immediate=2)
+    again, created = await submit_immediate(db_pool, limits, key="k-old")
+    assert created
+    assert again.id != old.id
+    assert await db_pool.fetchval(
+        "SELECT idempotency_retired_at IS NOT NULL FROM executions WHERE id = $1", old.id
+    )
 
 
 async def test_zero_means_no_limit(db_pool: asyncpg.Pool) -> None:

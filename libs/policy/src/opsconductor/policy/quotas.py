@@ -7,7 +7,8 @@ policy's ``quotas`` section may override (:class:`TenantQuotas`), 0 meaning none
 * ``max_queued`` — background jobs waiting. Checked at submit (:meth:`TenantQuotas.admit_queued`);
   beyond it the submit is refused.
 * ``max_immediate`` — immediate executions in flight (``pending``/``running``). Checked at
-  submit (:meth:`TenantQuotas.admit_immediate`); beyond it the submit is refused.
+  submit (:meth:`TenantQuotas.create_immediate`, counted in the statement that creates the
+  execution); beyond it the submit is refused.
 * ``max_running`` — background jobs leased at once. Not a refusal: the queue's dequeue passes a
   tenant at its limit over (:meth:`TenantQuotas.running_limits` configures the workers' queue).
 
@@ -21,7 +22,7 @@ submit commits, so 50 racing submits against a limit of 10 admit exactly 10.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
 
@@ -29,6 +30,9 @@ from opsconductor.common.errors import QuotaExceededError
 from opsconductor.common.settings import ServiceSettings
 from opsconductor.common.tenant_policy import QuotaPolicy, TenantPolicies
 from opsconductor.lifecycle.storage import quota_usage
+from opsconductor.lifecycle.storage.execution_records import ExecutionRecord
+from opsconductor.lifecycle.storage.executions import NewExecution, create_immediate_execution
+from opsconductor.lifecycle.storage.quota_usage import ImmediateUsage
 
 __all__ = ["MAX_RETRY_AFTER_S", "MIN_RETRY_AFTER_S", "QuotaLimits", "TenantQuotas", "retry_after"]
 
@@ -136,19 +140,29 @@ class TenantQuotas:
         )
         return await _unless_duplicate(conn, tenant_id, idempotency_key, refusal)
 
-    async def admit_immediate(
-        self, conn: asyncpg.Connection, tenant_id: str, idempotency_key: str
-    ) -> QuotaExceededError | None:
-        """Admit one more immediate execution of ``tenant_id`` (see :meth:`admit_queued`)."""
-        limit = self.for_tenant(tenant_id).max_immediate
-        await quota_usage.lock_tenant_quota(conn, tenant_id)
-        if limit == 0:
-            return None
-        usage = await quota_usage.immediate_usage(conn, tenant_id)
-        if usage.in_flight < limit:
-            return None
+    async def create_immediate(
+        self, conn: asyncpg.Connection, new: NewExecution, *, dedup_window: timedelta
+    ) -> tuple[ExecutionRecord, bool]:
+        """Admit and create an immediate execution of ``new.tenant_id``, in the submit's
+        transaction: the quota lock, then one statement that counts, creates (or finds the
+        duplicate, never refused) and writes nothing when refused.
+
+        Raises :class:`QuotaExceededError` when the tenant is at ``max_immediate``.
+        """
+        limit = self.for_tenant(new.tenant_id).max_immediate
+        await quota_usage.lock_tenant_quota(conn, new.tenant_id)
+        created = await create_immediate_execution(
+            conn, new, dedup_window=dedup_window, max_in_flight=limit
+        )
+        if isinstance(created, ImmediateUsage):
+            raise self._immediate_refusal(new.tenant_id, limit, created)
+        return created
+
+    def _immediate_refusal(
+        self, tenant_id: str, limit: int, usage: ImmediateUsage
+    ) -> QuotaExceededError:
         wait = retry_after(usage.soonest_end, datetime.now(UTC), default_s=self._retry_after_s)
-        refusal = QuotaExceededError(
+        return QuotaExceededError(
             f"tenant {tenant_id!r} has {usage.in_flight} immediate executions in flight, its "
             f"limit (quota max_immediate); retry in {wait:g} s, when one has finished",
             retry_after_s=wait,
@@ -157,7 +171,6 @@ class TenantQuotas:
             in_use=usage.in_flight,
             tenant_id=tenant_id,
         )
-        return await _unless_duplicate(conn, tenant_id, idempotency_key, refusal)
 
 
 async def _unless_duplicate(

@@ -15,12 +15,13 @@ from uuid import UUID
 from opsconductor.common.errors import NotFoundError
 from opsconductor.common.fsm import ExecutionStatus
 from opsconductor.lifecycle.storage.execution_records import (
+    STEPS_OF_EXECUTION,
     ExecutionRecord,
     PoolOrConnection,
     connection,
     execution_from_row,
+    steps_from_column,
 )
-from opsconductor.lifecycle.storage.execution_steps import load_steps
 from opsconductor.lifecycle.storage.paging import (
     InvalidPageRequestError,
     decode_page_token,
@@ -42,6 +43,12 @@ MAX_PAGE_SIZE = 200
 DEFAULT_PAGE_SIZE = 50
 _EXECUTION_MODES = frozenset({"immediate", "background"})
 _SELECT_ONE = "SELECT * FROM executions WHERE id = $1 AND tenant_id = $2"
+# The execution and its steps in one round trip.
+_SELECT_ONE_WITH_STEPS = f"""
+SELECT e.*, {STEPS_OF_EXECUTION} FROM executions e WHERE e.id = $1 AND e.tenant_id = $2
+"""
+_FIND = "SELECT * FROM executions WHERE id = $1"
+_FIND_WITH_STEPS = f"SELECT e.*, {STEPS_OF_EXECUTION} FROM executions e WHERE e.id = $1"
 _LIST = """
 SELECT * FROM executions
 WHERE tenant_id = $1
@@ -62,11 +69,12 @@ async def get_execution(
     """
     eid = as_execution_id(execution_id)
     async with connection(db) as conn:
-        row = await conn.fetchrow(_SELECT_ONE, eid, tenant_id)
-        if row is None:
-            raise NotFoundError("execution not found", execution_id=str(eid))
-        steps = await load_steps(conn, eid) if with_steps else ()
-    return execution_from_row(row, steps)
+        row = await conn.fetchrow(
+            _SELECT_ONE_WITH_STEPS if with_steps else _SELECT_ONE, eid, tenant_id
+        )
+    if row is None:
+        raise NotFoundError("execution not found", execution_id=str(eid))
+    return execution_from_row(row, steps_from_column(row) if with_steps else ())
 
 
 async def find_execution(
@@ -76,11 +84,10 @@ async def find_execution(
     for a service's own checks (which tenant a probe targeted, whether an approval binds it, a
     job's policy), never for a caller's reads."""
     async with connection(db) as conn:
-        row = await conn.fetchrow("SELECT * FROM executions WHERE id = $1", execution_id)
-        if row is None:
-            return None
-        steps = await load_steps(conn, execution_id) if with_steps else ()
-    return execution_from_row(row, steps)
+        row = await conn.fetchrow(_FIND_WITH_STEPS if with_steps else _FIND, execution_id)
+    if row is None:
+        return None
+    return execution_from_row(row, steps_from_column(row) if with_steps else ())
 
 
 async def find_execution_tenant(db: PoolOrConnection, execution_id: UUID | str) -> str | None:

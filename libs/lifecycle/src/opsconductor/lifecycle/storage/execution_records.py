@@ -143,6 +143,46 @@ def step_from_row(row: Mapping[str, Any]) -> StepRecord:
     )
 
 
+def _timestamp(value: str | None) -> datetime | None:
+    return None if value is None else datetime.fromisoformat(value)
+
+
+def step_from_json(row: Mapping[str, Any]) -> StepRecord:
+    """Build a :class:`StepRecord` from ``to_jsonb(execution_steps row)`` (see
+    :data:`STEPS_OF_EXECUTION`): the steps travel with their execution in one row."""
+    return StepRecord(
+        execution_id=UUID(row["execution_id"]),
+        step_id=row["step_id"],
+        position=row["position"],
+        action=row["action"],
+        action_class=row["action_class"],
+        status=StepStatus(row["status"]),
+        idempotency_key=row["idempotency_key"],
+        attempt=row["attempt"],
+        worker_id=row["worker_id"],
+        created_at=datetime.fromisoformat(row["created_at"]),
+        started_at=_timestamp(row["started_at"]),
+        ended_at=_timestamp(row["ended_at"]),
+        duration_ms=row["duration_ms"],
+        result=row["result"],
+        error_class=row["error_class"],
+        error_message=row["error_message"],
+    )
+
+
+#: A column of an ``executions e`` query: its steps in position order as a JSON array (read
+#: with :func:`steps_from_column`), so an execution and its steps are one round trip.
+STEPS_OF_EXECUTION = """(
+    SELECT coalesce(jsonb_agg(to_jsonb(s) ORDER BY s.position), '[]'::jsonb)
+    FROM execution_steps s WHERE s.execution_id = e.id
+) AS steps_of_execution"""
+
+
+def steps_from_column(row: Mapping[str, Any]) -> tuple[StepRecord, ...]:
+    """The steps :data:`STEPS_OF_EXECUTION` selected with ``row``."""
+    return tuple(step_from_json(step) for step in row["steps_of_execution"])
+
+
 def execution_from_row(
     row: Mapping[str, Any], steps: tuple[StepRecord, ...] = ()
 ) -> ExecutionRecord:

@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Literal, NamedTuple
-from uuid import UUID
+from uuid import UUID, uuid4
 
 import structlog
 
@@ -30,7 +30,7 @@ from opsconductor.common.hashing import step_idempotency_key
 from opsconductor.lifecycle.execution_logging import bind_execution_fields
 from opsconductor.lifecycle.execution_metrics import record_finished
 from opsconductor.lifecycle.storage.approval_records import ApprovalState, close_pending_approvals
-from opsconductor.lifecycle.storage.events import append_event
+from opsconductor.lifecycle.storage.events import EVENTS_CHANNEL, append_event
 from opsconductor.lifecycle.storage.execution_reads import (
     DEFAULT_PAGE_SIZE,
     MAX_PAGE_SIZE,
@@ -48,7 +48,7 @@ from opsconductor.lifecycle.storage.execution_records import (
     connection,
     execution_from_row,
     lock_execution,
-    step_from_row,
+    step_from_json,
     transaction,
 )
 from opsconductor.lifecycle.storage.execution_steps import (
@@ -58,6 +58,7 @@ from opsconductor.lifecycle.storage.execution_steps import (
     start_step,
 )
 from opsconductor.lifecycle.storage.locks import release_execution_locks
+from opsconductor.lifecycle.storage.quota_usage import ImmediateUsage
 
 #: Who asked for a cancellation: a person, or automation (a machine identity).
 CancelInitiator = Literal["user", "system"]
@@ -75,6 +76,7 @@ __all__ = [
     "PoolOrConnection",
     "StepRecord",
     "create_execution",
+    "create_immediate_execution",
     "finish_step",
     "get_execution",
     "increment_cancel_checks",
@@ -118,11 +120,6 @@ _CANCEL_AT_ONCE = frozenset(
 # A conflicting key can be retired between our INSERT and our SELECT; then we simply go again.
 _CREATE_ATTEMPTS = 3
 
-_RETIRE_EXPIRED_KEY = """
-UPDATE executions SET idempotency_retired_at = now()
-WHERE tenant_id = $1 AND idempotency_key = $2 AND idempotency_retired_at IS NULL
-  AND status = ANY($3::execution_status[]) AND ended_at < now() - $4::interval
-"""
 _RETIRE_BATCH = """
 WITH due AS (
     SELECT id FROM executions
@@ -134,29 +131,78 @@ WITH due AS (
 )
 UPDATE executions e SET idempotency_retired_at = now() FROM due WHERE e.id = due.id
 """
-_INSERT = """
-INSERT INTO executions (
-    tenant_id, actor_id, request_id, idempotency_key, plan_hash, plan_snapshot,
-    plan_snapshot_hash, status, execution_mode, sla_class, action_class, approval_level,
-    priority, timeout_policy_id, timeout_ms, estimated_duration_ms, record_only, started_at,
-    trace_context
+# Create, in one statement (atomic by itself): retire the key's terminal execution that ended
+# over the dedup window ($20) ago, insert the execution unless its key is live (ON CONFLICT on
+# ux_exec_tenant_idem) or the tenant's immediate executions in flight reached $22 (0: no limit;
+# counted in this statement's snapshot, taken after the caller's quota lock was granted), its
+# steps and its first event; else return the live execution of the key with its steps. The
+# INSERT reads `retired` first, so the key is retired before its conflict is checked (a row
+# version this statement retired no longer conflicts). No execution back (and a count at the
+# limit): refused; neither: a racing creator committed in between, go again.
+_CREATE = f"""
+WITH retired AS (
+    UPDATE executions SET idempotency_retired_at = now()
+    WHERE tenant_id = $2 AND idempotency_key = $5 AND idempotency_retired_at IS NULL
+      AND status = ANY($21::execution_status[]) AND ended_at < now() - $20::interval
+    RETURNING id
+), usage AS (
+    SELECT count(*) AS in_flight,
+           min(COALESCE(started_at, created_at)
+               + make_interval(secs => COALESCE(estimated_duration_ms, timeout_ms) / 1000.0))
+               AS soonest_end
+    FROM executions
+    WHERE $22::int > 0 AND tenant_id = $2 AND execution_mode = 'immediate'
+      AND status IN ('pending', 'running')
+), ins AS (
+    INSERT INTO executions (
+        id, tenant_id, actor_id, request_id, idempotency_key, plan_hash, plan_snapshot,
+        plan_snapshot_hash, status, execution_mode, sla_class, action_class, approval_level,
+        priority, timeout_policy_id, timeout_ms, estimated_duration_ms, record_only, started_at,
+        trace_context, event_seq
+    )
+    SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9::execution_status, $10::execution_mode,
+           $11::sla_class, $12, $13, $14, $15, $16, $17, $18,
+           CASE WHEN $9::execution_status = 'running' THEN now() END, $19, 1
+    FROM usage
+    WHERE ($22 = 0 OR usage.in_flight < $22) AND (SELECT count(*) FROM retired) >= 0
+    ON CONFLICT (tenant_id, idempotency_key) WHERE idempotency_retired_at IS NULL DO NOTHING
+    RETURNING *
+), steps AS (
+    INSERT INTO execution_steps
+        (execution_id, step_id, position, action, action_class, idempotency_key)
+    SELECT ins.id, s.step_id, s.position, s.action, s.action_class, s.idempotency_key
+    FROM ins, unnest($23::text[], $24::int[], $25::text[], $26::text[], $27::text[])
+        AS s(step_id, position, action, action_class, idempotency_key)
+    RETURNING *
+), ev AS (
+    INSERT INTO execution_events (execution_id, tenant_id, actor_id, seq, type, payload)
+    SELECT ins.id, ins.tenant_id, ins.actor_id, 1, 'execution_started', jsonb_build_object(
+        'mode', ins.execution_mode, 'status', ins.status, 'plan_hash', ins.plan_hash,
+        'approval_level', ins.approval_level, 'sla_class', ins.sla_class,
+        'timeout_policy_id', ins.timeout_policy_id
+    )
+    FROM ins
+    RETURNING execution_id, seq
+), live AS (
+    SELECT e.* FROM executions e
+    WHERE e.tenant_id = $2 AND e.idempotency_key = $5 AND e.idempotency_retired_at IS NULL
+      AND NOT (e.status = ANY($21::execution_status[]) AND e.ended_at < now() - $20::interval)
+      AND NOT EXISTS (SELECT 1 FROM ins)
+), found AS (
+    SELECT ins.*, true AS created FROM ins
+    UNION ALL
+    SELECT live.*, false FROM live
 )
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8::execution_status, $9::execution_mode, $10::sla_class,
-        $11, $12, $13, $14, $15, $16, $17,
-        CASE WHEN $8::execution_status = 'running' THEN now() END, $18)
-ON CONFLICT (tenant_id, idempotency_key) WHERE idempotency_retired_at IS NULL DO NOTHING
-RETURNING *
-"""
-_SELECT_LIVE_KEY = """
-SELECT * FROM executions
-WHERE tenant_id = $1 AND idempotency_key = $2 AND idempotency_retired_at IS NULL
-"""
-_INSERT_STEPS = """
-INSERT INTO execution_steps (execution_id, step_id, position, action, action_class, idempotency_key)
-SELECT $1, s.step_id, s.position, s.action, s.action_class, s.idempotency_key
-FROM unnest($2::text[], $3::int[], $4::text[], $5::text[], $6::text[])
-    AS s(step_id, position, action, action_class, idempotency_key)
-RETURNING *
+SELECT found.*,
+    CASE WHEN found.created
+        THEN (SELECT jsonb_agg(to_jsonb(st) ORDER BY st.position) FROM steps st)
+        ELSE (SELECT jsonb_agg(to_jsonb(st) ORDER BY st.position)
+              FROM execution_steps st WHERE st.execution_id = found.id)
+    END AS steps_of_execution,
+    usage.in_flight, usage.soonest_end,
+    (SELECT count(pg_notify('{EVENTS_CHANNEL}', ev.execution_id::text || ':' || ev.seq))
+     FROM ev) AS notified
+FROM usage LEFT JOIN found ON true
 """
 _REQUEST_CANCEL = """
 UPDATE executions
@@ -215,20 +261,39 @@ async def create_execution(
     Returns ``(record, created)``. Concurrent identical calls all get the same execution and only
     the creator writes steps and the ``execution_started`` event. A terminal execution of the same
     key that ended more than ``dedup_window`` ago is retired first, so the plan can run again.
+    One statement (with its retries, when a concurrent creator won a race).
     """
+    created = await _create(db, new, dedup_window, 0)
+    assert not isinstance(created, ImmediateUsage)  # no limit, no refusal
+    return created
+
+
+async def create_immediate_execution(
+    db: PoolOrConnection, new: NewExecution, *, dedup_window: timedelta, max_in_flight: int
+) -> tuple[ExecutionRecord, bool] | ImmediateUsage:
+    """:func:`create_execution`, admitted only while the tenant has fewer than
+    ``max_in_flight`` (0: no limit) immediate executions ``pending`` or ``running``.
+
+    Returns the tenant's usage instead, with nothing written, when it is at the limit; a
+    duplicate of a live execution is returned, never refused (it takes no slot). The count is
+    race-proof only under the tenant's quota lock (:func:`.quota_usage.lock_tenant_quota`),
+    taken by the caller in its transaction before this call: the statement's snapshot is then
+    taken after every earlier admission of the tenant committed.
+    """
+    return await _create(db, new, dedup_window, max_in_flight)
+
+
+async def _create(
+    db: PoolOrConnection, new: NewExecution, dedup_window: timedelta, max_immediate_in_flight: int
+) -> tuple[ExecutionRecord, bool] | ImmediateUsage:
     if new.initial_status in TERMINAL:
         raise ValueError(f"an execution cannot start {new.initial_status}")
     for _ in range(_CREATE_ATTEMPTS):
-        async with atomic(db) as conn:
-            await conn.execute(
-                _RETIRE_EXPIRED_KEY,
-                new.tenant_id,
-                new.idempotency_key,
-                _TERMINAL_VALUES,
-                dedup_window,
-            )
+        execution_id = uuid4()
+        async with connection(db) as conn:
             row = await conn.fetchrow(
-                _INSERT,
+                _CREATE,
+                execution_id,
                 new.tenant_id,
                 new.actor_id,
                 new.request_id,
@@ -247,57 +312,33 @@ async def create_execution(
                 new.estimated_duration_ms,
                 new.record_only,
                 new.trace_context,
+                dedup_window,
+                _TERMINAL_VALUES,
+                max_immediate_in_flight,
+                [step[0] for step in new.steps],
+                [step[1] for step in new.steps],
+                [step[2] for step in new.steps],
+                [step[3] for step in new.steps],
+                [step_idempotency_key(execution_id, step[0]) for step in new.steps],
             )
-            if row is not None:
-                record = await _finish_creation(conn, execution_from_row(row), new)
-                # From here the caller's task works on this execution: its records say so.
-                bind_execution_fields(record)
-                log.info(
-                    "execution_created",
-                    execution_id=str(record.id),
-                    tenant_id=record.tenant_id,
-                    status=record.status.value,
-                    mode=record.execution_mode,
-                )
-                return record, True
-            existing = await conn.fetchrow(_SELECT_LIVE_KEY, new.tenant_id, new.idempotency_key)
-            if existing is not None:
-                steps = await load_steps(conn, existing["id"])
-                return execution_from_row(existing, steps), False
+        if row["id"] is not None:
+            steps = tuple(step_from_json(step) for step in row["steps_of_execution"] or ())
+            record = execution_from_row(row, steps)
+            if not row["created"]:
+                return record, False
+            # From here the caller's task works on this execution: its records say so.
+            bind_execution_fields(record)
+            log.info(
+                "execution_created",
+                execution_id=str(record.id),
+                tenant_id=record.tenant_id,
+                status=record.status.value,
+                mode=record.execution_mode,
+            )
+            return record, True
+        if max_immediate_in_flight and row["in_flight"] >= max_immediate_in_flight:
+            return ImmediateUsage(in_flight=row["in_flight"], soonest_end=row["soonest_end"])
     raise StorageError("could not create or find the execution for this idempotency key")
-
-
-async def _finish_creation(
-    conn: Any, record: ExecutionRecord, new: NewExecution
-) -> ExecutionRecord:
-    steps: tuple[StepRecord, ...] = ()
-    if new.steps:
-        rows = await conn.fetch(
-            _INSERT_STEPS,
-            record.id,
-            [step[0] for step in new.steps],
-            [step[1] for step in new.steps],
-            [step[2] for step in new.steps],
-            [step[3] for step in new.steps],
-            [step_idempotency_key(record.id, step[0]) for step in new.steps],
-        )
-        steps = tuple(sorted((step_from_row(r) for r in rows), key=lambda s: s.position))
-    seq = await append_event(
-        conn,
-        tenant_id=record.tenant_id,
-        execution_id=record.id,
-        actor_id=record.actor_id,
-        type="execution_started",
-        payload={
-            "mode": record.execution_mode,
-            "status": record.status.value,
-            "plan_hash": record.plan_hash,
-            "approval_level": record.approval_level,
-            "sla_class": record.sla_class,
-            "timeout_policy_id": record.timeout_policy_id,
-        },
-    )
-    return replace(record, steps=steps, event_seq=seq)
 
 
 async def retire_idempotency_keys(
@@ -351,20 +392,25 @@ async def transition(
     event_type: str | None = None,
     event_payload: Mapping[str, Any] | None = None,
     tenant_id: str | None = None,
+    release_locks: bool = False,
 ) -> ExecutionRecord:
     """Move an execution to ``to`` under compare-and-set and record it; return the new row.
 
-    In one transaction: lock the row; refuse with :class:`StaleLeaseError` when ``lease_token``
-    is given and no longer owns the execution; refuse with :class:`FSMError` when the current
-    status is not in ``expected_from`` or the FSM forbids the move; then write the status,
+    Atomically: refuse with :class:`StaleLeaseError` when ``lease_token`` is given and no longer
+    owns the execution; refuse with :class:`FSMError` when the current status is not in
+    ``expected_from`` or the FSM forbids the move; then write the status,
     ``last_transition_at/by/from``, ``started_at`` (first entry into running), ``ended_at``
     (terminal), the whitelisted ``fields`` and append one event: ``event_type`` or the default
     for the target (``execution_running``, ``execution_queued``, ``approval_requested``, …).
     A terminal move always ends with ``execution_completed`` carrying the final status; a custom
     ``event_type`` for it is appended just before. ``tenant_id``, when given, scopes the lookup
     (another tenant's execution is "not found"). A refused move writes nothing. A terminal move
-    made by the lease holder (``lease_token`` given) also releases every lock the execution
-    holds.
+    made by the lease holder (``lease_token`` given), or with ``release_locks``, also releases
+    every lock the execution holds.
+
+    The usual case is one statement (no transaction of its own): the compare-and-set, its
+    events and the lock release are one ``UPDATE … RETURNING`` with its ``INSERT`` and
+    ``DELETE`` in a CTE, atomic by itself.
     """
     target = ExecutionStatus(to)
     values = dict(fields or {})
@@ -376,24 +422,32 @@ async def transition(
     allowed_from = _status_set(expected_from)
     # Legal and expected sources: the compare-and-set below moves only from one of these.
     sources = allowed_sources(target) & (allowed_from or frozenset(ExecutionStatus))
-    async with atomic(db) as conn:
-        row = None
-        if sources:
-            # The usual case in one statement: the row lock, the fencing and tenant checks and
-            # the status compare-and-set are the UPDATE's own (re-checked on the newest row
-            # version if a concurrent writer got there first).
-            sql, params = _transition_update(target, values, fenced=True)
+    types = _event_types(target, event_type)
+    release = target in TERMINAL and (lease_token is not None or release_locks)
+    extra = dict(event_payload or {})
+    row = None
+    if sources:
+        # The usual case in one statement: the row lock, the fencing and tenant checks and
+        # the status compare-and-set are the UPDATE's own (re-checked on the newest row
+        # version if a concurrent writer got there first).
+        sql, params = _transition_update(target, values, fenced=True, release=release)
+        async with connection(db) as conn:
             row = await conn.fetchrow(
                 sql,
                 execution_id,
                 target.value,
                 sorted(s.value for s in sources),
                 by,
+                types,
+                extra,
                 *params,
                 lease_token,
                 tenant_id,
             )
-        if row is None:
+            if row is not None:
+                _transitioned(conn, row, target)
+    if row is None:
+        async with atomic(db) as conn:
             # Refused (or raced): lock the row and say exactly why, as before; a move that is
             # legal once the row is locked goes ahead.
             locked = await lock_execution(conn, execution_id, lease_token=lease_token)
@@ -408,28 +462,42 @@ async def transition(
                     expected_from=sorted(s.value for s in allowed_from),
                 )
             check_transition(current, target)
-            sql, params = _transition_update(target, values, fenced=False)
-            row = await conn.fetchrow(sql, execution_id, target.value, [current.value], by, *params)
-        record = execution_from_row(row)
-        current = ExecutionStatus(row["last_transition_from"])
-        seq = await _append_transition_events(
-            conn, record, current, by, event_type, dict(event_payload or {})
+            sql, params = _transition_update(target, values, fenced=False, release=release)
+            row = await conn.fetchrow(
+                sql, execution_id, target.value, [current.value], by, types, extra, *params
+            )
+            _transitioned(conn, row, target)
+    record = execution_from_row(row)
+    if row["released_locks"]:
+        log.info(
+            "execution_locks_released",
+            execution_id=str(execution_id),
+            lock_keys=sorted(row["released_locks"]),
         )
-        if target in TERMINAL and lease_token is not None:
-            # The lease holder ends it: no other worker may act for it any more, so every lock
-            # it holds goes, including those a paused level-3 run kept between two approvals.
-            await release_execution_locks(conn, execution_id)
-        if target in TERMINAL:
-            # Counted once, by the process that ended it, when (and only if) it commits.
-            after_commit(conn, functools.partial(record_finished, record))
     log.info(
         "execution_transitioned",
         execution_id=str(execution_id),
-        from_status=current.value,
+        from_status=row["last_transition_from"],
         to_status=target.value,
         by=by,
     )
-    return replace(record, event_seq=seq)
+    return record
+
+
+def _transitioned(conn: Any, row: Any, target: ExecutionStatus) -> None:
+    if target in TERMINAL:
+        # Counted once, by the process that ended it, when (and only if) it commits.
+        after_commit(conn, functools.partial(record_finished, execution_from_row(row)))
+
+
+def _event_types(target: ExecutionStatus, event_type: str | None) -> list[str]:
+    """The events a move to ``target`` appends, in seq order."""
+    final = _default_event_type(target)
+    if target not in TERMINAL:
+        return [event_type or final]
+    if event_type is not None and event_type != final:
+        return [event_type, final]
+    return [final]
 
 
 def _status_set(
@@ -442,13 +510,43 @@ def _status_set(
     return frozenset(ExecutionStatus(s) for s in expected)
 
 
-def _transition_update(
-    target: ExecutionStatus, values: Mapping[str, Any], *, fenced: bool
-) -> tuple[str, list[Any]]:
-    """``UPDATE … RETURNING *`` moving the row from one of ``$3`` (statuses) to ``$2``.
+# Every event of a move carries the caller's payload ($6) with the new and previous status; a
+# terminal move's last one (execution_completed) also says how it ended, unless the caller's
+# payload already does. duration_ms as ExecutionRecord.duration_ms computes it (float seconds
+# × 1000, truncated), so the event and the record agree to the millisecond.
+_MOVE_PAYLOAD = (
+    "$6::jsonb || jsonb_build_object('status', u.status, 'from', u.last_transition_from)"
+)
+_FINAL_PAYLOAD = f"""jsonb_build_object(
+        'timed_out', u.timed_out,
+        'duration_ms', trunc(extract(epoch FROM u.ended_at - u.started_at)::float8 * 1000)::bigint
+    )
+    || CASE WHEN u.error_class IS NULL THEN '{{}}'::jsonb
+            ELSE jsonb_build_object('error_class', u.error_class) END
+    || CASE WHEN u.cancelled_by IS NULL THEN '{{}}'::jsonb
+            ELSE jsonb_build_object('cancelled_by', u.cancelled_by) END
+    || {_MOVE_PAYLOAD}"""
+# The execution's locks, in the global key order (storage/locks.py), once the move is made.
+_RELEASE_MOVED = """, released AS (
+    DELETE FROM execution_locks
+    WHERE lock_key IN (
+        SELECT lock_key FROM execution_locks WHERE owner_execution_id = (SELECT id FROM u)
+        ORDER BY lock_key COLLATE "C"
+        FOR UPDATE
+    ) AND owner_execution_id = (SELECT id FROM u)
+    RETURNING lock_key
+)"""
 
-    ``fenced``: two more parameters after the fields, the lease token and the tenant, each
-    checked when not NULL (the single-statement path; the locking path checked them itself).
+
+def _transition_update(
+    target: ExecutionStatus, values: Mapping[str, Any], *, fenced: bool, release: bool
+) -> tuple[str, list[Any]]:
+    """One statement moving the row from one of ``$3`` (statuses) to ``$2`` with its events.
+
+    ``$5`` are the event types in order (each takes the next ``seq``), ``$6`` the caller's
+    payload. ``fenced``: two more parameters after the fields, the lease token and the tenant,
+    each checked when not NULL (the single-statement path; the locking path checked them
+    itself). ``release``: the execution's locks are deleted by the same statement.
     """
     sets = [
         "status = $2::execution_status",
@@ -457,6 +555,7 @@ def _transition_update(
         "last_transition_by = $4",
         "last_transition_at = clock_timestamp()",
         "updated_at = clock_timestamp()",
+        "event_seq = event_seq + cardinality($5::text[])",
     ]
     # clock_timestamp(), not now(): a transaction that began before the row was created must
     # still write times after created_at (valid_timing).
@@ -465,18 +564,38 @@ def _transition_update(
     if target in TERMINAL:
         sets.append("ended_at = GREATEST(clock_timestamp(), started_at, created_at)")
     params: list[Any] = []
-    for number, (column, value) in enumerate(sorted(values.items()), start=5):
+    for number, (column, value) in enumerate(sorted(values.items()), start=7):
         # Column names come from TRANSITION_FIELDS only, never from input.
         sets.append(f"{column} = ${number}")
         params.append(value)
     where = "id = $1 AND status = ANY($3::execution_status[])"
     if fenced:
-        token, tenant = len(params) + 5, len(params) + 6
+        token, tenant = len(params) + 7, len(params) + 8
         where += (
             f" AND (${token}::uuid IS NULL OR lease_token IS NOT DISTINCT FROM ${token}::uuid)"
             f" AND (${tenant}::text IS NULL OR tenant_id = ${tenant}::text)"
         )
-    sql = f"UPDATE executions SET {', '.join(sets)} WHERE {where} RETURNING *"
+    last_payload = _FINAL_PAYLOAD if target in TERMINAL else _MOVE_PAYLOAD
+    # Rows are inserted in seq order: the audit chain trigger hashes each event onto the one
+    # before it, which must already be there (an earlier row of the same INSERT is visible).
+    sql = f"""
+WITH u AS (
+    UPDATE executions SET {", ".join(sets)} WHERE {where} RETURNING *
+), ev AS (
+    INSERT INTO execution_events (execution_id, tenant_id, actor_id, seq, type, payload)
+    SELECT u.id, u.tenant_id, $4, u.event_seq - cardinality($5::text[]) + t.n, t.type,
+           CASE WHEN t.n = cardinality($5::text[]) THEN {last_payload} ELSE {_MOVE_PAYLOAD} END
+    FROM u, unnest($5::text[]) WITH ORDINALITY AS t(type, n)
+    ORDER BY t.n
+    RETURNING execution_id, seq
+){_RELEASE_MOVED if release else ""}
+SELECT u.*,
+    (SELECT count(pg_notify('{EVENTS_CHANNEL}', ev.execution_id::text || ':' || ev.seq))
+     FROM ev) AS notified,
+    {"(SELECT array_agg(lock_key) FROM released)" if release else "NULL::text[]"}
+        AS released_locks
+FROM u
+"""
     return sql, params
 
 
@@ -486,46 +605,6 @@ def _default_event_type(target: ExecutionStatus) -> str:
     if target is ExecutionStatus.AWAITING_APPROVAL:
         return "approval_requested"
     return f"execution_{target.value}"
-
-
-async def _append_transition_events(
-    conn: Any,
-    record: ExecutionRecord,
-    previous: ExecutionStatus,
-    by: str,
-    event_type: str | None,
-    extra: dict[str, Any],
-) -> int:
-    payload = {**extra, "status": record.status.value, "from": previous.value}
-    final = _default_event_type(record.status)
-    seq = 0
-    if record.status in TERMINAL:
-        if event_type is not None and event_type != final:
-            seq = await append_event(
-                conn,
-                tenant_id=record.tenant_id,
-                execution_id=record.id,
-                actor_id=by,
-                type=event_type,
-                payload=payload,
-            )
-        payload.setdefault("timed_out", record.timed_out)
-        payload.setdefault("duration_ms", record.duration_ms)
-        if record.error_class is not None:
-            payload.setdefault("error_class", record.error_class)
-        if record.cancelled_by is not None:
-            payload.setdefault("cancelled_by", record.cancelled_by)
-    else:
-        final = event_type or final
-    seq = await append_event(
-        conn,
-        tenant_id=record.tenant_id,
-        execution_id=record.id,
-        actor_id=by,
-        type=final,
-        payload=payload,
-    )
-    return seq
 
 
 async def transition_status(

@@ -8,7 +8,8 @@ one tenant count and create one after the other, and each sees what the previous
 with the transaction, so a crashed api holds nothing. What is counted are the rows themselves —
 queue rows waiting, immediate executions in flight — so a slot is free again as soon as its row
 moves on (dispatched, finished, failed by the reaper), never by a counter someone must remember
-to decrement.
+to decrement. Immediate executions in flight are counted by the statement that creates one
+(``executions.create_immediate_execution``), which returns :class:`ImmediateUsage` when refused.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ __all__ = [
     "QUOTA_LOCK_CLASS",
     "ImmediateUsage",
     "count_waiting_jobs",
-    "immediate_usage",
     "live_execution_exists",
     "lock_tenant_quota",
 ]
@@ -36,14 +36,6 @@ _LOCK = "SELECT pg_advisory_xact_lock($1::int4, hashtext($2))"
 # Leased rows are running, not waiting: the running limit counts those (Redis, at dequeue).
 _WAITING_JOBS = """
 SELECT count(*) FROM execution_queue WHERE tenant_id = $1 AND state <> 'leased'
-"""
-_IMMEDIATE = """
-SELECT count(*) AS in_flight,
-       min(COALESCE(started_at, created_at)
-           + make_interval(secs => COALESCE(estimated_duration_ms, timeout_ms) / 1000.0))
-           AS soonest_end
-FROM executions
-WHERE tenant_id = $1 AND execution_mode = 'immediate' AND status IN ('pending', 'running')
 """
 _LIVE_KEY = """
 SELECT EXISTS (
@@ -72,12 +64,6 @@ async def lock_tenant_quota(conn: asyncpg.Connection, tenant_id: str) -> None:
 async def count_waiting_jobs(conn: asyncpg.Connection, tenant_id: str) -> int:
     """Queue rows of the tenant not leased: ready or delayed (backoff, deferral)."""
     return int(await conn.fetchval(_WAITING_JOBS, tenant_id))
-
-
-async def immediate_usage(conn: asyncpg.Connection, tenant_id: str) -> ImmediateUsage:
-    """The tenant's immediate executions in flight and when the first should end."""
-    row = await conn.fetchrow(_IMMEDIATE, tenant_id)
-    return ImmediateUsage(in_flight=int(row["in_flight"]), soonest_end=row["soonest_end"])
 
 
 async def live_execution_exists(

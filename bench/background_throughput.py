@@ -43,7 +43,7 @@ import statistics
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -55,6 +55,8 @@ from _stack import BenchStack, noop_plan
 
 from opsconductor.client import ExecutionClient
 from opsconductor.common.logconfig import configure_logging
+from opsconductor.devstack.seed import push_backlog
+from opsconductor.lifecycle.queue import RedisQueue, create_redis_client
 
 BENCH_DIR = Path(__file__).resolve().parent
 CPU_GROUPS = ("client", "api", "workers", "postgres")
@@ -118,11 +120,34 @@ class Steady:
     end_to_end: Latency
 
 
+def median_steady(runs: Sequence[Steady]) -> Steady:
+    """Field by field median of steady-arrival runs (each percentile its own median)."""
+
+    def latency(pick: str) -> Latency:
+        values = [getattr(r, pick) for r in runs]
+        return Latency(
+            **{
+                f.name: statistics.median(getattr(v, f.name) for v in values)
+                for f in fields(Latency)
+            }
+        )
+
+    return Steady(
+        target_rate=statistics.median(r.target_rate for r in runs),
+        achieved_rate=statistics.median(r.achieved_rate for r in runs),
+        jobs=sum(r.jobs for r in runs),
+        queue_wait=latency("queue_wait"),
+        end_to_end=latency("end_to_end"),
+    )
+
+
 @dataclass
 class WorkerResult:
     workers: int
     bursts: list[Burst] = field(default_factory=list)
+    #: Median over ``steady_runs`` (jobs: their total).
     steady: Steady | None = None
+    steady_runs: list[Steady] = field(default_factory=list)
 
     @property
     def e2e_jobs_per_s(self) -> float:
@@ -221,6 +246,24 @@ class Jobs:
         return [Timing(row["c"], row["s"], row["e"]) for row in rows]
 
 
+async def push_seeded_backlog(stack: BenchStack) -> None:
+    """``BenchStack.prepare``: the copied queue rows into this run's Redis queue, as their
+    submits pushed them (``opsconductor.devstack.seed``)."""
+    started = time.monotonic()
+    redis = create_redis_client(stack.redis_service_url, max_connections=64)
+    conn = await asyncpg.connect(stack.dsn)
+    try:
+        pushed = await push_backlog(conn, RedisQueue(redis, prefix=stack.queue_prefix))
+    finally:
+        await conn.close()
+        await redis.aclose()
+    print(
+        f"pushed {pushed} queued jobs into Redis ({time.monotonic() - started:.0f} s)",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
 async def burst(
     jobs: Jobs, admin: ExecutionClient, meter: CpuMeter, args: argparse.Namespace
 ) -> Burst:
@@ -261,18 +304,24 @@ async def steady(jobs: Jobs, rate: float, args: argparse.Namespace) -> Steady:
     )
 
 
-async def measure(args: argparse.Namespace) -> tuple[list[WorkerResult], dict[str, Any]]:
-    """Start everything, measure 1 then 2 workers, stop everything."""
+async def measure(
+    args: argparse.Namespace, **stack_options: Any
+) -> tuple[list[WorkerResult], dict[str, Any]]:
+    """Start everything, measure 1 then 2 workers, stop everything.
+
+    ``stack_options`` override the ``BenchStack`` defaults (servers, a seeded template database).
+    """
     results: list[WorkerResult] = []
     env = {}
     if args.consumer_concurrency is not None:
         env["OPSC_CONSUMER_CONCURRENCY"] = str(args.consumer_concurrency)
+    options: dict[str, Any] = {
+        "server_dsn": os.environ.get("DATABASE_URL") or None,
+        "redis_url": os.environ.get("REDIS_URL") or None,
+        **stack_options,
+    }
     async with BenchStack(
-        server_dsn=os.environ.get("DATABASE_URL") or None,
-        log_level=args.log_level,
-        with_redis=True,
-        redis_url=os.environ.get("REDIS_URL") or None,
-        worker_env=env,
+        log_level=args.log_level, with_redis=True, worker_env=env, **options
     ) as stack:
         await stack.bind(SYSTEM_TENANT, ADMIN, "admin")
         conn = await asyncpg.connect(stack.dsn)
@@ -314,12 +363,15 @@ async def measure(args: argparse.Namespace) -> tuple[list[WorkerResult], dict[st
                         )
                         result.bursts.append(await burst(jobs, admin, meter, args))
                     rate = args.load * result.e2e_jobs_per_s
-                    print(
-                        f"{workers} worker(s): steady {rate:.1f} jobs/s for {args.steady_s} s",
-                        file=sys.stderr,
-                        flush=True,
-                    )
-                    result.steady = await steady(jobs, rate, args)
+                    for rep in range(args.steady_repeat):
+                        print(
+                            f"{workers} worker(s): steady {rate:.1f} jobs/s for {args.steady_s} s"
+                            f" ({rep + 1}/{args.steady_repeat})",
+                            file=sys.stderr,
+                            flush=True,
+                        )
+                        result.steady_runs.append(await steady(jobs, rate, args))
+                    result.steady = median_steady(result.steady_runs)
                     results.append(result)
                 peak_rss = stack.peak_rss()
                 stats = await admin.get_queue_stats()
@@ -363,7 +415,7 @@ def render(results: Sequence[WorkerResult], meta: dict[str, Any]) -> str:
         f"  drain    : {meta['jobs']} jobs queued while drained, then released:"
         " jobs / (last ended_at - first started_at)",
         f"  steady   : open-loop arrivals at {meta['load']:.0%} of that e2e rate for"
-        f" {meta['steady_s']} s;",
+        f" {meta['steady_s']} s, {meta['steady_repeat']} time(s), medians;",
         "             queue wait = started_at - created_at, e2e = ended_at - created_at",
         f"  services : OPSC_LOG_LEVEL={meta['log_level']}; consumer concurrency per worker:"
         f" {meta['consumer_concurrency']}",
@@ -413,7 +465,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--repeat", type=int, default=3, help="bursts per worker count (3)")
     parser.add_argument(
-        "--steady-s", type=float, default=20.0, help="steady-arrival phase length (20 s)"
+        "--steady-s", type=float, default=10.0, help="steady-arrival phase length (10 s)"
+    )
+    parser.add_argument(
+        "--steady-repeat",
+        type=int,
+        default=3,
+        help="steady-arrival phases per worker count; percentiles are their medians (3)",
     )
     parser.add_argument(
         "--load", type=float, default=0.7, help="steady arrival rate / e2e throughput (0.7)"
@@ -432,9 +490,25 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--output", type=Path, default=DEFAULT_OUTPUT, help=f"JSON results ({DEFAULT_OUTPUT})"
     )
+    parser.add_argument(
+        "--template-database",
+        help="copy this database of the server (a seeded history, make bench-scale) instead of"
+        " starting from an empty one",
+    )
+    parser.add_argument(
+        "--push-backlog",
+        action="store_true",
+        help="push the copied database's queue rows into this run's Redis queue before the"
+        " services start (with --template-database: the seeded backlog)",
+    )
     args = parser.parse_args(argv)
-    if min(args.jobs, args.submitters, args.repeat, args.max_workers, args.warmup + 1) < 1:
-        parser.error("--jobs, --submitters, --repeat and --max-workers must be >= 1")
+    if (
+        min(args.jobs, args.submitters, args.repeat, args.max_workers, args.steady_repeat) < 1
+        or args.warmup < 0
+    ):
+        parser.error(
+            "--jobs, --submitters, --repeat, --steady-repeat and --max-workers must be >= 1"
+        )
     if not 0 < args.load <= 1 or args.steady_s <= 0:
         parser.error("--load must be in (0, 1] and --steady-s positive")
     return args
@@ -447,7 +521,11 @@ async def run_until_signalled(
     task = asyncio.current_task()
     if task is not None:
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-    return await measure(args)
+    return await measure(
+        args,
+        template_database=args.template_database,
+        prepare=push_seeded_backlog if args.push_backlog else None,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -471,6 +549,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "repeat": args.repeat,
         "load": args.load,
         "steady_s": args.steady_s,
+        "steady_repeat": args.steady_repeat,
         "log_level": args.log_level.upper(),
         "consumer_concurrency": args.consumer_concurrency or "default (4)",
         "cpus": os.cpu_count(),
@@ -504,6 +583,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "cpu_ms_per_job": r.cpu_ms_per_job,
                 "bursts": [asdict(b) for b in r.bursts],
                 "steady": asdict(r.steady) if r.steady is not None else None,
+                "steady_runs": [asdict(x) for x in r.steady_runs],
             }
             for r in results
         ],

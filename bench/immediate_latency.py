@@ -226,8 +226,13 @@ async def run_levels(
                 )
 
 
-async def measure(args: argparse.Namespace, levels: Sequence[Level]) -> Results:
-    """Start everything, measure (``run_levels``), stop everything."""
+async def measure(
+    args: argparse.Namespace, levels: Sequence[Level], **stack_options: Any
+) -> Results:
+    """Start everything, measure (``run_levels``), stop everything.
+
+    ``stack_options`` override the ``BenchStack`` defaults (servers, a seeded template database).
+    """
     results = Results(
         stats={p: {lv.concurrency: [] for lv in levels} for p in PATHS},
         cpu={p: {lv.concurrency: [] for lv in levels} for p in PATHS},
@@ -239,11 +244,15 @@ async def measure(args: argparse.Namespace, levels: Sequence[Level]) -> Results:
     results.payload_bytes = len(payload)
     # Few connections: the server may be shared, and api and worker hold up to 20 each already.
     pg_size = min(max(lv.concurrency for lv in levels), PG_POOL_MAX)
+    options: dict[str, Any] = {
+        "server_dsn": os.environ.get("DATABASE_URL") or None,
+        **stack_options,
+    }
     async with BenchStack(
-        server_dsn=os.environ.get("DATABASE_URL") or None,
         log_level=args.log_level,
         profile_dir=args.profile,
         companions={"echo": [sys.executable, str(BENCH_DIR / "_echo.py")]},
+        **options,
     ) as stack:
         results.postgres = stack.postgres
         echo = stack.services["echo"]
@@ -400,6 +409,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="run api and worker under cProfile; write DIR/<service>.prof and .txt summaries"
         " (latencies are then inflated by the profiler)",
     )
+    parser.add_argument(
+        "--template-database",
+        help="copy this database of the server (a seeded history, make bench-scale) instead of"
+        " starting from an empty one",
+    )
     args = parser.parse_args(argv)
     if args.repeat < 1 or args.warmup < 0 or min(args.concurrency) < 1:
         parser.error("--repeat and --concurrency must be >= 1, --warmup >= 0")
@@ -413,7 +427,7 @@ async def run_until_signalled(args: argparse.Namespace, levels: Sequence[Level])
     task = asyncio.current_task()
     if task is not None:
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-    return await measure(args, levels)
+    return await measure(args, levels, template_database=args.template_database)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,6 +1,7 @@
 """SQL round trips per execution, counted on the wire, api and worker apart.
 
-``make bench-round-trips`` (or ``.venv/bin/python bench/round_trips.py --help``).
+``make bench-round-trips`` (or ``.venv/bin/python bench/round_trips.py --help``). Postgres:
+``DATABASE_URL``'s server, else an embedded one; Redis: ``REDIS_URL``'s, else an embedded one.
 
 The api and the worker reach Postgres through a counting proxy each
 (``opsconductor.devstack.pg_roundtrips``): every ``Sync`` and simple ``Query`` a client sends is
@@ -30,7 +31,7 @@ from typing import Any
 from uuid import UUID
 
 import asyncpg
-from _stack import BenchStack, noop_plan
+from _stack import BenchStack, noop_plan, servers
 
 from opsconductor.client import ExecutionClient
 from opsconductor.common.logconfig import configure_logging
@@ -54,6 +55,37 @@ async def quiet(counters: Sequence[RoundTripCounter], within_s: float = 30.0) ->
     raise TimeoutError("the services never went quiet")
 
 
+#: Backends report their table statistics when idle, at most once a second.
+STATS_FLUSH_S = 1.5
+_WRITES = """
+SELECT relname, n_tup_ins, n_tup_upd, n_tup_hot_upd, n_tup_del FROM pg_stat_user_tables
+"""
+
+
+async def write_snapshot(conn: asyncpg.Connection) -> tuple[dict[str, tuple[int, ...]], int]:
+    """Row writes per table so far (inserted, updated, of which HOT, deleted) and the WAL
+    position, once every backend had the time to report its statistics."""
+    await asyncio.sleep(STATS_FLUSH_S)
+    await conn.execute("SELECT pg_stat_clear_snapshot()")
+    rows = await conn.fetch(_WRITES)
+    lsn = await conn.fetchval("SELECT pg_current_wal_lsn() - '0/0'::pg_lsn")
+    return {r["relname"]: tuple(int(r[k]) for k in list(r.keys())[1:]) for r in rows}, int(lsn)
+
+
+def writes_per_execution(
+    before: tuple[dict[str, tuple[int, ...]], int],
+    after: tuple[dict[str, tuple[int, ...]], int],
+    n: int,
+) -> dict[str, Any]:
+    tables = {}
+    for table, counts in sorted(after[0].items()):
+        old = before[0].get(table, (0, 0, 0, 0))
+        delta = [(a - b) / n for a, b in zip(counts, old, strict=True)]
+        if any(delta):
+            tables[table] = dict(zip(("inserted", "updated", "hot", "deleted"), delta, strict=True))
+    return {"tables": tables, "wal_bytes": (after[1] - before[1]) / n}
+
+
 async def wait_succeeded(conn: asyncpg.Connection, execution_id: UUID) -> None:
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -68,17 +100,17 @@ async def wait_succeeded(conn: asyncpg.Connection, execution_id: UUID) -> None:
 
 async def measure(args: argparse.Namespace) -> dict[str, Any]:
     run = secrets.token_hex(3)
-    server = os.environ.get("DATABASE_URL") or None
-    if server is None:
-        raise SystemExit("set DATABASE_URL: the counting proxies front a TCP Postgres server")
+    # The proxies must know the server before the services start: DATABASE_URL's, or an
+    # embedded one started first (the proxy reaches its Unix socket).
     async with (
-        RoundTripCounter.for_dsn(server) as api_rt,
-        RoundTripCounter.for_dsn(server) as worker_rt,
+        servers(with_redis=True) as found,
+        RoundTripCounter.for_dsn(found.postgres_dsn) as api_rt,
+        RoundTripCounter.for_dsn(found.postgres_dsn) as worker_rt,
         BenchStack(
-            server_dsn=server,
+            server_dsn=found.postgres_dsn,
             log_level=args.log_level,
             with_redis=True,
-            redis_url=os.environ.get("REDIS_URL") or None,
+            redis_url=found.redis_url,
             worker_env={"OPSC_CONSUMER_CONCURRENCY": "1"},
             service_dsn={"api": api_rt.dsn, "worker": worker_rt.dsn},
             # The api's periodic work (gauges, flag cache expiry) is not per execution.
@@ -86,7 +118,10 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
         ) as stack,
     ):
         conn = await asyncpg.connect(stack.dsn)
-        figures: dict[str, Any] = {"postgres": stack.postgres, "redis": stack.redis}
+        figures: dict[str, Any] = {
+            "postgres": stack.postgres.replace("external", found.postgres, 1),
+            "redis": found.redis,
+        }
         try:
             async with ExecutionClient(stack.address("api"), stack.token()) as client:
                 for mode in ("immediate", "background"):
@@ -106,12 +141,17 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
                     for i in range(args.warmup):
                         await one(-1 - i)
                     await quiet([api_rt, worker_rt])
+                    writes_before = await write_snapshot(conn)
                     marks = api_rt.mark(), worker_rt.mark()
                     for i in range(args.executions):
                         await one(i)
                         await quiet([api_rt, worker_rt])
                     api_seen, worker_seen = api_rt.since(marks[0]), worker_rt.since(marks[1])
                     figures[mode] = summarise(api_seen, worker_seen, args.executions)
+                    # The bench's own wait_succeeded polls only read; the services wrote these.
+                    figures[mode]["writes"] = writes_per_execution(
+                        writes_before, await write_snapshot(conn), args.executions
+                    )
         finally:
             await conn.close()
     return figures
@@ -142,6 +182,18 @@ def render(figures: dict[str, Any], args: argparse.Namespace, load: float) -> st
     for mode in ("immediate", "background"):
         f = figures[mode]
         lines.append(f"{mode:<12}{f['api']:>8.1f}{f['worker']:>8.1f}{f['total']:>8.1f}")
+    for mode in ("immediate", "background"):
+        writes = figures[mode]["writes"]
+        lines.append(
+            f"\n{mode}: rows written per execution (pg_stat_user_tables), WAL"
+            f" {writes['wal_bytes'] / 1024:.1f} KiB per execution"
+        )
+        lines.append(f"  {'table':<22}{'inserted':>9}{'updated':>9}{'(HOT)':>7}{'deleted':>9}")
+        for table, w in writes["tables"].items():
+            lines.append(
+                f"  {table:<22}{w['inserted']:>9.1f}{w['updated']:>9.1f}{w['hot']:>7.1f}"
+                f"{w['deleted']:>9.1f}"
+            )
     for mode in ("immediate", "background"):
         for side in ("api", "worker"):
             lines.append(f"\n{mode}, {side}: round trips of {args.executions} executions")

@@ -1,0 +1,219 @@
+"""The background no-op workload through OpsConductor, saq and pgqueuer on the same servers.
+
+``make bench-peers`` (builds ``bench/.venv-peers`` from ``bench/peers-requirements.txt``, then runs
+this with ``--peers-python bench/.venv-peers/bin/python``).
+
+On one Postgres and one Redis (``DATABASE_URL``/``REDIS_URL``, else embedded ones for the whole
+run), one after the other:
+
+- **OpsConductor**: ``background_throughput.py`` as ``make bench`` runs it (one-step ``noop`` plans
+  submitted with ``requested_mode=background``; 1, then 2 worker processes; each job goes through
+  idempotency, the FSM, events, a lease with fencing, a lock, the step).
+- **saq** (Redis) and **pgqueuer** (Postgres, a database of its own on the same server): a no-op
+  job function, one worker process each with the library's defaults, measured by
+  ``_peers_run.py`` the same way: bursts of ``--jobs`` enqueues from 16 concurrent callers while
+  the worker consumes, e2e jobs/s = jobs / (last end - first enqueue), then open-loop arrivals
+  at 70 % of that rate for queue wait p50/p95; each figure the median of ``--repeat`` runs.
+
+Printed: each figure for every queue, and ours / theirs (for a rate above 1 is better, for a
+latency below 1 is better). JSON in ``bench/results/peers.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import secrets
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+from _stack import (
+    _DB_PREFIX,
+    _REDIS_PREFIX,
+    ScriptFailedError,
+    Servers,
+    machine,
+    run_script,
+    servers,
+    with_database,
+)
+
+from opsconductor.common.logconfig import configure_logging
+
+BENCH_DIR = Path(__file__).resolve().parent
+DEFAULT_OUTPUT = BENCH_DIR / "results" / "peers.json"
+PEERS = ("saq", "pgqueuer")
+
+
+def _progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+async def ours(args: argparse.Namespace, found: Servers) -> dict[str, Any]:
+    options = ["--repeat", str(args.repeat), "--steady-repeat", str(args.repeat)]
+    options += ["--jobs", str(args.jobs), "--log-level", args.log_level]
+    doc = await asyncio.to_thread(run_script, "background_throughput.py", found, options)
+    out: dict[str, Any] = {"peak_rss_mb": doc["peak_rss_mb"]}
+    for r in doc["results"]:
+        out[f"{r['workers']}w"] = {
+            "e2e_jobs_per_s": r["e2e_jobs_per_s"],
+            "queue_wait_p50_ms": r["steady"]["queue_wait"]["p50_ms"],
+            "queue_wait_p95_ms": r["steady"]["queue_wait"]["p95_ms"],
+            "steady_rate": r["steady"]["achieved_rate"],
+        }
+    return out
+
+
+async def peer(args: argparse.Namespace, found: Servers, name: str) -> dict[str, Any]:
+    tag = f"{os.getpid()}_{secrets.token_hex(3)}"
+    database = f"{_DB_PREFIX}{tag}_pgq"
+    admin = await asyncpg.connect(found.postgres_dsn)
+    try:
+        await admin.execute(f'CREATE DATABASE "{database}"')
+    finally:
+        await admin.close()
+    argv = [
+        args.peers_python,
+        str(BENCH_DIR / "_peers_run.py"),
+        "--peer",
+        name,
+        "--redis-url",
+        found.redis_url,
+        "--dsn",
+        with_database(found.postgres_dsn, database),
+        # A queue of this run's own (its keys are deleted at the end).
+        "--name",
+        f"{_REDIS_PREFIX}{tag}",
+        "--jobs",
+        str(args.jobs),
+        "--repeat",
+        str(args.repeat),
+    ]
+    try:
+        process = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE)
+        stdout, _ = await process.communicate()
+        if process.returncode != 0:
+            raise RuntimeError(f"{name} run failed with exit status {process.returncode}")
+        result: dict[str, Any] = json.loads(stdout.decode().strip().splitlines()[-1])
+        return result
+    finally:
+        admin = await asyncpg.connect(found.postgres_dsn)
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+        finally:
+            await admin.close()
+
+
+def render(result: dict[str, Any]) -> str:
+    box = result["machine"]
+    our = result["ours"]
+    rows = (
+        ("e2e jobs/s", "e2e_jobs_per_s", "{:.0f}"),
+        ("queue wait p50 ms at 70 %", "queue_wait_p50_ms", "{:.1f}"),
+        ("queue wait p95 ms at 70 %", "queue_wait_p95_ms", "{:.1f}"),
+    )
+    head = f"{'figure':<28}{'ours 1w':>9}{'ours 2w':>9}"
+    for name in PEERS:
+        head += f"{name:>10}{'ours1w/' + name:>16}{'ours2w/' + name:>16}"
+    lines = [
+        "",
+        "Background no-op jobs: OpsConductor vs saq vs pgqueuer, same Postgres and Redis, same run",
+        f"  ours    : background_throughput.py, one-step `noop` plans, OPSC_LOG_LEVEL="
+        f"{result['log_level']}, 1 and 2 worker processes",
+        "  peers   : one worker process each, library defaults (saq concurrency 10, pgqueuer"
+        " batch 10),",
+        "            a no-op job function; versions pinned in bench/peers-requirements.txt",
+        f"  method  : bursts of {result['jobs']} from 16 callers (e2e = jobs / (last end - first"
+        " enqueue)), then open-loop",
+        f"            arrivals at 70 % of that rate; each figure the median of {result['repeat']}"
+        " runs",
+        f"  servers : Postgres {result['postgres']}; Redis {result['redis']}",
+        f"  machine : nproc {box['nproc']}, {box['cpu_model']}; load average before"
+        f" {result['load_before']:.2f}, at the end {box['loadavg'][0]:.2f}",
+        "",
+        head,
+        "-" * len(head),
+    ]
+    for label, key, fmt in rows:
+        one, two = our["1w"][key], our.get("2w", our["1w"])[key]
+        line = f"{label:<28}{fmt.format(one):>9}{fmt.format(two):>9}"
+        for name in PEERS:
+            theirs = result["peers"][name][key]
+            r1 = one / theirs if theirs else float("inf")
+            r2 = two / theirs if theirs else float("inf")
+            line += f"{fmt.format(theirs):>10}{r1:>16.2f}{r2:>16.2f}"
+        lines.append(line)
+    lines.append("ours/theirs: for jobs/s above 1 is better, for queue wait below 1 is better")
+    return "\n".join(lines)
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    task = asyncio.current_task()
+    if task is not None:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+    result: dict[str, Any] = {
+        "jobs": args.jobs,
+        "repeat": args.repeat,
+        "log_level": args.log_level.upper(),
+        "load_before": os.getloadavg()[0],
+        "peers": {},
+    }
+    async with servers(with_redis=True) as found:
+        result["postgres"], result["redis"] = found.postgres, found.redis
+        _progress("OpsConductor: background path, 1 and 2 workers")
+        result["ours"] = await ours(args, found)
+        for name in PEERS:
+            _progress(f"{name}: one worker")
+            result["peers"][name] = await peer(args, found, name)
+    result["machine"] = machine()
+    return result
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n", 1)[0])
+    parser.add_argument(
+        "--peers-python",
+        default=str(BENCH_DIR / ".venv-peers" / "bin" / "python"),
+        help="the interpreter of the bench virtualenv holding saq and pgqueuer",
+    )
+    parser.add_argument("--jobs", type=int, default=400, help="jobs per burst (400)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per figure (3)")
+    parser.add_argument("--log-level", default="WARNING", help="OPSC_LOG_LEVEL (WARNING)")
+    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="JSON results")
+    args = parser.parse_args(argv)
+    if not Path(args.peers_python).exists():
+        parser.error(f"{args.peers_python} missing: run `make bench-peers` to build it")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    configure_logging(level="WARNING", json=False, stream=sys.stderr, cache_loggers=False)
+    started = time.monotonic()
+    try:
+        result = asyncio.run(run(args))
+    except (ScriptFailedError, RuntimeError) as exc:
+        print(f"benchmark failed: {exc}", file=sys.stderr)
+        return 1
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print("interrupted; everything started was stopped and removed", file=sys.stderr)
+        return 130
+    result["finished_at"] = datetime.now(UTC).isoformat()
+    result["run_time_s"] = round(time.monotonic() - started, 1)
+    print(render(result))
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps({"benchmark": "peers", **result}, indent=2) + "\n")
+    print(f"run time: {result['run_time_s']:.0f} s; results written to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -290,3 +290,35 @@ async def test_takeover_after_a_sigkilled_worker(
     )
     assert "execution_started" in events_in(found, "worker-a")
     assert "execution_finished" in events_in(found, "worker-b")
+
+
+async def test_a_queued_execution_cancelled_before_any_worker_took_it(
+    tenant: Tenant, ledger: Path
+) -> None:
+    """No consumer runs: the api's CancelExecution ends it at once, and its records there are
+    the execution's."""
+    async with tenant.client("alice") as client:
+        queued = await client.submit(background_plan(ledger, steps=1), tenant_id=tenant.id)
+        cancelled = await client.cancel(queued.execution_id, tenant_id=tenant.id, reason="stop")
+    assert cancelled.status == "cancelled"
+    found = await assert_correlated(
+        tenant.stack, tenant.pool, queued, processes={"api"}, final_record="execution_transitioned"
+    )
+    assert events_in(found, "api").count("execution_transitioned") >= 2  # queued, cancelled
+
+
+async def test_a_rejected_execution(tenant: Tenant, ledger: Path) -> None:
+    await approvals_support.with_approvers(tenant)
+    async with tenant.client("alice") as client, tenant.approvals("bob") as bob:
+        submitted = await client.submit(modify_plan(ledger), tenant_id=tenant.id)
+        await bob.reject(submitted.approval_id or "", tenant_id=tenant.id, comment="no")
+        final = await client.get(submitted.execution_id, tenant_id=tenant.id)
+    assert final.status == "rejected"
+    found = await assert_correlated(
+        tenant.stack,
+        tenant.pool,
+        submitted,
+        processes={"api", "approvals"},
+        final_record="approval_decided",
+    )
+    assert "execution_transitioned" in events_in(found, "approvals")

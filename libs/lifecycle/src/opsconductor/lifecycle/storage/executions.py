@@ -655,6 +655,8 @@ async def request_cancel(
         if row is None:
             return await get_execution(conn, tenant_id, eid), False
         status = ExecutionStatus(row["status"])
+        # The rest of the caller's task works on this execution: its records say so.
+        bind_execution_fields(execution_from_row(row))
         await append_event(
             conn,
             tenant_id=tenant_id,

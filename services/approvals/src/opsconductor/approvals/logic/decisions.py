@@ -159,6 +159,12 @@ class ApprovalDecisions:
             caller.principal, tenant_id, approval_id, Permission.APPROVALS_DECIDE, "Reject"
         )
         self._refuse_self(caller.principal, approval)
+        # As for a grant: the decision's records (the rejection ending it) are the execution's.
+        bind_execution_fields(
+            await get_execution(
+                self._pool, approval.tenant_id, approval.execution_id, with_steps=False
+            )
+        )
         decided = await decide(
             self._pool,
             approval.id,

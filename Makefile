@@ -145,10 +145,12 @@ bench-background: $(STAMP)
 		$(PY) bench/background_throughput.py --log-level $$level \
 			--output bench/results/background_throughput_$$level.json || exit 1; done
 
-# 1 000 live subscribers of one execution on one progress process: delivery latency (commit →
-# subscriber) and the process's peak RSS.
+# 1 000 live subscribers of one execution on one progress process, over gRPC then SSE: delivery
+# latency (commit → subscriber), the process's peak RSS and CPU per delivery, median of 3 runs.
 bench-progress: $(STAMP)
-	$(PY) bench/progress_fanout.py --output bench/results/progress_fanout.json
+	@for transport in grpc sse; do \
+		$(PY) bench/progress_fanout.py --transport $$transport --repeat 3 \
+			--output bench/results/progress_fanout_$$transport.json || exit 1; done
 
 # The same submit and background figures with 1 000 000 executions stored and 100 000 queued
 # (seeded with COPY), next to the empty system's, with a verdict per figure (~25 min).

@@ -5,6 +5,7 @@ cut off with a resumable position, and the subscriber limits answer RESOURCE_EXH
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 from collections.abc import AsyncIterator
 from uuid import UUID
@@ -16,6 +17,8 @@ from opsconductor.common.errors import ResourceExhaustedError, SubscriberLaggedE
 from opsconductor.lifecycle.storage.db import connect
 from opsconductor.lifecycle.storage.event_reads import event_head
 from opsconductor.lifecycle.storage.events import append_event
+from opsconductor.progress.http.event_frames import EventFrames
+from opsconductor.progress.http.streams import _sse_body
 from opsconductor.progress.logic.hub import EventHub, HubLimits
 from opsconductor.progress.logic.subscription import Subscription
 
@@ -281,3 +284,76 @@ async def test_a_subscriber_late_to_a_burst_catches_up_from_the_database(
     assert first.seq == 1
     await _append(db_pool, execution_id, "execution_completed")
     assert await _drain(late) == list(range(2, 12))
+
+
+def _sse_ids(chunk: str | bytes) -> list[int]:
+    text = chunk.decode() if isinstance(chunk, bytes) else chunk
+    return [int(line[4:]) for line in text.split("\n") if line.startswith("id: ")]
+
+
+async def _sse_chunks(subscription: Subscription, frames: EventFrames) -> list[str | bytes]:
+    async with asyncio.timeout(10):
+        return [chunk async for chunk in _sse_body(subscription, frames, heartbeat_s=5)]
+
+
+async def _wait_buffered(subscription: Subscription, count: int) -> None:
+    async with asyncio.timeout(10):
+        while len(subscription._slot.buffer) < count:
+            await asyncio.sleep(0.01)
+
+
+async def test_sse_sends_what_a_subscriber_has_buffered_in_one_chunk(
+    db_pool: asyncpg.Pool, make_hub: object
+) -> None:
+    """A subscriber behind by 11 events (the fan-out was busy) gets them in one chunk, in
+    order, each once, with the end of the stream; the frames are encoded once for every
+    subscriber (the same bytes)."""
+    hub = await make_hub()  # type: ignore[operator]
+    execution_id = await _new_execution(db_pool)
+    first, second = await _subscribe(hub, execution_id), await _subscribe(hub, execution_id)
+    for subscription in (first, second):
+        assert await subscription.next(wait_s=0.01) is None  # replayed (nothing yet): now live
+    for _ in range(10):
+        await _append(db_pool, execution_id)
+    await _append(db_pool, execution_id, "execution_completed")
+    await _wait_buffered(first, 11)
+    await _wait_buffered(second, 11)
+    frames = EventFrames()
+    chunks = await _sse_chunks(first, frames)
+    assert chunks[0] == "retry: 2000\n\n"
+    assert len(chunks) == 2
+    assert _sse_ids(chunks[1]) == list(range(1, 12))
+    assert isinstance(chunks[1], bytes)
+    assert chunks[1].endswith(b"event: end\ndata: {}\n\n")
+    assert hub.subscriber_count == 1  # the stream released its slot
+    event = second._slot.buffer[0]
+    assert frames.sse(event) is frames.sse(second._slot.buffer[0])  # encoded once
+    chunks = await _sse_chunks(second, frames)
+    assert _sse_ids(chunks[1]) == list(range(1, 12))
+
+
+async def test_sse_cuts_a_slow_subscriber_off_after_what_it_had_and_it_resumes(
+    db_pool: asyncpg.Pool, make_hub: object
+) -> None:
+    """Batching keeps the slow-subscriber rule: a 5-event buffer overflowed by 30 events gives
+    the 5 it held, then ``event: lagged`` with that position; resuming from it (as
+    Last-Event-ID does) gives the other 25 exactly once."""
+    hub = await make_hub(buffer_size=5)  # type: ignore[operator]
+    execution_id = await _new_execution(db_pool)
+    slow = await _subscribe(hub, execution_id)
+    assert await slow.next(wait_s=0.01) is None
+    for _ in range(29):
+        await _append(db_pool, execution_id)
+    await _append(db_pool, execution_id, "execution_completed")
+    async with asyncio.timeout(10):
+        while not slow._slot.lagged:
+            await asyncio.sleep(0.01)
+    chunks = await _sse_chunks(slow, EventFrames())
+    text = "".join(c.decode() if isinstance(c, bytes) else c for c in chunks)
+    assert _sse_ids(text) == [1, 2, 3, 4, 5]
+    last_line = text.rstrip("\n").split("\n")
+    assert last_line[-2] == "event: lagged"
+    assert json.loads(last_line[-1].removeprefix("data: "))["after_seq"] == 5
+    resumed = await _subscribe(hub, execution_id, after_seq=5)
+    chunks = await _sse_chunks(resumed, EventFrames())
+    assert [seq for chunk in chunks for seq in _sse_ids(chunk)] == list(range(6, 31))

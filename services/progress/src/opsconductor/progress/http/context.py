@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from starlette.requests import HTTPConnection
 
 from opsconductor.common.auth import Principal
 from opsconductor.progress.app import ProgressApp
 from opsconductor.progress.http.auth import authenticate
+from opsconductor.progress.http.event_frames import EventFrames
 from opsconductor.progress.http.tickets import TicketIssuer
 from opsconductor.progress.logic.access import EventAccess
 from opsconductor.progress.settings import ProgressSettings
@@ -20,6 +21,8 @@ class HttpContext:
 
     app: ProgressApp
     tickets: TicketIssuer
+    #: Event frames encoded once for every subscriber of this process.
+    frames: EventFrames = field(default_factory=EventFrames)
 
     @staticmethod
     def of(connection: HTTPConnection) -> HttpContext:

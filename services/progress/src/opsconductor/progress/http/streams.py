@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 from collections.abc import AsyncIterator
-from typing import Any
 
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -34,16 +32,16 @@ from opsconductor.common.errors import SubscriberLaggedError
 from opsconductor.lifecycle.storage.paging import invalid_page_request
 from opsconductor.progress.http.context import HttpContext
 from opsconductor.progress.http.errors import WS_CLOSE_BASE, describe
+from opsconductor.progress.http.event_frames import EventFrames
+from opsconductor.progress.http.event_frames import dump_json as _json
 from opsconductor.progress.logic.subscription import Subscription
 
 #: Events one long-poll answer carries at most.
 _POLL_BATCH = 500
+#: SSE: events sent in one chunk at most (a subscriber catching up).
+_SSE_BATCH = 64
 #: SSE: how long a browser waits before reconnecting on its own.
 _SSE_RETRY_MS = 2000
-
-
-def _json(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), default=str)
 
 
 def _int_param(name: str, value: str | None) -> int:
@@ -90,13 +88,15 @@ async def sse(request: Request) -> Response:
         subscription.release()
         return Response(status_code=204)
     return StreamingResponse(
-        _sse_body(subscription, ctx.settings.sse_heartbeat_s),
+        _sse_body(subscription, ctx.frames, ctx.settings.sse_heartbeat_s),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
 
 
-async def _sse_body(subscription: Subscription, heartbeat_s: float) -> AsyncIterator[str]:
+async def _sse_body(
+    subscription: Subscription, frames: EventFrames, heartbeat_s: float
+) -> AsyncIterator[str | bytes]:
     try:
         yield f"retry: {_SSE_RETRY_MS}\n\n"
         while True:
@@ -110,9 +110,25 @@ async def _sse_body(subscription: Subscription, heartbeat_s: float) -> AsyncIter
                     return
                 yield ": heartbeat\n\n"
                 continue
-            yield f"id: {event.seq}\ndata: {_json(event.to_json_dict())}\n\n"
+            # What else is buffered already goes out in the same chunk: one write, not many,
+            # for a subscriber the fan-out left behind.
+            batch = [frames.sse(event)]
+            lagged = None
+            while subscription.ready and len(batch) < _SSE_BATCH:
+                try:
+                    more = await subscription.next(wait_s=0)
+                except SubscriberLaggedError as exc:
+                    lagged = exc
+                    break
+                if more is None:
+                    break
+                batch.append(frames.sse(more))
             if subscription.done:
-                yield "event: end\ndata: {}\n\n"
+                batch.append(b"event: end\ndata: {}\n\n")
+            elif lagged is not None:
+                batch.append(f"event: lagged\ndata: {_json(lagged.details)}\n\n".encode())
+            yield batch[0] if len(batch) == 1 else b"".join(batch)
+            if subscription.done or lagged is not None:
                 return
     finally:
         subscription.release()
@@ -129,7 +145,9 @@ async def websocket_events(websocket: WebSocket) -> None:
         await websocket.send_text(_json(body))
         await websocket.close(code=WS_CLOSE_BASE + status)
         return
-    pump = asyncio.ensure_future(_ws_pump(websocket, subscription, ctx.settings.sse_heartbeat_s))
+    pump = asyncio.ensure_future(
+        _ws_pump(websocket, subscription, ctx.frames, ctx.settings.sse_heartbeat_s)
+    )
     # The client sends nothing; a receive returns when it goes away, which ends the pump.
     hangup = asyncio.ensure_future(_wait_hangup(websocket))
     try:
@@ -150,7 +168,9 @@ async def _wait_hangup(websocket: WebSocket) -> None:
             return
 
 
-async def _ws_pump(websocket: WebSocket, subscription: Subscription, heartbeat_s: float) -> None:
+async def _ws_pump(
+    websocket: WebSocket, subscription: Subscription, frames: EventFrames, heartbeat_s: float
+) -> None:
     try:
         while True:
             event = await subscription.next(wait_s=heartbeat_s)
@@ -159,7 +179,7 @@ async def _ws_pump(websocket: WebSocket, subscription: Subscription, heartbeat_s
                     break
                 await websocket.send_text('{"heartbeat":true}')
                 continue
-            await websocket.send_text(_json({"event": event.to_json_dict()}))
+            await websocket.send_text(frames.websocket(event))
             if subscription.done:
                 break
     except SubscriberLaggedError as exc:

@@ -112,7 +112,10 @@ class Slot:
                 self._poked = False
                 return Wake.POKE
             self._signal.clear()
-            if wait_s is not None and wait_s <= 0:
+            if wait_s is None:
+                await self._signal.wait()  # no timer to arm and cancel per event
+                continue
+            if wait_s <= 0:
                 return Wake.TIMEOUT
             try:
                 async with asyncio.timeout(wait_s):

@@ -55,6 +55,11 @@ class Subscription:
     def _pool(self) -> asyncpg.Pool:
         return self._hub.pool
 
+    @property
+    def ready(self) -> bool:
+        """True when :meth:`next` has an event to hand out without waiting for one."""
+        return not self.done and bool(self._pending or self._slot.buffer)
+
     def release(self) -> None:
         """Leave the hub (idempotent)."""
         self._hub.release(self._slot)

@@ -14,8 +14,11 @@ runs): each queued path starts the consumers it needs, so which worker runs a jo
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+import subprocess
+import sys
 import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -34,7 +37,7 @@ from .background import background_plan, kill, wait_step_running, wait_terminal
 from .conftest import Tenant, running_stack
 from .inspection import wait_until
 from .plans import plan, probe_step
-from .stack import Stack
+from .stack import Stack, service_env
 
 workers = background.workers
 
@@ -322,3 +325,47 @@ async def test_a_rejected_execution(tenant: Tenant, ledger: Path) -> None:
         final_record="approval_decided",
     )
     assert "execution_transitioned" in events_in(found, "approvals")
+
+
+async def run_reaper_logged(stack: Stack, **env: str) -> None:
+    """One reaper pass (the CronJob's ``--once``) logging to ``reaper.log`` of the stack."""
+    worker_env = stack.services["worker"].extra_env
+    with (stack.log_dir / "reaper.log").open("ab") as log:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "opsconductor.worker.reaper",
+            "--once",
+            env=service_env(stack.dsn, {**worker_env, **env}),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+        assert await asyncio.wait_for(process.wait(), 60) == 0
+
+
+async def test_an_execution_the_reaper_ends_after_its_worker_died(
+    tenant: Tenant, e2e_pool: asyncpg.Pool, ledger: Path, workers: background.Workers
+) -> None:
+    """worker-a is SIGKILLed mid-run and nobody takes over before the deadline: the reaper's
+    pass ends it failed (timed out), and its records of it are the execution's too."""
+    worker_a = await workers.start("worker-a")
+    async with tenant.client("alice") as client:
+        submitted = await client.submit(background_plan(ledger), tenant_id=tenant.id)
+        await wait_step_running(e2e_pool, submitted.execution_id, "s1", worker_id="worker-a")
+        kill(worker_a)
+        await e2e_pool.execute(
+            "UPDATE executions SET deadline_at = now() - interval '1 hour' WHERE id = $1::uuid",
+            submitted.execution_id,
+        )
+        await run_reaper_logged(tenant.stack, OPSC_REAPER_DEADLINE_GRACE_S="0")
+        final = await wait_terminal(client, submitted, 10)
+    assert (final.status, final.timed_out) == ("failed", True)
+    found = await assert_correlated(
+        tenant.stack,
+        tenant.pool,
+        submitted,
+        processes={"api", "worker-a", "reaper"},
+        final_record="execution_transitioned",
+    )
+    assert "execution_transitioned" in events_in(found, "reaper")

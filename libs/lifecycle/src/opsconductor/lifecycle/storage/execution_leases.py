@@ -11,16 +11,19 @@ again (their idempotency key is the same, so the system acted upon can deduplica
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from typing import Any
 from uuid import UUID
 
 import structlog
 
 from opsconductor.common.fsm import TERMINAL, ExecutionStatus
+from opsconductor.lifecycle.execution_logging import bind_execution
 from opsconductor.lifecycle.storage.events import append_event
 from opsconductor.lifecycle.storage.execution_reads import get_execution
 from opsconductor.lifecycle.storage.execution_records import (
     ExecutionRecord,
     PoolOrConnection,
+    execution_from_row,
     lock_execution,
     transaction,
 )
@@ -180,7 +183,7 @@ async def record_lease_renewal(db: PoolOrConnection, execution_id: UUID, lease_t
 
 
 _OVERDUE = """
-SELECT id, tenant_id FROM executions
+SELECT * FROM executions
 WHERE status = 'running' AND deadline_at < clock_timestamp() - make_interval(secs => $1)
 ORDER BY deadline_at
 LIMIT $2
@@ -210,32 +213,39 @@ async def fail_overdue_executions(
     async with transaction(db) as conn:
         rows = await conn.fetch(_OVERDUE, grace.total_seconds(), limit)
     for row in rows:
-        async with transaction(db) as conn:
-            locked = await lock_execution(conn, row["id"])
-            if locked["status"] != ExecutionStatus.RUNNING.value:
-                continue
-            await conn.execute(_FAIL_RUNNING_STEPS, row["id"])
-            await conn.execute(_SKIP_PENDING_STEPS, row["id"])
-            await transition(
-                conn,
-                row["id"],
-                to=ExecutionStatus.FAILED,
-                by=by,
-                expected_from=ExecutionStatus.RUNNING,
-                fields={
-                    "timed_out": True,
-                    "lease_token": None,
-                    "error_class": "EXECUTION_TIMEOUT",
-                    "error_message": "deadline passed while no worker was running it",
-                },
-                tenant_id=row["tenant_id"],
-            )
-            # Its worker is gone and will never release them: whoever ends it does.
-            await release_execution_locks(conn, row["id"])
-            failed.append(row["id"])
+        # Its records (the transition, the locks released) are the execution's.
+        with bind_execution(execution_from_row(row)):
+            if await _fail_overdue(db, row, by):
+                failed.append(row["id"])
     if failed:
         log.warning("overdue_executions_failed", count=len(failed))
     return failed
+
+
+async def _fail_overdue(db: PoolOrConnection, row: Any, by: str) -> bool:
+    async with transaction(db) as conn:
+        locked = await lock_execution(conn, row["id"])
+        if locked["status"] != ExecutionStatus.RUNNING.value:
+            return False
+        await conn.execute(_FAIL_RUNNING_STEPS, row["id"])
+        await conn.execute(_SKIP_PENDING_STEPS, row["id"])
+        await transition(
+            conn,
+            row["id"],
+            to=ExecutionStatus.FAILED,
+            by=by,
+            expected_from=ExecutionStatus.RUNNING,
+            fields={
+                "timed_out": True,
+                "lease_token": None,
+                "error_class": "EXECUTION_TIMEOUT",
+                "error_message": "deadline passed while no worker was running it",
+            },
+            tenant_id=row["tenant_id"],
+        )
+        # Its worker is gone and will never release them: whoever ends it does.
+        await release_execution_locks(conn, row["id"])
+    return True
 
 
 async def fail_lost_execution(

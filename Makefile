@@ -21,7 +21,9 @@ help:
 	@echo "make protos       regenerate libs/proto from protos/"
 	@echo "make migrate      apply migrations to DATABASE_URL; make migrate-down reverts one step"
 	@echo "make k8s-validate render every kustomize overlay and validate it against the Kubernetes schemas"
-	@echo "make bench        run the benchmarks under bench/ and print their figures"
+	@echo "make bench        run the benchmarks under bench/ and print one summary table (~15 min)"
+	@echo "make bench-peers  the background no-op workload through saq and pgqueuer, ours / theirs"
+	@echo "make bench-scale  the figures with 1 000 000 stored + 100 000 queued executions vs empty"
 	@echo "make chaos        the chaos soak: CHAOS_PLANS (500), CHAOS_SEED (1), CHAOS_MINUTES (9, max 10)"
 
 venv: $(STAMP)

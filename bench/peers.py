@@ -122,7 +122,7 @@ def render(result: dict[str, Any]) -> str:
     )
     head = f"{'figure':<28}{'ours 1w':>9}{'ours 2w':>9}"
     for name in PEERS:
-        head += f"{name:>10}{'ours1w/' + name:>16}{'ours2w/' + name:>16}"
+        head += f"{name:>10}{'ours1w/' + name:>17}{'ours2w/' + name:>17}"
     lines = [
         "",
         "Background no-op jobs: OpsConductor vs saq vs pgqueuer, same Postgres and Redis, same run",
@@ -149,7 +149,7 @@ def render(result: dict[str, Any]) -> str:
             theirs = result["peers"][name][key]
             r1 = one / theirs if theirs else float("inf")
             r2 = two / theirs if theirs else float("inf")
-            line += f"{fmt.format(theirs):>10}{r1:>16.2f}{r2:>16.2f}"
+            line += f"{fmt.format(theirs):>10}{r1:>17.2f}{r2:>17.2f}"
         lines.append(line)
     lines.append("ours/theirs: for jobs/s above 1 is better, for queue wait below 1 is better")
     return "\n".join(lines)

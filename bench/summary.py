@@ -191,7 +191,7 @@ def render(levels: Sequence[str], since: datetime | None) -> tuple[str, bool]:
         "?",
     )
     width = 44
-    col = 30
+    col = 36
     lines = [
         "",
         "=" * (width + col * len(levels) + 24),

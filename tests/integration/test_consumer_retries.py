@@ -47,7 +47,7 @@ from opsconductor.lifecycle.storage.execution_stats import ObservedDurations
 from opsconductor.lifecycle.storage.executions import retire_idempotency_key
 from opsconductor.lifecycle.storage.flags import SYSTEM_TENANT, FlagCache, update_flags
 from opsconductor.lifecycle.storage.policies import TimeoutPolicy, load_timeout_policies
-from opsconductor.lifecycle.storage.role_bindings import bind_role
+from opsconductor.lifecycle.storage.role_bindings import bind_role, unbind_role
 from opsconductor.policy.rbac import Authorizer, RbacPolicy
 from opsconductor.worker.logic.consumer import INITIAL_LEASE_S, BackgroundConsumer
 from opsconductor.worker.logic.runner import ExecutionRunner
@@ -452,3 +452,39 @@ async def test_requeue_refusals_name_their_reason_and_leave_the_entry_open(
     assert all(e.requeued_at is None for e in entries)
     assert await rig.pool.fetchval("SELECT count(*) FROM executions") == 2
     assert not (await rig.queue.stats()).paused
+
+
+async def test_a_submitter_revoked_while_queued_is_refused_by_the_worker_and_the_job_dropped(
+    rig: Rig, tmp_path: Path
+) -> None:
+    """Second RBAC tier: the worker re-authorizes the submitter from Postgres; one whose role
+    was removed after the submit gets nothing run. The execution ends failed with the denial's
+    reason, its steps skipped (one event each, reason ``permission_denied``), and the job leaves
+    both stores."""
+    ledger = tmp_path / "ledger.jsonl"
+    execution_id, job_id = await submit(rig, probe_plan(ledger))
+    assert await unbind_role(rig.pool, TENANT, SUBMITTER.actor_id, "operator")
+
+    assert await run_next(rig) == job_id
+
+    assert not ledger.exists(), "nothing may run for a revoked submitter"
+    record = await get_execution(rig.pool, TENANT, execution_id)
+    assert (record.status, record.error_class) == ("failed", "PERMISSION_DENIED")
+    assert record.worker_id == WORKER
+    assert [s.status for s in record.steps] == ["skipped"]
+    assert await event_types(rig.pool, execution_id) == [
+        "execution_started",
+        "execution_queued",
+        "execution_running",
+        "rbac_violation",
+        "step_skipped",
+        "execution_completed",
+    ]
+    reason = await rig.pool.fetchval(
+        "SELECT payload->>'reason' FROM execution_events"
+        " WHERE execution_id = $1 AND type = 'step_skipped'",
+        execution_id,
+    )
+    assert reason == "permission_denied"
+    assert await jobs.get_queue_row(rig.pool, job_id) is None
+    assert not await rig.queue.exists(job_id)

@@ -40,7 +40,6 @@ from opsconductor.common.errors import (
     ApprovalInvalidatedError,
     ConflictError,
     FailedPreconditionError,
-    FSMError,
     NotFoundError,
     OpsConductorError,
     SelfApprovalError,
@@ -55,6 +54,7 @@ from opsconductor.lifecycle.storage.approval_records import (
     get_approval,
 )
 from opsconductor.lifecycle.storage.events import append_event
+from opsconductor.lifecycle.storage.execution_failures import end_failed
 from opsconductor.lifecycle.storage.execution_records import (
     ExecutionRecord,
     PoolOrConnection,
@@ -512,25 +512,18 @@ async def fail_undispatched(
         rows = await conn.fetch(_UNDISPATCHED, grace, limit)
     failed = 0
     for row in rows:
-        try:
-            async with transaction(db) as conn:
-                await transition(
-                    conn,
-                    row["id"],
-                    to=_S.FAILED,
-                    by=by,
-                    expected_from=_S.AWAITING_APPROVAL,
-                    fields={
-                        "error_class": "DISPATCH_LOST",
-                        "error_message": "approved, but no worker was asked to run it",
-                    },
-                    event_payload={"approval_id": str(row["approval_id"])},
-                    tenant_id=row["tenant_id"],
-                )
-                await retire_idempotency_key(conn, row["id"])
-        except FSMError:
-            continue  # started (or ended) meanwhile
-        failed += 1
+        if await end_failed(
+            db,
+            row["id"],
+            by=by,
+            error_class="DISPATCH_LOST",
+            error_message="approved, but no worker was asked to run it",
+            expected_from=_S.AWAITING_APPROVAL,
+            skip_steps=False,
+            retire_key=True,
+            event_payload={"approval_id": str(row["approval_id"])},
+        ):
+            failed += 1  # else started (or ended) meanwhile
     if failed:
         log.warning("undispatched_executions_failed", count=failed)
     return failed

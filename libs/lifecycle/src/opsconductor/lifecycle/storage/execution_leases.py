@@ -11,7 +11,6 @@ again (their idempotency key is the same, so the system acted upon can deduplica
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
-from typing import Any
 from uuid import UUID
 
 import structlog
@@ -19,6 +18,7 @@ import structlog
 from opsconductor.common.fsm import TERMINAL, ExecutionStatus
 from opsconductor.lifecycle.execution_logging import bind_execution
 from opsconductor.lifecycle.storage.events import append_event
+from opsconductor.lifecycle.storage.execution_failures import end_failed
 from opsconductor.lifecycle.storage.execution_reads import get_execution
 from opsconductor.lifecycle.storage.execution_records import (
     ExecutionRecord,
@@ -27,8 +27,7 @@ from opsconductor.lifecycle.storage.execution_records import (
     lock_execution,
     transaction,
 )
-from opsconductor.lifecycle.storage.executions import retire_idempotency_key, transition
-from opsconductor.lifecycle.storage.locks import release_execution_locks
+from opsconductor.lifecycle.storage.executions import transition
 
 log = structlog.get_logger(__name__)
 
@@ -188,16 +187,6 @@ WHERE status = 'running' AND deadline_at < clock_timestamp() - make_interval(sec
 ORDER BY deadline_at
 LIMIT $2
 """
-_FAIL_RUNNING_STEPS = """
-UPDATE execution_steps
-SET status = 'failed', ended_at = clock_timestamp(), error_class = 'EXECUTION_TIMEOUT',
-    error_message = 'the execution passed its deadline; its worker stopped responding'
-WHERE execution_id = $1 AND status = 'running'
-"""
-_SKIP_PENDING_STEPS = """
-UPDATE execution_steps SET status = 'skipped'
-WHERE execution_id = $1 AND status IN ('pending', 'awaiting_approval')
-"""
 
 
 async def fail_overdue_executions(
@@ -215,37 +204,22 @@ async def fail_overdue_executions(
     for row in rows:
         # Its records (the transition, the locks released) are the execution's.
         with bind_execution(execution_from_row(row)):
-            if await _fail_overdue(db, row, by):
+            if await end_failed(
+                db,
+                row["id"],
+                by=by,
+                error_class="EXECUTION_TIMEOUT",
+                error_message="deadline passed while no worker was running it",
+                expected_from=ExecutionStatus.RUNNING,
+                fail_running_steps=True,
+                clear_lease=True,
+                timed_out=True,
+                release_locks=True,
+            ):
                 failed.append(row["id"])
     if failed:
         log.warning("overdue_executions_failed", count=len(failed))
     return failed
-
-
-async def _fail_overdue(db: PoolOrConnection, row: Any, by: str) -> bool:
-    async with transaction(db) as conn:
-        locked = await lock_execution(conn, row["id"])
-        if locked["status"] != ExecutionStatus.RUNNING.value:
-            return False
-        await conn.execute(_FAIL_RUNNING_STEPS, row["id"])
-        await conn.execute(_SKIP_PENDING_STEPS, row["id"])
-        await transition(
-            conn,
-            row["id"],
-            to=ExecutionStatus.FAILED,
-            by=by,
-            expected_from=ExecutionStatus.RUNNING,
-            fields={
-                "timed_out": True,
-                "lease_token": None,
-                "error_class": "EXECUTION_TIMEOUT",
-                "error_message": "deadline passed while no worker was running it",
-            },
-            tenant_id=row["tenant_id"],
-        )
-        # Its worker is gone and will never release them: whoever ends it does.
-        await release_execution_locks(conn, row["id"])
-    return True
 
 
 async def fail_lost_execution(
@@ -260,28 +234,17 @@ async def fail_lost_execution(
     """End a non-terminal execution ``failed`` (its job died in the queue); False if already
     terminal. Clears the fencing token and releases its locks. With ``lease_token``, only while
     that token still owns the execution (``StaleLeaseError`` otherwise)."""
-    async with transaction(db) as conn:
-        locked = await lock_execution(conn, execution_id, lease_token=lease_token)
-        status = ExecutionStatus(locked["status"])
-        if status in TERMINAL:
-            return False
-        await conn.execute(_FAIL_RUNNING_STEPS, execution_id)
-        await conn.execute(_SKIP_PENDING_STEPS, execution_id)
-        await transition(
-            conn,
-            execution_id,
-            to=ExecutionStatus.FAILED,
-            by=by,
-            expected_from=status,
-            fields={
-                "lease_token": None,
-                "error_class": error_class,
-                "error_message": error_message,
-            },
-            tenant_id=locked["tenant_id"],
-        )
-        await release_execution_locks(conn, execution_id)
-    return True
+    return await end_failed(
+        db,
+        execution_id,
+        by=by,
+        error_class=error_class,
+        error_message=error_message,
+        lease_token=lease_token,
+        fail_running_steps=True,
+        clear_lease=True,
+        release_locks=True,
+    )
 
 
 # Immediate executions no worker ever took: the api that created them died (or gave up on a
@@ -339,19 +302,12 @@ async def fail_unstarted_execution(
 
     Returns False, changing nothing, when it has moved on meanwhile (a worker took it after all).
     """
-    async with transaction(db) as conn:
-        locked = await lock_execution(conn, execution_id)
-        if locked["status"] != expected_from.value:
-            return False
-        await conn.execute(_SKIP_PENDING_STEPS, execution_id)
-        await transition(
-            conn,
-            execution_id,
-            to=ExecutionStatus.FAILED,
-            by=by,
-            expected_from=expected_from,
-            fields={"error_class": error_class, "error_message": error_message},
-            tenant_id=locked["tenant_id"],
-        )
-        await retire_idempotency_key(conn, execution_id)
-    return True
+    return await end_failed(
+        db,
+        execution_id,
+        by=by,
+        error_class=error_class,
+        error_message=error_message,
+        expected_from=expected_from,
+        retire_key=True,
+    )

@@ -43,6 +43,7 @@ from opsconductor.lifecycle.queue.lease import LeaseRenewalLimitError, lease_sec
 from opsconductor.lifecycle.queue.records import LeasedJob
 from opsconductor.lifecycle.queue.redis_queue import RedisQueue
 from opsconductor.lifecycle.queue.wakeups import Wakeups
+from opsconductor.lifecycle.storage.execution_failures import end_failed
 from opsconductor.lifecycle.storage.execution_leases import claim_execution
 from opsconductor.lifecycle.storage.execution_reads import find_execution, get_execution
 from opsconductor.lifecycle.storage.execution_records import (
@@ -50,8 +51,6 @@ from opsconductor.lifecycle.storage.execution_records import (
     PoolOrConnection,
     transaction,
 )
-from opsconductor.lifecycle.storage.execution_steps import skip_remaining_steps
-from opsconductor.lifecycle.storage.executions import transition
 from opsconductor.lifecycle.storage.policies import TimeoutPolicy
 from opsconductor.policy.rbac import Authorizer, submit_permissions
 
@@ -293,18 +292,16 @@ class BackgroundConsumer:
                 resource="WorkerService/background",
             )
         except PermissionDeniedError as exc:
-            await skip_remaining_steps(
-                self._pool, record.id, 0, lease_token=job.lease_token, reason="permission_denied"
-            )
-            await transition(
+            await end_failed(
                 self._pool,
                 record.id,
-                to=ExecutionStatus.FAILED,
                 by=self._worker_id,
+                error_class=exc.reason,
+                error_message=exc.message,
                 expected_from=ExecutionStatus.RUNNING,
                 lease_token=job.lease_token,
-                fields={"error_class": exc.reason, "error_message": exc.message},
-                tenant_id=record.tenant_id,
+                skip_reason="permission_denied",
+                release_locks=True,
             )
             await self._drop(job)
             return False

@@ -274,6 +274,22 @@ async def test_level_3_execution_resumed_after_each_step_approval(
     worker = events_in(found, "worker-l3")
     assert worker.count("execution_started") >= 3, worker  # the first run, then one per resume
 
+    # One trace still: the plan's approval and each step's release it, each run continues it.
+    async def all_runs() -> list[dict[str, Any]] | None:
+        _id, now = await trace_of(tenant.pool, submitted, "step s2")
+        return now if [s["name"] for s in now].count("execution") >= 3 else None
+
+    spans = await wait_until(all_runs, within_s=20, what="every run's span")
+    assert [s["parent_id"] for s in spans].count(None) == 1
+    names = [s["name"] for s in spans]
+    assert names.count("approval_released") == 3, names
+    by_id = {s["context"]["span_id"]: s for s in spans}
+    assert all(
+        by_id[s["parent_id"]]["name"] == "approval_released"
+        for s in spans
+        if s["name"] in ("execution", "queue_wait")
+    )
+
 
 async def test_takeover_after_a_sigkilled_worker(
     tenant: Tenant, e2e_pool: asyncpg.Pool, ledger: Path, workers: background.Workers

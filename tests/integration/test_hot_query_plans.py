@@ -234,6 +234,14 @@ async def captured(server_dsn: str, template_db: str, redis_url: str) -> AsyncIt
     finally:
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await admin.close()
+        # The shared Redis keeps nothing of this module (the pushed backlog above all).
+        redis = create_redis_client(redis_url)
+        try:
+            keys = [key async for key in redis.scan_iter(match=f"{prefix}*", count=1000)]
+            for start in range(0, len(keys), 500):
+                await redis.delete(*keys[start : start + 500])
+        finally:
+            await redis.aclose()
 
 
 def plan_nodes(node: dict[str, Any]) -> Iterator[dict[str, Any]]:

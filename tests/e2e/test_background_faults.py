@@ -297,6 +297,13 @@ async def test_reaper_requeues_a_dead_workers_lease_then_fails_it_past_its_deadl
             assert (job.state, job.attempts, job.lease_expirations) == ("ready", 1, 1)
             record = await execution_row(e2e_pool, exec_id)
             assert record["status"] == "running"
+            # Its followers learn of it now, not only when the deadline fails it.
+            expired = [
+                e for e in await event_rows(e2e_pool, exec_id) if e["type"] == "lease_expired"
+            ]
+            assert [(e["actor_id"], e["payload"]) for e in expired] == [
+                ("reaper", {"worker_id": "worker-a", "lease_expirations": 1})
+            ]
 
             async def overdue() -> bool:
                 return bool(

@@ -13,6 +13,7 @@ from opsconductor.lifecycle.storage.execution_leases import (
     fail_lost_execution,
     fail_overdue_executions,
     fail_unstarted_execution,
+    record_lease_expired,
 )
 from opsconductor.lifecycle.storage.execution_reads import get_execution
 from opsconductor.lifecycle.storage.execution_records import ExecutionRecord
@@ -108,3 +109,29 @@ async def test_a_lost_execution_failed_by_the_reaper_releases_its_locks(
         db_pool, record.id, error_class="LEASE_EXPIRED", error_message="lost", by="reaper"
     )
     assert await _locks_of(db_pool, record) == 0
+
+
+async def test_an_expired_lease_is_announced_only_while_its_holder_still_runs_it(
+    db_pool: asyncpg.Pool,
+) -> None:
+    """The reaper's ``lease_expired`` event is written for the worker that held the execution;
+    not once another worker took it over, nor for an ended or unknown execution."""
+    record = await in_status(db_pool, S.RUNNING)
+    await db_pool.execute("UPDATE executions SET worker_id = 'worker-a' WHERE id = $1", record.id)
+    assert not await record_lease_expired(
+        db_pool, record.id, worker_id="worker-b", lease_expirations=1
+    )
+    assert await record_lease_expired(db_pool, record.id, worker_id="worker-a", lease_expirations=1)
+    events = await db_pool.fetch(
+        "SELECT type, actor_id, payload FROM execution_events WHERE execution_id = $1 "
+        "AND type = 'lease_expired'",
+        record.id,
+    )
+    assert [(e["actor_id"], e["payload"]) for e in events] == [
+        ("reaper", {"worker_id": "worker-a", "lease_expirations": 1})
+    ]
+    ended = await in_status(db_pool, S.SUCCEEDED)
+    assert not await record_lease_expired(db_pool, ended.id, worker_id=None, lease_expirations=1)
+    assert not await record_lease_expired(
+        db_pool, uuid4(), worker_id="worker-a", lease_expirations=1
+    )

@@ -196,6 +196,7 @@ class RedisQueue:
         # KEYS of every script, in the order prelude.lua names them.
         self._keys = [f"{base}{name}" for name in _SCRIPT_KEYS]
         self._dead_key = f"{base}dead"
+        self._leased_key = f"{base}leased"
         self._paused_key = f"{base}paused"
         self._job_prefix = f"{base}job:"
         self._running_key = f"{base}running"
@@ -456,6 +457,27 @@ class RedisQueue:
                 dead=total.dead,
             )
         return total
+
+    async def expired_leases(self, limit: int = 1000) -> list[QueuedJob]:
+        """Up to ``limit`` leased jobs whose lease deadline has passed, oldest first.
+
+        A snapshot taken before :meth:`requeue_expired`: until a lease is reclaimed its holder
+        may still renew it, so only a job whose ``lease_expirations`` grew since was reclaimed.
+        """
+        if limit < 1:
+            raise ValueError("limit must be at least 1")
+        members = await self._call(
+            "expired_leases",
+            self._redis.zrangebyscore(
+                self._leased_key, "-inf", _ms(self._clock()), start=0, num=limit
+            ),
+        )
+        jobs = []
+        for member in members:
+            job = await self.get(member.decode() if isinstance(member, bytes) else member)
+            if job is not None:
+                jobs.append(job)
+        return jobs
 
     async def dead_jobs(self, limit: int = 100) -> list[QueuedJob]:
         """Up to ``limit`` jobs whose lease expired on their last attempt, oldest first.

@@ -169,6 +169,41 @@ async def requeue_execution(
         return await get_execution(conn, locked["tenant_id"], execution_id)
 
 
+_RUNNING_BY = """
+SELECT tenant_id FROM executions
+WHERE id = $1 AND status = 'running' AND worker_id IS NOT DISTINCT FROM $2
+FOR UPDATE
+"""
+
+
+async def record_lease_expired(
+    db: PoolOrConnection, execution_id: UUID, *, worker_id: str | None, lease_expirations: int
+) -> bool:
+    """Tell the execution's followers that ``worker_id``'s lease on it expired (the reaper
+    reclaimed it): a ``lease_expired`` event, unless the execution ended or another worker
+    took it over meanwhile (its ``lease_taken_over`` says so). Returns whether it was written.
+    """
+    async with transaction(db) as conn:
+        tenant_id = await conn.fetchval(_RUNNING_BY, execution_id, worker_id)
+        if tenant_id is None:
+            return False
+        await append_event(
+            conn,
+            tenant_id=tenant_id,
+            execution_id=execution_id,
+            actor_id="reaper",
+            type="lease_expired",
+            payload={"worker_id": worker_id, "lease_expirations": lease_expirations},
+        )
+    log.warning(
+        "lease_expired",
+        execution_id=str(execution_id),
+        worker_id=worker_id,
+        lease_expirations=lease_expirations,
+    )
+    return True
+
+
 async def record_lease_renewal(db: PoolOrConnection, execution_id: UUID, lease_token: UUID) -> bool:
     """Count a lease renewal on the execution (spec §1.4 ``lease_renewals``), fenced."""
     async with transaction(db) as conn:

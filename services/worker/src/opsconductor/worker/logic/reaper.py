@@ -4,7 +4,8 @@ Run every 60 s (Kubernetes CronJob, or the loop mode). Each pass, under a Postgr
 so concurrent reapers never double-act (a second one skips the pass):
 
 1. queue housekeeping — due retries become ready, expired leases are requeued (each counted as a
-   lease expiration in Redis by the script that reclaims it: a worker died or stalled);
+   lease expiration in Redis by the script that reclaims it: a worker died or stalled; the
+   execution gets a ``lease_expired`` event unless another worker took it over meanwhile);
    (before anything is re-pushed, a drain the ``dispatch_paused`` flag asks for is re-applied:
    Redis restarted empty has forgotten it);
 2. jobs whose last lease expired go to the DLQ and their executions end ``failed``;
@@ -44,6 +45,7 @@ from opsconductor.lifecycle.execution_logging import bind_execution
 from opsconductor.lifecycle.queue import dlq, jobs
 from opsconductor.lifecycle.queue.gauges import publish_gauges
 from opsconductor.lifecycle.queue.reconcile import reconcile_queue
+from opsconductor.lifecycle.queue.records import QueuedJob
 from opsconductor.lifecycle.queue.redis_queue import RedisQueue
 from opsconductor.lifecycle.storage.advisory import try_advisory_lock
 from opsconductor.lifecycle.storage.approvals import expire_pending, fail_undispatched
@@ -51,6 +53,7 @@ from opsconductor.lifecycle.storage.execution_leases import (
     fail_lost_execution,
     fail_overdue_executions,
     fail_unstarted_immediate,
+    record_lease_expired,
 )
 from opsconductor.lifecycle.storage.execution_reads import find_execution
 from opsconductor.lifecycle.storage.execution_records import transaction
@@ -119,7 +122,9 @@ async def _pass(
         try:
             # First: jobs re-pushed below must not be dispatched during a drain.
             await _reapply_drain(pool, queue)
+            expiring = await queue.expired_leases()
             reconciled = await reconcile_queue(queue, pool, orphan_grace_s=orphan_grace_s)
+            await _announce_expired_leases(pool, queue, expiring)
             dead = await _dead_letter(pool, queue)
         except QueueUnavailableError:
             # Redis is down (or restarting empty): the queue work waits for the next pass,
@@ -148,6 +153,24 @@ async def _pass(
         approvals_undispatched=undispatched,
         unstarted_failed=len(unstarted),
     )
+
+
+async def _announce_expired_leases(
+    pool: asyncpg.Pool, queue: RedisQueue, expiring: list[QueuedJob]
+) -> None:
+    """A ``lease_expired`` event for each lease of ``expiring`` reclaimed since the snapshot
+    (not one its holder renewed in time), so whoever follows the execution learns it now, not
+    only when another worker takes it over or its deadline fails it."""
+    for before in expiring:
+        after = await queue.get(before.job_id)
+        if after is None or after.lease_expirations <= before.lease_expirations:
+            continue
+        await record_lease_expired(
+            pool,
+            before.execution_id,
+            worker_id=before.worker_id,
+            lease_expirations=after.lease_expirations,
+        )
 
 
 async def _dead_letter(pool: asyncpg.Pool, queue: RedisQueue) -> int:

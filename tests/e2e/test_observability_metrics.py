@@ -737,8 +737,15 @@ async def test_a_progress_subscriber_hanging_up_mid_stream_is_released(
         await wait_until(released, within_s=10, what="the subscriber released")
         await c.cancel(execution_id, tenant_id=tenant)
         await running
-    log = _records(metrics_stack.stack.services["progress"].log_path)
-    streams = [
-        r for r in log if r["event"] == "rpc_completed" and r["method"].endswith("/StreamEvents")
-    ]
+
+    async def logged() -> list[dict[str, Any]] | None:
+        log = _records(metrics_stack.stack.services["progress"].log_path)
+        streams = [
+            r
+            for r in log
+            if r["event"] == "rpc_completed" and r["method"].endswith("/StreamEvents")
+        ]
+        return streams or None
+
+    streams = await wait_until(logged, within_s=10, what="the stream's rpc_completed")
     assert streams[-1]["code"] == "CANCELLED"

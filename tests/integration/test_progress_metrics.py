@@ -66,7 +66,8 @@ def test_each_transports_resource_has_its_label_and_anything_else_is_other() -> 
 async def test_subscribers_deliveries_lag_and_slow_disconnects_by_transport(
     db_pool: asyncpg.Pool, make_hub: object
 ) -> None:
-    hub = await make_hub(buffer_size=5)  # type: ignore[operator]
+    # Room for 20 events: the live reader never falls that far behind, the idle one overflows.
+    hub = await make_hub(buffer_size=20)  # type: ignore[operator]
     execution_id = await _new_execution(db_pool)
     names = (
         "opsc_progress_subscribers",
@@ -84,11 +85,11 @@ async def test_subscribers_deliveries_lag_and_slow_disconnects_by_transport(
     assert await slow.next(wait_s=0.01) is None  # replayed (nothing yet): now live
     assert (moved(names[0], "sse"), moved(names[0], "websocket")) == (1, 1)
     reader = asyncio.ensure_future(drain(live))
-    for _ in range(29):
+    for _ in range(59):
         await _append(db_pool, execution_id)
         await asyncio.sleep(0.005)
     await _append(db_pool, execution_id, "execution_completed")
-    assert await reader == 30
+    assert await reader == 60
     live.release()
     live.release()  # idempotent: counted down once
     try:
@@ -99,15 +100,15 @@ async def test_subscribers_deliveries_lag_and_slow_disconnects_by_transport(
     except SubscriberLaggedError:
         pass
     slow.release()
-    # A late subscriber replays all 30: delivered, but no lag (they were committed before).
+    # A late subscriber replays all 60: delivered, but no lag (they were committed before).
     late = await subscribe(hub, execution_id, "http/poll")
-    assert await drain(late) == 30
+    assert await drain(late) == 60
     late.release()
 
-    assert moved(names[1], "sse") == 30
-    assert moved(names[2], "sse") == 30
+    assert moved(names[1], "sse") == 60
+    assert moved(names[2], "sse") == 60
     assert moved(names[3], "websocket") == 1
     assert moved(names[3], "sse") == 0
-    assert (moved(names[1], "long_poll"), moved(names[2], "long_poll")) == (30, 0)
+    assert (moved(names[1], "long_poll"), moved(names[2], "long_poll")) == (60, 0)
     assert [moved(names[0], t) for t in ("sse", "websocket", "long_poll")] == [0, 0, 0]
     assert REGISTRY.get_sample_value("opsc_progress_delivery_lag_seconds_sum", {"transport": "sse"})

@@ -85,6 +85,21 @@ CASES: list[tuple[errors.OpsConductorError, grpc.StatusCode, str]] = [
         "EXECUTION_TIMEOUT",
     ),
     (errors.StorageError(), Code.UNAVAILABLE, "STORAGE_ERROR"),
+    # Moved into the one tree from the packages that raise them (same codes and reasons).
+    (errors.ApprovalPolicyError(), Code.INVALID_ARGUMENT, "INVALID_APPROVAL_POLICY"),
+    (errors.SecretUseDeniedError(), Code.PERMISSION_DENIED, "SECRET_USE_DENIED"),
+    (errors.TenantPolicyDeniedError(), Code.PERMISSION_DENIED, "TENANT_POLICY_DENIED"),
+    (errors.DlqEntryRequeuedError(), Code.ABORTED, "DLQ_ENTRY_ALREADY_REQUEUED"),
+    (errors.LeaseRenewalLimitError(), Code.FAILED_PRECONDITION, "LEASE_RENEWAL_LIMIT"),
+    (
+        errors.DeadLetterNotRequeueableError(),
+        Code.FAILED_PRECONDITION,
+        "DLQ_ENTRY_NOT_REQUEUEABLE",
+    ),
+    (errors.MigrationError(), Code.UNAVAILABLE, "MIGRATION_FAILED"),
+    (errors.MigrationDefinitionError(), Code.UNAVAILABLE, "MIGRATION_INVALID"),
+    (errors.MigrationChecksumError(), Code.UNAVAILABLE, "MIGRATION_CHECKSUM_MISMATCH"),
+    (errors.MigrationStateError(), Code.UNAVAILABLE, "MIGRATION_STATE_MISMATCH"),
 ]
 
 

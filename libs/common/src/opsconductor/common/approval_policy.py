@@ -16,19 +16,16 @@ from typing import Any
 
 import yaml
 
-from opsconductor.common.errors import InvalidArgumentError, PlanValidationError
+from opsconductor.common.errors import (
+    ApprovalPolicyError,
+    PlanValidationError,
+)
 from opsconductor.common.plan import ActionClass, Plan
 
 LEVEL_AUTO = 0
 LEVEL_CONFIRM = 1
 LEVEL_PLAN_REVIEW = 2
 LEVEL_STEP_BY_STEP = 3
-
-
-class ApprovalPolicyError(InvalidArgumentError):
-    """The approval policy file is invalid."""
-
-    reason = "INVALID_APPROVAL_POLICY"
 
 
 @dataclass(frozen=True)

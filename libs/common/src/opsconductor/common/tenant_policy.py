@@ -29,7 +29,11 @@ from typing import Any
 import yaml
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from opsconductor.common.errors import FieldViolation, InvalidArgumentError, PermissionDeniedError
+from opsconductor.common.errors import (
+    FieldViolation,
+    InvalidArgumentError,
+    TenantPolicyDeniedError,
+)
 from opsconductor.common.settings import ENV_PREFIX, ServiceSettings
 
 __all__ = [
@@ -47,12 +51,6 @@ __all__ = [
 
 class TenantPolicyError(InvalidArgumentError):
     """The tenant policy file is unreadable or invalid."""
-
-
-class TenantPolicyDeniedError(PermissionDeniedError):
-    """The tenant's policy does not allow this plan."""
-
-    reason = "TENANT_POLICY_DENIED"
 
 
 class _Section(BaseModel):

@@ -29,7 +29,11 @@ import structlog
 
 from opsconductor.actions.planning import HandlerLookup
 from opsconductor.common.auth import Principal
-from opsconductor.common.errors import FieldViolation, PermissionDeniedError, StorageError
+from opsconductor.common.errors import (
+    FieldViolation,
+    SecretUseDeniedError,
+    StorageError,
+)
 from opsconductor.common.plan import Plan, Step
 from opsconductor.common.secret_catalogue import SecretCatalogue
 from opsconductor.common.secrets import SecretUse, find_secret_refs
@@ -70,12 +74,6 @@ def plan_policy_violations(
             violations = [FieldViolation("params", "could not be checked against the policy")]
         found += [FieldViolation(f"steps[{index}].{v.field}", v.description) for v in violations]
     return found[:_MAX_REPORTED]
-
-
-class SecretUseDeniedError(PermissionDeniedError):
-    """A step would use a secret where the tenant's secret catalogue does not allow it."""
-
-    reason = DenialReason.SECRET_USE_DENIED.value
 
 
 def step_secret_use(handlers: HandlerLookup, step: Step, tenant_id: str) -> SecretUse:

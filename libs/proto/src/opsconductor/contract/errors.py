@@ -11,11 +11,15 @@ The hierarchy (reason on the right):
 * OpsConductorError ..................................... INTERNAL
   + InvalidArgumentError (ValueError) ................... INVALID_ARGUMENT
     - PlanValidationError ............................... INVALID_PLAN
+    - ApprovalPolicyError ............................... INVALID_APPROVAL_POLICY
   + AuthenticationError ................................. UNAUTHENTICATED
   + PermissionDeniedError (PermissionError) ............. PERMISSION_DENIED
+    - SecretUseDeniedError .............................. SECRET_USE_DENIED
+    - TenantPolicyDeniedError ........................... TENANT_POLICY_DENIED
   + NotFoundError ....................................... NOT_FOUND
   + ResourceBusyError ................................... RESOURCE_BUSY
   + ConflictError ....................................... CONFLICT
+    - DlqEntryRequeuedError ............................. DLQ_ENTRY_ALREADY_REQUEUED
   + StaleLeaseError ..................................... LEASE_LOST
   + FailedPreconditionError ............................. FAILED_PRECONDITION
     - FSMError .......................................... ILLEGAL_TRANSITION
@@ -26,6 +30,8 @@ The hierarchy (reason on the right):
     - ApprovalLevelNotEnabledError ...................... APPROVAL_LEVEL_NOT_ENABLED
     - FeatureDisabledError .............................. STAGE_E_DISABLED
     - SecretResolutionError ............................. SECRET_UNRESOLVED
+    - LeaseRenewalLimitError ............................ LEASE_RENEWAL_LIMIT
+    - DeadLetterNotRequeueableError ..................... DLQ_ENTRY_NOT_REQUEUEABLE
   + ResourceExhaustedError .............................. RESOURCE_EXHAUSTED
     - QuotaExceededError ................................ QUOTA_EXCEEDED
     - SubscriberLaggedError ............................. SUBSCRIBER_LAGGED
@@ -34,6 +40,38 @@ The hierarchy (reason on the right):
   + UnimplementedError .................................. UNIMPLEMENTED
   + ExecutionTimeoutError (asyncio.TimeoutError) ........ EXECUTION_TIMEOUT
   + StorageError ........................................ STORAGE_ERROR
+    - MigrationError .................................... MIGRATION_FAILED
+      - MigrationDefinitionError ........................ MIGRATION_INVALID
+      - MigrationChecksumError .......................... MIGRATION_CHECKSUM_MISMATCH
+      - MigrationStateError ............................. MIGRATION_STATE_MISMATCH
+
+The rest of the tree is defined beside the code that raises it (class < base: reason, module):
+
+    InvalidPageRequestError < PlanValidationError: INVALID_ARGUMENT (lifecycle.storage.paging)
+    UnknownActionError < PlanValidationError: INVALID_PLAN (actions.registry)
+    SecretCatalogueError < InvalidArgumentError: INVALID_ARGUMENT (common.secret_catalogue)
+    TenantPolicyError < InvalidArgumentError: INVALID_ARGUMENT (common.tenant_policy)
+    ActionError < OpsConductorError: ACTION_ERROR (actions.base)
+    ActionFailedError < ActionError: ACTION_FAILED (actions.base)
+    ActionTimeoutError < ActionFailedError: ACTION_TIMEOUT (actions.base)
+    EgressDeniedError < ActionFailedError: EGRESS_DENIED (actions.http)
+    SandboxUnavailableError < ActionFailedError: SANDBOX_UNAVAILABLE (actions.sandbox)
+    ActionPluginError < OpsConductorError: ACTION_PLUGIN_INVALID (actions.registry)
+    RbacPolicyError < OpsConductorError: INVALID_RBAC_POLICY (policy.rbac)
+    StackStartError < OpsConductorError: DEVSTACK_START_FAILED (devstack.supervisor)
+    EmbeddedServerError < OpsConductorError: EMBEDDED_SERVER_FAILED (devstack.embedded)
+    RpcError < OpsConductorError: RPC_ERROR (client.errors; a status the client maps to no class)
+
+Every reason a caller can receive names a class of this module, so the client raises the very
+class the server raised (``tests/unit/test_error_tree.py`` checks it for every class of every
+server package). Defined elsewhere are only classes a caller never sees by their own reason:
+those that report as their base (their base's reason and status), the failures of a step's
+action (they carry the step's output, an action type, and are recorded on the step, never end an
+RPC) and start-up and configuration failures, reported as ``INTERNAL`` if one ever escaped an
+RPC. Outside the tree on purpose: ``SecretUnavailable`` (common.secrets, a provider's "no such
+secret" signal the resolver turns into :class:`SecretResolutionError`) and the command line's
+own ``ConfigError``, ``DevKeyError`` and ``PlanFileError`` (client.cli, one-line messages and
+exit codes, never sent).
 
 Three classes also derive from a builtin so that code written against the spec's snippets
 (``pytest.raises(PermissionError)``, ``pytest.raises(asyncio.TimeoutError)``) and generic
@@ -56,14 +94,22 @@ __all__ = [
     "ApprovalExpiredError",
     "ApprovalInvalidatedError",
     "ApprovalLevelNotEnabledError",
+    "ApprovalPolicyError",
     "AuthenticationError",
     "ConflictError",
+    "DeadLetterNotRequeueableError",
+    "DlqEntryRequeuedError",
     "ExecutionTimeoutError",
     "FSMError",
     "FailedPreconditionError",
     "FeatureDisabledError",
     "FieldViolation",
     "InvalidArgumentError",
+    "LeaseRenewalLimitError",
+    "MigrationChecksumError",
+    "MigrationDefinitionError",
+    "MigrationError",
+    "MigrationStateError",
     "NotFoundError",
     "OpsConductorError",
     "PermissionDeniedError",
@@ -73,10 +119,12 @@ __all__ = [
     "ResourceBusyError",
     "ResourceExhaustedError",
     "SecretResolutionError",
+    "SecretUseDeniedError",
     "SelfApprovalError",
     "StaleLeaseError",
     "StorageError",
     "SubscriberLaggedError",
+    "TenantPolicyDeniedError",
     "UnimplementedError",
     "WorkerUnavailableError",
 ]
@@ -160,6 +208,12 @@ class PlanValidationError(InvalidArgumentError):
         return cls(violations=[FieldViolation(field, description)])
 
 
+class ApprovalPolicyError(InvalidArgumentError):
+    """The approval policy file is invalid."""
+
+    reason = "INVALID_APPROVAL_POLICY"
+
+
 class AuthenticationError(OpsConductorError):
     """Authentication is missing, expired or invalid."""
 
@@ -170,6 +224,18 @@ class PermissionDeniedError(OpsConductorError, PermissionError):
     """The caller is not allowed to perform this operation."""
 
     reason = "PERMISSION_DENIED"
+
+
+class SecretUseDeniedError(PermissionDeniedError):
+    """A step would use a secret where the tenant's secret catalogue does not allow it."""
+
+    reason = "SECRET_USE_DENIED"
+
+
+class TenantPolicyDeniedError(PermissionDeniedError):
+    """The tenant's policy does not allow this plan."""
+
+    reason = "TENANT_POLICY_DENIED"
 
 
 class NotFoundError(OpsConductorError):
@@ -191,6 +257,12 @@ class ConflictError(OpsConductorError):
     """The resource was changed concurrently; reload it and retry."""
 
     reason = "CONFLICT"
+
+
+class DlqEntryRequeuedError(ConflictError):
+    """This dead-letter entry was already requeued."""
+
+    reason = "DLQ_ENTRY_ALREADY_REQUEUED"
 
 
 class StaleLeaseError(OpsConductorError):
@@ -263,6 +335,21 @@ class SecretResolutionError(FailedPreconditionError):
     reason = "SECRET_UNRESOLVED"
 
 
+class LeaseRenewalLimitError(FailedPreconditionError):
+    """The job lease was renewed as often as its timeout policy allows; it will not be extended.
+
+    Details: ``job_id``, ``lease_renewals``. The holder keeps the lease until its deadline.
+    """
+
+    reason = "LEASE_RENEWAL_LIMIT"
+
+
+class DeadLetterNotRequeueableError(FailedPreconditionError):
+    """This dead-lettered execution cannot be requeued."""
+
+    reason = "DLQ_ENTRY_NOT_REQUEUEABLE"
+
+
 class ResourceExhaustedError(OpsConductorError):
     """A limit was reached (e.g. live subscribers per tenant or per process); retry later.
 
@@ -333,3 +420,27 @@ class StorageError(OpsConductorError):
     """The database failed to complete the operation."""
 
     reason = "STORAGE_ERROR"
+
+
+class MigrationError(StorageError):
+    """The schema migration failed."""
+
+    reason = "MIGRATION_FAILED"
+
+
+class MigrationDefinitionError(MigrationError):
+    """The migration files are invalid."""
+
+    reason = "MIGRATION_INVALID"
+
+
+class MigrationChecksumError(MigrationError):
+    """An applied migration was edited after it was applied; add a new migration instead."""
+
+    reason = "MIGRATION_CHECKSUM_MISMATCH"
+
+
+class MigrationStateError(MigrationError):
+    """The database's migration history does not match the migration files."""
+
+    reason = "MIGRATION_STATE_MISMATCH"

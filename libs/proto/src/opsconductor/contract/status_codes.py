@@ -95,7 +95,15 @@ def error_classes() -> tuple[type[e.OpsConductorError], ...]:
     return tuple(cls for cls in _walk(e.OpsConductorError) if cls.__module__ == e.__name__)
 
 
-_BY_REASON: Final = {cls.reason: cls for cls in error_classes()}
+def _by_reason() -> dict[str, type[e.OpsConductorError]]:
+    # A subclass may report as its base (same reason): the base, met first, is the one mapped.
+    by_reason: dict[str, type[e.OpsConductorError]] = {}
+    for cls in error_classes():
+        by_reason.setdefault(cls.reason, cls)
+    return by_reason
+
+
+_BY_REASON: Final = _by_reason()
 _BY_CODE: Final = {row.code: row.error for row in STATUS_TABLE if row.fallback}
 
 

@@ -24,7 +24,10 @@ from uuid import UUID
 
 from prometheus_client import Counter
 
-from opsconductor.common.errors import ConflictError, NotFoundError
+from opsconductor.common.errors import (
+    DlqEntryRequeuedError,
+    NotFoundError,
+)
 from opsconductor.lifecycle.storage.events import append_event
 from opsconductor.lifecycle.storage.execution_records import (
     PoolOrConnection,
@@ -112,12 +115,6 @@ class DlqEntry:
     created_at: datetime
     requeued_at: datetime | None
     requeued_by: str | None
-
-
-class DlqEntryRequeuedError(ConflictError):
-    """This dead-letter entry was already requeued."""
-
-    reason = "DLQ_ENTRY_ALREADY_REQUEUED"
 
 
 def _entry(row: Mapping[str, Any]) -> DlqEntry:

@@ -8,19 +8,12 @@ policy's ``max_lease_renewals``; past that, :class:`LeaseRenewalLimitError`.
 
 from __future__ import annotations
 
-from opsconductor.common.errors import FailedPreconditionError
+from opsconductor.common.errors import (
+    LeaseRenewalLimitError,
+)
 from opsconductor.lifecycle.storage.policies import TimeoutPolicy
 
 __all__ = ["LeaseRenewalLimitError", "lease_seconds", "renew_after"]
-
-
-class LeaseRenewalLimitError(FailedPreconditionError):
-    """The job lease was renewed as often as its timeout policy allows; it will not be extended.
-
-    Details: ``job_id``, ``lease_renewals``. The holder keeps the lease until its deadline.
-    """
-
-    reason = "LEASE_RENEWAL_LIMIT"
 
 
 def lease_seconds(policy: TimeoutPolicy, p95_step_ms: float | None = None) -> float:

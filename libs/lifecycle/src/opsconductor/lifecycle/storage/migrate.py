@@ -61,7 +61,14 @@ import structlog
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from opsconductor.common.errors import OpsConductorError, StorageError
+from opsconductor.common.errors import (
+    MigrationChecksumError,
+    MigrationDefinitionError,
+    MigrationError,
+    MigrationStateError,
+    OpsConductorError,
+    StorageError,
+)
 from opsconductor.common.logconfig import configure_logging
 from opsconductor.common.settings import ENV_PREFIX
 
@@ -105,30 +112,6 @@ _FORGET = "DELETE FROM schema_migrations WHERE version = $1"
 
 # What asyncpg raises when the database cannot be reached or the session breaks.
 _DRIVER_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, asyncio.TimeoutError)
-
-
-class MigrationError(StorageError):
-    """The schema migration failed."""
-
-    reason = "MIGRATION_FAILED"
-
-
-class MigrationDefinitionError(MigrationError):
-    """The migration files are invalid."""
-
-    reason = "MIGRATION_INVALID"
-
-
-class MigrationChecksumError(MigrationError):
-    """An applied migration was edited after it was applied; add a new migration instead."""
-
-    reason = "MIGRATION_CHECKSUM_MISMATCH"
-
-
-class MigrationStateError(MigrationError):
-    """The database's migration history does not match the migration files."""
-
-    reason = "MIGRATION_STATE_MISMATCH"
 
 
 class MigrationSettings(BaseSettings):

@@ -35,7 +35,7 @@ import structlog
 
 from opsconductor.common.errors import (
     ConflictError,
-    FailedPreconditionError,
+    DeadLetterNotRequeueableError,
     QueueUnavailableError,
 )
 from opsconductor.common.fsm import ExecutionStatus
@@ -71,12 +71,6 @@ log = structlog.get_logger(__name__)
 #: Type of the audit event appended to the new execution.
 DLQ_REQUEUED_EVENT = "dlq_requeued"
 _MAX_REQUEST_ID = 100  # executions.request_id is VARCHAR(100)
-
-
-class DeadLetterNotRequeueableError(FailedPreconditionError):
-    """This dead-lettered execution cannot be requeued."""
-
-    reason = "DLQ_ENTRY_NOT_REQUEUEABLE"
 
 
 @dataclass(frozen=True)

@@ -240,3 +240,35 @@ async def test_immediate_and_cancelled_executions_keep_the_event_contract(
             assert [e.seq for e in events] == list(range(1, len(events) + 1))
         assert "cancel_requested" in types
         assert "step_skipped" in types
+
+
+async def test_a_retried_background_execution_streams_its_retry(
+    tenant: Tenant, ledger: Path
+) -> None:
+    """A background step failing once (real worker, real queue): the stream shows the failed
+    step, ``retry_scheduled`` with the attempts spent and when it runs again, the execution back in the queue
+    (``execution_requeued``), the step started again and succeeding, then the end; seqs 1..n."""
+    async with tenant.client("alice") as executor, progress_client(tenant, "vera") as client:
+        submitted = await executor.submit(
+            plan(
+                probe_step("flaky", ["db-3"], ledger, fail_times=1, estimate_ms=11_000),
+                sla="medium",
+            ),
+            tenant_id=tenant.id,
+        )
+        assert submitted.execution_mode == "background"
+        events = await _follow(client, tenant.id, submitted.execution_id)
+    types = [e.type for e in events]
+    assert [e.seq for e in events] == list(range(1, len(events) + 1))
+    assert types[0] == "execution_started"
+    assert events[-1].type == "execution_completed"
+    assert events[-1].payload["status"] == "succeeded"
+    failed = types.index("step_failed")
+    retry = types.index("retry_scheduled")
+    requeued = types.index("execution_requeued")
+    assert failed < retry < types.index("step_succeeded")
+    assert failed < requeued < types.index("step_succeeded")
+    assert types.count("retry_scheduled") == 1
+    assert types.count("step_started") == 2
+    assert events[retry].payload["attempts"] == 1
+    assert events[retry].payload["available_at"]

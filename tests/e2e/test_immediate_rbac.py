@@ -8,10 +8,13 @@ refusal is ``PERMISSION_DENIED`` (a ``PermissionError`` in the client) and leave
 
 from __future__ import annotations
 
+import secrets
+import time
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 import asyncpg
 import grpc.aio
@@ -29,6 +32,10 @@ from opsconductor.client import (
 )
 from opsconductor.common.auth import issue_token
 from opsconductor.execution.v1 import worker_service_pb2, worker_service_pb2_grpc
+from opsconductor.lifecycle.storage.execution_reads import get_execution
+from opsconductor.lifecycle.storage.execution_records import ExecutionRecord
+from opsconductor.lifecycle.storage.executions import NewExecution, create_execution
+from opsconductor.lifecycle.storage.role_bindings import unbind_role
 
 from . import inspection
 from .conftest import Tenant, token
@@ -120,6 +127,61 @@ async def test_worker_refuses_run_immediate_from_anyone_but_the_submitter(
         events = await rbac_violations(e2e_pool, tenant.id, actor)
         assert [(e["tier"], e["reason"]) for e in events] == [("worker", reason)]
     assert len(read_ledger(ledger)) == 1
+
+
+async def pending_copy(pool: asyncpg.Pool, record: ExecutionRecord) -> UUID:
+    """A pending immediate execution of the same plan and submitter, as the api creates one."""
+    new = NewExecution(
+        tenant_id=record.tenant_id,
+        actor_id=record.actor_id,
+        request_id=None,
+        idempotency_key=secrets.token_hex(32),
+        plan_hash=record.plan_hash,
+        plan_snapshot=record.plan_snapshot,
+        plan_snapshot_hash=record.plan_snapshot_hash,
+        execution_mode="immediate",
+        sla_class=record.sla_class,
+        action_class=record.action_class,
+        approval_level=0,
+        priority=record.priority,
+        timeout_policy_id=record.timeout_policy_id,
+        timeout_ms=record.timeout_ms,
+        estimated_duration_ms=record.estimated_duration_ms,
+        record_only=record.record_only,
+        steps=[(s.step_id, s.position, s.action, s.action_class) for s in record.steps],
+    )
+    created, _ = await create_execution(pool, new, dedup_window=timedelta(hours=1))
+    return created.id
+
+
+async def test_the_worker_refuses_a_revoked_binding_within_a_second(
+    tenant: Tenant, ledger: Path, stack: Stack, e2e_pool: asyncpg.Pool
+) -> None:
+    """Both tiers cache roles (under a second, dropped on any change of role_bindings): alice
+    runs a plan, so each holds her roles; she loses her role, and within a second RunImmediate
+    straight to the worker (no api in front to catch it) refuses her executions."""
+    async with tenant.client("alice") as client:
+        done = await client.submit(create_plan(ledger), tenant_id=tenant.id)
+    first = await get_execution(e2e_pool, tenant.id, done.execution_id)
+    pending = [await pending_copy(e2e_pool, first) for _ in range(10)]
+    await unbind_role(e2e_pool, tenant.id, "alice", "operator")
+    revoked = time.monotonic()
+    bearer = token("alice", tenant.id)
+    for execution_id in pending:
+        try:
+            await run_immediate(stack, bearer, tenant_id=tenant.id, execution_id=str(execution_id))
+        except PermissionDeniedError:
+            break
+        assert time.monotonic() - revoked < 1.0, "the worker still ran them a second later"
+    else:
+        raise AssertionError("the worker never refused the revoked submitter")
+    assert time.monotonic() - revoked < 1.0
+    events = await rbac_violations(e2e_pool, tenant.id, "alice")
+    assert [(e["tier"], e["reason"]) for e in events] == [("worker", "NO_ROLE_BINDING")]
+    # The api's cache dropped her roles too: a submit is refused at the front door.
+    async with tenant.client("alice") as client:
+        with pytest.raises(PermissionDeniedError):
+            await client.submit(create_plan(ledger), tenant_id=tenant.id)
 
 
 async def test_api_refuses_and_audits_every_cross_tenant_call(

@@ -84,10 +84,9 @@ async def submit_background(pool: asyncpg.Pool, limits: TenantQuotas, key: str |
 
 
 async def submit_immediate(pool: asyncpg.Pool, limits: TenantQuotas, key: str | None = None):
-    """The api's immediate recipe: the quota lock, then admission and creation in one statement."""
+    """The api's immediate recipe: quota lock, admission and creation in one statement."""
     new = new_execution("immediate", key)
-    async with transaction(pool) as conn:
-        return await limits.create_immediate(conn, new, dedup_window=timedelta(hours=1))
+    return await limits.create_immediate(pool, new, dedup_window=timedelta(hours=1))
 
 
 async def count(pool: asyncpg.Pool, table: str) -> int:
@@ -236,6 +235,29 @@ async def test_a_submitter_killed_holding_the_quota_lock_blocks_nobody(
     assert created
     assert await count(db_pool, "executions") == 1  # the dead submit's row went with it
     victim_pool.terminate()
+
+
+async def test_an_immediate_submit_waits_for_the_tenants_quota_lock(
+    db_dsn: str, db_pool: asyncpg.Pool
+) -> None:
+    """The one-statement immediate admission takes the same per-tenant lock as every other
+    admission: it waits while another submit of the tenant holds it, and counts what that one
+    committed (here: the limit reached, so it is refused)."""
+    holder_pool = await create_pool(db_dsn, min_size=1, max_size=1)
+    try:
+        async with holder_pool.acquire() as holder, holder.transaction():
+            await quota_usage.lock_tenant_quota(holder, TENANT)
+            await create_execution(
+                holder, new_execution("immediate"), dedup_window=timedelta(hours=1)
+            )
+            waiter = asyncio.create_task(submit_immediate(db_pool, quotas(max_immediate=1)))
+            await asyncio.sleep(0.3)
+            assert not waiter.done()  # serialized behind the holder
+        with pytest.raises(QuotaExceededError):
+            await asyncio.wait_for(waiter, 10)
+        assert await count(db_pool, "executions") == 1
+    finally:
+        await holder_pool.close()
 
 
 async def test_the_quota_lock_needs_a_transaction(db_pool: asyncpg.Pool) -> None:

@@ -30,7 +30,7 @@ from opsconductor.common.errors import QuotaExceededError
 from opsconductor.common.settings import ServiceSettings
 from opsconductor.common.tenant_policy import QuotaPolicy, TenantPolicies
 from opsconductor.lifecycle.storage import quota_usage
-from opsconductor.lifecycle.storage.execution_records import ExecutionRecord
+from opsconductor.lifecycle.storage.execution_records import ExecutionRecord, PoolOrConnection
 from opsconductor.lifecycle.storage.executions import NewExecution, create_immediate_execution
 from opsconductor.lifecycle.storage.quota_usage import ImmediateUsage
 
@@ -141,18 +141,17 @@ class TenantQuotas:
         return await _unless_duplicate(conn, tenant_id, idempotency_key, refusal)
 
     async def create_immediate(
-        self, conn: asyncpg.Connection, new: NewExecution, *, dedup_window: timedelta
+        self, db: PoolOrConnection, new: NewExecution, *, dedup_window: timedelta
     ) -> tuple[ExecutionRecord, bool]:
-        """Admit and create an immediate execution of ``new.tenant_id``, in the submit's
-        transaction: the quota lock, then one statement that counts, creates (or finds the
-        duplicate, never refused) and writes nothing when refused.
+        """Admit and create an immediate execution of ``new.tenant_id`` in one statement: the
+        tenant's quota lock, the count, the creation (or the duplicate, never refused), nothing
+        written when refused (``db``: a pool, or a connection whose transaction it joins).
 
         Raises :class:`QuotaExceededError` when the tenant is at ``max_immediate``.
         """
         limit = self.for_tenant(new.tenant_id).max_immediate
-        await quota_usage.lock_tenant_quota(conn, new.tenant_id)
         created = await create_immediate_execution(
-            conn, new, dedup_window=dedup_window, max_in_flight=limit
+            db, new, dedup_window=dedup_window, max_in_flight=limit
         )
         if isinstance(created, ImmediateUsage):
             raise self._immediate_refusal(new.tenant_id, limit, created)

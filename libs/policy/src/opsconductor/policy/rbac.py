@@ -42,6 +42,7 @@ from opsconductor.common.errors import OpsConductorError, PermissionDeniedError,
 from opsconductor.common.identifiers import audit_text
 from opsconductor.lifecycle.storage.audit import record_rbac_violation
 from opsconductor.lifecycle.storage.role_bindings import load_roles
+from opsconductor.lifecycle.storage.role_cache import RoleCache
 from opsconductor.policy.denial_audit import DenialAuditLimiter, DenialRecord
 
 __all__ = [
@@ -324,12 +325,16 @@ class Authorizer:
         *,
         tier: Tier,
         denial_audit: DenialAuditLimiter | None = None,
+        role_cache: RoleCache | None = None,
     ) -> None:
+        """``role_cache``: roles read through it (kept under a second, dropped on any change
+        of ``role_bindings``); without it every request reads them from Postgres."""
         if tier not in _TIERS:
             raise ValueError(f"tier must be one of {sorted(_TIERS)}, not {tier!r}")
         self._pool = pool
         self._policy = policy
         self._tier: Tier = tier
+        self._role_cache = role_cache
         self._audit = denial_audit or DenialAuditLimiter(self._write_record)
         # Every series of this tier at 0: the first denial must show as an increase.
         for reason in DenialReason:
@@ -356,7 +361,10 @@ class Authorizer:
         key = (id(self), tenant_id, principal.actor_id)
         if memo is not None and key in memo:
             return memo[key]
-        roles = await load_roles(self._pool, tenant_id, principal.actor_id)
+        if self._role_cache is not None:
+            roles = await self._role_cache.roles(self._pool, tenant_id, principal.actor_id)
+        else:
+            roles = await load_roles(self._pool, tenant_id, principal.actor_id)
         if memo is not None:
             memo[key] = roles
         return roles

@@ -26,6 +26,7 @@ from opsconductor.lifecycle.queue.redis_queue import RedisQueue, open_queue
 from opsconductor.lifecycle.storage.execution_stats import ObservedDurations
 from opsconductor.lifecycle.storage.flags import FlagCache
 from opsconductor.lifecycle.storage.policies import load_timeout_policies
+from opsconductor.lifecycle.storage.role_cache import FRONT_DOOR_MAX_AGE_S, RoleCache
 from opsconductor.policy.quotas import TenantQuotas
 from opsconductor.policy.rbac import Authorizer, RbacPolicy
 from opsconductor.rpc.resources import DatabasePool
@@ -43,6 +44,10 @@ class ApiApp:
         self._tenant_policies = TenantPolicies.load(settings.tenant_policy_file)
         # Where each tenant's secrets may go; checked at submit (the api resolves none).
         self._secret_catalogue = SecretsSettings().catalogue()
+        # Longer-lived than the worker's: the worker checks every run again within a second.
+        self._role_cache = RoleCache(
+            settings.database_url.get_secret_value(), max_age_s=FRONT_DOOR_MAX_AGE_S
+        )
         self._worker: WorkerClient | None = None
         self._queue: RedisQueue | None = None
         self._flags: FlagCache | None = None
@@ -70,7 +75,10 @@ class ApiApp:
             )
         self._flags = FlagCache(pool, ttl=self.settings.flag_cache_ttl_s)
         await self._flags.start()
-        authorizer = self._authorizer = Authorizer(pool, self._rbac_policy, tier="api")
+        await self._role_cache.start()
+        authorizer = self._authorizer = Authorizer(
+            pool, self._rbac_policy, tier="api", role_cache=self._role_cache
+        )
         policies = await load_timeout_policies(pool)
         dedup_window = timedelta(seconds=self.settings.dedup_window_s)
         self._submissions = Submissions(
@@ -109,6 +117,7 @@ class ApiApp:
             await self._worker.close()
         if self._queue is not None:
             await self._queue.aclose()
+        await self._role_cache.stop()
         await self.verifier.close()
         if self._authorizer is not None:
             await self._authorizer.flush_audit()  # aggregated denials not written yet

@@ -16,6 +16,7 @@ from opsconductor.lifecycle.queue.redis_queue import RedisQueue, open_queue
 from opsconductor.lifecycle.queue.wakeups import Wakeups
 from opsconductor.lifecycle.storage.cancellation import CancelSignals
 from opsconductor.lifecycle.storage.policies import load_timeout_policies
+from opsconductor.lifecycle.storage.role_cache import RoleCache
 from opsconductor.policy.quotas import TenantQuotas
 from opsconductor.policy.rbac import Authorizer, RbacPolicy
 from opsconductor.rpc.resources import DatabasePool
@@ -39,6 +40,7 @@ class WorkerApp:
         self._tenant_policies = TenantPolicies.load(settings.tenant_policy_file)
         self._secrets = SecretResolver.from_settings(SecretsSettings())
         self._cancel_signals = CancelSignals(settings.database_url.get_secret_value())
+        self._role_cache = RoleCache(settings.database_url.get_secret_value())
         self._immediate: ImmediateExecutions | None = None
         self._queue: RedisQueue | None = None
         self._consumer: BackgroundConsumer | None = None
@@ -65,7 +67,10 @@ class WorkerApp:
             ),
             tenant_policies=self._tenant_policies,
         )
-        authorizer = self._authorizer = Authorizer(pool, self._rbac_policy, tier="worker")
+        await self._role_cache.start()
+        authorizer = self._authorizer = Authorizer(
+            pool, self._rbac_policy, tier="worker", role_cache=self._role_cache
+        )
         self._immediate = ImmediateExecutions(pool=pool, authorizer=authorizer, runner=runner)
         if self.settings.redis_url is not None and self.settings.consumer_concurrency > 0:
             # Each tenant's max_running applies where jobs are handed out: this queue's dequeue.
@@ -111,6 +116,7 @@ class WorkerApp:
         if self._immediate is not None:
             await self._immediate.drain(self.settings.shutdown_grace_s)
         await self._cancel_signals.stop()
+        await self._role_cache.stop()
         await self.verifier.close()
         if self._authorizer is not None:
             await self._authorizer.flush_audit()  # aggregated denials not written yet

@@ -58,7 +58,7 @@ from opsconductor.lifecycle.storage.execution_steps import (
     start_step,
 )
 from opsconductor.lifecycle.storage.locks import release_execution_locks
-from opsconductor.lifecycle.storage.quota_usage import ImmediateUsage
+from opsconductor.lifecycle.storage.quota_usage import QUOTA_LOCK_CLASS, ImmediateUsage
 
 #: Who asked for a cancellation: a person, or automation (a machine identity).
 CancelInitiator = Literal["user", "system"]
@@ -133,26 +133,20 @@ UPDATE executions e SET idempotency_retired_at = now() FROM due WHERE e.id = due
 """
 # Create, in one statement (atomic by itself): retire the key's terminal execution that ended
 # over the dedup window ($20) ago, insert the execution unless its key is live (ON CONFLICT on
-# ux_exec_tenant_idem) or the tenant's immediate executions in flight reached $22 (0: no limit;
-# counted in this statement's snapshot, taken after the caller's quota lock was granted), its
-# steps and its first event; else return the live execution of the key with its steps. The
-# INSERT reads `retired` first, so the key is retired before its conflict is checked (a row
-# version this statement retired no longer conflicts). No execution back (and a count at the
-# limit): refused; neither: a racing creator committed in between, go again.
-_CREATE = f"""
-WITH retired AS (
+# ux_exec_tenant_idem) or, admitting, the tenant's immediate executions in flight reached $22
+# (0: no limit), its steps and its first event; else return the live execution of the key with
+# its steps. The INSERT reads `retired` first, so the key is retired before its conflict is
+# checked (a row version this statement retired no longer conflicts). No execution back (and a
+# count at the limit): refused; neither: a racing creator committed in between, go again.
+_CREATE_TEMPLATE = f"""
+WITH usage AS (%USAGE%
+), retired AS (
     UPDATE executions SET idempotency_retired_at = now()
     WHERE tenant_id = $2 AND idempotency_key = $5 AND idempotency_retired_at IS NULL
       AND status = ANY($21::execution_status[]) AND ended_at < now() - $20::interval
+      -- A refused submit writes nothing, not even this.
+      AND EXISTS (SELECT 1 FROM usage WHERE $22 = 0 OR usage.in_flight < $22)
     RETURNING id
-), usage AS (
-    SELECT count(*) AS in_flight,
-           min(COALESCE(started_at, created_at)
-               + make_interval(secs => COALESCE(estimated_duration_ms, timeout_ms) / 1000.0))
-               AS soonest_end
-    FROM executions
-    WHERE $22::int > 0 AND tenant_id = $2 AND execution_mode = 'immediate'
-      AND status IN ('pending', 'running')
 ), ins AS (
     INSERT INTO executions (
         id, tenant_id, actor_id, request_id, idempotency_key, plan_hash, plan_snapshot,
@@ -204,6 +198,16 @@ SELECT found.*,
      FROM ev) AS notified
 FROM usage LEFT JOIN found ON true
 """
+# Without admission: nothing counted, no lock.
+_CREATE = _CREATE_TEMPLATE.replace(
+    "%USAGE%", "\n    SELECT 0::bigint AS in_flight, NULL::timestamptz AS soonest_end"
+)
+# Admitting: migration 0012's function takes the tenant's quota lock ($28: its first key), then
+# counts on a snapshot of its own taken once the lock is granted; the lock is held until this
+# statement's transaction ends.
+_CREATE_ADMITTED = _CREATE_TEMPLATE.replace(
+    "%USAGE%", "\n    SELECT in_flight, soonest_end FROM immediate_admission($28, $2, $22)"
+)
 _REQUEST_CANCEL = """
 UPDATE executions
 SET cancelled_by = $3, cancelled_at = GREATEST(clock_timestamp(), created_at),
@@ -275,16 +279,21 @@ async def create_immediate_execution(
     ``max_in_flight`` (0: no limit) immediate executions ``pending`` or ``running``.
 
     Returns the tenant's usage instead, with nothing written, when it is at the limit; a
-    duplicate of a live execution is returned, never refused (it takes no slot). The count is
-    race-proof only under the tenant's quota lock (:func:`.quota_usage.lock_tenant_quota`),
-    taken by the caller in its transaction before this call: the statement's snapshot is then
-    taken after every earlier admission of the tenant committed.
+    duplicate of a live execution is returned, never refused (it takes no slot). Race-proof:
+    the statement takes the tenant's quota lock (:func:`.quota_usage.lock_tenant_quota`'s, held
+    until its transaction ends: the statement's own, or the caller's) and counts on a snapshot
+    taken once the lock is granted, so it sees every earlier admission of the tenant.
     """
-    return await _create(db, new, dedup_window, max_in_flight)
+    return await _create(db, new, dedup_window, max_in_flight, admit=True)
 
 
 async def _create(
-    db: PoolOrConnection, new: NewExecution, dedup_window: timedelta, max_immediate_in_flight: int
+    db: PoolOrConnection,
+    new: NewExecution,
+    dedup_window: timedelta,
+    max_immediate_in_flight: int,
+    *,
+    admit: bool = False,
 ) -> tuple[ExecutionRecord, bool] | ImmediateUsage:
     if new.initial_status in TERMINAL:
         raise ValueError(f"an execution cannot start {new.initial_status}")
@@ -292,7 +301,7 @@ async def _create(
         execution_id = uuid4()
         async with connection(db) as conn:
             row = await conn.fetchrow(
-                _CREATE,
+                _CREATE_ADMITTED if admit else _CREATE,
                 execution_id,
                 new.tenant_id,
                 new.actor_id,
@@ -320,6 +329,7 @@ async def _create(
                 [step[2] for step in new.steps],
                 [step[3] for step in new.steps],
                 [step_idempotency_key(execution_id, step[0]) for step in new.steps],
+                *([QUOTA_LOCK_CLASS] if admit else []),
             )
         if row["id"] is not None:
             steps = tuple(step_from_json(step) for step in row["steps_of_execution"] or ())

@@ -316,11 +316,10 @@ class Submissions:
             return await self._submit_background(
                 principal, request, decision, flags.record_only(tenant_id)
             )
-        async with transaction(self._pool) as conn:
-            # The tenant's quota lock, then admission and creation in one statement.
-            record, created = await self._create(
-                conn, principal, request, decision, flags.record_only(tenant_id), admit=True
-            )
+        # The tenant's quota lock, admission and creation: one statement, atomic by itself.
+        record, created = await self._create(
+            self._pool, principal, request, decision, flags.record_only(tenant_id), admit=True
+        )
         if created or _unstarted_immediate(record):
             # A duplicate of an execution no worker has taken yet hands it over again: its first
             # dispatch may have died with its api. The worker's compare-and-set on ``pending``
@@ -392,7 +391,7 @@ class Submissions:
         admit: bool = False,
     ) -> tuple[ExecutionRecord, bool]:
         """Create the execution (or find its duplicate); ``admit``: under the tenant's
-        ``max_immediate`` quota (``db`` is then a connection in a transaction)."""
+        ``max_immediate`` quota."""
         snapshot = decision.snapshot()
         new = NewExecution(
             tenant_id=request.tenant_id,

@@ -1,0 +1,2 @@
+DROP TRIGGER IF EXISTS role_bindings_notify ON role_bindings;
+DROP FUNCTION IF EXISTS role_bindings_notify();

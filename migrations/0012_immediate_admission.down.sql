@@ -1,0 +1,1 @@
+DROP FUNCTION IF EXISTS immediate_admission(INTEGER, TEXT, INTEGER);

@@ -13,6 +13,7 @@ from opsconductor.client.tls import ClientTls
 from opsconductor.client.worker import WorkerClient
 from opsconductor.common.auth import TokenVerifier
 from opsconductor.common.errors import StorageError
+from opsconductor.lifecycle.facade import PostgresRedisLifecycle
 from opsconductor.lifecycle.queue.redis_queue import RedisQueue, open_queue
 from opsconductor.lifecycle.storage.policies import load_timeout_policies
 from opsconductor.policy.rbac import Authorizer, RbacPolicy
@@ -50,8 +51,7 @@ class ApprovalsApp:
                 self.settings.redis_url.get_secret_value(), prefix=self.settings.queue_prefix
             )
         self._dispatcher = ExecutionDispatcher(
-            pool=pool,
-            queue=queue,
+            lifecycle=PostgresRedisLifecycle(pool, queue),
             worker=self._worker,
             policies=await load_timeout_policies(pool),
             margin_s=self.settings.dispatch_margin_s,

@@ -32,10 +32,8 @@ from opsconductor.common.errors import (
 )
 from opsconductor.common.fsm import ExecutionStatus
 from opsconductor.common.tracing import continue_trace, current_traceparent
-from opsconductor.lifecycle.queue.enqueue import enqueue_execution
-from opsconductor.lifecycle.queue.redis_queue import RedisQueue
-from opsconductor.lifecycle.storage.execution_leases import fail_unstarted_execution
-from opsconductor.lifecycle.storage.execution_records import ExecutionRecord, PoolOrConnection
+from opsconductor.lifecycle.facade import ExecutionLifecycle
+from opsconductor.lifecycle.storage.execution_records import ExecutionRecord
 from opsconductor.lifecycle.storage.policies import TimeoutPolicy
 
 from .ports import WorkerPort
@@ -49,14 +47,12 @@ class ExecutionDispatcher:
     def __init__(
         self,
         *,
-        pool: PoolOrConnection,
-        queue: RedisQueue | None,
+        lifecycle: ExecutionLifecycle,
         worker: WorkerPort,
         policies: Mapping[str, TimeoutPolicy],
         margin_s: float,
     ) -> None:
-        self._pool = pool
-        self._queue = queue
+        self._lifecycle = lifecycle
         self._worker = worker
         self._policies = policies
         self._margin_s = margin_s
@@ -64,7 +60,7 @@ class ExecutionDispatcher:
 
     async def enqueue(self, conn: Any, record: ExecutionRecord, *, by: str) -> UUID:
         """Queue ``record`` on ``conn`` (the decision's transaction); returns the job id."""
-        if self._queue is None:
+        if not self._lifecycle.queue_configured:
             raise QueueUnavailableError("no queue is configured for background execution")
         policy = self._policies.get(record.timeout_policy_id or "")
         if policy is None:
@@ -75,9 +71,8 @@ class ExecutionDispatcher:
         # The submit's correlation: the released job logs as the request that created the
         # execution, and its trace continues the submit's through this release.
         with continue_trace("approval_released", record.trace_context, _attributes(record)):
-            queued = await enqueue_execution(
+            job_id = await self._lifecycle.enqueue(
                 conn,
-                self._queue,
                 record,
                 policy,
                 by=by,
@@ -85,7 +80,6 @@ class ExecutionDispatcher:
                 event_payload={"reason": "approved"},
                 trace_context=current_traceparent(),
             )
-        job_id = queued.job.id
         log.info("approved_execution_queued", execution_id=str(record.id), job_id=str(job_id))
         return job_id
 
@@ -120,8 +114,7 @@ class ExecutionDispatcher:
 
     async def _fail_unstarted(self, record: ExecutionRecord) -> None:
         log.warning("approved_execution_not_started", execution_id=str(record.id))
-        await fail_unstarted_execution(
-            self._pool,
+        await self._lifecycle.end_unstarted(
             record.id,
             expected_from=ExecutionStatus.AWAITING_APPROVAL,
             by="approvals",

@@ -8,6 +8,7 @@ and in Redis keys under its own prefix.
 
 from __future__ import annotations
 
+import fcntl
 import itertools
 import os
 import secrets
@@ -46,7 +47,11 @@ def server_dsn() -> Iterator[str]:
     # must traverse every parent folder, and each pytest session (ours or a concurrent one)
     # resets /tmp/pytest-of-<user> to mode 0700.
     data_dir = Path(tempfile.mkdtemp(prefix=f"opsc-test-pg-{RUN_ID}-"))
-    server = start_postgres(data_dir)
+    # pytest-xdist workers start theirs at the same moment, and the first start on a machine
+    # creates the `pgserver` user: two concurrent `useradd`s, the loser fails. One at a time.
+    with (Path(tempfile.gettempdir()) / "opsc-test-pgserver.lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        server = start_postgres(data_dir)
     try:
         yield server.dsn
     finally:

@@ -5,11 +5,18 @@ Gates (branch coverage): each shared library holding safety-critical code must r
 `libs/policy` (RBAC, quotas), `libs/actions` (the sandbox) and `libs/rpc` (status mapping,
 authentication); the services together 85 %. Subprocesses
 started by tests (services in e2e tests, crash tests) are measured too (coverage `patch`).
+
+The test files are spread over ``OPSC_TEST_WORKERS`` (default 3) pytest-xdist worker processes,
+a whole file per worker (``--dist loadfile``) so that a module's stack starts once: most e2e time
+is spent waiting on service processes, so even 2 cores keep 3 workers busy. ``OPSC_TEST_WORKERS=0``
+runs everything in this one process. Each worker is a process of its own, so its ``RUN_ID``
+(tests/conftest.py) and with it its databases and Redis key prefixes are its own.
 """
 
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -40,8 +47,18 @@ def main() -> int:
     pg = "DATABASE_URL" if os.environ.get("DATABASE_URL") else "embedded Postgres"
     redis = "REDIS_URL" if os.environ.get("REDIS_URL") else "embedded Redis"
     print(f"test run against: {pg}, {redis}")
+    workers = int(os.environ.get("OPSC_TEST_WORKERS", "3"))
+    # In collection order (chaos, deploy, e2e, ..., unit): the long single-test files start
+    # first and the many short unit files fill the end (xdist's default puts big files first).
+    spread = ["-n", str(workers), "--dist", "loadfile", "--no-loadscope-reorder"]
+    if workers <= 0:
+        spread = []
+    # Every xdist worker must collect the same tests in the same order, and a parametrization
+    # built by iterating a set follows str hashing: one seed per run, shared by the workers.
+    seed = os.environ.setdefault("PYTHONHASHSEED", str(random.randint(1, 2**32 - 1)))
+    print(f"PYTHONHASHSEED={seed}, {workers or 'no'} xdist workers")
     run([coverage, "erase"])
-    code = run([str(bin_dir / "pytest"), "--cov", "--cov-report=", *sys.argv[1:]])
+    code = run([str(bin_dir / "pytest"), "--cov", "--cov-report=", *spread, *sys.argv[1:]])
     if code != 0:
         return code
     failed = False

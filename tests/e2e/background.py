@@ -94,7 +94,7 @@ class Workers:
             if service.process.poll() is None:
                 # A paused worker would ignore SIGTERM until resumed.
                 os.kill(service.process.pid, signal.SIGCONT)
-            service.stop(grace_s=10.0)
+            await service.stop_async(grace_s=10.0)
             self._stack.services.pop(service.name, None)
 
 

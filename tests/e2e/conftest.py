@@ -181,8 +181,7 @@ async def running_stack(
             )
         yield running
     finally:
-        for service in reversed(list(running.services.values())):
-            service.stop()
+        await running.stop()
 
 
 @pytest.fixture(scope="module")

@@ -147,8 +147,7 @@ async def module_end_checks(stack: Stack, e2e_pool: asyncpg.Pool) -> AsyncIterat
     """After the module's tests: stop the services (so every line is on disk), then assert the
     planted secret is in no table and no log, and that no service logged an error."""
     yield
-    for service in reversed(list(stack.services.values())):
-        service.stop()
+    await stack.stop()
     await assert_secret_nowhere(stack, e2e_pool)
     errors = logged_errors(stack)
     assert not errors, "a service logged errors:\n" + "\n".join(line[:2000] for line in errors)

@@ -49,6 +49,12 @@ class ServiceProcess:
                 self.process.wait(5)
         return self.process.returncode
 
+    async def stop_async(self, grace_s: float = 10.0) -> int:
+        """:meth:`stop`, waiting in a thread: the event loop keeps serving whatever the
+        service's shutdown still talks to (a test's proxy, identity provider or collector);
+        blocked, it would hold the shutdown until ``grace_s`` ran out and SIGKILL came."""
+        return await asyncio.to_thread(self.stop, grace_s)
+
 
 @dataclass
 class Stack:
@@ -64,6 +70,11 @@ class Stack:
     def http_port(self, name: str) -> int:
         """The HTTP port a service wrote to ``<name>.http-port`` (the progress service)."""
         return int((self.log_dir / f"{name}.http-port").read_text())
+
+    async def stop(self) -> None:
+        """Stop every service, the last started first (dependents before what they call)."""
+        for service in reversed(list(self.services.values())):
+            await service.stop_async()
 
     def logs(self) -> str:
         """Everything every service has logged so far."""
@@ -151,10 +162,15 @@ async def start_service(
             raise RuntimeError(f"{name} exited with {process.returncode}: see {log_path}")
         if time.monotonic() > deadline:
             process.kill()
+            process.wait(5)  # reaped: an unreaped Popen warns later, failing some other test
             raise TimeoutError(f"{name} did not bind a port within {within_s} s")
         await asyncio.sleep(0.05)
     service = ServiceProcess(name, process, int(port_file.read_text()), log_path, dict(extra_env))
-    await wait_serving(service.address, process, deadline - time.monotonic(), tls=tls)
+    try:
+        await wait_serving(service.address, process, deadline - time.monotonic(), tls=tls)
+    except BaseException:
+        await service.stop_async(grace_s=0)
+        raise
     stack.services[name] = service
     return service
 

@@ -143,9 +143,8 @@ async def metrics_stack(
     finally:
         if reaper is not None:
             reaper.terminate()
-            reaper.wait(10)
-        for service in reversed(list(stack.services.values())):
-            service.stop()
+            await asyncio.to_thread(reaper.wait, 10)
+        await stack.stop()
 
 
 @dataclass

@@ -105,8 +105,7 @@ async def counted(e2e_dsn: str, e2e_pool: asyncpg.Pool, redis_url: str) -> Async
             )
             yield Counted(stack, api_rt, worker_rt, tenant, "alice")
         finally:
-            for service in reversed(list(stack.services.values())):
-                service.stop()
+            await stack.stop()
 
 
 def noop_plan(mode: str) -> dict[str, object]:

@@ -111,8 +111,7 @@ async def secured(e2e_dsn: str, e2e_pool: asyncpg.Pool) -> AsyncIterator[tuple[S
         await start_service("approvals", running, api_env, tls=pki.user_tls)
         yield running, pki, tenant
     finally:
-        for service in reversed(list(running.services.values())):
-            service.stop()
+        await running.stop()
 
 
 async def test_an_immediate_run_crosses_tls_and_mtls_with_an_idp_token(

@@ -47,6 +47,9 @@ EXECUTABLES = (
     "/nonexistent/program-x",
     sys.executable,
 )
+#: An interpreter the step's uid can run from a shell: the venv's python resolves into /root
+#: (mode 0700), so dash started as that uid gets "Permission denied" and nothing would run.
+STEP_PYTHON = "/usr/bin/python3"
 POLICY = TenantPolicy(
     shell=ShellPolicy(
         enabled=True,
@@ -443,7 +446,7 @@ async def test_a_process_escaping_the_group_cannot_hold_the_step(shared_dir: Pat
     script = '"$0" -c "$1" & echo $!'
     started = time.monotonic()
     result = await ShellAction(kill_grace_s=0.3).run(
-        _ctx({"argv": ["/bin/sh", "-c", script, sys.executable, escape]})
+        _ctx({"argv": ["/bin/sh", "-c", script, STEP_PYTHON, escape]})
     )
     escaped = int(result.output["stdout"].split()[0])
     try:
@@ -476,7 +479,7 @@ async def test_cancelled_at_any_moment_leaves_no_process(loop_turns: int) -> Non
     token = f"opsc-test-{secrets.token_hex(6)}"
     # Every process of the group carries the token on its command line.
     script = 'trap "" TERM; "$0" -c "$1" "$2" & "$0" -c "$1" "$2" & wait'
-    argv = ["/bin/sh", "-c", script, sys.executable, "import time; time.sleep(60)", token]
+    argv = ["/bin/sh", "-c", script, STEP_PYTHON, "import time; time.sleep(60)", token]
     task = asyncio.create_task(ShellAction(kill_grace_s=0.2).run(_ctx({"argv": argv})))
     for _ in range(loop_turns):
         await asyncio.sleep(0)

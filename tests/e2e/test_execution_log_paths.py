@@ -385,3 +385,25 @@ async def test_an_execution_the_reaper_ends_after_its_worker_died(
         final_record="execution_transitioned",
     )
     assert "execution_transitioned" in events_in(found, "reaper")
+
+
+async def test_an_execution_whose_approval_expires(tenant: Tenant, ledger: Path) -> None:
+    """Nobody decides: the reaper's pass expires the request and ends the execution failed."""
+    await approvals_support.with_approvers(tenant)
+    async with tenant.client("alice") as client:
+        submitted = await client.submit(modify_plan(ledger), tenant_id=tenant.id)
+        await tenant.pool.execute(
+            "UPDATE approvals SET expires_at = clock_timestamp() WHERE id = $1::uuid",
+            submitted.approval_id,
+        )
+        await run_reaper_logged(tenant.stack)
+        final = await client.get(submitted.execution_id, tenant_id=tenant.id)
+    assert (final.status, final.error_class) == ("failed", "APPROVAL_EXPIRED")
+    found = await assert_correlated(
+        tenant.stack,
+        tenant.pool,
+        submitted,
+        processes={"api", "reaper"},
+        final_record="execution_transitioned",
+    )
+    assert "execution_transitioned" in events_in(found, "reaper")

@@ -55,6 +55,7 @@ from opsconductor.lifecycle.storage.approval_records import (
 )
 from opsconductor.lifecycle.storage.events import append_event
 from opsconductor.lifecycle.storage.execution_failures import end_failed
+from opsconductor.lifecycle.storage.execution_reads import bound_to_execution
 from opsconductor.lifecycle.storage.execution_records import (
     ExecutionRecord,
     PoolOrConnection,
@@ -467,35 +468,41 @@ async def expire_pending(db: PoolOrConnection, *, by: str = "reaper", limit: int
         due = await conn.fetch(_DUE, limit)
     expired = 0
     for item in due:
-        async with transaction(db) as conn:
-            locked = await lock_execution(conn, item["execution_id"])
-            row = await conn.fetchrow(_EXPIRE, item["id"])
-            if row is None:
-                continue  # decided or closed meanwhile
-            approval = approval_from_row(row)
-            await append_event(
-                conn,
-                tenant_id=approval.tenant_id,
-                execution_id=approval.execution_id,
-                actor_id=by,
-                type="approval_expired",
-                payload=_payload(approval, expires_at=approval.expires_at.isoformat()),
-            )
-            if locked["status"] == _S.AWAITING_APPROVAL.value:
-                await _end_waiting(
-                    conn,
-                    approval.execution_id,
-                    approval.tenant_id,
-                    to=_S.FAILED,
-                    by=by,
-                    reason="approval_expired",
-                    approval=approval,
-                    error=ApprovalExpiredError(),
-                )
-            expired += 1
+        with await bound_to_execution(db, item["execution_id"]):
+            expired += await _expire(db, item, by)
     if expired:
         log.info("approvals_expired", count=expired)
     return expired
+
+
+async def _expire(db: PoolOrConnection, item: Any, by: str) -> int:
+    """One expiry in its own transaction: 1 if it expired, 0 if decided or closed meanwhile."""
+    async with transaction(db) as conn:
+        locked = await lock_execution(conn, item["execution_id"])
+        row = await conn.fetchrow(_EXPIRE, item["id"])
+        if row is None:
+            return 0
+        approval = approval_from_row(row)
+        await append_event(
+            conn,
+            tenant_id=approval.tenant_id,
+            execution_id=approval.execution_id,
+            actor_id=by,
+            type="approval_expired",
+            payload=_payload(approval, expires_at=approval.expires_at.isoformat()),
+        )
+        if locked["status"] == _S.AWAITING_APPROVAL.value:
+            await _end_waiting(
+                conn,
+                approval.execution_id,
+                approval.tenant_id,
+                to=_S.FAILED,
+                by=by,
+                reason="approval_expired",
+                approval=approval,
+                error=ApprovalExpiredError(),
+            )
+    return 1
 
 
 async def fail_undispatched(
@@ -512,17 +519,19 @@ async def fail_undispatched(
         rows = await conn.fetch(_UNDISPATCHED, grace, limit)
     failed = 0
     for row in rows:
-        if await end_failed(
-            db,
-            row["id"],
-            by=by,
-            error_class="DISPATCH_LOST",
-            error_message="approved, but no worker was asked to run it",
-            expected_from=_S.AWAITING_APPROVAL,
-            skip_steps=False,
-            retire_key=True,
-            event_payload={"approval_id": str(row["approval_id"])},
-        ):
+        with await bound_to_execution(db, row["id"]):
+            ended = await end_failed(
+                db,
+                row["id"],
+                by=by,
+                error_class="DISPATCH_LOST",
+                error_message="approved, but no worker was asked to run it",
+                expected_from=_S.AWAITING_APPROVAL,
+                skip_steps=False,
+                retire_key=True,
+                event_payload={"approval_id": str(row["approval_id"])},
+            )
+        if ended:
             failed += 1  # else started (or ended) meanwhile
     if failed:
         log.warning("undispatched_executions_failed", count=failed)

@@ -19,7 +19,7 @@ from opsconductor.common.fsm import TERMINAL, ExecutionStatus
 from opsconductor.lifecycle.execution_logging import bind_execution
 from opsconductor.lifecycle.storage.events import append_event
 from opsconductor.lifecycle.storage.execution_failures import end_failed
-from opsconductor.lifecycle.storage.execution_reads import get_execution
+from opsconductor.lifecycle.storage.execution_reads import bound_to_execution, get_execution
 from opsconductor.lifecycle.storage.execution_records import (
     ExecutionRecord,
     PoolOrConnection,
@@ -306,17 +306,19 @@ async def fail_unstarted_immediate(
         rows = await conn.fetch(_UNSTARTED_IMMEDIATE, grace.total_seconds(), limit)
     failed: list[UUID] = []
     for row in rows:
-        if await fail_unstarted_execution(
-            db,
-            row["id"],
-            expected_from=ExecutionStatus(row["status"]),
-            by=by,
-            error_class="DISPATCH_LOST",
-            error_message=(
-                "no worker started this immediate execution: it was never handed over "
-                "(the api stopped, or no worker answered); submit the plan again"
-            ),
-        ):
+        with await bound_to_execution(db, row["id"]):
+            ended = await fail_unstarted_execution(
+                db,
+                row["id"],
+                expected_from=ExecutionStatus(row["status"]),
+                by=by,
+                error_class="DISPATCH_LOST",
+                error_message=(
+                    "no worker started this immediate execution: it was never handed over "
+                    "(the api stopped, or no worker answered); submit the plan again"
+                ),
+            )
+        if ended:
             failed.append(row["id"])
     if failed:
         log.warning("unstarted_immediate_executions_failed", count=len(failed))

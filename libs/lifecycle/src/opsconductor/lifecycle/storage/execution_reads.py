@@ -6,14 +6,17 @@ Import these through :mod:`.executions`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from collections.abc import Collection
 from datetime import datetime
+from typing import Any
 from uuid import UUID
 
 from opsconductor.common.errors import NotFoundError
 from opsconductor.common.fsm import ExecutionStatus
+from opsconductor.lifecycle.execution_logging import bind_execution
 from opsconductor.lifecycle.storage.execution_records import (
     STEPS_OF_EXECUTION,
     ExecutionRecord,
@@ -34,6 +37,7 @@ __all__ = [
     "MAX_PAGE_SIZE",
     "InvalidPageRequestError",
     "as_execution_id",
+    "bound_to_execution",
     "find_execution",
     "get_execution",
     "list_executions",
@@ -168,3 +172,15 @@ def as_execution_id(value: UUID | str) -> UUID:
     except (ValueError, TypeError, AttributeError) as exc:
         # Same error as an unknown id: a malformed id simply names no execution.
         raise NotFoundError("execution not found", execution_id=str(value)) from exc
+
+
+async def bound_to_execution(
+    db: PoolOrConnection, execution_id: UUID, **extra: Any
+) -> contextlib.AbstractContextManager[Any]:
+    """:func:`~opsconductor.lifecycle.execution_logging.bind_execution` for the execution as it
+    is now (one read), for work on it outside any request that already bound it (the reaper's
+    passes); a no-op if it is gone."""
+    record = await find_execution(db, execution_id, with_steps=False)
+    if record is None:
+        return contextlib.nullcontext()
+    return bind_execution(record, **extra)

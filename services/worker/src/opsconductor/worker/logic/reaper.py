@@ -31,17 +31,14 @@ exported by the api's gauge refresh.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
 from uuid import UUID
 
 import asyncpg
 import structlog
 
 from opsconductor.common.errors import QueueUnavailableError
-from opsconductor.lifecycle.execution_logging import bind_execution
 from opsconductor.lifecycle.queue import dlq, jobs
 from opsconductor.lifecycle.queue.gauges import publish_gauges
 from opsconductor.lifecycle.queue.reconcile import reconcile_queue
@@ -55,7 +52,7 @@ from opsconductor.lifecycle.storage.execution_leases import (
     fail_unstarted_immediate,
     record_lease_expired,
 )
-from opsconductor.lifecycle.storage.execution_reads import find_execution
+from opsconductor.lifecycle.storage.execution_reads import bound_to_execution
 from opsconductor.lifecycle.storage.execution_records import transaction
 from opsconductor.lifecycle.storage.executions import retire_idempotency_keys
 from opsconductor.lifecycle.storage.flags import load_flags
@@ -132,7 +129,7 @@ async def _pass(
             log.warning("reaper_queue_unavailable")
     overdue = await fail_overdue_executions(pool, grace=deadline_grace)
     for execution_id in overdue:
-        with await _bound(pool, execution_id):
+        with await bound_to_execution(pool, execution_id):
             await _remove_job(pool, queue, execution_id)
     locks = await reap_expired_locks(pool)
     keys = await retire_idempotency_keys(pool, dedup_window)
@@ -178,7 +175,7 @@ async def _dead_letter(pool: asyncpg.Pool, queue: RedisQueue) -> int:
     moved = 0
     for job in await queue.dead_jobs(limit=1000):
         message = "the job's last lease expired: its worker died or stalled on every attempt"
-        with await _bound(pool, job.execution_id, request_id=job.request_id):
+        with await bound_to_execution(pool, job.execution_id, request_id=job.request_id):
             await dlq.move_to_dlq(
                 pool,
                 job.execution_id,
@@ -197,17 +194,6 @@ async def _dead_letter(pool: asyncpg.Pool, queue: RedisQueue) -> int:
             await queue.remove(job.job_id)
         moved += 1
     return moved
-
-
-async def _bound(
-    pool: asyncpg.Pool, execution_id: UUID, *, request_id: str | None = None
-) -> contextlib.AbstractContextManager[Any]:
-    """The execution's §7.2 fields for the records of what the pass does to it (one read; the
-    reaper acts on executions whose worker died, rarely)."""
-    record = await find_execution(pool, execution_id, with_steps=False)
-    if record is None:
-        return contextlib.nullcontext()
-    return bind_execution(record, request_id=request_id)
 
 
 async def _remove_job(pool: asyncpg.Pool, queue: RedisQueue | None, execution_id: UUID) -> None:

@@ -248,7 +248,14 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
             timings = await worker.wait_done(count)
             waits = sorted((t[1] - t[0]) * 1000 for t in timings)
             steady.append(
-                {"jobs": count, "p50_ms": percentile(waits, 50), "p95_ms": percentile(waits, 95)}
+                {
+                    "jobs": count,
+                    "p50_ms": percentile(waits, 50),
+                    "p95_ms": percentile(waits, 95),
+                    # How long the worker needed after the last enqueue: seconds mean it fell
+                    # behind the arrival rate (the waits then measure a growing backlog).
+                    "lag_s": max(t[2] for t in timings) - max(t[0] for t in timings),
+                }
             )
     finally:
         worker.stop()

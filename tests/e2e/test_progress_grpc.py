@@ -246,8 +246,9 @@ async def test_a_retried_background_execution_streams_its_retry(
     tenant: Tenant, ledger: Path
 ) -> None:
     """A background step failing once (real worker, real queue): the stream shows the failed
-    step, ``retry_scheduled`` with the attempts spent and when it runs again, the execution back in the queue
-    (``execution_requeued``), the step started again and succeeding, then the end; seqs 1..n."""
+    step, ``retry_scheduled`` with the attempts spent and when it runs again, the execution back
+    in the queue (``execution_requeued``), the step started again and succeeding, then the end;
+    seqs 1..n."""
     async with tenant.client("alice") as executor, progress_client(tenant, "vera") as client:
         submitted = await executor.submit(
             plan(

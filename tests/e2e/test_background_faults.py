@@ -163,6 +163,12 @@ async def test_paused_worker_resumed_after_takeover_writes_nothing(
 
         await wait_until(lease_lost, within_s=15, what="worker-a to log lease_lost")
 
+        # Its lease renewal may notice first: the in-flight s2 call completes a moment later.
+        async def late_call_done() -> bool:
+            return completed_by_key(read_ledger(ledger)).get(f"{exec_id}:s2") == 2
+
+        await wait_until(late_call_done, within_s=15, what="worker-a's in-flight s2 call to end")
+
         # Whatever worker-a still tries after noticing is fenced too; it is alive and well.
         async def a_quiet() -> bool:
             lines = [e for e in log_events(worker_a) if e.get("event") == "job_processing_failed"]

@@ -14,7 +14,7 @@ import itertools
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -41,6 +41,7 @@ from opsconductor.common.errors import (
 from opsconductor.common.secrets import SecretResolver
 from opsconductor.lifecycle.queue import RedisQueue, create_redis_client, jobs
 from opsconductor.lifecycle.queue.dlq import DlqEntryRequeuedError, list_dlq, move_to_dlq
+from opsconductor.lifecycle.storage.audit_chain import verify_chain
 from opsconductor.lifecycle.storage.cancellation import CancelSignals
 from opsconductor.lifecycle.storage.execution_reads import get_execution
 from opsconductor.lifecycle.storage.execution_stats import ObservedDurations
@@ -271,6 +272,25 @@ async def test_a_failing_job_is_dead_lettered_after_exactly_max_attempts_with_do
     assert types.count("retry_scheduled") == 4
     assert types[-2:] == ["moved_to_dlq", "execution_completed"]
     assert not await rig.queue.exists(job_id)
+    # Each settle wrote its event with it (one statement each): payloads and the audit chain.
+    payloads = {
+        row["type"]: row["payload"]
+        for row in await rig.pool.fetch(
+            "SELECT type, payload FROM execution_events WHERE execution_id = $1 ORDER BY seq",
+            execution_id,
+        )
+    }
+    assert payloads["moved_to_dlq"] == {
+        "dlq_id": str(entries[0]["id"]),
+        "attempts": 5,
+        "error_class": "ACTION_FAILED",
+    }
+    last_retry = payloads["retry_scheduled"]
+    assert (last_retry["attempts"], last_retry["error_class"]) == (4, "ACTION_FAILED")
+    assert datetime.fromisoformat(last_retry["available_at"]).timestamp() == pytest.approx(
+        started_at[-1], abs=0.001
+    )
+    assert (await verify_chain(rig.pool, TENANT, execution_id)).intact
 
 
 async def test_a_requeued_dead_letter_runs_again_as_a_new_execution_with_a_fresh_budget(
@@ -488,3 +508,45 @@ async def test_a_submitter_revoked_while_queued_is_refused_by_the_worker_and_the
     assert reason == "permission_denied"
     assert await jobs.get_queue_row(rig.pool, job_id) is None
     assert not await rig.queue.exists(job_id)
+
+
+async def test_a_finished_job_leaves_both_stores(rig: Rig, tmp_path: Path) -> None:
+    """Success: the queue row's fenced delete (its lock) and the Redis ack commit together;
+    nothing is left in either store."""
+    execution_id, job_id = await submit(rig, probe_plan(tmp_path / "ledger.jsonl"))
+    await run_next(rig)
+    record = await get_execution(rig.pool, TENANT, execution_id)
+    assert record.status == "succeeded"
+    assert await jobs.get_queue_row(rig.pool, job_id) is None
+    assert not await rig.queue.exists(job_id)
+
+
+async def test_an_ack_redis_refuses_commits_the_outcome_alone_and_the_job_is_dropped_later(
+    rig: Rig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis fails at the ack: the outcome stays committed (never turned into a failure), the
+    queue row's delete rolls back, so the row stays with the job's lease; once the lease
+    expires the job is delivered again, finds its execution ended and is dropped from both
+    stores, nothing run twice."""
+    ledger = tmp_path / "ledger.jsonl"
+    execution_id, job_id = await submit(rig, probe_plan(ledger))
+
+    async def unreachable(*_args: object, **_kwargs: object) -> None:
+        raise QueueUnavailableError(operation="ack", error="ConnectionError")
+
+    monkeypatch.setattr(rig.queue, "ack", unreachable)
+    # The consumer says so (it logs it and goes on with other jobs).
+    with pytest.raises(QueueUnavailableError):
+        await run_next(rig)
+    record = await get_execution(rig.pool, TENANT, execution_id)
+    assert record.status == "succeeded"
+    row = await jobs.get_queue_row(rig.pool, job_id)
+    assert row is not None
+    assert row.state == "leased"
+    monkeypatch.undo()
+    rig.clock.now += INITIAL_LEASE_S * 100
+    assert await run_next(rig) == job_id
+    assert await jobs.get_queue_row(rig.pool, job_id) is None
+    assert not await rig.queue.exists(job_id)
+    assert [line["outcome"] for line in read_ledger(ledger)] == ["ok"]
+    assert (await get_execution(rig.pool, TENANT, execution_id)).status == "succeeded"

@@ -28,10 +28,11 @@ from opsconductor.common.errors import (
     DlqEntryRequeuedError,
     NotFoundError,
 )
-from opsconductor.lifecycle.storage.events import append_event
+from opsconductor.lifecycle.storage.events import EVENTS_CHANNEL
 from opsconductor.lifecycle.storage.execution_records import (
     PoolOrConnection,
     after_commit,
+    connection,
     transaction,
 )
 from opsconductor.lifecycle.storage.executions import (
@@ -61,14 +62,32 @@ __all__ = [
 _MAX_ERROR_CLASS = 100  # execution_dlq.error_class is VARCHAR(100)
 _MAX_ACTOR = 200  # execution_dlq.requeued_by is VARCHAR(200)
 
+# The move and its moved_to_dlq event in one statement (seq handed out by the execution row as
+# storage/events.py does; the audit hash is the insert trigger's; NOTIFY delivered at commit).
 _MOVE = """
 WITH gone AS (
     DELETE FROM execution_queue WHERE execution_id = $1 RETURNING tenant_id
+), moved AS (
+    INSERT INTO execution_dlq (execution_id, tenant_id, attempts, error_class, error_message,
+                               last_error)
+    SELECT $1, gone.tenant_id, $2::int, $3::varchar, $4::text, $5::jsonb FROM gone
+    RETURNING id, tenant_id
+), next AS (
+    UPDATE executions e SET event_seq = e.event_seq + 1
+    FROM moved WHERE e.id = $1
+    RETURNING e.id, e.event_seq
+), event AS (
+    INSERT INTO execution_events (execution_id, tenant_id, actor_id, seq, type, payload)
+    SELECT next.id, moved.tenant_id, NULL, next.event_seq, 'moved_to_dlq',
+           jsonb_build_object('dlq_id', moved.id::text, 'attempts', $2::int,
+                              'error_class', $3::varchar)
+    FROM next, moved
+    RETURNING execution_id, seq
 )
-INSERT INTO execution_dlq (execution_id, tenant_id, attempts, error_class, error_message,
-                           last_error)
-SELECT $1, gone.tenant_id, $2::int, $3::varchar, $4::text, $5::jsonb FROM gone
-RETURNING id, tenant_id
+SELECT moved.id, moved.tenant_id,
+       (SELECT count(pg_notify($6, event.execution_id::text || ':' || event.seq)) FROM event)
+           AS notified
+FROM moved
 """
 _OPEN_ENTRY = """
 SELECT id FROM execution_dlq WHERE execution_id = $1 AND requeued_at IS NULL
@@ -138,19 +157,13 @@ async def move_to_dlq(
     """
     error = None if last_error is None else dict(last_error)
     klass = None if error_class is None else error_class[:_MAX_ERROR_CLASS]
-    async with transaction(db) as conn:
-        moved = await conn.fetchrow(_MOVE, execution_id, attempts, klass, error_message, error)
+    async with connection(db) as conn:
+        moved = await conn.fetchrow(
+            _MOVE, execution_id, attempts, klass, error_message, error, EVENTS_CHANNEL
+        )
         if moved is None:
             dlq_id: UUID | None = await conn.fetchval(_OPEN_ENTRY, execution_id)
             return dlq_id
-        await append_event(
-            conn,
-            tenant_id=moved["tenant_id"],
-            execution_id=execution_id,
-            actor_id=None,
-            type="moved_to_dlq",
-            payload={"dlq_id": str(moved["id"]), "attempts": attempts, "error_class": klass},
-        )
         after_commit(conn, DLQ_MOVES.inc)
     moved_id: UUID = moved["id"]
     return moved_id

@@ -7,8 +7,9 @@ mirror here, so the reaper can rebuild Redis from these rows after Redis lost th
 Redis               mirror                           when
 ==================  ===============================  ========================================
 enqueue             :func:`insert_queue_row`         submit, in the execution's transaction
-dequeue             :func:`lease_row`                the worker, before touching the job
-renew               :func:`renew_row`                each renewal
+dequeue             ``handoff.hand_off``             the worker, before touching the job (a
+                    (:func:`lease_row`)              batch in one statement; the careful path)
+renew               ``handoff.record_renewal``       each renewal (with the execution's count)
 fail (retry)        :func:`retry_row`                a failed attempt with attempts left
 release             :func:`release_row`              graceful shutdown, deferral
 ack / remove        :func:`delete_queue_row`         success, cancel of a queued job

@@ -154,9 +154,16 @@ class BackgroundConsumer:
 
         Every record logged for the job once its execution is known carries the execution's
         spec §7.2 fields (:mod:`opsconductor.lifecycle.execution_logging`), the submit's request id
-        and this job's queue wait included.
+        and this job's queue wait included; before (a deferral), its request id and execution.
         """
-        with contextlib.ExitStack() as bound:
+        # Until the execution can be read (a deferral: its submit or release has not committed),
+        # the job's own correlation: the submit's request id, the execution, its tenant.
+        with (
+            structlog.contextvars.bound_contextvars(
+                **{k: v for k, v in _job_fields(job, self._worker_id).items() if v is not None}
+            ),
+            contextlib.ExitStack() as bound,
+        ):
             await self._process(job, bound)
 
     async def _process(self, job: LeasedJob, bound: contextlib.ExitStack) -> None:
@@ -422,3 +429,12 @@ class BackgroundConsumer:
 
 
 __all__ = ["BackgroundConsumer"]
+
+
+def _job_fields(job: LeasedJob, worker_id: str) -> dict[str, str | None]:
+    return {
+        "request_id": job.request_id,
+        "exec_id": str(job.execution_id),
+        "tenant_id": job.tenant_id,
+        "worker_id": worker_id,
+    }

@@ -77,6 +77,7 @@ __all__ = [
     "StepRecord",
     "create_execution",
     "create_immediate_execution",
+    "finish_last_step",
     "finish_step",
     "get_execution",
     "increment_cancel_checks",
@@ -536,6 +537,23 @@ _FINAL_PAYLOAD = f"""jsonb_build_object(
     || CASE WHEN u.cancelled_by IS NULL THEN '{{}}'::jsonb
             ELSE jsonb_build_object('cancelled_by', u.cancelled_by) END
     || {_MOVE_PAYLOAD}"""
+# finish_last_step: the running step ends succeeded with the result, at the execution's end.
+_FINISHED_STEP = """, fs AS (
+    UPDATE execution_steps s
+    SET status = 'succeeded', result = ${result}, error_class = NULL, error_message = NULL,
+        ended_at = GREATEST(u.ended_at, s.started_at),
+        duration_ms = (
+            extract(epoch FROM GREATEST(u.ended_at, s.started_at) - s.started_at) * 1000
+        )::bigint
+    FROM u
+    WHERE s.execution_id = u.id AND s.step_id = ${step_id} AND s.status = 'running'
+    RETURNING s.*
+)"""
+# The payload finish_step gives a succeeded step's event.
+_STEP_PAYLOAD = """jsonb_build_object(
+        'step_id', fs.step_id, 'position', fs.position, 'action', fs.action,
+        'attempt', fs.attempt, 'duration_ms', fs.duration_ms
+    )"""
 # The execution's locks, in the global key order (storage/locks.py), once the move is made.
 _RELEASE_MOVED = """, released AS (
     DELETE FROM execution_locks
@@ -549,7 +567,12 @@ _RELEASE_MOVED = """, released AS (
 
 
 def _transition_update(
-    target: ExecutionStatus, values: Mapping[str, Any], *, fenced: bool, release: bool
+    target: ExecutionStatus,
+    values: Mapping[str, Any],
+    *,
+    fenced: bool,
+    release: bool,
+    finishing_step: bool = False,
 ) -> tuple[str, list[Any]]:
     """One statement moving the row from one of ``$3`` (statuses) to ``$2`` with its events.
 
@@ -557,6 +580,8 @@ def _transition_update(
     payload. ``fenced``: two more parameters after the fields, the lease token and the tenant,
     each checked when not NULL (the single-statement path; the locking path checked them
     itself). ``release``: the execution's locks are deleted by the same statement.
+    ``finishing_step`` (with ``fenced``): the running step named by the next parameter also
+    ends ``succeeded`` with the result after it, its event first (:func:`finish_last_step`).
     """
     sets = [
         "status = $2::execution_status",
@@ -585,17 +610,33 @@ def _transition_update(
             f" AND (${token}::uuid IS NULL OR lease_token IS NOT DISTINCT FROM ${token}::uuid)"
             f" AND (${tenant}::text IS NULL OR tenant_id = ${tenant}::text)"
         )
+    step_id = step_result = 0
+    finished_step = ""
+    if finishing_step:
+        step_id, step_result = len(params) + 9, len(params) + 10
+        finished_step = ", (SELECT to_jsonb(fs) FROM fs) AS finished_step"
+        # The execution row is locked first (this UPDATE), then the step's, as every step
+        # writer does; step rows change only under the execution row's lock, so the status
+        # seen here is the one the step UPDATE below finds.
+        where += (
+            " AND EXISTS (SELECT 1 FROM execution_steps"
+            f" WHERE execution_id = $1 AND step_id = ${step_id} AND status = 'running')"
+        )
     last_payload = _FINAL_PAYLOAD if target in TERMINAL else _MOVE_PAYLOAD
     # Rows are inserted in seq order: the audit chain trigger hashes each event onto the one
     # before it, which must already be there (an earlier row of the same INSERT is visible).
     sql = f"""
 WITH u AS (
     UPDATE executions SET {", ".join(sets)} WHERE {where} RETURNING *
-), ev AS (
+){_FINISHED_STEP.format(step_id=step_id, result=step_result) if finishing_step else ""}
+, ev AS (
     INSERT INTO execution_events (execution_id, tenant_id, actor_id, seq, type, payload)
-    SELECT u.id, u.tenant_id, $4, u.event_seq - cardinality($5::text[]) + t.n, t.type,
-           CASE WHEN t.n = cardinality($5::text[]) THEN {last_payload} ELSE {_MOVE_PAYLOAD} END
-    FROM u, unnest($5::text[]) WITH ORDINALITY AS t(type, n)
+    SELECT u.id, u.tenant_id,
+           {"CASE WHEN t.n = 1 THEN fs.worker_id ELSE $4 END" if finishing_step else "$4"},
+           u.event_seq - cardinality($5::text[]) + t.n, t.type,
+           CASE WHEN t.n = cardinality($5::text[]) THEN {last_payload}
+                ELSE {_STEP_PAYLOAD if finishing_step else _MOVE_PAYLOAD} END
+    FROM u{", fs" if finishing_step else ""}, unnest($5::text[]) WITH ORDINALITY AS t(type, n)
     ORDER BY t.n
     RETURNING execution_id, seq
 ){_RELEASE_MOVED if release else ""}
@@ -603,10 +644,78 @@ SELECT u.*,
     (SELECT count(pg_notify('{EVENTS_CHANNEL}', ev.execution_id::text || ':' || ev.seq))
      FROM ev) AS notified,
     {"(SELECT array_agg(lock_key) FROM released)" if release else "NULL::text[]"}
-        AS released_locks
+        AS released_locks{finished_step}
 FROM u
 """
     return sql, params
+
+
+async def finish_last_step(
+    db: PoolOrConnection,
+    execution_id: UUID,
+    step_id: str,
+    *,
+    result: Any,
+    by: str,
+    lease_token: UUID | None,
+    fields: Mapping[str, Any],
+    tenant_id: str,
+) -> tuple[ExecutionRecord, StepRecord] | None:
+    """The last step succeeded and so did the execution: record both in one statement.
+
+    The step's ``step_succeeded`` and the execution's ``execution_completed`` (in that order),
+    the execution's locks released, exactly as :func:`.finish_step` then :func:`transition` to
+    ``succeeded`` with ``release_locks`` would. None when either would refuse (the execution is
+    not running, ``lease_token`` no longer owns it, the step is not running): nothing is
+    written, and the caller makes both writes one by one, which say why.
+    """
+    values = dict(fields)
+    unknown = set(values) - TRANSITION_FIELDS
+    if unknown:
+        raise ValueError(f"columns not settable by a transition: {sorted(unknown)}")
+    target = ExecutionStatus.SUCCEEDED
+    sql, params = _transition_update(target, values, fenced=True, release=True, finishing_step=True)
+    async with connection(db) as conn:
+        row = await conn.fetchrow(
+            sql,
+            execution_id,
+            target.value,
+            [ExecutionStatus.RUNNING.value],
+            by,
+            ["step_succeeded", "execution_completed"],
+            {},
+            *params,
+            lease_token,
+            tenant_id,
+            step_id,
+            result,
+        )
+        if row is None:
+            return None
+        _transitioned(conn, row, target)
+    record = execution_from_row(row)
+    step = step_from_json(row["finished_step"])
+    log.info(
+        "step_finished",
+        execution_id=str(execution_id),
+        step_id=step_id,
+        status=step.status.value,
+        duration_ms=step.duration_ms,
+    )
+    if row["released_locks"]:
+        log.info(
+            "execution_locks_released",
+            execution_id=str(execution_id),
+            lock_keys=sorted(row["released_locks"]),
+        )
+    log.info(
+        "execution_transitioned",
+        execution_id=str(execution_id),
+        from_status=row["last_transition_from"],
+        to_status=target.value,
+        by=by,
+    )
+    return record, step
 
 
 def _default_event_type(target: ExecutionStatus) -> str:

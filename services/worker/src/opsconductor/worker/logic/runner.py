@@ -72,7 +72,11 @@ from opsconductor.lifecycle.storage.execution_steps import (
     start_step,
     start_step_unless_cancelled,
 )
-from opsconductor.lifecycle.storage.executions import retire_idempotency_key, transition
+from opsconductor.lifecycle.storage.executions import (
+    finish_last_step,
+    retire_idempotency_key,
+    transition,
+)
 from opsconductor.lifecycle.storage.locks import LockRequest, acquire_locks, release_locks
 from opsconductor.lifecycle.storage.policies import TimeoutPolicy
 from opsconductor.policy.enforcement import (
@@ -116,6 +120,8 @@ class _Outcome:
     steps: dict[str, StepRecord] = field(default_factory=dict)
     #: The final transition released the execution's locks (nothing left to release).
     locks_released: bool = False
+    #: The last step succeeded; its row is written with the execution's end (step id, result).
+    deferred: tuple[str, Any] | None = None
 
     @property
     def stopped(self) -> bool:
@@ -454,7 +460,8 @@ class ExecutionRunner:
             await asyncio.gather(*(run_one(step) for step in todo))
             return
         for step in todo:
-            await self._run_one(record, step, outcome, cancel_event, started, lease_token)
+            last = step is todo[-1]
+            await self._run_one(record, step, outcome, cancel_event, started, lease_token, last)
             if outcome.stopped:
                 return
 
@@ -466,13 +473,16 @@ class ExecutionRunner:
         cancel_event: asyncio.Event,
         started: float,
         lease_token: UUID | None,
+        last: bool = False,
     ) -> None:
         # One span per step (a no-op unless tracing is configured: docs/observability.md).
         with tracer().start_as_current_span(
             f"step {step.id}",
             attributes={"opsc.step_id": step.id, "opsc.action": step.action},
         ):
-            await self._run_one_step(record, step, outcome, cancel_event, started, lease_token)
+            await self._run_one_step(
+                record, step, outcome, cancel_event, started, lease_token, last
+            )
 
     async def _run_one_step(
         self,
@@ -482,6 +492,7 @@ class ExecutionRunner:
         cancel_event: asyncio.Event,
         started: float,
         lease_token: UUID | None,
+        last: bool,
     ) -> None:
         if outcome.stopped:
             return
@@ -524,16 +535,22 @@ class ExecutionRunner:
         status, result, error_class, error_message = await self._call_handler(
             record, step, cancel_event, step_budget
         )
-        outcome.steps[step.id] = await finish_step(
-            self._pool,
-            record.id,
-            step.id,
-            status=status,
-            result=result,
-            error_class=error_class,
-            error_message=error_message,
-            lease_token=lease_token,
-        )
+        if last and status is StepStatus.SUCCEEDED and not cancel_event.is_set():
+            # Written with the execution's end, in one statement (_finish), unless the run
+            # ends otherwise after all (then _finish writes it first, as below).
+            outcome.deferred = (step.id, result)
+            outcome.steps[step.id] = replace(outcome.steps[step.id], status=status)
+        else:
+            outcome.steps[step.id] = await finish_step(
+                self._pool,
+                record.id,
+                step.id,
+                status=status,
+                result=result,
+                error_class=error_class,
+                error_message=error_message,
+                lease_token=lease_token,
+            )
         step_s = time.monotonic() - step_started
         metrics.STEP_DURATION.labels(step.action, record.sla_class, status.value).observe(step_s)
         # The execution's §7.2 fields are bound (bind_execution); the step's own are step_*.
@@ -632,11 +649,22 @@ class ExecutionRunner:
         dead_letter: DeadLetter | None = None,
     ) -> tuple[ExecutionRecord, bool]:
         """Record the end of a run: terminal, or back to the queue for a retry."""
+        merge = (
+            outcome.deferred is not None
+            and not outcome.stopped
+            and outcome.busy is None
+            and outcome.refused is None
+        )
+        if outcome.deferred is not None and not merge:
+            await self._write_deferred(record, outcome, lease_token)
         known = {s.step_id: s for s in record.steps} | outcome.steps
         steps = tuple(sorted(known.values(), key=lambda s: s.position))
         settled = len(known) == len(record.plan_snapshot["plan"]["steps"]) and all(
             s.status not in _SKIPPABLE and s.status != StepStatus.RUNNING for s in steps
         )
+        if not settled and outcome.deferred is not None:
+            await self._write_deferred(record, outcome, lease_token)
+            merge = False
         if not settled:
             # A step still marked running was cut off by the execution timeout.
             steps = await load_steps(self._pool, record.id)
@@ -700,6 +728,29 @@ class ExecutionRunner:
         if target is ExecutionStatus.FAILED:
             fields |= {"error_class": outcome.error_class, "error_message": outcome.error_message}
         exhausted = dead_letter is not None and lease_token is not None and outcome.retryable
+        if merge and target is ExecutionStatus.SUCCEEDED and outcome.deferred is not None:
+            step_id, result = outcome.deferred
+            both = await finish_last_step(
+                self._pool,
+                record.id,
+                step_id,
+                result=result,
+                by=self.worker_id,
+                lease_token=lease_token,
+                fields=fields,
+                tenant_id=record.tenant_id,
+            )
+            if both is not None:
+                outcome.deferred = None
+                outcome.locks_released = True
+                final, written = both
+                return replace(
+                    final,
+                    steps=tuple(written if s.step_id == step_id else s for s in steps),
+                ), False
+        if outcome.deferred is not None:
+            # Refused as one statement: written one by one, each saying why it cannot be.
+            await self._write_deferred(record, outcome, lease_token)
 
         async def move(db: PoolOrConnection) -> ExecutionRecord:
             return await transition(
@@ -726,6 +777,23 @@ class ExecutionRunner:
         # The transition returns the row as written; the steps were just read and nothing writes
         # them once the execution is terminal.
         return replace(final, steps=steps), False
+
+    async def _write_deferred(
+        self, record: ExecutionRecord, outcome: _Outcome, lease_token: UUID | None
+    ) -> None:
+        """Write the last step's success on its own (the run does not end succeeded)."""
+        if outcome.deferred is None:
+            return
+        step_id, result = outcome.deferred
+        outcome.deferred = None
+        outcome.steps[step_id] = await finish_step(
+            self._pool,
+            record.id,
+            step_id,
+            status=StepStatus.SUCCEEDED,
+            result=result,
+            lease_token=lease_token,
+        )
 
     def _log_started(self, record: ExecutionRecord, plan: Plan) -> None:
         log.info("execution_started", **self._log_fields(record, plan))

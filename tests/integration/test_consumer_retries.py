@@ -39,6 +39,7 @@ from opsconductor.common.errors import (
     QueueUnavailableError,
 )
 from opsconductor.common.secrets import SecretResolver
+from opsconductor.lifecycle.facade import PostgresRedisLifecycle
 from opsconductor.lifecycle.queue import RedisQueue, create_redis_client, jobs
 from opsconductor.lifecycle.queue.dlq import DlqEntryRequeuedError, list_dlq, move_to_dlq
 from opsconductor.lifecycle.storage.audit_chain import verify_chain
@@ -136,7 +137,7 @@ async def rig(
                 approval_policy=ApprovalPolicy.load(),
                 observed=ObservedDurations(db_pool),
                 worker=worker_port,
-                queue=queue,
+                lifecycle=PostgresRedisLifecycle(db_pool, queue),
                 dedup_window=timedelta(hours=24),
             ),
             consumer=BackgroundConsumer(

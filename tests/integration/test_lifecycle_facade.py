@@ -16,15 +16,16 @@ import asyncpg
 import pytest
 from redis.asyncio import Redis
 
-from opsconductor.common.errors import FSMError, QueueUnavailableError
+from opsconductor.common.errors import FSMError, NotFoundError, QueueUnavailableError
 from opsconductor.common.fsm import ExecutionStatus
 from opsconductor.lifecycle.facade import ExecutionLifecycle, PostgresRedisLifecycle
 from opsconductor.lifecycle.fake import InMemoryLifecycle
 from opsconductor.lifecycle.queue import RedisQueue, create_redis_client, jobs
 from opsconductor.lifecycle.storage.execution_reads import get_execution
 from opsconductor.lifecycle.storage.execution_records import ExecutionRecord, transaction
-from opsconductor.lifecycle.storage.executions import NewExecution, create_execution
+from opsconductor.lifecycle.storage.executions import NewExecution, create_execution, transition
 from opsconductor.lifecycle.storage.policies import TimeoutPolicy, load_timeout_policies
+from opsconductor.lifecycle.storage.quota_usage import ImmediateUsage
 
 TENANT = "tenant-facade"
 
@@ -193,7 +194,7 @@ async def test_enqueue_queues_the_execution_with_the_policys_budget_and_its_corr
     _, core, make = world
     record = await make(ExecutionStatus.AWAITING_APPROVAL)
     async with core.tx() as tx:
-        job_id = await core.lifecycle.enqueue(
+        queued = await core.lifecycle.enqueue(
             tx,
             record,
             policy,
@@ -201,6 +202,9 @@ async def test_enqueue_queues_the_execution_with_the_policys_budget_and_its_corr
             expected_from=ExecutionStatus.AWAITING_APPROVAL,
             event_payload={"reason": "approved"},
         )
+    job_id = queued.job_id
+    assert queued.record.id == record.id
+    assert queued.record.status is ExecutionStatus.QUEUED
     assert core.lifecycle.queue_configured
     assert await core.status(record.id) is ExecutionStatus.QUEUED
     assert await core.job(job_id) == JobSeen(
@@ -219,14 +223,16 @@ async def test_enqueue_carries_a_given_traceparent_instead_of_the_executions(
     record = await make(ExecutionStatus.PENDING)
     release = "00-0af7651916cd43dd8448eb211c80319c-00f067aa0ba902b7-01"
     async with core.tx() as tx:
-        job_id = await core.lifecycle.enqueue(
-            tx,
-            record,
-            policy,
-            by="api",
-            expected_from=ExecutionStatus.PENDING,
-            trace_context=release,
-        )
+        job_id = (
+            await core.lifecycle.enqueue(
+                tx,
+                record,
+                policy,
+                by="api",
+                expected_from=ExecutionStatus.PENDING,
+                trace_context=release,
+            )
+        ).job_id
     seen = await core.job(job_id)
     assert seen is not None
     assert seen.trace_context == release
@@ -317,3 +323,216 @@ async def test_end_unstarted_fails_it_and_retires_its_key_only_from_the_expected
         error_class="WORKER_UNAVAILABLE",
         error_message="no worker",
     )
+
+
+def new_execution(
+    tenant_id: str,
+    *,
+    key: str | None = None,
+    mode: str = "immediate",
+    status: ExecutionStatus = ExecutionStatus.PENDING,
+) -> NewExecution:
+    return NewExecution(
+        tenant_id=tenant_id,
+        actor_id="alice",
+        request_id="req-create",
+        trace_context=None,
+        idempotency_key=key or hashlib.sha256(uuid4().bytes).hexdigest(),
+        plan_hash="c" * 64,
+        plan_snapshot={"name": "create"},
+        plan_snapshot_hash="d" * 64,
+        execution_mode=mode,
+        sla_class="fast",
+        action_class="read",
+        approval_level=0,
+        priority=50,
+        timeout_policy_id="fast_read",
+        timeout_ms=10_000,
+        estimated_duration_ms=1_000,
+        record_only=False,
+        initial_status=status,
+        steps=[("first", 0, "noop", "read"), ("second", 1, "noop", "read")],
+    )
+
+
+def fresh_tenant() -> str:
+    # Fake and real worlds share one database per run: admission counts per tenant.
+    return f"tenant-{uuid4().hex[:12]}"
+
+
+async def test_create_is_idempotent_per_tenant_and_key_and_get_reads_it_with_its_steps(
+    world: tuple[str, Core, Any],
+) -> None:
+    _, core, _ = world
+    tenant = fresh_tenant()
+    new = new_execution(tenant)
+    record, created = await core.lifecycle.create(new, dedup_window=timedelta(hours=1))
+    assert created
+    assert record.status is ExecutionStatus.PENDING
+    assert [(s.step_id, s.position, s.status.value) for s in record.steps] == [
+        ("first", 0, "pending"),
+        ("second", 1, "pending"),
+    ]
+    again, created_again = await core.lifecycle.create(new, dedup_window=timedelta(hours=1))
+    assert not created_again
+    assert again.id == record.id
+    assert [s.step_id for s in again.steps] == ["first", "second"]
+    other, other_created = await core.lifecycle.create(
+        new_execution(fresh_tenant(), key=new.idempotency_key), dedup_window=timedelta(hours=1)
+    )
+    assert other_created  # the same key in another tenant is another execution
+    assert other.id != record.id
+    read = await core.lifecycle.get(tenant, record.id)
+    assert (read.id, read.status, read.idempotency_key, read.execution_mode) == (
+        record.id,
+        ExecutionStatus.PENDING,
+        new.idempotency_key,
+        "immediate",
+    )
+    assert [s.step_id for s in read.steps] == ["first", "second"]
+    with pytest.raises(NotFoundError):
+        await core.lifecycle.get(other.tenant_id, record.id)  # another tenant's: not found
+    with pytest.raises(NotFoundError):
+        await core.lifecycle.get(tenant, uuid4())
+
+
+async def test_a_terminal_execution_gives_its_key_up_only_after_the_dedup_window(
+    world: tuple[str, Core, Any], db_pool: asyncpg.Pool
+) -> None:
+    kind, core, _ = world
+    tenant = fresh_tenant()
+    new = new_execution(tenant)
+    first, _ = await core.lifecycle.create(new, dedup_window=timedelta(hours=1))
+    await core.lifecycle.create(new_execution(tenant), dedup_window=timedelta(hours=1))
+    # Ended (nothing ran): within the window the key still answers with the ended execution.
+    assert await core.lifecycle.end_unstarted(
+        first.id,
+        expected_from=ExecutionStatus.PENDING,
+        by="api",
+        error_class="WORKER_UNAVAILABLE",
+        error_message="no worker",
+    )
+    ended = await core.lifecycle.get(tenant, first.id)
+    assert ended.status is ExecutionStatus.FAILED
+    assert ended.idempotency_retired_at is not None  # end_unstarted retires it at once
+    again, created = await core.lifecycle.create(new, dedup_window=timedelta(hours=1))
+    assert created
+    assert again.id != first.id
+    # Failed in turn, its key kept (as a run that failed keeps it): within the window the key
+    # answers with it; past the window (0 here) a create retires it and makes a new one.
+    if kind == "fake":
+        assert isinstance(core.lifecycle, InMemoryLifecycle)
+        core.lifecycle._move(again.id, ExecutionStatus.FAILED, by="worker", payload=None)
+    else:
+        await transition(db_pool, again.id, to=ExecutionStatus.FAILED, by="worker")
+    dup, dup_created = await core.lifecycle.create(new, dedup_window=timedelta(hours=1))
+    assert (dup.id, dup_created, dup.status) == (again.id, False, ExecutionStatus.FAILED)
+    assert dup.idempotency_retired_at is None
+    fresh, fresh_created = await core.lifecycle.create(new, dedup_window=timedelta(0))
+    assert fresh_created
+    assert fresh.id not in (first.id, again.id)
+    assert (await core.lifecycle.get(tenant, again.id)).idempotency_retired_at is not None
+
+
+async def test_create_admitted_refuses_a_new_immediate_execution_at_the_limit_but_never_a_duplicate(
+    world: tuple[str, Core, Any],
+) -> None:
+    _, core, _ = world
+    tenant = fresh_tenant()
+    new = new_execution(tenant)
+    admitted = await core.lifecycle.create_admitted(
+        new, dedup_window=timedelta(hours=1), max_in_flight=1
+    )
+    assert not isinstance(admitted, ImmediateUsage)
+    record, created = admitted
+    assert created
+    # Background executions take no immediate slot.
+    await core.lifecycle.create(new_execution(tenant, mode="background"), dedup_window=timedelta(1))
+    second = new_execution(tenant)
+    refused = await core.lifecycle.create_admitted(
+        second, dedup_window=timedelta(hours=1), max_in_flight=1
+    )
+    assert isinstance(refused, ImmediateUsage)
+    assert refused.in_flight == 1
+    # Nothing written: the refused key is free, and a duplicate of the first is never refused.
+    duplicate = await core.lifecycle.create_admitted(
+        new, dedup_window=timedelta(hours=1), max_in_flight=1
+    )
+    assert not isinstance(duplicate, ImmediateUsage)
+    assert duplicate == (duplicate[0], False)
+    assert duplicate[0].id == record.id
+    unlimited = await core.lifecycle.create_admitted(
+        second, dedup_window=timedelta(hours=1), max_in_flight=0
+    )
+    assert not isinstance(unlimited, ImmediateUsage)
+    assert unlimited[1]  # created: the refusal above left no row behind for its key
+    # Once the first ended, its slot is free again.
+    assert await core.lifecycle.end_unstarted(
+        record.id,
+        expected_from=ExecutionStatus.PENDING,
+        by="api",
+        error_class="X",
+        error_message="x",
+    )
+    assert await core.lifecycle.end_unstarted(
+        unlimited[0].id,
+        expected_from=ExecutionStatus.PENDING,
+        by="api",
+        error_class="X",
+        error_message="x",
+    )
+    third = await core.lifecycle.create_admitted(
+        new_execution(tenant), dedup_window=timedelta(hours=1), max_in_flight=1
+    )
+    assert not isinstance(third, ImmediateUsage)
+
+
+async def test_queued_job_finds_the_job_enqueue_made_inside_and_after_the_transaction(
+    world: tuple[str, Core, Any], policy: TimeoutPolicy
+) -> None:
+    _, core, _ = world
+    tenant = fresh_tenant()
+    record, _ = await core.lifecycle.create(
+        new_execution(tenant, mode="background"), dedup_window=timedelta(hours=1)
+    )
+    assert await core.lifecycle.queued_job(record.id) is None
+    async with core.tx() as tx:
+        queued = await core.lifecycle.enqueue(
+            tx, record, policy, by="api", expected_from=ExecutionStatus.PENDING
+        )
+        assert await core.lifecycle.queued_job(record.id, tx=tx) == queued.job_id
+    assert queued.record.status is ExecutionStatus.QUEUED
+    assert await core.lifecycle.queued_job(record.id) == queued.job_id
+    assert (await core.lifecycle.get(tenant, record.id)).status is ExecutionStatus.QUEUED
+
+
+async def test_announce_wakes_a_listener_and_never_raises_while_the_queue_is_down(
+    world: tuple[str, Core, Any], db_pool: asyncpg.Pool, redis_client: Redis, redis_prefix: str
+) -> None:
+    kind, core, _ = world
+    if kind == "fake":
+        assert isinstance(core.lifecycle, InMemoryLifecycle)
+        await core.lifecycle.announce()
+        assert core.lifecycle.announcements == 1
+        core.lifecycle.queue_up = False
+        await core.lifecycle.announce()
+    else:
+        queue = RedisQueue(redis_client, prefix=redis_prefix)
+        pubsub = redis_client.pubsub()
+        await pubsub.subscribe(queue.wake_channel)
+        try:
+            await pubsub.get_message(timeout=1.0)  # the subscribe confirmation
+            await core.lifecycle.announce()
+            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=2.0)
+            assert message is not None
+            assert message["channel"] == queue.wake_channel.encode()
+        finally:
+            await pubsub.unsubscribe()
+            await pubsub.aclose()
+        dead = create_redis_client("redis://127.0.0.1:9/0", socket_timeout=0.5, retries=0)
+        try:
+            await real_core(db_pool, RedisQueue(dead)).lifecycle.announce()
+        finally:
+            await dead.aclose()
+    # Without a queue there is no one to wake: a no-op.
+    await PostgresRedisLifecycle(db_pool, None).announce()

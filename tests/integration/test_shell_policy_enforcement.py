@@ -29,6 +29,7 @@ from opsconductor.common.plan import parse_plan, to_wire_dict
 from opsconductor.common.secret_catalogue import SecretCatalogue
 from opsconductor.common.secrets import EnvSecretProvider, SecretResolver
 from opsconductor.common.tenant_policy import TenantPolicies, TenantPolicyDeniedError
+from opsconductor.lifecycle.facade import PostgresRedisLifecycle
 from opsconductor.lifecycle.storage.audit import list_rbac_violations
 from opsconductor.lifecycle.storage.cancellation import CancelSignals
 from opsconductor.lifecycle.storage.execution_reads import get_execution
@@ -104,7 +105,7 @@ async def submissions(db_pool: asyncpg.Pool) -> AsyncIterator[Submissions]:
             approval_policy=ApprovalPolicy.load(),
             observed=ObservedDurations(db_pool),
             worker=worker,
-            queue=None,
+            lifecycle=PostgresRedisLifecycle(db_pool, None),
             dedup_window=timedelta(hours=24),
             tenant_policies=POLICY,
             secret_catalogue=CATALOGUE,

@@ -6,25 +6,45 @@ Service logic holds an :class:`ExecutionLifecycle` instead of a pool and a queue
 tests run against :class:`~opsconductor.lifecycle.fake.InMemoryLifecycle`; every behaviour the
 fake has is also checked against this adapter on real Postgres and Redis
 (``tests/integration/test_lifecycle_facade.py``, one test body for both). It covers what the
-approvals service's dispatcher needs so far: queue an execution inside the caller's transaction,
-and end one no worker started.
+approvals service's dispatcher and the api's submissions need so far: create an execution
+idempotently (optionally admitted under the tenant's immediate quota), read it, find its queue job,
+queue it inside the caller's transaction, wake a consumer, and end one no worker started. Each
+call delegates to the storage and queue function that already does it (no statement added).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, Protocol
 from uuid import UUID
 
 from opsconductor.common.errors import QueueUnavailableError
 from opsconductor.common.fsm import ExecutionStatus
+from opsconductor.lifecycle.queue import jobs
 from opsconductor.lifecycle.queue.enqueue import enqueue_execution
 from opsconductor.lifecycle.queue.redis_queue import RedisQueue
 from opsconductor.lifecycle.storage.execution_leases import fail_unstarted_execution
+from opsconductor.lifecycle.storage.execution_reads import get_execution
 from opsconductor.lifecycle.storage.execution_records import ExecutionRecord, PoolOrConnection
+from opsconductor.lifecycle.storage.executions import (
+    NewExecution,
+    create_execution,
+    create_immediate_execution,
+)
 from opsconductor.lifecycle.storage.policies import TimeoutPolicy
+from opsconductor.lifecycle.storage.quota_usage import ImmediateUsage
 
-__all__ = ["ExecutionLifecycle", "PostgresRedisLifecycle"]
+__all__ = ["ExecutionLifecycle", "PostgresRedisLifecycle", "Queued"]
+
+
+@dataclass(frozen=True)
+class Queued:
+    """A queued execution: its row as the transition to ``queued`` wrote it, and its job."""
+
+    record: ExecutionRecord
+    job_id: UUID
 
 
 class ExecutionLifecycle(Protocol):
@@ -33,6 +53,39 @@ class ExecutionLifecycle(Protocol):
     @property
     def queue_configured(self) -> bool:
         """Whether background work can be queued at all (a Redis queue is configured)."""
+        ...
+
+    async def create(
+        self, new: NewExecution, *, dedup_window: timedelta, tx: Any = None
+    ) -> tuple[ExecutionRecord, bool]:
+        """``(record, created)``: the execution of ``new``'s key, created unless one is live
+        (a terminal one that ended over ``dedup_window`` ago has its key retired first).
+        ``tx``: the caller's transaction to join, else its own."""
+        ...
+
+    async def create_admitted(
+        self,
+        new: NewExecution,
+        *,
+        dedup_window: timedelta,
+        max_in_flight: int,
+        tx: Any = None,
+    ) -> tuple[ExecutionRecord, bool] | ImmediateUsage:
+        """:meth:`create`, admitted only while the tenant has fewer than ``max_in_flight``
+        (0: no limit) immediate executions pending or running; else the usage, nothing written.
+        A duplicate of a live execution is returned, never refused."""
+        ...
+
+    async def get(self, tenant_id: str, execution_id: UUID, *, tx: Any = None) -> ExecutionRecord:
+        """The execution with its steps; ``NotFoundError`` if absent or another tenant's."""
+        ...
+
+    async def queued_job(self, execution_id: UUID, *, tx: Any = None) -> UUID | None:
+        """The id of the execution's queue job, None when it has none."""
+        ...
+
+    async def announce(self) -> None:
+        """Wake an idle consumer once a queued job is committed (best effort, never raises)."""
         ...
 
     async def enqueue(
@@ -45,8 +98,8 @@ class ExecutionLifecycle(Protocol):
         expected_from: ExecutionStatus,
         event_payload: Mapping[str, Any] | None = None,
         trace_context: str | None = None,
-    ) -> UUID:
-        """Queue ``record`` inside the caller's transaction ``tx``; returns the job id.
+    ) -> Queued:
+        """Queue ``record`` inside the caller's transaction ``tx``.
 
         The queue recipe (:mod:`.queue.enqueue`): ``FSMError`` unless the execution is still
         ``expected_from``, ``QueueUnavailableError`` when the queue cannot take it — either way
@@ -79,6 +132,39 @@ class PostgresRedisLifecycle:
     def queue_configured(self) -> bool:
         return self._queue is not None
 
+    async def create(
+        self, new: NewExecution, *, dedup_window: timedelta, tx: Any = None
+    ) -> tuple[ExecutionRecord, bool]:
+        return await create_execution(
+            self._pool if tx is None else tx, new, dedup_window=dedup_window
+        )
+
+    async def create_admitted(
+        self,
+        new: NewExecution,
+        *,
+        dedup_window: timedelta,
+        max_in_flight: int,
+        tx: Any = None,
+    ) -> tuple[ExecutionRecord, bool] | ImmediateUsage:
+        return await create_immediate_execution(
+            self._pool if tx is None else tx,
+            new,
+            dedup_window=dedup_window,
+            max_in_flight=max_in_flight,
+        )
+
+    async def get(self, tenant_id: str, execution_id: UUID, *, tx: Any = None) -> ExecutionRecord:
+        return await get_execution(self._pool if tx is None else tx, tenant_id, execution_id)
+
+    async def queued_job(self, execution_id: UUID, *, tx: Any = None) -> UUID | None:
+        row = await jobs.get_queue_row_for_execution(self._pool if tx is None else tx, execution_id)
+        return None if row is None else row.id
+
+    async def announce(self) -> None:
+        if self._queue is not None:
+            await self._queue.announce()
+
     async def enqueue(
         self,
         tx: Any,
@@ -89,7 +175,7 @@ class PostgresRedisLifecycle:
         expected_from: ExecutionStatus,
         event_payload: Mapping[str, Any] | None = None,
         trace_context: str | None = None,
-    ) -> UUID:
+    ) -> Queued:
         if self._queue is None:
             raise QueueUnavailableError("no queue is configured for background execution")
         queued = await enqueue_execution(
@@ -102,7 +188,7 @@ class PostgresRedisLifecycle:
             event_payload=event_payload,
             trace_context=trace_context,
         )
-        return queued.job.id
+        return Queued(queued.record, queued.job.id)
 
     async def end_unstarted(
         self,

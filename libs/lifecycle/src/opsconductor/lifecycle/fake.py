@@ -1,8 +1,12 @@
 """An in-memory :class:`~opsconductor.lifecycle.facade.ExecutionLifecycle` for unit tests of
 service logic (procrastinate's ``InMemoryConnector``, in miniature).
 
-It keeps what the adapter keeps, in dicts: each execution's status, error and whether its key
-was retired; each job's execution, budget and correlation. Statuses move under the same FSM
+It keeps what the adapter keeps, in dicts: each execution as created (its row and steps), its
+status, error and whether its key was retired; each job's execution, budget and correlation.
+Creation follows the real statement's idempotency (one live execution per tenant and key; a
+terminal one past the dedup window gives its key up) and immediate admission (a tenant's
+pending or running immediate executions counted against the limit; the usage's ``soonest_end``
+is not modelled: None). Statuses move under the same FSM
 (:func:`~opsconductor.common.fsm.check_transition`) and the same compare-and-set on
 ``expected_from``, so a test against the fake fails where the real core would refuse. Every
 behaviour here is also run against the Postgres + Redis adapter
@@ -13,14 +17,19 @@ changes nothing, as a rolled-back one does.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID, uuid4
 
-from opsconductor.common.errors import FSMError, QueueUnavailableError
-from opsconductor.common.fsm import ExecutionStatus, check_transition
-from opsconductor.lifecycle.storage.execution_records import ExecutionRecord
+from opsconductor.common.errors import FSMError, NotFoundError, QueueUnavailableError
+from opsconductor.common.fsm import TERMINAL, ExecutionStatus, StepStatus, check_transition
+from opsconductor.common.hashing import step_idempotency_key
+from opsconductor.lifecycle.facade import Queued
+from opsconductor.lifecycle.storage.execution_records import ExecutionRecord, StepRecord
+from opsconductor.lifecycle.storage.executions import NewExecution
 from opsconductor.lifecycle.storage.policies import TimeoutPolicy
+from opsconductor.lifecycle.storage.quota_usage import ImmediateUsage
 
 __all__ = ["FakeExecution", "FakeJob", "InMemoryLifecycle"]
 
@@ -31,6 +40,7 @@ class FakeExecution:
     error_class: str | None = None
     error_message: str | None = None
     key_retired: bool = False
+    ended_at: datetime | None = None
     #: (status, by, event payload) of each transition, oldest first.
     transitions: list[tuple[ExecutionStatus, str, dict[str, Any]]] = field(default_factory=list)
 
@@ -54,15 +64,175 @@ class InMemoryLifecycle:
         self.queue_up = queue_up
         self.executions: dict[UUID, FakeExecution] = {}
         self.jobs: dict[UUID, FakeJob] = {}
+        self.records: dict[UUID, ExecutionRecord] = {}
+        #: How many times a consumer was woken.
+        self.announcements = 0
 
     def add(self, record: ExecutionRecord) -> ExecutionRecord:
         """Store ``record`` as it is (what the real core's create did)."""
-        self.executions[record.id] = FakeExecution(record.status)
+        self.executions[record.id] = FakeExecution(
+            record.status, key_retired=record.idempotency_retired_at is not None
+        )
+        self.records[record.id] = record
         return record
 
     @property
     def queue_configured(self) -> bool:
         return self._queue_configured
+
+    def _live(self, new: NewExecution, dedup_window: timedelta) -> ExecutionRecord | None:
+        now = datetime.now(UTC)
+        for eid, record in self.records.items():
+            execution = self.executions[eid]
+            if (
+                record.tenant_id != new.tenant_id
+                or record.idempotency_key != new.idempotency_key
+                or execution.key_retired
+            ):
+                continue
+            ended = execution.ended_at or record.ended_at
+            if execution.status in TERMINAL and ended is not None and ended < now - dedup_window:
+                continue  # given up by this create (below), as the statement's ``retired``
+            return self._current(eid)
+        return None
+
+    def _create(self, new: NewExecution, dedup_window: timedelta) -> ExecutionRecord:
+        if new.initial_status in TERMINAL:
+            raise ValueError(f"an execution cannot start {new.initial_status}")
+        now = datetime.now(UTC)
+        for eid, record in self.records.items():
+            execution = self.executions[eid]
+            if (
+                record.tenant_id == new.tenant_id
+                and record.idempotency_key == new.idempotency_key
+                and not execution.key_retired
+            ):
+                execution.key_retired = True  # terminal past the window: _live skipped it
+        eid = uuid4()
+        record = ExecutionRecord(
+            id=eid,
+            tenant_id=new.tenant_id,
+            actor_id=new.actor_id,
+            request_id=new.request_id,
+            idempotency_key=new.idempotency_key,
+            idempotency_retired_at=None,
+            plan_hash=new.plan_hash,
+            plan_snapshot=new.plan_snapshot,
+            plan_snapshot_hash=new.plan_snapshot_hash,
+            status=new.initial_status,
+            execution_mode=new.execution_mode,
+            sla_class=new.sla_class,
+            action_class=new.action_class,
+            approval_level=new.approval_level,
+            approval_id=None,
+            priority=new.priority,
+            timeout_policy_id=new.timeout_policy_id,
+            timeout_ms=new.timeout_ms,
+            timed_out=False,
+            estimated_duration_ms=new.estimated_duration_ms,
+            deadline_at=None,
+            record_only=new.record_only,
+            attempts=0,
+            created_at=now,
+            started_at=now if new.initial_status is ExecutionStatus.RUNNING else None,
+            ended_at=None,
+            updated_at=now,
+            cancelled_by=None,
+            cancelled_at=None,
+            cancel_reason=None,
+            result_summary=None,
+            error_class=None,
+            error_message=None,
+            worker_id=None,
+            lease_renewals=0,
+            cancel_checks_performed=0,
+            last_transition_at=None,
+            last_transition_by=None,
+            last_transition_from=None,
+            lease_token=None,
+            event_seq=1,
+            steps=tuple(
+                StepRecord(
+                    execution_id=eid,
+                    step_id=step_id,
+                    position=position,
+                    action=action,
+                    action_class=action_class,
+                    status=StepStatus.PENDING,
+                    idempotency_key=step_idempotency_key(eid, step_id),
+                    attempt=0,
+                    worker_id=None,
+                    created_at=now,
+                    started_at=None,
+                    ended_at=None,
+                    duration_ms=None,
+                    result=None,
+                    error_class=None,
+                    error_message=None,
+                )
+                for step_id, position, action, action_class in new.steps
+            ),
+            trace_context=new.trace_context,
+        )
+        return self.add(record)
+
+    async def create(
+        self, new: NewExecution, *, dedup_window: timedelta, tx: Any = None
+    ) -> tuple[ExecutionRecord, bool]:
+        live = self._live(new, dedup_window)
+        if live is not None:
+            return live, False
+        return self._create(new, dedup_window), True
+
+    async def create_admitted(
+        self,
+        new: NewExecution,
+        *,
+        dedup_window: timedelta,
+        max_in_flight: int,
+        tx: Any = None,
+    ) -> tuple[ExecutionRecord, bool] | ImmediateUsage:
+        live = self._live(new, dedup_window)
+        if live is not None:
+            return live, False  # a duplicate takes no slot
+        in_flight = sum(
+            1
+            for eid, record in self.records.items()
+            if record.tenant_id == new.tenant_id
+            and record.execution_mode == "immediate"
+            and self.executions[eid].status in (ExecutionStatus.PENDING, ExecutionStatus.RUNNING)
+        )
+        if max_in_flight and in_flight >= max_in_flight:
+            return ImmediateUsage(in_flight=in_flight, soonest_end=None)
+        return self._create(new, dedup_window), True
+
+    def _current(self, execution_id: UUID) -> ExecutionRecord:
+        execution = self.executions[execution_id]
+        record = self.records[execution_id]
+        return replace(
+            record,
+            status=execution.status,
+            error_class=execution.error_class or record.error_class,
+            error_message=execution.error_message or record.error_message,
+            ended_at=execution.ended_at or record.ended_at,
+            idempotency_retired_at=record.idempotency_retired_at
+            or (record.updated_at if execution.key_retired else None),
+        )
+
+    async def get(self, tenant_id: str, execution_id: UUID, *, tx: Any = None) -> ExecutionRecord:
+        record = self.records.get(execution_id)
+        if record is None or record.tenant_id != tenant_id:
+            raise NotFoundError("execution not found", execution_id=str(execution_id))
+        return self._current(execution_id)
+
+    async def queued_job(self, execution_id: UUID, *, tx: Any = None) -> UUID | None:
+        for job_id, job in self.jobs.items():
+            if job.execution_id == execution_id:
+                return job_id
+        return None
+
+    async def announce(self) -> None:
+        self.announcements += 1
 
     def _move(
         self,
@@ -76,6 +246,8 @@ class InMemoryLifecycle:
         execution = self.executions[execution_id]
         check_transition(execution.status, to)
         execution.status = to
+        if to in TERMINAL:
+            execution.ended_at = datetime.now(UTC)
         execution.transitions.append((to, by, dict(payload or {})))
         return execution
 
@@ -89,7 +261,7 @@ class InMemoryLifecycle:
         expected_from: ExecutionStatus,
         event_payload: Mapping[str, Any] | None = None,
         trace_context: str | None = None,
-    ) -> UUID:
+    ) -> Queued:
         if not self._queue_configured:
             raise QueueUnavailableError("no queue is configured for background execution")
         # The real recipe's order: the transition's compare-and-set, then the Redis push.
@@ -119,7 +291,7 @@ class InMemoryLifecycle:
             request_id=record.request_id,
             trace_context=trace_context or record.trace_context,
         )
-        return job_id
+        return Queued(self._current(record.id), job_id)
 
     async def end_unstarted(
         self,

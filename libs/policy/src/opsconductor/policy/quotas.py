@@ -154,12 +154,14 @@ class TenantQuotas:
             db, new, dedup_window=dedup_window, max_in_flight=limit
         )
         if isinstance(created, ImmediateUsage):
-            raise self._immediate_refusal(new.tenant_id, limit, created)
+            raise self.immediate_refusal(new.tenant_id, limit, created)
         return created
 
-    def _immediate_refusal(
+    def immediate_refusal(
         self, tenant_id: str, limit: int, usage: ImmediateUsage
     ) -> QuotaExceededError:
+        """The refusal of an immediate submit of ``tenant_id`` at ``limit`` (``usage``: what
+        the creating statement counted)."""
         wait = retry_after(usage.soonest_end, datetime.now(UTC), default_s=self._retry_after_s)
         return QuotaExceededError(
             f"tenant {tenant_id!r} has {usage.in_flight} immediate executions in flight, its "

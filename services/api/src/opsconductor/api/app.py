@@ -21,6 +21,7 @@ from opsconductor.common.auth import TokenVerifier
 from opsconductor.common.errors import StorageError
 from opsconductor.common.secrets import SecretsSettings
 from opsconductor.common.tenant_policy import TenantPolicies
+from opsconductor.lifecycle.facade import PostgresRedisLifecycle
 from opsconductor.lifecycle.queue.gauges import GaugePublisher
 from opsconductor.lifecycle.queue.redis_queue import RedisQueue, open_queue
 from opsconductor.lifecycle.storage.execution_stats import ObservedDurations
@@ -90,7 +91,7 @@ class ApiApp:
             approval_policy=self._approval_policy,
             observed=ObservedDurations(pool),
             worker=self._worker,
-            queue=queue,
+            lifecycle=PostgresRedisLifecycle(pool, queue),
             dedup_window=dedup_window,
             tenant_policies=self._tenant_policies,
             secret_catalogue=self._secret_catalogue,

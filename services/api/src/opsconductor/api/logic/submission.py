@@ -46,23 +46,17 @@ from opsconductor.common.secret_catalogue import SecretCatalogue
 from opsconductor.common.tenant_policy import TenantPolicies
 from opsconductor.common.tracing import current_traceparent
 from opsconductor.lifecycle.execution_logging import bind_execution_fields
-from opsconductor.lifecycle.queue import jobs
-from opsconductor.lifecycle.queue.enqueue import enqueue_execution
-from opsconductor.lifecycle.queue.redis_queue import RedisQueue
-from opsconductor.lifecycle.storage.execution_leases import fail_unstarted_execution
-from opsconductor.lifecycle.storage.execution_reads import get_execution
+from opsconductor.lifecycle.facade import ExecutionLifecycle
 from opsconductor.lifecycle.storage.execution_records import (
     ExecutionRecord,
     PoolOrConnection,
     transaction,
 )
 from opsconductor.lifecycle.storage.execution_stats import ObservedDurations
-from opsconductor.lifecycle.storage.executions import (
-    NewExecution,
-    create_execution,
-)
+from opsconductor.lifecycle.storage.executions import NewExecution
 from opsconductor.lifecycle.storage.flags import FlagCache
 from opsconductor.lifecycle.storage.policies import TimeoutPolicy, select_policy
+from opsconductor.lifecycle.storage.quota_usage import ImmediateUsage
 from opsconductor.policy.enforcement import enforce_secret_uses, enforce_tenant_policy
 from opsconductor.policy.quotas import QuotaLimits, TenantQuotas
 from opsconductor.policy.rbac import (
@@ -143,11 +137,6 @@ class SubmitResult:
     worker_answer: object | None = None
 
 
-async def _job_id(conn: PoolOrConnection, record: ExecutionRecord) -> UUID | None:
-    row = await jobs.get_queue_row_for_execution(conn, record.id)
-    return None if row is None else row.id
-
-
 def _unstarted_immediate(record: ExecutionRecord) -> bool:
     return (
         record.execution_mode == ExecutionMode.IMMEDIATE
@@ -170,7 +159,7 @@ class Submissions:
         approval_policy: ApprovalPolicy,
         observed: ObservedDurations,
         worker: WorkerPort,
-        queue: RedisQueue | None,
+        lifecycle: ExecutionLifecycle,
         dedup_window: timedelta,
         tenant_policies: TenantPolicies | None = None,
         secret_catalogue: SecretCatalogue | None = None,
@@ -190,7 +179,8 @@ class Submissions:
         self._approval_policy = approval_policy
         self._observed = observed
         self._worker = worker
-        self._queue = queue
+        #: Every execution and queue write and read goes through the lifecycle core.
+        self._lifecycle = lifecycle
         self._dedup_window = dedup_window
         self._approvals = ApprovalIntake(pool=pool, authorizer=authorizer, policy=approval_policy)
 
@@ -318,7 +308,7 @@ class Submissions:
             )
         # The tenant's quota lock, admission and creation: one statement, atomic by itself.
         record, created = await self._create(
-            self._pool, principal, request, decision, flags.record_only(tenant_id), admit=True
+            None, principal, request, decision, flags.record_only(tenant_id), admit=True
         )
         if created or _unstarted_immediate(record):
             # A duplicate of an execution no worker has taken yet hands it over again: its first
@@ -327,7 +317,7 @@ class Submissions:
             answer = await self._dispatch_immediate(record, token)
             if answer is not None:
                 return SubmitResult(record, deduplicated=not created, worker_answer=answer)
-        record = await get_execution(self._pool, tenant_id, record.id)
+        record = await self._lifecycle.get(tenant_id, record.id)
         return SubmitResult(await self._await_duplicate(record), deduplicated=not created)
 
     async def _submit_background(
@@ -339,7 +329,7 @@ class Submissions:
         phantom execution keeps the idempotency key, and the same submit works once Redis is
         back. A worker dequeuing the job before the commit defers it until the row is visible.
         """
-        if self._queue is None:
+        if not self._lifecycle.queue_configured:
             raise QueueUnavailableError("no queue is configured for background execution")
         async with transaction(self._pool) as conn:
             refusal = await self._quotas.admit_queued(
@@ -347,23 +337,23 @@ class Submissions:
             )
             record, created = await self._create(conn, principal, request, decision, record_only)
             if not created:
-                return SubmitResult(record, deduplicated=True, job_id=await _job_id(conn, record))
+                job_id = await self._lifecycle.queued_job(record.id, tx=conn)
+                return SubmitResult(record, deduplicated=True, job_id=job_id)
             if refusal is not None:
                 raise refusal  # a retired key made it new after all: rolled back
-            queued = await enqueue_execution(
+            queued = await self._lifecycle.enqueue(
                 conn,
-                self._queue,
                 record,
                 decision.policy,
                 by="api",
                 expected_from=ExecutionStatus.PENDING,
             )
         # Committed: wake an idle worker now rather than at its next poll.
-        await self._queue.announce()
+        await self._lifecycle.announce()
         # The row as the transition wrote it, with the steps as created (nothing else wrote
         # either inside this transaction).
         return SubmitResult(
-            replace(queued.record, steps=record.steps), deduplicated=False, job_id=queued.job.id
+            replace(queued.record, steps=record.steps), deduplicated=False, job_id=queued.job_id
         )
 
     async def _submit_for_approval(
@@ -374,7 +364,7 @@ class Submissions:
             record, created = await self._create(conn, principal, request, decision, record_only)
             if created:
                 await self._approvals.open_request(conn, record.id)
-            record = await get_execution(conn, record.tenant_id, record.id)
+            record = await self._lifecycle.get(record.tenant_id, record.id, tx=conn)
         if not created and record.status is not ExecutionStatus.AWAITING_APPROVAL:
             # Already approved: a duplicate of an immediate run in flight gets its outcome.
             record = await self._await_duplicate(record)
@@ -382,7 +372,7 @@ class Submissions:
 
     async def _create(
         self,
-        db: PoolOrConnection,
+        tx: Any,
         principal: Principal,
         request: SubmitRequest,
         decision: Decision,
@@ -390,8 +380,8 @@ class Submissions:
         *,
         admit: bool = False,
     ) -> tuple[ExecutionRecord, bool]:
-        """Create the execution (or find its duplicate); ``admit``: under the tenant's
-        ``max_immediate`` quota."""
+        """Create the execution (or find its duplicate) in ``tx`` (None: its own statement);
+        ``admit``: under the tenant's ``max_immediate`` quota."""
         snapshot = decision.snapshot()
         new = NewExecution(
             tenant_id=request.tenant_id,
@@ -417,11 +407,17 @@ class Submissions:
             ],
         )
         if admit:
-            record, created = await self._quotas.create_immediate(
-                db, new, dedup_window=self._dedup_window
+            limit = self._quotas.for_tenant(new.tenant_id).max_immediate
+            created_or_usage = await self._lifecycle.create_admitted(
+                new, dedup_window=self._dedup_window, max_in_flight=limit, tx=tx
             )
+            if isinstance(created_or_usage, ImmediateUsage):
+                raise self._quotas.immediate_refusal(new.tenant_id, limit, created_or_usage)
+            record, created = created_or_usage
         else:
-            record, created = await create_execution(db, new, dedup_window=self._dedup_window)
+            record, created = await self._lifecycle.create(
+                new, dedup_window=self._dedup_window, tx=tx
+            )
         bind_execution_fields(record)  # the rest of this RPC's records are the execution's
         log.info(
             "execution_created" if created else "execution_deduplicated",
@@ -452,8 +448,7 @@ class Submissions:
             # paused worker), nothing ran: end it failed and free the key for a retry. Once a
             # worker has it, the worker records the outcome and this changes nothing.
             reason = exc.reason if isinstance(exc, OpsConductorError) else "DISPATCH_FAILED"
-            await fail_unstarted_execution(
-                self._pool,
+            await self._lifecycle.end_unstarted(
                 record.id,
                 expected_from=ExecutionStatus.PENDING,
                 by="api",
@@ -472,7 +467,7 @@ class Submissions:
         delay = 0.02
         while time.monotonic() < deadline:
             await asyncio.sleep(delay)
-            record = await get_execution(self._pool, record.tenant_id, record.id)
+            record = await self._lifecycle.get(record.tenant_id, record.id)
             if record.is_terminal:
                 break
             delay = min(delay * 2, 0.5)

@@ -71,7 +71,7 @@ class ExecutionDispatcher:
         # The submit's correlation: the released job logs as the request that created the
         # execution, and its trace continues the submit's through this release.
         with continue_trace("approval_released", record.trace_context, _attributes(record)):
-            job_id = await self._lifecycle.enqueue(
+            queued = await self._lifecycle.enqueue(
                 conn,
                 record,
                 policy,
@@ -80,6 +80,7 @@ class ExecutionDispatcher:
                 event_payload={"reason": "approved"},
                 trace_context=current_traceparent(),
             )
+        job_id = queued.job_id
         log.info("approved_execution_queued", execution_id=str(record.id), job_id=str(job_id))
         return job_id
 

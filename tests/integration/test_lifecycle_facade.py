@@ -536,3 +536,78 @@ async def test_announce_wakes_a_listener_and_never_raises_while_the_queue_is_dow
             await dead.aclose()
     # Without a queue there is no one to wake: a no-op.
     await PostgresRedisLifecycle(db_pool, None).announce()
+
+
+async def test_a_transaction_that_raises_leaves_nothing_of_what_was_done_in_it(
+    world: tuple[str, Core, Any], policy: TimeoutPolicy
+) -> None:
+    _, core, _ = world
+    tenant = fresh_tenant()
+    new = new_execution(tenant, mode="background")
+    created: list[UUID] = []
+
+    async def give_up() -> None:
+        async with core.lifecycle.transaction() as tx:
+            record, _ = await core.lifecycle.create(new, dedup_window=timedelta(hours=1), tx=tx)
+            created.append(record.id)
+            await core.lifecycle.enqueue(
+                tx, record, policy, by="api", expected_from=ExecutionStatus.PENDING
+            )
+            assert await core.lifecycle.waiting_jobs(tx, tenant) == 1
+            raise LookupError("the caller gives up")
+
+    with pytest.raises(LookupError):
+        await give_up()
+    (created_id,) = created
+    with pytest.raises(NotFoundError):
+        await core.lifecycle.get(tenant, created_id)
+    assert await core.lifecycle.queued_job(created_id) is None
+    async with core.lifecycle.transaction() as tx:
+        assert await core.lifecycle.waiting_jobs(tx, tenant) == 0
+        assert not await core.lifecycle.key_is_live(tx, tenant, new.idempotency_key)
+    # What commits stays.
+    async with core.lifecycle.transaction() as tx:
+        kept, made = await core.lifecycle.create(new, dedup_window=timedelta(hours=1), tx=tx)
+    assert made
+    assert (await core.lifecycle.get(tenant, kept.id)).status is ExecutionStatus.PENDING
+
+
+async def test_the_quota_lock_needs_a_transaction_and_waiting_jobs_count_the_tenants_queue(
+    world: tuple[str, Core, Any], policy: TimeoutPolicy
+) -> None:
+    _, core, _ = world
+    tenant = fresh_tenant()
+    with pytest.raises(RuntimeError):
+        await core.lifecycle.lock_tenant_quota(None, tenant)
+    new = new_execution(tenant, mode="background")
+    async with core.lifecycle.transaction() as tx:
+        await core.lifecycle.lock_tenant_quota(tx, tenant)
+        assert await core.lifecycle.waiting_jobs(tx, tenant) == 0
+        assert not await core.lifecycle.key_is_live(tx, tenant, new.idempotency_key)
+        record, _ = await core.lifecycle.create(new, dedup_window=timedelta(hours=1), tx=tx)
+        assert await core.lifecycle.key_is_live(tx, tenant, new.idempotency_key)
+        await core.lifecycle.enqueue(
+            tx, record, policy, by="api", expected_from=ExecutionStatus.PENDING
+        )
+    other = new_execution(fresh_tenant(), mode="background")
+    async with core.lifecycle.transaction() as tx:
+        other_record, _ = await core.lifecycle.create(other, dedup_window=timedelta(hours=1), tx=tx)
+        await core.lifecycle.enqueue(
+            tx, other_record, policy, by="api", expected_from=ExecutionStatus.PENDING
+        )
+    async with core.lifecycle.transaction() as tx:
+        assert await core.lifecycle.waiting_jobs(tx, tenant) == 1
+        # Another tenant's key is not this tenant's.
+        assert not await core.lifecycle.key_is_live(tx, tenant, other.idempotency_key)
+    # A key retired (the execution ended unstarted) is no longer live.
+    plain = new_execution(tenant)
+    unstarted, _ = await core.lifecycle.create(plain, dedup_window=timedelta(hours=1))
+    assert await core.lifecycle.end_unstarted(
+        unstarted.id,
+        expected_from=ExecutionStatus.PENDING,
+        by="api",
+        error_class="X",
+        error_message="x",
+    )
+    async with core.lifecycle.transaction() as tx:
+        assert not await core.lifecycle.key_is_live(tx, tenant, plain.idempotency_key)

@@ -1,12 +1,13 @@
 """The api's ``Submissions`` against the in-memory lifecycle (no Postgres, no Redis): what an
 immediate submit creates, how it hands the execution to the worker and returns the worker's
 answer, what a duplicate does, what is left when no worker could start it, and what the tenant's
-immediate quota refuses. The lifecycle's own behaviours are checked against the real core in
-tests/integration/test_lifecycle_facade.py; the role, flag and duration readers stood in for
+immediate and queued quotas refuse. The lifecycle's own behaviours are checked against the real
+core in tests/integration/test_lifecycle_facade.py; the role, flag and duration readers stood in for
 here are the real ones' (tests/integration cover their reads from Postgres).
 
-Not covered here: the background and approval paths (the tenant's queued-quota lock and the
-approval request are written on the submit's Postgres connection, outside the lifecycle port).
+Background submits too: queued with the policy's budget in one transaction, nothing left when
+the queue cannot take it, the tenant's queued quota. Not covered here: the approval path (its
+approval request is written on the submit's Postgres connection, outside the lifecycle port).
 """
 
 from __future__ import annotations
@@ -18,13 +19,15 @@ from uuid import UUID
 
 import pytest
 
+from opsconductor.actions.planning import ExecutionMode
 from opsconductor.actions.registry import default_registry
-from opsconductor.api.logic.submission import Submissions, SubmitRequest
+from opsconductor.api.logic.submission import Submissions, SubmitRequest, SubmitResult
 from opsconductor.common.approval_policy import ApprovalPolicy
 from opsconductor.common.auth import Principal
 from opsconductor.common.errors import (
     FeatureDisabledError,
     FSMError,
+    QueueUnavailableError,
     QuotaExceededError,
     WorkerUnavailableError,
 )
@@ -270,3 +273,74 @@ async def test_a_tenant_stage_e_is_not_enabled_for_is_refused_before_anything_is
         await submissions.submit(ALICE, "tok", SubmitRequest(TENANT, noop_plan()))
     assert lifecycle.records == {}
     assert worker.handed == []
+
+
+def background_plan(tag: str = "a") -> dict[str, Any]:
+    return {**noop_plan(tag), "name": f"bg-{tag}"}
+
+
+async def submit_background(submissions: Submissions, tag: str = "a") -> SubmitResult:
+    return await submissions.submit(
+        ALICE,
+        "tok",
+        SubmitRequest(
+            TENANT, background_plan(tag), requested_mode=ExecutionMode.BACKGROUND, request_id="r"
+        ),
+    )
+
+
+async def test_a_background_submit_queues_it_with_the_policys_budget_and_wakes_a_consumer(
+    lifecycle: InMemoryLifecycle, worker: Worker
+) -> None:
+    result = await submit_background(build(lifecycle, worker))
+    assert not result.deduplicated
+    assert result.execution.status is ExecutionStatus.QUEUED
+    assert [s.step_id for s in result.execution.steps] == ["noop"]
+    assert result.job_id is not None
+    job = lifecycle.jobs[result.job_id]
+    assert (job.execution_id, job.tenant_id, job.max_attempts, job.request_id) == (
+        result.execution.id,
+        TENANT,
+        POLICY.max_attempts,
+        "r",
+    )
+    assert lifecycle.announcements == 1
+    assert worker.handed == []  # the queue runs it, not a hand-over
+    again = await submit_background(build(lifecycle, worker))
+    assert again.deduplicated
+    assert (again.execution.id, again.job_id) == (result.execution.id, result.job_id)
+    assert len(lifecycle.jobs) == 1
+    assert lifecycle.announcements == 1
+
+
+@pytest.mark.parametrize("configured", [True, False])
+async def test_a_background_submit_the_queue_cannot_take_leaves_nothing_behind(
+    lifecycle: InMemoryLifecycle, worker: Worker, configured: bool
+) -> None:
+    if configured:
+        lifecycle.queue_up = False
+    else:
+        lifecycle = InMemoryLifecycle(queue_configured=False)
+    with pytest.raises(QueueUnavailableError):
+        await submit_background(build(lifecycle, worker))
+    assert lifecycle.records == {}  # rolled back with the push: the key stays free
+    assert lifecycle.jobs == {}
+    lifecycle.queue_up = True
+    if configured:
+        assert (await submit_background(build(lifecycle, worker))).job_id is not None
+
+
+async def test_at_the_queued_quota_a_new_background_plan_is_refused_but_a_duplicate_is_not(
+    lifecycle: InMemoryLifecycle, worker: Worker
+) -> None:
+    policies = TenantPolicies.load()
+    submissions = build(lifecycle, worker)
+    submissions._quotas = TenantQuotas(QuotaLimits(1, 0, 0), policies)
+    first = await submit_background(submissions, "a")
+    with pytest.raises(QuotaExceededError) as refused:
+        await submit_background(submissions, "b")
+    assert (refused.value.details["quota"], refused.value.details["in_use"]) == ("queued", 1)
+    assert list(lifecycle.records) == [first.execution.id]
+    again = await submit_background(submissions, "a")
+    assert again.deduplicated
+    assert again.job_id == first.job_id

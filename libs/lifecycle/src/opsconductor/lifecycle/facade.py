@@ -8,13 +8,15 @@ fake has is also checked against this adapter on real Postgres and Redis
 (``tests/integration/test_lifecycle_facade.py``, one test body for both). It covers what the
 approvals service's dispatcher and the api's submissions need so far: create an execution
 idempotently (optionally admitted under the tenant's immediate quota), read it, find its queue job,
-queue it inside the caller's transaction, wake a consumer, and end one no worker started. Each
+queue it inside the caller's transaction, wake a consumer, and end one no worker started; and,
+in a transaction it opens, the tenant's quota lock and its waiting jobs. Each
 call delegates to the storage and queue function that already does it (no statement added).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Protocol
@@ -25,9 +27,14 @@ from opsconductor.common.fsm import ExecutionStatus
 from opsconductor.lifecycle.queue import jobs
 from opsconductor.lifecycle.queue.enqueue import enqueue_execution
 from opsconductor.lifecycle.queue.redis_queue import RedisQueue
+from opsconductor.lifecycle.storage import quota_usage
 from opsconductor.lifecycle.storage.execution_leases import fail_unstarted_execution
 from opsconductor.lifecycle.storage.execution_reads import get_execution
-from opsconductor.lifecycle.storage.execution_records import ExecutionRecord, PoolOrConnection
+from opsconductor.lifecycle.storage.execution_records import (
+    ExecutionRecord,
+    PoolOrConnection,
+    transaction,
+)
 from opsconductor.lifecycle.storage.executions import (
     NewExecution,
     create_execution,
@@ -53,6 +60,22 @@ class ExecutionLifecycle(Protocol):
     @property
     def queue_configured(self) -> bool:
         """Whether background work can be queued at all (a Redis queue is configured)."""
+        ...
+
+    def transaction(self) -> contextlib.AbstractAsyncContextManager[Any]:
+        """A transaction to pass as ``tx``: everything done in it is undone if it raises."""
+        ...
+
+    async def lock_tenant_quota(self, tx: Any, tenant_id: str) -> None:
+        """Take the tenant's quota lock until ``tx`` ends (``RuntimeError`` without one)."""
+        ...
+
+    async def waiting_jobs(self, tx: Any, tenant_id: str) -> int:
+        """The tenant's queue jobs not leased: ready or delayed."""
+        ...
+
+    async def key_is_live(self, tx: Any, tenant_id: str, idempotency_key: str) -> bool:
+        """Whether the tenant has an execution holding this idempotency key."""
         ...
 
     async def create(
@@ -131,6 +154,25 @@ class PostgresRedisLifecycle:
     @property
     def queue_configured(self) -> bool:
         return self._queue is not None
+
+    @contextlib.asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[Any]:
+        async with transaction(self._pool) as conn:
+            yield conn
+
+    def transaction(self) -> contextlib.AbstractAsyncContextManager[Any]:
+        return self._transaction()
+
+    async def lock_tenant_quota(self, tx: Any, tenant_id: str) -> None:
+        if tx is None:
+            raise RuntimeError("the quota lock is transaction-scoped: open a transaction first")
+        await quota_usage.lock_tenant_quota(tx, tenant_id)
+
+    async def waiting_jobs(self, tx: Any, tenant_id: str) -> int:
+        return await quota_usage.count_waiting_jobs(tx, tenant_id)
+
+    async def key_is_live(self, tx: Any, tenant_id: str, idempotency_key: str) -> bool:
+        return await quota_usage.live_execution_exists(tx, tenant_id, idempotency_key)
 
     async def create(
         self, new: NewExecution, *, dedup_window: timedelta, tx: Any = None

@@ -10,13 +10,16 @@ is not modelled: None). Statuses move under the same FSM
 (:func:`~opsconductor.common.fsm.check_transition`) and the same compare-and-set on
 ``expected_from``, so a test against the fake fails where the real core would refuse. Every
 behaviour here is also run against the Postgres + Redis adapter
-(``tests/integration/test_lifecycle_facade.py``). Transactions are not modelled: a refused call
-changes nothing, as a rolled-back one does.
+(``tests/integration/test_lifecycle_facade.py``). A refused call changes nothing; a
+:meth:`~InMemoryLifecycle.transaction` that raises puts every dict back as it found them (as a
+rollback); the quota lock needs one but excludes nothing (the fake runs one task at a time).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+import copy
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -67,6 +70,38 @@ class InMemoryLifecycle:
         self.records: dict[UUID, ExecutionRecord] = {}
         #: How many times a consumer was woken.
         self.announcements = 0
+        self._open_transactions = 0
+
+    @contextlib.asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[Any]:
+        saved = copy.deepcopy((self.executions, self.jobs, self.records))
+        self._open_transactions += 1
+        try:
+            yield self
+        except BaseException:
+            self.executions, self.jobs, self.records = saved
+            raise
+        finally:
+            self._open_transactions -= 1
+
+    def transaction(self) -> contextlib.AbstractAsyncContextManager[Any]:
+        return self._transaction()
+
+    async def lock_tenant_quota(self, tx: Any, tenant_id: str) -> None:
+        if tx is None or not self._open_transactions:
+            raise RuntimeError("the quota lock is transaction-scoped: open a transaction first")
+
+    async def waiting_jobs(self, tx: Any, tenant_id: str) -> int:
+        # No job is ever leased here: every job of the tenant is waiting.
+        return sum(1 for job in self.jobs.values() if job.tenant_id == tenant_id)
+
+    async def key_is_live(self, tx: Any, tenant_id: str, idempotency_key: str) -> bool:
+        return any(
+            record.tenant_id == tenant_id
+            and record.idempotency_key == idempotency_key
+            and not self.executions[eid].key_retired
+            for eid, record in self.records.items()
+        )
 
     def add(self, record: ExecutionRecord) -> ExecutionRecord:
         """Store ``record`` as it is (what the real core's create did)."""

@@ -23,8 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-
-import asyncpg
+from typing import Any, Protocol
 
 from opsconductor.common.errors import QuotaExceededError
 from opsconductor.common.settings import ServiceSettings
@@ -113,7 +112,12 @@ class TenantQuotas:
         }
 
     async def admit_queued(
-        self, conn: asyncpg.Connection, tenant_id: str, idempotency_key: str
+        self,
+        conn: Any,
+        tenant_id: str,
+        idempotency_key: str,
+        *,
+        usage: QueuedUsage | None = None,
     ) -> QuotaExceededError | None:
         """Admit one more background job of ``tenant_id``, in the submit's transaction.
 
@@ -122,11 +126,12 @@ class TenantQuotas:
         a duplicate; returns the refusal (not raised) when it is at the limit but the key is
         live — raise it if the submit creates an execution after all (a retired key).
         """
+        usage = usage or _STORED_USAGE
         limit = self.for_tenant(tenant_id).max_queued
-        await quota_usage.lock_tenant_quota(conn, tenant_id)
+        await usage.lock_tenant_quota(conn, tenant_id)
         if limit == 0:
             return None
-        waiting = await quota_usage.count_waiting_jobs(conn, tenant_id)
+        waiting = await usage.waiting_jobs(conn, tenant_id)
         if waiting < limit:
             return None
         refusal = QuotaExceededError(
@@ -138,7 +143,10 @@ class TenantQuotas:
             in_use=waiting,
             tenant_id=tenant_id,
         )
-        return await _unless_duplicate(conn, tenant_id, idempotency_key, refusal)
+        # A duplicate creates nothing, so it takes no slot: let it find its execution.
+        if await usage.key_is_live(conn, tenant_id, idempotency_key):
+            return refusal
+        raise refusal
 
     async def create_immediate(
         self, db: PoolOrConnection, new: NewExecution, *, dedup_window: timedelta
@@ -174,10 +182,25 @@ class TenantQuotas:
         )
 
 
-async def _unless_duplicate(
-    conn: asyncpg.Connection, tenant_id: str, idempotency_key: str, refusal: QuotaExceededError
-) -> QuotaExceededError:
-    # A duplicate creates nothing, so it takes no slot: let it find its execution.
-    if await quota_usage.live_execution_exists(conn, tenant_id, idempotency_key):
-        return refusal
-    raise refusal
+class QueuedUsage(Protocol):
+    """Where a tenant's queued usage is read (the lifecycle port; by default the stored rows)."""
+
+    async def lock_tenant_quota(self, tx: Any, tenant_id: str) -> None: ...
+
+    async def waiting_jobs(self, tx: Any, tenant_id: str) -> int: ...
+
+    async def key_is_live(self, tx: Any, tenant_id: str, idempotency_key: str) -> bool: ...
+
+
+class _StoredUsage:
+    async def lock_tenant_quota(self, tx: Any, tenant_id: str) -> None:
+        await quota_usage.lock_tenant_quota(tx, tenant_id)
+
+    async def waiting_jobs(self, tx: Any, tenant_id: str) -> int:
+        return await quota_usage.count_waiting_jobs(tx, tenant_id)
+
+    async def key_is_live(self, tx: Any, tenant_id: str, idempotency_key: str) -> bool:
+        return await quota_usage.live_execution_exists(tx, tenant_id, idempotency_key)
+
+
+_STORED_USAGE: QueuedUsage = _StoredUsage()

@@ -331,9 +331,9 @@ class Submissions:
         """
         if not self._lifecycle.queue_configured:
             raise QueueUnavailableError("no queue is configured for background execution")
-        async with transaction(self._pool) as conn:
+        async with self._lifecycle.transaction() as conn:
             refusal = await self._quotas.admit_queued(
-                conn, request.tenant_id, decision.idempotency_key
+                conn, request.tenant_id, decision.idempotency_key, usage=self._lifecycle
             )
             record, created = await self._create(conn, principal, request, decision, record_only)
             if not created:

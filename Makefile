@@ -155,7 +155,7 @@ bench-progress: $(STAMP)
 			--output bench/results/progress_fanout_$$transport.json || exit 1; done
 
 # The same submit and background figures with 1 000 000 executions stored and 100 000 queued
-# (seeded with COPY), next to the empty system's, with a verdict per figure (~25 min).
+# (seeded with COPY), next to the empty system's, with a verdict per figure (~30 min).
 bench-scale: $(STAMP)
 	$(PY) bench/scale.py
 

@@ -34,6 +34,8 @@ _PROMQL_WORDS = {
     "increase",
     "histogram_quantile",
     "scalar",
+    "vector",
+    "or",
     "le",
     "up",
     "without",

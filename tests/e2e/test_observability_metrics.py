@@ -38,12 +38,14 @@ from pydantic import SecretStr
 
 from opsconductor.client import ExecutionClient, ExecutionTimeoutError, PermissionDeniedError
 from opsconductor.common.auth import issue_token
+from opsconductor.common.fsm import ExecutionStatus
 from opsconductor.lifecycle.execution_logging import SPEC_FIELDS
 from opsconductor.lifecycle.queue.redis_queue import RedisQueue, create_redis_client
 from opsconductor.lifecycle.storage.locks import LockRequest, acquire_locks
 from opsconductor.lifecycle.storage.role_bindings import bind_role
 from tests.conftest import RUN_ID
 from tests.deploy.test_monitoring import MONITORING, dashboard_queries, metric_names
+from tests.integration.test_executions_repo import in_status
 
 from .conftest import AUDIENCE, HS256_KEY, token
 from .inspection import wait_until
@@ -565,6 +567,117 @@ async def test_the_dlq_alert_is_pending_once_more_than_ten_jobs_are_dead_lettere
     assert [(a["state"], a["labels"]["severity"]) for a in alerts] == [("pending", "page")]
     assert float(alerts[0]["value"]) == 11
     assert alerts[0]["annotations"]["runbook_url"].endswith("/docs/runbooks/dlq.md")
+
+
+# The timeout series the rules and the dashboard use: the processes' counters plus the
+# reaper's stored ones, exported alike by every api replica (and the reaper loop): once.
+_TIMED_OUT = (
+    "sum(opsc_executions_timed_out_total)"
+    " + sum(max by (mode, sla_class) (opsc_reaper_executions_timed_out_total))"
+)
+
+
+def _timed_out_of(scrapes: dict[str, Samples]) -> float:
+    """``_TIMED_OUT`` computed from the services' scrapes."""
+    counted = sum(
+        value
+        for samples in scrapes.values()
+        for (name, _labels), value in samples.items()
+        if name == "opsc_executions_timed_out_total"
+    )
+    stored: dict[frozenset[tuple[str, str]], float] = {}
+    for samples in scrapes.values():
+        for (name, labels), value in samples.items():
+            if name == "opsc_reaper_executions_timed_out_total":
+                stored[labels] = max(stored.get(labels, 0), value)
+    return counted + sum(stored.values())
+
+
+async def test_a_reaper_pass_of_its_own_process_moves_the_timeout_series_by_exactly_one(
+    mix: Mix, metrics_stack: MetricsStack, prometheus: Prometheus, e2e_pool: asyncpg.Pool
+) -> None:
+    """The reaper as Kubernetes runs it: a ``--once`` process, gone before any scrape, ends an
+    execution whose worker died past its deadline. Counted by its ending statement in
+    Postgres, exported by the api: the scraped timeout series moves by exactly 1 (not 0: the
+    process is gone; not 2: the reaper loop of this stack exports the same stored value)."""
+    tenant = f"t-{secrets.token_hex(4)}"
+    record = await in_status(e2e_pool, ExecutionStatus.RUNNING, tenant=tenant)
+    # Its worker is gone; the stack's reaper loop (30 s grace) leaves it to the pass below.
+    await e2e_pool.execute(
+        "UPDATE executions SET deadline_at = clock_timestamp() - interval '2 seconds'"
+        " WHERE id = $1",
+        record.id,
+    )
+    labels = _labels(mode=record.execution_mode, sla_class=record.sla_class)
+    stored = ("opsc_reaper_executions_timed_out_total", labels)
+    in_process = ("opsc_executions_timed_out_total", labels)
+    before = {name: metrics_stack.scrape(name) for name in SERVICES}
+
+    async def seen_by_prometheus() -> float | None:
+        result = await asyncio.to_thread(prometheus.query, _TIMED_OUT)
+        return float(result[0]["value"][1]) if result else None
+
+    async def settled() -> float | None:
+        # Prometheus holds what the services export now (the same sum over the scrapes).
+        value = await seen_by_prometheus()
+        return value if value == _timed_out_of(before) else None
+
+    prometheus_before = await wait_until(settled, within_s=30, what="the timeout series")
+    worker_env = metrics_stack.stack.services["worker"].extra_env
+    env = service_env(
+        metrics_stack.stack.dsn,
+        {
+            "OPSC_REDIS_URL": worker_env["OPSC_REDIS_URL"],
+            "OPSC_QUEUE_PREFIX": worker_env["OPSC_QUEUE_PREFIX"],
+            "OPSC_REAPER_DEADLINE_GRACE_S": "0",
+        },
+    )
+
+    async def one_pass_ended_it() -> bool:
+        # A pass the loop's pass overlaps is skipped (advisory lock): run another.
+        result = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "opsconductor.worker.reaper", "--once"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        status = await e2e_pool.fetchval("SELECT status FROM executions WHERE id = $1", record.id)
+        return str(status) == "failed"
+
+    await wait_until(one_pass_ended_it, within_s=60, what="a --once pass ending it")
+    ended = await e2e_pool.fetchrow(
+        "SELECT timed_out, error_class FROM executions WHERE id = $1", record.id
+    )
+    assert (ended["timed_out"], ended["error_class"]) == (True, "EXECUTION_TIMEOUT")
+
+    async def exported() -> bool:
+        return metrics_stack.scrape("api").get(stored, 0) > before["api"].get(stored, 0)
+
+    await wait_until(exported, within_s=20, what="the api exporting it", interval_s=0.2)
+
+    async def moved() -> float | None:
+        value = await seen_by_prometheus()
+        return value if value is not None and value > prometheus_before else None
+
+    prometheus_after = await wait_until(moved, within_s=30, what="Prometheus scraping it")
+    after = {name: metrics_stack.scrape(name) for name in SERVICES}
+    assert after["api"].get(stored, 0) - before["api"].get(stored, 0) == 1
+    assert _timed_out_of(after) == _timed_out_of(before) + 1
+    # Nobody counted it in-process: not the worker, not the reaper loop, not the api.
+    for service in SERVICES:
+        assert after[service].get(in_process, 0) == before[service].get(in_process, 0), service
+    await asyncio.sleep(2)  # a few more scrapes and rule evaluations: still exactly one more
+    assert await seen_by_prometheus() == prometheus_after == prometheus_before + 1
+
+    async def rate_sees_it() -> bool:
+        result = await asyncio.to_thread(prometheus.query, "opsc:executions_timed_out:rate5m")
+        return bool(result) and float(result[0]["value"][1]) > 0
+
+    await wait_until(rate_sees_it, within_s=30, what="the timeout rate rule", interval_s=0.5)
 
 
 def _records(path: Path) -> list[dict[str, Any]]:

@@ -10,12 +10,20 @@ a dashboard sums over instances. The catalogue of every metric name is docs/obse
 Labels are bounded: statuses, modes, SLA and action classes are enums; ``action`` is a
 registered action name (or ``mixed`` for a plan of several); ``error_class`` values are capped
 per process (:class:`BoundedLabel`), a new value beyond the cap counting as ``other``. No ids.
+
+The reaper is the exception: in Kubernetes it is a CronJob whose process is gone before any
+scrape. Inside :func:`counted_in_store` (its passes) a terminal transition is counted in
+Postgres instead, by the statement that makes it (``metric_counters``, name
+``reaper_executions_ended``, one row per label set), and the api exports those rows as the
+``opsc_reaper_*`` counters (:mod:`opsconductor.lifecycle.queue.gauges`): never in both places.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, Final
 
 from prometheus_client import Counter, Histogram
@@ -24,13 +32,19 @@ if TYPE_CHECKING:  # the storage layer imports this module, not the other way ro
     from opsconductor.lifecycle.storage.execution_records import ExecutionRecord
 
 __all__ = [
+    "ACTION_CLASSES",
     "DURATION_BUCKETS",
     "EXECUTIONS",
     "EXECUTIONS_CANCELLED",
     "EXECUTIONS_FAILED",
     "EXECUTIONS_TIMED_OUT",
     "EXECUTION_DURATION",
+    "MODES",
+    "SLA_CLASSES",
+    "STATUSES",
     "BoundedLabel",
+    "counted_in_store",
+    "counts_in_store",
     "plan_action",
     "record_finished",
 ]
@@ -68,10 +82,29 @@ EXECUTIONS_FAILED: Final = Counter(
 )
 
 
-_MODES: Final = ("immediate", "background")
-_SLA_CLASSES: Final = ("fast", "medium", "long")
-_ACTION_CLASSES: Final = ("read", "modify", "deploy")
-_STATUSES: Final = ("succeeded", "failed", "cancelled", "rejected")
+_IN_STORE: ContextVar[bool] = ContextVar("opsc_outcomes_counted_in_store", default=False)
+
+
+@contextlib.contextmanager
+def counted_in_store() -> Iterator[None]:
+    """Within: outcomes are counted in ``metric_counters`` by the statement that ends them, not
+    in this process (for a process that may not live until the next scrape: the reaper)."""
+    reset = _IN_STORE.set(True)
+    try:
+        yield
+    finally:
+        _IN_STORE.reset(reset)
+
+
+def counts_in_store() -> bool:
+    """Whether outcomes ended here are counted in the store (see :func:`counted_in_store`)."""
+    return _IN_STORE.get()
+
+
+MODES: Final = ("immediate", "background")
+SLA_CLASSES: Final = ("fast", "medium", "long")
+ACTION_CLASSES: Final = ("read", "modify", "deploy")
+STATUSES: Final = ("succeeded", "failed", "cancelled", "rejected")
 
 
 def _export_zeros() -> None:
@@ -80,13 +113,13 @@ def _export_zeros() -> None:
     A series born at 1 shows no increase to ``rate()``/``increase()``, so the first timeout or
     cancellation of a process would be invisible to the timeout-rate alert without its zero.
     """
-    for mode in _MODES:
-        for sla in _SLA_CLASSES:
+    for mode in MODES:
+        for sla in SLA_CLASSES:
             EXECUTIONS_TIMED_OUT.labels(mode, sla)
             for initiator in ("user", "system"):
                 EXECUTIONS_CANCELLED.labels(initiator, mode, sla)
-            for action_class in _ACTION_CLASSES:
-                for status in _STATUSES:
+            for action_class in ACTION_CLASSES:
+                for status in STATUSES:
                     EXECUTIONS.labels(mode, sla, action_class, status)
 
 

@@ -28,6 +28,7 @@ from opsconductor.common.errors import (
     DlqEntryRequeuedError,
     NotFoundError,
 )
+from opsconductor.lifecycle.execution_metrics import counts_in_store
 from opsconductor.lifecycle.storage.events import EVENTS_CHANNEL
 from opsconductor.lifecycle.storage.execution_records import (
     PoolOrConnection,
@@ -64,7 +65,7 @@ _MAX_ACTOR = 200  # execution_dlq.requeued_by is VARCHAR(200)
 
 # The move and its moved_to_dlq event in one statement (seq handed out by the execution row as
 # storage/events.py does; the audit hash is the insert trigger's; NOTIFY delivered at commit).
-_MOVE = """
+_MOVE_TEMPLATE = """
 WITH gone AS (
     DELETE FROM execution_queue WHERE execution_id = $1 RETURNING tenant_id
 ), moved AS (
@@ -83,12 +84,21 @@ WITH gone AS (
                               'error_class', $3::varchar)
     FROM next, moved
     RETURNING execution_id, seq
-)
+){counted}
 SELECT moved.id, moved.tenant_id,
        (SELECT count(pg_notify($6, event.execution_id::text || ':' || event.seq)) FROM event)
            AS notified
 FROM moved
 """
+_MOVE = _MOVE_TEMPLATE.format(counted="")
+# The reaper's moves are counted by the moving statement (its process may be gone before a
+# scrape; exported by the api as opsc_reaper_dlq_moves_total).
+_MOVE_COUNTED = _MOVE_TEMPLATE.format(
+    counted=""", counted AS (
+    UPDATE metric_counters SET value = value + (SELECT count(*) FROM moved)
+    WHERE name = 'reaper_dlq_moves' AND labels = '{}'::jsonb AND EXISTS (SELECT 1 FROM moved)
+)"""
+)
 _OPEN_ENTRY = """
 SELECT id FROM execution_dlq WHERE execution_id = $1 AND requeued_at IS NULL
 ORDER BY created_at DESC, id DESC LIMIT 1
@@ -158,13 +168,21 @@ async def move_to_dlq(
     error = None if last_error is None else dict(last_error)
     klass = None if error_class is None else error_class[:_MAX_ERROR_CLASS]
     async with connection(db) as conn:
+        stored = counts_in_store()
         moved = await conn.fetchrow(
-            _MOVE, execution_id, attempts, klass, error_message, error, EVENTS_CHANNEL
+            _MOVE_COUNTED if stored else _MOVE,
+            execution_id,
+            attempts,
+            klass,
+            error_message,
+            error,
+            EVENTS_CHANNEL,
         )
         if moved is None:
             dlq_id: UUID | None = await conn.fetchval(_OPEN_ENTRY, execution_id)
             return dlq_id
-        after_commit(conn, DLQ_MOVES.inc)
+        if not stored:
+            after_commit(conn, DLQ_MOVES.inc)
     moved_id: UUID = moved["id"]
     return moved_id
 

@@ -9,18 +9,21 @@ One refresh costs a Redis stats call and three small reads in Postgres, never on
 With them go the **stored counters**: events counted in the stores by the work itself, because
 the process doing it may not live until the next scrape (the reaper CronJob): every lease that
 expired (Redis, by the script that reclaims it, whether a worker's dequeue or the reaper does)
-and every stale mutex reaped (Postgres ``metric_counters``, by the statement that deletes it).
-They are exported as counters (``opsc_lease_expirations_total``, ``opsc_mutex_reaped_total``)
-with the values the last refresh read: monotonic but for a Redis restarted empty, which
-Prometheus takes as a counter reset.
+and every stale mutex reaped (Postgres ``metric_counters``, by the statement that deletes it),
+and the executions a reaper pass ends and its DLQ moves (``metric_counters`` again, by the
+ending statements, one row per label set). They are exported as counters
+(``opsc_lease_expirations_total``, ``opsc_mutex_reaped_total``, ``opsc_reaper_*_total``) with
+the values the last refresh read: monotonic but for a Redis restarted empty, which Prometheus
+takes as a counter reset.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import Iterator
-from typing import Final
+from typing import Any, Final
 
 import structlog
 from prometheus_client import REGISTRY, Gauge
@@ -28,6 +31,7 @@ from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
 from opsconductor.common.errors import QueueUnavailableError, StorageError
+from opsconductor.lifecycle.execution_metrics import ACTION_CLASSES, MODES, SLA_CLASSES, STATUSES
 from opsconductor.lifecycle.queue import dlq
 from opsconductor.lifecycle.queue.redis_queue import RedisQueue
 from opsconductor.lifecycle.storage.execution_records import PoolOrConnection, transaction
@@ -75,30 +79,101 @@ class StoredCounters(Collector):
             "were reclaimed."
         ),
         "opsc_mutex_reaped": "Expired execution locks (stale mutexes) deleted by the reaper.",
+        "opsc_reaper_dlq_moves": (
+            "Executions the reaper moved to the dead-letter queue, counted in Postgres."
+        ),
+    }
+    #: The executions a reaper pass ended, from ``metric_counters`` rows: same labels as the
+    #: worker's ``opsc_executions*`` counters (dashboards and rules add the two).
+    OUTCOME_HELP: Final = {
+        "opsc_reaper_executions": (
+            "Executions the reaper ended (overdue, dead-lettered, approval expired, never"
+            " dispatched), by mode, SLA class, action class and status; counted in Postgres."
+        ),
+        "opsc_reaper_executions_timed_out": (
+            "Executions the reaper ended as timed out (deadline passed, worker gone), by mode and"
+            " SLA class; counted in Postgres."
+        ),
+        "opsc_reaper_executions_failed": (
+            "Executions the reaper ended failed, by error class and mode; counted in Postgres."
+        ),
+    }
+    _OUTCOME_LABELS: Final = {
+        "opsc_reaper_executions": ("mode", "sla_class", "action_class", "status"),
+        "opsc_reaper_executions_timed_out": ("mode", "sla_class"),
+        "opsc_reaper_executions_failed": ("error_class", "mode"),
     }
 
     def __init__(self) -> None:
         self._values: dict[str, int] = {}
+        self._outcomes: list[tuple[dict[str, Any], int]] | None = None
 
     def set(self, name: str, value: int) -> None:
         if name not in self.HELP:
             raise ValueError(f"not a stored counter: {name}")
         self._values[name] = value
 
+    def set_outcomes(self, rows: list[tuple[dict[str, Any], int]]) -> None:
+        """The ``reaper_executions_ended`` rows: (labels, count) each."""
+        self._outcomes = rows
+
     def describe(self) -> Iterator[CounterMetricFamily]:
         for name, text in self.HELP.items():
             yield CounterMetricFamily(name, text)
+        for name, text in self.OUTCOME_HELP.items():
+            yield CounterMetricFamily(name, text, labels=self._OUTCOME_LABELS[name])
 
     def collect(self) -> Iterator[CounterMetricFamily]:
         for name, text in self.HELP.items():
             if name in self._values:
                 yield CounterMetricFamily(name, text, value=self._values[name])
+        if self._outcomes is None:
+            return
+        sums = self._outcome_sums(self._outcomes)
+        for name, text in self.OUTCOME_HELP.items():
+            family = CounterMetricFamily(name, text, labels=self._OUTCOME_LABELS[name])
+            for labels, value in sorted(sums[name].items()):
+                family.add_metric(list(labels), value)
+            yield family
+
+    @classmethod
+    def _outcome_sums(
+        cls, rows: list[tuple[dict[str, Any], int]]
+    ) -> dict[str, dict[tuple[str, ...], int]]:
+        # Zeros for every enum-labelled series: a series born at 1 shows no increase().
+        sums: dict[str, dict[tuple[str, ...], int]] = {
+            "opsc_reaper_executions": {
+                (mode, sla, action_class, status): 0
+                for mode in MODES
+                for sla in SLA_CLASSES
+                for action_class in ACTION_CLASSES
+                for status in STATUSES
+            },
+            "opsc_reaper_executions_timed_out": {
+                (mode, sla): 0 for mode in MODES for sla in SLA_CLASSES
+            },
+            "opsc_reaper_executions_failed": {},
+        }
+        for labels, value in rows:
+            mode, sla, status = str(labels["mode"]), str(labels["sla_class"]), labels["status"]
+            key = (mode, sla, str(labels["action_class"]), str(status))
+            total = sums["opsc_reaper_executions"]
+            total[key] = total.get(key, 0) + value
+            if status != "failed":
+                continue
+            failed = sums["opsc_reaper_executions_failed"]
+            failed_key = (str(labels["error_class"]), mode)
+            failed[failed_key] = failed.get(failed_key, 0) + value
+            if labels.get("timed_out"):
+                timed_out = sums["opsc_reaper_executions_timed_out"]
+                timed_out[(mode, sla)] = timed_out.get((mode, sla), 0) + value
+        return sums
 
 
 STORED_COUNTERS: Final = StoredCounters()
 REGISTRY.register(STORED_COUNTERS)
 
-_STORED = "SELECT value FROM metric_counters WHERE name = 'mutex_reaped'"
+_STORED = "SELECT name, labels, value FROM metric_counters"
 
 _PENDING_APPROVALS = """
 SELECT level, count(*) AS n FROM approvals
@@ -113,8 +188,8 @@ async def publish_gauges(pool: PoolOrConnection, queue: RedisQueue | None) -> No
         DLQ_SIZE.set(await dlq.dlq_size(pool))
         async with transaction(pool) as conn:
             rows = await conn.fetch(_PENDING_APPROVALS)
-            reaped = await conn.fetchval(_STORED)
-        STORED_COUNTERS.set("opsc_mutex_reaped", int(reaped or 0))
+            stored = await conn.fetch(_STORED)
+        _set_stored(stored)
         pending = {int(row["level"]): int(row["n"]) for row in rows}
         for level in (1, 2, 3):
             APPROVALS_PENDING.labels(str(level)).set(pending.get(level, 0))
@@ -133,6 +208,24 @@ async def publish_gauges(pool: PoolOrConnection, queue: RedisQueue | None) -> No
     QUEUE_DELAYED.set(stats.delayed)
     QUEUE_OLDEST_AGE.set(stats.oldest_ready_age_s or 0.0)
     STORED_COUNTERS.set("opsc_lease_expirations", stats.lease_expirations_total)
+
+
+def _set_stored(rows: list[Any]) -> None:
+    scalars = {row["name"]: int(row["value"]) for row in rows if not row["labels"]}
+    STORED_COUNTERS.set("opsc_mutex_reaped", scalars.get("mutex_reaped", 0))
+    STORED_COUNTERS.set("opsc_reaper_dlq_moves", scalars.get("reaper_dlq_moves", 0))
+    STORED_COUNTERS.set_outcomes(
+        [
+            (_labels(row["labels"]), int(row["value"]))
+            for row in rows
+            if row["name"] == "reaper_executions_ended"
+        ]
+    )
+
+
+def _labels(value: Any) -> dict[str, Any]:
+    # asyncpg returns jsonb as text unless a codec is set on the connection.
+    return dict(json.loads(value) if isinstance(value, str) else value)
 
 
 class GaugePublisher:

@@ -28,7 +28,7 @@ from opsconductor.common.errors import FSMError, NotFoundError, StorageError
 from opsconductor.common.fsm import TERMINAL, ExecutionStatus, allowed_sources, check_transition
 from opsconductor.common.hashing import step_idempotency_key
 from opsconductor.lifecycle.execution_logging import bind_execution_fields
-from opsconductor.lifecycle.execution_metrics import record_finished
+from opsconductor.lifecycle.execution_metrics import counts_in_store, record_finished
 from opsconductor.lifecycle.storage.approval_records import ApprovalState, close_pending_approvals
 from opsconductor.lifecycle.storage.events import EVENTS_CHANNEL, append_event
 from opsconductor.lifecycle.storage.execution_reads import (
@@ -435,13 +435,17 @@ async def transition(
     sources = allowed_sources(target) & (allowed_from or frozenset(ExecutionStatus))
     types = _event_types(target, event_type)
     release = target in TERMINAL and (lease_token is not None or release_locks)
+    # The reaper's outcomes are counted by this statement, not in its (short-lived) process.
+    stored = target in TERMINAL and counts_in_store()
     extra = dict(event_payload or {})
     row = None
     if sources:
         # The usual case in one statement: the row lock, the fencing and tenant checks and
         # the status compare-and-set are the UPDATE's own (re-checked on the newest row
         # version if a concurrent writer got there first).
-        sql, params = _transition_update(target, values, fenced=True, release=release)
+        sql, params = _transition_update(
+            target, values, fenced=True, release=release, stored=stored
+        )
         async with connection(db) as conn:
             row = await conn.fetchrow(
                 sql,
@@ -456,7 +460,7 @@ async def transition(
                 tenant_id,
             )
             if row is not None:
-                _transitioned(conn, row, target)
+                _transitioned(conn, row, target, stored=stored)
     if row is None:
         async with atomic(db) as conn:
             # Refused (or raced): lock the row and say exactly why, as before; a move that is
@@ -473,11 +477,13 @@ async def transition(
                     expected_from=sorted(s.value for s in allowed_from),
                 )
             check_transition(current, target)
-            sql, params = _transition_update(target, values, fenced=False, release=release)
+            sql, params = _transition_update(
+                target, values, fenced=False, release=release, stored=stored
+            )
             row = await conn.fetchrow(
                 sql, execution_id, target.value, [current.value], by, types, extra, *params
             )
-            _transitioned(conn, row, target)
+            _transitioned(conn, row, target, stored=stored)
     record = execution_from_row(row)
     if row["released_locks"]:
         log.info(
@@ -495,8 +501,8 @@ async def transition(
     return record
 
 
-def _transitioned(conn: Any, row: Any, target: ExecutionStatus) -> None:
-    if target in TERMINAL:
+def _transitioned(conn: Any, row: Any, target: ExecutionStatus, *, stored: bool) -> None:
+    if target in TERMINAL and not stored:
         # Counted once, by the process that ended it, when (and only if) it commits.
         after_commit(conn, functools.partial(record_finished, execution_from_row(row)))
 
@@ -566,6 +572,21 @@ _RELEASE_MOVED = """, released AS (
 )"""
 
 
+# An outcome the reaper ends, counted where it happens (its process may not live until a
+# scrape): one row per label set, incremented by the statement that ends the execution.
+_COUNT_ENDED = """, counted AS (
+    INSERT INTO metric_counters (name, labels, value)
+    SELECT 'reaper_executions_ended', jsonb_build_object(
+        'mode', u.execution_mode::text, 'sla_class', u.sla_class::text,
+        'action_class', u.action_class, 'status', u.status::text,
+        'error_class', CASE WHEN u.status = 'failed' THEN COALESCE(u.error_class, 'unknown')
+                            ELSE '' END,
+        'timed_out', u.status = 'failed' AND u.timed_out), 1
+    FROM u
+    ON CONFLICT (name, labels) DO UPDATE SET value = metric_counters.value + 1
+)"""
+
+
 def _transition_update(
     target: ExecutionStatus,
     values: Mapping[str, Any],
@@ -573,6 +594,7 @@ def _transition_update(
     fenced: bool,
     release: bool,
     finishing_step: bool = False,
+    stored: bool = False,
 ) -> tuple[str, list[Any]]:
     """One statement moving the row from one of ``$3`` (statuses) to ``$2`` with its events.
 
@@ -582,6 +604,7 @@ def _transition_update(
     itself). ``release``: the execution's locks are deleted by the same statement.
     ``finishing_step`` (with ``fenced``): the running step named by the next parameter also
     ends ``succeeded`` with the result after it, its event first (:func:`finish_last_step`).
+    ``stored``: the ended execution is counted in ``metric_counters`` by the same statement.
     """
     sets = [
         "status = $2::execution_status",
@@ -639,7 +662,7 @@ WITH u AS (
     FROM u{", fs" if finishing_step else ""}, unnest($5::text[]) WITH ORDINALITY AS t(type, n)
     ORDER BY t.n
     RETURNING execution_id, seq
-){_RELEASE_MOVED if release else ""}
+){_RELEASE_MOVED if release else ""}{_COUNT_ENDED if stored else ""}
 SELECT u.*,
     (SELECT count(pg_notify('{EVENTS_CHANNEL}', ev.execution_id::text || ':' || ev.seq))
      FROM ev) AS notified,
@@ -674,7 +697,10 @@ async def finish_last_step(
     if unknown:
         raise ValueError(f"columns not settable by a transition: {sorted(unknown)}")
     target = ExecutionStatus.SUCCEEDED
-    sql, params = _transition_update(target, values, fenced=True, release=True, finishing_step=True)
+    stored = counts_in_store()  # a worker's path: False but for a worker run in a reaper pass
+    sql, params = _transition_update(
+        target, values, fenced=True, release=True, finishing_step=True, stored=stored
+    )
     async with connection(db) as conn:
         row = await conn.fetchrow(
             sql,
@@ -692,7 +718,7 @@ async def finish_last_step(
         )
         if row is None:
             return None
-        _transitioned(conn, row, target)
+        _transitioned(conn, row, target, stored=stored)
     record = execution_from_row(row)
     step = step_from_json(row["finished_step"])
     log.info(

@@ -25,8 +25,9 @@ so concurrent reapers never double-act (a second one skips the pass):
    stored counters, :mod:`opsconductor.lifecycle.queue.gauges`).
 
 It counts nothing in its own process: a CronJob's process is gone before Prometheus scrapes it.
-What it does is counted in the stores (leases in Redis, reaped locks in ``metric_counters``) and
-exported by the api's gauge refresh.
+What it does is counted in the stores (leases in Redis; reaped locks, the executions it ends and
+its DLQ moves in ``metric_counters``, by the statements that do it) and exported by the api's
+gauge refresh (the executions and DLQ moves as ``opsc_reaper_*``).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import asyncpg
 import structlog
 
 from opsconductor.common.errors import QueueUnavailableError
+from opsconductor.lifecycle.execution_metrics import counted_in_store
 from opsconductor.lifecycle.queue import dlq, jobs
 from opsconductor.lifecycle.queue.gauges import publish_gauges
 from opsconductor.lifecycle.queue.reconcile import reconcile_queue
@@ -98,9 +100,11 @@ async def reap_once(
         if not held:
             log.info("reaper_skipped", reason="another reaper is running")
             return ReaperReport(skipped=True)
-        report = await _pass(
-            pool, queue, dedup_window, deadline_grace, orphan_grace_s, unstarted_grace
-        )
+        # What it ends is counted in Postgres by the ending statements, not in this process.
+        with counted_in_store():
+            report = await _pass(
+                pool, queue, dedup_window, deadline_grace, orphan_grace_s, unstarted_grace
+            )
     log.info("reaper_pass", **report.__dict__)
     return report
 

@@ -4,6 +4,8 @@
   dequeue-with-lease in Lua, renew/ack/fail/release fenced by the lease token, ``2^attempts`` s
   retries, drain flag, stats, tenants served round-robin. Keys under ``{prefix}q:v2:``.
 * :mod:`.jobs` — ``execution_queue`` rows, one per queued job (the row id is the job id).
+* :mod:`.handoff` — the worker's lease handoff and claim of a batch in one statement, and the
+  renewal mirror.
 * :mod:`.dlq` — ``execution_dlq``: move, list, requeue.
 * :mod:`.enqueue` — the one recipe that queues an execution (row, transition, Redis push).
 * :mod:`.reconcile` — the reaper's repair of Redis from Postgres.
@@ -20,14 +22,16 @@ raises :class:`~opsconductor.common.errors.QueueUnavailableError` and rolls ever
                                          expected_from=ExecutionStatus.PENDING)
     await queue.announce()               # committed: wake an idle worker
 
-    # worker
-    job = await queue.dequeue(worker_id, lease_seconds(policy, p95))
-    row = await jobs.lease_row(pool, job.job_id, worker_id=..., lease_token=job.lease_token,
-                               lease_expires_at=..., attempts=job.attempts)
-    if row is None:                      # submit not committed yet: defer, do not run
-        await queue.release(job.job_id, job.lease_token, delay_s=1.0)
-    ...                                  # run, renewing with queue.renew + jobs.renew_row
-    async with transaction(pool) as conn:  # success
+    # worker: a batch of leases in one script, handed off (and claimed) in one statement
+    batch = await queue.dequeue_batch(worker_id, INITIAL_LEASE_S, free_slots)
+    for handed in await handoff.hand_off(pool, batch, worker_id=...):
+        if not handed.leased:            # submit not committed yet: defer, do not run
+            await queue.release(handed.job.job_id, handed.job.lease_token, delay_s=...)
+        elif handed.record is None:      # a takeover, or nothing to run: the careful path
+            jobs.lease_row(...); claim_execution(...)
+    ...                                  # run, renewing with queue.renew + handoff.record_renewal
+    async with transaction(pool) as conn:  # success: with the terminal transition
+        await transition(conn, ..., to=SUCCEEDED, lease_token=job.lease_token)
         await jobs.delete_queue_row(conn, job.job_id, lease_token=job.lease_token)
         await queue.ack(job.job_id, job.lease_token)
     async with transaction(pool) as conn:  # failure: lock the row before Redis decides

@@ -317,29 +317,41 @@ class RedisQueue:
         of the ring under its running limit gives its best job. None when nothing is ready (or
         every tenant with ready jobs is at its limit) or dispatch is paused.
         """
+        leased = await self.dequeue_batch(worker_id, lease_s, 1)
+        return leased[0] if leased else None
+
+    async def dequeue_batch(self, worker_id: str, lease_s: float, count: int) -> list[LeasedJob]:
+        """Lease up to ``count`` jobs in one script, each with its own lease token.
+
+        Exactly what ``count`` :meth:`dequeue` calls in a row would lease, in the same order
+        (each choice sees the leases before it: the tenants' ring has turned and running counts
+        have grown), with the housekeeping done once. Fewer (none) when fewer are available.
+        """
+        if count < 1:
+            raise ValueError(f"count must be at least 1, got {count}")
         lease_ms = _positive_ms("lease_s", lease_s)
-        token = uuid.uuid4()
         raw = await self._run(
             "dequeue",
             lease_ms,
             worker_id,
-            str(token),
+            ",".join(str(uuid.uuid4()) for _ in range(count)),
             self._batch,
             self._running_limit,
             self._running_limits_json,
         )
         if raw is None:
-            return None
-        job = LeasedJob.from_hash(json.loads(raw))
-        log.debug(
-            "job_leased",
-            job_id=str(job.job_id),
-            execution_id=str(job.execution_id),
-            worker_id=worker_id,
-            attempts=job.attempts,
-            lease_expirations=job.lease_expirations,
-        )
-        return job
+            return []
+        jobs = [LeasedJob.from_hash(fields) for fields in json.loads(raw)]
+        for job in jobs:
+            log.debug(
+                "job_leased",
+                job_id=str(job.job_id),
+                execution_id=str(job.execution_id),
+                worker_id=worker_id,
+                attempts=job.attempts,
+                lease_expirations=job.lease_expirations,
+            )
+        return jobs
 
     async def renew(self, job_id: UUID | str, lease_token: UUID | str, lease_s: float) -> float:
         """Extend a held lease to now + ``lease_s``; return the new deadline (epoch seconds).

@@ -1,19 +1,27 @@
 """The background path on the worker side: take jobs from the queue and run them, safely.
 
+One dispatcher leases as many jobs as there are free slots (``concurrency``) in one Lua call
+(:meth:`RedisQueue.dequeue_batch`: exactly what as many single dequeues would lease — priority,
+fair share, running limits), hands the whole batch off in one statement and starts each job.
+When nothing is ready it waits for an announcement of new work (push dispatch,
+:mod:`opsconductor.lifecycle.queue.wakeups`), with polling only as the fallback (retries whose
+backoff ended, deferred jobs, reclaimed leases, a lost pub/sub connection).
+
 For each job, in order:
 
-1. **Lease handoff and claim**, one statement (:func:`.handoff.hand_off`): the queue row mirrors
-   the Redis lease, and a ``queued`` execution goes ``running`` with the lease token as its
-   fencing token, its event and its steps. If the row is not visible yet (its submit has not
-   committed) the job is deferred, not run; an execution running already (its worker died or was
-   paused past its lease) is taken over on the careful path: steps it left running go back to
-   pending, steps that succeeded are kept and skipped.
-3. **Re-authorize** the submitter against Postgres (second RBAC tier) — never trusting the job.
-4. **Run** with the shared runner, every write fenced by the lease token, the lease renewed
+1. **Lease handoff and claim**, one statement for the batch (:func:`.handoff.hand_off`): the
+   queue row mirrors the Redis lease, and a ``queued`` execution goes ``running`` with the lease
+   token as its fencing token, its event and its steps. If the row is not visible yet (its
+   submit has not committed) the job is deferred, not run; an execution running already (its
+   worker died or was paused past its lease) is taken over on the careful path: steps it left
+   running go back to pending, steps that succeeded are kept and skipped.
+2. **Re-authorize** the submitter against Postgres (second RBAC tier) — never trusting the job.
+3. **Run** with the shared runner, every write fenced by the lease token, the lease renewed
    at half-life up to the policy's limit.
-5. **Settle** — success or a final failure: ack; a retryable failure with attempts left: back
-   to the queue after ``2^attempt`` s; the last attempt spent: dead-letter queue; a lost lease:
-   walk away (the new holder owns every write); SIGTERM: requeue without spending an attempt.
+4. **Settle** — success or a final failure: ack (the fenced delete of the row is its lock,
+   then Redis, then the commit); a retryable failure with attempts left: back to the queue
+   after ``2^attempt`` s; the last attempt spent: dead-letter queue; a lost lease: walk away
+   (the new holder owns every write); SIGTERM: requeue without spending an attempt.
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ import asyncio
 import contextlib
 import functools
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -102,36 +110,52 @@ class BackgroundConsumer:
         self._wakeups = wakeups
         self._initial_lease_s = lease_s_override or INITIAL_LEASE_S
         self._stopping = asyncio.Event()
-        self._slots: list[asyncio.Task[None]] = []
+        self._dispatcher: asyncio.Task[None] | None = None
+        #: The jobs running now, at most ``concurrency``.
+        self._running: set[asyncio.Task[None]] = set()
+        #: Set when a running job ends (the dispatcher may lease again).
+        self._slot_freed = asyncio.Event()
 
     def start(self) -> None:
-        self._slots = [
-            asyncio.create_task(self._slot(i), name=f"consumer-{i}")
-            for i in range(self._concurrency)
-        ]
+        self._dispatcher = asyncio.create_task(self._dispatch(), name="consumer-dispatch")
 
     async def stop(self, grace_s: float) -> None:
         """Stop taking jobs; running ones finish their current step and are requeued."""
         self._stopping.set()
+        self._slot_freed.set()
         if self._wakeups is not None:
             self._wakeups.wake_all()
-        if not self._slots:
+        if self._dispatcher is None:
             return
-        _done, pending = await asyncio.wait(self._slots, timeout=grace_s)
+        deadline = asyncio.get_running_loop().time() + grace_s
+        # The dispatcher first (it starts nothing once stopping), then every job it started.
+        await asyncio.wait([self._dispatcher], timeout=grace_s)
+        tasks = [self._dispatcher, *self._running]
+        remaining = max(deadline - asyncio.get_running_loop().time(), 0.0)
+        _done, pending = await asyncio.wait(tasks, timeout=remaining)
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
 
-    async def _slot(self, index: int) -> None:
+    async def _dispatch(self) -> None:
+        """Lease as many jobs as there are free slots in one script, hand them off in one
+        statement, start each; idle, wait for an announcement (push) or the poll (fallback)."""
         idle = self._poll_interval_s
         while not self._stopping.is_set():
+            free = self._concurrency - len(self._running)
+            if free <= 0:
+                await self._slot_freed.wait()
+                self._slot_freed.clear()
+                continue
             try:
-                job = await self._queue.dequeue(self._worker_id, self._initial_lease_s)
+                batch = await self._queue.dequeue_batch(
+                    self._worker_id, self._initial_lease_s, free
+                )
             except QueueUnavailableError:
-                log.warning("queue_unavailable", worker_id=self._worker_id, slot=index)
-                job = None
+                log.warning("queue_unavailable", worker_id=self._worker_id)
+                batch = []
                 idle = min(idle * 2, 5.0)
-            if job is None:
+            if not batch:
                 if self._wakeups is not None:
                     # Push dispatch: woken when a job is announced; the poll is the fallback.
                     await self._wakeups.wait(idle)
@@ -142,12 +166,30 @@ class BackgroundConsumer:
                 continue
             idle = self._poll_interval_s
             try:
-                await self.process(job)
-            except StaleLeaseError:
-                log.warning("lease_lost", job_id=str(job.job_id), worker_id=self._worker_id)
+                handed = await handoff.hand_off(self._pool, batch, worker_id=self._worker_id)
             except Exception:
-                # One job's trouble must not kill the slot; its lease expires and it is retried.
-                log.exception("job_processing_failed", job_id=str(job.job_id))
+                # Postgres trouble: the leases expire and the jobs are retried.
+                log.exception("job_handoff_failed", job_ids=[str(job.job_id) for job in batch])
+                continue
+            for one in handed:
+                task = asyncio.create_task(self._run_handed(one), name=f"job-{one.job.job_id}")
+                self._running.add(task)
+                task.add_done_callback(self._job_ended)
+
+    def _job_ended(self, task: asyncio.Task[None]) -> None:
+        self._running.discard(task)
+        self._slot_freed.set()
+
+    async def _run_handed(self, handed: handoff.Handoff) -> None:
+        job = handed.job
+        try:
+            with self._job_context(job) as bound:
+                await self._process(job, bound, handed)
+        except StaleLeaseError:
+            log.warning("lease_lost", job_id=str(job.job_id), worker_id=self._worker_id)
+        except Exception:
+            # One job's trouble must not stop the others; its lease expires and it is retried.
+            log.exception("job_processing_failed", job_id=str(job.job_id))
 
     async def process(self, job: LeasedJob) -> None:
         """Run one leased job to an outcome (see the module docstring).
@@ -156,6 +198,12 @@ class BackgroundConsumer:
         spec §7.2 fields (:mod:`opsconductor.lifecycle.execution_logging`), the submit's request id
         and this job's queue wait included; before (a deferral), its request id and execution.
         """
+        with self._job_context(job) as bound:
+            (handed,) = await handoff.hand_off(self._pool, [job], worker_id=self._worker_id)
+            await self._process(job, bound, handed)
+
+    @contextlib.contextmanager
+    def _job_context(self, job: LeasedJob) -> Iterator[contextlib.ExitStack]:
         # Until the execution can be read (a deferral: its submit or release has not committed),
         # the job's own correlation: the submit's request id, the execution, its tenant.
         with (
@@ -164,10 +212,12 @@ class BackgroundConsumer:
             ),
             contextlib.ExitStack() as bound,
         ):
-            await self._process(job, bound)
+            yield bound
 
-    async def _process(self, job: LeasedJob, bound: contextlib.ExitStack) -> None:
-        policy, record = await self._handoff(job, bound)
+    async def _process(
+        self, job: LeasedJob, bound: contextlib.ExitStack, handed: handoff.Handoff
+    ) -> None:
+        policy, record = await self._handoff(job, bound, handed)
         if record is None:
             return
         # The submit's correlation as the job carries it; the execution's copy for a job queued
@@ -223,9 +273,8 @@ class BackgroundConsumer:
         return lease_seconds(policy) if policy is not None else INITIAL_LEASE_S
 
     async def _handoff(
-        self, job: LeasedJob, bound: contextlib.ExitStack
+        self, job: LeasedJob, bound: contextlib.ExitStack, handed: handoff.Handoff
     ) -> tuple[TimeoutPolicy | None, ExecutionRecord | None]:
-        (handed,) = await handoff.hand_off(self._pool, [job], worker_id=self._worker_id)
         if not handed.leased:
             # Its submit has not committed yet (or never will: the reaper drops it then).
             delay = min(DEFER_S * 2 ** max(job.deliveries - 1, 0), DEFER_MAX_S)

@@ -16,8 +16,13 @@ import asyncpg
 import pytest
 from redis.asyncio import Redis
 
-from opsconductor.common.errors import FSMError, NotFoundError, QueueUnavailableError
-from opsconductor.common.fsm import ExecutionStatus
+from opsconductor.common.errors import (
+    FSMError,
+    NotFoundError,
+    QueueUnavailableError,
+    StaleLeaseError,
+)
+from opsconductor.common.fsm import ExecutionStatus, StepStatus
 from opsconductor.lifecycle.facade import ExecutionLifecycle, PostgresRedisLifecycle
 from opsconductor.lifecycle.fake import InMemoryLifecycle
 from opsconductor.lifecycle.queue import RedisQueue, create_redis_client, jobs
@@ -611,3 +616,101 @@ async def test_the_quota_lock_needs_a_transaction_and_waiting_jobs_count_the_ten
     )
     async with core.lifecycle.transaction() as tx:
         assert not await core.lifecycle.key_is_live(tx, tenant, plain.idempotency_key)
+
+
+async def start_running(kind: str, core: Core, pool: asyncpg.Pool, eid: UUID) -> None:
+    """The worker's start (not in the port yet): pending -> running."""
+    if kind == "fake":
+        assert isinstance(core.lifecycle, InMemoryLifecycle)
+        core.lifecycle._move(eid, ExecutionStatus.RUNNING, by="w1", payload=None)
+    else:
+        await transition(pool, eid, to=ExecutionStatus.RUNNING, by="w1", worker_id="w1")
+
+
+async def test_a_step_starts_and_finishes_only_while_its_execution_runs(
+    world: tuple[str, Core, Any], db_pool: asyncpg.Pool
+) -> None:
+    kind, core, _ = world
+    tenant = fresh_tenant()
+    record, _ = await core.lifecycle.create(new_execution(tenant), dedup_window=timedelta(1))
+    with pytest.raises(FSMError):
+        await core.lifecycle.start_step(record.id, "first", worker_id="w1")  # still pending
+    await start_running(kind, core, db_pool, record.id)
+    with pytest.raises(FSMError):  # not started yet
+        await core.lifecycle.finish_step(record.id, "first", status=StepStatus.SUCCEEDED)
+    started = await core.lifecycle.start_step(record.id, "first", worker_id="w1")
+    assert (started.status, started.attempt, started.worker_id) == (StepStatus.RUNNING, 1, "w1")
+    assert started.started_at is not None
+    with pytest.raises(ValueError, match="succeeded or failed"):
+        await core.lifecycle.finish_step(record.id, "first", status=StepStatus.SKIPPED)
+    done = await core.lifecycle.finish_step(
+        record.id, "first", status=StepStatus.SUCCEEDED, result={"ok": True}
+    )
+    assert (done.status, done.result, done.error_class) == (
+        StepStatus.SUCCEEDED,
+        {"ok": True},
+        None,
+    )
+    assert done.duration_ms is not None
+    assert done.duration_ms >= 0
+    with pytest.raises(FSMError):  # a succeeded step never starts again
+        await core.lifecycle.start_step(record.id, "first", worker_id="w1")
+    steps = {s.step_id: s.status for s in (await core.lifecycle.get(tenant, record.id)).steps}
+    assert steps == {"first": StepStatus.SUCCEEDED, "second": StepStatus.PENDING}
+    with pytest.raises(NotFoundError):
+        await core.lifecycle.start_step(record.id, "nope", worker_id="w1")
+
+
+async def test_a_failed_step_may_start_again_with_its_attempt_counted(
+    world: tuple[str, Core, Any], db_pool: asyncpg.Pool
+) -> None:
+    kind, core, _ = world
+    tenant = fresh_tenant()
+    record, _ = await core.lifecycle.create(new_execution(tenant), dedup_window=timedelta(1))
+    await start_running(kind, core, db_pool, record.id)
+    await core.lifecycle.start_step(record.id, "first", worker_id="w1")
+    failed = await core.lifecycle.finish_step(
+        record.id, "first", status=StepStatus.FAILED, error_class="BOOM", error_message="boom"
+    )
+    assert (failed.status, failed.error_class, failed.error_message) == (
+        StepStatus.FAILED,
+        "BOOM",
+        "boom",
+    )
+    again = await core.lifecycle.start_step(record.id, "first", worker_id="w2")
+    assert (again.attempt, again.worker_id, again.error_class, again.result) == (
+        2,
+        "w2",
+        None,
+        None,
+    )
+
+
+async def test_a_step_write_with_a_lease_token_that_does_not_own_the_execution_is_refused(
+    world: tuple[str, Core, Any], db_pool: asyncpg.Pool
+) -> None:
+    kind, core, _ = world
+    tenant = fresh_tenant()
+    record, _ = await core.lifecycle.create(new_execution(tenant), dedup_window=timedelta(1))
+    await start_running(kind, core, db_pool, record.id)
+    with pytest.raises(StaleLeaseError):
+        await core.lifecycle.start_step(record.id, "first", worker_id="w1", lease_token=uuid4())
+    steps = {s.step_id: s.status for s in (await core.lifecycle.get(tenant, record.id)).steps}
+    assert steps["first"] is StepStatus.PENDING
+
+
+async def test_no_step_is_written_once_its_execution_ended(
+    world: tuple[str, Core, Any], db_pool: asyncpg.Pool
+) -> None:
+    kind, core, _ = world
+    tenant = fresh_tenant()
+    record, _ = await core.lifecycle.create(new_execution(tenant), dedup_window=timedelta(1))
+    await start_running(kind, core, db_pool, record.id)
+    await core.lifecycle.start_step(record.id, "first", worker_id="w1")
+    if kind == "fake":
+        assert isinstance(core.lifecycle, InMemoryLifecycle)
+        core.lifecycle._move(record.id, ExecutionStatus.CANCELLED, by="bob", payload=None)
+    else:
+        await transition(db_pool, record.id, to=ExecutionStatus.CANCELLED, by="bob")
+    with pytest.raises(FSMError):
+        await core.lifecycle.finish_step(record.id, "first", status=StepStatus.SUCCEEDED)

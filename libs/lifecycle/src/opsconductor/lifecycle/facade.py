@@ -9,7 +9,8 @@ fake has is also checked against this adapter on real Postgres and Redis
 approvals service's dispatcher and the api's submissions need so far: create an execution
 idempotently (optionally admitted under the tenant's immediate quota), read it, find its queue job,
 queue it inside the caller's transaction, wake a consumer, and end one no worker started; and,
-in a transaction it opens, the tenant's quota lock and its waiting jobs. Each
+in a transaction it opens, the tenant's quota lock and its waiting jobs; start and finish a step
+of a running execution. Each
 call delegates to the storage and queue function that already does it (no statement added).
 """
 
@@ -23,16 +24,17 @@ from typing import Any, Protocol
 from uuid import UUID
 
 from opsconductor.common.errors import QueueUnavailableError
-from opsconductor.common.fsm import ExecutionStatus
+from opsconductor.common.fsm import ExecutionStatus, StepStatus
 from opsconductor.lifecycle.queue import jobs
 from opsconductor.lifecycle.queue.enqueue import enqueue_execution
 from opsconductor.lifecycle.queue.redis_queue import RedisQueue
-from opsconductor.lifecycle.storage import quota_usage
+from opsconductor.lifecycle.storage import execution_steps, quota_usage
 from opsconductor.lifecycle.storage.execution_leases import fail_unstarted_execution
 from opsconductor.lifecycle.storage.execution_reads import get_execution
 from opsconductor.lifecycle.storage.execution_records import (
     ExecutionRecord,
     PoolOrConnection,
+    StepRecord,
     transaction,
 )
 from opsconductor.lifecycle.storage.executions import (
@@ -128,6 +130,35 @@ class ExecutionLifecycle(Protocol):
         ``expected_from``, ``QueueUnavailableError`` when the queue cannot take it — either way
         nothing is left behind once the caller's transaction rolls back.
         """
+        ...
+
+    async def start_step(
+        self,
+        execution_id: UUID,
+        step_id: str,
+        *,
+        worker_id: str | None,
+        lease_token: UUID | None = None,
+    ) -> StepRecord:
+        """Mark a step of a ``running`` execution running (attempt + 1); ``FSMError`` when the
+        execution is not running or the step already succeeded or was skipped,
+        ``StaleLeaseError`` when ``lease_token`` no longer owns it, ``NotFoundError`` for an
+        unknown step."""
+        ...
+
+    async def finish_step(
+        self,
+        execution_id: UUID,
+        step_id: str,
+        *,
+        status: StepStatus,
+        result: Any = None,
+        error_class: str | None = None,
+        error_message: str | None = None,
+        lease_token: UUID | None = None,
+    ) -> StepRecord:
+        """Record a running step's outcome (``succeeded`` or ``failed``; ``ValueError`` for any
+        other); ``FSMError`` unless the execution runs and the step is running."""
         ...
 
     async def end_unstarted(
@@ -231,6 +262,40 @@ class PostgresRedisLifecycle:
             trace_context=trace_context,
         )
         return Queued(queued.record, queued.job.id)
+
+    async def start_step(
+        self,
+        execution_id: UUID,
+        step_id: str,
+        *,
+        worker_id: str | None,
+        lease_token: UUID | None = None,
+    ) -> StepRecord:
+        return await execution_steps.start_step(
+            self._pool, execution_id, step_id, worker_id=worker_id, lease_token=lease_token
+        )
+
+    async def finish_step(
+        self,
+        execution_id: UUID,
+        step_id: str,
+        *,
+        status: StepStatus,
+        result: Any = None,
+        error_class: str | None = None,
+        error_message: str | None = None,
+        lease_token: UUID | None = None,
+    ) -> StepRecord:
+        return await execution_steps.finish_step(
+            self._pool,
+            execution_id,
+            step_id,
+            status=status,
+            result=result,
+            error_class=error_class,
+            error_message=error_message,
+            lease_token=lease_token,
+        )
 
     async def end_unstarted(
         self,

@@ -25,7 +25,12 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID, uuid4
 
-from opsconductor.common.errors import FSMError, NotFoundError, QueueUnavailableError
+from opsconductor.common.errors import (
+    FSMError,
+    NotFoundError,
+    QueueUnavailableError,
+    StaleLeaseError,
+)
 from opsconductor.common.fsm import TERMINAL, ExecutionStatus, StepStatus, check_transition
 from opsconductor.common.hashing import step_idempotency_key
 from opsconductor.lifecycle.facade import Queued
@@ -35,6 +40,11 @@ from opsconductor.lifecycle.storage.policies import TimeoutPolicy
 from opsconductor.lifecycle.storage.quota_usage import ImmediateUsage
 
 __all__ = ["FakeExecution", "FakeJob", "InMemoryLifecycle"]
+
+#: The step statuses a step may (re)start from: the storage's own rule.
+_STARTABLE = frozenset(
+    {StepStatus.PENDING, StepStatus.RUNNING, StepStatus.FAILED, StepStatus.AWAITING_APPROVAL}
+)
 
 
 @dataclass
@@ -327,6 +337,98 @@ class InMemoryLifecycle:
             trace_context=trace_context or record.trace_context,
         )
         return Queued(self._current(record.id), job_id)
+
+    def _step_of(
+        self, execution_id: UUID, step_id: str, lease_token: UUID | None, target: StepStatus
+    ) -> tuple[int, StepRecord]:
+        """The step to write, if its execution runs and ``lease_token`` (when given) owns it."""
+        record = self._current(execution_id)
+        if lease_token is not None and record.lease_token != lease_token:
+            raise StaleLeaseError("the lease token no longer owns this execution")
+        if record.status is not ExecutionStatus.RUNNING:
+            raise FSMError(
+                f"Illegal state transition: execution is {record.status.value}, a step cannot "
+                f"become {target.value}",
+                from_status=record.status.value,
+                to_status=target.value,
+                step_id=step_id,
+            )
+        for index, step in enumerate(record.steps):
+            if step.step_id == step_id:
+                return index, step
+        raise NotFoundError("step not found", execution_id=str(execution_id), step_id=step_id)
+
+    def _write_step(self, execution_id: UUID, index: int, step: StepRecord) -> StepRecord:
+        record = self.records[execution_id]
+        steps = list(record.steps)
+        steps[index] = step
+        self.records[execution_id] = replace(record, steps=tuple(steps))
+        return step
+
+    async def start_step(
+        self,
+        execution_id: UUID,
+        step_id: str,
+        *,
+        worker_id: str | None,
+        lease_token: UUID | None = None,
+    ) -> StepRecord:
+        index, step = self._step_of(execution_id, step_id, lease_token, StepStatus.RUNNING)
+        if step.status not in _STARTABLE:
+            raise FSMError(
+                f"Illegal state transition {step.status.value} -> running",
+                from_status=step.status.value,
+                to_status=StepStatus.RUNNING.value,
+                step_id=step_id,
+            )
+        started = replace(
+            step,
+            status=StepStatus.RUNNING,
+            attempt=step.attempt + 1,
+            worker_id=worker_id,
+            started_at=datetime.now(UTC),
+            ended_at=None,
+            duration_ms=None,
+            result=None,
+            error_class=None,
+            error_message=None,
+        )
+        return self._write_step(execution_id, index, started)
+
+    async def finish_step(
+        self,
+        execution_id: UUID,
+        step_id: str,
+        *,
+        status: StepStatus,
+        result: Any = None,
+        error_class: str | None = None,
+        error_message: str | None = None,
+        lease_token: UUID | None = None,
+    ) -> StepRecord:
+        outcome = StepStatus(status)
+        if outcome not in (StepStatus.SUCCEEDED, StepStatus.FAILED):
+            raise ValueError(f"a step finishes succeeded or failed, not {outcome.value}")
+        index, step = self._step_of(execution_id, step_id, lease_token, outcome)
+        if step.status is not StepStatus.RUNNING:
+            raise FSMError(
+                f"Illegal state transition {step.status.value} -> {outcome.value}",
+                from_status=step.status.value,
+                to_status=outcome.value,
+                step_id=step_id,
+            )
+        now = max(datetime.now(UTC), step.started_at or datetime.now(UTC))
+        started = step.started_at or now
+        finished = replace(
+            step,
+            status=outcome,
+            result=result,
+            error_class=error_class,
+            error_message=error_message,
+            ended_at=now,
+            duration_ms=int((now - started).total_seconds() * 1000),
+        )
+        return self._write_step(execution_id, index, finished)
 
     async def end_unstarted(
         self,

@@ -294,6 +294,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         await admin.close()
         if stop_pg is not None:
             await asyncio.to_thread(stop_pg)
+        # The run's folder (logs, port files, the embedded Postgres's ~40 MB of data).
+        shutil.rmtree(work, ignore_errors=True)
     expected = list(range(1, args.events + 2))
     latencies = []
     complete = 0

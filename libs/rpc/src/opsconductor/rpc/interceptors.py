@@ -19,6 +19,7 @@ its wrapper, which an outer interceptor such as OpenTelemetry's iterates).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -38,6 +39,7 @@ from opsconductor.rpc.decoding import (
 )
 from opsconductor.rpc.metadata import (
     REQUEST_ID_METADATA_KEY,
+    current_request_id,
     request_id_from_metadata,
     reset_request_id,
     set_request_id,
@@ -68,10 +70,11 @@ _Context = grpc.aio.ServicerContext[Any, Any]
 class _RpcState:
     """What one RPC's wrapper learned, for the access log and metrics."""
 
-    __slots__ = ("code", "request_id")
+    __slots__ = ("code", "peer", "request_id")
 
-    def __init__(self, request_id: str) -> None:
+    def __init__(self, request_id: str, peer: str) -> None:
         self.request_id = request_id
+        self.peer = peer
         self.code: grpc.StatusCode | None = None
 
 
@@ -215,7 +218,9 @@ async def _observe(
     context: _Context, service: str, method: str, metadata: Any
 ) -> AsyncIterator[_RpcState]:
     """Bind the request id for the RPC and record its outcome when it ends."""
-    state = _RpcState(request_id_from_metadata(metadata))
+    # The peer is read now: a streaming call's wrapper may be finalised after grpc freed the call,
+    # and context.peer() on a freed call dereferences NULL (a segfault, seen under the edge fuzz).
+    state = _RpcState(request_id_from_metadata(metadata), context.peer())
     started = time.perf_counter()
     token = set_request_id(state.request_id)
     try:
@@ -233,7 +238,11 @@ async def _observe(
             finally:
                 _record(context, service, method, state, time.perf_counter() - started)
     finally:
-        reset_request_id(token)
+        # ValueError when finalised outside the RPC's context: grpc dropped a streaming wrapper
+        # suspended at a yield (the caller left) and the event loop closes it in a task of its
+        # own, whose context copy the token does not belong to; that copy dies with the task.
+        with contextlib.suppress(ValueError):
+            reset_request_id(token)
 
 
 def _record(
@@ -244,7 +253,10 @@ def _record(
     GRPC_REQUEST_DURATION.labels(service, method).observe(duration)
     emit = log.debug if service in _QUIET_SERVICES else log.info
     ids = {"request_id": state.request_id}
-    bound = structlog.contextvars.get_contextvars().get("request_id")
+    # Outside the RPC's own context (a wrapper finalised by the event loop) the bound ids are
+    # another task's: only the call's own id is known then.
+    own_context = current_request_id() == state.request_id
+    bound = structlog.contextvars.get_contextvars().get("request_id") if own_context else None
     if bound and bound != state.request_id:
         # The call served an execution, which bound its submit's request id (an approval, a
         # worker run the approvals service started): that id correlates, the call's own next to it.
@@ -254,7 +266,7 @@ def _record(
         method=f"{service}/{method}",
         code=code_name,
         duration_ms=round(duration * 1000, 3),
-        peer=context.peer(),
+        peer=state.peer,
         **ids,
     )
 

@@ -4,6 +4,7 @@ once, tenant isolation (audited), and the audit listing."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -43,6 +44,17 @@ def create_deploy_plan(ledger: Path, *, target_count: int) -> dict[str, object]:
         ),
         sla="medium",
     )
+
+
+def test_the_progress_process_runs_on_uvloop(stack: Stack) -> None:
+    """The default event loop of the progress process is uvloop's (cheaper fan-out)."""
+    lines = (stack.log_dir / "progress.log").read_text().splitlines()
+    started = [
+        record
+        for record in (json.loads(line) for line in lines if line.startswith("{"))
+        if record.get("event") == "server_started"
+    ]
+    assert [record["event_loop"] for record in started] == ["uvloop"]
 
 
 async def test_spec_7_1_first_event_started_last_completed(tenant: Tenant, ledger: Path) -> None:

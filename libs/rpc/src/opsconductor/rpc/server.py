@@ -228,6 +228,7 @@ async def serve(
             address=rpc.address,
             port=rpc.port,
             services=list(rpc.service_names),
+            event_loop=type(asyncio.get_running_loop()).__module__.partition(".")[0],
         )
         if await _run_startup(on_startup, stop_requested):
             await rpc.mark_serving()
@@ -270,18 +271,23 @@ def run_server(
     on_startup: Sequence[Hook] = (),
     on_stopping: Sequence[Hook] = (),
     on_shutdown: Sequence[Hook] = (),
+    loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None,
 ) -> int:
-    """Blocking entry point for a service's ``__main__``; returns the process exit status."""
+    """Blocking entry point for a service's ``__main__``; returns the process exit status.
+
+    ``loop_factory`` makes the event loop (e.g. ``uvloop.new_event_loop``); None: asyncio's own.
+    """
     try:
-        asyncio.run(
-            serve(
-                settings,
-                register,
-                on_startup=on_startup,
-                on_stopping=on_stopping,
-                on_shutdown=on_shutdown,
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            runner.run(
+                serve(
+                    settings,
+                    register,
+                    on_startup=on_startup,
+                    on_stopping=on_stopping,
+                    on_shutdown=on_shutdown,
+                )
             )
-        )
     except Exception:
         # Logged rather than left to the interpreter so the traceback passes through the masker.
         log.exception("server_crashed", service=settings.service_name)

@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import sys
+import time
 import urllib.request
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, replace
@@ -216,8 +217,14 @@ async def test_plan_validation_error_becomes_invalid_argument_with_field_violati
         ("plan.steps", "must contain at least one step"),
         ("plan.sla_class", "must be one of fast, medium, long"),
     ]
-    after = requests_total(EXECUTION_SERVICE, "SubmitExecution", "INVALID_ARGUMENT")
-    assert after == before + 1
+    # The server records the call once its status is out, so the caller can see the status
+    # first: wait for the count to move, then check it moved by exactly one.
+    deadline = time.monotonic() + 5
+    while requests_total(EXECUTION_SERVICE, "SubmitExecution", "INVALID_ARGUMENT") == before:
+        assert time.monotonic() < deadline, "the call was never counted"
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.05)  # a second count, were there one, lands by now
+    assert requests_total(EXECUTION_SERVICE, "SubmitExecution", "INVALID_ARGUMENT") == before + 1
 
 
 async def test_unexpected_error_becomes_internal_and_leaks_nothing(

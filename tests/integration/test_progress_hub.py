@@ -357,3 +357,23 @@ async def test_sse_cuts_a_slow_subscriber_off_after_what_it_had_and_it_resumes(
     resumed = await _subscribe(hub, execution_id, after_seq=5)
     chunks = await _sse_chunks(resumed, EventFrames())
     assert [seq for chunk in chunks for seq in _sse_ids(chunk)] == list(range(6, 31))
+
+
+async def test_a_failed_read_does_not_end_the_feed(db_pool: asyncpg.Pool, make_hub: object) -> None:
+    """A feed whose re-read fails (the events table gone for a moment: the storage layer reports
+    StorageError) keeps going: once reads work again its subscriber gets every later event."""
+    hub = await make_hub(reread_interval_s=0.1)  # type: ignore[operator]
+    execution_id = await _new_execution(db_pool)
+    subscription = await _subscribe(hub, execution_id)
+    await _append(db_pool, execution_id)
+    async with asyncio.timeout(5):
+        first = await subscription.next()
+    assert first is not None
+    await db_pool.execute("ALTER TABLE execution_events RENAME TO execution_events_away")
+    try:
+        await asyncio.sleep(0.5)  # several re-reads fail meanwhile
+    finally:
+        await db_pool.execute("ALTER TABLE execution_events_away RENAME TO execution_events")
+    await _append(db_pool, execution_id)
+    await _append(db_pool, execution_id, "execution_completed")
+    assert [first.seq, *await _drain(subscription, timeout=5)] == [1, 2, 3]

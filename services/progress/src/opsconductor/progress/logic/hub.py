@@ -21,16 +21,20 @@ import enum
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Final
 from uuid import UUID
 
 import asyncpg
 import structlog
 
-from opsconductor.common.errors import ResourceExhaustedError
+from opsconductor.common.errors import ResourceExhaustedError, StorageError
 from opsconductor.lifecycle.storage.event_reads import EventRecord, event_head, read_events_after
 from opsconductor.lifecycle.storage.events import EVENTS_CHANNEL
 
 log = structlog.get_logger(__name__)
+
+#: What a failed read or reconnect raises: the storage layer's StorageError wraps the driver's.
+_DB_ERRORS: Final = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, StorageError)
 
 Connect = Callable[[], Awaitable[asyncpg.Connection]]
 
@@ -163,7 +167,7 @@ class _Feed:
             self._dirty.clear()
             try:
                 await self._read_new(pool)
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            except _DB_ERRORS as exc:
                 # The next notification or re-read tries again; subscribers only wait longer.
                 log.warning("progress_feed_read_failed", error=type(exc).__name__)
 
@@ -302,7 +306,7 @@ class EventHub:
                 try:
                     await self._listen()
                     break
-                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                except _DB_ERRORS as exc:
                     log.warning("progress_listener_reconnect_failed", error=type(exc).__name__)
             log.info("progress_listener_reconnected", feeds=len(self._feeds))
             for feed in self._feeds.values():

@@ -12,6 +12,14 @@ from opsconductor.progress.__main__ import loop_factory
 from opsconductor.progress.settings import ProgressSettings
 
 
+@pytest.fixture(autouse=True)
+def _environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Settings need a database URL (never connected to here), whether or not the run has one;
+    # the loop's default is what is tested, not what the caller's environment says.
+    monkeypatch.setenv("OPSC_DATABASE_URL", "postgresql://unused@127.0.0.1:1/unused")
+    monkeypatch.delenv("OPSC_EVENT_LOOP", raising=False)
+
+
 def test_uvloop_by_default_and_asyncio_on_request(monkeypatch: pytest.MonkeyPatch) -> None:
     factory = loop_factory(ProgressSettings())
     assert factory is not None

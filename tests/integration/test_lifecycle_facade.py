@@ -23,7 +23,12 @@ from opsconductor.common.errors import (
     StaleLeaseError,
 )
 from opsconductor.common.fsm import ExecutionStatus, StepStatus
-from opsconductor.lifecycle.facade import ExecutionLifecycle, PostgresRedisLifecycle
+from opsconductor.lifecycle.facade import (
+    CreatedQueued,
+    ExecutionLifecycle,
+    PostgresRedisLifecycle,
+    WaitingUsage,
+)
 from opsconductor.lifecycle.fake import InMemoryLifecycle
 from opsconductor.lifecycle.queue import RedisQueue, create_redis_client, jobs
 from opsconductor.lifecycle.storage.execution_reads import get_execution
@@ -714,3 +719,68 @@ async def test_no_step_is_written_once_its_execution_ended(
         await transition(db_pool, record.id, to=ExecutionStatus.CANCELLED, by="bob")
     with pytest.raises(FSMError):
         await core.lifecycle.finish_step(record.id, "first", status=StepStatus.SUCCEEDED)
+
+
+async def test_create_queued_admits_creates_and_queues_and_a_duplicate_gets_the_same_job(
+    world: tuple[str, Core, Any], policy: TimeoutPolicy, db_pool: asyncpg.Pool
+) -> None:
+    kind, core, _ = world
+    tenant = fresh_tenant()
+    new = new_execution(tenant, mode="background")
+    window = timedelta(hours=1)
+    async with core.lifecycle.transaction() as tx:
+        made = await core.lifecycle.create_queued(
+            tx, new, policy, dedup_window=window, max_waiting=1, by="api"
+        )
+    assert isinstance(made, CreatedQueued)
+    assert made.created
+    assert made.job_id is not None
+    assert made.record.status is ExecutionStatus.QUEUED
+    assert (await core.lifecycle.get(tenant, made.record.id)).status is ExecutionStatus.QUEUED
+    assert len(made.record.steps) == len(new.steps)
+    seen = await core.job(made.job_id)
+    assert seen is not None
+    assert (seen.execution_id, seen.max_attempts, seen.max_lease_renewals) == (
+        made.record.id,
+        policy.max_attempts,
+        policy.max_lease_renewals,
+    )
+    # A duplicate at the limit: the same execution and job, nothing queued again.
+    async with core.lifecycle.transaction() as tx:
+        again = await core.lifecycle.create_queued(
+            tx, new, policy, dedup_window=window, max_waiting=1, by="api"
+        )
+    assert isinstance(again, CreatedQueued)
+    assert (again.record.id, again.created, again.job_id) == (made.record.id, False, made.job_id)
+    assert await core.jobs_of(made.record.id) == 1
+    # Another plan at the limit: the usage, nothing written.
+    other = new_execution(tenant, mode="background")
+    async with core.lifecycle.transaction() as tx:
+        refused = await core.lifecycle.create_queued(
+            tx, other, policy, dedup_window=window, max_waiting=1, by="api"
+        )
+        assert refused == WaitingUsage(waiting=1)
+        assert not await core.lifecycle.key_is_live(tx, tenant, other.idempotency_key)
+    # The queue down: refused, and the transaction's rollback leaves nothing behind.
+    dead = create_redis_client("redis://127.0.0.1:9/0", socket_timeout=0.5, retries=0)
+    try:
+        if kind == "fake":
+            assert isinstance(core.lifecycle, InMemoryLifecycle)
+            core.lifecycle.queue_up = False
+        else:
+            core = real_core(db_pool, RedisQueue(dead))
+        with pytest.raises(QueueUnavailableError):
+            async with core.lifecycle.transaction() as tx:
+                await core.lifecycle.create_queued(
+                    tx, other, policy, dedup_window=window, max_waiting=0, by="api"
+                )
+    finally:
+        await dead.aclose()
+    async with core.lifecycle.transaction() as tx:
+        assert not await core.lifecycle.key_is_live(tx, tenant, other.idempotency_key)
+        assert await core.lifecycle.waiting_jobs(tx, tenant) == 1
+    # Outside a transaction: refused (the quota lock is transaction-scoped).
+    with pytest.raises(RuntimeError):
+        await core.lifecycle.create_queued(
+            None, other, policy, dedup_window=window, max_waiting=0, by="api"
+        )

@@ -23,7 +23,13 @@ from opsconductor.lifecycle.queue import jobs
 from opsconductor.lifecycle.storage import quota_usage
 from opsconductor.lifecycle.storage.db import create_pool
 from opsconductor.lifecycle.storage.execution_records import transaction
-from opsconductor.lifecycle.storage.executions import NewExecution, create_execution, transition
+from opsconductor.lifecycle.storage.executions import (
+    NewExecution,
+    create_execution,
+    create_queued_execution,
+    transition,
+)
+from opsconductor.lifecycle.storage.quota_usage import WaitingUsage
 from opsconductor.policy.quotas import QuotaLimits, TenantQuotas
 
 TENANT = "tenant-quota"
@@ -81,6 +87,25 @@ async def submit_background(pool: asyncpg.Pool, limits: TenantQuotas, key: str |
             conn, execution_id=record.id, tenant_id=TENANT, priority=50, max_attempts=3
         )
     return record, True
+
+
+async def submit_queued(pool: asyncpg.Pool, limits: TenantQuotas, key: str | None = None):
+    """The api's background statement (the Redis push, after it, counts nothing): admission,
+    creation, transition to queued and queue row at once; refused → nothing committed."""
+    new = new_execution("background", key)
+    limit = limits.for_tenant(TENANT).max_queued
+    async with transaction(pool) as conn:
+        created = await create_queued_execution(
+            conn,
+            new,
+            dedup_window=timedelta(hours=1),
+            max_waiting=limit,
+            max_attempts=3,
+            by="api",
+        )
+        if isinstance(created, WaitingUsage):
+            raise limits.queued_refusal(TENANT, limit, created.waiting)
+    return created.record, created.created
 
 
 async def submit_immediate(pool: asyncpg.Pool, limits: TenantQuotas, key: str | None = None):
@@ -212,6 +237,103 @@ async def test_zero_means_no_limit(db_pool: asyncpg.Pool) -> None:
         await submit_background(db_pool, limits)
         await submit_immediate(db_pool, limits)
     assert await count(db_pool, "executions") == 6
+
+
+async def test_fifty_racing_one_statement_background_submits_admit_exactly_ten(
+    wide_pool: asyncpg.Pool,
+) -> None:
+    results = await race(submit_queued, wide_pool, quotas())
+    refused = [r for r in results if isinstance(r, QuotaExceededError)]
+    admitted = [r for r in results if not isinstance(r, BaseException)]
+    assert (len(admitted), len(refused)) == (LIMIT, 40), results
+    assert await count(wide_pool, "execution_queue") == LIMIT
+    assert await count(wide_pool, "executions") == LIMIT  # refusals left no row behind
+    # started and queued of each admitted one, nothing of a refusal
+    assert await count(wide_pool, "execution_events") == 2 * LIMIT
+    assert {record.status for record, _ in admitted} == {ExecutionStatus.QUEUED}
+    first = refused[0]
+    assert first.details["quota"] == "queued"
+    assert (first.details["limit"], first.details["in_use"]) == (LIMIT, LIMIT)
+    assert "max_queued" in first.message
+
+
+async def test_one_statement_background_slot_duplicate_and_retired_key_at_the_limit(
+    db_pool: asyncpg.Pool,
+) -> None:
+    limits = quotas(max_queued=1)
+    first, created = await submit_queued(db_pool, limits, key="k-bg")
+    assert created
+    # The events transition() would have written after the creation, in seq order.
+    events = await db_pool.fetch(
+        "SELECT seq, type, actor_id, payload FROM execution_events"
+        " WHERE execution_id = $1 ORDER BY seq",
+        first.id,
+    )
+    assert [(e["seq"], e["type"], e["actor_id"]) for e in events] == [
+        (1, "execution_started", "alice"),
+        (2, "execution_queued", "api"),
+    ]
+    assert events[0]["payload"]["status"] == "pending"
+    assert events[1]["payload"] == {"status": "queued", "from": "pending"}
+    assert (first.last_transition_from, first.last_transition_by, first.event_seq) == (
+        ExecutionStatus.PENDING,
+        "api",
+        2,
+    )
+    again, created = await submit_queued(db_pool, limits, key="k-bg")
+    assert (again.id, created) == (first.id, False)  # a duplicate at the limit is not refused
+    with pytest.raises(QuotaExceededError):
+        await submit_queued(db_pool, limits, key="k-other")
+    # A key whose execution ended past the dedup window, at the limit: refused, not retired.
+    old = await create_execution(
+        db_pool, new_execution("background", "k-old"), dedup_window=timedelta(hours=1)
+    )
+    await transition(db_pool, old[0].id, to=ExecutionStatus.FAILED, by="reaper", tenant_id=TENANT)
+    await db_pool.execute(
+        "UPDATE executions SET created_at = created_at - interval '3 hours',"
+        " ended_at = ended_at - interval '2 hours' WHERE id = $1",
+        old[0].id,
+    )
+    with pytest.raises(QuotaExceededError):
+        await submit_queued(db_pool, limits, key="k-old")
+    assert await db_pool.fetchval(
+        "SELECT idempotency_retired_at IS NULL FROM executions WHERE id = $1", old[0].id
+    )
+    assert await count(db_pool, "executions") == 2
+    # Leased = running, not waiting: the slot comes back.
+    row = await jobs.get_queue_row_for_execution(db_pool, first.id)
+    assert row is not None
+    await jobs.lease_row(
+        db_pool,
+        row.id,
+        worker_id="w",
+        lease_token=uuid4(),
+        lease_expires_at=row.enqueued_at + timedelta(minutes=5),
+        attempts=0,
+    )
+    again, created = await submit_queued(db_pool, limits, key="k-old")
+    assert created
+    assert again.id != old[0].id
+
+
+async def test_a_one_statement_background_submit_waits_for_a_killed_lock_holder(
+    db_dsn: str, db_pool: asyncpg.Pool
+) -> None:
+    """The statement takes the same quota lock as every admission: it waits behind a holder,
+    and goes ahead once the holder's session is killed."""
+    victim_pool = await create_pool(db_dsn, min_size=1, max_size=1)
+    victim = await victim_pool.acquire()
+    tx = victim.transaction()
+    await tx.start()
+    await quota_usage.lock_tenant_quota(victim, TENANT)
+    pid = victim.get_server_pid()
+    waiter = asyncio.create_task(submit_queued(db_pool, quotas()))
+    await asyncio.sleep(0.3)
+    assert not waiter.done()  # serialized behind the holder
+    await db_pool.execute("SELECT pg_terminate_backend($1)", pid)
+    _, created = await asyncio.wait_for(waiter, 10)
+    assert created
+    victim_pool.terminate()
 
 
 async def test_a_submitter_killed_holding_the_quota_lock_blocks_nobody(

@@ -8,10 +8,11 @@ fake has is also checked against this adapter on real Postgres and Redis
 (``tests/integration/test_lifecycle_facade.py``, one test body for both). It covers what the
 approvals service's dispatcher and the api's submissions need so far: create an execution
 idempotently (optionally admitted under the tenant's immediate quota), read it, find its queue job,
-queue it inside the caller's transaction, wake a consumer, and end one no worker started; and,
+queue it inside the caller's transaction (or, for a background submit, admit, create and queue
+it in one statement), wake a consumer, and end one no worker started; and,
 in a transaction it opens, the tenant's quota lock and its waiting jobs; start and finish a step
 of a running execution. Each
-call delegates to the storage and queue function that already does it (no statement added).
+call delegates to the storage and queue function that does it.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from uuid import UUID
 from opsconductor.common.errors import QueueUnavailableError
 from opsconductor.common.fsm import ExecutionStatus, StepStatus
 from opsconductor.lifecycle.queue import jobs
-from opsconductor.lifecycle.queue.enqueue import enqueue_execution
+from opsconductor.lifecycle.queue.enqueue import enqueue_execution, submit_queued
 from opsconductor.lifecycle.queue.redis_queue import RedisQueue
 from opsconductor.lifecycle.storage import execution_steps, quota_usage
 from opsconductor.lifecycle.storage.execution_leases import fail_unstarted_execution
@@ -38,14 +39,21 @@ from opsconductor.lifecycle.storage.execution_records import (
     transaction,
 )
 from opsconductor.lifecycle.storage.executions import (
+    CreatedQueued,
     NewExecution,
     create_execution,
     create_immediate_execution,
 )
 from opsconductor.lifecycle.storage.policies import TimeoutPolicy
-from opsconductor.lifecycle.storage.quota_usage import ImmediateUsage
+from opsconductor.lifecycle.storage.quota_usage import ImmediateUsage, WaitingUsage
 
-__all__ = ["ExecutionLifecycle", "PostgresRedisLifecycle", "Queued"]
+__all__ = [
+    "CreatedQueued",
+    "ExecutionLifecycle",
+    "PostgresRedisLifecycle",
+    "Queued",
+    "WaitingUsage",
+]
 
 
 @dataclass(frozen=True)
@@ -99,6 +107,24 @@ class ExecutionLifecycle(Protocol):
         """:meth:`create`, admitted only while the tenant has fewer than ``max_in_flight``
         (0: no limit) immediate executions pending or running; else the usage, nothing written.
         A duplicate of a live execution is returned, never refused."""
+        ...
+
+    async def create_queued(
+        self,
+        tx: Any,
+        new: NewExecution,
+        policy: TimeoutPolicy,
+        *,
+        dedup_window: timedelta,
+        max_waiting: int,
+        by: str,
+    ) -> CreatedQueued | WaitingUsage:
+        """A background submit inside the caller's transaction ``tx``: under the tenant's quota
+        lock, :meth:`create` then :meth:`enqueue` from ``pending`` (the job with ``policy``'s
+        budget) while the tenant has fewer than ``max_waiting`` (0: no limit) jobs waiting;
+        else the usage, nothing written. A duplicate of a live execution is returned with its
+        job (None once it has none), never refused, nothing queued again.
+        ``QueueUnavailableError`` when the queue cannot take it (rolled back with ``tx``)."""
         ...
 
     async def get(self, tenant_id: str, execution_id: UUID, *, tx: Any = None) -> ExecutionRecord:
@@ -225,6 +251,30 @@ class PostgresRedisLifecycle:
             new,
             dedup_window=dedup_window,
             max_in_flight=max_in_flight,
+        )
+
+    async def create_queued(
+        self,
+        tx: Any,
+        new: NewExecution,
+        policy: TimeoutPolicy,
+        *,
+        dedup_window: timedelta,
+        max_waiting: int,
+        by: str,
+    ) -> CreatedQueued | WaitingUsage:
+        if self._queue is None:
+            raise QueueUnavailableError("no queue is configured for background execution")
+        if tx is None:
+            raise RuntimeError("the quota lock is transaction-scoped: open a transaction first")
+        return await submit_queued(
+            tx,
+            self._queue,
+            new,
+            policy,
+            dedup_window=dedup_window,
+            max_waiting=max_waiting,
+            by=by,
         )
 
     async def get(self, tenant_id: str, execution_id: UUID, *, tx: Any = None) -> ExecutionRecord:

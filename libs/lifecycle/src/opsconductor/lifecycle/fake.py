@@ -35,9 +35,9 @@ from opsconductor.common.fsm import TERMINAL, ExecutionStatus, StepStatus, check
 from opsconductor.common.hashing import step_idempotency_key
 from opsconductor.lifecycle.facade import Queued
 from opsconductor.lifecycle.storage.execution_records import ExecutionRecord, StepRecord
-from opsconductor.lifecycle.storage.executions import NewExecution
+from opsconductor.lifecycle.storage.executions import CreatedQueued, NewExecution
 from opsconductor.lifecycle.storage.policies import TimeoutPolicy
-from opsconductor.lifecycle.storage.quota_usage import ImmediateUsage
+from opsconductor.lifecycle.storage.quota_usage import ImmediateUsage, WaitingUsage
 
 __all__ = ["FakeExecution", "FakeJob", "InMemoryLifecycle"]
 
@@ -250,6 +250,31 @@ class InMemoryLifecycle:
         if max_in_flight and in_flight >= max_in_flight:
             return ImmediateUsage(in_flight=in_flight, soonest_end=None)
         return self._create(new, dedup_window), True
+
+    async def create_queued(
+        self,
+        tx: Any,
+        new: NewExecution,
+        policy: TimeoutPolicy,
+        *,
+        dedup_window: timedelta,
+        max_waiting: int,
+        by: str,
+    ) -> CreatedQueued | WaitingUsage:
+        if not self._queue_configured:
+            raise QueueUnavailableError("no queue is configured for background execution")
+        await self.lock_tenant_quota(tx, new.tenant_id)
+        live = self._live(new, dedup_window)
+        if live is not None:  # a duplicate takes no slot
+            return CreatedQueued(live, False, await self.queued_job(live.id))
+        waiting = await self.waiting_jobs(tx, new.tenant_id)
+        if max_waiting and waiting >= max_waiting:
+            return WaitingUsage(waiting=waiting)
+        record = self._create(new, dedup_window)
+        queued = await self.enqueue(
+            tx, record, policy, by=by, expected_from=ExecutionStatus.PENDING
+        )
+        return CreatedQueued(queued.record, True, queued.job_id)
 
     def _current(self, execution_id: UUID) -> ExecutionRecord:
         execution = self.executions[execution_id]

@@ -4,8 +4,9 @@
 Three limits per tenant, each a service default (settings ``quota_max_*``) that the tenant
 policy's ``quotas`` section may override (:class:`TenantQuotas`), 0 meaning none:
 
-* ``max_queued`` — background jobs waiting. Checked at submit (:meth:`TenantQuotas.admit_queued`);
-  beyond it the submit is refused.
+* ``max_queued`` — background jobs waiting. Checked at submit (the api: in the statement that
+  creates and queues the execution, refused by :meth:`TenantQuotas.queued_refusal`; in a caller's
+  transaction: :meth:`TenantQuotas.admit_queued`); beyond it the submit is refused.
 * ``max_immediate`` — immediate executions in flight (``pending``/``running``). Checked at
   submit (:meth:`TenantQuotas.create_immediate`, counted in the statement that creates the
   execution); beyond it the submit is refused.
@@ -134,7 +135,16 @@ class TenantQuotas:
         waiting = await usage.waiting_jobs(conn, tenant_id)
         if waiting < limit:
             return None
-        refusal = QuotaExceededError(
+        refusal = self.queued_refusal(tenant_id, limit, waiting)
+        # A duplicate creates nothing, so it takes no slot: let it find its execution.
+        if await usage.key_is_live(conn, tenant_id, idempotency_key):
+            return refusal
+        raise refusal
+
+    def queued_refusal(self, tenant_id: str, limit: int, waiting: int) -> QuotaExceededError:
+        """The refusal of a background submit of ``tenant_id`` with ``waiting`` jobs waiting,
+        at ``limit``."""
+        return QuotaExceededError(
             f"tenant {tenant_id!r} has {waiting} background jobs waiting, its limit "
             f"(quota max_queued); retry in {self._retry_after_s:g} s, once some have started",
             retry_after_s=self._retry_after_s,
@@ -143,10 +153,6 @@ class TenantQuotas:
             in_use=waiting,
             tenant_id=tenant_id,
         )
-        # A duplicate creates nothing, so it takes no slot: let it find its execution.
-        if await usage.key_is_live(conn, tenant_id, idempotency_key):
-            return refusal
-        raise refusal
 
     async def create_immediate(
         self, db: PoolOrConnection, new: NewExecution, *, dedup_window: timedelta

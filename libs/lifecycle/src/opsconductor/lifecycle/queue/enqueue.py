@@ -20,16 +20,23 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 from opsconductor.common.fsm import ExecutionStatus
 from opsconductor.lifecycle.queue.jobs import QueueRow, insert_queue_row
 from opsconductor.lifecycle.queue.redis_queue import RedisQueue
 from opsconductor.lifecycle.storage.execution_records import ExecutionRecord
-from opsconductor.lifecycle.storage.executions import transition
+from opsconductor.lifecycle.storage.executions import (
+    CreatedQueued,
+    NewExecution,
+    create_queued_execution,
+    transition,
+)
 from opsconductor.lifecycle.storage.policies import TimeoutPolicy
+from opsconductor.lifecycle.storage.quota_usage import WaitingUsage
 
-__all__ = ["Enqueued", "enqueue_execution"]
+__all__ = ["Enqueued", "enqueue_execution", "submit_queued"]
 
 
 @dataclass(frozen=True)
@@ -87,3 +94,42 @@ async def enqueue_execution(
         trace_context=trace_context or record.trace_context,
     )
     return Enqueued(queued, job)
+
+
+async def submit_queued(
+    conn: Any,
+    queue: RedisQueue,
+    new: NewExecution,
+    policy: TimeoutPolicy,
+    *,
+    dedup_window: timedelta,
+    max_waiting: int,
+    by: str,
+) -> CreatedQueued | WaitingUsage:
+    """A background submit: steps 1 and 3 above, with the quota admission and the creation, in
+    one statement (:func:`~opsconductor.lifecycle.storage.executions.create_queued_execution`),
+    then the Redis push (step 4) for a new execution, all in the caller's transaction ``conn``.
+    A duplicate or a refusal pushes nothing."""
+    created = await create_queued_execution(
+        conn,
+        new,
+        dedup_window=dedup_window,
+        max_waiting=max_waiting,
+        max_attempts=policy.max_attempts,
+        by=by,
+    )
+    if isinstance(created, WaitingUsage) or not created.created:
+        return created
+    record = created.record
+    assert created.job_id is not None  # created with its queue row
+    await queue.enqueue(
+        created.job_id,
+        record.id,
+        record.tenant_id,
+        record.priority,
+        policy.max_attempts,
+        policy.max_lease_renewals,
+        request_id=record.request_id,
+        trace_context=record.trace_context,
+    )
+    return created

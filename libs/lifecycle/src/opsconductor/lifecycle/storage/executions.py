@@ -58,7 +58,11 @@ from opsconductor.lifecycle.storage.execution_steps import (
     start_step,
 )
 from opsconductor.lifecycle.storage.locks import release_execution_locks
-from opsconductor.lifecycle.storage.quota_usage import QUOTA_LOCK_CLASS, ImmediateUsage
+from opsconductor.lifecycle.storage.quota_usage import (
+    QUOTA_LOCK_CLASS,
+    ImmediateUsage,
+    WaitingUsage,
+)
 
 #: Who asked for a cancellation: a person, or automation (a machine identity).
 CancelInitiator = Literal["user", "system"]
@@ -69,6 +73,7 @@ __all__ = [
     "MAX_PAGE_SIZE",
     "TRANSITION_FIELDS",
     "CancelInitiator",
+    "CreatedQueued",
     "ExecutionRecord",
     "InvalidPageRequestError",
     "NewExecution",
@@ -77,6 +82,7 @@ __all__ = [
     "StepRecord",
     "create_execution",
     "create_immediate_execution",
+    "create_queued_execution",
     "finish_last_step",
     "finish_step",
     "get_execution",
@@ -209,6 +215,84 @@ _CREATE = _CREATE_TEMPLATE.replace(
 _CREATE_ADMITTED = _CREATE_TEMPLATE.replace(
     "%USAGE%", "\n    SELECT in_flight, soonest_end FROM immediate_admission($28, $2, $22)"
 )
+# A background submit, in one statement: the tenant's quota lock and its waiting jobs counted
+# (migration 0014's function: $28 the lock's first key, $22 the max_queued limit, 0: none), the
+# key's retirement and the creation as _CREATE_TEMPLATE's, but the execution is written queued
+# as transition() would move it from pending (last_transition_* by $29, event_seq 2), with its
+# steps, both events in seq order in one INSERT (execution_started as created pending, then
+# execution_queued with transition()'s payload; the audit chain hashes each onto the one before)
+# and its queue row (ready now, $30 attempts). A duplicate brings its queue job, if any.
+_CREATE_QUEUED = f"""
+WITH usage AS (
+    SELECT waiting FROM queued_admission($28, $2, $22)
+), retired AS (
+    UPDATE executions SET idempotency_retired_at = now()
+    WHERE tenant_id = $2 AND idempotency_key = $5 AND idempotency_retired_at IS NULL
+      AND status = ANY($21::execution_status[]) AND ended_at < now() - $20::interval
+      AND EXISTS (SELECT 1 FROM usage WHERE $22 = 0 OR usage.waiting < $22)
+    RETURNING id
+), ins AS (
+    INSERT INTO executions (
+        id, tenant_id, actor_id, request_id, idempotency_key, plan_hash, plan_snapshot,
+        plan_snapshot_hash, status, execution_mode, sla_class, action_class, approval_level,
+        priority, timeout_policy_id, timeout_ms, estimated_duration_ms, record_only,
+        trace_context, event_seq, last_transition_from, last_transition_by, last_transition_at
+    )
+    SELECT $1, $2, $3, $4, $5, $6, $7, $8, 'queued', $10::execution_mode,
+           $11::sla_class, $12, $13, $14, $15, $16, $17, $18, $19, 2,
+           $9::execution_status, $29, clock_timestamp()
+    FROM usage
+    WHERE ($22 = 0 OR usage.waiting < $22) AND (SELECT count(*) FROM retired) >= 0
+    ON CONFLICT (tenant_id, idempotency_key) WHERE idempotency_retired_at IS NULL DO NOTHING
+    RETURNING *
+), steps AS (
+    INSERT INTO execution_steps
+        (execution_id, step_id, position, action, action_class, idempotency_key)
+    SELECT ins.id, s.step_id, s.position, s.action, s.action_class, s.idempotency_key
+    FROM ins, unnest($23::text[], $24::int[], $25::text[], $26::text[], $27::text[])
+        AS s(step_id, position, action, action_class, idempotency_key)
+    RETURNING *
+), ev AS (
+    INSERT INTO execution_events (execution_id, tenant_id, actor_id, seq, type, payload)
+    SELECT ins.id, ins.tenant_id, CASE WHEN t.n = 1 THEN ins.actor_id ELSE $29 END, t.n,
+        CASE WHEN t.n = 1 THEN 'execution_started' ELSE 'execution_queued' END,
+        CASE WHEN t.n = 1 THEN jsonb_build_object(
+            'mode', ins.execution_mode, 'status', ins.last_transition_from,
+            'plan_hash', ins.plan_hash, 'approval_level', ins.approval_level,
+            'sla_class', ins.sla_class, 'timeout_policy_id', ins.timeout_policy_id
+        ) ELSE jsonb_build_object('status', ins.status, 'from', ins.last_transition_from) END
+    FROM ins, generate_series(1, 2) AS t(n)
+    ORDER BY t.n
+    RETURNING execution_id, seq
+), job AS (
+    INSERT INTO execution_queue (execution_id, tenant_id, priority, max_attempts, state,
+                                 available_at)
+    SELECT ins.id, ins.tenant_id, ins.priority, $30, 'ready', clock_timestamp() FROM ins
+    RETURNING id
+), live AS (
+    SELECT e.* FROM executions e
+    WHERE e.tenant_id = $2 AND e.idempotency_key = $5 AND e.idempotency_retired_at IS NULL
+      AND NOT (e.status = ANY($21::execution_status[]) AND e.ended_at < now() - $20::interval)
+      AND NOT EXISTS (SELECT 1 FROM ins)
+), found AS (
+    SELECT ins.*, true AS created FROM ins
+    UNION ALL
+    SELECT live.*, false FROM live
+)
+SELECT found.*,
+    CASE WHEN found.created
+        THEN (SELECT jsonb_agg(to_jsonb(st) ORDER BY st.position) FROM steps st)
+        ELSE (SELECT jsonb_agg(to_jsonb(st) ORDER BY st.position)
+              FROM execution_steps st WHERE st.execution_id = found.id)
+    END AS steps_of_execution,
+    CASE WHEN found.created THEN (SELECT job.id FROM job)
+        ELSE (SELECT q.id FROM execution_queue q WHERE q.execution_id = found.id)
+    END AS job_id,
+    usage.waiting,
+    (SELECT count(pg_notify('{EVENTS_CHANNEL}', ev.execution_id::text || ':' || ev.seq))
+     FROM ev) AS notified
+FROM usage LEFT JOIN found ON true
+"""
 _REQUEST_CANCEL = """
 UPDATE executions
 SET cancelled_by = $3, cancelled_at = GREATEST(clock_timestamp(), created_at),
@@ -286,6 +370,95 @@ async def create_immediate_execution(
     taken once the lock is granted, so it sees every earlier admission of the tenant.
     """
     return await _create(db, new, dedup_window, max_in_flight, admit=True)
+
+
+@dataclass(frozen=True)
+class CreatedQueued:
+    """What :func:`create_queued_execution` found or made: the execution (queued as created) and
+    its queue job (None for a duplicate whose job has ended), and whether it was created."""
+
+    record: ExecutionRecord
+    created: bool
+    job_id: UUID | None
+
+
+async def create_queued_execution(
+    conn: Any,
+    new: NewExecution,
+    *,
+    dedup_window: timedelta,
+    max_waiting: int,
+    max_attempts: int,
+    by: str,
+) -> CreatedQueued | WaitingUsage:
+    """Admit, create and queue a background execution in one statement, in the caller's
+    transaction ``conn`` (the queue's Redis push comes after it, before the commit).
+
+    The tenant's quota lock (held until the transaction ends), its waiting jobs counted against
+    ``max_waiting`` (0: no limit), then as :func:`create_execution` but written ``queued`` (as
+    :func:`transition` from ``pending`` by ``by`` would, its ``execution_queued`` event after
+    ``execution_started``) with its ``execution_queue`` row (``max_attempts``). A duplicate of a
+    live execution is returned with its job, never refused (it takes no slot); at the limit
+    otherwise, the usage is returned with nothing written.
+    """
+    if not conn.is_in_transaction():
+        raise RuntimeError("the quota lock is transaction-scoped: open a transaction first")
+    if new.initial_status is not ExecutionStatus.PENDING:
+        raise ValueError("a background submit queues a pending execution")
+    for attempt in range(_CREATE_ATTEMPTS):
+        execution_id = uuid4()
+        row = await conn.fetchrow(
+            _CREATE_QUEUED,
+            execution_id,
+            new.tenant_id,
+            new.actor_id,
+            new.request_id,
+            new.idempotency_key,
+            new.plan_hash,
+            new.plan_snapshot,
+            new.plan_snapshot_hash,
+            new.initial_status.value,
+            new.execution_mode,
+            new.sla_class,
+            new.action_class,
+            new.approval_level,
+            new.priority,
+            new.timeout_policy_id,
+            new.timeout_ms,
+            new.estimated_duration_ms,
+            new.record_only,
+            new.trace_context,
+            dedup_window,
+            _TERMINAL_VALUES,
+            max_waiting,
+            [step[0] for step in new.steps],
+            [step[1] for step in new.steps],
+            [step[2] for step in new.steps],
+            [step[3] for step in new.steps],
+            [step_idempotency_key(execution_id, step[0]) for step in new.steps],
+            QUOTA_LOCK_CLASS,
+            by,
+            max_attempts,
+        )
+        if row["id"] is not None:
+            steps = tuple(step_from_json(step) for step in row["steps_of_execution"] or ())
+            record = execution_from_row(row, steps)
+            if row["created"]:
+                bind_execution_fields(record)
+                log.info(
+                    "execution_created",
+                    execution_id=str(record.id),
+                    tenant_id=record.tenant_id,
+                    status=record.status.value,
+                    mode=record.execution_mode,
+                )
+            return CreatedQueued(record, bool(row["created"]), row["job_id"])
+        # At the limit with no live execution seen: the statement's snapshot predates the lock,
+        # so a duplicate committed while it waited is invisible to it. Once more, on a snapshot
+        # taken under the lock (held by this transaction now), before refusing.
+        if max_waiting and row["waiting"] >= max_waiting and attempt > 0:
+            return WaitingUsage(waiting=row["waiting"])
+    raise StorageError("could not create or find the execution for this idempotency key")
 
 
 async def _create(

@@ -23,6 +23,7 @@ import asyncpg
 __all__ = [
     "QUOTA_LOCK_CLASS",
     "ImmediateUsage",
+    "WaitingUsage",
     "count_waiting_jobs",
     "live_execution_exists",
     "lock_tenant_quota",
@@ -52,6 +53,13 @@ class ImmediateUsage:
     in_flight: int
     #: When the first of them is expected to end (start + estimate), None when there is none.
     soonest_end: datetime | None
+
+
+@dataclass(frozen=True)
+class WaitingUsage:
+    """A tenant's background jobs waiting (ready or delayed), as a refused submit counted."""
+
+    waiting: int
 
 
 async def lock_tenant_quota(conn: asyncpg.Connection, tenant_id: str) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Protocol
 from uuid import UUID
@@ -56,7 +56,7 @@ from opsconductor.lifecycle.storage.execution_stats import ObservedDurations
 from opsconductor.lifecycle.storage.executions import NewExecution
 from opsconductor.lifecycle.storage.flags import FlagCache
 from opsconductor.lifecycle.storage.policies import TimeoutPolicy, select_policy
-from opsconductor.lifecycle.storage.quota_usage import ImmediateUsage
+from opsconductor.lifecycle.storage.quota_usage import ImmediateUsage, WaitingUsage
 from opsconductor.policy.enforcement import enforce_secret_uses, enforce_tenant_policy
 from opsconductor.policy.quotas import QuotaLimits, TenantQuotas
 from opsconductor.policy.rbac import (
@@ -323,38 +323,34 @@ class Submissions:
     async def _submit_background(
         self, principal: Principal, request: SubmitRequest, decision: Decision, record_only: bool
     ) -> SubmitResult:
-        """Execution, queue row and Redis push in ONE Postgres transaction.
+        """Quota admission, execution, queue row and Redis push in ONE Postgres transaction.
 
-        The push happens before the commit, so a Redis failure rolls everything back: no
-        phantom execution keeps the idempotency key, and the same submit works once Redis is
-        back. A worker dequeuing the job before the commit defers it until the row is visible.
+        The admission, the creation and the queueing are one statement; the push happens before
+        the commit, so a Redis failure rolls everything back: no phantom execution keeps the
+        idempotency key, and the same submit works once Redis is back. A worker dequeuing the
+        job before the commit defers it until the row is visible.
         """
         if not self._lifecycle.queue_configured:
             raise QueueUnavailableError("no queue is configured for background execution")
+        new = self._new_execution(principal, request, decision, record_only)
+        limit = self._quotas.for_tenant(request.tenant_id).max_queued
         async with self._lifecycle.transaction() as conn:
-            refusal = await self._quotas.admit_queued(
-                conn, request.tenant_id, decision.idempotency_key, usage=self._lifecycle
-            )
-            record, created = await self._create(conn, principal, request, decision, record_only)
-            if not created:
-                job_id = await self._lifecycle.queued_job(record.id, tx=conn)
-                return SubmitResult(record, deduplicated=True, job_id=job_id)
-            if refusal is not None:
-                raise refusal  # a retired key made it new after all: rolled back
-            queued = await self._lifecycle.enqueue(
+            created = await self._lifecycle.create_queued(
                 conn,
-                record,
+                new,
                 decision.policy,
+                dedup_window=self._dedup_window,
+                max_waiting=limit,
                 by="api",
-                expected_from=ExecutionStatus.PENDING,
             )
+            if isinstance(created, WaitingUsage):
+                raise self._quotas.queued_refusal(request.tenant_id, limit, created.waiting)
+        self._log_created(created.record, created.created, new)
+        if not created.created:
+            return SubmitResult(created.record, deduplicated=True, job_id=created.job_id)
         # Committed: wake an idle worker now rather than at its next poll.
         await self._lifecycle.announce()
-        # The row as the transition wrote it, with the steps as created (nothing else wrote
-        # either inside this transaction).
-        return SubmitResult(
-            replace(queued.record, steps=record.steps), deduplicated=False, job_id=queued.job_id
-        )
+        return SubmitResult(created.record, deduplicated=False, job_id=created.job_id)
 
     async def _submit_for_approval(
         self, principal: Principal, request: SubmitRequest, decision: Decision, record_only: bool
@@ -382,8 +378,31 @@ class Submissions:
     ) -> tuple[ExecutionRecord, bool]:
         """Create the execution (or find its duplicate) in ``tx`` (None: its own statement);
         ``admit``: under the tenant's ``max_immediate`` quota."""
+        new = self._new_execution(principal, request, decision, record_only)
+        if admit:
+            limit = self._quotas.for_tenant(new.tenant_id).max_immediate
+            created_or_usage = await self._lifecycle.create_admitted(
+                new, dedup_window=self._dedup_window, max_in_flight=limit, tx=tx
+            )
+            if isinstance(created_or_usage, ImmediateUsage):
+                raise self._quotas.immediate_refusal(new.tenant_id, limit, created_or_usage)
+            record, created = created_or_usage
+        else:
+            record, created = await self._lifecycle.create(
+                new, dedup_window=self._dedup_window, tx=tx
+            )
+        self._log_created(record, created, new)
+        return record, created
+
+    def _new_execution(
+        self,
+        principal: Principal,
+        request: SubmitRequest,
+        decision: Decision,
+        record_only: bool,
+    ) -> NewExecution:
         snapshot = decision.snapshot()
-        new = NewExecution(
+        return NewExecution(
             tenant_id=request.tenant_id,
             actor_id=principal.actor_id,
             request_id=request.request_id,
@@ -406,18 +425,9 @@ class Submissions:
                 for position, step in enumerate(decision.plan.steps)
             ],
         )
-        if admit:
-            limit = self._quotas.for_tenant(new.tenant_id).max_immediate
-            created_or_usage = await self._lifecycle.create_admitted(
-                new, dedup_window=self._dedup_window, max_in_flight=limit, tx=tx
-            )
-            if isinstance(created_or_usage, ImmediateUsage):
-                raise self._quotas.immediate_refusal(new.tenant_id, limit, created_or_usage)
-            record, created = created_or_usage
-        else:
-            record, created = await self._lifecycle.create(
-                new, dedup_window=self._dedup_window, tx=tx
-            )
+
+    @staticmethod
+    def _log_created(record: ExecutionRecord, created: bool, new: NewExecution) -> None:
         bind_execution_fields(record)  # the rest of this RPC's records are the execution's
         log.info(
             "execution_created" if created else "execution_deduplicated",
@@ -427,9 +437,8 @@ class Submissions:
             plan_hash=record.plan_hash,
             execution_mode=record.execution_mode,
             approval_level=record.approval_level,
-            plan_bytes=len(canonical_json(snapshot["plan"])),
+            plan_bytes=len(canonical_json(new.plan_snapshot["plan"])),
         )
-        return record, created
 
     async def _dispatch_immediate(self, record: ExecutionRecord, token: str) -> object | None:
         """The worker's answer, or None if another hand-over ran it (or it was cancelled)."""

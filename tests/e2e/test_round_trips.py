@@ -60,8 +60,9 @@ from .stack import Stack, start_service
 
 #: Round trips of one one-step immediate execution, api + worker (SubmitExecution end to end).
 IMMEDIATE_CEILING = 8
-#: Round trips of one background job, api submit + worker (dequeue to settle).
-BACKGROUND_CEILING = 12
+#: Round trips of one background job, api submit + worker (dequeue to settle): 11.4-11.6
+#: measured (api 3: BEGIN, the one admitting statement, COMMIT), the same margin as before.
+BACKGROUND_CEILING = 13
 EXECUTIONS = 5
 #: The api's periodic Postgres work, hours apart: what is counted is per execution only.
 QUIET_API = {"OPSC_GAUGE_REFRESH_S": "3600", "OPSC_FLAG_CACHE_TTL_S": "3600"}

@@ -452,6 +452,15 @@ async def create_queued_execution(
                     status=record.status.value,
                     mode=record.execution_mode,
                 )
+                # Created queued in one statement: the transition a two-step create would log
+                # (and whose execution_queued event the statement wrote), logged as such.
+                log.info(
+                    "execution_transitioned",
+                    execution_id=str(record.id),
+                    from_status=ExecutionStatus.PENDING.value,
+                    to_status=ExecutionStatus.QUEUED.value,
+                    by=by,
+                )
             return CreatedQueued(record, bool(row["created"]), row["job_id"])
         # At the limit with no live execution seen: the statement's snapshot predates the lock,
         # so a duplicate committed while it waited is invisible to it. Once more, on a snapshot

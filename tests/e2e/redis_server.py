@@ -8,7 +8,6 @@ cache node that lost its memory), and kill it at will.
 from __future__ import annotations
 
 import asyncio
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -16,13 +15,12 @@ from pathlib import Path
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from tests import ports
+
 
 def free_port() -> int:
-    """A TCP port nothing listens on right now (bound, then released)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
+    """A TCP port nothing listens on right now, outside the ephemeral range (tests.ports)."""
+    return ports.free_port()
 
 
 class RedisServer:

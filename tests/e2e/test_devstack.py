@@ -21,7 +21,6 @@ import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import ExitStack
 from pathlib import Path
 
 import asyncpg
@@ -34,6 +33,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from opsconductor.client import ExecutionClient, PermissionDeniedError
 from opsconductor.devstack.dev_identity import DEV_SECRET_REF, DEV_TENANT, dev_token, signing_key
+from tests import ports
 
 pytestmark = pytest.mark.slow
 
@@ -43,14 +43,8 @@ SERVICES = ("api", "worker", "approvals", "progress")
 
 
 def free_ports(count: int) -> list[int]:
-    """Distinct ports the kernel just handed out (held open together so they differ)."""
-    with ExitStack() as stack:
-        sockets = []
-        for _ in range(count):
-            sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
-            sock.bind(("127.0.0.1", 0))
-            sockets.append(sock)
-        return [sock.getsockname()[1] for sock in sockets]
+    """Distinct free ports outside the ephemeral range (tests.ports)."""
+    return ports.free_ports(count)
 
 
 def devstack_env(

@@ -16,7 +16,6 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -46,6 +45,7 @@ from opsconductor.lifecycle.storage.role_bindings import bind_role
 from tests.conftest import RUN_ID
 from tests.deploy.test_monitoring import MONITORING, dashboard_queries, metric_names
 from tests.integration.test_executions_repo import in_status
+from tests.ports import free_port
 
 from .conftest import AUDIENCE, HS256_KEY, token
 from .inspection import wait_until
@@ -57,10 +57,7 @@ Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
 def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    return free_port()
 
 
 @dataclass

@@ -382,6 +382,42 @@ class CreatedQueued:
     job_id: UUID | None
 
 
+def _create_params(
+    execution_id: UUID, new: NewExecution, dedup_window: timedelta, limit: int
+) -> tuple[Any, ...]:
+    """The parameters every creating statement ($1-$28) shares: the execution, the key's
+    dedup window, the tenant's limit and the steps as parallel arrays."""
+    return (
+        execution_id,
+        new.tenant_id,
+        new.actor_id,
+        new.request_id,
+        new.idempotency_key,
+        new.plan_hash,
+        new.plan_snapshot,
+        new.plan_snapshot_hash,
+        new.initial_status.value,
+        new.execution_mode,
+        new.sla_class,
+        new.action_class,
+        new.approval_level,
+        new.priority,
+        new.timeout_policy_id,
+        new.timeout_ms,
+        new.estimated_duration_ms,
+        new.record_only,
+        new.trace_context,
+        dedup_window,
+        _TERMINAL_VALUES,
+        limit,
+        [step[0] for step in new.steps],
+        [step[1] for step in new.steps],
+        [step[2] for step in new.steps],
+        [step[3] for step in new.steps],
+        [step_idempotency_key(execution_id, step[0]) for step in new.steps],
+    )
+
+
 async def create_queued_execution(
     conn: Any,
     new: NewExecution,
@@ -409,33 +445,7 @@ async def create_queued_execution(
         execution_id = uuid4()
         row = await conn.fetchrow(
             _CREATE_QUEUED,
-            execution_id,
-            new.tenant_id,
-            new.actor_id,
-            new.request_id,
-            new.idempotency_key,
-            new.plan_hash,
-            new.plan_snapshot,
-            new.plan_snapshot_hash,
-            new.initial_status.value,
-            new.execution_mode,
-            new.sla_class,
-            new.action_class,
-            new.approval_level,
-            new.priority,
-            new.timeout_policy_id,
-            new.timeout_ms,
-            new.estimated_duration_ms,
-            new.record_only,
-            new.trace_context,
-            dedup_window,
-            _TERMINAL_VALUES,
-            max_waiting,
-            [step[0] for step in new.steps],
-            [step[1] for step in new.steps],
-            [step[2] for step in new.steps],
-            [step[3] for step in new.steps],
-            [step_idempotency_key(execution_id, step[0]) for step in new.steps],
+            *_create_params(execution_id, new, dedup_window, max_waiting),
             QUOTA_LOCK_CLASS,
             by,
             max_attempts,
@@ -485,33 +495,7 @@ async def _create(
         async with connection(db) as conn:
             row = await conn.fetchrow(
                 _CREATE_ADMITTED if admit else _CREATE,
-                execution_id,
-                new.tenant_id,
-                new.actor_id,
-                new.request_id,
-                new.idempotency_key,
-                new.plan_hash,
-                new.plan_snapshot,
-                new.plan_snapshot_hash,
-                new.initial_status.value,
-                new.execution_mode,
-                new.sla_class,
-                new.action_class,
-                new.approval_level,
-                new.priority,
-                new.timeout_policy_id,
-                new.timeout_ms,
-                new.estimated_duration_ms,
-                new.record_only,
-                new.trace_context,
-                dedup_window,
-                _TERMINAL_VALUES,
-                max_immediate_in_flight,
-                [step[0] for step in new.steps],
-                [step[1] for step in new.steps],
-                [step[2] for step in new.steps],
-                [step[3] for step in new.steps],
-                [step_idempotency_key(execution_id, step[0]) for step in new.steps],
+                *_create_params(execution_id, new, dedup_window, max_immediate_in_flight),
                 *([QUOTA_LOCK_CLASS] if admit else []),
             )
         if row["id"] is not None:

@@ -38,12 +38,12 @@ from pydantic import SecretStr
 from opsconductor.client import ExecutionClient, ExecutionTimeoutError, PermissionDeniedError
 from opsconductor.common.auth import issue_token
 from opsconductor.common.fsm import ExecutionStatus
-from opsconductor.lifecycle.execution_logging import SPEC_FIELDS
 from opsconductor.lifecycle.queue.redis_queue import RedisQueue, create_redis_client
 from opsconductor.lifecycle.storage.locks import LockRequest, acquire_locks
 from opsconductor.lifecycle.storage.role_bindings import bind_role
 from tests.conftest import RUN_ID
 from tests.deploy.test_monitoring import MONITORING, dashboard_queries, metric_names
+from tests.e2e.test_execution_log_paths import required_fields
 from tests.integration.test_executions_repo import in_status
 from tests.ports import free_port
 
@@ -723,7 +723,7 @@ async def test_every_record_of_a_background_execution_carries_its_request_id_and
         mine = [r for r in _records(metrics_stack.stack.services[service].log_path) if of_it(r)]
         assert len(mine) >= 2, service
         for record in mine:
-            missing = [f for f in SPEC_FIELDS if f not in record]
+            missing = [f for f in required_fields(record) if f not in record]
             assert missing == [], (service, record, missing)
             assert record["request_id"] == request_id, (service, record["event"])
             assert record["exec_id"] == queued.execution_id, (service, record["event"])

@@ -26,19 +26,16 @@ import asyncio
 import json
 import os
 import secrets
-import signal
 import sys
-import time
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import asyncpg
+from _report import machine_line, progress, report, started_result, stop_on_sigterm
 from _stack import (
     _DB_PREFIX,
     _REDIS_PREFIX,
-    ScriptFailedError,
     Servers,
     machine,
     run_script,
@@ -46,15 +43,9 @@ from _stack import (
     with_database,
 )
 
-from opsconductor.common.logconfig import configure_logging
-
 BENCH_DIR = Path(__file__).resolve().parent
 DEFAULT_OUTPUT = BENCH_DIR / "results" / "peers.json"
 PEERS = ("saq", "pgqueuer")
-
-
-def _progress(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 async def ours(args: argparse.Namespace, found: Servers) -> dict[str, Any]:
@@ -113,7 +104,6 @@ async def peer(args: argparse.Namespace, found: Servers, name: str) -> dict[str,
 
 
 def render(result: dict[str, Any]) -> str:
-    box = result["machine"]
     our = result["ours"]
     rows = (
         ("e2e jobs/s", "e2e_jobs_per_s", "{:.0f}"),
@@ -136,8 +126,7 @@ def render(result: dict[str, Any]) -> str:
         f"            arrivals at 70 % of that rate; each figure the median of {result['repeat']}"
         " runs",
         f"  servers : Postgres {result['postgres']}; Redis {result['redis']}",
-        f"  machine : nproc {box['nproc']}, {box['cpu_model']}; load average before"
-        f" {result['load_before']:.2f}, at the end {box['loadavg'][0]:.2f}",
+        machine_line(result),
         "",
         head,
         "-" * len(head),
@@ -162,23 +151,20 @@ def render(result: dict[str, Any]) -> str:
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    task = asyncio.current_task()
-    if task is not None:
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-    result: dict[str, Any] = {
-        "jobs": args.jobs,
-        "peer_jobs": args.peer_jobs,
-        "repeat": args.repeat,
-        "log_level": args.log_level.upper(),
-        "load_before": os.getloadavg()[0],
-        "peers": {},
-    }
+    stop_on_sigterm()
+    result = started_result(
+        jobs=args.jobs,
+        peer_jobs=args.peer_jobs,
+        repeat=args.repeat,
+        log_level=args.log_level.upper(),
+        peers={},
+    )
     async with servers(with_redis=True) as found:
         result["postgres"], result["redis"] = found.postgres, found.redis
-        _progress("OpsConductor: background path, 1 and 2 workers")
+        progress("OpsConductor: background path, 1 and 2 workers")
         result["ours"] = await ours(args, found)
         for name in PEERS:
-            _progress(f"{name}: one worker")
+            progress(f"{name}: one worker")
             result["peers"][name] = await peer(args, found, name)
     result["machine"] = machine()
     return result
@@ -210,23 +196,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    configure_logging(level="WARNING", json=False, stream=sys.stderr, cache_loggers=False)
-    started = time.monotonic()
-    try:
-        result = asyncio.run(run(args))
-    except (ScriptFailedError, RuntimeError) as exc:
-        print(f"benchmark failed: {exc}", file=sys.stderr)
-        return 1
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        print("interrupted; everything started was stopped and removed", file=sys.stderr)
-        return 130
-    result["finished_at"] = datetime.now(UTC).isoformat()
-    result["run_time_s"] = round(time.monotonic() - started, 1)
-    print(render(result))
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps({"benchmark": "peers", **result}, indent=2) + "\n")
-    print(f"run time: {result['run_time_s']:.0f} s; results written to {args.output}")
-    return 0
+    return report("peers", lambda: run(args), render, args.output, failures=(RuntimeError,))
 
 
 if __name__ == "__main__":

@@ -25,21 +25,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import secrets
-import signal
 import sys
-import time
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import asyncpg
+from _report import machine_line, progress, report, started_result, stop_on_sigterm
 from _stack import (
     _DB_PREFIX,
-    ScriptFailedError,
     Servers,
     machine,
     run_script,
@@ -47,17 +43,12 @@ from _stack import (
     with_database,
 )
 
-from opsconductor.common.logconfig import configure_logging
 from opsconductor.devstack.seed import SeedSpec, seed_history
 from opsconductor.lifecycle.storage.migrate import migrate_up
 
 BENCH_DIR = Path(__file__).resolve().parent
 DEFAULT_OUTPUT = BENCH_DIR / "results" / "scale.json"
 THRESHOLD = 0.15
-
-
-def _progress(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 async def seed_template(found: Servers, spec: SeedSpec) -> tuple[str, dict[str, Any]]:
@@ -72,7 +63,7 @@ async def seed_template(found: Servers, spec: SeedSpec) -> tuple[str, dict[str, 
     await migrate_up(dsn)
     conn = await asyncpg.connect(dsn)
     try:
-        report = await seed_history(conn, spec, progress=_progress)
+        seeded = await seed_history(conn, spec, progress=progress)
         sizes = {
             row["t"]: row["mb"]
             for row in await conn.fetch(
@@ -84,12 +75,12 @@ async def seed_template(found: Servers, spec: SeedSpec) -> tuple[str, dict[str, 
     finally:
         await conn.close()
     return name, {
-        "executions": report.executions,
-        "steps": report.steps,
-        "events": report.events,
-        "queue_rows": report.queue_rows,
-        "seconds": round(report.seconds, 1),
-        "phases": report.phases,
+        "executions": seeded.executions,
+        "steps": seeded.steps,
+        "events": seeded.events,
+        "queue_rows": seeded.queue_rows,
+        "seconds": round(seeded.seconds, 1),
+        "phases": seeded.phases,
         "table_mb": {k: float(v) for k, v in sizes.items()},
     }
 
@@ -108,7 +99,7 @@ async def figures(
     """Both benchmarks on an empty database (``template`` None) or a copy of ``template``."""
     common = ["--repeat", str(args.repeat), "--log-level", args.log_level]
     seeded = ["--template-database", template] if template else []
-    _progress(f"[{label}] immediate path (concurrency 1 and 32)")
+    progress(f"[{label}] immediate path (concurrency 1 and 32)")
     quick = ["--requests", str(args.requests)] if args.requests else []
     imm = await asyncio.to_thread(
         run_script, "immediate_latency.py", found, [*common, *seeded, *quick]
@@ -120,7 +111,7 @@ async def figures(
         out[f"immediate c={conc} p95 ms"] = stats["p95_ms"]
         out[f"immediate c={conc} p99 ms"] = stats["p99_ms"]
         out[f"immediate c={conc} executions/s"] = stats["throughput_rps"]
-    _progress(f"[{label}] background path (1 and 2 workers)")
+    progress(f"[{label}] background path (1 and 2 workers)")
     quick = ["--jobs", str(args.jobs), "--steady-s", "3"] if args.jobs else []
     backlog = ["--push-backlog"] if template else []
     bg = await asyncio.to_thread(
@@ -153,7 +144,6 @@ def worse_by(name: str, empty: float, scaled: float) -> float:
 def render(result: dict[str, Any]) -> str:
     empty, scaled = result["empty"], result["scaled"]
     seeded = result["seed"]
-    box = result["machine"]
     lines = [
         "",
         "Scale: one-step `noop` figures, empty database vs"
@@ -166,9 +156,7 @@ def render(result: dict[str, Any]) -> str:
         + ", ".join(f"{k} {v:.0f}" for k, v in sorted(seeded["table_mb"].items())),
         f"  each    : median of {result['repeat']} runs; services at OPSC_LOG_LEVEL="
         f"{result['log_level']}; Postgres {result['postgres']}; Redis {result['redis']}",
-        f"  machine : nproc {box['nproc']}, {box['cpu_model']}; load average before"
-        f" {result['load_before']:.2f}, after seeding {result['load_seeded']:.2f}, at the end"
-        f" {box['loadavg'][0]:.2f}",
+        machine_line(result, **{"after seeding": result["load_seeded"]}),
         f"  verdict : ok when no worse than {THRESHOLD:.0%} (latency: higher is worse; rate:"
         " lower is worse)",
         "",
@@ -198,18 +186,12 @@ def render(result: dict[str, Any]) -> str:
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    task = asyncio.current_task()
-    if task is not None:
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-    result: dict[str, Any] = {
-        "repeat": args.repeat,
-        "log_level": args.log_level.upper(),
-        "load_before": os.getloadavg()[0],
-    }
+    stop_on_sigterm()
+    result = started_result(repeat=args.repeat, log_level=args.log_level.upper())
     async with servers(with_redis=True) as found:
         result["postgres"], result["redis"] = found.postgres, found.redis
         result["empty"] = await figures(args, found, "empty", None)
-        _progress(f"seeding {args.stored} stored and {args.queued} queued executions (COPY)")
+        progress(f"seeding {args.stored} stored and {args.queued} queued executions (COPY)")
         spec = SeedSpec(stored=args.stored, queued=args.queued, tenants=args.tenants)
         template, result["seed"] = await seed_template(found, spec)
         try:
@@ -243,23 +225,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    configure_logging(level="WARNING", json=False, stream=sys.stderr, cache_loggers=False)
-    started = time.monotonic()
-    try:
-        result = asyncio.run(run(args))
-    except ScriptFailedError as exc:
-        print(f"benchmark failed: {exc}", file=sys.stderr)
-        return 1
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        print("interrupted; everything started was stopped and removed", file=sys.stderr)
-        return 130
-    result["finished_at"] = datetime.now(UTC).isoformat()
-    result["run_time_s"] = round(time.monotonic() - started, 1)
-    print(render(result))
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps({"benchmark": "scale", **result}, indent=2) + "\n")
-    print(f"run time: {result['run_time_s']:.0f} s; results written to {args.output}")
-    return 0
+    return report("scale", lambda: run(args), render, args.output)
 
 
 if __name__ == "__main__":

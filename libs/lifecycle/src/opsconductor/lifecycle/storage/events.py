@@ -7,29 +7,13 @@ from uuid import UUID
 
 import asyncpg
 
+from opsconductor.lifecycle.storage.queries import query
+
 #: NOTIFY channel carrying "{execution_id}:{seq}" (or ":{event_id}" for events of no execution).
 EVENTS_CHANNEL = "execution_events"
 
-# One round trip for an execution's event: take the next seq, insert, notify. The NOTIFY is
-# queued in the same statement and delivered at commit, never for a rolled-back change.
-_APPEND_FOR_EXECUTION = """
-WITH next AS (
-    UPDATE executions SET event_seq = event_seq + 1 WHERE id = $1 RETURNING id, event_seq
-), inserted AS (
-    INSERT INTO execution_events (execution_id, tenant_id, actor_id, seq, type, payload)
-    SELECT next.id, $2, $3, next.event_seq, $4, $5 FROM next
-    RETURNING seq
-)
-SELECT seq, pg_notify($6, $1::text || ':' || seq) FROM inserted
-"""
-_APPEND_UNBOUND = """
-WITH inserted AS (
-    INSERT INTO execution_events (execution_id, tenant_id, actor_id, seq, type, payload)
-    VALUES (NULL, $1, $2, 0, $3, $4)
-    RETURNING id
-)
-SELECT id, pg_notify($5, ':' || id) FROM inserted
-"""
+_APPEND_FOR_EXECUTION = query("append_event")
+_APPEND_UNBOUND = query("append_unbound_event")
 
 
 async def append_event(

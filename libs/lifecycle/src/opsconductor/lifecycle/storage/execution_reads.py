@@ -18,7 +18,6 @@ from opsconductor.common.errors import NotFoundError
 from opsconductor.common.fsm import ExecutionStatus
 from opsconductor.lifecycle.execution_logging import bind_execution
 from opsconductor.lifecycle.storage.execution_records import (
-    STEPS_OF_EXECUTION,
     ExecutionRecord,
     PoolOrConnection,
     connection,
@@ -31,6 +30,7 @@ from opsconductor.lifecycle.storage.paging import (
     encode_page_token,
     invalid_page_request,
 )
+from opsconductor.lifecycle.storage.queries import query
 
 __all__ = [
     "DEFAULT_PAGE_SIZE",
@@ -46,22 +46,12 @@ __all__ = [
 MAX_PAGE_SIZE = 200
 DEFAULT_PAGE_SIZE = 50
 _EXECUTION_MODES = frozenset({"immediate", "background"})
-_SELECT_ONE = "SELECT * FROM executions WHERE id = $1 AND tenant_id = $2"
-# The execution and its steps in one round trip.
-_SELECT_ONE_WITH_STEPS = f"""
-SELECT e.*, {STEPS_OF_EXECUTION} FROM executions e WHERE e.id = $1 AND e.tenant_id = $2
-"""
-_FIND = "SELECT * FROM executions WHERE id = $1"
-_FIND_WITH_STEPS = f"SELECT e.*, {STEPS_OF_EXECUTION} FROM executions e WHERE e.id = $1"
-_LIST = """
-SELECT * FROM executions
-WHERE tenant_id = $1
-  AND (cardinality($2::execution_status[]) = 0 OR status = ANY($2::execution_status[]))
-  AND ($3::execution_mode IS NULL OR execution_mode = $3::execution_mode)
-  AND ($4::timestamptz IS NULL OR (created_at, id) < ($4::timestamptz, $5::uuid))
-ORDER BY created_at DESC, id DESC
-LIMIT $6
-"""
+_SELECT_ONE = query("get_execution")
+_SELECT_ONE_WITH_STEPS = query("get_execution_with_steps")
+_FIND = query("find_execution")
+_FIND_WITH_STEPS = query("find_execution_with_steps")
+_FIND_TENANT = query("find_execution_tenant")
+_LIST = query("list_executions")
 
 
 async def get_execution(
@@ -101,9 +91,7 @@ async def find_execution_tenant(db: PoolOrConnection, execution_id: UUID | str) 
     except NotFoundError:
         return None
     async with connection(db) as conn:
-        tenant: str | None = await conn.fetchval(
-            "SELECT tenant_id FROM executions WHERE id = $1", eid
-        )
+        tenant: str | None = await conn.fetchval(_FIND_TENANT, eid)
     return tenant
 
 

@@ -19,6 +19,7 @@ import structlog
 
 from opsconductor.common.errors import NotFoundError, StaleLeaseError, StorageError
 from opsconductor.common.fsm import TERMINAL, ExecutionStatus, StepStatus
+from opsconductor.lifecycle.storage.queries import query
 
 #: A pool (a connection is borrowed per call) or a connection (the call runs on it, inside any
 #: transaction already open there, as a savepoint, so the caller's commit or rollback decides).
@@ -28,11 +29,7 @@ _DRIVER_ERRORS: Final = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
 
 log = structlog.get_logger(__name__)
 
-_LOCK_EXECUTION = """
-SELECT id, tenant_id, actor_id, status, lease_token
-FROM executions WHERE id = $1
-FOR UPDATE
-"""
+_LOCK_EXECUTION = query("lock_execution")
 
 
 @dataclass(frozen=True)
@@ -149,7 +146,7 @@ def _timestamp(value: str | None) -> datetime | None:
 
 def step_from_json(row: Mapping[str, Any]) -> StepRecord:
     """Build a :class:`StepRecord` from ``to_jsonb(execution_steps row)`` (see
-    :data:`STEPS_OF_EXECUTION`): the steps travel with their execution in one row."""
+    a ``steps_of_execution`` column): the steps travel with their execution in one row."""
     return StepRecord(
         execution_id=UUID(row["execution_id"]),
         step_id=row["step_id"],
@@ -170,16 +167,8 @@ def step_from_json(row: Mapping[str, Any]) -> StepRecord:
     )
 
 
-#: A column of an ``executions e`` query: its steps in position order as a JSON array (read
-#: with :func:`steps_from_column`), so an execution and its steps are one round trip.
-STEPS_OF_EXECUTION = """(
-    SELECT coalesce(jsonb_agg(to_jsonb(s) ORDER BY s.position), '[]'::jsonb)
-    FROM execution_steps s WHERE s.execution_id = e.id
-) AS steps_of_execution"""
-
-
 def steps_from_column(row: Mapping[str, Any]) -> tuple[StepRecord, ...]:
-    """The steps :data:`STEPS_OF_EXECUTION` selected with ``row``."""
+    """The steps a read "with steps" selected with ``row`` (its ``steps_of_execution`` column)."""
     return tuple(step_from_json(step) for step in row["steps_of_execution"])
 
 

@@ -58,6 +58,7 @@ from opsconductor.lifecycle.storage.execution_steps import (
     start_step,
 )
 from opsconductor.lifecycle.storage.locks import release_execution_locks
+from opsconductor.lifecycle.storage.queries import query
 from opsconductor.lifecycle.storage.quota_usage import (
     QUOTA_LOCK_CLASS,
     ImmediateUsage,
@@ -127,184 +128,18 @@ _CANCEL_AT_ONCE = frozenset(
 # A conflicting key can be retired between our INSERT and our SELECT; then we simply go again.
 _CREATE_ATTEMPTS = 3
 
-_RETIRE_BATCH = """
-WITH due AS (
-    SELECT id FROM executions
-    WHERE idempotency_retired_at IS NULL AND ended_at IS NOT NULL
-      AND ended_at < now() - $1::interval AND status = ANY($2::execution_status[])
-    ORDER BY ended_at
-    LIMIT $3
-    FOR UPDATE SKIP LOCKED
-)
-UPDATE executions e SET idempotency_retired_at = now() FROM due WHERE e.id = due.id
-"""
-# Create, in one statement (atomic by itself): retire the key's terminal execution that ended
-# over the dedup window ($20) ago, insert the execution unless its key is live (ON CONFLICT on
-# ux_exec_tenant_idem) or, admitting, the tenant's immediate executions in flight reached $22
-# (0: no limit), its steps and its first event; else return the live execution of the key with
-# its steps. The INSERT reads `retired` first, so the key is retired before its conflict is
-# checked (a row version this statement retired no longer conflicts). No execution back (and a
-# count at the limit): refused; neither: a racing creator committed in between, go again.
-_CREATE_TEMPLATE = f"""
-WITH usage AS (%USAGE%
-), retired AS (
-    UPDATE executions SET idempotency_retired_at = now()
-    WHERE tenant_id = $2 AND idempotency_key = $5 AND idempotency_retired_at IS NULL
-      AND status = ANY($21::execution_status[]) AND ended_at < now() - $20::interval
-      -- A refused submit writes nothing, not even this.
-      AND EXISTS (SELECT 1 FROM usage WHERE $22 = 0 OR usage.in_flight < $22)
-    RETURNING id
-), ins AS (
-    INSERT INTO executions (
-        id, tenant_id, actor_id, request_id, idempotency_key, plan_hash, plan_snapshot,
-        plan_snapshot_hash, status, execution_mode, sla_class, action_class, approval_level,
-        priority, timeout_policy_id, timeout_ms, estimated_duration_ms, record_only, started_at,
-        trace_context, event_seq
-    )
-    SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9::execution_status, $10::execution_mode,
-           $11::sla_class, $12, $13, $14, $15, $16, $17, $18,
-           CASE WHEN $9::execution_status = 'running' THEN now() END, $19, 1
-    FROM usage
-    WHERE ($22 = 0 OR usage.in_flight < $22) AND (SELECT count(*) FROM retired) >= 0
-    ON CONFLICT (tenant_id, idempotency_key) WHERE idempotency_retired_at IS NULL DO NOTHING
-    RETURNING *
-), steps AS (
-    INSERT INTO execution_steps
-        (execution_id, step_id, position, action, action_class, idempotency_key)
-    SELECT ins.id, s.step_id, s.position, s.action, s.action_class, s.idempotency_key
-    FROM ins, unnest($23::text[], $24::int[], $25::text[], $26::text[], $27::text[])
-        AS s(step_id, position, action, action_class, idempotency_key)
-    RETURNING *
-), ev AS (
-    INSERT INTO execution_events (execution_id, tenant_id, actor_id, seq, type, payload)
-    SELECT ins.id, ins.tenant_id, ins.actor_id, 1, 'execution_started', jsonb_build_object(
-        'mode', ins.execution_mode, 'status', ins.status, 'plan_hash', ins.plan_hash,
-        'approval_level', ins.approval_level, 'sla_class', ins.sla_class,
-        'timeout_policy_id', ins.timeout_policy_id
-    )
-    FROM ins
-    RETURNING execution_id, seq
-), live AS (
-    SELECT e.* FROM executions e
-    WHERE e.tenant_id = $2 AND e.idempotency_key = $5 AND e.idempotency_retired_at IS NULL
-      AND NOT (e.status = ANY($21::execution_status[]) AND e.ended_at < now() - $20::interval)
-      AND NOT EXISTS (SELECT 1 FROM ins)
-), found AS (
-    SELECT ins.*, true AS created FROM ins
-    UNION ALL
-    SELECT live.*, false FROM live
-)
-SELECT found.*,
-    CASE WHEN found.created
-        THEN (SELECT jsonb_agg(to_jsonb(st) ORDER BY st.position) FROM steps st)
-        ELSE (SELECT jsonb_agg(to_jsonb(st) ORDER BY st.position)
-              FROM execution_steps st WHERE st.execution_id = found.id)
-    END AS steps_of_execution,
-    usage.in_flight, usage.soonest_end,
-    (SELECT count(pg_notify('{EVENTS_CHANNEL}', ev.execution_id::text || ':' || ev.seq))
-     FROM ev) AS notified
-FROM usage LEFT JOIN found ON true
-"""
+_RETIRE_BATCH = query("retire_idempotency_keys")
+# The two immediate creates differ only in how the tenant's usage is counted (see the template).
+_CREATE_TEMPLATE = query("create_execution")
 # Without admission: nothing counted, no lock.
-_CREATE = _CREATE_TEMPLATE.replace(
-    "%USAGE%", "\n    SELECT 0::bigint AS in_flight, NULL::timestamptz AS soonest_end"
-)
-# Admitting: migration 0012's function takes the tenant's quota lock ($28: its first key), then
-# counts on a snapshot of its own taken once the lock is granted; the lock is held until this
-# statement's transaction ends.
-_CREATE_ADMITTED = _CREATE_TEMPLATE.replace(
-    "%USAGE%", "\n    SELECT in_flight, soonest_end FROM immediate_admission($28, $2, $22)"
-)
-# A background submit, in one statement: the tenant's quota lock and its waiting jobs counted
-# (migration 0014's function: $28 the lock's first key, $22 the max_queued limit, 0: none), the
-# key's retirement and the creation as _CREATE_TEMPLATE's, but the execution is written queued
-# as transition() would move it from pending (last_transition_* by $29, event_seq 2), with its
-# steps, both events in seq order in one INSERT (execution_started as created pending, then
-# execution_queued with transition()'s payload; the audit chain hashes each onto the one before)
-# and its queue row (ready now, $30 attempts). A duplicate brings its queue job, if any.
-_CREATE_QUEUED = f"""
-WITH usage AS (
-    SELECT waiting FROM queued_admission($28, $2, $22)
-), retired AS (
-    UPDATE executions SET idempotency_retired_at = now()
-    WHERE tenant_id = $2 AND idempotency_key = $5 AND idempotency_retired_at IS NULL
-      AND status = ANY($21::execution_status[]) AND ended_at < now() - $20::interval
-      AND EXISTS (SELECT 1 FROM usage WHERE $22 = 0 OR usage.waiting < $22)
-    RETURNING id
-), ins AS (
-    INSERT INTO executions (
-        id, tenant_id, actor_id, request_id, idempotency_key, plan_hash, plan_snapshot,
-        plan_snapshot_hash, status, execution_mode, sla_class, action_class, approval_level,
-        priority, timeout_policy_id, timeout_ms, estimated_duration_ms, record_only,
-        trace_context, event_seq, last_transition_from, last_transition_by, last_transition_at
-    )
-    SELECT $1, $2, $3, $4, $5, $6, $7, $8, 'queued', $10::execution_mode,
-           $11::sla_class, $12, $13, $14, $15, $16, $17, $18, $19, 2,
-           $9::execution_status, $29, clock_timestamp()
-    FROM usage
-    WHERE ($22 = 0 OR usage.waiting < $22) AND (SELECT count(*) FROM retired) >= 0
-    ON CONFLICT (tenant_id, idempotency_key) WHERE idempotency_retired_at IS NULL DO NOTHING
-    RETURNING *
-), steps AS (
-    INSERT INTO execution_steps
-        (execution_id, step_id, position, action, action_class, idempotency_key)
-    SELECT ins.id, s.step_id, s.position, s.action, s.action_class, s.idempotency_key
-    FROM ins, unnest($23::text[], $24::int[], $25::text[], $26::text[], $27::text[])
-        AS s(step_id, position, action, action_class, idempotency_key)
-    RETURNING *
-), ev AS (
-    INSERT INTO execution_events (execution_id, tenant_id, actor_id, seq, type, payload)
-    SELECT ins.id, ins.tenant_id, CASE WHEN t.n = 1 THEN ins.actor_id ELSE $29 END, t.n,
-        CASE WHEN t.n = 1 THEN 'execution_started' ELSE 'execution_queued' END,
-        CASE WHEN t.n = 1 THEN jsonb_build_object(
-            'mode', ins.execution_mode, 'status', ins.last_transition_from,
-            'plan_hash', ins.plan_hash, 'approval_level', ins.approval_level,
-            'sla_class', ins.sla_class, 'timeout_policy_id', ins.timeout_policy_id
-        ) ELSE jsonb_build_object('status', ins.status, 'from', ins.last_transition_from) END
-    FROM ins, generate_series(1, 2) AS t(n)
-    ORDER BY t.n
-    RETURNING execution_id, seq
-), job AS (
-    INSERT INTO execution_queue (execution_id, tenant_id, priority, max_attempts, state,
-                                 available_at)
-    SELECT ins.id, ins.tenant_id, ins.priority, $30, 'ready', clock_timestamp() FROM ins
-    RETURNING id
-), live AS (
-    SELECT e.* FROM executions e
-    WHERE e.tenant_id = $2 AND e.idempotency_key = $5 AND e.idempotency_retired_at IS NULL
-      AND NOT (e.status = ANY($21::execution_status[]) AND e.ended_at < now() - $20::interval)
-      AND NOT EXISTS (SELECT 1 FROM ins)
-), found AS (
-    SELECT ins.*, true AS created FROM ins
-    UNION ALL
-    SELECT live.*, false FROM live
-)
-SELECT found.*,
-    CASE WHEN found.created
-        THEN (SELECT jsonb_agg(to_jsonb(st) ORDER BY st.position) FROM steps st)
-        ELSE (SELECT jsonb_agg(to_jsonb(st) ORDER BY st.position)
-              FROM execution_steps st WHERE st.execution_id = found.id)
-    END AS steps_of_execution,
-    CASE WHEN found.created THEN (SELECT job.id FROM job)
-        ELSE (SELECT q.id FROM execution_queue q WHERE q.execution_id = found.id)
-    END AS job_id,
-    usage.waiting,
-    (SELECT count(pg_notify('{EVENTS_CHANNEL}', ev.execution_id::text || ':' || ev.seq))
-     FROM ev) AS notified
-FROM usage LEFT JOIN found ON true
-"""
-_REQUEST_CANCEL = """
-UPDATE executions
-SET cancelled_by = $3, cancelled_at = GREATEST(clock_timestamp(), created_at),
-    cancel_reason = $4, cancel_initiator = $6, updated_at = clock_timestamp()
-WHERE id = $1 AND tenant_id = $2 AND cancelled_at IS NULL
-  AND status <> ALL($5::execution_status[])
-RETURNING *
-"""
-_INCREMENT_CANCEL_CHECKS = """
-UPDATE executions SET cancel_checks_performed = cancel_checks_performed + $2
-WHERE id = $1 RETURNING cancel_checks_performed
-"""
+_CREATE = _CREATE_TEMPLATE.replace("%USAGE%", query("create_usage_unlimited"))
+# Admitting: the tenant's quota lock, then its in-flight executions counted under it.
+_CREATE_ADMITTED = _CREATE_TEMPLATE.replace("%USAGE%", query("create_usage_admitted"))
+_CREATE_QUEUED = query("create_queued_execution")
+_REQUEST_CANCEL = query("request_cancel")
+_INCREMENT_CANCEL_CHECKS = query("increment_cancel_checks")
+_RETIRE_ONE = query("retire_idempotency_key")
+_NOTIFY = query("notify")
 
 
 class NewStep(NamedTuple):
@@ -539,12 +374,6 @@ async def retire_idempotency_keys(
     return total
 
 
-_RETIRE_ONE = """
-UPDATE executions SET idempotency_retired_at = clock_timestamp(), updated_at = clock_timestamp()
-WHERE id = $1 AND idempotency_retired_at IS NULL AND status = ANY($2::execution_status[])
-"""
-
-
 async def retire_idempotency_key(db: PoolOrConnection, execution_id: UUID) -> bool:
     """Retire one terminal execution's key now (nothing ran, e.g. its target was busy).
 
@@ -693,6 +522,8 @@ def _status_set(
     return frozenset(ExecutionStatus(s) for s in expected)
 
 
+# The transition statement is composed here, not named in a .sql file: its SET list names the
+# caller's fields and its lock release, step finish and counter are CTEs added only when asked.
 # Every event of a move carries the caller's payload ($6) with the new and previous status; a
 # terminal move's last one (execution_completed) also says how it ended, unless the caller's
 # payload already does. duration_ms as ExecutionRecord.duration_ms computes it (float seconds
@@ -976,7 +807,7 @@ async def request_cancel(
             type="cancel_requested",
             payload={"by": by, "reason": reason, "status": status.value},
         )
-        await conn.execute("SELECT pg_notify($1, $2)", CANCEL_CHANNEL, str(eid))
+        await conn.execute(_NOTIFY, CANCEL_CHANNEL, str(eid))
         if status in _CANCEL_AT_ONCE:
             await skip_remaining_steps(conn, eid, 0, reason="cancelled")
             # An execution waiting for a decision: its open request can no longer be decided,

@@ -114,7 +114,9 @@ async def rig(
     worker_port = WorkerClient("127.0.0.1:9")
     cancel_signals = CancelSignals(db_dsn)
     await cancel_signals.start()
+    lifecycle = PostgresRedisLifecycle(db_pool, queue)
     runner = ExecutionRunner(
+        lifecycle=lifecycle,
         pool=db_pool,
         handlers=default_registry(),
         secrets=SecretResolver([]),
@@ -137,12 +139,11 @@ async def rig(
                 approval_policy=ApprovalPolicy.load(),
                 observed=ObservedDurations(db_pool),
                 worker=worker_port,
-                lifecycle=PostgresRedisLifecycle(db_pool, queue),
+                lifecycle=lifecycle,
                 dedup_window=timedelta(hours=24),
             ),
             consumer=BackgroundConsumer(
-                pool=db_pool,
-                queue=queue,
+                lifecycle=lifecycle,
                 runner=runner,
                 authorizer=Authorizer(db_pool, rbac, tier="worker"),
                 policies=policies,

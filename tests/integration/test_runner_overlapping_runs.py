@@ -25,6 +25,7 @@ from opsconductor.common.fsm import ExecutionStatus, StepStatus
 from opsconductor.common.hashing import plan_hash
 from opsconductor.common.plan import parse_plan, to_wire_dict
 from opsconductor.common.secrets import SecretResolver
+from opsconductor.lifecycle.facade import PostgresRedisLifecycle
 from opsconductor.lifecycle.storage.cancellation import CancelSignals
 from opsconductor.lifecycle.storage.execution_leases import claim_execution
 from opsconductor.lifecycle.storage.execution_steps import load_steps
@@ -88,6 +89,7 @@ async def runner(db_pool: asyncpg.Pool, db_dsn: str) -> AsyncIterator[ExecutionR
     await signals.start()
     try:
         yield ExecutionRunner(
+            lifecycle=PostgresRedisLifecycle(db_pool, None),
             pool=db_pool,
             handlers=default_registry(),
             secrets=SecretResolver([]),

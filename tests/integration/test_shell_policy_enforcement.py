@@ -198,6 +198,7 @@ async def runner(db_pool: asyncpg.Pool, db_dsn: str) -> AsyncIterator[ExecutionR
     await signals.start()
     try:
         yield ExecutionRunner(
+            lifecycle=PostgresRedisLifecycle(db_pool, None),
             pool=db_pool,
             handlers=default_registry(),
             secrets=SecretResolver([]),
@@ -262,6 +263,7 @@ async def secret_runner(db_pool: asyncpg.Pool, db_dsn: str) -> AsyncIterator[Exe
     environ = {"OPSC_SECRET_TENANT_SHELL__API_TOKEN": SECRET_VALUE}
     try:
         yield ExecutionRunner(
+            lifecycle=PostgresRedisLifecycle(db_pool, None),
             pool=db_pool,
             handlers=default_registry(),
             secrets=SecretResolver([EnvSecretProvider(environ)], CATALOGUE),

@@ -13,25 +13,44 @@ it in one statement), wake a consumer, and end one no worker started; and,
 in a transaction it opens, the tenant's quota lock and its waiting jobs; start and finish a step
 of a running execution. Each
 call delegates to the storage and queue function that does it.
+
+The worker's runner and consumer hold it too (the section "The worker" of each class): the Redis
+lease (dequeue a batch, renew, defer), the lease handoff and claim (the batch's one statement,
+the careful claim of a takeover), the run (start, steps, the cancel check, locks, end, requeue,
+"end as failed") and each settle of a job (ack, retry with backoff, dead-letter, release on
+shutdown, pause for a step approval) as ONE call: the Postgres row locked first, then Redis,
+then the commit, so a Redis failure rolls the Postgres side back. The statements are the
+storage functions' own: moving a caller onto the port adds no round trip.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
-from typing import Any, Protocol
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any, Protocol
 from uuid import UUID
 
 from opsconductor.common.errors import QueueUnavailableError
 from opsconductor.common.fsm import ExecutionStatus, StepStatus
-from opsconductor.lifecycle.queue import jobs
+from opsconductor.lifecycle.queue import dlq, handoff, jobs
 from opsconductor.lifecycle.queue.enqueue import enqueue_execution, submit_queued
+from opsconductor.lifecycle.queue.handoff import Handoff
+from opsconductor.lifecycle.queue.records import LeasedJob
 from opsconductor.lifecycle.queue.redis_queue import RedisQueue
-from opsconductor.lifecycle.storage import execution_steps, quota_usage
+from opsconductor.lifecycle.storage import (
+    cancellation,
+    execution_failures,
+    execution_leases,
+    execution_steps,
+    executions,
+    locks,
+    quota_usage,
+)
+from opsconductor.lifecycle.storage.approvals import request_step_approval
 from opsconductor.lifecycle.storage.execution_leases import fail_unstarted_execution
-from opsconductor.lifecycle.storage.execution_reads import get_execution
+from opsconductor.lifecycle.storage.execution_reads import find_execution, get_execution
 from opsconductor.lifecycle.storage.execution_records import (
     ExecutionRecord,
     PoolOrConnection,
@@ -44,12 +63,15 @@ from opsconductor.lifecycle.storage.executions import (
     create_execution,
     create_immediate_execution,
 )
+from opsconductor.lifecycle.storage.locks import LockRequest, LockSet
 from opsconductor.lifecycle.storage.policies import TimeoutPolicy
 from opsconductor.lifecycle.storage.quota_usage import ImmediateUsage, WaitingUsage
 
 __all__ = [
     "CreatedQueued",
+    "DeadLetter",
     "ExecutionLifecycle",
+    "Handoff",
     "PostgresRedisLifecycle",
     "Queued",
     "WaitingUsage",
@@ -62,6 +84,15 @@ class Queued:
 
     record: ExecutionRecord
     job_id: UUID
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """The job to dead-letter with an execution's final failure, and why it failed."""
+
+    job: LeasedJob
+    error_class: str | None
+    error_message: str | None
 
 
 class ExecutionLifecycle(Protocol):
@@ -198,6 +229,218 @@ class ExecutionLifecycle(Protocol):
     ) -> bool:
         """End ``failed`` an execution no worker started, its idempotency key retired; False,
         changing nothing, when it is no longer ``expected_from``."""
+        ...
+
+    # --- The worker: Redis lease, handoff and claim, runs, steps, locks, settle -------------
+    # (issue 10 Build 1). Each call is one storage/queue function, or one transaction where
+    # an outcome spans Postgres and Redis (row locked first, then Redis, then the commit: a
+    # Redis failure rolls the Postgres side back and the lease simply expires).
+
+    async def dequeue_batch(self, worker_id: str, lease_s: float, count: int) -> list[LeasedJob]:
+        """Lease up to ``count`` ready jobs to ``worker_id`` for ``lease_s`` (fewer, none, when
+        fewer are ready); ``QueueUnavailableError`` when the queue cannot be reached."""
+        ...
+
+    async def renew_lease(self, job: LeasedJob, lease_s: float) -> float:
+        """Extend ``job``'s Redis lease to now + ``lease_s``; the new deadline (epoch s).
+        ``StaleLeaseError`` once its token lost the job, ``LeaseRenewalLimitError`` past the
+        policy's renewals."""
+        ...
+
+    async def record_renewal(
+        self, job: LeasedJob, *, lease_expires_at: datetime, lease_renewals: int
+    ) -> bool:
+        """Mirror a renewal in Postgres (queue row and execution), fenced on the lease token;
+        False when the token no longer holds the row."""
+        ...
+
+    async def defer(self, job: LeasedJob, delay_s: float) -> None:
+        """Give a lease back without spending an attempt, the job ready again after
+        ``delay_s`` (its row was not visible yet); ``StaleLeaseError`` once the token lost it."""
+        ...
+
+    async def hand_off(self, batch: Sequence[LeasedJob], *, worker_id: str) -> list[Handoff]:
+        """Lease handoff and claim of a batch in one statement (:mod:`.queue.handoff`): one
+        :class:`Handoff` per job, in order — not leased (no row yet: defer it), leased and
+        claimed (a ``pending``/``queued`` execution now ``running``, fenced by the job's token),
+        or leased only (anything else: :meth:`claim` decides)."""
+        ...
+
+    async def mirror_lease(self, job: LeasedJob, *, worker_id: str) -> bool:
+        """The careful path's first write: the queue row leased to ``job``'s token (the token
+        is the execution's fencing token from now on); False when the row is not visible."""
+        ...
+
+    async def find(self, execution_id: UUID, *, with_steps: bool = True) -> ExecutionRecord | None:
+        """The execution whatever its tenant (for the service's own checks), None if absent."""
+        ...
+
+    async def claim(
+        self, execution_id: UUID, *, lease_token: UUID, worker_id: str, budget: timedelta
+    ) -> ExecutionRecord | None:
+        """The careful claim: a running execution is taken over (its running steps back to
+        pending, ``lease_taken_over``), a queued or pending one goes running; None when there
+        is nothing to run (gone, terminal, waiting for an approval)."""
+        ...
+
+    async def start_run(self, record: ExecutionRecord, *, worker_id: str) -> ExecutionRecord:
+        """Immediate path: ``pending`` (or approved ``awaiting_approval``) → ``running``, its
+        deadline set from its budget; ``FSMError`` from any other status."""
+        ...
+
+    async def request_cancel(
+        self, tenant_id: str, execution_id: UUID, *, by: str, reason: str | None
+    ) -> tuple[ExecutionRecord, bool]:
+        """Record a cancellation once: ``(record, newly_requested)``. One no worker holds
+        (pending, queued, awaiting approval) ends ``cancelled`` at once, its steps skipped and
+        its locks freed; a running one is ended by its worker at its next check."""
+        ...
+
+    async def cancel_requested(self, execution_id: UUID) -> bool:
+        """The cancellation check between steps (counted in ``cancel_checks_performed``)."""
+        ...
+
+    async def start_step_unless_cancelled(
+        self,
+        execution_id: UUID,
+        step_id: str,
+        *,
+        worker_id: str | None,
+        lease_token: UUID | None = None,
+    ) -> StepRecord | None:
+        """:meth:`cancel_requested` then :meth:`start_step` in one statement; None (nothing
+        started) when a cancellation was requested."""
+        ...
+
+    async def load_steps(self, execution_id: UUID) -> tuple[StepRecord, ...]:
+        """The execution's steps as stored, by position."""
+        ...
+
+    async def skip_remaining_steps(
+        self, execution_id: UUID, *, lease_token: UUID | None, reason: str
+    ) -> list[StepRecord]:
+        """Every step not started yet (pending, awaiting approval) ends ``skipped``."""
+        ...
+
+    async def finish_last_step(
+        self,
+        execution_id: UUID,
+        step_id: str,
+        *,
+        result: Any,
+        by: str,
+        lease_token: UUID | None,
+        fields: Mapping[str, Any],
+        tenant_id: str,
+    ) -> tuple[ExecutionRecord, StepRecord] | None:
+        """The last step succeeded and so did the execution, in one write (its locks freed);
+        None, nothing written, when either write would be refused."""
+        ...
+
+    async def end_run(
+        self,
+        execution_id: UUID,
+        *,
+        to: ExecutionStatus,
+        by: str,
+        lease_token: UUID | None,
+        fields: Mapping[str, Any],
+        tenant_id: str,
+        dead_letter: DeadLetter | None = None,
+    ) -> ExecutionRecord:
+        """End a ``running`` execution ``to`` a terminal status, its locks freed, fenced on
+        ``lease_token``. With ``dead_letter`` (the last attempt failed retryably), in the same
+        transaction and first: its job leaves Redis and its row moves to the DLQ."""
+        ...
+
+    async def requeue(
+        self,
+        execution_id: UUID,
+        *,
+        lease_token: UUID,
+        by: str,
+        reason: str,
+        error_class: str | None = None,
+        error_message: str | None = None,
+    ) -> ExecutionRecord:
+        """A running execution back to ``queued`` (retry or shutdown), fenced; succeeded steps
+        kept, the others pending again, the fencing token cleared."""
+        ...
+
+    async def end_failed(
+        self,
+        execution_id: UUID,
+        *,
+        by: str,
+        error_class: str,
+        error_message: str,
+        expected_from: ExecutionStatus | None = None,
+        lease_token: UUID | None = None,
+        skip_reason: str | None = None,
+        fail_running_steps: bool = False,
+        clear_lease: bool = False,
+        release_locks: bool = False,
+    ) -> bool:
+        """End an execution ``failed`` ("end as failed"); False, changing nothing, once it is
+        terminal or not ``expected_from``. ``lease_token``: only while it owns the execution
+        (``StaleLeaseError``); steps not started end skipped (with an event each when
+        ``skip_reason`` is given), running ones failed with ``fail_running_steps``."""
+        ...
+
+    async def retire_key(self, execution_id: UUID) -> bool:
+        """Give the execution's idempotency key up (the same plan may be submitted again)."""
+        ...
+
+    async def acquire_locks(
+        self,
+        requests: Iterable[LockRequest],
+        *,
+        owner_token: UUID,
+        owner_execution_id: UUID | None,
+        ttl: timedelta,
+    ) -> LockSet:
+        """Every lock of ``requests``, all or nothing (``ResourceBusyError``, nothing kept)."""
+        ...
+
+    async def release_locks(self, lock_set: LockSet) -> int:
+        """Free the locks its owner still holds; how many."""
+        ...
+
+    async def ack(self, job: LeasedJob, *, settled_only: bool = False) -> bool:
+        """Settle ``job`` done: out of both stores (the fenced row delete, then Redis).
+        ``settled_only``: when no row of this lease is left, leave Redis alone and return
+        False."""
+        ...
+
+    async def release_on_shutdown(self, job: LeasedJob) -> bool:
+        """Settle: back to the queue without spending an attempt; False when no row is left
+        (the reaper or an operator settled it)."""
+        ...
+
+    async def pause_for_approval(
+        self, job: LeasedJob, step_id: str, *, ttl: timedelta, by: str
+    ) -> bool:
+        """Settle a level-3 run stopped before ``step_id``: its step approval requested (the
+        execution ``awaiting_approval``, its token cleared) and its job out of both stores,
+        in one transaction; False when no row is left."""
+        ...
+
+    async def settle_retry(
+        self, job: LeasedJob, *, error_class: str | None, error_message: str | None
+    ) -> bool:
+        """Settle a retryable failure: the attempt spent, the job ready again after its
+        backoff (``2^attempts`` s), both stores; False when no row is left."""
+        ...
+
+    async def dead_letter(
+        self,
+        job: LeasedJob,
+        *,
+        error_class: str | None,
+        error_message: str | None,
+    ) -> bool:
+        """Settle the last attempt of a retryable failure: the job leaves Redis, its row moves
+        to the DLQ; False when no row is left."""
         ...
 
 
@@ -364,3 +607,311 @@ class PostgresRedisLifecycle:
             error_class=error_class,
             error_message=error_message,
         )
+
+    # --- The worker: Redis lease, handoff and claim, runs, steps, locks, settle -------------
+
+    def _worker_queue(self) -> RedisQueue:
+        if self._queue is None:
+            raise QueueUnavailableError("no queue is configured for background execution")
+        return self._queue
+
+    async def dequeue_batch(self, worker_id: str, lease_s: float, count: int) -> list[LeasedJob]:
+        return await self._worker_queue().dequeue_batch(worker_id, lease_s, count)
+
+    async def renew_lease(self, job: LeasedJob, lease_s: float) -> float:
+        return await self._worker_queue().renew(job.job_id, job.lease_token, lease_s)
+
+    async def record_renewal(
+        self, job: LeasedJob, *, lease_expires_at: datetime, lease_renewals: int
+    ) -> bool:
+        return await handoff.record_renewal(
+            self._pool,
+            job.job_id,
+            job.execution_id,
+            lease_token=job.lease_token,
+            lease_expires_at=lease_expires_at,
+            lease_renewals=lease_renewals,
+        )
+
+    async def defer(self, job: LeasedJob, delay_s: float) -> None:
+        await self._worker_queue().release(job.job_id, job.lease_token, delay_s=delay_s)
+
+    async def hand_off(self, batch: Sequence[LeasedJob], *, worker_id: str) -> list[Handoff]:
+        return await handoff.hand_off(self._pool, batch, worker_id=worker_id)
+
+    async def mirror_lease(self, job: LeasedJob, *, worker_id: str) -> bool:
+        row = await jobs.lease_row(
+            self._pool,
+            job.job_id,
+            worker_id=worker_id,
+            lease_token=job.lease_token,
+            lease_expires_at=datetime.fromtimestamp(job.lease_deadline, UTC),
+            attempts=job.attempts,
+        )
+        return row is not None
+
+    async def find(self, execution_id: UUID, *, with_steps: bool = True) -> ExecutionRecord | None:
+        return await find_execution(self._pool, execution_id, with_steps=with_steps)
+
+    async def claim(
+        self, execution_id: UUID, *, lease_token: UUID, worker_id: str, budget: timedelta
+    ) -> ExecutionRecord | None:
+        return await execution_leases.claim_execution(
+            self._pool, execution_id, lease_token=lease_token, worker_id=worker_id, budget=budget
+        )
+
+    async def start_run(self, record: ExecutionRecord, *, worker_id: str) -> ExecutionRecord:
+        return await executions.transition(
+            self._pool,
+            record.id,
+            to=ExecutionStatus.RUNNING,
+            by=worker_id,
+            # An approved execution starts from awaiting_approval (checked by the caller).
+            expected_from={ExecutionStatus.PENDING, ExecutionStatus.AWAITING_APPROVAL},
+            worker_id=worker_id,
+            fields={"deadline_at": datetime.now(UTC) + timedelta(milliseconds=record.timeout_ms)},
+            tenant_id=record.tenant_id,
+        )
+
+    async def request_cancel(
+        self, tenant_id: str, execution_id: UUID, *, by: str, reason: str | None
+    ) -> tuple[ExecutionRecord, bool]:
+        return await executions.request_cancel(
+            self._pool, execution_id, tenant_id=tenant_id, by=by, reason=reason
+        )
+
+    async def cancel_requested(self, execution_id: UUID) -> bool:
+        return await cancellation.check_cancelled(self._pool, execution_id)
+
+    async def start_step_unless_cancelled(
+        self,
+        execution_id: UUID,
+        step_id: str,
+        *,
+        worker_id: str | None,
+        lease_token: UUID | None = None,
+    ) -> StepRecord | None:
+        return await execution_steps.start_step_unless_cancelled(
+            self._pool, execution_id, step_id, worker_id=worker_id, lease_token=lease_token
+        )
+
+    async def load_steps(self, execution_id: UUID) -> tuple[StepRecord, ...]:
+        return await execution_steps.load_steps(self._pool, execution_id)
+
+    async def skip_remaining_steps(
+        self, execution_id: UUID, *, lease_token: UUID | None, reason: str
+    ) -> list[StepRecord]:
+        return await execution_steps.skip_remaining_steps(
+            self._pool, execution_id, 0, lease_token=lease_token, reason=reason
+        )
+
+    async def finish_last_step(
+        self,
+        execution_id: UUID,
+        step_id: str,
+        *,
+        result: Any,
+        by: str,
+        lease_token: UUID | None,
+        fields: Mapping[str, Any],
+        tenant_id: str,
+    ) -> tuple[ExecutionRecord, StepRecord] | None:
+        return await executions.finish_last_step(
+            self._pool,
+            execution_id,
+            step_id,
+            result=result,
+            by=by,
+            lease_token=lease_token,
+            fields=fields,
+            tenant_id=tenant_id,
+        )
+
+    async def end_run(
+        self,
+        execution_id: UUID,
+        *,
+        to: ExecutionStatus,
+        by: str,
+        lease_token: UUID | None,
+        fields: Mapping[str, Any],
+        tenant_id: str,
+        dead_letter: DeadLetter | None = None,
+    ) -> ExecutionRecord:
+        async def move(db: PoolOrConnection) -> ExecutionRecord:
+            return await executions.transition(
+                db,
+                execution_id,
+                to=to,
+                by=by,
+                expected_from=ExecutionStatus.RUNNING,
+                lease_token=lease_token,
+                fields=fields,
+                tenant_id=tenant_id,
+                # The same statement frees the run's locks (held on behalf of the execution).
+                release_locks=True,
+            )
+
+        if dead_letter is None:
+            return await move(self._pool)  # one statement: atomic without a transaction
+        # moved_to_dlq precedes execution_completed and neither exists without the other.
+        async with transaction(self._pool) as conn:
+            await self._dead_letter_in(
+                conn, dead_letter.job, dead_letter.error_class, dead_letter.error_message
+            )
+            return await move(conn)
+
+    async def requeue(
+        self,
+        execution_id: UUID,
+        *,
+        lease_token: UUID,
+        by: str,
+        reason: str,
+        error_class: str | None = None,
+        error_message: str | None = None,
+    ) -> ExecutionRecord:
+        return await execution_leases.requeue_execution(
+            self._pool,
+            execution_id,
+            lease_token=lease_token,
+            by=by,
+            reason=reason,
+            error_class=error_class,
+            error_message=error_message,
+        )
+
+    async def end_failed(
+        self,
+        execution_id: UUID,
+        *,
+        by: str,
+        error_class: str,
+        error_message: str,
+        expected_from: ExecutionStatus | None = None,
+        lease_token: UUID | None = None,
+        skip_reason: str | None = None,
+        fail_running_steps: bool = False,
+        clear_lease: bool = False,
+        release_locks: bool = False,
+    ) -> bool:
+        return await execution_failures.end_failed(
+            self._pool,
+            execution_id,
+            by=by,
+            error_class=error_class,
+            error_message=error_message,
+            expected_from=expected_from,
+            lease_token=lease_token,
+            skip_reason=skip_reason,
+            fail_running_steps=fail_running_steps,
+            clear_lease=clear_lease,
+            release_locks=release_locks,
+        )
+
+    async def retire_key(self, execution_id: UUID) -> bool:
+        return await executions.retire_idempotency_key(self._pool, execution_id)
+
+    async def acquire_locks(
+        self,
+        requests: Iterable[LockRequest],
+        *,
+        owner_token: UUID,
+        owner_execution_id: UUID | None,
+        ttl: timedelta,
+    ) -> LockSet:
+        return await locks.acquire_locks(
+            self._pool,
+            requests,
+            owner_token=owner_token,
+            owner_execution_id=owner_execution_id,
+            ttl=ttl,
+        )
+
+    async def release_locks(self, lock_set: LockSet) -> int:
+        return await locks.release_locks(self._pool, lock_set)
+
+    async def _ack_in(self, conn: Any, job: LeasedJob, *, settled_only: bool) -> bool:
+        """Out of both stores in ``conn``'s transaction: the fenced row delete (its lock), then
+        Redis, so a Redis failure rolls the delete back."""
+        deleted = await jobs.delete_queue_row(conn, job.job_id, lease_token=job.lease_token)
+        if settled_only and not deleted:
+            return False
+        await self._worker_queue().ack(job.job_id, job.lease_token)
+        return True
+
+    async def ack(self, job: LeasedJob, *, settled_only: bool = False) -> bool:
+        async with transaction(self._pool) as conn:
+            return await self._ack_in(conn, job, settled_only=settled_only)
+
+    async def release_on_shutdown(self, job: LeasedJob) -> bool:
+        async with transaction(self._pool) as conn:
+            if await jobs.get_queue_row(conn, job.job_id, for_update=True) is None:
+                return False
+            await self._worker_queue().release(job.job_id, job.lease_token)
+            await jobs.release_row(conn, job.job_id, lease_token=job.lease_token)
+            return True
+
+    async def pause_for_approval(
+        self, job: LeasedJob, step_id: str, *, ttl: timedelta, by: str
+    ) -> bool:
+        async with transaction(self._pool) as conn:
+            if await jobs.get_queue_row(conn, job.job_id, for_update=True) is None:
+                return False
+            await request_step_approval(
+                conn, job.execution_id, step_id, lease_token=job.lease_token, ttl=ttl, by=by
+            )
+            await self._ack_in(conn, job, settled_only=False)
+            return True
+
+    async def settle_retry(
+        self, job: LeasedJob, *, error_class: str | None, error_message: str | None
+    ) -> bool:
+        async with transaction(self._pool) as conn:
+            if await jobs.get_queue_row(conn, job.job_id, for_update=True) is None:
+                return False
+            outcome = await self._worker_queue().fail(
+                job.job_id, job.lease_token, error_message or "", error_class=error_class
+            )
+            await jobs.retry_row(
+                conn,
+                job.job_id,
+                lease_token=job.lease_token,
+                attempts=outcome.attempts,
+                available_at=datetime.fromtimestamp(outcome.retry_at or 0, UTC),
+                last_error=outcome.last_error,
+            )
+            return True
+
+    async def dead_letter(
+        self,
+        job: LeasedJob,
+        *,
+        error_class: str | None,
+        error_message: str | None,
+    ) -> bool:
+        async with transaction(self._pool) as conn:
+            return await self._dead_letter_in(conn, job, error_class, error_message)
+
+    async def _dead_letter_in(
+        self, conn: Any, job: LeasedJob, error_class: str | None, error_message: str | None
+    ) -> bool:
+        """Row locked first, then Redis, then the DLQ row, in ``conn``'s transaction."""
+        if await jobs.get_queue_row(conn, job.job_id, for_update=True) is None:
+            return False  # the reaper or an operator already settled it
+        outcome = await self._worker_queue().fail(
+            job.job_id, job.lease_token, error_message or "", error_class=error_class
+        )
+        await dlq.move_to_dlq(
+            conn,
+            job.execution_id,
+            attempts=outcome.attempts,
+            error_class=error_class,
+            error_message=error_message,
+            last_error=outcome.last_error,
+        )
+        return True
+
+
+if TYPE_CHECKING:  # mypy checks that the adapter implements the whole port, signatures included
+    _PORT: type[ExecutionLifecycle] = PostgresRedisLifecycle

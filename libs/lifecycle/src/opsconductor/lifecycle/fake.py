@@ -13,33 +13,52 @@ behaviour here is also run against the Postgres + Redis adapter
 (``tests/integration/test_lifecycle_facade.py``). A refused call changes nothing; a
 :meth:`~InMemoryLifecycle.transaction` that raises puts every dict back as it found them (as a
 rollback); the quota lock needs one but excludes nothing (the fake runs one task at a time).
+
+The worker's side keeps the Redis queue apart (:attr:`InMemoryLifecycle.queue`: never rolled
+back, as Redis is not) from the Postgres rows (``jobs``, the DLQ, the locks): leases with their
+tokens (every write fenced on them: a stale token writes nothing), renewal limits, attempts and
+the ``2^attempts`` s backoff on :attr:`~InMemoryLifecycle.clock`, the DLQ on the last attempt,
+per-asset locks (all or nothing, not re-entrant, expiring), the cancel flag and its counted
+checks, and the takeover of a running execution.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import AsyncIterator, Mapping
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from uuid import UUID, uuid4
 
 from opsconductor.common.errors import (
     FSMError,
+    LeaseRenewalLimitError,
     NotFoundError,
     QueueUnavailableError,
+    ResourceBusyError,
     StaleLeaseError,
 )
 from opsconductor.common.fsm import TERMINAL, ExecutionStatus, StepStatus, check_transition
 from opsconductor.common.hashing import step_idempotency_key
-from opsconductor.lifecycle.facade import Queued
+from opsconductor.lifecycle.facade import DeadLetter, ExecutionLifecycle, Handoff, Queued
+from opsconductor.lifecycle.queue.records import LeasedJob
 from opsconductor.lifecycle.storage.execution_records import ExecutionRecord, StepRecord
 from opsconductor.lifecycle.storage.executions import CreatedQueued, NewExecution
+from opsconductor.lifecycle.storage.locks import HeldLock, LockRequest, LockSet, sorted_requests
 from opsconductor.lifecycle.storage.policies import TimeoutPolicy
 from opsconductor.lifecycle.storage.quota_usage import ImmediateUsage, WaitingUsage
 
-__all__ = ["FakeExecution", "FakeJob", "InMemoryLifecycle"]
+__all__ = [
+    "FakeDeadLetter",
+    "FakeExecution",
+    "FakeJob",
+    "FakeLock",
+    "FakeQueueEntry",
+    "InMemoryLifecycle",
+]
 
 #: The step statuses a step may (re)start from: the storage's own rule.
 _STARTABLE = frozenset(
@@ -56,6 +75,21 @@ class FakeExecution:
     ended_at: datetime | None = None
     #: (status, by, event payload) of each transition, oldest first.
     transitions: list[tuple[ExecutionStatus, str, dict[str, Any]]] = field(default_factory=list)
+    # The worker's side (the real row's columns of the same names).
+    lease_token: UUID | None = None
+    worker_id: str | None = None
+    attempts: int = 0
+    lease_renewals: int = 0
+    cancel_checks_performed: int = 0
+    cancelled_at: datetime | None = None
+    cancelled_by: str | None = None
+    timed_out: bool = False
+    result_summary: dict[str, Any] | None = None
+    started_at: datetime | None = None
+    deadline_at: datetime | None = None
+    #: Event types the worker's writes appended that are not transitions, oldest first
+    #: (``lease_taken_over``, ``retry_scheduled``, ``moved_to_dlq``, ``step_approval_requested``).
+    events: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -67,6 +101,62 @@ class FakeJob:
     max_lease_renewals: int
     request_id: str | None
     trace_context: str | None
+    # The queue row's mirror of its Redis lease (the real row's columns of the same names).
+    state: str = "ready"
+    lease_token: UUID | None = None
+    lease_owner: str | None = None
+    attempts: int = 0
+    lease_renewals: int = 0
+    available_at: datetime | None = None
+    last_error: dict[str, Any] | None = None
+
+
+@dataclass
+class FakeQueueEntry:
+    """A job as the Redis queue holds it (its hash): not rolled back with a transaction."""
+
+    job_id: UUID
+    execution_id: UUID
+    tenant_id: str
+    priority: int
+    max_attempts: int
+    max_lease_renewals: int
+    enqueued_at: float
+    #: FIFO order within a priority (the real ready score's sequence).
+    seq: int
+    request_id: str | None
+    trace_context: str | None
+    #: ``ready``, ``delayed`` (until ``available_at``) or ``leased`` (until ``lease_deadline``).
+    state: str = "ready"
+    attempts: int = 0
+    deliveries: int = 0
+    lease_renewals: int = 0
+    lease_expirations: int = 0
+    lease_token: UUID | None = None
+    worker_id: str | None = None
+    lease_deadline: float | None = None
+    available_at: float | None = None
+    last_error: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class FakeDeadLetter:
+    """An open DLQ entry: the job's last outcome."""
+
+    id: UUID
+    execution_id: UUID
+    attempts: int
+    error_class: str | None
+    error_message: str | None
+    last_error: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
+class FakeLock:
+    owner_token: UUID
+    owner_execution_id: UUID | None
+    expires_at: datetime
+    fencing_token: int
 
 
 class InMemoryLifecycle:
@@ -81,15 +171,25 @@ class InMemoryLifecycle:
         #: How many times a consumer was woken.
         self.announcements = 0
         self._open_transactions = 0
+        #: The Redis side of each job (Redis is not rolled back with a Postgres transaction).
+        self.queue: dict[UUID, FakeQueueEntry] = {}
+        #: Open DLQ entries by execution id.
+        self.dlq: dict[UUID, FakeDeadLetter] = {}
+        #: Held locks by key.
+        self.locks: dict[str, FakeLock] = {}
+        #: The queue's clock (epoch seconds); tests move it to make backoffs and leases pass.
+        self.clock: Callable[[], float] = time.time
+        self._seq = 0
+        self._fencing = 0
 
     @contextlib.asynccontextmanager
     async def _transaction(self) -> AsyncIterator[Any]:
-        saved = copy.deepcopy((self.executions, self.jobs, self.records))
+        saved = copy.deepcopy((self.executions, self.jobs, self.records, self.dlq, self.locks))
         self._open_transactions += 1
         try:
             yield self
         except BaseException:
-            self.executions, self.jobs, self.records = saved
+            self.executions, self.jobs, self.records, self.dlq, self.locks = saved
             raise
         finally:
             self._open_transactions -= 1
@@ -102,8 +202,10 @@ class InMemoryLifecycle:
             raise RuntimeError("the quota lock is transaction-scoped: open a transaction first")
 
     async def waiting_jobs(self, tx: Any, tenant_id: str) -> int:
-        # No job is ever leased here: every job of the tenant is waiting.
-        return sum(1 for job in self.jobs.values() if job.tenant_id == tenant_id)
+        # Ready or delayed: every row of the tenant not leased.
+        return sum(
+            1 for job in self.jobs.values() if job.tenant_id == tenant_id and job.state != "leased"
+        )
 
     async def key_is_live(self, tx: Any, tenant_id: str, idempotency_key: str) -> bool:
         return any(
@@ -116,7 +218,19 @@ class InMemoryLifecycle:
     def add(self, record: ExecutionRecord) -> ExecutionRecord:
         """Store ``record`` as it is (what the real core's create did)."""
         self.executions[record.id] = FakeExecution(
-            record.status, key_retired=record.idempotency_retired_at is not None
+            record.status,
+            key_retired=record.idempotency_retired_at is not None,
+            lease_token=record.lease_token,
+            worker_id=record.worker_id,
+            attempts=record.attempts,
+            lease_renewals=record.lease_renewals,
+            cancel_checks_performed=record.cancel_checks_performed,
+            cancelled_at=record.cancelled_at,
+            cancelled_by=record.cancelled_by,
+            timed_out=record.timed_out,
+            result_summary=record.result_summary,
+            started_at=record.started_at,
+            deadline_at=record.deadline_at,
         )
         self.records[record.id] = record
         return record
@@ -287,6 +401,17 @@ class InMemoryLifecycle:
             ended_at=execution.ended_at or record.ended_at,
             idempotency_retired_at=record.idempotency_retired_at
             or (record.updated_at if execution.key_retired else None),
+            lease_token=execution.lease_token,
+            worker_id=execution.worker_id,
+            attempts=execution.attempts,
+            lease_renewals=execution.lease_renewals,
+            cancel_checks_performed=execution.cancel_checks_performed,
+            cancelled_at=execution.cancelled_at,
+            cancelled_by=execution.cancelled_by,
+            timed_out=execution.timed_out,
+            result_summary=execution.result_summary,
+            started_at=execution.started_at,
+            deadline_at=execution.deadline_at,
         )
 
     async def get(self, tenant_id: str, execution_id: UUID, *, tx: Any = None) -> ExecutionRecord:
@@ -316,6 +441,8 @@ class InMemoryLifecycle:
         execution = self.executions[execution_id]
         check_transition(execution.status, to)
         execution.status = to
+        if to is ExecutionStatus.RUNNING and execution.started_at is None:
+            execution.started_at = datetime.now(UTC)
         if to in TERMINAL:
             execution.ended_at = datetime.now(UTC)
         execution.transitions.append((to, by, dict(payload or {})))
@@ -361,6 +488,7 @@ class InMemoryLifecycle:
             request_id=record.request_id,
             trace_context=trace_context or record.trace_context,
         )
+        self._push(job_id, self.jobs[job_id])
         return Queued(self._current(record.id), job_id)
 
     def _step_of(
@@ -470,3 +598,692 @@ class InMemoryLifecycle:
         execution.error_class, execution.error_message = error_class, error_message
         execution.key_retired = True
         return True
+
+    # --- The worker: Redis lease, handoff and claim, runs, steps, locks, settle -------------
+    # Redis (``queue``) and Postgres (the rest) are two stores here as there: a Postgres-side
+    # write runs in :meth:`_transaction` (all or nothing), a Redis change is never rolled back,
+    # and each settle checks the Redis side before it writes anything, as the real order does
+    # (row locked, Redis, commit). Dequeue orders by priority then FIFO; the tenants' fair
+    # share and running limits are not modelled, nor is a pause of dispatch.
+
+    def _push(self, job_id: UUID, job: FakeJob) -> None:
+        self._seq += 1
+        self.queue[job_id] = FakeQueueEntry(
+            job_id=job_id,
+            execution_id=job.execution_id,
+            tenant_id=job.tenant_id,
+            priority=job.priority,
+            max_attempts=job.max_attempts,
+            max_lease_renewals=job.max_lease_renewals,
+            enqueued_at=self.clock(),
+            seq=self._seq,
+            request_id=job.request_id,
+            trace_context=job.trace_context,
+        )
+
+    def push_without_row(self, record: ExecutionRecord, policy: TimeoutPolicy) -> UUID:
+        """A job in Redis whose row is not visible (its submit has not committed yet)."""
+        job_id = uuid4()
+        self._push(
+            job_id,
+            FakeJob(
+                execution_id=record.id,
+                tenant_id=record.tenant_id,
+                priority=record.priority,
+                max_attempts=policy.max_attempts,
+                max_lease_renewals=policy.max_lease_renewals,
+                request_id=record.request_id,
+                trace_context=record.trace_context,
+            ),
+        )
+        return job_id
+
+    def _redis(self) -> None:
+        if not self._queue_configured:
+            raise QueueUnavailableError("no queue is configured for background execution")
+        if not self.queue_up:
+            raise QueueUnavailableError("the background queue is unreachable")
+
+    def _held(self, job_id: UUID, lease_token: UUID) -> FakeQueueEntry:
+        """The Redis entry ``lease_token`` still holds (``StaleLeaseError`` otherwise)."""
+        entry = self.queue.get(job_id)
+        if entry is None or entry.state != "leased" or entry.lease_token != lease_token:
+            raise StaleLeaseError(job_id=str(job_id))
+        return entry
+
+    def _housekeeping(self, now: float) -> None:
+        """Due retries become ready; expired leases are reclaimed (an attempt spent)."""
+        for job_id, entry in list(self.queue.items()):
+            if entry.state == "delayed" and (entry.available_at or 0) <= now:
+                entry.state, entry.available_at = "ready", None
+            elif entry.state == "leased" and (entry.lease_deadline or 0) <= now:
+                entry.attempts += 1
+                entry.lease_expirations += 1
+                entry.state, entry.lease_token, entry.worker_id = "ready", None, None
+                if entry.attempts >= entry.max_attempts:
+                    del self.queue[job_id]  # dead: the reaper dead-letters it
+
+    async def dequeue_batch(self, worker_id: str, lease_s: float, count: int) -> list[LeasedJob]:
+        if count < 1:
+            raise ValueError(f"count must be at least 1, got {count}")
+        self._redis()
+        now = self.clock()
+        self._housekeeping(now)
+        ready = sorted(
+            (e for e in self.queue.values() if e.state == "ready"),
+            key=lambda e: (e.priority, e.seq),
+        )
+        leased: list[LeasedJob] = []
+        for entry in ready[:count]:
+            entry.state, entry.lease_token, entry.worker_id = "leased", uuid4(), worker_id
+            entry.lease_deadline = now + lease_s
+            entry.lease_renewals = 0
+            entry.deliveries += 1
+            leased.append(self._leased(entry))
+        return leased
+
+    def _leased(self, entry: FakeQueueEntry) -> LeasedJob:
+        assert entry.lease_token is not None
+        assert entry.worker_id is not None
+        return LeasedJob(
+            job_id=entry.job_id,
+            execution_id=entry.execution_id,
+            tenant_id=entry.tenant_id,
+            priority=entry.priority,
+            lease_token=entry.lease_token,
+            worker_id=entry.worker_id,
+            lease_deadline=entry.lease_deadline or 0.0,
+            attempts=entry.attempts,
+            max_attempts=entry.max_attempts,
+            lease_renewals=entry.lease_renewals,
+            max_lease_renewals=entry.max_lease_renewals,
+            lease_expirations=entry.lease_expirations,
+            deliveries=entry.deliveries,
+            enqueued_at=entry.enqueued_at,
+            last_error=entry.last_error,
+            request_id=entry.request_id,
+            trace_context=entry.trace_context,
+        )
+
+    async def renew_lease(self, job: LeasedJob, lease_s: float) -> float:
+        self._redis()
+        entry = self._held(job.job_id, job.lease_token)
+        if entry.lease_renewals >= entry.max_lease_renewals:
+            raise LeaseRenewalLimitError(
+                job_id=str(job.job_id), lease_renewals=entry.lease_renewals
+            )
+        entry.lease_renewals += 1
+        entry.lease_deadline = self.clock() + lease_s
+        return entry.lease_deadline
+
+    async def record_renewal(
+        self, job: LeasedJob, *, lease_expires_at: datetime, lease_renewals: int
+    ) -> bool:
+        row = self.jobs.get(job.job_id)
+        execution = self.executions.get(job.execution_id)
+        if execution is not None and execution.lease_token == job.lease_token:
+            execution.lease_renewals += 1
+        if row is None or row.lease_token != job.lease_token or row.state != "leased":
+            return False
+        self.jobs[job.job_id] = replace(row, lease_renewals=lease_renewals)
+        return True
+
+    def _release_entry(self, job: LeasedJob, delay_s: float) -> None:
+        if delay_s < 0:
+            raise ValueError("delay_s must not be negative")
+        self._redis()
+        entry = self._held(job.job_id, job.lease_token)
+        entry.lease_token, entry.worker_id, entry.lease_deadline = None, None, None
+        if delay_s:
+            entry.state, entry.available_at = "delayed", self.clock() + delay_s
+        else:
+            entry.state = "ready"
+
+    async def defer(self, job: LeasedJob, delay_s: float) -> None:
+        self._release_entry(job, delay_s)
+
+    def _lease_row(self, job: LeasedJob, worker_id: str) -> bool:
+        row = self.jobs.get(job.job_id)
+        if row is None:
+            return False  # not visible: its submit has not committed
+        self.jobs[job.job_id] = replace(
+            row,
+            state="leased",
+            lease_token=job.lease_token,
+            lease_owner=worker_id,
+            lease_renewals=0,
+            attempts=job.attempts,
+        )
+        return True
+
+    async def hand_off(self, batch: Sequence[LeasedJob], *, worker_id: str) -> list[Handoff]:
+        out: list[Handoff] = []
+        for job in batch:
+            if not self._lease_row(job, worker_id):
+                out.append(Handoff(job, leased=False))
+                continue
+            execution = self.executions.get(job.execution_id)
+            if execution is None or execution.status not in (
+                ExecutionStatus.PENDING,
+                ExecutionStatus.QUEUED,
+            ):
+                out.append(Handoff(job, leased=True))  # the careful path decides
+                continue
+            self._claim_fresh(job.execution_id, job.lease_token, worker_id, None)
+            out.append(Handoff(job, leased=True, record=self._current(job.execution_id)))
+        return out
+
+    def _claim_fresh(
+        self, execution_id: UUID, lease_token: UUID, worker_id: str, budget: timedelta | None
+    ) -> None:
+        record = self.records[execution_id]
+        execution = self._move(execution_id, ExecutionStatus.RUNNING, by=worker_id, payload=None)
+        execution.lease_token, execution.worker_id = lease_token, worker_id
+        execution.attempts += 1
+        execution.deadline_at = datetime.now(UTC) + (
+            budget or timedelta(milliseconds=record.timeout_ms)
+        )
+
+    async def mirror_lease(self, job: LeasedJob, *, worker_id: str) -> bool:
+        if not self._lease_row(job, worker_id):
+            return False
+        execution = self.executions.get(job.execution_id)
+        if execution is not None:
+            execution.lease_token = job.lease_token  # the fencing token from now on
+        return True
+
+    async def find(self, execution_id: UUID, *, with_steps: bool = True) -> ExecutionRecord | None:
+        if execution_id not in self.records:
+            return None
+        record = self._current(execution_id)
+        return record if with_steps else replace(record, steps=())
+
+    async def claim(
+        self, execution_id: UUID, *, lease_token: UUID, worker_id: str, budget: timedelta
+    ) -> ExecutionRecord | None:
+        execution = self.executions.get(execution_id)
+        if execution is None:
+            return None
+        if execution.status in TERMINAL or execution.status is ExecutionStatus.AWAITING_APPROVAL:
+            return None
+        if execution.status is ExecutionStatus.RUNNING:
+            # A takeover: the steps the previous holder left running start again.
+            execution.lease_token, execution.worker_id = lease_token, worker_id
+            execution.attempts += 1
+            execution.deadline_at = datetime.now(UTC) + budget
+            record = self.records[execution_id]
+            self.records[execution_id] = replace(
+                record,
+                steps=tuple(
+                    replace(s, status=StepStatus.PENDING, started_at=None, worker_id=None)
+                    if s.status is StepStatus.RUNNING
+                    else s
+                    for s in record.steps
+                ),
+            )
+            execution.events.append("lease_taken_over")
+        else:
+            self._claim_fresh(execution_id, lease_token, worker_id, budget)
+        return self._current(execution_id)
+
+    async def start_run(self, record: ExecutionRecord, *, worker_id: str) -> ExecutionRecord:
+        execution = self.executions[record.id]
+        if execution.status not in (ExecutionStatus.PENDING, ExecutionStatus.AWAITING_APPROVAL):
+            raise _illegal(execution.status, ExecutionStatus.RUNNING)
+        self._move(record.id, ExecutionStatus.RUNNING, by=worker_id, payload=None)
+        execution.worker_id = worker_id
+        execution.deadline_at = datetime.now(UTC) + timedelta(milliseconds=record.timeout_ms)
+        return replace(self._current(record.id), steps=())
+
+    async def request_cancel(
+        self, tenant_id: str, execution_id: UUID, *, by: str, reason: str | None
+    ) -> tuple[ExecutionRecord, bool]:
+        record = await self.get(tenant_id, execution_id)
+        execution = self.executions[execution_id]
+        if execution.cancelled_at is not None or execution.status in TERMINAL:
+            return record, False
+        async with self._transaction():
+            execution = self.executions[execution_id]
+            execution.cancelled_at, execution.cancelled_by = datetime.now(UTC), by
+            if execution.status in (
+                ExecutionStatus.PENDING,
+                ExecutionStatus.QUEUED,
+                ExecutionStatus.AWAITING_APPROVAL,
+            ):
+                # Nobody runs it: it ends at once (a running one is ended by its worker).
+                self._skip(execution_id)
+                self._release_execution_locks(execution_id)
+                self._move(
+                    execution_id, ExecutionStatus.CANCELLED, by=by, payload={"reason": reason}
+                )
+        return self._current(execution_id), True
+
+    async def cancel_requested(self, execution_id: UUID) -> bool:
+        execution = self.executions.get(execution_id)
+        if execution is None:
+            raise NotFoundError("execution not found", execution_id=str(execution_id))
+        execution.cancel_checks_performed += 1
+        return execution.cancelled_at is not None
+
+    async def start_step_unless_cancelled(
+        self,
+        execution_id: UUID,
+        step_id: str,
+        *,
+        worker_id: str | None,
+        lease_token: UUID | None = None,
+    ) -> StepRecord | None:
+        if await self.cancel_requested(execution_id):
+            return None
+        return await self.start_step(
+            execution_id, step_id, worker_id=worker_id, lease_token=lease_token
+        )
+
+    async def load_steps(self, execution_id: UUID) -> tuple[StepRecord, ...]:
+        return tuple(sorted(self.records[execution_id].steps, key=lambda s: s.position))
+
+    def _fenced(self, execution_id: UUID, lease_token: UUID | None) -> FakeExecution:
+        """The execution, if ``lease_token`` (when given) still owns it (the row lock's check)."""
+        execution = self.executions.get(execution_id)
+        if execution is None:
+            raise NotFoundError("execution not found", execution_id=str(execution_id))
+        if lease_token is not None and execution.lease_token != lease_token:
+            raise StaleLeaseError(
+                "lease token no longer owns this execution", execution_id=str(execution_id)
+            )
+        return execution
+
+    def _skip(self, execution_id: UUID) -> list[StepRecord]:
+        record = self.records[execution_id]
+        now = datetime.now(UTC)
+        skipped = [
+            replace(s, status=StepStatus.SKIPPED, ended_at=max(now, s.started_at or now))
+            for s in record.steps
+            if s.status in (StepStatus.PENDING, StepStatus.AWAITING_APPROVAL)
+        ]
+        by_id = {s.step_id: s for s in skipped}
+        self.records[execution_id] = replace(
+            record, steps=tuple(by_id.get(s.step_id, s) for s in record.steps)
+        )
+        return sorted(skipped, key=lambda s: s.position)
+
+    async def skip_remaining_steps(
+        self, execution_id: UUID, *, lease_token: UUID | None, reason: str
+    ) -> list[StepRecord]:
+        execution = self._fenced(execution_id, lease_token)
+        if execution.status in TERMINAL:
+            raise FSMError(
+                f"Illegal state transition: execution is {execution.status.value}, a step "
+                "cannot become skipped",
+                from_status=execution.status.value,
+                to_status=StepStatus.SKIPPED.value,
+            )
+        return self._skip(execution_id)
+
+    def _end(
+        self,
+        execution_id: UUID,
+        to: ExecutionStatus,
+        *,
+        by: str,
+        lease_token: UUID | None,
+        fields: Mapping[str, Any],
+    ) -> ExecutionRecord:
+        """The final transition of a run: fenced, from ``running`` only, its locks freed."""
+        execution = self._fenced(execution_id, lease_token)
+        if execution.status is not ExecutionStatus.RUNNING:
+            raise _illegal(execution.status, to)
+        self._move(execution_id, to, by=by, payload=None)
+        self._apply(execution, fields)
+        self._release_execution_locks(execution_id)
+        return replace(self._current(execution_id), steps=())
+
+    @staticmethod
+    def _apply(execution: FakeExecution, fields: Mapping[str, Any]) -> None:
+        if "error_class" in fields:
+            execution.error_class = fields["error_class"]
+            execution.error_message = fields.get("error_message")
+        if "timed_out" in fields:
+            execution.timed_out = bool(fields["timed_out"])
+        if "result_summary" in fields:
+            execution.result_summary = fields["result_summary"]
+        if "lease_token" in fields:
+            execution.lease_token = fields["lease_token"]
+
+    async def finish_last_step(
+        self,
+        execution_id: UUID,
+        step_id: str,
+        *,
+        result: Any,
+        by: str,
+        lease_token: UUID | None,
+        fields: Mapping[str, Any],
+        tenant_id: str,
+    ) -> tuple[ExecutionRecord, StepRecord] | None:
+        execution = self.executions.get(execution_id)
+        if (
+            execution is None
+            or execution.status is not ExecutionStatus.RUNNING
+            or (lease_token is not None and execution.lease_token != lease_token)
+            or not any(
+                s.step_id == step_id and s.status is StepStatus.RUNNING
+                for s in self.records[execution_id].steps
+            )
+        ):
+            return None  # nothing written: the caller's writes one by one say why
+        step = await self.finish_step(
+            execution_id,
+            step_id,
+            status=StepStatus.SUCCEEDED,
+            result=result,
+            lease_token=lease_token,
+        )
+        final = self._end(
+            execution_id, ExecutionStatus.SUCCEEDED, by=by, lease_token=lease_token, fields=fields
+        )
+        return final, step
+
+    async def end_run(
+        self,
+        execution_id: UUID,
+        *,
+        to: ExecutionStatus,
+        by: str,
+        lease_token: UUID | None,
+        fields: Mapping[str, Any],
+        tenant_id: str,
+        dead_letter: DeadLetter | None = None,
+    ) -> ExecutionRecord:
+        async with self._transaction():
+            if dead_letter is not None:
+                self._dead_letter(
+                    dead_letter.job, dead_letter.error_class, dead_letter.error_message
+                )
+            return self._end(execution_id, to, by=by, lease_token=lease_token, fields=fields)
+
+    async def requeue(
+        self,
+        execution_id: UUID,
+        *,
+        lease_token: UUID,
+        by: str,
+        reason: str,
+        error_class: str | None = None,
+        error_message: str | None = None,
+    ) -> ExecutionRecord:
+        async with self._transaction():
+            execution = self._fenced(execution_id, lease_token)
+            if execution.status is not ExecutionStatus.RUNNING:
+                raise _illegal(execution.status, ExecutionStatus.QUEUED)
+            record = self.records[execution_id]
+            # Succeeded steps keep their outcome (a resumed run skips them).
+            self.records[execution_id] = replace(
+                record,
+                steps=tuple(
+                    replace(
+                        s,
+                        status=StepStatus.PENDING,
+                        started_at=None,
+                        ended_at=None,
+                        duration_ms=None,
+                        worker_id=None,
+                    )
+                    if s.status in (StepStatus.RUNNING, StepStatus.FAILED, StepStatus.SKIPPED)
+                    else s
+                    for s in record.steps
+                ),
+            )
+            self._move(
+                execution_id,
+                ExecutionStatus.QUEUED,
+                by=by,
+                payload={"reason": reason, "error_class": error_class},
+            )
+            execution.lease_token = None
+            if error_class is not None:
+                execution.error_class, execution.error_message = error_class, error_message
+            return self._current(execution_id)
+
+    async def end_failed(
+        self,
+        execution_id: UUID,
+        *,
+        by: str,
+        error_class: str,
+        error_message: str,
+        expected_from: ExecutionStatus | None = None,
+        lease_token: UUID | None = None,
+        skip_reason: str | None = None,
+        fail_running_steps: bool = False,
+        clear_lease: bool = False,
+        release_locks: bool = False,
+    ) -> bool:
+        async with self._transaction():
+            execution = self._fenced(execution_id, lease_token)
+            if execution.status in TERMINAL or (
+                expected_from is not None and execution.status is not expected_from
+            ):
+                return False
+            record = self.records[execution_id]
+            if fail_running_steps:
+                now = datetime.now(UTC)
+                self.records[execution_id] = replace(
+                    record,
+                    steps=tuple(
+                        replace(
+                            s,
+                            status=StepStatus.FAILED,
+                            ended_at=now,
+                            error_class="EXECUTION_TIMEOUT",
+                            error_message="the execution passed its deadline; its worker "
+                            "stopped responding",
+                        )
+                        if s.status is StepStatus.RUNNING
+                        else s
+                        for s in record.steps
+                    ),
+                )
+            self._skip(execution_id)
+            self._move(execution_id, ExecutionStatus.FAILED, by=by, payload=None)
+            execution.error_class, execution.error_message = error_class, error_message
+            if clear_lease:
+                execution.lease_token = None
+            if release_locks:
+                self._release_execution_locks(execution_id)
+            return True
+
+    async def retire_key(self, execution_id: UUID) -> bool:
+        execution = self.executions[execution_id]
+        if execution.key_retired:
+            return False
+        execution.key_retired = True
+        return True
+
+    async def acquire_locks(
+        self,
+        requests: Iterable[LockRequest],
+        *,
+        owner_token: UUID,
+        owner_execution_id: UUID | None,
+        ttl: timedelta,
+    ) -> LockSet:
+        if ttl <= timedelta(0):
+            raise ValueError("ttl must be positive")
+        keys = [request.key for request in sorted_requests(requests)]
+        now = datetime.now(UTC)
+        for key in keys:
+            # Not re-entrant: a key this owner holds is busy too; an expired one is free.
+            held = self.locks.get(key)
+            if held is not None and held.expires_at > now:
+                raise ResourceBusyError(
+                    f"{key} is locked by another execution; retry once it has finished",
+                    lock_key=key,
+                    held_by_execution_id=(
+                        str(held.owner_execution_id) if held.owner_execution_id else None
+                    ),
+                )
+        granted: list[HeldLock] = []
+        for key in keys:
+            self._fencing += 1
+            self.locks[key] = FakeLock(owner_token, owner_execution_id, now + ttl, self._fencing)
+            granted.append(HeldLock(key, owner_token, self._fencing, now + ttl))
+        return LockSet(owner_token, tuple(granted))
+
+    async def release_locks(self, lock_set: LockSet) -> int:
+        released = 0
+        for key in lock_set.keys:
+            held = self.locks.get(key)
+            if held is not None and held.owner_token == lock_set.owner_token:
+                del self.locks[key]
+                released += 1
+        return released
+
+    def _release_execution_locks(self, execution_id: UUID) -> None:
+        for key, held in list(self.locks.items()):
+            if held.owner_execution_id == execution_id:
+                del self.locks[key]
+
+    def _locked_row(self, job: LeasedJob) -> FakeJob | None:
+        """The job's row (``SELECT ... FOR UPDATE``), None once the reaper or an operator
+        settled it."""
+        return self.jobs.get(job.job_id)
+
+    def _ack_in(self, job: LeasedJob, *, settled_only: bool) -> bool:
+        row = self.jobs.get(job.job_id)
+        deleted = row is not None and row.lease_token == job.lease_token
+        if settled_only and not deleted:
+            return False
+        self._redis()  # raising here rolls the delete below back, as the real order does
+        self._held(job.job_id, job.lease_token)
+        if deleted:
+            del self.jobs[job.job_id]
+        del self.queue[job.job_id]
+        return True
+
+    async def ack(self, job: LeasedJob, *, settled_only: bool = False) -> bool:
+        async with self._transaction():
+            return self._ack_in(job, settled_only=settled_only)
+
+    async def release_on_shutdown(self, job: LeasedJob) -> bool:
+        async with self._transaction():
+            row = self._locked_row(job)
+            if row is None:
+                return False
+            self._release_entry(job, 0.0)
+            if row.lease_token == job.lease_token:
+                self.jobs[job.job_id] = replace(
+                    row, state="ready", lease_token=None, lease_owner=None
+                )
+            return True
+
+    async def pause_for_approval(
+        self, job: LeasedJob, step_id: str, *, ttl: timedelta, by: str
+    ) -> bool:
+        async with self._transaction():
+            if self._locked_row(job) is None:
+                return False
+            execution = self._fenced(job.execution_id, job.lease_token)
+            if execution.cancelled_at is not None:
+                # Cancelled meanwhile: it ends cancelled instead, its locks released.
+                self._skip(job.execution_id)
+                self._move(job.execution_id, ExecutionStatus.CANCELLED, by=by, payload=None)
+                self._release_execution_locks(job.execution_id)
+            else:
+                record = self.records[job.execution_id]
+                self.records[job.execution_id] = replace(
+                    record,
+                    steps=tuple(
+                        replace(s, status=StepStatus.AWAITING_APPROVAL)
+                        if s.step_id == step_id
+                        else s
+                        for s in record.steps
+                    ),
+                )
+                self._move(job.execution_id, ExecutionStatus.AWAITING_APPROVAL, by=by, payload=None)
+                execution.events.append("step_approval_requested")
+            execution.lease_token = None
+            self._ack_in(job, settled_only=False)
+            return True
+
+    def _fail_entry(
+        self, job: LeasedJob, error_class: str | None, error_message: str | None
+    ) -> tuple[FakeQueueEntry, bool]:
+        """Spend an attempt in Redis: (entry, dead). Backoff ``2^attempts`` s (cap 3600)."""
+        self._redis()
+        entry = self._held(job.job_id, job.lease_token)
+        entry.lease_token, entry.worker_id, entry.lease_deadline = None, None, None
+        entry.attempts += 1
+        entry.last_error = {"message": (error_message or "")[:1000]}
+        if error_class is not None:
+            entry.last_error["error_class"] = error_class
+        if entry.attempts >= entry.max_attempts:
+            del self.queue[job.job_id]
+            return entry, True
+        entry.state = "delayed"
+        entry.available_at = self.clock() + min(2.0**entry.attempts, 3600.0)
+        return entry, False
+
+    async def settle_retry(
+        self, job: LeasedJob, *, error_class: str | None, error_message: str | None
+    ) -> bool:
+        async with self._transaction():
+            row = self._locked_row(job)
+            if row is None:
+                return False
+            entry, _dead = self._fail_entry(job, error_class, error_message)
+            if row.lease_token == job.lease_token:
+                self.jobs[job.job_id] = replace(
+                    row,
+                    state="delayed",
+                    lease_token=None,
+                    lease_owner=None,
+                    attempts=entry.attempts,
+                    available_at=datetime.fromtimestamp(entry.available_at or 0, UTC),
+                    last_error=entry.last_error,
+                )
+                self.executions[job.execution_id].events.append("retry_scheduled")
+            return True
+
+    async def dead_letter(
+        self,
+        job: LeasedJob,
+        *,
+        error_class: str | None,
+        error_message: str | None,
+    ) -> bool:
+        async with self._transaction():
+            return self._dead_letter(job, error_class, error_message)
+
+    def _dead_letter(
+        self, job: LeasedJob, error_class: str | None, error_message: str | None
+    ) -> bool:
+        if self._locked_row(job) is None:
+            return False  # the reaper or an operator already settled it
+        entry, _dead = self._fail_entry(job, error_class, error_message)
+        for job_id, row in list(self.jobs.items()):
+            if row.execution_id == job.execution_id:
+                del self.jobs[job_id]
+        self.dlq[job.execution_id] = FakeDeadLetter(
+            id=uuid4(),
+            execution_id=job.execution_id,
+            attempts=entry.attempts,
+            error_class=error_class,
+            error_message=error_message,
+            last_error=entry.last_error,
+        )
+        self.executions[job.execution_id].events.append("moved_to_dlq")
+        return True
+
+
+def _illegal(current: ExecutionStatus, to: ExecutionStatus) -> FSMError:
+    """The compare-and-set's refusal: the execution is not where the move starts from."""
+    return FSMError(
+        f"Illegal state transition {current} -> {to}",
+        from_status=current.value,
+        to_status=to.value,
+    )
+
+
+if TYPE_CHECKING:  # mypy checks that the fake implements the whole port, signatures included
+    _PORT: type[ExecutionLifecycle] = InMemoryLifecycle

@@ -12,6 +12,7 @@ from opsconductor.common.auth import TokenVerifier
 from opsconductor.common.errors import StorageError
 from opsconductor.common.secrets import SecretResolver, SecretsSettings
 from opsconductor.common.tenant_policy import TenantPolicies
+from opsconductor.lifecycle.facade import PostgresRedisLifecycle
 from opsconductor.lifecycle.queue.redis_queue import RedisQueue, open_queue
 from opsconductor.lifecycle.queue.wakeups import Wakeups
 from opsconductor.lifecycle.storage.cancellation import CancelSignals
@@ -53,7 +54,21 @@ class WorkerApp:
         pool = self.db.pool
         await self._cancel_signals.start()
         policies = await load_timeout_policies(pool)
+        if self.settings.redis_url is not None and self.settings.consumer_concurrency > 0:
+            # Each tenant's max_running applies where jobs are handed out: this queue's dequeue.
+            running_limit, running_limits = TenantQuotas.from_settings(
+                self.settings, self._tenant_policies
+            ).running_limits()
+            self._queue = open_queue(
+                self.settings.redis_url.get_secret_value(),
+                prefix=self.settings.queue_prefix,
+                running_limit=running_limit,
+                running_limits=running_limits,
+            )
+        # The lifecycle core: the only way the runner and the consumer reach the stores.
+        lifecycle = PostgresRedisLifecycle(pool, self._queue)
         runner = ExecutionRunner(
+            lifecycle=lifecycle,
             pool=pool,
             handlers=default_registry(),
             secrets=self._secrets,
@@ -72,23 +87,12 @@ class WorkerApp:
             pool, self._rbac_policy, tier="worker", role_cache=self._role_cache
         )
         self._immediate = ImmediateExecutions(pool=pool, authorizer=authorizer, runner=runner)
-        if self.settings.redis_url is not None and self.settings.consumer_concurrency > 0:
-            # Each tenant's max_running applies where jobs are handed out: this queue's dequeue.
-            running_limit, running_limits = TenantQuotas.from_settings(
-                self.settings, self._tenant_policies
-            ).running_limits()
-            queue = self._queue = open_queue(
-                self.settings.redis_url.get_secret_value(),
-                prefix=self.settings.queue_prefix,
-                running_limit=running_limit,
-                running_limits=running_limits,
-            )
+        if self._queue is not None:
             # Push dispatch: an idle slot wakes when a job is announced, polling is the fallback.
-            self._wakeups = queue.wakeups()
+            self._wakeups = self._queue.wakeups()
             self._wakeups.start()
             self._consumer = BackgroundConsumer(
-                pool=pool,
-                queue=queue,
+                lifecycle=lifecycle,
                 runner=runner,
                 authorizer=authorizer,
                 policies=policies,

@@ -11,7 +11,7 @@ require_granted`), so a premature ``RunImmediate`` changes nothing.
 **Level 3, before every step**: the step runs only once a person approved that step for this
 very plan. Otherwise the run stops there ("paused"): the runner keeps the execution's locks and
 extends them up to the approval timeout (nobody else may touch the targets between two approved
-steps), and the consumer, in one transaction, opens the step's request
+steps), and the consumer, in one call of the lifecycle core, opens the step's request
 (``running → awaiting_approval``, lease token cleared) and removes the job from the queue, so
 the worker gives its lease up without spending an attempt. Approving the step queues the
 execution again; a worker resumes it, re-takes its own locks and skips the steps already done.
@@ -23,8 +23,7 @@ execution budget: each run between two approvals gets the policy's full budget.
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Any, Final
-from uuid import UUID
+from typing import Final
 
 import structlog
 
@@ -36,12 +35,7 @@ from opsconductor.common.errors import (
     StaleLeaseError,
     StorageError,
 )
-from opsconductor.lifecycle.storage.approval_records import ApprovalRecord
-from opsconductor.lifecycle.storage.approvals import (
-    enforce_binding,
-    request_step_approval,
-    step_approved,
-)
+from opsconductor.lifecycle.storage.approvals import enforce_binding, step_approved
 from opsconductor.lifecycle.storage.execution_records import ExecutionRecord, PoolOrConnection
 from opsconductor.lifecycle.storage.locks import LockSet, extend_locks
 
@@ -92,6 +86,11 @@ class ApprovalChecks:
         if refused is not None:
             raise refused
 
+    @property
+    def ttl(self) -> timedelta:
+        """How long a step approval stays open (the consumer's pause requests it for that)."""
+        return self._ttl
+
     def gates_steps(self, record: ExecutionRecord) -> bool:
         """Whether each step of ``record`` needs its own approval (level 3)."""
         return record.approval_level >= LEVEL_STEP_BY_STEP
@@ -110,20 +109,3 @@ class ApprovalChecks:
             await extend_locks(self._pool, lock_set, self._ttl + PAUSED_LOCK_BUFFER)
         except (StaleLeaseError, StorageError) as exc:
             log.warning("paused_locks_not_extended", lock_keys=lock_set.keys, error=exc.reason)
-
-    async def pause(
-        self, conn: Any, execution_id: UUID, step_id: str, *, lease_token: UUID
-    ) -> ApprovalRecord | None:
-        """Open the step's request and give the execution up (see the module docstring).
-
-        Call inside the consumer's settling transaction. None when the execution was cancelled
-        meanwhile (it is then ended, its locks released).
-        """
-        return await request_step_approval(
-            conn,
-            execution_id,
-            step_id,
-            lease_token=lease_token,
-            ttl=self._ttl,
-            by=self._worker_id,
-        )

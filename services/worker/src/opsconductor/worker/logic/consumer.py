@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import replace
@@ -46,19 +45,11 @@ from opsconductor.common.errors import (
 from opsconductor.common.fsm import ExecutionStatus
 from opsconductor.common.tracing import context_from_traceparent, tracer
 from opsconductor.lifecycle.execution_logging import bind_execution
-from opsconductor.lifecycle.queue import dlq, handoff, jobs
+from opsconductor.lifecycle.facade import ExecutionLifecycle, Handoff
 from opsconductor.lifecycle.queue.lease import LeaseRenewalLimitError, lease_seconds, renew_after
 from opsconductor.lifecycle.queue.records import LeasedJob
-from opsconductor.lifecycle.queue.redis_queue import RedisQueue
 from opsconductor.lifecycle.queue.wakeups import Wakeups
-from opsconductor.lifecycle.storage.execution_failures import end_failed
-from opsconductor.lifecycle.storage.execution_leases import claim_execution
-from opsconductor.lifecycle.storage.execution_reads import find_execution, get_execution
-from opsconductor.lifecycle.storage.execution_records import (
-    ExecutionRecord,
-    PoolOrConnection,
-    transaction,
-)
+from opsconductor.lifecycle.storage.execution_records import ExecutionRecord
 from opsconductor.lifecycle.storage.policies import TimeoutPolicy
 from opsconductor.policy.rbac import Authorizer, submit_permissions
 
@@ -84,8 +75,7 @@ class BackgroundConsumer:
     def __init__(
         self,
         *,
-        pool: PoolOrConnection,
-        queue: RedisQueue,
+        lifecycle: ExecutionLifecycle,
         runner: ExecutionRunner,
         authorizer: Authorizer,
         policies: Mapping[str, TimeoutPolicy],
@@ -97,8 +87,8 @@ class BackgroundConsumer:
     ) -> None:
         """``lease_s_override`` (drills and tests only) replaces every lease duration, the
         first one at dequeue included, so a dead worker's job comes back within seconds."""
-        self._pool = pool
-        self._queue = queue
+        #: Every read and write of the queue and the executions goes through the lifecycle core.
+        self._lifecycle = lifecycle
         self._runner = runner
         self._authorizer = authorizer
         self._policies = policies
@@ -148,7 +138,7 @@ class BackgroundConsumer:
                 self._slot_freed.clear()
                 continue
             try:
-                batch = await self._queue.dequeue_batch(
+                batch = await self._lifecycle.dequeue_batch(
                     self._worker_id, self._initial_lease_s, free
                 )
             except QueueUnavailableError:
@@ -166,7 +156,7 @@ class BackgroundConsumer:
                 continue
             idle = self._poll_interval_s
             try:
-                handed = await handoff.hand_off(self._pool, batch, worker_id=self._worker_id)
+                handed = await self._lifecycle.hand_off(batch, worker_id=self._worker_id)
             except Exception:
                 # Postgres trouble: the leases expire and the jobs are retried.
                 log.exception("job_handoff_failed", job_ids=[str(job.job_id) for job in batch])
@@ -180,7 +170,7 @@ class BackgroundConsumer:
         self._running.discard(task)
         self._slot_freed.set()
 
-    async def _run_handed(self, handed: handoff.Handoff) -> None:
+    async def _run_handed(self, handed: Handoff) -> None:
         job = handed.job
         try:
             with self._job_context(job) as bound:
@@ -199,7 +189,7 @@ class BackgroundConsumer:
         and this job's queue wait included; before (a deferral), its request id and execution.
         """
         with self._job_context(job) as bound:
-            (handed,) = await handoff.hand_off(self._pool, [job], worker_id=self._worker_id)
+            (handed,) = await self._lifecycle.hand_off([job], worker_id=self._worker_id)
             await self._process(job, bound, handed)
 
     @contextlib.contextmanager
@@ -214,9 +204,7 @@ class BackgroundConsumer:
         ):
             yield bound
 
-    async def _process(
-        self, job: LeasedJob, bound: contextlib.ExitStack, handed: handoff.Handoff
-    ) -> None:
+    async def _process(self, job: LeasedJob, bound: contextlib.ExitStack, handed: Handoff) -> None:
         policy, record = await self._handoff(job, bound, handed)
         if record is None:
             return
@@ -253,12 +241,12 @@ class BackgroundConsumer:
                 lease_token=job.lease_token,
                 retry_allowed=job.attempts + 1 < job.max_attempts,
                 stop_event=self._stopping,
-                dead_letter=functools.partial(self._dead_letter, job),
+                dead_letter=job,
             )
         except Exception:
             # The runner ended the execution failed with the error's class if it could: then
             # nothing is left to run, and redelivering the job would only fail again.
-            if (await get_execution(self._pool, record.tenant_id, record.id)).is_terminal:
+            if (await self._lifecycle.get(record.tenant_id, record.id)).is_terminal:
                 await self._drop(job)
             raise
         finally:
@@ -273,12 +261,12 @@ class BackgroundConsumer:
         return lease_seconds(policy) if policy is not None else INITIAL_LEASE_S
 
     async def _handoff(
-        self, job: LeasedJob, bound: contextlib.ExitStack, handed: handoff.Handoff
+        self, job: LeasedJob, bound: contextlib.ExitStack, handed: Handoff
     ) -> tuple[TimeoutPolicy | None, ExecutionRecord | None]:
         if not handed.leased:
             # Its submit has not committed yet (or never will: the reaper drops it then).
             delay = min(DEFER_S * 2 ** max(job.deliveries - 1, 0), DEFER_MAX_S)
-            await self._queue.release(job.job_id, job.lease_token, delay_s=delay)
+            await self._lifecycle.defer(job, delay)
             log.info("job_deferred", job_id=str(job.job_id), reason="row_not_visible")
             return None, None
         record = handed.record
@@ -312,22 +300,14 @@ class BackgroundConsumer:
     ) -> ExecutionRecord | None:
         """What the one-statement handoff leaves: a takeover of a running execution, or one
         with nothing to run. The fencing token first, then the claim, each checked row-locked."""
-        await jobs.lease_row(
-            self._pool,
-            job.job_id,
-            worker_id=self._worker_id,
-            lease_token=job.lease_token,
-            lease_expires_at=datetime.fromtimestamp(job.lease_deadline, UTC),
-            attempts=job.attempts,
-        )
+        await self._lifecycle.mirror_lease(job, worker_id=self._worker_id)
         # One read (for the policy) also gives the log fields, bound before the claim so that
         # its records carry them too.
-        queued = await find_execution(self._pool, job.execution_id, with_steps=False)
+        queued = await self._lifecycle.find(job.execution_id, with_steps=False)
         if queued is not None:
             bound.enter_context(self._bind(job, queued))
         policy = self._policies.get((queued.timeout_policy_id if queued else None) or "")
-        return await claim_execution(
-            self._pool,
+        return await self._lifecycle.claim(
             job.execution_id,
             lease_token=job.lease_token,
             worker_id=self._worker_id,
@@ -348,8 +328,7 @@ class BackgroundConsumer:
                 resource="WorkerService/background",
             )
         except PermissionDeniedError as exc:
-            await end_failed(
-                self._pool,
+            await self._lifecycle.end_failed(
                 record.id,
                 by=self._worker_id,
                 error_class=exc.reason,
@@ -368,7 +347,7 @@ class BackgroundConsumer:
         while True:
             await asyncio.sleep(renew_after(lease_s) if job.lease_renewals else 0)
             try:
-                deadline = await self._queue.renew(job.job_id, job.lease_token, lease_s)
+                deadline = await self._lifecycle.renew_lease(job, lease_s)
             except LeaseRenewalLimitError:
                 log.info("lease_renewal_limit", job_id=str(job.job_id))
                 return
@@ -377,104 +356,48 @@ class BackgroundConsumer:
                 log.warning("lease_renewal_failed", job_id=str(job.job_id), error=exc.reason)
                 return
             job = replace(job, lease_renewals=job.lease_renewals + 1, lease_deadline=deadline)
-            await handoff.record_renewal(
-                self._pool,
-                job.job_id,
-                job.execution_id,
-                lease_token=job.lease_token,
+            await self._lifecycle.record_renewal(
+                job,
                 lease_expires_at=datetime.fromtimestamp(deadline, UTC),
                 lease_renewals=job.lease_renewals,
             )
 
     async def _settle(self, job: LeasedJob, result: RunResult) -> None:
-        """Mirror the outcome in both stores: the Postgres row is locked first (the reaper's
-        reconcile waits on it), then Redis changes, then the commit; a Redis failure rolls the
-        Postgres side back and the lease simply expires."""
+        """Mirror the outcome in both stores, each settle one call of the lifecycle core (the
+        Postgres row locked first, the reaper's reconcile waits on it, then Redis, then the
+        commit; a Redis failure rolls the Postgres side back and the lease simply expires).
+        False from the core: the reaper or an operator already settled the job."""
         if not (result.interrupted or result.paused_step is not None or result.retryable):
             # Done: succeeded, cancelled, timed out, or failed for good. The fenced delete is
             # the row lock; no row (the reaper or an operator settled it): nothing to ack.
-            async with transaction(self._pool) as conn:
-                await self._ack(conn, job, settled_only=True)
+            if not await self._lifecycle.ack(job, settled_only=True):
+                log.info("job_already_settled", job_id=str(job.job_id))
             return
-        async with transaction(self._pool) as conn:
-            if await jobs.get_queue_row(conn, job.job_id, for_update=True) is None:
-                return  # the reaper or an operator already settled it
-            if result.interrupted:
-                await self._queue.release(job.job_id, job.lease_token)
-                await jobs.release_row(conn, job.job_id, lease_token=job.lease_token)
+        if result.interrupted:
+            if await self._lifecycle.release_on_shutdown(job):
                 log.info("job_requeued_on_shutdown", job_id=str(job.job_id))
-                return
-            if result.paused_step is not None and self._runner.approvals is not None:
-                # Level 3: wait for the step's approval without a lease; approving it queues
-                # the execution again. One transaction: the request and the job's removal.
-                await self._runner.approvals.pause(
-                    conn, job.execution_id, result.paused_step, lease_token=job.lease_token
-                )
-                await self._ack(conn, job)
+            return
+        if result.paused_step is not None and self._runner.approvals is not None:
+            # Level 3: wait for the step's approval without a lease; approving it queues the
+            # execution again. One transaction: the request and the job's removal.
+            if await self._lifecycle.pause_for_approval(
+                job, result.paused_step, ttl=self._runner.approvals.ttl, by=self._worker_id
+            ):
                 log.info("job_paused_for_approval", job_id=str(job.job_id))
-                return
-            outcome = await self._queue.fail(
-                job.job_id,
-                job.lease_token,
-                result.error_message or "",
-                error_class=result.error_class,
+            return
+        if result.retried:
+            await self._lifecycle.settle_retry(
+                job, error_class=result.error_class, error_message=result.error_message
             )
-            if result.retried:
-                await jobs.retry_row(
-                    conn,
-                    job.job_id,
-                    lease_token=job.lease_token,
-                    attempts=outcome.attempts,
-                    available_at=datetime.fromtimestamp(outcome.retry_at or 0, UTC),
-                    last_error=outcome.last_error,
-                )
-                return
-            # The last attempt of a retryable failure: dead-letter it for an operator.
-            await dlq.move_to_dlq(
-                conn,
-                result.record.id,
-                attempts=outcome.attempts,
-                error_class=result.error_class,
-                error_message=result.error_message,
-                last_error=outcome.last_error,
-            )
-
-    async def _dead_letter(
-        self, job: LeasedJob, conn: Any, error_class: str | None, error_message: str | None
-    ) -> None:
-        """The last attempt failed retryably: in the transaction that fails the execution, the
-        job leaves Redis and its row moves to the DLQ (row locked first, then Redis, then the
-        commit; a Redis failure rolls it all back and the lease expires)."""
-        if await jobs.get_queue_row(conn, job.job_id, for_update=True) is None:
-            return  # the reaper or an operator already settled it
-        outcome = await self._queue.fail(
-            job.job_id, job.lease_token, error_message or "", error_class=error_class
-        )
-        await dlq.move_to_dlq(
-            conn,
-            job.execution_id,
-            attempts=outcome.attempts,
-            error_class=error_class,
-            error_message=error_message,
-            last_error=outcome.last_error,
+            return
+        # The last attempt of a retryable failure: dead-letter it for an operator.
+        await self._lifecycle.dead_letter(
+            job, error_class=result.error_class, error_message=result.error_message
         )
 
     async def _drop(self, job: LeasedJob) -> None:
         """The job has nothing (more) to run: out of both stores."""
-        async with transaction(self._pool) as conn:
-            await self._ack(conn, job)
-
-    async def _ack(self, conn: Any, job: LeasedJob, *, settled_only: bool = False) -> None:
-        """Out of both stores, in the caller's transaction: the row (fenced on the lease token)
-        first, then Redis, so a Redis failure rolls the delete back and the lease expires.
-
-        ``settled_only``: when no row of this lease is left (settled by the reaper or an
-        operator, or the lease was taken over), leave Redis alone too."""
-        deleted = await jobs.delete_queue_row(conn, job.job_id, lease_token=job.lease_token)
-        if settled_only and not deleted:
-            log.info("job_already_settled", job_id=str(job.job_id))
-            return
-        await self._queue.ack(job.job_id, job.lease_token)
+        await self._lifecycle.ack(job)
 
 
 __all__ = ["BackgroundConsumer"]

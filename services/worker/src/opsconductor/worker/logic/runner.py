@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 from uuid import UUID, uuid4
 
@@ -56,28 +56,15 @@ from opsconductor.common.secrets import SecretResolver
 from opsconductor.common.tenant_policy import TenantPolicies, TenantPolicyDeniedError
 from opsconductor.common.tracing import current_traceparent, tracer
 from opsconductor.lifecycle.execution_logging import bind_execution
-from opsconductor.lifecycle.storage.cancellation import CancelSignals, check_cancelled
-from opsconductor.lifecycle.storage.execution_leases import fail_lost_execution, requeue_execution
-from opsconductor.lifecycle.storage.execution_reads import get_execution
+from opsconductor.lifecycle.facade import DeadLetter, ExecutionLifecycle
+from opsconductor.lifecycle.queue.records import LeasedJob
+from opsconductor.lifecycle.storage.cancellation import CancelSignals
 from opsconductor.lifecycle.storage.execution_records import (
     ExecutionRecord,
     PoolOrConnection,
     StepRecord,
-    transaction,
 )
-from opsconductor.lifecycle.storage.execution_steps import (
-    finish_step,
-    load_steps,
-    skip_remaining_steps,
-    start_step,
-    start_step_unless_cancelled,
-)
-from opsconductor.lifecycle.storage.executions import (
-    finish_last_step,
-    retire_idempotency_key,
-    transition,
-)
-from opsconductor.lifecycle.storage.locks import LockRequest, acquire_locks, release_locks
+from opsconductor.lifecycle.storage.locks import LockRequest
 from opsconductor.lifecycle.storage.policies import TimeoutPolicy
 from opsconductor.policy.enforcement import (
     SecretUseDeniedError,
@@ -142,12 +129,6 @@ class _Outcome:
         )
 
 
-#: Called inside the transaction that fails an execution whose last attempt failed retryably
-#: (connection, error class, error message): the consumer dead-letters the job there, so
-#: ``moved_to_dlq`` precedes ``execution_completed`` and neither exists without the other.
-DeadLetter = Callable[[Any, str | None, str | None], Awaitable[None]]
-
-
 @dataclass(frozen=True)
 class RunResult:
     """The execution as recorded after a run, and why it ended as it did."""
@@ -184,6 +165,7 @@ class ExecutionRunner:
     def __init__(
         self,
         *,
+        lifecycle: ExecutionLifecycle,
         pool: PoolOrConnection,
         handlers: HandlerLookup,
         secrets: SecretResolver,
@@ -193,6 +175,9 @@ class ExecutionRunner:
         approvals: ApprovalChecks | None = None,
         tenant_policies: TenantPolicies | None = None,
     ) -> None:
+        #: Every read and write of the execution, its steps and locks (the lifecycle core).
+        self._lifecycle = lifecycle
+        #: Only where the tenant policy's refusals are audited (policy.enforcement).
         self._pool = pool
         #: What each tenant's steps may do; default: the packaged, strictest policy.
         self.tenant_policies = tenant_policies or TenantPolicies.load()
@@ -214,17 +199,8 @@ class ExecutionRunner:
         ran, and its idempotency key is retired so the same plan can be retried), and
         ``ExecutionTimeoutError`` when the policy expired (the execution ends failed, timed out).
         """
-        started = await transition(
-            self._pool,
-            record.id,
-            to=ExecutionStatus.RUNNING,
-            by=self.worker_id,
-            # An approved execution starts from awaiting_approval (checked by the caller).
-            expected_from={ExecutionStatus.PENDING, ExecutionStatus.AWAITING_APPROVAL},
-            worker_id=self.worker_id,
-            fields={"deadline_at": datetime.now(UTC) + timedelta(milliseconds=record.timeout_ms)},
-            tenant_id=record.tenant_id,
-        )
+        # An approved execution starts from awaiting_approval (checked by the caller).
+        started = await self._lifecycle.start_run(record, worker_id=self.worker_id)
         # The steps as read with the record: nothing writes them between its read and the
         # compare-and-set above (a step is written only while its execution runs).
         record = replace(started, steps=record.steps)
@@ -233,7 +209,7 @@ class ExecutionRunner:
             raise result.refused
         if result.busy is not None:
             # Nothing ran: let the same plan be submitted again once the asset is free.
-            await retire_idempotency_key(self._pool, record.id)
+            await self._lifecycle.retire_key(record.id)
             raise result.busy
         if result.timed_out:
             raise result.timeout_error()
@@ -246,7 +222,7 @@ class ExecutionRunner:
         lease_token: UUID | None,
         retry_allowed: bool,
         stop_event: asyncio.Event | None = None,
-        dead_letter: DeadLetter | None = None,
+        dead_letter: LeasedJob | None = None,
     ) -> RunResult:
         """Run a ``running`` execution's steps and record how it ended.
 
@@ -257,8 +233,9 @@ class ExecutionRunner:
 
         Anything raised on the way (but a lost lease: another worker owns the execution now)
         first ends the execution ``failed`` with the error's class, then propagates.
-        ``dead_letter`` runs in the transaction of the final failure when no retry is allowed
-        for a retryable failure (see :data:`DeadLetter`).
+        ``dead_letter``: the job dead-lettered with the final failure, in its transaction,
+        when no retry is allowed for a retryable failure (``moved_to_dlq`` precedes
+        ``execution_completed`` and neither exists without the other).
         """
         with bind_execution(record, worker_id=self.worker_id):
             try:
@@ -282,13 +259,15 @@ class ExecutionRunner:
             message = f"the worker failed while running this execution ({type(exc).__name__})"
         try:
             ended = await asyncio.shield(
-                fail_lost_execution(
-                    self._pool,
+                self._lifecycle.end_failed(
                     record.id,
                     error_class=_error_class(exc),
                     error_message=message,
                     by=self.worker_id,
                     lease_token=lease_token,
+                    fail_running_steps=True,
+                    clear_lease=True,
+                    release_locks=True,
                 )
             )
         except StaleLeaseError:
@@ -313,7 +292,7 @@ class ExecutionRunner:
         lease_token: UUID | None,
         retry_allowed: bool,
         stop_event: asyncio.Event | None,
-        dead_letter: DeadLetter | None = None,
+        dead_letter: LeasedJob | None = None,
     ) -> RunResult:
         plan = parse_plan(record.plan_snapshot["plan"])
         started = time.monotonic()
@@ -329,8 +308,7 @@ class ExecutionRunner:
             lock_set = (
                 None
                 if outcome.refused
-                else await acquire_locks(
-                    self._pool,
+                else await self._lifecycle.acquire_locks(
                     [
                         LockRequest(record.tenant_id, target.ref, step.action)
                         for step in plan.steps
@@ -369,7 +347,7 @@ class ExecutionRunner:
                 await asyncio.shield(self.approvals.hold_locks(lock_set))
             elif lock_set is not None and not outcome.locks_released:
                 # Shielded: a cancelled caller must not leave the assets locked.
-                await asyncio.shield(release_locks(self._pool, lock_set))
+                await asyncio.shield(self._lifecycle.release_locks(lock_set))
         if outcome.paused_step is not None:
             # Not an outcome (no metrics): the execution resumes once the step is approved.
             log.info(
@@ -508,7 +486,7 @@ class ExecutionRunner:
             and lease_token is not None
         )
         if gated:
-            if await check_cancelled(self._pool, record.id):
+            if await self._lifecycle.cancel_requested(record.id):
                 outcome.cancelled = True
                 return
             if self.approvals is not None and not await self.approvals.step_approved(
@@ -516,13 +494,13 @@ class ExecutionRunner:
             ):
                 outcome.paused_step = step.id
                 return
-            outcome.steps[step.id] = await start_step(
-                self._pool, record.id, step.id, worker_id=self.worker_id, lease_token=lease_token
+            outcome.steps[step.id] = await self._lifecycle.start_step(
+                record.id, step.id, worker_id=self.worker_id, lease_token=lease_token
             )
         else:
             # The cancellation check and the start in one statement.
-            begun = await start_step_unless_cancelled(
-                self._pool, record.id, step.id, worker_id=self.worker_id, lease_token=lease_token
+            begun = await self._lifecycle.start_step_unless_cancelled(
+                record.id, step.id, worker_id=self.worker_id, lease_token=lease_token
             )
             if begun is None:
                 outcome.cancelled = True
@@ -541,8 +519,7 @@ class ExecutionRunner:
             outcome.deferred = (step.id, result)
             outcome.steps[step.id] = replace(outcome.steps[step.id], status=status)
         else:
-            outcome.steps[step.id] = await finish_step(
-                self._pool,
+            outcome.steps[step.id] = await self._lifecycle.finish_step(
                 record.id,
                 step.id,
                 status=status,
@@ -646,7 +623,7 @@ class ExecutionRunner:
         outcome: _Outcome,
         lease_token: UUID | None,
         retry_allowed: bool,
-        dead_letter: DeadLetter | None = None,
+        dead_letter: LeasedJob | None = None,
     ) -> tuple[ExecutionRecord, bool]:
         """Record the end of a run: terminal, or back to the queue for a retry."""
         merge = (
@@ -667,13 +644,12 @@ class ExecutionRunner:
             merge = False
         if not settled:
             # A step still marked running was cut off by the execution timeout.
-            steps = await load_steps(self._pool, record.id)
+            steps = await self._lifecycle.load_steps(record.id)
         changed = False
         for step in steps:
             if step.status == StepStatus.RUNNING:
                 changed = True
-                await finish_step(
-                    self._pool,
+                await self._lifecycle.finish_step(
                     record.id,
                     step.step_id,
                     status=StepStatus.FAILED,
@@ -683,15 +659,14 @@ class ExecutionRunner:
                 )
         if outcome.paused_step is not None:
             # Still running: the consumer gives the job up and opens the step's request.
-            return await get_execution(self._pool, record.tenant_id, record.id), False
+            return await self._lifecycle.get(record.tenant_id, record.id), False
         if outcome.interrupted and lease_token is not None:
-            requeued = await requeue_execution(
-                self._pool, record.id, lease_token=lease_token, by=self.worker_id, reason="shutdown"
+            requeued = await self._lifecycle.requeue(
+                record.id, lease_token=lease_token, by=self.worker_id, reason="shutdown"
             )
             return requeued, True
         if retry_allowed and outcome.retryable and lease_token is not None:
-            requeued = await requeue_execution(
-                self._pool,
+            requeued = await self._lifecycle.requeue(
                 record.id,
                 lease_token=lease_token,
                 by=self.worker_id,
@@ -703,11 +678,11 @@ class ExecutionRunner:
         reason = "timed_out" if outcome.timed_out else "cancelled" if outcome.cancelled else None
         if any(s.status in _SKIPPABLE for s in steps):
             changed = True
-            await skip_remaining_steps(
-                self._pool, record.id, 0, lease_token=lease_token, reason=reason or "failed"
+            await self._lifecycle.skip_remaining_steps(
+                record.id, lease_token=lease_token, reason=reason or "failed"
             )
         if changed:
-            steps = await load_steps(self._pool, record.id)
+            steps = await self._lifecycle.load_steps(record.id)
         summary = {
             "steps": {s.step_id: str(s.status) for s in steps},
             "counts": {
@@ -730,8 +705,7 @@ class ExecutionRunner:
         exhausted = dead_letter is not None and lease_token is not None and outcome.retryable
         if merge and target is ExecutionStatus.SUCCEEDED and outcome.deferred is not None:
             step_id, result = outcome.deferred
-            both = await finish_last_step(
-                self._pool,
+            both = await self._lifecycle.finish_last_step(
                 record.id,
                 step_id,
                 result=result,
@@ -752,27 +726,19 @@ class ExecutionRunner:
             # Refused as one statement: written one by one, each saying why it cannot be.
             await self._write_deferred(record, outcome, lease_token)
 
-        async def move(db: PoolOrConnection) -> ExecutionRecord:
-            return await transition(
-                db,
-                record.id,
-                to=target,
-                by=self.worker_id,
-                expected_from=ExecutionStatus.RUNNING,
-                lease_token=lease_token,
-                fields=fields,
-                tenant_id=record.tenant_id,
-                # The same statement frees the run's locks (held on behalf of the execution).
-                release_locks=True,
-            )
-
-        if exhausted and dead_letter is not None:
-            async with transaction(self._pool) as conn:
-                await dead_letter(conn, outcome.error_class, outcome.error_message)
-                final = await move(conn)
-        else:
-            # One statement: atomic without a transaction of its own.
-            final = await move(self._pool)
+        final = await self._lifecycle.end_run(
+            record.id,
+            to=target,
+            by=self.worker_id,
+            lease_token=lease_token,
+            fields=fields,
+            tenant_id=record.tenant_id,
+            dead_letter=(
+                DeadLetter(dead_letter, outcome.error_class, outcome.error_message)
+                if exhausted and dead_letter is not None
+                else None
+            ),
+        )
         outcome.locks_released = True
         # The transition returns the row as written; the steps were just read and nothing writes
         # them once the execution is terminal.
@@ -786,8 +752,7 @@ class ExecutionRunner:
             return
         step_id, result = outcome.deferred
         outcome.deferred = None
-        outcome.steps[step_id] = await finish_step(
-            self._pool,
+        outcome.steps[step_id] = await self._lifecycle.finish_step(
             record.id,
             step_id,
             status=StepStatus.SUCCEEDED,

@@ -41,28 +41,12 @@ COMPOSED = {
 }
 #: Modules whose statements are not in .sql files yet (issue 10 Build 1, converted in steps).
 NOT_YET = {
-    "queue/dlq.py",
-    "queue/gauges.py",
     "queue/handoff.py",
     "queue/jobs.py",
-    "storage/advisory.py",
-    "storage/approval_records.py",
-    "storage/approvals.py",
-    "storage/audit.py",
-    "storage/audit_chain.py",
-    "storage/cancellation.py",
-    "storage/event_reads.py",
     "storage/execution_failures.py",
     "storage/execution_leases.py",
-    "storage/execution_stats.py",
     "storage/execution_steps.py",
-    "storage/flag_history.py",
-    "storage/flags.py",
     "storage/locks.py",
-    "storage/migrate.py",
-    "storage/policies.py",
-    "storage/quota_usage.py",
-    "storage/role_bindings.py",
 }
 
 

@@ -45,6 +45,7 @@ from opsconductor.lifecycle.storage.paging import (
     encode_page_token,
     invalid_page_request,
 )
+from opsconductor.lifecycle.storage.queries import query
 
 #: Counted once per entry created, when its transaction commits (worker or reaper).
 DLQ_MOVES = Counter("opsc_dlq_moves_total", "Executions moved to the dead-letter queue.")
@@ -63,71 +64,18 @@ __all__ = [
 _MAX_ERROR_CLASS = 100  # execution_dlq.error_class is VARCHAR(100)
 _MAX_ACTOR = 200  # execution_dlq.requeued_by is VARCHAR(200)
 
-# The move and its moved_to_dlq event in one statement (seq handed out by the execution row as
-# storage/events.py does; the audit hash is the insert trigger's; NOTIFY delivered at commit).
-_MOVE_TEMPLATE = """
-WITH gone AS (
-    DELETE FROM execution_queue WHERE execution_id = $1 RETURNING tenant_id
-), moved AS (
-    INSERT INTO execution_dlq (execution_id, tenant_id, attempts, error_class, error_message,
-                               last_error)
-    SELECT $1, gone.tenant_id, $2::int, $3::varchar, $4::text, $5::jsonb FROM gone
-    RETURNING id, tenant_id
-), next AS (
-    UPDATE executions e SET event_seq = e.event_seq + 1
-    FROM moved WHERE e.id = $1
-    RETURNING e.id, e.event_seq
-), event AS (
-    INSERT INTO execution_events (execution_id, tenant_id, actor_id, seq, type, payload)
-    SELECT next.id, moved.tenant_id, NULL, next.event_seq, 'moved_to_dlq',
-           jsonb_build_object('dlq_id', moved.id::text, 'attempts', $2::int,
-                              'error_class', $3::varchar)
-    FROM next, moved
-    RETURNING execution_id, seq
-){counted}
-SELECT moved.id, moved.tenant_id,
-       (SELECT count(pg_notify($6, event.execution_id::text || ':' || event.seq)) FROM event)
-           AS notified
-FROM moved
-"""
-_MOVE = _MOVE_TEMPLATE.format(counted="")
-# The reaper's moves are counted by the moving statement (its process may be gone before a
-# scrape; exported by the api as opsc_reaper_dlq_moves_total).
-_MOVE_COUNTED = _MOVE_TEMPLATE.format(
-    counted=""", counted AS (
-    UPDATE metric_counters SET value = value + (SELECT count(*) FROM moved)
-    WHERE name = 'reaper_dlq_moves' AND labels = '{}'::jsonb AND EXISTS (SELECT 1 FROM moved)
-)"""
-)
-_OPEN_ENTRY = """
-SELECT id FROM execution_dlq WHERE execution_id = $1 AND requeued_at IS NULL
-ORDER BY created_at DESC, id DESC LIMIT 1
-"""
-_SELECT = "SELECT * FROM execution_dlq WHERE id = $1"
-_SELECT_FOR_UPDATE = "SELECT * FROM execution_dlq WHERE id = $1 FOR UPDATE"
-# Where an entry went when it was requeued as a new execution (the api's audit event).
-_REQUEUED_AS = """
-SELECT execution_id FROM execution_events
-WHERE type = 'dlq_requeued' AND tenant_id = $2 AND payload->>'dlq_id' = $1
-ORDER BY id DESC LIMIT 1
-"""
-_MARK_REQUEUED = """
-UPDATE execution_dlq SET requeued_at = clock_timestamp(), requeued_by = $2
-WHERE id = $1 RETURNING *
-"""
-_LIST = """
-SELECT * FROM execution_dlq
-WHERE ($1::varchar IS NULL OR tenant_id = $1)
-  AND ($2::varchar IS NULL OR error_class = $2)
-  AND ($3::boolean OR requeued_at IS NULL)
-  AND ($4::timestamptz IS NULL OR (created_at, id) < ($4::timestamptz, $5::uuid))
-ORDER BY created_at DESC, id DESC
-LIMIT $6
-"""
-_SIZE = """
-SELECT count(*) FROM execution_dlq
-WHERE ($1::varchar IS NULL OR tenant_id = $1) AND ($2::boolean OR requeued_at IS NULL)
-"""
+# The reaper's moves are also counted by the moving statement: the template's %COUNTED% is
+# empty, or the counter's CTE.
+_MOVE_TEMPLATE = query("move_to_dlq")
+_MOVE = _MOVE_TEMPLATE.replace("%COUNTED%", "")
+_MOVE_COUNTED = _MOVE_TEMPLATE.replace("%COUNTED%", query("move_to_dlq_counter").rstrip("\n"))
+_OPEN_ENTRY = query("open_dlq_entry")
+_SELECT = query("get_dlq_entry")
+_SELECT_FOR_UPDATE = query("lock_dlq_entry")
+_REQUEUED_AS = query("dlq_requeued_as")
+_MARK_REQUEUED = query("mark_dlq_requeued")
+_LIST = query("list_dlq")
+_SIZE = query("dlq_size")
 
 
 @dataclass(frozen=True)

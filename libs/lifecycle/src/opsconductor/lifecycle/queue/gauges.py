@@ -35,6 +35,7 @@ from opsconductor.lifecycle.execution_metrics import ACTION_CLASSES, MODES, SLA_
 from opsconductor.lifecycle.queue import dlq
 from opsconductor.lifecycle.queue.redis_queue import RedisQueue
 from opsconductor.lifecycle.storage.execution_records import PoolOrConnection, transaction
+from opsconductor.lifecycle.storage.queries import query
 
 __all__ = [
     "APPROVALS_PENDING",
@@ -173,13 +174,9 @@ class StoredCounters(Collector):
 STORED_COUNTERS: Final = StoredCounters()
 REGISTRY.register(STORED_COUNTERS)
 
-_STORED = "SELECT name, labels, value FROM metric_counters"
+_STORED = query("stored_counters")
 
-_PENDING_APPROVALS = """
-SELECT level, count(*) AS n FROM approvals
-WHERE state = 'pending' AND expires_at > clock_timestamp()
-GROUP BY level
-"""
+_PENDING_APPROVALS = query("pending_approvals_by_level")
 
 
 async def publish_gauges(pool: PoolOrConnection, queue: RedisQueue | None) -> None:

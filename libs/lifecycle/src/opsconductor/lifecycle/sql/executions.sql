@@ -189,3 +189,9 @@ WHERE id = $1 RETURNING cancel_checks_performed
 -- Retire one terminal execution's key now (nothing ran, so the plan may be submitted again).
 UPDATE executions SET idempotency_retired_at = clock_timestamp(), updated_at = clock_timestamp()
 WHERE id = $1 AND idempotency_retired_at IS NULL AND status = ANY($2::execution_status[])
+
+-- name: check_cancel_requested
+-- Count one cancellation check and say whether a cancellation was requested.
+UPDATE executions SET cancel_checks_performed = cancel_checks_performed + 1
+WHERE id = $1
+RETURNING cancelled_at IS NOT NULL

@@ -7,7 +7,12 @@ from contextlib import asynccontextmanager
 
 import asyncpg
 
+from opsconductor.lifecycle.storage.queries import query
+
 __all__ = ["try_advisory_lock"]
+
+_TRY_LOCK = query("try_advisory_lock")
+_UNLOCK = query("advisory_unlock")
 
 
 @asynccontextmanager
@@ -19,10 +24,10 @@ async def try_advisory_lock(pool: asyncpg.Pool, key: int) -> AsyncIterator[bool]
     behind by a crash of the block is then still dropped on release).
     """
     async with pool.acquire() as conn:
-        if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", key):
+        if not await conn.fetchval(_TRY_LOCK, key):
             yield False
             return
         try:
             yield True
         finally:
-            await conn.execute("SELECT pg_advisory_unlock($1)", key)
+            await conn.execute(_UNLOCK, key)

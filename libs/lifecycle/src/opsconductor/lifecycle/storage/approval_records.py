@@ -27,6 +27,7 @@ from opsconductor.lifecycle.storage.paging import (
     encode_page_token,
     invalid_page_request,
 )
+from opsconductor.lifecycle.storage.queries import query
 
 __all__ = [
     "DEFAULT_PAGE_SIZE",
@@ -128,29 +129,11 @@ def as_approval_id(value: UUID | str) -> UUID:
         raise NotFoundError("approval not found", approval_id=str(value)[:64]) from exc
 
 
-_WITH_PLAN = """
-SELECT a.*, e.plan_snapshot -> 'plan' AS plan
-FROM approvals a JOIN executions e ON e.id = a.execution_id
-"""
-_SELECT_ONE = _WITH_PLAN + "WHERE a.id = $1 AND a.tenant_id = $2"
-_SELECT_STEP = (
-    _WITH_PLAN
-    + """WHERE a.execution_id = $1 AND a.tenant_id = $2 AND a.step_id = $3
-ORDER BY (a.state = 'pending') DESC, a.created_at DESC, a.id DESC
-LIMIT 1"""
-)
-_LIST_PENDING = (
-    _WITH_PLAN
-    + """WHERE a.tenant_id = $1 AND a.state = 'pending' AND a.expires_at > clock_timestamp()
-  AND ($2::timestamptz IS NULL OR (a.created_at, a.id) > ($2::timestamptz, $3::uuid))
-ORDER BY a.created_at, a.id
-LIMIT $4"""
-)
-_CLOSE_PENDING = """
-UPDATE approvals SET state = $2::approval_state
-WHERE execution_id = $1 AND state = 'pending'
-RETURNING *
-"""
+_SELECT_ONE = query("get_tenant_approval")
+_SELECT_STEP = query("step_approval")
+_LIST_PENDING = query("list_pending_approvals")
+_CLOSE_PENDING = query("close_pending_approvals")
+_OWNER = query("approval_owner")
 
 
 async def get_approval(
@@ -175,9 +158,7 @@ async def find_approval_owner(
     except NotFoundError:
         return None
     async with transaction(db) as conn:
-        row = await conn.fetchrow(
-            "SELECT tenant_id, execution_id FROM approvals WHERE id = $1", aid
-        )
+        row = await conn.fetchrow(_OWNER, aid)
     return None if row is None else (row["tenant_id"], row["execution_id"])
 
 

@@ -69,6 +69,7 @@ from opsconductor.lifecycle.storage.executions import (
     transition,
 )
 from opsconductor.lifecycle.storage.locks import release_execution_locks
+from opsconductor.lifecycle.storage.queries import query
 
 __all__ = [
     "ApprovalDecision",
@@ -88,65 +89,20 @@ log = structlog.get_logger(__name__)
 
 _S = ExecutionStatus
 
-# The hashes and the requester come from the execution row itself: an approval can only ever
-# cover what was stored for that execution.
-_INSERT = """
-INSERT INTO approvals (tenant_id, execution_id, step_id, level, plan_hash, plan_snapshot_hash,
-                       requested_by, runbook_url, expires_at)
-SELECT e.tenant_id, e.id, $2, e.approval_level, e.plan_hash, e.plan_snapshot_hash, e.actor_id,
-       e.plan_snapshot -> 'plan' ->> 'runbook_url', clock_timestamp() + $3::interval
-FROM executions e WHERE e.id = $1
-ON CONFLICT (execution_id, COALESCE(step_id, '')) WHERE state = 'pending' DO NOTHING
-RETURNING *
-"""
-_PENDING_FOR_STEP = """
-SELECT * FROM approvals WHERE execution_id = $1 AND step_id = $2 AND state = 'pending'
-"""
-_MARK_STEP_WAITING = """
-UPDATE execution_steps SET status = 'awaiting_approval'
-WHERE execution_id = $1 AND step_id = $2 AND status IN ('pending', 'running', 'failed')
-"""
-_DECIDE = """
-UPDATE approvals
-SET state = $2::approval_state, decided_by = $3, auth_method = $4, source_ip = $5,
-    comment = $6, decided_at = clock_timestamp()
-WHERE id = $1 AND state = 'pending' AND expires_at > clock_timestamp()
-RETURNING *
-"""
-_INVALIDATE = """
-UPDATE approvals SET state = 'invalidated'
-WHERE id = $1 AND state IN ('pending', 'approved')
-RETURNING *
-"""
-_DUE = """
-SELECT id, execution_id FROM approvals
-WHERE state = 'pending' AND expires_at <= clock_timestamp()
-ORDER BY expires_at
-LIMIT $1
-"""
-_EXPIRE = """
-UPDATE approvals SET state = 'expired'
-WHERE id = $1 AND state = 'pending' AND expires_at <= clock_timestamp()
-RETURNING *
-"""
-_UNDISPATCHED = """
-SELECT e.id, e.tenant_id, a.id AS approval_id FROM executions e
-JOIN approvals a ON a.id = e.approval_id
-WHERE e.status = 'awaiting_approval' AND e.execution_mode = 'immediate'
-  AND a.state = 'approved' AND a.step_id IS NULL
-  AND a.decided_at < clock_timestamp() - $1::interval
-ORDER BY a.decided_at
-LIMIT $2
-"""
-_GRANTED_BY = """
-SELECT 1 FROM executions e JOIN approvals a ON a.id = e.approval_id
-WHERE e.id = $1 AND e.tenant_id = $2 AND a.state = 'approved' AND a.decided_by = $3
-"""
-_STEP_APPROVED = """
-SELECT 1 FROM approvals
-WHERE execution_id = $1 AND step_id = $2 AND state = 'approved'
-  AND plan_hash = $3 AND plan_snapshot_hash = $4
-"""
+_INSERT = query("create_approval")
+_PENDING_FOR_STEP = query("pending_approval_for_step")
+_MARK_STEP_WAITING = query("mark_step_awaiting_approval")
+_DECIDE = query("decide_approval")
+_INVALIDATE = query("invalidate_approval")
+_DUE = query("due_approvals")
+_EXPIRE = query("expire_approval")
+_UNDISPATCHED = query("undispatched_approved_executions")
+_GRANTED_BY = query("execution_approved_by")
+_STEP_APPROVED = query("step_approved")
+_CANCEL_REQUESTED = query("execution_cancel_requested")
+_EXECUTION_OF_TENANT_APPROVAL = query("execution_of_tenant_approval")
+_APPROVAL = query("get_approval")
+_EXECUTION_OF_APPROVAL = query("execution_of_approval")
 
 
 @dataclass(frozen=True)
@@ -226,9 +182,7 @@ async def request_step_approval(
     async with transaction(db) as conn:
         locked = await lock_execution(conn, execution_id, lease_token=lease_token)
         tenant_id = locked["tenant_id"]
-        cancelled = await conn.fetchval(
-            "SELECT cancelled_at IS NOT NULL FROM executions WHERE id = $1", execution_id
-        )
+        cancelled = await conn.fetchval(_CANCEL_REQUESTED, execution_id)
         if cancelled:
             await skip_remaining_steps(
                 conn, execution_id, 0, lease_token=lease_token, reason="cancelled"
@@ -286,9 +240,7 @@ async def decide(
     aid = as_approval_id(approval_id)
     state = ApprovalState.APPROVED if decision.approve else ApprovalState.REJECTED
     async with transaction(db) as conn:
-        execution_id = await conn.fetchval(
-            "SELECT execution_id FROM approvals WHERE id = $1 AND tenant_id = $2", aid, tenant_id
-        )
+        execution_id = await conn.fetchval(_EXECUTION_OF_TENANT_APPROVAL, aid, tenant_id)
         if execution_id is None:
             raise NotFoundError("approval not found", approval_id=str(aid))
         locked = await lock_execution(conn, execution_id)
@@ -307,7 +259,7 @@ async def decide(
                 raise SelfApprovalError(approval_id=str(aid)) from exc
             raise
         if row is None:
-            current = await conn.fetchrow("SELECT * FROM approvals WHERE id = $1", aid)
+            current = await conn.fetchrow(_APPROVAL, aid)
             raise _undecidable(approval_from_row(current))
         approval = approval_from_row(row)
         if locked["status"] != _S.AWAITING_APPROVAL.value:
@@ -374,9 +326,7 @@ async def invalidate_approval(
     when the approval was already closed.
     """
     async with transaction(db) as conn:
-        execution_id = await conn.fetchval(
-            "SELECT execution_id FROM approvals WHERE id = $1", approval_id
-        )
+        execution_id = await conn.fetchval(_EXECUTION_OF_APPROVAL, approval_id)
         if execution_id is None:
             raise NotFoundError("approval not found", approval_id=str(approval_id))
         locked = await lock_execution(conn, execution_id)

@@ -18,6 +18,7 @@ import asyncpg
 
 from opsconductor.common.errors import StorageError
 from opsconductor.lifecycle.storage.events import append_event
+from opsconductor.lifecycle.storage.queries import query
 
 __all__ = [
     "RBAC_VIOLATION_EVENT",
@@ -33,14 +34,8 @@ LINK_LOCK_TIMEOUT_MS: Final = 1000
 
 _DRIVER_ERRORS: Final = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
 
-_EXECUTION_IN_TENANT = "SELECT 1 FROM executions WHERE id = $1 AND tenant_id = $2"
-_SELECT_VIOLATIONS = """
-SELECT id, tenant_id, actor_id, execution_id, payload, created_at
-FROM execution_events
-WHERE tenant_id = $1 AND type = $2 AND ($3::varchar IS NULL OR actor_id = $3)
-ORDER BY created_at DESC, id DESC
-LIMIT $4
-"""
+_EXECUTION_IN_TENANT = query("execution_in_tenant")
+_SELECT_VIOLATIONS = query("list_rbac_violations")
 
 
 @dataclass(frozen=True)
@@ -106,6 +101,7 @@ async def record_rbac_violation(
         async with pool.acquire() as conn:
             try:
                 async with conn.transaction():
+                    # SET takes no bind parameter: the module's constant is composed in.
                     await conn.execute(f"SET LOCAL lock_timeout = {LINK_LOCK_TIMEOUT_MS}")
                     linked = await _linkable_execution(conn, tenant_id, execution_id)
                     await append_event(

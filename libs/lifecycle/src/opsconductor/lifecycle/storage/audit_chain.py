@@ -29,6 +29,7 @@ from uuid import UUID
 
 from opsconductor.common.errors import NotFoundError
 from opsconductor.lifecycle.storage.execution_records import PoolOrConnection, transaction
+from opsconductor.lifecycle.storage.queries import query
 
 __all__ = [
     "ChainLink",
@@ -39,15 +40,8 @@ __all__ = [
     "verify_chain",
 ]
 
-_EXECUTION = "SELECT event_seq FROM executions WHERE id = $1 AND tenant_id = $2"
-_LINKS = """
-SELECT seq, hash,
-       execution_event_canonical(execution_id, seq, tenant_id, actor_id, type, payload,
-                                 created_at) AS canonical
-FROM execution_events
-WHERE execution_id = $1
-ORDER BY seq
-"""
+_EXECUTION = query("execution_event_seq")
+_LINKS = query("execution_event_links")
 
 _GENESIS: Final = b""
 

@@ -19,6 +19,7 @@ import asyncpg
 import structlog
 
 from opsconductor.common.errors import NotFoundError, StorageError
+from opsconductor.lifecycle.storage.queries import query
 
 from .db import connect
 from .execution_records import PoolOrConnection
@@ -26,11 +27,7 @@ from .executions import CANCEL_CHANNEL
 
 log = structlog.get_logger(__name__)
 
-_CHECK = """
-UPDATE executions SET cancel_checks_performed = cancel_checks_performed + 1
-WHERE id = $1
-RETURNING cancelled_at IS NOT NULL
-"""
+_CHECK = query("check_cancel_requested")
 
 
 async def check_cancelled(db: PoolOrConnection, execution_id: UUID) -> bool:

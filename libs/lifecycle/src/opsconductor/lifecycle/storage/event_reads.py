@@ -19,6 +19,7 @@ from uuid import UUID
 
 from opsconductor.lifecycle.storage.execution_records import PoolOrConnection, transaction
 from opsconductor.lifecycle.storage.paging import invalid_page_request
+from opsconductor.lifecycle.storage.queries import query
 
 __all__ = [
     "DEFAULT_EVENT_PAGE_SIZE",
@@ -94,21 +95,8 @@ def event_from_row(row: Mapping[str, Any]) -> EventRecord:
     )
 
 
-_COLUMNS = "id, execution_id, tenant_id, actor_id, seq, type, payload, created_at"
-_AFTER = f"""
-SELECT {_COLUMNS} FROM execution_events
-WHERE execution_id = $1 AND seq > $2
-ORDER BY seq
-LIMIT $3
-"""
-# executions.event_seq is the last seq handed out; the terminal event is written in the
-# transaction that makes the execution terminal.
-_HEAD = """
-SELECT e.tenant_id, e.event_seq,
-       (SELECT min(v.seq) FROM execution_events v
-        WHERE v.execution_id = e.id AND v.type = $2) AS completed_seq
-FROM executions e WHERE e.id = $1
-"""
+_AFTER = query("events_after")
+_HEAD = query("event_head")
 
 
 async def read_events_after(
@@ -132,19 +120,8 @@ async def event_head(db: PoolOrConnection, execution_id: UUID) -> ExecutionEvent
     return ExecutionEventHead(row["tenant_id"], row["event_seq"], row["completed_seq"])
 
 
-_LIST = f"""
-SELECT {_COLUMNS} FROM execution_events
-WHERE tenant_id = $1
-  AND ($2::uuid IS NULL OR execution_id = $2)
-  AND (cardinality($3::text[]) = 0 OR type = ANY($3::text[]))
-  AND ($4::text IS NULL OR actor_id = $4)
-  AND ($2::uuid IS NULL OR seq > $5)
-  AND id > $6
-ORDER BY {{order}}
-LIMIT $7
-"""
-_LIST_EXECUTION = _LIST.format(order="seq")
-_LIST_TENANT = _LIST.format(order="id")
+_LIST_EXECUTION = query("list_execution_events")
+_LIST_TENANT = query("list_tenant_events")
 
 
 async def list_events(

@@ -6,15 +6,9 @@ import time
 from collections.abc import Callable, Iterable
 
 from opsconductor.lifecycle.storage.execution_records import PoolOrConnection, connection
+from opsconductor.lifecycle.storage.queries import query
 
-_P95 = """
-SELECT action, percentile_cont(0.95) WITHIN GROUP (ORDER BY duration_ms)::bigint AS p95
-FROM execution_steps
-WHERE status = 'succeeded' AND action = ANY($1::text[])
-  AND ended_at > clock_timestamp() - make_interval(secs => $2)
-GROUP BY action
-HAVING count(*) >= $3
-"""
+_P95 = query("step_duration_p95")
 
 
 class ObservedDurations:

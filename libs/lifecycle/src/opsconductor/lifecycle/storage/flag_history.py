@@ -22,19 +22,13 @@ from opsconductor.lifecycle.storage.paging import (
     encode_page_token,
     invalid_page_request,
 )
+from opsconductor.lifecycle.storage.queries import query
 
 __all__ = ["FlagChange", "list_flag_changes"]
 
 _MAX_FLAG_NAME = 100
 
-_LIST = """
-SELECT id, flag, old_value, new_value, changed_by, changed_at
-FROM feature_flag_changes
-WHERE ($1::text IS NULL OR flag = $1)
-  AND ($2::timestamptz IS NULL OR (changed_at, id) < ($2, $3::uuid))
-ORDER BY changed_at DESC, id DESC
-LIMIT $4
-"""
+_LIST = query("list_flag_changes")
 
 
 @dataclass(frozen=True)

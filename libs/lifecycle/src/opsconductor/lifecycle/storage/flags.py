@@ -20,6 +20,7 @@ import structlog
 from opsconductor.common.errors import InvalidArgumentError, StorageError
 from opsconductor.lifecycle.storage.events import append_event
 from opsconductor.lifecycle.storage.execution_records import PoolOrConnection, transaction
+from opsconductor.lifecycle.storage.queries import query
 
 __all__ = [
     "FLAGS_CHANNEL",
@@ -40,15 +41,10 @@ SYSTEM_TENANT: Final = "_system"
 MAX_APPROVAL_LEVEL: Final = 3
 MAX_TENANT_ID: Final = 100
 
-_SELECT = "SELECT name, value FROM feature_flags"
-_LOCK_ALL = "SELECT name, value FROM feature_flags ORDER BY name FOR UPDATE"
-_UPSERT = """
-INSERT INTO feature_flags (name, value, updated_at, updated_by)
-SELECT f.key, f.value, now(), $2
-FROM jsonb_each($1::jsonb) AS f(key, value)
-ON CONFLICT (name) DO UPDATE
-SET value = EXCLUDED.value, updated_at = EXCLUDED.updated_at, updated_by = EXCLUDED.updated_by
-"""
+_SELECT = query("load_flags")
+_LOCK_ALL = query("lock_flags")
+_NOTIFY = query("notify")
+_UPSERT = query("upsert_flags")
 
 
 @dataclass(frozen=True)
@@ -165,7 +161,7 @@ async def update_flags(
                 "previous": {n: _to_json(getattr(before, n)) for n in names},
             },
         )
-        await conn.execute("SELECT pg_notify($1, $2)", FLAGS_CHANNEL, ",".join(names))
+        await conn.execute(_NOTIFY, FLAGS_CHANNEL, ",".join(names))
     log.info("feature_flags_updated", flags=names, by=by)
     return after
 

@@ -71,6 +71,7 @@ from opsconductor.common.errors import (
 )
 from opsconductor.common.logconfig import configure_logging
 from opsconductor.common.settings import ENV_PREFIX
+from opsconductor.lifecycle.storage.queries import query
 
 __all__ = [
     "MIGRATION_LOCK_KEY",
@@ -98,17 +99,13 @@ MIGRATION_LOCK_KEY: Final = 0x6F7073635F6D6967
 _FILE_NAME = re.compile(r"(?P<version>\d{4,})_(?P<name>[a-z0-9][a-z0-9_]*)\.(?P<dir>up|down)\.sql")
 _CONNECT_TIMEOUT_S = 10.0
 
-_CREATE_LEDGER = """
-CREATE TABLE IF NOT EXISTS schema_migrations (
-    version     INTEGER     PRIMARY KEY,
-    name        TEXT        NOT NULL,
-    checksum    CHAR(64)    NOT NULL,
-    applied_at  TIMESTAMPTZ NOT NULL DEFAULT now()
-)
-"""
-_READ_LEDGER = "SELECT version, name, checksum FROM schema_migrations ORDER BY version"
-_RECORD = "INSERT INTO schema_migrations (version, name, checksum) VALUES ($1, $2, $3)"
-_FORGET = "DELETE FROM schema_migrations WHERE version = $1"
+_CREATE_LEDGER = query("create_migration_ledger")
+_READ_LEDGER = query("read_migration_ledger")
+_RECORD = query("record_migration")
+_FORGET = query("forget_migration")
+_TRY_LOCK = query("try_advisory_lock")
+_LOCK = query("advisory_lock")
+_LEDGER_EXISTS = query("migration_ledger_exists")
 
 # What asyncpg raises when the database cannot be reached or the session breaks.
 _DRIVER_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, asyncio.TimeoutError)
@@ -233,9 +230,9 @@ async def _migration_session(dsn: str) -> AsyncIterator[asyncpg.Connection]:
     """A connection holding the migration lock, with the ledger table in place."""
     conn = await _connect(dsn)
     try:
-        if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", MIGRATION_LOCK_KEY):
+        if not await conn.fetchval(_TRY_LOCK, MIGRATION_LOCK_KEY):
             log.info("migration_lock_waiting", lock_key=MIGRATION_LOCK_KEY)
-            await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_KEY)
+            await conn.execute(_LOCK, MIGRATION_LOCK_KEY)
         log.debug("migration_lock_acquired", lock_key=MIGRATION_LOCK_KEY)
         await conn.execute(_CREATE_LEDGER)
         yield conn
@@ -364,7 +361,7 @@ async def applied_versions(dsn: str) -> list[int]:
     """Versions recorded in the ledger, ascending (empty when the database was never migrated)."""
     conn = await _connect(dsn)
     try:
-        if await conn.fetchval("SELECT to_regclass('schema_migrations')") is None:
+        if await conn.fetchval(_LEDGER_EXISTS) is None:
             return []
         return [row["version"] for row in await conn.fetch(_READ_LEDGER)]
     except _DRIVER_ERRORS as exc:

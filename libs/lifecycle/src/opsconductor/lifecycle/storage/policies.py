@@ -12,14 +12,11 @@ from dataclasses import dataclass
 
 from opsconductor.common.errors import FieldViolation, PlanValidationError
 from opsconductor.lifecycle.storage.execution_records import PoolOrConnection, transaction
+from opsconductor.lifecycle.storage.queries import query
 
 __all__ = ["TimeoutPolicy", "load_timeout_policies", "select_policy"]
 
-_SELECT = """
-SELECT id, sla_class::text AS sla_class, action_class, execution_timeout_ms, step_timeout_ms,
-       max_attempts, max_lease_renewals, lease_buffer_ms
-FROM timeout_policies
-"""
+_SELECT = query("load_timeout_policies")
 # Presentation order of the allowed combinations in error messages.
 _SLA_ORDER = {"fast": 0, "medium": 1, "long": 2}
 _ACTION_ORDER = {"read": 0, "modify": 1, "deploy": 2}

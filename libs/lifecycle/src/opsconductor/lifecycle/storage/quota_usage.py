@@ -20,6 +20,8 @@ from typing import Final
 
 import asyncpg
 
+from opsconductor.lifecycle.storage.queries import query
+
 __all__ = [
     "QUOTA_LOCK_CLASS",
     "ImmediateUsage",
@@ -33,17 +35,9 @@ __all__ = [
 #: such as the reaper's and the migrations', never collide with two-key ones).
 QUOTA_LOCK_CLASS: Final = 0x0F5A
 
-_LOCK = "SELECT pg_advisory_xact_lock($1::int4, hashtext($2))"
-# Leased rows are running, not waiting: the running limit counts those (Redis, at dequeue).
-_WAITING_JOBS = """
-SELECT count(*) FROM execution_queue WHERE tenant_id = $1 AND state <> 'leased'
-"""
-_LIVE_KEY = """
-SELECT EXISTS (
-    SELECT 1 FROM executions
-    WHERE tenant_id = $1 AND idempotency_key = $2 AND idempotency_retired_at IS NULL
-)
-"""
+_LOCK = query("lock_tenant_quota")
+_WAITING_JOBS = query("count_waiting_jobs")
+_LIVE_KEY = query("live_execution_exists")
 
 
 @dataclass(frozen=True)

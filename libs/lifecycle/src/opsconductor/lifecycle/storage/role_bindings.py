@@ -11,22 +11,16 @@ from typing import Any, Final
 import asyncpg
 
 from opsconductor.common.errors import StorageError
+from opsconductor.lifecycle.storage.queries import query
 
 __all__ = ["bind_role", "load_roles", "unbind_role"]
 
 # Everything asyncpg raises for a failed statement or a lost connection.
 _DRIVER_ERRORS: Final = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
 
-_SELECT_ROLES = "SELECT role FROM role_bindings WHERE tenant_id = $1 AND principal = $2"
-_INSERT = """
-INSERT INTO role_bindings (tenant_id, principal, role, created_by)
-VALUES ($1, $2, $3, $4)
-ON CONFLICT (tenant_id, principal, role) DO NOTHING
-RETURNING 1
-"""
-_DELETE = """
-DELETE FROM role_bindings WHERE tenant_id = $1 AND principal = $2 AND role = $3 RETURNING 1
-"""
+_SELECT_ROLES = query("load_roles")
+_INSERT = query("bind_role")
+_DELETE = query("unbind_role")
 
 
 def _require(**values: str) -> None:

@@ -4,10 +4,11 @@ promise what the real core does not do."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any
 from uuid import UUID, uuid4
@@ -17,12 +18,26 @@ import pytest
 from redis.asyncio import Redis
 
 from opsconductor.common.errors import (
+    ApprovalDecidedError,
+    ApprovalExpiredError,
+    ApprovalInvalidatedError,
+    ConflictError,
+    FailedPreconditionError,
     FSMError,
     NotFoundError,
     QueueUnavailableError,
+    SelfApprovalError,
     StaleLeaseError,
 )
 from opsconductor.common.fsm import ExecutionStatus, StepStatus
+from opsconductor.lifecycle.approval_fake import InMemoryApprovals
+from opsconductor.lifecycle.approval_port import (
+    ApprovalDecision,
+    ApprovalLifecycle,
+    ApprovalRecord,
+    ApprovalState,
+    PostgresApprovals,
+)
 from opsconductor.lifecycle.facade import (
     CreatedQueued,
     ExecutionLifecycle,
@@ -34,6 +49,7 @@ from opsconductor.lifecycle.queue import RedisQueue, create_redis_client, jobs
 from opsconductor.lifecycle.storage.execution_reads import get_execution
 from opsconductor.lifecycle.storage.execution_records import ExecutionRecord, transaction
 from opsconductor.lifecycle.storage.executions import NewExecution, create_execution, transition
+from opsconductor.lifecycle.storage.paging import InvalidPageRequestError
 from opsconductor.lifecycle.storage.policies import TimeoutPolicy, load_timeout_policies
 from opsconductor.lifecycle.storage.quota_usage import ImmediateUsage
 
@@ -784,3 +800,407 @@ async def test_create_queued_admits_creates_and_queues_and_a_duplicate_gets_the_
         await core.lifecycle.create_queued(
             None, other, policy, dedup_window=window, max_waiting=0, by="api"
         )
+
+
+# -- Approvals (opsconductor.lifecycle.approval_port): the approvals service's port ----------
+
+TTL = timedelta(hours=1)
+S = ExecutionStatus
+
+
+@pytest.fixture
+def approvals(world: tuple[str, Core, Any], db_pool: asyncpg.Pool) -> ApprovalLifecycle:
+    """The approval port of ``world``'s kind, over the same executions."""
+    kind, core, _ = world
+    if kind == "fake":
+        assert isinstance(core.lifecycle, InMemoryLifecycle)
+        return InMemoryApprovals(core.lifecycle)
+    return PostgresApprovals(db_pool)
+
+
+def decision(by: str = "bob", *, approve: bool = True) -> ApprovalDecision:
+    return ApprovalDecision(
+        approve=approve, decided_by=by, auth_method="jwt", source_ip="10.1.2.3", comment="ok"
+    )
+
+
+async def waiting_for_approval(
+    core: Core, approvals: ApprovalLifecycle, tenant: str, *, level: int = 1, ttl: timedelta = TTL
+) -> tuple[ExecutionRecord, ApprovalRecord]:
+    """A new background execution of alice's awaiting its whole-plan request."""
+    new = replace(
+        new_execution(tenant, mode="background"),
+        approval_level=level,
+        plan_snapshot={"plan": {"name": "gated", "runbook_url": "https://runbooks/x"}},
+    )
+    record, _ = await core.lifecycle.create(new, dedup_window=TTL)
+    return record, await approvals.request(record.id, ttl=ttl, by="api")
+
+
+async def grant_and_release(
+    lifecycle: ExecutionLifecycle,
+    approvals: ApprovalLifecycle,
+    approval: ApprovalRecord,
+    record: ExecutionRecord,
+    policy: TimeoutPolicy,
+) -> tuple[ApprovalRecord, UUID]:
+    """What ApprovalDecisions does for a background execution: grant and queue, one
+    transaction."""
+    async with approvals.transaction() as tx:
+        granted = await approvals.decide(
+            approval.id, tenant_id=approval.tenant_id, decision=decision(), tx=tx
+        )
+        queued = await lifecycle.enqueue(
+            tx, record, policy, by="bob", expected_from=S.AWAITING_APPROVAL
+        )
+    return granted, queued.job_id
+
+
+async def running_with_lease(core: Core, eid: UUID) -> UUID:
+    """The worker's claim of a queued execution: running, and the token that owns it."""
+    token = uuid4()
+    claimed = await core.lifecycle.claim(
+        eid, lease_token=token, worker_id="w1", budget=timedelta(seconds=30)
+    )
+    assert claimed is not None
+    assert claimed.status is S.RUNNING
+    return token
+
+
+async def test_a_request_is_bound_to_the_execution_row_and_read_only_in_its_tenant(
+    world: tuple[str, Core, Any], approvals: ApprovalLifecycle
+) -> None:
+    _, core, _ = world
+    tenant = fresh_tenant()
+    record, approval = await waiting_for_approval(core, approvals, tenant, level=2)
+    assert (approval.tenant_id, approval.execution_id, approval.step_id) == (
+        tenant,
+        record.id,
+        None,
+    )
+    assert (approval.level, approval.state, approval.requested_by) == (
+        2,
+        ApprovalState.PENDING,
+        "alice",
+    )
+    assert (approval.plan_hash, approval.plan_snapshot_hash) == (record.plan_hash, "d" * 64)
+    assert approval.runbook_url == "https://runbooks/x"
+    assert approval.expires_at > approval.created_at
+    waiting = await core.lifecycle.get(tenant, record.id)
+    assert (waiting.status, waiting.approval_id) == (S.AWAITING_APPROVAL, approval.id)
+    read = await approvals.get(tenant, approval.id)
+    assert read == approval
+    assert read.plan is not None
+    assert read.plan["name"] == "gated"
+    assert await approvals.get(tenant, str(approval.id)) == approval
+    for foreign_or_unknown in ((fresh_tenant(), approval.id), (tenant, uuid4()), (tenant, "x")):
+        with pytest.raises(NotFoundError):
+            await approvals.get(*foreign_or_unknown)
+    # Owners, for the audit of a refusal only.
+    assert await approvals.approval_owner(approval.id) == (tenant, record.id)
+    assert await approvals.approval_owner(str(uuid4())) is None
+    assert await approvals.approval_owner("not-a-uuid") is None
+    assert await approvals.execution_owner(record.id) == tenant
+    assert await approvals.execution_owner(str(record.id)) == tenant
+    assert await approvals.execution_owner(uuid4()) is None
+    assert await approvals.execution_owner("not-a-uuid") is None
+    # The execution a decision covers, without its steps; another tenant's is not found.
+    covered = await approvals.execution(tenant, record.id)
+    assert (covered.id, covered.status, covered.approval_id, covered.steps) == (
+        record.id,
+        S.AWAITING_APPROVAL,
+        approval.id,
+        (),
+    )
+    with pytest.raises(NotFoundError):
+        await approvals.execution(fresh_tenant(), record.id)
+    # One open request per execution; none for an execution that is not pending.
+    with pytest.raises(ConflictError):
+        await approvals.request(record.id, ttl=TTL, by="api")
+    ended, _ = await core.lifecycle.create(
+        replace(new_execution(tenant), approval_level=1), dedup_window=TTL
+    )
+    await core.lifecycle.end_unstarted(
+        ended.id, expected_from=S.PENDING, by="api", error_class="X", error_message="x"
+    )
+    with pytest.raises(FSMError):
+        await approvals.request(ended.id, ttl=TTL, by="api")
+    assert await approvals.step_approval(tenant, ended.id, "first") is None
+    assert await approvals.list_pending(tenant) == ([read], None)
+    with pytest.raises(NotFoundError):
+        await approvals.request(uuid4(), ttl=TTL, by="api")
+
+
+async def test_the_first_of_two_racing_decisions_wins_and_the_loser_is_told(
+    world: tuple[str, Core, Any], approvals: ApprovalLifecycle
+) -> None:
+    _, core, _ = world
+    tenant = fresh_tenant()
+    record, approval = await waiting_for_approval(core, approvals, tenant)
+    results = await asyncio.gather(
+        approvals.decide(approval.id, tenant_id=tenant, decision=decision("bob")),
+        approvals.decide(approval.id, tenant_id=tenant, decision=decision("carol", approve=False)),
+        return_exceptions=True,
+    )
+    winners = [r for r in results if isinstance(r, ApprovalRecord)]
+    assert len(winners) == 1, results
+    assert [type(r) for r in results if not isinstance(r, ApprovalRecord)] == [ApprovalDecidedError]
+    (won,) = winners
+    assert (won.decided_by, won.auth_method, won.source_ip, won.comment) == (
+        won.decided_by,
+        "jwt",
+        "10.1.2.3",
+        "ok",
+    )
+    assert won.decided_at is not None
+    stored = await approvals.get(tenant, approval.id)
+    assert (stored.state, stored.decided_by) == (won.state, won.decided_by)
+    expected = S.AWAITING_APPROVAL if won.state is ApprovalState.APPROVED else S.REJECTED
+    assert (await core.lifecycle.get(tenant, record.id)).status is expected
+    with pytest.raises(ApprovalDecidedError):
+        await approvals.decide(approval.id, tenant_id=tenant, decision=decision("dave"))
+
+
+async def test_a_decision_is_refused_when_foreign_by_the_requester_or_not_awaited(
+    world: tuple[str, Core, Any], approvals: ApprovalLifecycle, db_pool: asyncpg.Pool
+) -> None:
+    kind, core, _ = world
+    tenant = fresh_tenant()
+    record, approval = await waiting_for_approval(core, approvals, tenant)
+    with pytest.raises(NotFoundError):  # another tenant's, as an unknown one
+        await approvals.decide(approval.id, tenant_id=fresh_tenant(), decision=decision())
+    for unknown in (uuid4(), "not-a-uuid"):
+        with pytest.raises(NotFoundError):
+            await approvals.decide(unknown, tenant_id=tenant, decision=decision())
+    with pytest.raises(SelfApprovalError):
+        await approvals.decide(approval.id, tenant_id=tenant, decision=decision("alice"))
+    assert (await approvals.get(tenant, approval.id)).state is ApprovalState.PENDING
+    # The execution no longer waits (cancelled meanwhile): refused, the request left as it was.
+    if kind == "fake":
+        assert isinstance(core.lifecycle, InMemoryLifecycle)
+        core.lifecycle._move(record.id, S.CANCELLED, by="alice", payload=None)
+    else:
+        await transition(db_pool, record.id, to=S.CANCELLED, by="alice")
+    with pytest.raises(FailedPreconditionError) as refused:
+        await approvals.decide(approval.id, tenant_id=tenant, decision=decision())
+    assert type(refused.value) is FailedPreconditionError
+    assert (await approvals.get(tenant, approval.id)).state is ApprovalState.PENDING
+
+
+@pytest.mark.parametrize("level", [1, 3])
+async def test_a_rejection_ends_the_execution_rejected_its_steps_skipped_its_key_kept(
+    world: tuple[str, Core, Any], approvals: ApprovalLifecycle, level: int
+) -> None:
+    _, core, _ = world
+    tenant = fresh_tenant()
+    record, approval = await waiting_for_approval(core, approvals, tenant, level=level)
+    rejected = await approvals.decide(
+        approval.id, tenant_id=tenant, decision=decision(approve=False)
+    )
+    assert (rejected.state, rejected.decided_by, rejected.level) == (
+        ApprovalState.REJECTED,
+        "bob",
+        level,
+    )
+    ended = await core.lifecycle.get(tenant, record.id)
+    assert ended.status is S.REJECTED
+    assert {s.status for s in ended.steps} == {StepStatus.SKIPPED}
+    assert ended.idempotency_retired_at is None
+    assert await core.lifecycle.queued_job(record.id) is None
+
+
+async def test_an_expired_request_is_neither_decided_nor_listed(
+    world: tuple[str, Core, Any], approvals: ApprovalLifecycle
+) -> None:
+    _, core, _ = world
+    tenant = fresh_tenant()
+    record, approval = await waiting_for_approval(
+        core, approvals, tenant, ttl=timedelta(seconds=-1)
+    )
+    with pytest.raises(ApprovalExpiredError):
+        await approvals.decide(approval.id, tenant_id=tenant, decision=decision())
+    assert await approvals.list_pending(tenant) == ([], None)
+    assert (await core.lifecycle.get(tenant, record.id)).status is S.AWAITING_APPROVAL
+
+
+async def test_a_grant_and_its_release_commit_together_or_not_at_all(
+    world: tuple[str, Core, Any],
+    approvals: ApprovalLifecycle,
+    policy: TimeoutPolicy,
+    db_pool: asyncpg.Pool,
+) -> None:
+    kind, core, _ = world
+    tenant = fresh_tenant()
+    record, approval = await waiting_for_approval(core, approvals, tenant)
+
+    # The queue down: the release fails, and the decision made in the same transaction with it.
+    dead = create_redis_client("redis://127.0.0.1:9/0", socket_timeout=0.5, retries=0)
+    try:
+        down = core.lifecycle
+        if kind == "fake":
+            assert isinstance(down, InMemoryLifecycle)
+            down.queue_up = False
+        else:
+            down = PostgresRedisLifecycle(db_pool, RedisQueue(dead))
+        with pytest.raises(QueueUnavailableError):
+            await grant_and_release(down, approvals, approval, record, policy)
+    finally:
+        await dead.aclose()
+        if isinstance(core.lifecycle, InMemoryLifecycle):
+            core.lifecycle.queue_up = True
+    assert (await approvals.get(tenant, approval.id)).state is ApprovalState.PENDING
+    assert (await core.lifecycle.get(tenant, record.id)).status is S.AWAITING_APPROVAL
+    assert await core.lifecycle.queued_job(record.id) is None
+    granted, job_id = await grant_and_release(core.lifecycle, approvals, approval, record, policy)
+    assert granted.state is ApprovalState.APPROVED
+    assert (await core.lifecycle.get(tenant, record.id)).status is S.QUEUED
+    assert await core.lifecycle.queued_job(record.id) == job_id
+    assert await approvals.list_pending(tenant) == ([], None)
+
+
+async def test_invalidating_ends_an_execution_still_waiting_and_leaves_a_released_one(
+    world: tuple[str, Core, Any], approvals: ApprovalLifecycle, policy: TimeoutPolicy
+) -> None:
+    _, core, _ = world
+    tenant = fresh_tenant()
+    record, approval = await waiting_for_approval(core, approvals, tenant)
+    invalidated = await approvals.invalidate(
+        approval.id, by="bob", reason="binding_mismatch", mismatched=["plan_hash"]
+    )
+    assert invalidated is not None
+    assert invalidated.state is ApprovalState.INVALIDATED
+    ended = await core.lifecycle.get(tenant, record.id)
+    assert (ended.status, ended.error_class) == (S.FAILED, "APPROVAL_INVALIDATED")
+    assert {s.status for s in ended.steps} == {StepStatus.SKIPPED}
+    assert ended.idempotency_retired_at is not None  # nothing ran: it may be requested again
+    assert (await approvals.get(tenant, approval.id)).state is ApprovalState.INVALIDATED
+    with pytest.raises(ApprovalInvalidatedError):
+        await approvals.decide(approval.id, tenant_id=tenant, decision=decision())
+    # Already closed: nothing more to do.
+    assert await approvals.invalidate(approval.id, by="bob", reason="x", mismatched=[]) is None
+    with pytest.raises(NotFoundError):
+        await approvals.invalidate(uuid4(), by="bob", reason="x", mismatched=[])
+    # An approved one whose execution was released: invalidated, the execution left to its
+    # worker (which checks the binding before the first step).
+    released, granted = await waiting_for_approval(core, approvals, tenant)
+    await grant_and_release(core.lifecycle, approvals, granted, released, policy)
+    closed = await approvals.invalidate(granted.id, by="w1", reason="x", mismatched=["level"])
+    assert closed is not None
+    assert closed.state is ApprovalState.INVALIDATED
+    assert (await core.lifecycle.get(tenant, released.id)).status is S.QUEUED
+
+
+async def test_pending_requests_are_paged_oldest_first_per_tenant(
+    world: tuple[str, Core, Any], approvals: ApprovalLifecycle
+) -> None:
+    _, core, _ = world
+    tenant, other = fresh_tenant(), fresh_tenant()
+    ids = [(await waiting_for_approval(core, approvals, tenant))[1].id for _ in range(3)]
+    await waiting_for_approval(core, approvals, other)
+    first, token = await approvals.list_pending(tenant, page_size=2)
+    assert [a.id for a in first] == ids[:2]
+    assert token is not None
+    assert all(a.plan is not None for a in first)
+    rest, last = await approvals.list_pending(tenant, page_size=2, page_token=token)
+    assert ([a.id for a in rest], last) == (ids[2:], None)
+    everything, none = await approvals.list_pending(tenant, page_size=0)  # 0: the default
+    assert ([a.id for a in everything], none) == (ids, None)
+    with pytest.raises(InvalidPageRequestError):
+        await approvals.list_pending(tenant, page_size=-1)
+    with pytest.raises(InvalidPageRequestError):
+        await approvals.list_pending(tenant, page_token="garbage")
+    with pytest.raises(InvalidPageRequestError):  # issued for another tenant's listing
+        await approvals.list_pending(other, page_size=2, page_token=token)
+    # A decided request leaves the listing.
+    await approvals.decide(ids[0], tenant_id=tenant, decision=decision(approve=False))
+    after, _ = await approvals.list_pending(tenant)
+    assert [a.id for a in after] == ids[1:]
+
+
+async def test_a_level_3_step_pause_is_fenced_and_its_request_read_per_step(
+    world: tuple[str, Core, Any],
+    approvals: ApprovalLifecycle,
+    policy: TimeoutPolicy,
+) -> None:
+    _, core, _ = world
+    tenant = fresh_tenant()
+    record, approval = await waiting_for_approval(core, approvals, tenant, level=3)
+    await grant_and_release(core.lifecycle, approvals, approval, record, policy)
+    token = await running_with_lease(core, record.id)
+    with pytest.raises(StaleLeaseError):
+        await approvals.request_step(record.id, "first", lease_token=uuid4(), ttl=TTL, by="w1")
+    assert (await core.lifecycle.get(tenant, record.id)).status is S.RUNNING
+    paused = await approvals.request_step(record.id, "first", lease_token=token, ttl=TTL, by="w1")
+    assert paused is not None
+    assert (paused.step_id, paused.level, paused.state, paused.requested_by) == (
+        "first",
+        3,
+        ApprovalState.PENDING,
+        "alice",
+    )
+    waiting = await core.lifecycle.get(tenant, record.id)
+    assert (waiting.status, waiting.lease_token) == (S.AWAITING_APPROVAL, None)
+    steps = {s.step_id: s.status for s in waiting.steps}
+    assert steps == {"first": StepStatus.AWAITING_APPROVAL, "second": StepStatus.PENDING}
+    assert await approvals.step_approval(tenant, record.id, "first") == paused
+    assert await approvals.step_approval(tenant, record.id, "second") is None
+    assert await approvals.step_approval(fresh_tenant(), record.id, "first") is None
+    # The lease was cleared: the paused worker can write nothing more.
+    with pytest.raises(StaleLeaseError):
+        await approvals.request_step(record.id, "second", lease_token=token, ttl=TTL, by="w1")
+    # Once decided, the step's latest request is still the one read.
+    await approvals.decide(paused.id, tenant_id=tenant, decision=decision("carol"))
+    decided = await approvals.step_approval(tenant, record.id, "first")
+    assert decided is not None
+    assert (decided.id, decided.state, decided.decided_by) == (
+        paused.id,
+        ApprovalState.APPROVED,
+        "carol",
+    )
+    pending, _ = await approvals.list_pending(tenant)
+    assert pending == []
+
+
+async def test_invalidating_the_plans_approval_of_a_paused_execution_closes_its_step_request(
+    world: tuple[str, Core, Any],
+    approvals: ApprovalLifecycle,
+    policy: TimeoutPolicy,
+) -> None:
+    _, core, _ = world
+    tenant = fresh_tenant()
+    record, approval = await waiting_for_approval(core, approvals, tenant, level=3)
+    await grant_and_release(core.lifecycle, approvals, approval, record, policy)
+    token = await running_with_lease(core, record.id)
+    paused = await approvals.request_step(record.id, "second", lease_token=token, ttl=TTL, by="w1")
+    assert paused is not None
+    closed = await approvals.invalidate(
+        approval.id, by="w1", reason="binding_mismatch", mismatched=["plan_hash"]
+    )
+    assert closed is not None
+    ended = await core.lifecycle.get(tenant, record.id)
+    assert (ended.status, ended.error_class) == (S.FAILED, "APPROVAL_INVALIDATED")
+    step = await approvals.step_approval(tenant, record.id, "second")
+    assert step is not None
+    assert (step.id, step.state) == (paused.id, ApprovalState.INVALIDATED)
+    with pytest.raises(ApprovalInvalidatedError):
+        await approvals.decide(paused.id, tenant_id=tenant, decision=decision())
+
+
+async def test_a_step_pause_after_a_cancellation_was_requested_ends_the_execution_cancelled(
+    world: tuple[str, Core, Any], approvals: ApprovalLifecycle, policy: TimeoutPolicy
+) -> None:
+    _, core, _ = world
+    tenant = fresh_tenant()
+    record, approval = await waiting_for_approval(core, approvals, tenant, level=3)
+    await grant_and_release(core.lifecycle, approvals, approval, record, policy)
+    token = await running_with_lease(core, record.id)
+    _, requested = await core.lifecycle.request_cancel(tenant, record.id, by="alice", reason="x")
+    assert requested
+    assert (
+        await approvals.request_step(record.id, "first", lease_token=token, ttl=TTL, by="w1")
+        is None
+    )
+    ended = await core.lifecycle.get(tenant, record.id)
+    assert (ended.status, ended.lease_token) == (S.CANCELLED, None)
+    assert {s.status for s in ended.steps} == {StepStatus.SKIPPED}
+    assert await approvals.step_approval(tenant, record.id, "first") is None

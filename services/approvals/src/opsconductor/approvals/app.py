@@ -13,6 +13,7 @@ from opsconductor.client.tls import ClientTls
 from opsconductor.client.worker import WorkerClient
 from opsconductor.common.auth import TokenVerifier
 from opsconductor.common.errors import StorageError
+from opsconductor.lifecycle.approval_port import PostgresApprovals
 from opsconductor.lifecycle.facade import PostgresRedisLifecycle
 from opsconductor.lifecycle.queue.redis_queue import RedisQueue, open_queue
 from opsconductor.lifecycle.storage.policies import load_timeout_policies
@@ -58,7 +59,7 @@ class ApprovalsApp:
         )
         self._authorizer = Authorizer(pool, self._rbac_policy, tier="approvals")
         self._decisions = ApprovalDecisions(
-            pool=pool,
+            approvals=PostgresApprovals(pool),
             authorizer=self._authorizer,
             dispatcher=self._dispatcher,
         )

@@ -83,6 +83,7 @@ __all__ = [
     "request_approval",
     "request_step_approval",
     "step_approved",
+    "undecidable_error",
 ]
 
 log = structlog.get_logger(__name__)
@@ -260,7 +261,7 @@ async def decide(
             raise
         if row is None:
             current = await conn.fetchrow(_APPROVAL, aid)
-            raise _undecidable(approval_from_row(current))
+            raise undecidable_error(approval_from_row(current))
         approval = approval_from_row(row)
         if locked["status"] != _S.AWAITING_APPROVAL.value:
             raise FailedPreconditionError(
@@ -303,7 +304,8 @@ async def decide(
     return approval
 
 
-def _undecidable(current: ApprovalRecord) -> OpsConductorError:
+def undecidable_error(current: ApprovalRecord) -> OpsConductorError:
+    """Why ``current`` can no longer be decided: decided first, invalidated, or expired."""
     details = {"approval_id": str(current.id), "state": current.state.value}
     if current.state in (ApprovalState.APPROVED, ApprovalState.REJECTED):
         return ApprovalDecidedError(

@@ -7,10 +7,14 @@ another tenant is refused with ``PERMISSION_DENIED`` and the attempt is audited 
 can never decide it (:class:`SelfApprovalError`, backed by the ``approval_not_self`` CHECK).
 
 A decision records the principal, how it authenticated, its source address, the time and the
-comment; the first one wins (:func:`opsconductor.lifecycle.storage.approvals.decide` is a
-compare-and-set), concurrent losers get ``FAILED_PRECONDITION``. Before granting, the approval's
+comment; the first one wins (the port's ``decide`` is a compare-and-set), concurrent losers
+get ``FAILED_PRECONDITION``. Before granting, the approval's
 binding is checked once more against the execution row ("at dispatch"): a mismatch invalidates
 it. A grant releases the execution (:mod:`.dispatch`); a rejection ends it ``rejected``.
+
+Every read and write goes through the approvals port
+(:class:`~opsconductor.lifecycle.approval_port.ApprovalLifecycle`), so the unit tests run these
+use cases against its in-memory fake.
 """
 
 from __future__ import annotations
@@ -29,26 +33,14 @@ from opsconductor.common.errors import (
     NotFoundError,
     SelfApprovalError,
 )
-from opsconductor.lifecycle.execution_logging import bind_execution_fields
-from opsconductor.lifecycle.storage.approval_records import (
-    ApprovalRecord,
-    find_approval_owner,
-    get_approval,
-    list_pending_approvals,
-    step_approval,
-)
-from opsconductor.lifecycle.storage.approvals import (
+from opsconductor.lifecycle.approval_port import (
     ApprovalDecision,
-    binding_mismatches,
-    decide,
-    invalidate_approval,
-)
-from opsconductor.lifecycle.storage.execution_reads import (
+    ApprovalLifecycle,
+    ApprovalRecord,
     as_execution_id,
-    find_execution_tenant,
-    get_execution,
+    binding_mismatches,
 )
-from opsconductor.lifecycle.storage.execution_records import PoolOrConnection, transaction
+from opsconductor.lifecycle.execution_logging import bind_execution_fields
 from opsconductor.policy.rbac import Authorizer, Permission
 
 from .dispatch import ExecutionDispatcher
@@ -95,9 +87,13 @@ class ApprovalDecisions:
     """GetApproval, ListPendingApprovals, Approve, Reject and ApproveStep."""
 
     def __init__(
-        self, *, pool: PoolOrConnection, authorizer: Authorizer, dispatcher: ExecutionDispatcher
+        self,
+        *,
+        approvals: ApprovalLifecycle,
+        authorizer: Authorizer,
+        dispatcher: ExecutionDispatcher,
     ) -> None:
-        self._pool = pool
+        self._approvals = approvals
         self._authorizer = authorizer
         self._dispatcher = dispatcher
 
@@ -117,8 +113,8 @@ class ApprovalDecisions:
             permissions={Permission.APPROVALS_READ},
             resource=f"{_SERVICE}/ListPendingApprovals",
         )
-        return await list_pending_approvals(
-            self._pool, tenant_id, page_size=page_size, page_token=page_token
+        return await self._approvals.list_pending(
+            tenant_id, page_size=page_size, page_token=page_token
         )
 
     async def approve(
@@ -135,7 +131,7 @@ class ApprovalDecisions:
     ) -> ApprovalRecord:
         """Grant the request of one step of a level-3 execution; the execution resumes."""
         eid = as_execution_id(execution_id)
-        owner = await find_execution_tenant(self._pool, eid)
+        owner = await self._approvals.execution_owner(eid)
         await self._authorizer.authorize(
             caller.principal,
             tenant_id=owner or tenant_id,
@@ -143,7 +139,7 @@ class ApprovalDecisions:
             execution_id=eid if owner else None,
             resource=f"{_SERVICE}/ApproveStep",
         )
-        approval = await step_approval(self._pool, tenant_id, eid, step_id)
+        approval = await self._approvals.step_approval(tenant_id, eid, step_id)
         if approval is None:
             # Absent, another tenant's, or not asked yet: the worker asks when it reaches it.
             raise NotFoundError(
@@ -161,12 +157,9 @@ class ApprovalDecisions:
         self._refuse_self(caller.principal, approval)
         # As for a grant: the decision's records (the rejection ending it) are the execution's.
         bind_execution_fields(
-            await get_execution(
-                self._pool, approval.tenant_id, approval.execution_id, with_steps=False
-            )
+            await self._approvals.execution(approval.tenant_id, approval.execution_id)
         )
-        decided = await decide(
-            self._pool,
+        decided = await self._approvals.decide(
             approval.id,
             tenant_id=approval.tenant_id,
             decision=_decision(caller, approve=False, comment=comment),
@@ -178,14 +171,11 @@ class ApprovalDecisions:
     ) -> ApprovalRecord:
         self._refuse_self(caller.principal, approval)
         decision = _decision(caller, approve=True, comment=comment)
-        record = await get_execution(
-            self._pool, approval.tenant_id, approval.execution_id, with_steps=False
-        )
+        record = await self._approvals.execution(approval.tenant_id, approval.execution_id)
         bind_execution_fields(record)  # the decision's records are the execution's too
         mismatched = binding_mismatches(approval, record)
         if mismatched:
-            await invalidate_approval(
-                self._pool,
+            await self._approvals.invalidate(
                 approval.id,
                 by=caller.principal.actor_id,
                 reason="binding_mismatch",
@@ -193,14 +183,15 @@ class ApprovalDecisions:
             )
             raise ApprovalInvalidatedError(approval_id=str(approval.id), mismatched=mismatched)
         if record.execution_mode == ExecutionMode.BACKGROUND:
-            async with transaction(self._pool) as conn:
-                decided = await decide(
-                    conn, approval.id, tenant_id=approval.tenant_id, decision=decision
+            # The release commits with the decision, or neither does (Redis down: both undone).
+            async with self._approvals.transaction() as tx:
+                decided = await self._approvals.decide(
+                    approval.id, tenant_id=approval.tenant_id, decision=decision, tx=tx
                 )
-                await self._dispatcher.enqueue(conn, record, by=caller.principal.actor_id)
+                await self._dispatcher.enqueue(tx, record, by=caller.principal.actor_id)
         else:
-            decided = await decide(
-                self._pool, approval.id, tenant_id=approval.tenant_id, decision=decision
+            decided = await self._approvals.decide(
+                approval.id, tenant_id=approval.tenant_id, decision=decision
             )
             self._dispatcher.start_immediate(record, caller.token)
         return replace(decided, plan=approval.plan)
@@ -214,7 +205,7 @@ class ApprovalDecisions:
         rpc: str,
     ) -> ApprovalRecord:
         """The approval, once ``principal`` holds ``permission`` in the tenant that owns it."""
-        owner = await find_approval_owner(self._pool, approval_id)
+        owner = await self._approvals.approval_owner(approval_id)
         await self._authorizer.authorize(
             principal,
             tenant_id=owner[0] if owner is not None else tenant_id,
@@ -223,7 +214,7 @@ class ApprovalDecisions:
             resource=f"{_SERVICE}/{rpc}",
         )
         # NotFound for "absent" and "in another tenant" alike, so ids cannot be probed.
-        return await get_approval(self._pool, tenant_id, approval_id)
+        return await self._approvals.get(tenant_id, approval_id)
 
     @staticmethod
     def _refuse_self(principal: Principal, approval: ApprovalRecord) -> None:

@@ -9,7 +9,7 @@ import contextlib
 import hashlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID, uuid4
 
@@ -24,8 +24,10 @@ from opsconductor.common.errors import (
     ConflictError,
     FailedPreconditionError,
     FSMError,
+    LeaseRenewalLimitError,
     NotFoundError,
     QueueUnavailableError,
+    ResourceBusyError,
     SelfApprovalError,
     StaleLeaseError,
 )
@@ -40,18 +42,22 @@ from opsconductor.lifecycle.approval_port import (
 )
 from opsconductor.lifecycle.facade import (
     CreatedQueued,
+    DeadLetter,
     ExecutionLifecycle,
     PostgresRedisLifecycle,
     WaitingUsage,
 )
 from opsconductor.lifecycle.fake import InMemoryLifecycle
 from opsconductor.lifecycle.queue import RedisQueue, create_redis_client, jobs
+from opsconductor.lifecycle.queue.records import LeasedJob
 from opsconductor.lifecycle.storage.execution_reads import get_execution
 from opsconductor.lifecycle.storage.execution_records import ExecutionRecord, transaction
 from opsconductor.lifecycle.storage.executions import NewExecution, create_execution, transition
+from opsconductor.lifecycle.storage.locks import LockRequest, LockSet
 from opsconductor.lifecycle.storage.paging import InvalidPageRequestError
 from opsconductor.lifecycle.storage.policies import TimeoutPolicy, load_timeout_policies
 from opsconductor.lifecycle.storage.quota_usage import ImmediateUsage
+from tests.integration.test_queue_redis import FakeClock
 
 TENANT = "tenant-facade"
 
@@ -1204,3 +1210,710 @@ async def test_a_step_pause_after_a_cancellation_was_requested_ends_the_executio
     assert (ended.status, ended.lease_token) == (S.CANCELLED, None)
     assert {s.status for s in ended.steps} == {StepStatus.SKIPPED}
     assert await approvals.step_approval(tenant, record.id, "first") is None
+
+
+# --- The worker: Redis lease, handoff and claim, runs, steps, locks, settle -------------------
+# The operations ExecutionRunner and BackgroundConsumer call (their unit tests run them against
+# the fake: tests/unit/test_execution_runner.py, tests/unit/test_background_consumer.py). Both
+# worlds run the queue on one FakeClock, so backoffs and deadlines are exact.
+
+
+@dataclass(frozen=True)
+class RedisSeen:
+    state: str
+    attempts: int
+    deliveries: int
+    available_at: float | None
+
+
+@dataclass(frozen=True)
+class RowSeen:
+    state: str
+    attempts: int
+    lease_token: UUID | None
+    lease_renewals: int
+
+
+@dataclass
+class Worker:
+    """A world for the worker's operations: the port and probes of both stores."""
+
+    kind: str
+    lifecycle: ExecutionLifecycle
+    clock: FakeClock
+    redis: Callable[[UUID], Any]
+    row: Callable[[UUID], Any]
+    dlq: Callable[[UUID], Any]
+
+
+@pytest.fixture(params=["fake", "postgres+redis"])
+async def worker(
+    request: pytest.FixtureRequest, db_pool: asyncpg.Pool, redis_client: Redis, redis_prefix: str
+) -> Worker:
+    clock = FakeClock()
+    if request.param == "fake":
+        fake = InMemoryLifecycle()
+        fake.clock = clock
+
+        async def fake_redis(job_id: UUID) -> RedisSeen | None:
+            entry = fake.queue.get(job_id)
+            if entry is None:
+                return None
+            return RedisSeen(entry.state, entry.attempts, entry.deliveries, entry.available_at)
+
+        async def fake_row(job_id: UUID) -> RowSeen | None:
+            row = fake.jobs.get(job_id)
+            if row is None:
+                return None
+            return RowSeen(row.state, row.attempts, row.lease_token, row.lease_renewals)
+
+        async def fake_dlq(eid: UUID) -> tuple[int, str | None] | None:
+            entry = fake.dlq.get(eid)
+            return None if entry is None else (entry.attempts, entry.error_class)
+
+        return Worker("fake", fake, clock, fake_redis, fake_row, fake_dlq)
+    queue = RedisQueue(redis_client, prefix=redis_prefix, clock=clock)
+
+    async def real_redis(job_id: UUID) -> RedisSeen | None:
+        found = await queue.get(job_id)
+        if found is None:
+            return None
+        return RedisSeen(found.state, found.attempts, found.deliveries, found.available_at)
+
+    async def real_row(job_id: UUID) -> RowSeen | None:
+        row = await jobs.get_queue_row(db_pool, job_id)
+        if row is None:
+            return None
+        return RowSeen(row.state, row.attempts, row.lease_token, row.lease_renewals)
+
+    async def real_dlq(eid: UUID) -> tuple[int, str | None] | None:
+        row = await db_pool.fetchrow(
+            "SELECT attempts, error_class FROM execution_dlq "
+            "WHERE execution_id = $1 AND requeued_at IS NULL",
+            eid,
+        )
+        return None if row is None else (row["attempts"], row["error_class"])
+
+    return Worker(
+        "postgres+redis",
+        PostgresRedisLifecycle(db_pool, queue),
+        clock,
+        real_redis,
+        real_row,
+        real_dlq,
+    )
+
+
+async def submitted(
+    worker: Worker, policy: TimeoutPolicy, *, approval_level: int = 0
+) -> tuple[ExecutionRecord, UUID]:
+    """A background execution created and queued (row and Redis), as a submit leaves it."""
+    lifecycle = worker.lifecycle
+    new = replace(new_execution(fresh_tenant(), mode="background"), approval_level=approval_level)
+    async with lifecycle.transaction() as tx:
+        record, _ = await lifecycle.create(
+            new,
+            dedup_window=timedelta(hours=1),
+            tx=tx,
+        )
+        queued = await lifecycle.enqueue(
+            tx, record, policy, by="api", expected_from=ExecutionStatus.PENDING
+        )
+    return queued.record, queued.job_id
+
+
+async def claimed(
+    worker: Worker, policy: TimeoutPolicy, worker_id: str = "w1", *, approval_level: int = 0
+) -> tuple[ExecutionRecord, LeasedJob]:
+    """A submitted job leased and handed off: its execution running under the job's token."""
+    _, job_id = await submitted(worker, policy, approval_level=approval_level)
+    (job,) = await worker.lifecycle.dequeue_batch(worker_id, 30.0, 1)
+    assert job.job_id == job_id
+    (handed,) = await worker.lifecycle.hand_off([job], worker_id=worker_id)
+    assert handed.record is not None
+    return handed.record, job
+
+
+async def test_hand_off_claims_a_queued_job_and_reports_one_whose_row_is_not_visible(
+    worker: Worker, policy: TimeoutPolicy
+) -> None:
+    lifecycle = worker.lifecycle
+    record, job_id = await submitted(worker, policy)
+
+    async def give_up_after_the_push() -> None:
+        async with lifecycle.transaction() as tx:
+            ghost, _ = await lifecycle.create(
+                new_execution(fresh_tenant(), mode="background"),
+                dedup_window=timedelta(hours=1),
+                tx=tx,
+            )
+            await lifecycle.enqueue(
+                tx, ghost, policy, by="api", expected_from=ExecutionStatus.PENDING
+            )
+            raise LookupError("the submit gives up after the push")
+
+    # A submit that pushed to Redis and then rolled back: a job whose row never appears.
+    with pytest.raises(LookupError):
+        await give_up_after_the_push()
+    batch = await lifecycle.dequeue_batch("w1", 30.0, 5)
+    assert len(batch) == 2
+    assert all(job.attempts == 0 and job.deliveries == 1 for job in batch)
+    handed = await lifecycle.hand_off(batch, worker_id="w1")
+    assert [h.job for h in handed] == batch  # one answer per job, in order
+    by_job = {h.job.job_id: h for h in handed}
+    ours = by_job.pop(job_id)
+    (unseen,) = by_job.values()
+    assert ours.leased
+    assert ours.record is not None
+    assert (ours.record.id, ours.record.status, ours.record.lease_token) == (
+        record.id,
+        ExecutionStatus.RUNNING,
+        ours.job.lease_token,
+    )
+    assert (ours.record.worker_id, ours.record.attempts) == ("w1", 1)
+    assert [s.step_id for s in ours.record.steps] == ["first", "second"]
+    assert await worker.row(job_id) == RowSeen("leased", 0, ours.job.lease_token, 0)
+    assert (await worker.redis(job_id)).state == "leased"
+    # The row-less job: not leased, nothing claimed; deferred, it waits its delay unspent.
+    assert not unseen.leased
+    assert unseen.record is None
+    assert await worker.row(unseen.job.job_id) is None
+    await lifecycle.defer(unseen.job, 0.5)
+    assert await worker.redis(unseen.job.job_id) == RedisSeen("delayed", 0, 1, worker.clock() + 0.5)
+    assert await lifecycle.dequeue_batch("w1", 30.0, 5) == []
+    worker.clock.advance(0.5)
+    (again,) = await lifecycle.dequeue_batch("w1", 30.0, 5)
+    assert (again.job_id, again.attempts, again.deliveries) == (unseen.job.job_id, 0, 2)
+    with pytest.raises(StaleLeaseError):
+        await lifecycle.defer(unseen.job, 0.5)  # the first delivery's token is spent
+
+
+async def test_hand_off_leaves_a_running_execution_to_the_careful_claim_which_takes_it_over(
+    worker: Worker, policy: TimeoutPolicy
+) -> None:
+    lifecycle = worker.lifecycle
+    record, job = await claimed(worker, policy, "w1")
+    await lifecycle.start_step(record.id, "first", worker_id="w1", lease_token=job.lease_token)
+    # w1 stalls past its lease: w2 gets the job (the expiry spends an attempt).
+    worker.clock.advance(31)
+    (taken,) = await lifecycle.dequeue_batch("w2", 30.0, 1)
+    assert (taken.job_id, taken.attempts, taken.lease_expirations) == (job.job_id, 1, 1)
+    (handed,) = await lifecycle.hand_off([taken], worker_id="w2")
+    assert handed.leased
+    assert handed.record is None  # running: not the one statement's to claim
+    assert await lifecycle.mirror_lease(taken, worker_id="w2")
+    over = await lifecycle.claim(
+        record.id, lease_token=taken.lease_token, worker_id="w2", budget=timedelta(seconds=10)
+    )
+    assert over is not None
+    assert (over.status, over.lease_token, over.worker_id, over.attempts) == (
+        ExecutionStatus.RUNNING,
+        taken.lease_token,
+        "w2",
+        2,
+    )
+    # The step w1 left running starts again; w1's token writes nothing any more.
+    assert {s.step_id: s.status for s in over.steps}["first"] is StepStatus.PENDING
+    with pytest.raises(StaleLeaseError):
+        await lifecycle.finish_step(
+            record.id, "first", status=StepStatus.SUCCEEDED, lease_token=job.lease_token
+        )
+    with pytest.raises(StaleLeaseError):
+        await lifecycle.renew_lease(job, 30.0)
+    assert not await lifecycle.record_renewal(
+        job, lease_expires_at=datetime.now(UTC), lease_renewals=1
+    )
+    assert not await lifecycle.ack(job, settled_only=True)
+    with pytest.raises(StaleLeaseError):
+        await lifecycle.ack(job)  # Redis refuses: the row's delete is rolled back
+    assert await worker.row(job.job_id) == RowSeen("leased", 1, taken.lease_token, 0)
+    with pytest.raises(StaleLeaseError):
+        await lifecycle.end_failed(
+            record.id, by="w1", error_class="X", error_message="x", lease_token=job.lease_token
+        )
+    assert (await lifecycle.get(record.tenant_id, record.id)).status is ExecutionStatus.RUNNING
+
+
+async def test_claim_refuses_an_execution_with_nothing_to_run(
+    worker: Worker, policy: TimeoutPolicy
+) -> None:
+    lifecycle = worker.lifecycle
+    record, job_id = await submitted(worker, policy)
+    (job,) = await lifecycle.dequeue_batch("w1", 30.0, 1)
+    cancelled, newly = await lifecycle.request_cancel(
+        record.tenant_id, record.id, by="bob", reason="not needed"
+    )
+    assert newly
+    assert cancelled.status is ExecutionStatus.CANCELLED
+    (handed,) = await lifecycle.hand_off([job], worker_id="w1")
+    assert (handed.leased, handed.record) == (True, None)
+    assert await lifecycle.mirror_lease(job, worker_id="w1")
+    budget = timedelta(seconds=10)
+    assert (
+        await lifecycle.claim(record.id, lease_token=job.lease_token, worker_id="w1", budget=budget)
+        is None
+    )
+    assert (
+        await lifecycle.claim(uuid4(), lease_token=job.lease_token, worker_id="w1", budget=budget)
+        is None
+    )
+    # Nothing to run: dropped from both stores.
+    assert await lifecycle.ack(job)
+    assert await worker.row(job_id) is None
+    assert await worker.redis(job_id) is None
+    # Once settled, every other settle finds no row and touches nothing.
+    assert not await lifecycle.settle_retry(job, error_class="X", error_message="x")
+    assert not await lifecycle.dead_letter(job, error_class="X", error_message="x")
+    assert not await lifecycle.release_on_shutdown(job)
+    assert not await lifecycle.ack(job, settled_only=True)
+
+
+async def test_renewals_extend_the_lease_up_to_the_policys_limit_and_are_mirrored(
+    worker: Worker, policy: TimeoutPolicy
+) -> None:
+    lifecycle = worker.lifecycle
+    record, job = await claimed(worker, policy)
+    for renewals in range(1, policy.max_lease_renewals + 1):
+        deadline = await lifecycle.renew_lease(job, 12.0)
+        assert deadline == pytest.approx(worker.clock() + 12.0)
+        assert await lifecycle.record_renewal(
+            job,
+            lease_expires_at=datetime.fromtimestamp(deadline, UTC),
+            lease_renewals=renewals,
+        )
+    with pytest.raises(LeaseRenewalLimitError):
+        await lifecycle.renew_lease(job, 12.0)
+    row = await worker.row(job.job_id)
+    assert row.lease_renewals == policy.max_lease_renewals
+    found = await lifecycle.find(record.id, with_steps=False)
+    assert found is not None
+    assert found.lease_renewals == policy.max_lease_renewals
+    assert found.steps == ()
+
+
+async def test_a_retry_spends_an_attempt_and_waits_its_backoff_in_both_stores(
+    worker: Worker, policy: TimeoutPolicy
+) -> None:
+    lifecycle = worker.lifecycle
+    record, job = await claimed(worker, policy)
+    await lifecycle.start_step(record.id, "first", worker_id="w1", lease_token=job.lease_token)
+    await lifecycle.finish_step(
+        record.id, "first", status=StepStatus.SUCCEEDED, lease_token=job.lease_token
+    )
+    await lifecycle.start_step(record.id, "second", worker_id="w1", lease_token=job.lease_token)
+    await lifecycle.finish_step(
+        record.id,
+        "second",
+        status=StepStatus.FAILED,
+        error_class="ACTION_FAILED",
+        error_message="no",
+        lease_token=job.lease_token,
+    )
+    requeued = await lifecycle.requeue(
+        record.id,
+        lease_token=job.lease_token,
+        by="w1",
+        reason="retry",
+        error_class="ACTION_FAILED",
+        error_message="no",
+    )
+    assert (requeued.status, requeued.lease_token, requeued.error_class) == (
+        ExecutionStatus.QUEUED,
+        None,
+        "ACTION_FAILED",
+    )
+    # The succeeded step is kept for the next run; the failed one is pending again.
+    assert {s.step_id: s.status for s in requeued.steps} == {
+        "first": StepStatus.SUCCEEDED,
+        "second": StepStatus.PENDING,
+    }
+    assert await lifecycle.settle_retry(job, error_class="ACTION_FAILED", error_message="no")
+    assert await worker.redis(job.job_id) == RedisSeen("delayed", 1, 1, worker.clock() + 2)
+    assert await worker.row(job.job_id) == RowSeen("delayed", 1, None, 0)
+    assert await lifecycle.dequeue_batch("w1", 30.0, 1) == []
+    worker.clock.advance(2)
+    (again,) = await lifecycle.dequeue_batch("w1", 30.0, 1)
+    assert (again.job_id, again.attempts) == (job.job_id, 1)
+    (handed,) = await lifecycle.hand_off([again], worker_id="w1")
+    assert handed.record is not None
+    assert handed.record.attempts == 2
+
+
+async def test_the_last_attempt_is_dead_lettered_with_the_executions_failure(
+    worker: Worker, policy: TimeoutPolicy
+) -> None:
+    lifecycle = worker.lifecycle
+    once = replace(policy, max_attempts=1)
+    record, job = await claimed(worker, once)
+    await lifecycle.start_step(record.id, "first", worker_id="w1", lease_token=job.lease_token)
+    ended = await lifecycle.end_run(
+        record.id,
+        to=ExecutionStatus.FAILED,
+        by="w1",
+        lease_token=job.lease_token,
+        fields={"error_class": "ACTION_FAILED", "error_message": "no"},
+        tenant_id=record.tenant_id,
+        dead_letter=DeadLetter(job, "ACTION_FAILED", "no"),
+    )
+    assert (ended.status, ended.error_class) == (ExecutionStatus.FAILED, "ACTION_FAILED")
+    assert await worker.dlq(record.id) == (1, "ACTION_FAILED")
+    assert await worker.row(job.job_id) is None
+    assert await worker.redis(job.job_id) is None
+    # The settle that follows finds nothing left to do.
+    assert not await lifecycle.dead_letter(job, error_class="ACTION_FAILED", error_message="no")
+
+
+async def test_dead_letter_as_a_settle_moves_the_row_and_the_end_run_refuses_a_stale_token(
+    worker: Worker, policy: TimeoutPolicy
+) -> None:
+    lifecycle = worker.lifecycle
+    record, job = await claimed(worker, replace(policy, max_attempts=1))
+    with pytest.raises(StaleLeaseError):
+        await lifecycle.end_run(
+            record.id,
+            to=ExecutionStatus.FAILED,
+            by="w1",
+            lease_token=uuid4(),
+            fields={"error_class": "X", "error_message": "x"},
+            tenant_id=record.tenant_id,
+            dead_letter=DeadLetter(job, "X", "x"),
+        )
+    # Refused as a whole: the dead-letter in its transaction was rolled back too (Redis, which
+    # changed first, is not: the job is gone there; the reaper reconciles such a row).
+    assert (await lifecycle.get(record.tenant_id, record.id)).status is ExecutionStatus.RUNNING
+    assert await worker.dlq(record.id) is None
+    assert await worker.row(job.job_id) is not None
+    fresh, other = await claimed(worker, replace(policy, max_attempts=1))
+    assert await lifecycle.dead_letter(other, error_class="X", error_message="x")
+    assert await worker.dlq(fresh.id) == (1, "X")
+    assert await worker.row(other.job_id) is None
+    assert await worker.redis(other.job_id) is None
+
+
+async def test_release_on_shutdown_puts_the_job_back_unspent(
+    worker: Worker, policy: TimeoutPolicy
+) -> None:
+    lifecycle = worker.lifecycle
+    record, job = await claimed(worker, policy)
+    requeued = await lifecycle.requeue(
+        record.id, lease_token=job.lease_token, by="w1", reason="shutdown"
+    )
+    assert (requeued.status, requeued.error_class) == (ExecutionStatus.QUEUED, None)
+    assert await lifecycle.release_on_shutdown(job)
+    assert await worker.redis(job.job_id) == RedisSeen("ready", 0, 1, None)
+    row = await worker.row(job.job_id)
+    assert (row.state, row.attempts, row.lease_token) == ("ready", 0, None)
+    (again,) = await lifecycle.dequeue_batch("w2", 30.0, 1)
+    assert (again.job_id, again.attempts, again.deliveries) == (job.job_id, 0, 2)
+    with pytest.raises(StaleLeaseError):
+        await lifecycle.requeue(record.id, lease_token=job.lease_token, by="w1", reason="shutdown")
+
+
+async def test_a_cancel_ends_an_unheld_execution_at_once_and_flags_a_running_one(
+    worker: Worker, policy: TimeoutPolicy
+) -> None:
+    lifecycle = worker.lifecycle
+    record, job = await claimed(worker, policy)
+    queued, _ = await submitted(worker, policy)
+    ended, newly = await lifecycle.request_cancel(
+        queued.tenant_id, queued.id, by="bob", reason=None
+    )
+    assert (ended.status, newly, ended.cancelled_by) == (ExecutionStatus.CANCELLED, True, "bob")
+    assert {s.status for s in ended.steps} == {StepStatus.SKIPPED}
+    _, again = await lifecycle.request_cancel(queued.tenant_id, queued.id, by="bob", reason=None)
+    assert not again
+    token = job.lease_token
+    first = await lifecycle.start_step_unless_cancelled(
+        record.id, "first", worker_id="w1", lease_token=token
+    )
+    assert first is not None
+    assert first.status is StepStatus.RUNNING
+    assert not await lifecycle.cancel_requested(record.id)
+    running, newly = await lifecycle.request_cancel(
+        record.tenant_id, record.id, by="bob", reason="stop"
+    )
+    assert (running.status, newly) == (ExecutionStatus.RUNNING, True)  # its worker ends it
+    assert await lifecycle.cancel_requested(record.id)
+    await lifecycle.finish_step(record.id, "first", status=StepStatus.SUCCEEDED, lease_token=token)
+    assert (
+        await lifecycle.start_step_unless_cancelled(
+            record.id, "second", worker_id="w1", lease_token=token
+        )
+        is None
+    )
+    skipped = await lifecycle.skip_remaining_steps(record.id, lease_token=token, reason="cancelled")
+    assert [s.step_id for s in skipped] == ["second"]
+    done = await lifecycle.end_run(
+        record.id,
+        to=ExecutionStatus.CANCELLED,
+        by="w1",
+        lease_token=token,
+        fields={},
+        tenant_id=record.tenant_id,
+    )
+    assert done.status is ExecutionStatus.CANCELLED
+    assert (await lifecycle.find(record.id)) is not None
+    checks = (await lifecycle.get(record.tenant_id, record.id)).cancel_checks_performed
+    assert checks == 4  # every check counted, the ones with a start included
+    assert [s.status for s in await lifecycle.load_steps(record.id)] == [
+        StepStatus.SUCCEEDED,
+        StepStatus.SKIPPED,
+    ]
+    with pytest.raises(FSMError):
+        await lifecycle.skip_remaining_steps(record.id, lease_token=None, reason="late")
+
+
+async def test_end_failed_ends_a_run_once_with_its_steps_and_locks(
+    worker: Worker, policy: TimeoutPolicy
+) -> None:
+    lifecycle = worker.lifecycle
+    record, job = await claimed(worker, policy)
+    token = job.lease_token
+    request = LockRequest(record.tenant_id, "host:facade", "noop")
+    await lifecycle.acquire_locks(
+        [request], owner_token=uuid4(), owner_execution_id=record.id, ttl=timedelta(minutes=1)
+    )
+    await lifecycle.start_step(record.id, "first", worker_id="w1", lease_token=token)
+    assert not await lifecycle.end_failed(
+        record.id,
+        by="w1",
+        error_class="X",
+        error_message="x",
+        expected_from=ExecutionStatus.QUEUED,
+        lease_token=token,
+    )
+    assert await lifecycle.end_failed(
+        record.id,
+        by="w1",
+        error_class="BUG",
+        error_message="the worker failed",
+        lease_token=token,
+        fail_running_steps=True,
+        clear_lease=True,
+        release_locks=True,
+    )
+    ended = await lifecycle.get(record.tenant_id, record.id)
+    assert (ended.status, ended.error_class, ended.lease_token) == (
+        ExecutionStatus.FAILED,
+        "BUG",
+        None,
+    )
+    assert {s.step_id: s.status for s in ended.steps} == {
+        "first": StepStatus.FAILED,
+        "second": StepStatus.SKIPPED,
+    }
+    # Its locks are free for another owner; a second end changes nothing.
+    await lifecycle.acquire_locks(
+        [request], owner_token=uuid4(), owner_execution_id=uuid4(), ttl=timedelta(minutes=1)
+    )
+    assert not await lifecycle.end_failed(record.id, by="w1", error_class="X", error_message="x")
+
+
+async def test_the_last_step_and_the_execution_succeed_in_one_write_or_not_at_all(
+    worker: Worker, policy: TimeoutPolicy
+) -> None:
+    lifecycle = worker.lifecycle
+    record, job = await claimed(worker, policy)
+    token = job.lease_token
+    await lifecycle.acquire_locks(
+        [LockRequest(record.tenant_id, "host:last", "noop")],
+        owner_token=uuid4(),
+        owner_execution_id=record.id,
+        ttl=timedelta(minutes=1),
+    )
+    for step_id in ("first", "second"):
+        await lifecycle.start_step(record.id, step_id, worker_id="w1", lease_token=token)
+    await lifecycle.finish_step(record.id, "first", status=StepStatus.SUCCEEDED, lease_token=token)
+    fields = {"result_summary": {"counts": {"succeeded": 2}}}
+    kwargs: dict[str, Any] = {"by": "w1", "fields": fields, "tenant_id": record.tenant_id}
+    assert (
+        await lifecycle.finish_last_step(
+            record.id, "second", result={"ok": 1}, lease_token=uuid4(), **kwargs
+        )
+        is None
+    )
+    assert (
+        await lifecycle.finish_last_step(
+            record.id, "first", result={"ok": 1}, lease_token=token, **kwargs
+        )
+        is None
+    )  # not running
+    both = await lifecycle.finish_last_step(
+        record.id, "second", result={"ok": 1}, lease_token=token, **kwargs
+    )
+    assert both is not None
+    final, step = both
+    assert (final.status, final.result_summary) == (
+        ExecutionStatus.SUCCEEDED,
+        fields["result_summary"],
+    )
+    assert (step.step_id, step.status, step.result) == ("second", StepStatus.SUCCEEDED, {"ok": 1})
+    await lifecycle.acquire_locks(  # freed with the end
+        [LockRequest(record.tenant_id, "host:last", "noop")],
+        owner_token=uuid4(),
+        owner_execution_id=None,
+        ttl=timedelta(minutes=1),
+    )
+    assert await lifecycle.ack(job, settled_only=True)
+
+
+async def test_locks_are_all_or_nothing_not_reentrant_and_freed_only_by_their_owner(
+    worker: Worker,
+) -> None:
+    lifecycle = worker.lifecycle
+    tenant = fresh_tenant()
+    a, b, c = (LockRequest(tenant, f"host:{name}", "noop") for name in "abc")
+    ttl = timedelta(minutes=1)
+    first, holder = uuid4(), uuid4()
+    held = await lifecycle.acquire_locks(
+        [b, a, a], owner_token=first, owner_execution_id=holder, ttl=ttl
+    )
+    assert held.keys == sorted({a.key, b.key})
+    with pytest.raises(ResourceBusyError) as busy:
+        await lifecycle.acquire_locks([b, c], owner_token=uuid4(), owner_execution_id=None, ttl=ttl)
+    assert busy.value.details["lock_key"] == b.key
+    assert busy.value.details["held_by_execution_id"] == str(holder)
+    # Nothing kept of the refused set: c is free.
+    taken_c = await lifecycle.acquire_locks(
+        [c], owner_token=uuid4(), owner_execution_id=None, ttl=ttl
+    )
+    with pytest.raises(ResourceBusyError):  # not re-entrant for an owner of no execution
+        await lifecycle.acquire_locks(
+            [c], owner_token=taken_c.owner_token, owner_execution_id=None, ttl=ttl
+        )
+    assert await lifecycle.release_locks(LockSet(uuid4(), held.locks)) == 0  # not the owner
+    # The same execution re-takes its own (resumed, or taken over): the old owner is out.
+    again = await lifecycle.acquire_locks(
+        [a], owner_token=uuid4(), owner_execution_id=holder, ttl=ttl
+    )
+    assert await lifecycle.release_locks(held) == 1  # b only: a is the new owner's now
+    assert await lifecycle.release_locks(again) == 1
+    assert await lifecycle.release_locks(held) == 0
+    assert await lifecycle.release_locks(taken_c) == 1
+    with pytest.raises(ValueError, match="ttl"):
+        await lifecycle.acquire_locks(
+            [a], owner_token=first, owner_execution_id=None, ttl=timedelta(0)
+        )
+
+
+async def test_an_immediate_start_runs_a_pending_execution_once(worker: Worker) -> None:
+    lifecycle = worker.lifecycle
+    tenant = fresh_tenant()
+    record, _ = await lifecycle.create(new_execution(tenant), dedup_window=timedelta(hours=1))
+    started = await lifecycle.start_run(record, worker_id="w1")
+    assert (started.status, started.worker_id) == (ExecutionStatus.RUNNING, "w1")
+    assert started.deadline_at is not None
+    assert started.started_at is not None
+    with pytest.raises(FSMError):
+        await lifecycle.start_run(record, worker_id="w2")
+    assert not await lifecycle.retire_key(record.id)  # running: its key stays
+    await lifecycle.end_failed(record.id, by="w1", error_class="BUSY", error_message="busy")
+    assert await lifecycle.retire_key(record.id)
+    assert not await lifecycle.retire_key(record.id)
+    assert (await lifecycle.get(tenant, record.id)).idempotency_retired_at is not None
+
+
+async def test_a_level_3_pause_requests_the_step_approval_and_gives_the_job_up(
+    worker: Worker, policy: TimeoutPolicy
+) -> None:
+    lifecycle = worker.lifecycle
+    record, job = await claimed(worker, policy, approval_level=3)
+    token = job.lease_token
+    await lifecycle.start_step(record.id, "first", worker_id="w1", lease_token=token)
+    await lifecycle.finish_step(record.id, "first", status=StepStatus.SUCCEEDED, lease_token=token)
+    assert await lifecycle.pause_for_approval(job, "second", ttl=timedelta(hours=1), by="w1")
+    paused = await lifecycle.get(record.tenant_id, record.id)
+    assert (paused.status, paused.lease_token) == (ExecutionStatus.AWAITING_APPROVAL, None)
+    assert {s.step_id: s.status for s in paused.steps} == {
+        "first": StepStatus.SUCCEEDED,
+        "second": StepStatus.AWAITING_APPROVAL,
+    }
+    assert await worker.row(job.job_id) is None
+    assert await worker.redis(job.job_id) is None
+    assert not await lifecycle.pause_for_approval(job, "second", ttl=timedelta(hours=1), by="w1")
+    # Cancelled while its step ran: the pause ends it cancelled instead.
+    other, other_job = await claimed(worker, policy, approval_level=3)
+    await lifecycle.request_cancel(other.tenant_id, other.id, by="bob", reason=None)
+    assert await lifecycle.pause_for_approval(other_job, "first", ttl=timedelta(hours=1), by="w1")
+    ended = await lifecycle.get(other.tenant_id, other.id)
+    assert (ended.status, ended.lease_token) == (ExecutionStatus.CANCELLED, None)
+    assert {s.status for s in ended.steps} == {StepStatus.SKIPPED}
+    assert await worker.row(other_job.job_id) is None
+
+
+async def test_a_settle_while_redis_is_down_leaves_the_postgres_side_as_it_was(
+    worker: Worker, policy: TimeoutPolicy, db_pool: asyncpg.Pool
+) -> None:
+    record, job = await claimed(worker, replace(policy, max_attempts=1))
+    dead = create_redis_client("redis://127.0.0.1:9/0", socket_timeout=0.5, retries=0)
+    try:
+        if worker.kind == "fake":
+            assert isinstance(worker.lifecycle, InMemoryLifecycle)
+            worker.lifecycle.queue_up = False
+            down: ExecutionLifecycle = worker.lifecycle
+        else:
+            down = PostgresRedisLifecycle(db_pool, RedisQueue(dead))
+        with pytest.raises(QueueUnavailableError):
+            await down.dequeue_batch("w1", 30.0, 1)
+        with pytest.raises(QueueUnavailableError):
+            await down.ack(job)
+        with pytest.raises(QueueUnavailableError):
+            await down.settle_retry(job, error_class="X", error_message="x")
+        with pytest.raises(QueueUnavailableError):
+            await down.release_on_shutdown(job)
+        with pytest.raises(QueueUnavailableError):
+            await down.end_run(
+                record.id,
+                to=ExecutionStatus.FAILED,
+                by="w1",
+                lease_token=job.lease_token,
+                fields={"error_class": "X", "error_message": "x"},
+                tenant_id=record.tenant_id,
+                dead_letter=DeadLetter(job, "X", "x"),
+            )
+    finally:
+        await dead.aclose()
+        if isinstance(worker.lifecycle, InMemoryLifecycle):
+            worker.lifecycle.queue_up = True
+    # Every refusal rolled its Postgres side back: the lease simply runs on (or expires).
+    assert await worker.row(job.job_id) == RowSeen("leased", 0, job.lease_token, 0)
+    assert (await worker.redis(job.job_id)).state == "leased"
+    assert await worker.dlq(record.id) is None
+    assert (await worker.lifecycle.get(record.tenant_id, record.id)).status is (
+        ExecutionStatus.RUNNING
+    )
+    # Its last lease expiring, the job is dead in Redis, for the reaper to dead-letter.
+    worker.clock.advance(31)
+    assert await worker.lifecycle.dequeue_batch("w2", 30.0, 1) == []
+    assert (await worker.redis(job.job_id)).state == "dead"
+    with pytest.raises(ValueError, match="count"):
+        await worker.lifecycle.dequeue_batch("w2", 30.0, 0)
+
+
+async def test_the_careful_claim_also_starts_a_queued_execution_and_its_lease_needs_its_row(
+    worker: Worker, policy: TimeoutPolicy
+) -> None:
+    lifecycle = worker.lifecycle
+    record, job_id = await submitted(worker, policy)
+    (job,) = await lifecycle.dequeue_batch("w1", 30.0, 1)
+    assert await lifecycle.mirror_lease(job, worker_id="w1")
+    started = await lifecycle.claim(
+        record.id, lease_token=job.lease_token, worker_id="w1", budget=timedelta(seconds=10)
+    )
+    assert started is not None
+    assert (started.status, started.lease_token, started.attempts) == (
+        ExecutionStatus.RUNNING,
+        job.lease_token,
+        1,
+    )
+    await lifecycle.end_failed(
+        record.id, by="w1", error_class="X", error_message="x", lease_token=job.lease_token
+    )
+    with pytest.raises(FSMError):  # ended, its token kept: refused by status, not by lease
+        await lifecycle.requeue(record.id, lease_token=job.lease_token, by="w1", reason="retry")
+    assert await lifecycle.ack(job)
+    # A lease whose row is gone (or never came) is not mirrored anywhere.
+    assert not await lifecycle.mirror_lease(job, worker_id="w1")
+    with pytest.raises(ValueError, match="delay_s"):
+        await lifecycle.defer(job, -1.0)
+    assert await worker.row(job_id) is None

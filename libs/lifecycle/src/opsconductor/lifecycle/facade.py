@@ -388,7 +388,8 @@ class ExecutionLifecycle(Protocol):
         ...
 
     async def retire_key(self, execution_id: UUID) -> bool:
-        """Give the execution's idempotency key up (the same plan may be submitted again)."""
+        """Give an ended execution's idempotency key up (the same plan may be submitted
+        again); False for one not terminal or already retired."""
         ...
 
     async def acquire_locks(
@@ -399,7 +400,8 @@ class ExecutionLifecycle(Protocol):
         owner_execution_id: UUID | None,
         ttl: timedelta,
     ) -> LockSet:
-        """Every lock of ``requests``, all or nothing (``ResourceBusyError``, nothing kept)."""
+        """Every lock of ``requests``, all or nothing (``ResourceBusyError``, nothing kept).
+        Not re-entrant, but the same ``owner_execution_id`` re-takes its own (a new owner)."""
         ...
 
     async def release_locks(self, lock_set: LockSet) -> int:

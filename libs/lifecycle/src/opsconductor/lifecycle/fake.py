@@ -126,7 +126,8 @@ class FakeQueueEntry:
     seq: int
     request_id: str | None
     trace_context: str | None
-    #: ``ready``, ``delayed`` (until ``available_at``) or ``leased`` (until ``lease_deadline``).
+    #: ``ready``, ``delayed`` (until ``available_at``), ``leased`` (until ``lease_deadline``) or
+    #: ``dead`` (its last lease expired: the reaper dead-letters it).
     state: str = "ready"
     attempts: int = 0
     deliveries: int = 0
@@ -653,15 +654,22 @@ class InMemoryLifecycle:
 
     def _housekeeping(self, now: float) -> None:
         """Due retries become ready; expired leases are reclaimed (an attempt spent)."""
-        for job_id, entry in list(self.queue.items()):
+        for entry in self.queue.values():
             if entry.state == "delayed" and (entry.available_at or 0) <= now:
                 entry.state, entry.available_at = "ready", None
             elif entry.state == "leased" and (entry.lease_deadline or 0) <= now:
+                holder = entry.worker_id
                 entry.attempts += 1
                 entry.lease_expirations += 1
                 entry.state, entry.lease_token, entry.worker_id = "ready", None, None
+                entry.lease_deadline = None
                 if entry.attempts >= entry.max_attempts:
-                    del self.queue[job_id]  # dead: the reaper dead-letters it
+                    # No attempt left: dead until the reaper moves it to the DLQ.
+                    entry.state = "dead"
+                    entry.last_error = {
+                        "error_class": "LeaseExpired",
+                        "message": f"the lease of worker {holder} expired on the last attempt",
+                    }
 
     async def dequeue_batch(self, worker_id: str, lease_s: float, count: int) -> list[LeasedJob]:
         if count < 1:
@@ -1095,7 +1103,7 @@ class InMemoryLifecycle:
 
     async def retire_key(self, execution_id: UUID) -> bool:
         execution = self.executions[execution_id]
-        if execution.key_retired:
+        if execution.key_retired or execution.status not in TERMINAL:
             return False
         execution.key_retired = True
         return True
@@ -1113,9 +1121,14 @@ class InMemoryLifecycle:
         keys = [request.key for request in sorted_requests(requests)]
         now = datetime.now(UTC)
         for key in keys:
-            # Not re-entrant: a key this owner holds is busy too; an expired one is free.
+            # Not re-entrant: a key this owner holds is busy too; an expired one is free, and
+            # the same execution re-takes its own (a resumed or taken-over run: a new owner).
             held = self.locks.get(key)
-            if held is not None and held.expires_at > now:
+            if (
+                held is not None
+                and held.expires_at > now
+                and (owner_execution_id is None or held.owner_execution_id != owner_execution_id)
+            ):
                 raise ResourceBusyError(
                     f"{key} is locked by another execution; retry once it has finished",
                     lock_key=key,
@@ -1171,7 +1184,7 @@ class InMemoryLifecycle:
             if row is None:
                 return False
             self._release_entry(job, 0.0)
-            if row.lease_token == job.lease_token:
+            if row.lease_token == job.lease_token and row.state == "leased":
                 self.jobs[job.job_id] = replace(
                     row, state="ready", lease_token=None, lease_owner=None
                 )
@@ -1232,7 +1245,7 @@ class InMemoryLifecycle:
             if row is None:
                 return False
             entry, _dead = self._fail_entry(job, error_class, error_message)
-            if row.lease_token == job.lease_token:
+            if row.lease_token == job.lease_token and row.state == "leased":
                 self.jobs[job.job_id] = replace(
                     row,
                     state="delayed",

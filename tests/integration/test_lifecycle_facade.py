@@ -81,6 +81,10 @@ class Core:
     job: Callable[[UUID], Any]
     key_retired: Callable[[UUID], Any]
     jobs_of: Callable[[UUID], Any]
+    #: ``waiting(tx, tenant)``: the tenant's jobs not leased, seen from ``tx`` (None: committed).
+    waiting: Callable[[Any, str], Any]
+    #: ``key_live(tx, tenant, key)``: whether an execution holds the key unretired.
+    key_live: Callable[[Any, str, str], Any]
 
 
 async def new_record(pool: asyncpg.Pool, status: ExecutionStatus) -> ExecutionRecord:
@@ -152,7 +156,20 @@ def fake_core() -> tuple[Core, InMemoryLifecycle]:
     async def jobs_of(eid: UUID) -> int:
         return sum(1 for j in fake.jobs.values() if j.execution_id == eid)
 
-    core = Core(fake, contextlib.nullcontext, status, job, key_retired, jobs_of)
+    async def waiting(tx: Any, tenant_id: str) -> int:
+        return sum(
+            1 for j in fake.jobs.values() if j.tenant_id == tenant_id and j.state != "leased"
+        )
+
+    async def key_live(tx: Any, tenant_id: str, key: str) -> bool:
+        return any(
+            r.tenant_id == tenant_id
+            and r.idempotency_key == key
+            and not fake.executions[eid].key_retired
+            for eid, r in fake.records.items()
+        )
+
+    core = Core(fake, contextlib.nullcontext, status, job, key_retired, jobs_of, waiting, key_live)
     return core, fake
 
 
@@ -186,6 +203,23 @@ def real_core(pool: asyncpg.Pool, queue: RedisQueue | None) -> Core:
         )
         return int(found)
 
+    async def waiting(tx: Any, tenant_id: str) -> int:
+        found = await (tx or pool).fetchval(
+            "SELECT count(*) FROM execution_queue WHERE tenant_id = $1 AND state <> 'leased'",
+            tenant_id,
+        )
+        return int(found)
+
+    async def key_live(tx: Any, tenant_id: str, key: str) -> bool:
+        return bool(
+            await (tx or pool).fetchval(
+                "SELECT EXISTS (SELECT 1 FROM executions WHERE tenant_id = $1"
+                " AND idempotency_key = $2 AND idempotency_retired_at IS NULL)",
+                tenant_id,
+                key,
+            )
+        )
+
     return Core(
         PostgresRedisLifecycle(pool, queue),
         lambda: transaction(pool),
@@ -193,6 +227,8 @@ def real_core(pool: asyncpg.Pool, queue: RedisQueue | None) -> Core:
         job,
         key_retired,
         jobs_of,
+        waiting,
+        key_live,
     )
 
 
@@ -585,7 +621,7 @@ async def test_a_transaction_that_raises_leaves_nothing_of_what_was_done_in_it(
             await core.lifecycle.enqueue(
                 tx, record, policy, by="api", expected_from=ExecutionStatus.PENDING
             )
-            assert await core.lifecycle.waiting_jobs(tx, tenant) == 1
+            assert await core.waiting(tx, tenant) == 1
             raise LookupError("the caller gives up")
 
     with pytest.raises(LookupError):
@@ -595,8 +631,8 @@ async def test_a_transaction_that_raises_leaves_nothing_of_what_was_done_in_it(
         await core.lifecycle.get(tenant, created_id)
     assert await core.lifecycle.queued_job(created_id) is None
     async with core.lifecycle.transaction() as tx:
-        assert await core.lifecycle.waiting_jobs(tx, tenant) == 0
-        assert not await core.lifecycle.key_is_live(tx, tenant, new.idempotency_key)
+        assert await core.waiting(tx, tenant) == 0
+        assert not await core.key_live(tx, tenant, new.idempotency_key)
     # What commits stays.
     async with core.lifecycle.transaction() as tx:
         kept, made = await core.lifecycle.create(new, dedup_window=timedelta(hours=1), tx=tx)
@@ -604,45 +640,31 @@ async def test_a_transaction_that_raises_leaves_nothing_of_what_was_done_in_it(
     assert (await core.lifecycle.get(tenant, kept.id)).status is ExecutionStatus.PENDING
 
 
-async def test_the_quota_lock_needs_a_transaction_and_waiting_jobs_count_the_tenants_queue(
+async def test_create_queued_counts_only_the_tenants_own_waiting_jobs(
     world: tuple[str, Core, Any], policy: TimeoutPolicy
 ) -> None:
     _, core, _ = world
-    tenant = fresh_tenant()
-    with pytest.raises(RuntimeError):
-        await core.lifecycle.lock_tenant_quota(None, tenant)
-    new = new_execution(tenant, mode="background")
-    async with core.lifecycle.transaction() as tx:
-        await core.lifecycle.lock_tenant_quota(tx, tenant)
-        assert await core.lifecycle.waiting_jobs(tx, tenant) == 0
-        assert not await core.lifecycle.key_is_live(tx, tenant, new.idempotency_key)
-        record, _ = await core.lifecycle.create(new, dedup_window=timedelta(hours=1), tx=tx)
-        assert await core.lifecycle.key_is_live(tx, tenant, new.idempotency_key)
-        await core.lifecycle.enqueue(
-            tx, record, policy, by="api", expected_from=ExecutionStatus.PENDING
-        )
-    other = new_execution(fresh_tenant(), mode="background")
-    async with core.lifecycle.transaction() as tx:
-        other_record, _ = await core.lifecycle.create(other, dedup_window=timedelta(hours=1), tx=tx)
-        await core.lifecycle.enqueue(
-            tx, other_record, policy, by="api", expected_from=ExecutionStatus.PENDING
-        )
-    async with core.lifecycle.transaction() as tx:
-        assert await core.lifecycle.waiting_jobs(tx, tenant) == 1
-        # Another tenant's key is not this tenant's.
-        assert not await core.lifecycle.key_is_live(tx, tenant, other.idempotency_key)
-    # A key retired (the execution ended unstarted) is no longer live.
-    plain = new_execution(tenant)
-    unstarted, _ = await core.lifecycle.create(plain, dedup_window=timedelta(hours=1))
-    assert await core.lifecycle.end_unstarted(
-        unstarted.id,
-        expected_from=ExecutionStatus.PENDING,
-        by="api",
-        error_class="X",
-        error_message="x",
-    )
-    async with core.lifecycle.transaction() as tx:
-        assert not await core.lifecycle.key_is_live(tx, tenant, plain.idempotency_key)
+    tenant, other = fresh_tenant(), fresh_tenant()
+
+    async def submit(tenant_id: str) -> CreatedQueued | WaitingUsage:
+        async with core.lifecycle.transaction() as tx:
+            return await core.lifecycle.create_queued(
+                tx,
+                new_execution(tenant_id, mode="background"),
+                policy,
+                dedup_window=timedelta(hours=1),
+                max_waiting=1,
+                by="api",
+            )
+
+    assert isinstance(await submit(other), CreatedQueued)
+    assert (await core.waiting(None, other), await core.waiting(None, tenant)) == (1, 0)
+    # The other tenant at its limit takes none of this tenant's slots.
+    mine = await submit(tenant)
+    assert isinstance(mine, CreatedQueued)
+    assert mine.created
+    assert await submit(tenant) == WaitingUsage(waiting=1)
+    assert await submit(other) == WaitingUsage(waiting=1)
 
 
 async def start_running(kind: str, core: Core, pool: asyncpg.Pool, eid: UUID) -> None:
@@ -782,7 +804,7 @@ async def test_create_queued_admits_creates_and_queues_and_a_duplicate_gets_the_
             tx, other, policy, dedup_window=window, max_waiting=1, by="api"
         )
         assert refused == WaitingUsage(waiting=1)
-        assert not await core.lifecycle.key_is_live(tx, tenant, other.idempotency_key)
+        assert not await core.key_live(tx, tenant, other.idempotency_key)
     # The queue down: refused, and the transaction's rollback leaves nothing behind.
     dead = create_redis_client("redis://127.0.0.1:9/0", socket_timeout=0.5, retries=0)
     try:
@@ -799,8 +821,8 @@ async def test_create_queued_admits_creates_and_queues_and_a_duplicate_gets_the_
     finally:
         await dead.aclose()
     async with core.lifecycle.transaction() as tx:
-        assert not await core.lifecycle.key_is_live(tx, tenant, other.idempotency_key)
-        assert await core.lifecycle.waiting_jobs(tx, tenant) == 1
+        assert not await core.key_live(tx, tenant, other.idempotency_key)
+        assert await core.waiting(tx, tenant) == 1
     # Outside a transaction: refused (the quota lock is transaction-scoped).
     with pytest.raises(RuntimeError):
         await core.lifecycle.create_queued(

@@ -20,7 +20,6 @@ from opsconductor.common.errors import QuotaExceededError
 from opsconductor.common.fsm import ExecutionStatus
 from opsconductor.common.tenant_policy import TenantPolicies
 from opsconductor.lifecycle.queue import jobs
-from opsconductor.lifecycle.storage import quota_usage
 from opsconductor.lifecycle.storage.db import create_pool
 from opsconductor.lifecycle.storage.execution_records import transaction
 from opsconductor.lifecycle.storage.executions import (
@@ -29,7 +28,7 @@ from opsconductor.lifecycle.storage.executions import (
     create_queued_execution,
     transition,
 )
-from opsconductor.lifecycle.storage.quota_usage import WaitingUsage
+from opsconductor.lifecycle.storage.quota_usage import QUOTA_LOCK_CLASS, WaitingUsage
 from opsconductor.policy.quotas import QuotaLimits, TenantQuotas
 
 TENANT = "tenant-quota"
@@ -73,22 +72,6 @@ def new_execution(mode: str, key: str | None = None) -> NewExecution:
     )
 
 
-async def submit_background(pool: asyncpg.Pool, limits: TenantQuotas, key: str | None = None):
-    """The api's background recipe: admit, create, queue row; refused → nothing committed."""
-    new = new_execution("background", key)
-    async with transaction(pool) as conn:
-        refusal = await limits.admit_queued(conn, TENANT, new.idempotency_key)
-        record, created = await create_execution(conn, new, dedup_window=timedelta(hours=1))
-        if not created:
-            return record, False
-        if refusal is not None:
-            raise refusal
-        await jobs.insert_queue_row(
-            conn, execution_id=record.id, tenant_id=TENANT, priority=50, max_attempts=3
-        )
-    return record, True
-
-
 async def submit_queued(pool: asyncpg.Pool, limits: TenantQuotas, key: str | None = None):
     """The api's background statement (the Redis push, after it, counts nothing): admission,
     creation, transition to queued and queue row at once; refused → nothing committed."""
@@ -114,6 +97,14 @@ async def submit_immediate(pool: asyncpg.Pool, limits: TenantQuotas, key: str | 
     return await limits.create_immediate(pool, new, dedup_window=timedelta(hours=1))
 
 
+async def hold_quota_lock(conn: asyncpg.Connection) -> None:
+    """Take the tenant's quota lock, as every admitting statement does, until ``conn``'s
+    transaction ends (spelled out here: admission waiting behind it proves they agree)."""
+    await conn.execute(
+        "SELECT pg_advisory_xact_lock($1::int4, hashtext($2))", QUOTA_LOCK_CLASS, TENANT
+    )
+
+
 async def count(pool: asyncpg.Pool, table: str) -> int:
     return int(await pool.fetchval(f"SELECT count(*) FROM {table} WHERE tenant_id = $1", TENANT))
 
@@ -131,23 +122,6 @@ async def race(submit, pool: asyncpg.Pool, limits: TenantQuotas, n: int = 50) ->
     return await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def test_fifty_racing_background_submits_against_a_limit_of_ten_admit_exactly_ten(
-    wide_pool: asyncpg.Pool,
-) -> None:
-    results = await race(submit_background, wide_pool, quotas())
-    refused = [r for r in results if isinstance(r, QuotaExceededError)]
-    admitted = [r for r in results if not isinstance(r, BaseException)]
-    assert (len(admitted), len(refused)) == (LIMIT, 40), results
-    assert await count(wide_pool, "execution_queue") == LIMIT
-    assert await count(wide_pool, "executions") == LIMIT  # refusals left no row behind
-    assert await count(wide_pool, "execution_events") == LIMIT  # nor an event
-    first = refused[0]
-    assert first.details["quota"] == "queued"
-    assert (first.details["limit"], first.details["in_use"]) == (LIMIT, LIMIT)
-    assert first.retry_after_s == 5.0
-    assert "max_queued" in first.message
-
-
 async def test_fifty_racing_immediate_submits_against_a_limit_of_ten_admit_exactly_ten(
     wide_pool: asyncpg.Pool,
 ) -> None:
@@ -163,9 +137,9 @@ async def test_fifty_racing_immediate_submits_against_a_limit_of_ten_admit_exact
 
 async def test_a_slot_comes_back_when_its_row_moves_on(db_pool: asyncpg.Pool) -> None:
     limits = quotas(max_queued=2, max_immediate=1)
-    (first, _), _ = [await submit_background(db_pool, limits) for _ in range(2)]
+    (first, _), _ = [await submit_queued(db_pool, limits) for _ in range(2)]
     with pytest.raises(QuotaExceededError):
-        await submit_background(db_pool, limits)
+        await submit_queued(db_pool, limits)
     # Leased = running, not waiting: it frees a place in line.
     row = await jobs.get_queue_row_for_execution(db_pool, first.id)
     assert row is not None
@@ -177,7 +151,7 @@ async def test_a_slot_comes_back_when_its_row_moves_on(db_pool: asyncpg.Pool) ->
         lease_expires_at=row.enqueued_at + timedelta(minutes=5),
         attempts=0,
     )
-    await submit_background(db_pool, limits)
+    await submit_queued(db_pool, limits)
 
     running, _ = await submit_immediate(db_pool, limits)
     with pytest.raises(QuotaExceededError):
@@ -190,8 +164,8 @@ async def test_a_duplicate_at_the_limit_finds_its_execution_and_is_not_refused(
     db_pool: asyncpg.Pool,
 ) -> None:
     limits = quotas(max_queued=1, max_immediate=1)
-    queued, _ = await submit_background(db_pool, limits, key="k-bg")
-    again, created = await submit_background(db_pool, limits, key="k-bg")
+    queued, _ = await submit_queued(db_pool, limits, key="k-bg")
+    again, created = await submit_queued(db_pool, limits, key="k-bg")
     assert (again.id, created) == (queued.id, False)
     running, _ = await submit_immediate(db_pool, limits, key="k-im")
     again, created = await submit_immediate(db_pool, limits, key="k-im")
@@ -234,7 +208,7 @@ async def test_a_key_retired_at_the_limit_is_refused_and_stays_live(
 async def test_zero_means_no_limit(db_pool: asyncpg.Pool) -> None:
     limits = quotas(max_queued=0, max_immediate=0)
     for _ in range(3):
-        await submit_background(db_pool, limits)
+        await submit_queued(db_pool, limits)
         await submit_immediate(db_pool, limits)
     assert await count(db_pool, "executions") == 6
 
@@ -254,6 +228,7 @@ async def test_fifty_racing_one_statement_background_submits_admit_exactly_ten(
     first = refused[0]
     assert first.details["quota"] == "queued"
     assert (first.details["limit"], first.details["in_use"]) == (LIMIT, LIMIT)
+    assert first.retry_after_s == 5.0
     assert "max_queued" in first.message
 
 
@@ -325,7 +300,7 @@ async def test_a_one_statement_background_submit_waits_for_a_killed_lock_holder(
     victim = await victim_pool.acquire()
     tx = victim.transaction()
     await tx.start()
-    await quota_usage.lock_tenant_quota(victim, TENANT)
+    await hold_quota_lock(victim)
     pid = victim.get_server_pid()
     waiter = asyncio.create_task(submit_queued(db_pool, quotas()))
     await asyncio.sleep(0.3)
@@ -345,11 +320,11 @@ async def test_a_submitter_killed_holding_the_quota_lock_blocks_nobody(
     victim = await victim_pool.acquire()
     tx = victim.transaction()
     await tx.start()
-    await quota_usage.lock_tenant_quota(victim, TENANT)
+    await hold_quota_lock(victim)
     await create_execution(victim, new_execution("background"), dedup_window=timedelta(hours=1))
     pid = victim.get_server_pid()
 
-    waiter = asyncio.create_task(submit_background(db_pool, quotas()))
+    waiter = asyncio.create_task(submit_queued(db_pool, quotas()))
     await asyncio.sleep(0.3)
     assert not waiter.done()  # serialized behind the holder
     await db_pool.execute("SELECT pg_terminate_backend($1)", pid)
@@ -368,7 +343,7 @@ async def test_an_immediate_submit_waits_for_the_tenants_quota_lock(
     holder_pool = await create_pool(db_dsn, min_size=1, max_size=1)
     try:
         async with holder_pool.acquire() as holder, holder.transaction():
-            await quota_usage.lock_tenant_quota(holder, TENANT)
+            await hold_quota_lock(holder)
             await create_execution(
                 holder, new_execution("immediate"), dedup_window=timedelta(hours=1)
             )
@@ -380,9 +355,3 @@ async def test_an_immediate_submit_waits_for_the_tenants_quota_lock(
         assert await count(db_pool, "executions") == 1
     finally:
         await holder_pool.close()
-
-
-async def test_the_quota_lock_needs_a_transaction(db_pool: asyncpg.Pool) -> None:
-    async with db_pool.acquire() as conn:
-        with pytest.raises(RuntimeError, match="transaction"):
-            await quota_usage.lock_tenant_quota(conn, TENANT)

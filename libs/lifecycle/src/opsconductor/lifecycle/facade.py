@@ -9,10 +9,9 @@ fake has is also checked against this adapter on real Postgres and Redis
 approvals service's dispatcher and the api's submissions need so far: create an execution
 idempotently (optionally admitted under the tenant's immediate quota), read it, find its queue job,
 queue it inside the caller's transaction (or, for a background submit, admit, create and queue
-it in one statement), wake a consumer, and end one no worker started; and,
-in a transaction it opens, the tenant's quota lock and its waiting jobs; start and finish a step
-of a running execution. Each
-call delegates to the storage and queue function that does it.
+it in one statement, under the tenant's quota lock), wake a consumer, and end one no worker
+started; start and finish a step of a running execution. Each call delegates to the storage and
+queue function that does it.
 
 The worker's runner and consumer hold it too (the section "The worker" of each class): the Redis
 lease (dequeue a batch, renew, defer), the lease handoff and claim (the batch's one statement,
@@ -46,7 +45,6 @@ from opsconductor.lifecycle.storage import (
     execution_steps,
     executions,
     locks,
-    quota_usage,
 )
 from opsconductor.lifecycle.storage.approvals import request_step_approval
 from opsconductor.lifecycle.storage.execution_leases import fail_unstarted_execution
@@ -105,18 +103,6 @@ class ExecutionLifecycle(Protocol):
 
     def transaction(self) -> contextlib.AbstractAsyncContextManager[Any]:
         """A transaction to pass as ``tx``: everything done in it is undone if it raises."""
-        ...
-
-    async def lock_tenant_quota(self, tx: Any, tenant_id: str) -> None:
-        """Take the tenant's quota lock until ``tx`` ends (``RuntimeError`` without one)."""
-        ...
-
-    async def waiting_jobs(self, tx: Any, tenant_id: str) -> int:
-        """The tenant's queue jobs not leased: ready or delayed."""
-        ...
-
-    async def key_is_live(self, tx: Any, tenant_id: str, idempotency_key: str) -> bool:
-        """Whether the tenant has an execution holding this idempotency key."""
         ...
 
     async def create(
@@ -464,17 +450,6 @@ class PostgresRedisLifecycle:
 
     def transaction(self) -> contextlib.AbstractAsyncContextManager[Any]:
         return self._transaction()
-
-    async def lock_tenant_quota(self, tx: Any, tenant_id: str) -> None:
-        if tx is None:
-            raise RuntimeError("the quota lock is transaction-scoped: open a transaction first")
-        await quota_usage.lock_tenant_quota(tx, tenant_id)
-
-    async def waiting_jobs(self, tx: Any, tenant_id: str) -> int:
-        return await quota_usage.count_waiting_jobs(tx, tenant_id)
-
-    async def key_is_live(self, tx: Any, tenant_id: str, idempotency_key: str) -> bool:
-        return await quota_usage.live_execution_exists(tx, tenant_id, idempotency_key)
 
     async def create(
         self, new: NewExecution, *, dedup_window: timedelta, tx: Any = None

@@ -12,7 +12,8 @@ is not modelled: None). Statuses move under the same FSM
 behaviour here is also run against the Postgres + Redis adapter
 (``tests/integration/test_lifecycle_facade.py``). A refused call changes nothing; a
 :meth:`~InMemoryLifecycle.transaction` that raises puts every dict back as it found them (as a
-rollback); the quota lock needs one but excludes nothing (the fake runs one task at a time).
+rollback); a background submit needs one, as the quota lock it takes does, but that lock
+excludes nothing here (the fake runs one task at a time).
 
 The worker's side keeps the Redis queue apart (:attr:`InMemoryLifecycle.queue`: never rolled
 back, as Redis is not) from the Postgres rows (``jobs``, the DLQ, the locks): leases with their
@@ -198,22 +199,10 @@ class InMemoryLifecycle:
     def transaction(self) -> contextlib.AbstractAsyncContextManager[Any]:
         return self._transaction()
 
-    async def lock_tenant_quota(self, tx: Any, tenant_id: str) -> None:
-        if tx is None or not self._open_transactions:
-            raise RuntimeError("the quota lock is transaction-scoped: open a transaction first")
-
-    async def waiting_jobs(self, tx: Any, tenant_id: str) -> int:
+    def _waiting(self, tenant_id: str) -> int:
         # Ready or delayed: every row of the tenant not leased.
         return sum(
             1 for job in self.jobs.values() if job.tenant_id == tenant_id and job.state != "leased"
-        )
-
-    async def key_is_live(self, tx: Any, tenant_id: str, idempotency_key: str) -> bool:
-        return any(
-            record.tenant_id == tenant_id
-            and record.idempotency_key == idempotency_key
-            and not self.executions[eid].key_retired
-            for eid, record in self.records.items()
         )
 
     def add(self, record: ExecutionRecord) -> ExecutionRecord:
@@ -378,11 +367,12 @@ class InMemoryLifecycle:
     ) -> CreatedQueued | WaitingUsage:
         if not self._queue_configured:
             raise QueueUnavailableError("no queue is configured for background execution")
-        await self.lock_tenant_quota(tx, new.tenant_id)
+        if tx is None or not self._open_transactions:
+            raise RuntimeError("the quota lock is transaction-scoped: open a transaction first")
         live = self._live(new, dedup_window)
         if live is not None:  # a duplicate takes no slot
             return CreatedQueued(live, False, await self.queued_job(live.id))
-        waiting = await self.waiting_jobs(tx, new.tenant_id)
+        waiting = self._waiting(new.tenant_id)
         if max_waiting and waiting >= max_waiting:
             return WaitingUsage(waiting=waiting)
         record = self._create(new, dedup_window)

@@ -4,9 +4,9 @@
 Three limits per tenant, each a service default (settings ``quota_max_*``) that the tenant
 policy's ``quotas`` section may override (:class:`TenantQuotas`), 0 meaning none:
 
-* ``max_queued`` — background jobs waiting. Checked at submit (the api: in the statement that
-  creates and queues the execution, refused by :meth:`TenantQuotas.queued_refusal`; in a caller's
-  transaction: :meth:`TenantQuotas.admit_queued`); beyond it the submit is refused.
+* ``max_queued`` — background jobs waiting. Checked at submit, counted in the statement that
+  creates and queues the execution (``executions.create_queued_execution``); beyond it the
+  submit is refused (:meth:`TenantQuotas.queued_refusal`).
 * ``max_immediate`` — immediate executions in flight (``pending``/``running``). Checked at
   submit (:meth:`TenantQuotas.create_immediate`, counted in the statement that creates the
   execution); beyond it the submit is refused.
@@ -24,12 +24,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Protocol
 
 from opsconductor.common.errors import QuotaExceededError
 from opsconductor.common.settings import ServiceSettings
 from opsconductor.common.tenant_policy import QuotaPolicy, TenantPolicies
-from opsconductor.lifecycle.storage import quota_usage
 from opsconductor.lifecycle.storage.execution_records import ExecutionRecord, PoolOrConnection
 from opsconductor.lifecycle.storage.executions import NewExecution, create_immediate_execution
 from opsconductor.lifecycle.storage.quota_usage import ImmediateUsage
@@ -112,35 +110,6 @@ class TenantQuotas:
             if limits.max_running != default
         }
 
-    async def admit_queued(
-        self,
-        conn: Any,
-        tenant_id: str,
-        idempotency_key: str,
-        *,
-        usage: QueuedUsage | None = None,
-    ) -> QuotaExceededError | None:
-        """Admit one more background job of ``tenant_id``, in the submit's transaction.
-
-        Takes the tenant's quota lock (held until commit). Raises
-        :class:`QuotaExceededError` when the tenant is at ``max_queued`` and the submit is not
-        a duplicate; returns the refusal (not raised) when it is at the limit but the key is
-        live — raise it if the submit creates an execution after all (a retired key).
-        """
-        usage = usage or _STORED_USAGE
-        limit = self.for_tenant(tenant_id).max_queued
-        await usage.lock_tenant_quota(conn, tenant_id)
-        if limit == 0:
-            return None
-        waiting = await usage.waiting_jobs(conn, tenant_id)
-        if waiting < limit:
-            return None
-        refusal = self.queued_refusal(tenant_id, limit, waiting)
-        # A duplicate creates nothing, so it takes no slot: let it find its execution.
-        if await usage.key_is_live(conn, tenant_id, idempotency_key):
-            return refusal
-        raise refusal
-
     def queued_refusal(self, tenant_id: str, limit: int, waiting: int) -> QuotaExceededError:
         """The refusal of a background submit of ``tenant_id`` with ``waiting`` jobs waiting,
         at ``limit``."""
@@ -187,26 +156,3 @@ class TenantQuotas:
             tenant_id=tenant_id,
         )
 
-
-class QueuedUsage(Protocol):
-    """Where a tenant's queued usage is read (the lifecycle port; by default the stored rows)."""
-
-    async def lock_tenant_quota(self, tx: Any, tenant_id: str) -> None: ...
-
-    async def waiting_jobs(self, tx: Any, tenant_id: str) -> int: ...
-
-    async def key_is_live(self, tx: Any, tenant_id: str, idempotency_key: str) -> bool: ...
-
-
-class _StoredUsage:
-    async def lock_tenant_quota(self, tx: Any, tenant_id: str) -> None:
-        await quota_usage.lock_tenant_quota(tx, tenant_id)
-
-    async def waiting_jobs(self, tx: Any, tenant_id: str) -> int:
-        return await quota_usage.count_waiting_jobs(tx, tenant_id)
-
-    async def key_is_live(self, tx: Any, tenant_id: str, idempotency_key: str) -> bool:
-        return await quota_usage.live_execution_exists(tx, tenant_id, idempotency_key)
-
-
-_STORED_USAGE: QueuedUsage = _StoredUsage()

@@ -200,8 +200,8 @@ async def create_immediate_execution(
 
     Returns the tenant's usage instead, with nothing written, when it is at the limit; a
     duplicate of a live execution is returned, never refused (it takes no slot). Race-proof:
-    the statement takes the tenant's quota lock (:func:`.quota_usage.lock_tenant_quota`'s, held
-    until its transaction ends: the statement's own, or the caller's) and counts on a snapshot
+    the statement takes the tenant's quota lock (``QUOTA_LOCK_CLASS``'s, :mod:`.quota_usage`,
+    held until its transaction ends: the statement's own, or the caller's) and counts on a snapshot
     taken once the lock is granted, so it sees every earlier admission of the tenant.
     """
     return await _create(db, new, dedup_window, max_in_flight, admit=True)

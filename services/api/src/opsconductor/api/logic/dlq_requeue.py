@@ -5,15 +5,18 @@ a requeue cannot put it back in the queue. It creates a new execution instead, a
 one's frozen record: same tenant, submitter, plan snapshot, hashes and idempotency key (the old
 execution's key is retired first, so the new one may hold it), same priority; a fresh attempt
 budget from the timeout policy. Everything happens in ONE Postgres transaction, with the Redis
-push last before the commit (the queue recipe, :mod:`opsconductor.lifecycle.queue.enqueue`; a
-Redis failure rolls it all back and the entry stays open):
+push last before the commit: the new execution is queued by the one queue recipe every path
+uses (:func:`opsconductor.lifecycle.queue.enqueue.enqueue_execution`, as a background submit's
+and an approval's release), so a Redis failure rolls it all back and the entry stays open:
 
 1. lock the DLQ entry (refused if it was requeued already, naming by whom and as what);
 2. retire the old execution's idempotency key, create the new execution (event
-   ``execution_started``, actor: the submitter), record ``dlq_requeued`` on it (actor: the
-   admin; payload: ``requeued_from``, ``dlq_id``, the job id, the old attempts and error) after
-   inserting its queue row, mark the entry requeued (``requeued_at``, ``requeued_by``);
-3. move it to ``queued`` (by the admin) and push the job to Redis.
+   ``execution_started``, actor: the submitter);
+3. the recipe: its queue row; then (the recipe's ``before_queued``) ``dlq_requeued`` recorded on
+   it (actor: the admin; payload: ``requeued_from``, ``dlq_id``, the job id, the old attempts and
+   error) and the entry marked requeued (``requeued_at``, ``requeued_by``); the move to
+   ``queued`` (by the admin); the Redis push;
+4. the new execution read back with its steps (the transition's row carries none), returned.
 
 The old execution is not touched: ``execution_completed`` stays its last event. The links go
 both ways: the new execution's ``dlq_requeued`` event names the old one, and the entry (which

@@ -564,6 +564,48 @@ def test_mask_processor_masks_every_field_but_plumbing() -> None:
     assert out["_record"] is record
 
 
+class _Key(str):
+    """A str subclass key: classified like the plain string it equals."""
+
+
+def test_mask_processor_masks_each_field_as_mask_item_does(masker: Masker) -> None:
+    """The processor's inlined fast paths give what `mask_item` gives, for every kind of value
+    under a secret and an ordinary key (None and bools kept, numbers redacted only under a
+    secret key, cached and uncached strings, str subclasses, containers, objects)."""
+    masker.register_secret(SECRET)
+
+    class Thing:
+        def __str__(self) -> str:
+            return f"thing {SECRET}"
+
+    values: list[object] = [
+        None,
+        True,
+        False,
+        0,
+        7,
+        1.5,
+        "plain",
+        f"password={SECRET}",
+        SECRET,
+        _Key(f"prefix {SECRET}"),
+        {"nested": SECRET, "token": "x1234"},
+        [SECRET, 1, None],
+        (SECRET,),
+        Thing(),
+        b"bytes " + SECRET.encode(),
+    ]
+    keys: list[object] = ["status", "api_token", _Key("password"), _Key("status"), 3]
+    for key in keys:
+        for value in values:
+            expected = masker.mask_item(key, value)
+            for _ in range(2):  # the second pass answers from the text cache
+                event: dict[Any, Any] = {key: value}
+                out = masker.process_event(None, "info", event)
+                assert out[key] == expected, (key, value)
+                assert type(out[key]) is type(expected), (key, value)
+
+
 def test_mask_processor_renders_and_masks_a_leftover_exc_info() -> None:
     """Without format_exc_info before it, the processor still never lets a raw traceback out."""
     try:

@@ -80,6 +80,20 @@ _MAX_TENANT_LEN: Final = 100
 _MAX_ACTOR_LEN: Final = 200
 _ONE_KEY: Final = "pass exactly one of hs256_key and rs256_private_key"
 _BEARER = re.compile(r"^\s*bearer\s+(\S+)\s*$", re.IGNORECASE)
+#: Tokens remembered as verified (a client sends the same token with every call); when full,
+#: the memory starts afresh.
+_VERIFIED_CACHE_SIZE: Final = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class _Verified:
+    """What a successful verification established about one token string."""
+
+    principal: Principal
+    alg: str
+    header: Mapping[str, Any]
+    key: Any
+    claims: Mapping[str, Any]
 
 
 @dataclass(frozen=True)
@@ -170,6 +184,7 @@ class TokenVerifier:
         self._leeway = leeway
         self._max_lifetime = max_token_lifetime
         self.jwks = jwks
+        self._verified: dict[str, _Verified] = {}
 
     @classmethod
     def from_settings(cls, settings: JwtSettings) -> TokenVerifier:
@@ -238,7 +253,15 @@ class TokenVerifier:
 
         The error message names the problem (expired, bad signature, wrong audience, missing
         claim …) and never contains the token or any part of it.
+
+        A token verified before is answered from memory, without decoding it or checking its
+        signature again (the same bytes under the same key verify the same way), as long as
+        the key that verified it is still the one its header selects (a JWKS may have dropped
+        it) and its time claims still hold now; otherwise it is verified from scratch.
         """
+        known = self._verified.get(token)
+        if known is not None and self._still_valid(known):
+            return known.principal
         header = self._header(token)
         # The header only picks which configured key to try; that key's algorithm is the only
         # one passed to PyJWT, so "none" or HS256-with-the-RSA-public-key cannot get through.
@@ -262,7 +285,33 @@ class TokenVerifier:
         except jwt.PyJWTError as exc:
             raise AuthenticationError(self._describe(exc)) from None
         self._check_lifetime(claims)
-        return self._principal(claims)
+        principal = self._principal(claims)
+        if len(self._verified) >= _VERIFIED_CACHE_SIZE:
+            self._verified.clear()
+        self._verified[token] = _Verified(principal, alg, header, key, claims)
+        return principal
+
+    def _still_valid(self, known: _Verified) -> bool:
+        """Whether ``verify`` would accept this remembered token now (same key, same times)."""
+        try:
+            if self._key(known.alg, known.header) is not known.key:
+                return False
+        except AuthenticationError:
+            return False
+        # PyJWT's checks (int() of each claim, leeway on both sides), then the lifetime rule.
+        now = datetime.now(UTC).timestamp()
+        leeway = self._leeway.total_seconds()
+        claims = known.claims
+        if int(claims["exp"]) <= now - leeway:
+            return False
+        for name in ("nbf", "iat"):
+            if name in claims and int(claims[name]) > now + leeway:
+                return False
+        try:
+            self._check_lifetime(claims)
+        except AuthenticationError:
+            return False
+        return True
 
     @staticmethod
     def _header(token: str) -> dict[str, Any]:

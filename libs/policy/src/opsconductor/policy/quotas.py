@@ -155,4 +155,3 @@ class TenantQuotas:
             in_use=usage.in_flight,
             tenant_id=tenant_id,
         )
-

@@ -1939,3 +1939,43 @@ async def test_the_careful_claim_also_starts_a_queued_execution_and_its_lease_ne
     with pytest.raises(ValueError, match="delay_s"):
         await lifecycle.defer(job, -1.0)
     assert await worker.row(job_id) is None
+
+
+async def test_cancelling_an_execution_awaiting_approval_closes_its_request(
+    world: tuple[str, Core, Any], approvals: ApprovalLifecycle
+) -> None:
+    _, core, _ = world
+    tenant = fresh_tenant()
+    record, approval = await waiting_for_approval(core, approvals, tenant)
+    _, requested = await core.lifecycle.request_cancel(tenant, record.id, by="alice", reason="x")
+    assert requested
+    assert (await core.lifecycle.get(tenant, record.id)).status is S.CANCELLED
+    assert (await approvals.get(tenant, approval.id)).state is ApprovalState.INVALIDATED
+    with pytest.raises(ApprovalInvalidatedError):
+        await approvals.decide(approval.id, tenant_id=tenant, decision=decision())
+    assert await approvals.list_pending(tenant) == ([], None)
+
+
+async def test_the_workers_level_3_pause_opens_the_request_the_approvals_port_decides(
+    worker: Worker, policy: TimeoutPolicy, db_pool: asyncpg.Pool
+) -> None:
+    lifecycle = worker.lifecycle
+    if worker.kind == "fake":
+        assert isinstance(lifecycle, InMemoryLifecycle)
+        approvals: ApprovalLifecycle = InMemoryApprovals(lifecycle)
+    else:
+        approvals = PostgresApprovals(db_pool)
+    record, job = await claimed(worker, policy, approval_level=3)
+    assert await lifecycle.pause_for_approval(job, "second", ttl=TTL, by="w1")
+    paused = await approvals.step_approval(record.tenant_id, record.id, "second")
+    assert paused is not None
+    assert (paused.level, paused.state, paused.requested_by, paused.plan_hash) == (
+        3,
+        ApprovalState.PENDING,
+        record.actor_id,
+        record.plan_hash,
+    )
+    assert [a.id for a in (await approvals.list_pending(record.tenant_id))[0]] == [paused.id]
+    granted = await approvals.decide(paused.id, tenant_id=record.tenant_id, decision=decision())
+    assert granted.state is ApprovalState.APPROVED
+    assert (await lifecycle.get(record.tenant_id, record.id)).status is S.AWAITING_APPROVAL

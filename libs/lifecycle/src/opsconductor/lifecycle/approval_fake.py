@@ -1,6 +1,8 @@
 """An in-memory :class:`~opsconductor.lifecycle.approval_port.ApprovalLifecycle` for unit tests,
-over the executions of an :class:`~opsconductor.lifecycle.fake.InMemoryLifecycle` (a grant's
-release is that fake's ``enqueue``, a rejection moves its execution).
+over an :class:`~opsconductor.lifecycle.fake.InMemoryLifecycle`: its executions (a grant's
+release is that fake's ``enqueue``, a rejection moves its execution) and the requests it keeps
+(``approvals``: a cancel through the lifecycle port closes them, a level-3 pause opens one, and
+its transactions roll them back with everything else).
 
 It enforces what the storage functions do: a request is bound to the execution's own hashes,
 level and requester (never the caller's) and only one is open per execution and step; reads and
@@ -18,13 +20,12 @@ the transitions. Every behaviour here also runs against :class:`PostgresApproval
 from __future__ import annotations
 
 import contextlib
-import copy
 import hashlib
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
-from uuid import UUID, uuid4
+from uuid import UUID
 
 from opsconductor.common.errors import (
     ApprovalInvalidatedError,
@@ -65,20 +66,14 @@ class InMemoryApprovals:
 
     def __init__(self, core: InMemoryLifecycle) -> None:
         self.core = core
-        self.approvals: dict[UUID, ApprovalRecord] = {}
 
-    @contextlib.asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[Any]:
-        saved = copy.deepcopy(self.approvals)
-        try:
-            async with self.core.transaction() as tx:
-                yield tx
-        except BaseException:
-            self.approvals = saved
-            raise
+    @property
+    def approvals(self) -> dict[UUID, ApprovalRecord]:
+        """The requests, kept by ``core`` (rolled back with its transactions)."""
+        return self.core.approvals
 
     def transaction(self) -> contextlib.AbstractAsyncContextManager[Any]:
-        return self._transaction()
+        return self.core.transaction()
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -86,44 +81,6 @@ class InMemoryApprovals:
         if execution_id not in self.core.records:
             raise NotFoundError("execution not found", execution_id=str(execution_id))
         return self.core._current(execution_id)
-
-    def _open(self, execution_id: UUID, step_id: str | None) -> ApprovalRecord | None:
-        for approval in self.approvals.values():
-            if (approval.execution_id, approval.step_id) == (execution_id, step_id) and (
-                approval.is_pending
-            ):
-                return approval
-        return None
-
-    def _insert(
-        self, record: ExecutionRecord, step_id: str | None, ttl: timedelta
-    ) -> ApprovalRecord:
-        # Bound to the execution row, never to what a caller says (as the INSERT ... SELECT).
-        snapshot = record.plan_snapshot or {}
-        plan = snapshot.get("plan") if isinstance(snapshot, Mapping) else None
-        runbook = plan.get("runbook_url") if isinstance(plan, Mapping) else None
-        now = datetime.now(UTC)
-        approval = ApprovalRecord(
-            id=uuid4(),
-            tenant_id=record.tenant_id,
-            execution_id=record.id,
-            step_id=step_id,
-            level=record.approval_level,
-            state=ApprovalState.PENDING,
-            plan_hash=record.plan_hash,
-            plan_snapshot_hash=record.plan_snapshot_hash,
-            requested_by=record.actor_id,
-            runbook_url=runbook if isinstance(runbook, str) else None,
-            decided_by=None,
-            auth_method=None,
-            source_ip=None,
-            decided_at=None,
-            comment=None,
-            created_at=now,
-            expires_at=now + ttl,
-        )
-        self.approvals[approval.id] = approval
-        return approval
 
     def _expect(
         self, execution_id: UUID, expected_from: ExecutionStatus, to: ExecutionStatus
@@ -155,10 +112,10 @@ class InMemoryApprovals:
 
     async def request(self, execution_id: UUID, *, ttl: timedelta, by: str) -> ApprovalRecord:
         record = self._execution(execution_id)
-        if self._open(execution_id, None) is not None:
+        if self.core.open_approval(execution_id, None) is not None:
             raise ConflictError("an approval request is already open for this execution")
         self._expect(execution_id, _S.PENDING, _S.AWAITING_APPROVAL)  # before any write
-        approval = self._insert(record, None, ttl)
+        approval = self.core.new_approval(record, None, ttl)
         self._transition(
             execution_id,
             _S.AWAITING_APPROVAL,
@@ -183,7 +140,9 @@ class InMemoryApprovals:
             self.core._release_execution_locks(execution_id)
             return None
         self._expect(execution_id, _S.RUNNING, _S.AWAITING_APPROVAL)
-        approval = self._open(execution_id, step_id) or self._insert(record, step_id, ttl)
+        approval = self.core.open_approval(execution_id, step_id) or self.core.new_approval(
+            record, step_id, ttl
+        )
         self._mark_waiting(execution_id, step_id)
         self._transition(
             execution_id,
@@ -347,9 +306,7 @@ class InMemoryApprovals:
         """End the execution that waited for ``approval``: skip, close, transition."""
         eid = approval.execution_id
         self.core._skip(eid)
-        for other in list(self.approvals.values()):
-            if other.execution_id == eid and other.is_pending:
-                self.approvals[other.id] = replace(other, state=ApprovalState.INVALIDATED)
+        self.core.close_approvals(eid)
         self._transition(
             eid,
             to,

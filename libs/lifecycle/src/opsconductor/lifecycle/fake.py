@@ -46,6 +46,7 @@ from opsconductor.common.fsm import TERMINAL, ExecutionStatus, StepStatus, check
 from opsconductor.common.hashing import step_idempotency_key
 from opsconductor.lifecycle.facade import DeadLetter, ExecutionLifecycle, Handoff, Queued
 from opsconductor.lifecycle.queue.records import LeasedJob
+from opsconductor.lifecycle.storage.approval_records import ApprovalRecord, ApprovalState
 from opsconductor.lifecycle.storage.execution_records import ExecutionRecord, StepRecord
 from opsconductor.lifecycle.storage.executions import CreatedQueued, NewExecution
 from opsconductor.lifecycle.storage.locks import HeldLock, LockRequest, LockSet, sorted_requests
@@ -179,6 +180,9 @@ class InMemoryLifecycle:
         self.dlq: dict[UUID, FakeDeadLetter] = {}
         #: Held locks by key.
         self.locks: dict[str, FakeLock] = {}
+        #: Approval requests by id (the approvals port's fake, :mod:`.approval_fake`, reads and
+        #: decides them; a cancel closes them, a level-3 pause opens one, as the real core).
+        self.approvals: dict[UUID, ApprovalRecord] = {}
         #: The queue's clock (epoch seconds); tests move it to make backoffs and leases pass.
         self.clock: Callable[[], float] = time.time
         self._seq = 0
@@ -186,12 +190,14 @@ class InMemoryLifecycle:
 
     @contextlib.asynccontextmanager
     async def _transaction(self) -> AsyncIterator[Any]:
-        saved = copy.deepcopy((self.executions, self.jobs, self.records, self.dlq, self.locks))
+        saved = copy.deepcopy(
+            (self.executions, self.jobs, self.records, self.dlq, self.locks, self.approvals)
+        )
         self._open_transactions += 1
         try:
             yield self
         except BaseException:
-            self.executions, self.jobs, self.records, self.dlq, self.locks = saved
+            (self.executions, self.jobs, self.records, self.dlq, self.locks, self.approvals) = saved
             raise
         finally:
             self._open_transactions -= 1
@@ -850,6 +856,7 @@ class InMemoryLifecycle:
             ):
                 # Nobody runs it: it ends at once (a running one is ended by its worker).
                 self._skip(execution_id)
+                self.close_approvals(execution_id)
                 self._release_execution_locks(execution_id)
                 self._move(
                     execution_id, ExecutionStatus.CANCELLED, by=by, payload={"reason": reason}
@@ -1142,6 +1149,54 @@ class InMemoryLifecycle:
                 released += 1
         return released
 
+    # -- Approval requests (shared with :class:`~.approval_fake.InMemoryApprovals`) -------------
+
+    def open_approval(self, execution_id: UUID, step_id: str | None) -> ApprovalRecord | None:
+        """The pending request of the execution (``step_id`` None: the whole plan's)."""
+        for approval in self.approvals.values():
+            if (approval.execution_id, approval.step_id) == (execution_id, step_id) and (
+                approval.is_pending
+            ):
+                return approval
+        return None
+
+    def new_approval(
+        self, record: ExecutionRecord, step_id: str | None, ttl: timedelta
+    ) -> ApprovalRecord:
+        """A pending request bound to the execution row, never to what a caller says (the
+        storage's INSERT ... SELECT from ``executions``): its hashes, level and requester."""
+        snapshot = record.plan_snapshot or {}
+        plan = snapshot.get("plan") if isinstance(snapshot, Mapping) else None
+        runbook = plan.get("runbook_url") if isinstance(plan, Mapping) else None
+        now = datetime.now(UTC)
+        approval = ApprovalRecord(
+            id=uuid4(),
+            tenant_id=record.tenant_id,
+            execution_id=record.id,
+            step_id=step_id,
+            level=record.approval_level,
+            state=ApprovalState.PENDING,
+            plan_hash=record.plan_hash,
+            plan_snapshot_hash=record.plan_snapshot_hash,
+            requested_by=record.actor_id,
+            runbook_url=runbook if isinstance(runbook, str) else None,
+            decided_by=None,
+            auth_method=None,
+            source_ip=None,
+            decided_at=None,
+            comment=None,
+            created_at=now,
+            expires_at=now + ttl,
+        )
+        self.approvals[approval.id] = approval
+        return approval
+
+    def close_approvals(self, execution_id: UUID) -> None:
+        """Invalidate the open requests of an execution that ends without them."""
+        for approval in list(self.approvals.values()):
+            if approval.execution_id == execution_id and approval.is_pending:
+                self.approvals[approval.id] = replace(approval, state=ApprovalState.INVALIDATED)
+
     def _release_execution_locks(self, execution_id: UUID) -> None:
         for key, held in list(self.locks.items()):
             if held.owner_execution_id == execution_id:
@@ -1194,6 +1249,8 @@ class InMemoryLifecycle:
                 self._release_execution_locks(job.execution_id)
             else:
                 record = self.records[job.execution_id]
+                if self.open_approval(job.execution_id, step_id) is None:
+                    self.new_approval(self._current(job.execution_id), step_id, ttl)
                 self.records[job.execution_id] = replace(
                     record,
                     steps=tuple(

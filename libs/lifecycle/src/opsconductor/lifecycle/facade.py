@@ -69,9 +69,11 @@ __all__ = [
     "CreatedQueued",
     "DeadLetter",
     "ExecutionLifecycle",
+    "ExecutionRecord",
     "Handoff",
     "PostgresRedisLifecycle",
     "Queued",
+    "TimeoutPolicy",
     "WaitingUsage",
 ]
 

@@ -32,9 +32,7 @@ from opsconductor.common.errors import (
 )
 from opsconductor.common.fsm import ExecutionStatus
 from opsconductor.common.tracing import continue_trace, current_traceparent
-from opsconductor.lifecycle.facade import ExecutionLifecycle
-from opsconductor.lifecycle.storage.execution_records import ExecutionRecord
-from opsconductor.lifecycle.storage.policies import TimeoutPolicy
+from opsconductor.lifecycle.facade import ExecutionLifecycle, ExecutionRecord, TimeoutPolicy
 
 from .ports import WorkerPort
 

@@ -2,12 +2,14 @@
 job leased, handed off, re-authorized, run and settled in both stores — success, a retry after
 its backoff, the dead-letter queue on the last attempt, a cancellation, a lost lease, a shutdown,
 a deferral while the submit has not committed, a permission revoked since the submit, a busy
-target, a takeover of a dead worker's execution. Each port call the consumer makes is checked
-against the real Postgres + Redis core in tests/integration/test_lifecycle_facade.py."""
+target, a takeover of a dead worker's execution, a level-3 pause for a step approval. Each
+port call the consumer makes is checked against the real Postgres + Redis core in
+tests/integration/test_lifecycle_facade.py."""
 
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from datetime import timedelta
 from uuid import uuid4
 
@@ -17,8 +19,10 @@ from opsconductor.common.errors import ResourceBusyError, StaleLeaseError
 from opsconductor.common.fsm import ExecutionStatus, StepStatus
 from opsconductor.lifecycle.queue.lease import lease_seconds
 from opsconductor.lifecycle.queue.records import LeasedJob
-from opsconductor.lifecycle.storage.locks import LockRequest
+from opsconductor.lifecycle.storage.execution_records import ExecutionRecord
+from opsconductor.lifecycle.storage.locks import LockRequest, LockSet
 from opsconductor.policy.rbac import DenialReason
+from opsconductor.worker.logic.approval_checks import ApprovalChecks
 from opsconductor.worker.logic.consumer import DEFER_S, INITIAL_LEASE_S
 from tests.unit.worker_world import TARGET, TENANT, WORKER, World, new_execution, plan_of
 
@@ -352,3 +356,51 @@ async def test_the_dispatcher_leases_batches_for_its_free_slots_and_runs_every_j
         assert world.lifecycle.executions[record.id].status is ExecutionStatus.SUCCEEDED
         assert job_id not in world.lifecycle.queue
         assert job_id not in world.lifecycle.jobs
+
+
+class StepApprovals(ApprovalChecks):
+    """The worker's approval checks with the approvals store stood in for: the binding holds,
+    the steps in ``approved`` are approved, and held locks are noted instead of extended."""
+
+    def __init__(self, approved: set[str]) -> None:
+        super().__init__(None, ttl=timedelta(hours=1), worker_id=WORKER)  # type: ignore[arg-type]
+        self.approved = approved
+        self.held: list[list[str]] = []
+
+    async def verify(self, record: ExecutionRecord, *, background: bool) -> None:
+        return None
+
+    async def step_approved(self, record: ExecutionRecord, step_id: str) -> bool:
+        return step_id in self.approved
+
+    async def hold_locks(self, lock_set: LockSet) -> None:
+        self.held.append(lock_set.keys)
+
+
+async def test_a_level_3_run_pauses_before_a_step_not_approved_and_gives_the_job_up(
+    world: World,
+) -> None:
+    approvals = world.runner.approvals = StepApprovals({"s1"})
+    record, _ = await world.lifecycle.create(
+        replace(new_execution(plan_of("ok", "ok")), approval_level=3),
+        dedup_window=timedelta(hours=1),
+    )
+    async with world.lifecycle.transaction() as tx:
+        job_id = (
+            await world.lifecycle.enqueue(
+                tx, record, world.policy, by="api", expected_from=ExecutionStatus.PENDING
+            )
+        ).job_id
+    await world.consumer.process(await lease(world))
+    execution = world.lifecycle.executions[record.id]
+    assert execution.status is ExecutionStatus.AWAITING_APPROVAL
+    assert execution.lease_token is None
+    assert world.steps(record.id) == {"s1": "succeeded", "s2": "awaiting_approval"}
+    assert world.scripted.calls == ["s1"]
+    assert execution.events[-1] == "step_approval_requested"
+    # The worker gave its lease up without spending an attempt; the targets stay locked.
+    assert job_id not in world.lifecycle.queue
+    assert job_id not in world.lifecycle.jobs
+    (held,) = world.lifecycle.locks.values()
+    assert held.owner_execution_id == record.id
+    assert approvals.held == [[next(iter(world.lifecycle.locks))]]

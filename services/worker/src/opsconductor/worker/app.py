@@ -86,7 +86,9 @@ class WorkerApp:
         authorizer = self._authorizer = Authorizer(
             pool, self._rbac_policy, tier="worker", role_cache=self._role_cache
         )
-        self._immediate = ImmediateExecutions(pool=pool, authorizer=authorizer, runner=runner)
+        self._immediate = ImmediateExecutions(
+            lifecycle=lifecycle, pool=pool, authorizer=authorizer, runner=runner
+        )
         if self._queue is not None:
             # Push dispatch: an idle slot wakes when a job is announced, polling is the fallback.
             self._wakeups = self._queue.wakeups()

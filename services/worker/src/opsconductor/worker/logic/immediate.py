@@ -26,8 +26,8 @@ import structlog
 from opsconductor.common.auth import Principal
 from opsconductor.common.errors import FailedPreconditionError, NotFoundError, OpsConductorError
 from opsconductor.lifecycle.execution_logging import bind_execution_fields
+from opsconductor.lifecycle.facade import ExecutionLifecycle
 from opsconductor.lifecycle.storage.approvals import granted_by
-from opsconductor.lifecycle.storage.execution_reads import find_execution
 from opsconductor.lifecycle.storage.execution_records import ExecutionRecord, PoolOrConnection
 from opsconductor.policy.rbac import Authorizer, Permission, one_request, submit_permissions
 
@@ -42,8 +42,15 @@ class ImmediateExecutions:
     """Runs immediate executions handed over by the api."""
 
     def __init__(
-        self, *, pool: PoolOrConnection, authorizer: Authorizer, runner: ExecutionRunner
+        self,
+        *,
+        lifecycle: ExecutionLifecycle,
+        pool: PoolOrConnection,
+        authorizer: Authorizer,
+        runner: ExecutionRunner,
     ) -> None:
+        #: The execution's read (the lifecycle core); ``pool`` only for the approval binding.
+        self._lifecycle = lifecycle
         self._pool = pool
         self._authorizer = authorizer
         self._runner = runner
@@ -63,7 +70,7 @@ class ImmediateExecutions:
     ) -> ExecutionRecord:
         # One read of the execution wherever it lives: its approval says whether the caller may
         # be its approver, and its tenant is where a probe is audited.
-        found = await find_execution(self._pool, execution_id)
+        found = await self._lifecycle.find(execution_id)
         if found is not None:
             # The rest of this RPC's records (checks, denials, the start) are the execution's.
             bind_execution_fields(found, worker_id=self._runner.worker_id)

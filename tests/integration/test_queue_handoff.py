@@ -8,22 +8,25 @@ mirror in one statement, fenced.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
-from uuid import uuid4
+from uuid import UUID, uuid4
 
 import asyncpg
 import pytest
 from redis.asyncio import Redis
 
+from opsconductor.common.errors import StaleLeaseError
 from opsconductor.common.fsm import ExecutionStatus, StepStatus
 from opsconductor.devstack.pg_roundtrips import RoundTripCounter
 from opsconductor.lifecycle.queue import RedisQueue, handoff, jobs
+from opsconductor.lifecycle.queue.lease import lease_seconds
 from opsconductor.lifecycle.queue.records import LeasedJob
 from opsconductor.lifecycle.storage.audit_chain import verify_chain
 from opsconductor.lifecycle.storage.db import create_pool
-from opsconductor.lifecycle.storage.execution_records import transaction
+from opsconductor.lifecycle.storage.execution_records import ExecutionRecord, transaction
 from opsconductor.lifecycle.storage.executions import (
     NewExecution,
     NewStep,
@@ -31,6 +34,7 @@ from opsconductor.lifecycle.storage.executions import (
     request_cancel,
     transition,
 )
+from opsconductor.lifecycle.storage.policies import load_timeout_policies
 from tests.integration.test_queue_postgres import TENANT, new_execution, submit
 from tests.integration.test_queue_redis import FakeClock
 
@@ -190,7 +194,7 @@ async def test_a_job_whose_row_is_not_visible_is_reported_and_nothing_is_written
     # Pushed by a submit that has not committed (here: never will).
     await queue.enqueue(uuid4(), execution_id, TENANT, 50, 3, 1)
     (handed,) = await handoff.hand_off(db_pool, await leased(queue, 1), worker_id="worker-a")
-    assert (handed.leased, handed.record) == (False, None)
+    assert (handed.leased, handed.record, handed.settled) == (False, None, False)
     status, token = await db_pool.fetchrow(
         "SELECT status, lease_token FROM executions WHERE id = $1", execution_id
     )
@@ -273,3 +277,129 @@ async def test_the_renewal_mirror_is_fenced_on_the_lease_token(
         await db_pool.fetchval("SELECT lease_renewals FROM executions WHERE id = $1", h.record.id)
         == 1
     )
+
+
+async def succeed(db: asyncpg.Pool, execution_id: UUID, lease_token: UUID) -> ExecutionRecord:
+    """The lease holder's final transition of a claimed execution (as the runner makes it)."""
+    return await transition(
+        db,
+        execution_id,
+        to=ExecutionStatus.SUCCEEDED,
+        by="worker-a",
+        expected_from=ExecutionStatus.RUNNING,
+        lease_token=lease_token,
+        tenant_id=TENANT,
+    )
+
+
+async def test_the_first_renewal_is_written_by_the_handoff(
+    db_pool: asyncpg.Pool, queue: RedisQueue
+) -> None:
+    """With a FirstRenewal the claim writes the lease the worker's immediate renewal sets (the
+    policy's, as lease_seconds computes it; an override instead) and counts that renewal on the
+    queue row and the execution; a job with no renewal left gets neither."""
+    policy = (await load_timeout_policies(db_pool))["fast_read"]
+    terms = handoff.FirstRenewal(override_s=None, default_s=30.0)
+    await submit(db_pool, queue)
+    (h,) = await handoff.hand_off(
+        db_pool, await leased(queue, 1), worker_id="worker-a", first_renewal=terms
+    )
+    assert h.record is not None
+    assert h.lease_s == lease_seconds(policy)
+    assert h.record.lease_renewals == 1
+    row = await jobs.get_queue_row(db_pool, h.job.job_id)
+    assert row is not None
+    assert row.lease_renewals == 1
+    assert row.lease_expires_at is not None
+    expected = h.record.last_transition_at + timedelta(seconds=lease_seconds(policy))
+    assert abs((row.lease_expires_at - expected).total_seconds()) < 1.0
+    # The renewal then touches Redis only, with the same lease.
+    deadline = await queue.renew(h.job.job_id, h.job.lease_token, h.lease_s)
+    assert deadline == pytest.approx(queue.now() + lease_seconds(policy), abs=0.01)
+
+    await submit(db_pool, queue)
+    (h,) = await handoff.hand_off(
+        db_pool,
+        await leased(queue, 1),
+        worker_id="worker-a",
+        first_renewal=handoff.FirstRenewal(override_s=2.5, default_s=30.0),
+    )
+    assert h.lease_s == 2.5
+
+    # No renewal left (Redis would refuse it): the dequeue's lease, nothing counted.
+    async with transaction(db_pool) as conn:
+        execution_id = await new_execution(conn)
+        queued = await jobs.insert_queue_row(
+            conn, execution_id=execution_id, tenant_id=TENANT, priority=50, max_attempts=3
+        )
+        await queue.enqueue(queued.id, execution_id, TENANT, 50, 3, 0)
+    (job,) = await leased(queue, 1)
+    (h,) = await handoff.hand_off(db_pool, [job], worker_id="worker-a", first_renewal=terms)
+    assert h.record is not None
+    assert (h.lease_s, h.record.lease_renewals) == (None, 0)
+    row = await jobs.get_queue_row(db_pool, job.job_id)
+    assert row is not None
+    assert (row.lease_renewals, row.lease_expires_at) == (
+        0,
+        datetime.fromtimestamp(job.lease_deadline, UTC),
+    )
+
+
+async def test_the_lease_holders_final_transition_deletes_its_queue_row(
+    db_pool: asyncpg.Pool, queue: RedisQueue
+) -> None:
+    """The terminal move fenced on the lease token deletes the job's row in its own statement;
+    a stale token changes nothing, the row included."""
+    await submit(db_pool, queue)
+    (h,) = await handoff.hand_off(db_pool, await leased(queue, 1), worker_id="worker-a")
+    assert h.record is not None
+    with pytest.raises(StaleLeaseError):
+        await succeed(db_pool, h.record.id, uuid4())
+    assert await jobs.get_queue_row(db_pool, h.job.job_id) is not None
+    ended = await succeed(db_pool, h.record.id, h.job.lease_token)
+    assert ended.status is ExecutionStatus.SUCCEEDED
+    assert await jobs.get_queue_row(db_pool, h.job.job_id) is None
+
+
+async def test_a_queue_row_locked_by_another_is_left_to_it_without_waiting(
+    db_pool: asyncpg.Pool, queue: RedisQueue
+) -> None:
+    """A row someone else holds locked (a takeover's handoff, the reaper re-pushing it) is not
+    waited for by the final transition (that could deadlock): the move commits, the row stays
+    for the worker that dequeues it next."""
+    await submit(db_pool, queue)
+    (h,) = await handoff.hand_off(db_pool, await leased(queue, 1), worker_id="worker-a")
+    assert h.record is not None
+    async with db_pool.acquire() as other, other.transaction():
+        await other.execute("SELECT 1 FROM execution_queue WHERE id = $1 FOR UPDATE", h.job.job_id)
+        ended = await asyncio.wait_for(
+            succeed(db_pool, h.record.id, h.job.lease_token),
+            timeout=5.0,
+        )
+    assert ended.status is ExecutionStatus.SUCCEEDED
+    assert await jobs.get_queue_row(db_pool, h.job.job_id) is not None
+
+
+async def test_a_settled_job_left_in_redis_is_reported_settled_and_nothing_is_written(
+    db_pool: asyncpg.Pool, queue: RedisQueue, clock: FakeClock
+) -> None:
+    """Its holder committed the end (row deleted) and died before the Redis ack: once the lease
+    expires the job is dequeued again, and the handoff finds no row and an ended execution."""
+    await submit(db_pool, queue)
+    (h,) = await handoff.hand_off(db_pool, await leased(queue, 1), worker_id="worker-a")
+    assert h.record is not None
+    await succeed(db_pool, h.record.id, h.job.lease_token)
+    events = await db_pool.fetchval(
+        "SELECT count(*) FROM execution_events WHERE execution_id = $1", h.record.id
+    )
+    clock.now += 3600
+    (again,) = await leased(queue, 1)
+    assert again.job_id == h.job.job_id
+    (settled,) = await handoff.hand_off(db_pool, [again], worker_id="worker-b")
+    assert (settled.leased, settled.settled, settled.record) == (False, True, None)
+    status, worker, seen = await db_pool.fetchrow(
+        "SELECT status, worker_id, (SELECT count(*) FROM execution_events WHERE execution_id = $1)"
+        " FROM executions WHERE id = $1",
+        h.record.id,
+    )
+    assert (status, worker, seen) == ("succeeded", "worker-a", events)

@@ -31,11 +31,11 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol
 from uuid import UUID
 
-from opsconductor.common.errors import QueueUnavailableError
+from opsconductor.common.errors import QueueUnavailableError, StaleLeaseError
 from opsconductor.common.fsm import ExecutionStatus, StepStatus
 from opsconductor.lifecycle.queue import dlq, handoff, jobs
 from opsconductor.lifecycle.queue.enqueue import enqueue_execution, submit_queued
-from opsconductor.lifecycle.queue.handoff import Handoff
+from opsconductor.lifecycle.queue.handoff import FirstRenewal, Handoff
 from opsconductor.lifecycle.queue.records import LeasedJob
 from opsconductor.lifecycle.queue.redis_queue import RedisQueue
 from opsconductor.lifecycle.storage import (
@@ -70,6 +70,7 @@ __all__ = [
     "DeadLetter",
     "ExecutionLifecycle",
     "ExecutionRecord",
+    "FirstRenewal",
     "Handoff",
     "PostgresRedisLifecycle",
     "Queued",
@@ -247,11 +248,19 @@ class ExecutionLifecycle(Protocol):
         ``delay_s`` (its row was not visible yet); ``StaleLeaseError`` once the token lost it."""
         ...
 
-    async def hand_off(self, batch: Sequence[LeasedJob], *, worker_id: str) -> list[Handoff]:
+    async def hand_off(
+        self,
+        batch: Sequence[LeasedJob],
+        *,
+        worker_id: str,
+        first_renewal: FirstRenewal | None = None,
+    ) -> list[Handoff]:
         """Lease handoff and claim of a batch in one statement (:mod:`.queue.handoff`): one
-        :class:`Handoff` per job, in order — not leased (no row yet: defer it), leased and
-        claimed (a ``pending``/``queued`` execution now ``running``, fenced by the job's token),
-        or leased only (anything else: :meth:`claim` decides)."""
+        :class:`Handoff` per job, in order — not leased (no row yet: defer it; or ``settled``,
+        its execution ended: only ack it in Redis), leased and claimed (a ``pending``/``queued``
+        execution now ``running``, fenced by the job's token), or leased only (anything else:
+        :meth:`claim` decides). With ``first_renewal`` a claimed job's immediate renewal is
+        written and counted here (``Handoff.lease_s``): renew it with :meth:`renew_lease` only."""
         ...
 
     async def mirror_lease(self, job: LeasedJob, *, worker_id: str) -> bool:
@@ -400,6 +409,14 @@ class ExecutionLifecycle(Protocol):
         """Settle ``job`` done: out of both stores (the fenced row delete, then Redis).
         ``settled_only``: when no row of this lease is left, leave Redis alone and return
         False."""
+        ...
+
+    async def ack_ended(self, job: LeasedJob) -> bool:
+        """Settle ``job`` whose run ended by its lease holder's final write (:meth:`end_run`,
+        :meth:`finish_last_step`: that write deleted its row, committed): the Redis ack alone.
+        False when the token no longer holds it in Redis (its lease ended otherwise);
+        ``QueueUnavailableError`` leaves it leased, and the handoff that gets it again reports
+        it ``settled``."""
         ...
 
     async def release_on_shutdown(self, job: LeasedJob) -> bool:
@@ -615,8 +632,16 @@ class PostgresRedisLifecycle:
     async def defer(self, job: LeasedJob, delay_s: float) -> None:
         await self._worker_queue().release(job.job_id, job.lease_token, delay_s=delay_s)
 
-    async def hand_off(self, batch: Sequence[LeasedJob], *, worker_id: str) -> list[Handoff]:
-        return await handoff.hand_off(self._pool, batch, worker_id=worker_id)
+    async def hand_off(
+        self,
+        batch: Sequence[LeasedJob],
+        *,
+        worker_id: str,
+        first_renewal: FirstRenewal | None = None,
+    ) -> list[Handoff]:
+        return await handoff.hand_off(
+            self._pool, batch, worker_id=worker_id, first_renewal=first_renewal
+        )
 
     async def mirror_lease(self, job: LeasedJob, *, worker_id: str) -> bool:
         row = await jobs.lease_row(
@@ -822,6 +847,13 @@ class PostgresRedisLifecycle:
     async def ack(self, job: LeasedJob, *, settled_only: bool = False) -> bool:
         async with transaction(self._pool) as conn:
             return await self._ack_in(conn, job, settled_only=settled_only)
+
+    async def ack_ended(self, job: LeasedJob) -> bool:
+        try:
+            await self._worker_queue().ack(job.job_id, job.lease_token)
+        except StaleLeaseError:
+            return False
+        return True
 
     async def release_on_shutdown(self, job: LeasedJob) -> bool:
         async with transaction(self._pool) as conn:

@@ -44,7 +44,14 @@ from opsconductor.common.errors import (
 )
 from opsconductor.common.fsm import TERMINAL, ExecutionStatus, StepStatus, check_transition
 from opsconductor.common.hashing import step_idempotency_key
-from opsconductor.lifecycle.facade import DeadLetter, ExecutionLifecycle, Handoff, Queued
+from opsconductor.lifecycle.facade import (
+    DeadLetter,
+    ExecutionLifecycle,
+    FirstRenewal,
+    Handoff,
+    Queued,
+)
+from opsconductor.lifecycle.queue.lease import lease_seconds
 from opsconductor.lifecycle.queue.records import LeasedJob
 from opsconductor.lifecycle.storage.approval_records import ApprovalRecord, ApprovalState
 from opsconductor.lifecycle.storage.execution_records import ExecutionRecord, StepRecord
@@ -187,6 +194,8 @@ class InMemoryLifecycle:
         self.clock: Callable[[], float] = time.time
         self._seq = 0
         self._fencing = 0
+        #: The timeout_policies table as the fake holds it (the handoff's first renewal).
+        self.policies: dict[str, TimeoutPolicy] = {}
 
     @contextlib.asynccontextmanager
     async def _transaction(self) -> AsyncIterator[Any]:
@@ -760,13 +769,21 @@ class InMemoryLifecycle:
         )
         return True
 
-    async def hand_off(self, batch: Sequence[LeasedJob], *, worker_id: str) -> list[Handoff]:
+    async def hand_off(
+        self,
+        batch: Sequence[LeasedJob],
+        *,
+        worker_id: str,
+        first_renewal: FirstRenewal | None = None,
+    ) -> list[Handoff]:
         out: list[Handoff] = []
         for job in batch:
-            if not self._lease_row(job, worker_id):
-                out.append(Handoff(job, leased=False))
-                continue
             execution = self.executions.get(job.execution_id)
+            if not self._lease_row(job, worker_id):
+                # No row: settled when its execution ended (it never moves again).
+                settled = execution is not None and execution.status in TERMINAL
+                out.append(Handoff(job, leased=False, settled=settled))
+                continue
             if execution is None or execution.status not in (
                 ExecutionStatus.PENDING,
                 ExecutionStatus.QUEUED,
@@ -774,7 +791,20 @@ class InMemoryLifecycle:
                 out.append(Handoff(job, leased=True))  # the careful path decides
                 continue
             self._claim_fresh(job.execution_id, job.lease_token, worker_id, None)
-            out.append(Handoff(job, leased=True, record=self._current(job.execution_id)))
+            lease_s = None
+            if first_renewal is not None and job.lease_renewals == 0 < job.max_lease_renewals:
+                # The immediate renewal's mirror, written by the handoff (queue.handoff).
+                policy = self.policies.get(self.records[job.execution_id].timeout_policy_id or "")
+                lease_s = first_renewal.override_s or (
+                    lease_seconds(policy) if policy is not None else first_renewal.default_s
+                )
+                self.jobs[job.job_id] = replace(self.jobs[job.job_id], lease_renewals=1)
+                execution.lease_renewals += 1
+            out.append(
+                Handoff(
+                    job, leased=True, record=self._current(job.execution_id), lease_s=lease_s
+                )
+            )
         return out
 
     def _claim_fresh(
@@ -941,6 +971,11 @@ class InMemoryLifecycle:
         self._move(execution_id, to, by=by, payload=None)
         self._apply(execution, fields)
         self._release_execution_locks(execution_id)
+        if lease_token is not None:
+            # The lease holder's end deletes its job's row (the Redis ack is ack_ended's).
+            for job_id, row in list(self.jobs.items()):
+                if row.execution_id == execution_id and row.lease_token == lease_token:
+                    del self.jobs[job_id]
         return replace(self._current(execution_id), steps=())
 
     @staticmethod
@@ -1222,6 +1257,15 @@ class InMemoryLifecycle:
     async def ack(self, job: LeasedJob, *, settled_only: bool = False) -> bool:
         async with self._transaction():
             return self._ack_in(job, settled_only=settled_only)
+
+    async def ack_ended(self, job: LeasedJob) -> bool:
+        self._redis()
+        try:
+            self._held(job.job_id, job.lease_token)
+        except StaleLeaseError:
+            return False
+        del self.queue[job.job_id]
+        return True
 
     async def release_on_shutdown(self, job: LeasedJob) -> bool:
         async with self._transaction():

@@ -24,16 +24,19 @@ raises :class:`~opsconductor.common.errors.QueueUnavailableError` and rolls ever
 
     # worker: a batch of leases in one script, handed off (and claimed) in one statement
     batch = await queue.dequeue_batch(worker_id, INITIAL_LEASE_S, free_slots)
-    for handed in await handoff.hand_off(pool, batch, worker_id=...):
-        if not handed.leased:            # submit not committed yet: defer, do not run
+    for handed in await handoff.hand_off(pool, batch, worker_id=..., first_renewal=...):
+        if handed.settled:               # ended, its holder died before the Redis ack
+            await queue.ack(handed.job.job_id, handed.job.lease_token)
+        elif not handed.leased:          # submit not committed yet: defer, do not run
             await queue.release(handed.job.job_id, handed.job.lease_token, delay_s=...)
         elif handed.record is None:      # a takeover, or nothing to run: the careful path
             jobs.lease_row(...); claim_execution(...)
-    ...                                  # run, renewing with queue.renew + handoff.record_renewal
-    async with transaction(pool) as conn:  # success: with the terminal transition
-        await transition(conn, ..., to=SUCCEEDED, lease_token=job.lease_token)
-        await jobs.delete_queue_row(conn, job.job_id, lease_token=job.lease_token)
-        await queue.ack(job.job_id, job.lease_token)
+    ...                                  # run, renewing with queue.renew (the first renewal's
+                                         # mirror is the handoff's; later: record_renewal)
+    # success (any end): the terminal transition by the lease holder deletes its queue row in
+    # the same statement (committed), then Redis is acked
+    await transition(pool, ..., to=SUCCEEDED, lease_token=job.lease_token)
+    await queue.ack(job.job_id, job.lease_token)
     async with transaction(pool) as conn:  # failure: lock the row before Redis decides
         await jobs.get_queue_row(conn, job.job_id, for_update=True)
         outcome = await queue.fail(job.job_id, job.lease_token, message, error_class=...)

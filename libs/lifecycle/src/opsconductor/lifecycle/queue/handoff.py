@@ -9,13 +9,20 @@ lease token as fencing token, its attempt counted and its deadline set from its 
 hash is the ``BEFORE INSERT`` trigger's, the ``NOTIFY`` is delivered at commit) and the execution
 comes back with its steps.
 
+With a :class:`FirstRenewal` (the worker renews each lease at once, from the dequeue's short
+lease to its policy's), the statement writes that renewed lease and counts the renewal on the
+queue row and the execution, so the renewal itself touches only Redis. It is counted before
+Redis grants it: should the lease be lost in between, the row is the new holder's to rewrite.
+
 What the one statement does not claim is reported as such and left to the careful path
 (:func:`.jobs.lease_row`, then ``execution_leases.claim_execution``): a job whose row is not
 visible (its submit has not committed: defer it), and an execution that is running already (a
 takeover: steps reset, ``lease_taken_over``), terminal or waiting for an approval (nothing to
-run). A concurrent writer of the execution (a cancel) holds its row lock; the ``UPDATE`` then
-waits and re-checks the status on the newest row version, so a cancelled execution is never
-claimed.
+run). A job with no row whose execution is terminal is reported ``settled``: its final
+transition deleted the row and its holder died before acking Redis (``storage.executions``);
+the worker only acks it. A concurrent writer of the execution (a cancel) holds its row lock;
+the ``UPDATE`` then waits and re-checks the status on the newest row version, so a cancelled
+execution is never claimed.
 
 :func:`record_renewal` mirrors a Redis lease renewal in one statement: the queue row's deadline
 and renewal count, and the execution's ``lease_renewals``, both fenced on the lease token.
@@ -32,7 +39,7 @@ from uuid import UUID
 
 import structlog
 
-from opsconductor.common.fsm import ExecutionStatus, allowed_sources
+from opsconductor.common.fsm import TERMINAL, ExecutionStatus, allowed_sources
 from opsconductor.lifecycle.execution_logging import bind_execution
 from opsconductor.lifecycle.queue.records import LeasedJob
 from opsconductor.lifecycle.storage.events import EVENTS_CHANNEL
@@ -45,7 +52,7 @@ from opsconductor.lifecycle.storage.execution_records import (
     step_from_row,
 )
 
-__all__ = ["Handoff", "hand_off", "record_renewal"]
+__all__ = ["FirstRenewal", "Handoff", "hand_off", "record_renewal"]
 
 log = structlog.get_logger(__name__)
 
@@ -55,24 +62,39 @@ _CLAIMABLE = sorted(
     for s in allowed_sources(ExecutionStatus.RUNNING)
     - {ExecutionStatus.RUNNING, ExecutionStatus.AWAITING_APPROVAL}
 )
+# The lease the first renewal (made at once by the worker, see :class:`FirstRenewal`) sets: as
+# lease.lease_seconds computes it from the execution's timeout policy ($10 overrides it, $11
+# without a policy), or the dequeue's own deadline when no such renewal follows ($9 false).
+_TERMINAL = sorted(s.value for s in TERMINAL)
 _HAND_OFF = """
 WITH input AS (
-    SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::timestamptz[], $4::int[])
-        AS i(job_id, lease_token, lease_expires_at, attempts)
+    SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::timestamptz[], $4::int[], $8::uuid[],
+                         $9::bool[])
+        AS i(job_id, lease_token, lease_expires_at, attempts, execution_id, renews)
+), terms AS (
+    SELECT i.*, CASE WHEN i.renews THEN COALESCE(
+               $10::float8, (p.step_timeout_ms + p.lease_buffer_ms) / 1000.0, $11::float8)
+           END AS lease_s
+    FROM input i
+    LEFT JOIN executions x ON x.id = i.execution_id
+    LEFT JOIN timeout_policies p ON p.id = x.timeout_policy_id
 ), leased AS (
     UPDATE execution_queue q
-    SET state = 'leased', lease_owner = $5, lease_token = i.lease_token,
-        lease_expires_at = i.lease_expires_at, lease_renewals = 0, attempts = i.attempts,
+    SET state = 'leased', lease_owner = $5, lease_token = t.lease_token,
+        lease_expires_at = CASE WHEN t.lease_s IS NULL THEN t.lease_expires_at
+                                ELSE clock_timestamp() + make_interval(secs => t.lease_s) END,
+        lease_renewals = CASE WHEN t.lease_s IS NULL THEN 0 ELSE 1 END, attempts = t.attempts,
         updated_at = clock_timestamp()
-    FROM input i
-    WHERE q.id = i.job_id
-    RETURNING q.id, q.execution_id, i.lease_token
+    FROM terms t
+    WHERE q.id = t.job_id
+    RETURNING q.id, q.execution_id, t.lease_token, t.lease_s
 ), claimed AS (
     UPDATE executions e
     SET status = 'running', last_transition_from = e.status, last_transition_by = $5,
         last_transition_at = clock_timestamp(), updated_at = clock_timestamp(),
         started_at = COALESCE(e.started_at, GREATEST(clock_timestamp(), e.created_at)),
         worker_id = $5, lease_token = l.lease_token, attempts = e.attempts + 1,
+        lease_renewals = e.lease_renewals + CASE WHEN l.lease_s IS NULL THEN 0 ELSE 1 END,
         deadline_at = clock_timestamp() + make_interval(secs => COALESCE(
             (SELECT p.execution_timeout_ms FROM timeout_policies p
              WHERE p.id = e.timeout_policy_id), 600000) / 1000.0),
@@ -87,12 +109,21 @@ WITH input AS (
     FROM claimed c
     RETURNING execution_id, seq
 )
-SELECT l.id AS job_id, c.*,
+SELECT i.job_id, l.id IS NOT NULL AS leased, l.lease_s,
+       -- No row, and the execution has ended: the job was settled (its final transition
+       -- deleted the row) but its holder died before its Redis ack. A terminal execution
+       -- never moves again, so nothing of it can be left to run.
+       l.id IS NULL AND EXISTS (
+           SELECT 1 FROM executions x
+           WHERE x.id = i.execution_id AND x.status = ANY($12::execution_status[])
+       ) AS settled,
+       c.*,
        CASE WHEN ev.seq IS NOT NULL
             THEN pg_notify($7, ev.execution_id::text || ':' || ev.seq) END AS notified,
        (SELECT jsonb_agg(s ORDER BY s.position) FROM execution_steps s
         WHERE s.execution_id = c.id) AS step_rows
-FROM leased l
+FROM input i
+LEFT JOIN leased l ON l.id = i.job_id
 LEFT JOIN claimed c ON c.id = l.execution_id
 LEFT JOIN event ev ON ev.execution_id = c.id
 """
@@ -115,6 +146,19 @@ _STEP_TIMES = ("created_at", "started_at", "ended_at")
 
 
 @dataclass(frozen=True)
+class FirstRenewal:
+    """The worker renews each claimed job's lease at once, to its policy's lease: the handoff
+    writes that lease and counts that renewal itself, so the renewal needs no mirror of its own.
+
+    The lease is :func:`.lease.lease_seconds` of the execution's timeout policy, ``override_s``
+    instead when set (drills), ``default_s`` for an execution without a policy.
+    """
+
+    override_s: float | None
+    default_s: float
+
+
+@dataclass(frozen=True)
 class Handoff:
     """What :func:`hand_off` did for one job."""
 
@@ -124,6 +168,13 @@ class Handoff:
     #: The execution, claimed (running, fenced by the job's token) with its steps; None when the
     #: one statement did not claim it (see the module docstring: the careful path decides).
     record: ExecutionRecord | None = None
+    #: No row and the execution has ended (a settled job its holder did not ack in Redis):
+    #: nothing to run, the Redis entry is only to be acked.
+    settled: bool = False
+    #: Claimed with a :class:`FirstRenewal`: the lease (seconds) the worker's renewal must set,
+    #: already written (with the renewal counted) on the queue row and the execution. None: no
+    #: such renewal is due (none asked for, none left), or not claimed here.
+    lease_s: float | None = None
 
 
 def _step(value: Mapping[str, Any]) -> StepRecord:
@@ -137,14 +188,25 @@ def _step(value: Mapping[str, Any]) -> StepRecord:
 
 
 async def hand_off(
-    db: PoolOrConnection, leased: Sequence[LeasedJob], *, worker_id: str
+    db: PoolOrConnection,
+    leased: Sequence[LeasedJob],
+    *,
+    worker_id: str,
+    first_renewal: FirstRenewal | None = None,
 ) -> list[Handoff]:
     """Mirror the Redis leases of ``leased`` and claim what can be claimed, in one statement.
 
-    Returns one :class:`Handoff` per job, in the order given.
+    With ``first_renewal``, a job whose lease Redis will renew (it has renewals left) gets the
+    renewed lease and count written here (:attr:`Handoff.lease_s`). Returns one
+    :class:`Handoff` per job, in the order given.
     """
     if not leased:
         return []
+    renews = [
+        # The worker renews at once a lease not renewed yet; Redis grants it if any are left.
+        first_renewal is not None and job.lease_renewals == 0 < job.max_lease_renewals
+        for job in leased
+    ]
     async with connection(db) as conn:
         rows = await conn.fetch(
             _HAND_OFF,
@@ -155,13 +217,18 @@ async def hand_off(
             worker_id,
             _CLAIMABLE,
             EVENTS_CHANNEL,
+            [job.execution_id for job in leased],
+            renews,
+            first_renewal.override_s if first_renewal else None,
+            first_renewal.default_s if first_renewal else None,
+            _TERMINAL,
         )
     by_job = {row["job_id"]: row for row in rows}
     out: list[Handoff] = []
     for job in leased:
-        row = by_job.get(job.job_id)
-        if row is None:
-            out.append(Handoff(job, leased=False))
+        row = by_job[job.job_id]
+        if not row["leased"]:
+            out.append(Handoff(job, leased=False, settled=row["settled"]))
             continue
         if row["id"] is None:
             out.append(Handoff(job, leased=True))
@@ -182,7 +249,7 @@ async def hand_off(
                 to_status=ExecutionStatus.RUNNING.value,
                 by=worker_id,
             )
-        out.append(Handoff(job, leased=True, record=record))
+        out.append(Handoff(job, leased=True, record=record, lease_s=row["lease_s"]))
     return out
 
 

@@ -9,16 +9,22 @@ Redis               mirror                           when
 enqueue             :func:`insert_queue_row`         submit, in the execution's transaction
 dequeue             ``handoff.hand_off``             the worker, before touching the job (a
                     (:func:`lease_row`)              batch in one statement; the careful path)
-renew               ``handoff.record_renewal``       each renewal (with the execution's count)
+renew               ``handoff.record_renewal``       each renewal (with the execution's count;
+                                                     the first one: ``hand_off`` itself)
 fail (retry)        :func:`retry_row`                a failed attempt with attempts left
 release             :func:`release_row`              graceful shutdown, deferral
-ack / remove        :func:`delete_queue_row`         success, cancel of a queued job
+ack                 ``executions.transition``        the lease holder's terminal transition
+                    (terminal, ``lease_token``)      (and ``finish_last_step``), BEFORE Redis
+ack / remove        :func:`delete_queue_row`         nothing to run, cancel of a queued job
 fail (dead)         ``dlq.move_to_dlq``              no attempt left
 ==================  ===============================  ========================================
 
 Ordering rule: run the Redis call *inside* the Postgres transaction, before commit, so that a
 Redis failure rolls the Postgres side back (a submit then leaves nothing behind). The converse
-window (Redis done, commit failed) is what the reaper's reconcile repairs.
+window (Redis done, commit failed) is what the reaper's reconcile repairs. The one exception is
+the ack of a finished job: its row goes with the final transition's commit and Redis is acked
+after it, so a job can never be re-pushed once it ended; a Redis entry that outlives its row
+(the worker died in between) is found settled by the next handoff and only acked.
 
 Writes a worker makes for a leased job are fenced on its lease token: they match no row once the
 lease was taken over, and return False. :func:`lease_row` is the handoff: it also installs the

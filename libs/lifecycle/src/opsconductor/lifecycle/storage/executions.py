@@ -412,7 +412,9 @@ async def transition(
     ``event_type`` for it is appended just before. ``tenant_id``, when given, scopes the lookup
     (another tenant's execution is "not found"). A refused move writes nothing. A terminal move
     made by the lease holder (``lease_token`` given), or with ``release_locks``, also releases
-    every lock the execution holds.
+    every lock the execution holds; made by the lease holder, it also deletes the job's
+    ``execution_queue`` row that this lease holds (see :data:`_DEQUEUE_MOVED`): the holder only
+    has to ack Redis afterwards.
 
     The usual case is one statement (no transaction of its own): the compare-and-set, its
     events and the lock release are one ``UPDATE … RETURNING`` with its ``INSERT`` and
@@ -430,6 +432,8 @@ async def transition(
     sources = allowed_sources(target) & (allowed_from or frozenset(ExecutionStatus))
     types = _event_types(target, event_type)
     release = target in TERMINAL and (lease_token is not None or release_locks)
+    # The lease holder's end of the run is its job's end too: the queue row goes with it.
+    dequeue = target in TERMINAL and lease_token is not None
     # The reaper's outcomes are counted by this statement, not in its (short-lived) process.
     stored = target in TERMINAL and counts_in_store()
     extra = dict(event_payload or {})
@@ -439,7 +443,7 @@ async def transition(
         # the status compare-and-set are the UPDATE's own (re-checked on the newest row
         # version if a concurrent writer got there first).
         sql, params = _transition_update(
-            target, values, fenced=True, release=release, stored=stored
+            target, values, fenced=True, release=release, stored=stored, dequeue=dequeue
         )
         async with connection(db) as conn:
             row = await conn.fetchrow(
@@ -473,7 +477,13 @@ async def transition(
                 )
             check_transition(current, target)
             sql, params = _transition_update(
-                target, values, fenced=False, release=release, stored=stored
+                target,
+                values,
+                fenced=False,
+                release=release,
+                stored=stored,
+                dequeue=dequeue,
+                lease_token=lease_token,
             )
             row = await conn.fetchrow(
                 sql, execution_id, target.value, [current.value], by, types, extra, *params
@@ -568,6 +578,24 @@ _RELEASE_MOVED = """, released AS (
     RETURNING lock_key
 )"""
 
+# The lease holder's terminal move also ends its job in Postgres: the queue row this lease holds
+# (fenced on the token) is deleted by the same statement, and the holder acks Redis after the
+# commit. Should it die in between, the Redis entry outlives the row: its lease expires, and the
+# worker that gets it next finds no row and a terminal execution and only acks it (queue.handoff);
+# nothing can run again, a terminal execution never moves. SKIP LOCKED: a row locked by someone
+# else is being taken over (its token changes) or re-pushed by the reaper; either way it is not
+# this lease's to delete now, and waiting for it while holding the execution row could deadlock
+# with a takeover (queue row first, then the execution). Such a row is dropped by the worker
+# that dequeues it next.
+_DEQUEUE_MOVED = """, dequeued AS (
+    DELETE FROM execution_queue WHERE id IN (
+        SELECT q.id FROM execution_queue q, u
+        WHERE q.execution_id = u.id AND q.lease_token = ${token}::uuid AND q.state = 'leased'
+        FOR UPDATE OF q SKIP LOCKED
+    )
+    RETURNING id
+)"""
+
 
 # An outcome the reaper ends, counted where it happens (its process may not live until a
 # scrape): one row per label set, incremented by the statement that ends the execution.
@@ -592,6 +620,8 @@ def _transition_update(
     release: bool,
     finishing_step: bool = False,
     stored: bool = False,
+    dequeue: bool = False,
+    lease_token: UUID | None = None,
 ) -> tuple[str, list[Any]]:
     """One statement moving the row from one of ``$3`` (statuses) to ``$2`` with its events.
 
@@ -602,6 +632,9 @@ def _transition_update(
     ``finishing_step`` (with ``fenced``): the running step named by the next parameter also
     ends ``succeeded`` with the result after it, its event first (:func:`finish_last_step`).
     ``stored``: the ended execution is counted in ``metric_counters`` by the same statement.
+    ``dequeue``: the job's queue row held by the lease token is deleted by the same statement
+    (:data:`_DEQUEUE_MOVED`); fenced, the token is the fencing one, else ``lease_token`` is
+    passed as the last of the returned parameters.
     """
     sets = [
         "status = $2::execution_status",
@@ -630,6 +663,12 @@ def _transition_update(
             f" AND (${token}::uuid IS NULL OR lease_token IS NOT DISTINCT FROM ${token}::uuid)"
             f" AND (${tenant}::text IS NULL OR tenant_id = ${tenant}::text)"
         )
+    dequeue_sql = ""
+    if dequeue and fenced:
+        dequeue_sql = _DEQUEUE_MOVED.format(token=len(params) + 7)
+    elif dequeue:
+        params.append(lease_token)
+        dequeue_sql = _DEQUEUE_MOVED.format(token=len(params) + 6)
     step_id = step_result = 0
     finished_step = ""
     if finishing_step:
@@ -659,7 +698,7 @@ WITH u AS (
     FROM u{", fs" if finishing_step else ""}, unnest($5::text[]) WITH ORDINALITY AS t(type, n)
     ORDER BY t.n
     RETURNING execution_id, seq
-){_RELEASE_MOVED if release else ""}{_COUNT_ENDED if stored else ""}
+){_RELEASE_MOVED if release else ""}{dequeue_sql}{_COUNT_ENDED if stored else ""}
 SELECT u.*,
     (SELECT count(pg_notify('{EVENTS_CHANNEL}', ev.execution_id::text || ':' || ev.seq))
      FROM ev) AS notified,
@@ -684,10 +723,11 @@ async def finish_last_step(
     """The last step succeeded and so did the execution: record both in one statement.
 
     The step's ``step_succeeded`` and the execution's ``execution_completed`` (in that order),
-    the execution's locks released, exactly as :func:`.finish_step` then :func:`transition` to
-    ``succeeded`` with ``release_locks`` would. None when either would refuse (the execution is
-    not running, ``lease_token`` no longer owns it, the step is not running): nothing is
-    written, and the caller makes both writes one by one, which say why.
+    the execution's locks released (and, for the lease holder, its job's queue row deleted),
+    exactly as :func:`.finish_step` then :func:`transition` to ``succeeded`` would. None when
+    either would refuse (the execution is not running, ``lease_token`` no longer owns it, the
+    step is not running): nothing is written, and the caller makes both writes one by one,
+    which say why.
     """
     values = dict(fields)
     unknown = set(values) - TRANSITION_FIELDS
@@ -696,7 +736,13 @@ async def finish_last_step(
     target = ExecutionStatus.SUCCEEDED
     stored = counts_in_store()  # a worker's path: False but for a worker run in a reaper pass
     sql, params = _transition_update(
-        target, values, fenced=True, release=True, finishing_step=True, stored=stored
+        target,
+        values,
+        fenced=True,
+        release=True,
+        finishing_step=True,
+        stored=stored,
+        dequeue=lease_token is not None,
     )
     async with connection(db) as conn:
         row = await conn.fetchrow(

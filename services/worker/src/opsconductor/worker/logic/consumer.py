@@ -17,9 +17,12 @@ For each job, in order:
    running go back to pending, steps that succeeded are kept and skipped.
 2. **Re-authorize** the submitter against Postgres (second RBAC tier) — never trusting the job.
 3. **Run** with the shared runner, every write fenced by the lease token, the lease renewed
-   at half-life up to the policy's limit.
-4. **Settle** — success or a final failure: ack (the fenced delete of the row is its lock,
-   then Redis, then the commit); a retryable failure with attempts left: back to the queue
+   at once to the policy's lease (that renewal's Postgres mirror is the handoff's) and then at
+   half-life up to the policy's limit.
+4. **Settle** — success or a final failure: the final transition deletes the job's row
+   (fenced on the lease token) in its own statement, then Redis is acked; a worker dying in
+   between leaves a Redis entry whose next holder finds it settled and only acks it. A
+   retryable failure with attempts left: back to the queue
    after ``2^attempt`` s; the last attempt spent: dead-letter queue; a lost lease: walk away
    (the new holder owns every write); SIGTERM: requeue without spending an attempt.
 """
@@ -45,7 +48,7 @@ from opsconductor.common.errors import (
 from opsconductor.common.fsm import ExecutionStatus
 from opsconductor.common.tracing import context_from_traceparent, tracer
 from opsconductor.lifecycle.execution_logging import bind_execution
-from opsconductor.lifecycle.facade import ExecutionLifecycle, Handoff
+from opsconductor.lifecycle.facade import ExecutionLifecycle, FirstRenewal, Handoff
 from opsconductor.lifecycle.queue.lease import LeaseRenewalLimitError, lease_seconds, renew_after
 from opsconductor.lifecycle.queue.records import LeasedJob
 from opsconductor.lifecycle.queue.wakeups import Wakeups
@@ -99,6 +102,8 @@ class BackgroundConsumer:
         #: Wakes an idle slot when a job is announced (None: polling only).
         self._wakeups = wakeups
         self._initial_lease_s = lease_s_override or INITIAL_LEASE_S
+        #: The lease the first renewal sets, written (and counted) by the handoff itself.
+        self._renewal = FirstRenewal(override_s=lease_s_override, default_s=INITIAL_LEASE_S)
         self._stopping = asyncio.Event()
         self._dispatcher: asyncio.Task[None] | None = None
         #: The jobs running now, at most ``concurrency``.
@@ -156,7 +161,9 @@ class BackgroundConsumer:
                 continue
             idle = self._poll_interval_s
             try:
-                handed = await self._lifecycle.hand_off(batch, worker_id=self._worker_id)
+                handed = await self._lifecycle.hand_off(
+                    batch, worker_id=self._worker_id, first_renewal=self._renewal
+                )
             except Exception:
                 # Postgres trouble: the leases expire and the jobs are retried.
                 log.exception("job_handoff_failed", job_ids=[str(job.job_id) for job in batch])
@@ -189,7 +196,9 @@ class BackgroundConsumer:
         and this job's queue wait included; before (a deferral), its request id and execution.
         """
         with self._job_context(job) as bound:
-            (handed,) = await self._lifecycle.hand_off([job], worker_id=self._worker_id)
+            (handed,) = await self._lifecycle.hand_off(
+                [job], worker_id=self._worker_id, first_renewal=self._renewal
+            )
             await self._process(job, bound, handed)
 
     @contextlib.contextmanager
@@ -226,15 +235,22 @@ class BackgroundConsumer:
             attributes=attributes,
         ).end()
         with tracer().start_as_current_span("execution", context=parent, attributes=attributes):
-            await self._run_job(job, policy, record)
+            await self._run_job(job, policy, record, handed)
 
     async def _run_job(
-        self, job: LeasedJob, policy: TimeoutPolicy | None, record: ExecutionRecord
+        self,
+        job: LeasedJob,
+        policy: TimeoutPolicy | None,
+        record: ExecutionRecord,
+        handed: Handoff,
     ) -> None:
         if not await self._authorized(job, record):
             return
-        lease_s = self._lease_s(policy)
-        renewer = asyncio.create_task(self._keep_lease(job, lease_s))
+        # The lease the handoff wrote for the first renewal, if it did (then no mirror is due).
+        lease_s = handed.lease_s or self._lease_s(policy)
+        renewer = asyncio.create_task(
+            self._keep_lease(job, lease_s, mirrored=handed.lease_s is not None)
+        )
         try:
             result = await self._runner.execute(
                 record,
@@ -263,6 +279,11 @@ class BackgroundConsumer:
     async def _handoff(
         self, job: LeasedJob, bound: contextlib.ExitStack, handed: Handoff
     ) -> tuple[TimeoutPolicy | None, ExecutionRecord | None]:
+        if handed.settled:
+            # Settled (the row went with its final transition) but never acked in Redis.
+            log.info("job_already_settled", job_id=str(job.job_id))
+            await self._ack_ended(job)
+            return None, None
         if not handed.leased:
             # Its submit has not committed yet (or never will: the reaper drops it then).
             delay = min(DEFER_S * 2 ** max(job.deliveries - 1, 0), DEFER_MAX_S)
@@ -342,8 +363,10 @@ class BackgroundConsumer:
             return False
         return True
 
-    async def _keep_lease(self, job: LeasedJob, lease_s: float) -> None:
-        """Renew at half-life up to the policy's limit; the first renewal sets the real lease."""
+    async def _keep_lease(self, job: LeasedJob, lease_s: float, *, mirrored: bool) -> None:
+        """Renew at half-life up to the policy's limit; the first renewal sets the real lease.
+
+        ``mirrored``: the handoff already wrote the first renewal to Postgres."""
         while True:
             await asyncio.sleep(renew_after(lease_s) if job.lease_renewals else 0)
             try:
@@ -356,6 +379,9 @@ class BackgroundConsumer:
                 log.warning("lease_renewal_failed", job_id=str(job.job_id), error=exc.reason)
                 return
             job = replace(job, lease_renewals=job.lease_renewals + 1, lease_deadline=deadline)
+            if mirrored:
+                mirrored = False
+                continue
             await self._lifecycle.record_renewal(
                 job,
                 lease_expires_at=datetime.fromtimestamp(deadline, UTC),
@@ -368,10 +394,9 @@ class BackgroundConsumer:
         commit; a Redis failure rolls the Postgres side back and the lease simply expires).
         False from the core: the reaper or an operator already settled the job."""
         if not (result.interrupted or result.paused_step is not None or result.retryable):
-            # Done: succeeded, cancelled, timed out, or failed for good. The fenced delete is
-            # the row lock; no row (the reaper or an operator settled it): nothing to ack.
-            if not await self._lifecycle.ack(job, settled_only=True):
-                log.info("job_already_settled", job_id=str(job.job_id))
+            # Done: succeeded, cancelled, timed out, or failed for good. The final transition
+            # deleted the job's row (fenced on the lease token) and committed: Redis is left.
+            await self._ack_ended(job)
             return
         if result.interrupted:
             if await self._lifecycle.release_on_shutdown(job):
@@ -398,6 +423,18 @@ class BackgroundConsumer:
     async def _drop(self, job: LeasedJob) -> None:
         """The job has nothing (more) to run: out of both stores."""
         await self._lifecycle.ack(job)
+
+    async def _ack_ended(self, job: LeasedJob) -> None:
+        """The Redis ack of a job whose row went with its execution's end (committed).
+
+        Failing, the entry stays leased until its lease expires; the worker that gets it next
+        finds it settled (``Handoff.settled``) and acks it then. A stale token: the lease ended
+        otherwise (taken over, or the reaper removed the job)."""
+        try:
+            if not await self._lifecycle.ack_ended(job):
+                log.info("job_already_settled", job_id=str(job.job_id))
+        except QueueUnavailableError:
+            log.warning("job_ack_deferred", job_id=str(job.job_id), reason="queue_unavailable")
 
 
 __all__ = ["BackgroundConsumer"]

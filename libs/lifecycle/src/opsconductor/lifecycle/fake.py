@@ -801,9 +801,7 @@ class InMemoryLifecycle:
                 self.jobs[job.job_id] = replace(self.jobs[job.job_id], lease_renewals=1)
                 execution.lease_renewals += 1
             out.append(
-                Handoff(
-                    job, leased=True, record=self._current(job.execution_id), lease_s=lease_s
-                )
+                Handoff(job, leased=True, record=self._current(job.execution_id), lease_s=lease_s)
             )
         return out
 

@@ -44,11 +44,13 @@ from opsconductor.lifecycle.facade import (
     CreatedQueued,
     DeadLetter,
     ExecutionLifecycle,
+    FirstRenewal,
     PostgresRedisLifecycle,
     WaitingUsage,
 )
 from opsconductor.lifecycle.fake import InMemoryLifecycle
 from opsconductor.lifecycle.queue import RedisQueue, create_redis_client, jobs
+from opsconductor.lifecycle.queue.lease import lease_seconds
 from opsconductor.lifecycle.queue.records import LeasedJob
 from opsconductor.lifecycle.storage.execution_reads import get_execution
 from opsconductor.lifecycle.storage.execution_records import ExecutionRecord, transaction
@@ -1979,3 +1981,49 @@ async def test_the_workers_level_3_pause_opens_the_request_the_approvals_port_de
     granted = await approvals.decide(paused.id, tenant_id=record.tenant_id, decision=decision())
     assert granted.state is ApprovalState.APPROVED
     assert (await lifecycle.get(record.tenant_id, record.id)).status is S.AWAITING_APPROVAL
+
+
+async def test_a_run_its_lease_holder_ends_takes_its_row_along_and_its_redis_entry_is_settled(
+    world: tuple[str, Core, Any], policy: TimeoutPolicy
+) -> None:
+    """The handoff writes and counts the first renewal (the policy's lease); the holder's end of
+    the run deletes the job's row with it; handed off again before the Redis ack (its holder
+    died), the job is reported settled and nothing is written; ack_ended acks it once."""
+    kind, core, _ = world
+    if kind == "fake":
+        assert isinstance(core.lifecycle, InMemoryLifecycle)
+        core.lifecycle.policies[policy.id] = policy
+    tenant = fresh_tenant()
+    async with core.lifecycle.transaction() as tx:
+        made = await core.lifecycle.create_queued(
+            tx,
+            new_execution(tenant, mode="background"),
+            policy,
+            dedup_window=timedelta(hours=1),
+            max_waiting=10,
+            by="api",
+        )
+    assert isinstance(made, CreatedQueued)
+    (job,) = await core.lifecycle.dequeue_batch("w1", 30.0, 1)
+    assert job.job_id == made.job_id
+    renewal = FirstRenewal(override_s=None, default_s=30.0)
+    (handed,) = await core.lifecycle.hand_off([job], worker_id="w1", first_renewal=renewal)
+    assert handed.record is not None
+    assert (handed.lease_s, handed.record.lease_renewals) == (lease_seconds(policy), 1)
+    await core.lifecycle.renew_lease(job, lease_seconds(policy))
+    ended = await core.lifecycle.end_run(
+        made.record.id,
+        to=ExecutionStatus.SUCCEEDED,
+        by="w1",
+        lease_token=job.lease_token,
+        fields={},
+        tenant_id=tenant,
+    )
+    assert ended.status is ExecutionStatus.SUCCEEDED
+    assert await core.jobs_of(made.record.id) == 0
+    (late,) = await core.lifecycle.hand_off([job], worker_id="w2", first_renewal=renewal)
+    assert (late.leased, late.settled, late.record) == (False, True, None)
+    after = await core.lifecycle.get(tenant, made.record.id)
+    assert (after.status, after.worker_id) == (ExecutionStatus.SUCCEEDED, "w1")
+    assert await core.lifecycle.ack_ended(job)
+    assert not await core.lifecycle.ack_ended(job)

@@ -15,7 +15,7 @@ from uuid import uuid4
 
 import pytest
 
-from opsconductor.common.errors import ResourceBusyError, StaleLeaseError
+from opsconductor.common.errors import QueueUnavailableError, ResourceBusyError, StaleLeaseError
 from opsconductor.common.fsm import ExecutionStatus, StepStatus
 from opsconductor.lifecycle.queue.lease import lease_seconds
 from opsconductor.lifecycle.queue.records import LeasedJob
@@ -297,15 +297,23 @@ async def test_a_step_over_the_policys_step_budget_times_the_execution_out_for_g
 async def test_the_lease_is_renewed_to_the_policys_lease_and_mirrored_in_postgres(
     world: World,
 ) -> None:
+    """The first renewal, at once, sets the policy's lease in Redis; its Postgres mirror (queue
+    row and execution counts) was written by the handoff, so it calls no record_renewal."""
     record, job_id = await world.queued("ok")
     renewed = asyncio.Event()
-    mirror = world.lifecycle.record_renewal
+    renew = world.lifecycle.renew_lease
+    mirrored: list[LeasedJob] = []
 
-    async def record_renewal(job: LeasedJob, **kwargs: object) -> bool:
-        found = await mirror(job, **kwargs)  # type: ignore[arg-type]
+    async def renew_lease(job: LeasedJob, lease_s: float) -> float:
+        deadline = await renew(job, lease_s)
         renewed.set()
-        return found
+        return deadline
 
+    async def record_renewal(job: LeasedJob, **_kwargs: object) -> bool:
+        mirrored.append(job)
+        return True
+
+    world.lifecycle.renew_lease = renew_lease  # type: ignore[method-assign]
     world.lifecycle.record_renewal = record_renewal  # type: ignore[method-assign]
     seen: list[tuple[int, int, float | None]] = []
 
@@ -323,9 +331,10 @@ async def test_the_lease_is_renewed_to_the_policys_lease_and_mirrored_in_postgre
     world.scripted.hooks["s1"] = wait_for_the_renewal
     started = world.lifecycle.clock()
     await world.consumer.process(await lease(world))
-    ((renewals, mirrored, deadline),) = seen
-    assert (renewals, mirrored) == (1, 1)
+    ((renewals, in_postgres, deadline),) = seen
+    assert (renewals, in_postgres) == (1, 1)
     assert world.lifecycle.executions[record.id].lease_renewals == 1
+    assert mirrored == []
     # The first renewal sets the policy's lease (budget plus buffer), not the initial 30 s.
     assert deadline is not None
     assert deadline - started == pytest.approx(lease_seconds(world.policy), abs=0.5)
@@ -404,3 +413,31 @@ async def test_a_level_3_run_pauses_before_a_step_not_approved_and_gives_the_job
     (held,) = world.lifecycle.locks.values()
     assert held.owner_execution_id == record.id
     assert approvals.held == [[next(iter(world.lifecycle.locks))]]
+
+
+async def test_a_worker_that_ends_a_run_but_cannot_ack_redis_leaves_a_settled_job_dropped_later(
+    world: World,
+) -> None:
+    """The final transition took the row along and committed; the Redis ack fails (or the
+    worker dies there). Once the lease expires the job is leased again, found settled and acked:
+    nothing runs twice, nothing more is written."""
+    record, job_id = await world.queued("ok")
+    ack_ended = world.lifecycle.ack_ended
+
+    async def unreachable(job: LeasedJob) -> bool:
+        raise QueueUnavailableError(operation="ack", error="ConnectionError")
+
+    world.lifecycle.ack_ended = unreachable  # type: ignore[method-assign]
+    await world.consumer.process(await lease(world))
+    assert world.lifecycle.executions[record.id].status is ExecutionStatus.SUCCEEDED
+    assert job_id not in world.lifecycle.jobs
+    assert world.lifecycle.queue[job_id].state == "leased"
+    transitions = list(world.lifecycle.executions[record.id].transitions)
+    world.lifecycle.ack_ended = ack_ended  # type: ignore[method-assign]
+    world.advance(3600)
+    again = await lease(world)
+    assert again.job_id == job_id
+    await world.consumer.process(again)
+    assert job_id not in world.lifecycle.queue
+    assert world.scripted.calls == ["s1"]
+    assert world.lifecycle.executions[record.id].transitions == transitions

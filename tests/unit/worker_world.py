@@ -165,6 +165,8 @@ class World:
         self.scripted = Scripted()
         self.roles = Roles({(TENANT, "alice"): frozenset({"operator"})})
         self.policy = replace(POLICY, step_timeout_ms=step_timeout_ms)
+        # The timeout_policies table the worker's policies were loaded from.
+        self.lifecycle.policies = {POLICY.id: self.policy}
         self.runner = ExecutionRunner(
             lifecycle=self.lifecycle,
             pool=None,  # type: ignore[arg-type]  # only a tenant policy's refusal audits

@@ -36,8 +36,10 @@ from opsconductor.common.fsm import ExecutionStatus, StepStatus
 from opsconductor.lifecycle.queue import dlq, handoff, jobs
 from opsconductor.lifecycle.queue.enqueue import enqueue_execution, submit_queued
 from opsconductor.lifecycle.queue.handoff import FirstRenewal, Handoff
+from opsconductor.lifecycle.queue.lease import lease_seconds, renew_after
 from opsconductor.lifecycle.queue.records import LeasedJob
 from opsconductor.lifecycle.queue.redis_queue import RedisQueue
+from opsconductor.lifecycle.queue.wakeups import Wakeups
 from opsconductor.lifecycle.storage import (
     cancellation,
     execution_failures,
@@ -47,6 +49,7 @@ from opsconductor.lifecycle.storage import (
     locks,
 )
 from opsconductor.lifecycle.storage.approvals import request_step_approval
+from opsconductor.lifecycle.storage.cancellation import CancelSignals
 from opsconductor.lifecycle.storage.execution_leases import fail_unstarted_execution
 from opsconductor.lifecycle.storage.execution_reads import find_execution, get_execution
 from opsconductor.lifecycle.storage.execution_records import (
@@ -65,17 +68,29 @@ from opsconductor.lifecycle.storage.locks import LockRequest, LockSet
 from opsconductor.lifecycle.storage.policies import TimeoutPolicy
 from opsconductor.lifecycle.storage.quota_usage import ImmediateUsage, WaitingUsage
 
+# Besides the port, what its callers take from the core (records, the pure lease rules, the
+# cancel and wake-up listeners), so that the worker's runner and consumer import no storage or
+# queue module themselves (an import-linter contract in pyproject.toml).
 __all__ = [
+    "CancelSignals",
     "CreatedQueued",
     "DeadLetter",
     "ExecutionLifecycle",
     "ExecutionRecord",
     "FirstRenewal",
     "Handoff",
+    "LeasedJob",
+    "LockRequest",
+    "LockSet",
+    "PoolOrConnection",
     "PostgresRedisLifecycle",
     "Queued",
+    "StepRecord",
     "TimeoutPolicy",
     "WaitingUsage",
+    "Wakeups",
+    "lease_seconds",
+    "renew_after",
 ]
 
 

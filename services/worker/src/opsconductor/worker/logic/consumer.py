@@ -41,6 +41,7 @@ import structlog
 
 from opsconductor.common.auth import Principal
 from opsconductor.common.errors import (
+    LeaseRenewalLimitError,
     PermissionDeniedError,
     QueueUnavailableError,
     StaleLeaseError,
@@ -48,12 +49,17 @@ from opsconductor.common.errors import (
 from opsconductor.common.fsm import ExecutionStatus
 from opsconductor.common.tracing import context_from_traceparent, tracer
 from opsconductor.lifecycle.execution_logging import bind_execution
-from opsconductor.lifecycle.facade import ExecutionLifecycle, FirstRenewal, Handoff
-from opsconductor.lifecycle.queue.lease import LeaseRenewalLimitError, lease_seconds, renew_after
-from opsconductor.lifecycle.queue.records import LeasedJob
-from opsconductor.lifecycle.queue.wakeups import Wakeups
-from opsconductor.lifecycle.storage.execution_records import ExecutionRecord
-from opsconductor.lifecycle.storage.policies import TimeoutPolicy
+from opsconductor.lifecycle.facade import (
+    ExecutionLifecycle,
+    ExecutionRecord,
+    FirstRenewal,
+    Handoff,
+    LeasedJob,
+    TimeoutPolicy,
+    Wakeups,
+    lease_seconds,
+    renew_after,
+)
 from opsconductor.policy.rbac import Authorizer, submit_permissions
 
 from . import metrics

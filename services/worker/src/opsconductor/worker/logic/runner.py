@@ -56,16 +56,17 @@ from opsconductor.common.secrets import SecretResolver
 from opsconductor.common.tenant_policy import TenantPolicies, TenantPolicyDeniedError
 from opsconductor.common.tracing import current_traceparent, tracer
 from opsconductor.lifecycle.execution_logging import bind_execution
-from opsconductor.lifecycle.facade import DeadLetter, ExecutionLifecycle
-from opsconductor.lifecycle.queue.records import LeasedJob
-from opsconductor.lifecycle.storage.cancellation import CancelSignals
-from opsconductor.lifecycle.storage.execution_records import (
+from opsconductor.lifecycle.facade import (
+    CancelSignals,
+    DeadLetter,
+    ExecutionLifecycle,
     ExecutionRecord,
+    LeasedJob,
+    LockRequest,
     PoolOrConnection,
     StepRecord,
+    TimeoutPolicy,
 )
-from opsconductor.lifecycle.storage.locks import LockRequest
-from opsconductor.lifecycle.storage.policies import TimeoutPolicy
 from opsconductor.policy.enforcement import (
     SecretUseDeniedError,
     enforce_secret_uses,

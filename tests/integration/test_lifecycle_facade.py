@@ -2030,3 +2030,35 @@ async def test_a_run_its_lease_holder_ends_takes_its_row_along_and_its_redis_ent
     assert (after.status, after.worker_id) == (ExecutionStatus.SUCCEEDED, "w1")
     assert await core.lifecycle.ack_ended(job)
     assert not await core.lifecycle.ack_ended(job)
+
+
+async def test_a_request_joins_the_submits_transaction_and_goes_with_its_rollback(
+    world: tuple[str, Core, Any], approvals: ApprovalLifecycle
+) -> None:
+    _, core, _ = world
+    tenant = fresh_tenant()
+    new = replace(new_execution(tenant, mode="background"), approval_level=1)
+    opened: list[ApprovalRecord] = []
+
+    async def submit(give_up: bool) -> ExecutionRecord:
+        # What the api's approval path does: create, open the request, read it back, one tx.
+        async with core.lifecycle.transaction() as tx:
+            record, _ = await core.lifecycle.create(new, dedup_window=TTL, tx=tx)
+            opened.append(await approvals.request(record.id, ttl=TTL, by="api", tx=tx))
+            waiting = await core.lifecycle.get(tenant, record.id, tx=tx)
+            if give_up:
+                raise LookupError("the submit fails after the request")
+        return waiting
+
+    with pytest.raises(LookupError):
+        await submit(give_up=True)
+    with pytest.raises(NotFoundError):
+        await approvals.get(tenant, opened[0].id)
+    with pytest.raises(NotFoundError):
+        await core.lifecycle.get(tenant, opened[0].execution_id)
+    waiting = await submit(give_up=False)
+    assert (waiting.status, waiting.approval_id) == (S.AWAITING_APPROVAL, opened[1].id)
+    assert await approvals.list_pending(tenant) == (
+        [await approvals.get(tenant, opened[1].id)],
+        None,
+    )

@@ -44,24 +44,13 @@ from opsconductor.lifecycle.approval_port import ApprovalRecord, ApprovalState
 from opsconductor.lifecycle.fake import InMemoryLifecycle
 from opsconductor.lifecycle.storage.executions import NewExecution
 from opsconductor.lifecycle.storage.paging import InvalidPageRequestError
-from opsconductor.lifecycle.storage.policies import TimeoutPolicy
-from opsconductor.policy.denial_audit import DenialAuditLimiter, DenialRecord
-from opsconductor.policy.rbac import Authorizer, RbacPolicy
+from tests.unit.roles_world import MEDIUM_MODIFY, Roles
 
 TENANT = "tenant-acme"
 OTHER = "tenant-evil"
 S = ExecutionStatus
 TTL = timedelta(hours=1)
-POLICY = TimeoutPolicy(
-    id="medium_modify",
-    sla_class="medium",
-    action_class="modify",
-    step_timeout_ms=5_000,
-    execution_timeout_ms=30_000,
-    max_attempts=3,
-    max_lease_renewals=4,
-    lease_buffer_ms=1_000,
-)
+POLICY = MEDIUM_MODIFY
 BINDINGS = {
     (TENANT, "alice"): frozenset({"operator"}),
     (TENANT, "bob"): frozenset({"approver"}),
@@ -73,29 +62,6 @@ BINDINGS = {
 
 def caller(actor: str, tenant: str = TENANT) -> Caller:
     return Caller(Principal(actor_id=actor, tenant_id=tenant), f"token-of-{actor}", "10.1.2.3")
-
-
-class Roles(Authorizer):
-    """The real authorizer, its role bindings given and its audit rows kept in ``audited``."""
-
-    def __init__(self) -> None:
-        self.audited: list[DenialRecord] = []
-        self.bindings = dict(BINDINGS)
-
-        async def write(record: DenialRecord) -> None:
-            self.audited.append(record)
-
-        super().__init__(
-            None,  # type: ignore[arg-type]
-            RbacPolicy.load(),
-            tier="approvals",
-            denial_audit=DenialAuditLimiter(write),
-        )
-
-    async def roles_for(self, principal: Principal, tenant_id: str) -> frozenset[str]:
-        if principal.tenant_id != tenant_id:
-            return frozenset()
-        return self.bindings.get((tenant_id, principal.actor_id), frozenset())
 
 
 class Worker:
@@ -182,7 +148,7 @@ STEPS = [
 def world() -> World:
     core = InMemoryLifecycle()
     approvals = InMemoryApprovals(core)
-    roles = Roles()
+    roles = Roles(BINDINGS, tier="approvals")
     worker = Worker()
     dispatcher = ExecutionDispatcher(
         lifecycle=core, worker=worker, policies={"medium_modify": POLICY}, margin_s=1.0

@@ -6,8 +6,11 @@ core in tests/integration/test_lifecycle_facade.py; the role, flag and duration 
 here are the real ones' (tests/integration cover their reads from Postgres).
 
 Background submits too: queued with the policy's budget in one transaction, nothing left when
-the queue cannot take it, the tenant's queued quota. Not covered here: the approval path (its
-approval request is written on the submit's Postgres connection, outside the lifecycle port).
+the queue cannot take it, the tenant's queued quota. And the approval path, against the
+approvals port's fake (tests/integration/test_lifecycle_facade.py runs it against Postgres
+too): a plan needing approval is created awaiting its request in one transaction and runs
+nothing; a presented approval of another plan is invalidated and refused, one presented by
+someone else or from another tenant refused and left as it was.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from datetime import timedelta
 from typing import Any
-from uuid import UUID
+from uuid import UUID, uuid4
 
 import pytest
 
@@ -25,20 +28,26 @@ from opsconductor.api.logic.submission import Submissions, SubmitRequest, Submit
 from opsconductor.common.approval_policy import ApprovalPolicy
 from opsconductor.common.auth import Principal
 from opsconductor.common.errors import (
+    ApprovalInvalidatedError,
+    ApprovalLevelNotEnabledError,
     FeatureDisabledError,
     FSMError,
+    NotFoundError,
+    PermissionDeniedError,
     QueueUnavailableError,
     QuotaExceededError,
     WorkerUnavailableError,
 )
 from opsconductor.common.fsm import ExecutionStatus
 from opsconductor.common.tenant_policy import TenantPolicies
+from opsconductor.lifecycle.approval_fake import InMemoryApprovals
+from opsconductor.lifecycle.approval_port import ApprovalState
 from opsconductor.lifecycle.fake import InMemoryLifecycle
 from opsconductor.lifecycle.storage.execution_stats import ObservedDurations
 from opsconductor.lifecycle.storage.flags import FeatureFlags, FlagCache
 from opsconductor.lifecycle.storage.policies import TimeoutPolicy
 from opsconductor.policy.quotas import QuotaLimits, TenantQuotas
-from opsconductor.policy.rbac import Authorizer, RbacPolicy
+from tests.unit.roles_world import MEDIUM_MODIFY, Roles
 
 TENANT = "t1"
 ALICE = Principal(actor_id="alice", tenant_id=TENANT)
@@ -52,19 +61,6 @@ POLICY = TimeoutPolicy(
     max_lease_renewals=4,
     lease_buffer_ms=1_000,
 )
-
-
-class Roles(Authorizer):
-    """The real authorizer, its role bindings given instead of read from Postgres."""
-
-    def __init__(self, bindings: dict[tuple[str, str], frozenset[str]]) -> None:
-        super().__init__(None, RbacPolicy.load(), tier="api")  # type: ignore[arg-type]
-        self._bindings = bindings
-
-    async def roles_for(self, principal: Principal, tenant_id: str) -> frozenset[str]:
-        if principal.tenant_id != tenant_id:
-            return frozenset()
-        return self._bindings.get((tenant_id, principal.actor_id), frozenset())
 
 
 class Flags(FlagCache):
@@ -134,10 +130,16 @@ def build(
     policies = TenantPolicies.load()
     return Submissions(
         pool=None,  # type: ignore[arg-type]  # every store it reaches here is faked
-        authorizer=Roles({(TENANT, "alice"): frozenset({"operator"})}),
+        authorizer=Roles(
+            {
+                (TENANT, "alice"): frozenset({"operator"}),
+                (TENANT, "carol"): frozenset({"operator"}),
+            },
+            tier="api",
+        ),
         actions=default_registry(),
         flags=Flags(flags or FeatureFlags(stage_e_enabled=True, all_tenants_enabled=True)),
-        policies={POLICY.id: POLICY},
+        policies={POLICY.id: POLICY, MEDIUM_MODIFY.id: MEDIUM_MODIFY},
         approval_policy=ApprovalPolicy.load(),
         observed=NoHistory(),
         worker=worker,
@@ -145,6 +147,7 @@ def build(
         dedup_window=timedelta(hours=24),
         tenant_policies=policies,
         quotas=TenantQuotas(QuotaLimits(0, 0, max_immediate), policies),
+        approvals=InMemoryApprovals(lifecycle),
     )
 
 
@@ -344,3 +347,95 @@ async def test_at_the_queued_quota_a_new_background_plan_is_refused_but_a_duplic
     again = await submit_background(submissions, "a")
     assert again.deduplicated
     assert again.job_id == first.job_id
+
+
+GATED = FeatureFlags(stage_e_enabled=True, all_tenants_enabled=True, max_approval_level=3)
+
+
+def modify_plan(tag: str = "a") -> dict[str, Any]:
+    """A plan that changes something: approval level 1 under the packaged policy."""
+    plan = noop_plan(tag)
+    step = {**plan["steps"][0], "action_class": "modify"}
+    return {**plan, "name": f"modify-{tag}", "sla_class": "medium", "steps": [step]}
+
+
+async def test_a_plan_needing_approval_waits_for_its_request_and_runs_nothing(
+    lifecycle: InMemoryLifecycle, worker: Worker
+) -> None:
+    submissions = build(lifecycle, worker, flags=GATED)
+    result = await submissions.submit(ALICE, "tok", SubmitRequest(TENANT, modify_plan()))
+    record = result.execution
+    assert not result.deduplicated
+    assert (record.status, record.approval_level) == (ExecutionStatus.AWAITING_APPROVAL, 1)
+    (approval,) = lifecycle.approvals.values()
+    assert record.approval_id == approval.id
+    assert (approval.state, approval.level, approval.requested_by) == (
+        ApprovalState.PENDING,
+        1,
+        "alice",
+    )
+    assert (approval.plan_hash, approval.plan_snapshot_hash) == (
+        record.plan_hash,
+        record.plan_snapshot_hash,
+    )
+    assert worker.handed == []
+    assert lifecycle.jobs == {}
+    # A duplicate finds it waiting; no second request.
+    again = await submissions.submit(ALICE, "tok", SubmitRequest(TENANT, modify_plan()))
+    assert again.deduplicated
+    assert again.execution.id == record.id
+    assert len(lifecycle.approvals) == 1
+
+
+async def test_a_plan_above_the_enabled_approval_level_is_refused_before_anything_is_written(
+    lifecycle: InMemoryLifecycle, worker: Worker
+) -> None:
+    with pytest.raises(ApprovalLevelNotEnabledError):
+        await build(lifecycle, worker).submit(ALICE, "tok", SubmitRequest(TENANT, modify_plan()))
+    assert (lifecycle.records, lifecycle.approvals) == ({}, {})
+
+
+async def test_a_presented_approval_of_another_plan_is_invalidated_and_the_submit_refused(
+    lifecycle: InMemoryLifecycle, worker: Worker
+) -> None:
+    submissions = build(lifecycle, worker, flags=GATED)
+    first = await submissions.submit(ALICE, "tok", SubmitRequest(TENANT, modify_plan("a")))
+    approval_id = str(first.execution.approval_id)
+    changed = SubmitRequest(TENANT, modify_plan("b"), approval_id=approval_id)
+    with pytest.raises(ApprovalInvalidatedError) as refused:
+        await submissions.submit(ALICE, "tok", changed)
+    assert refused.value.details["mismatched"] == ["plan_hash", "plan_snapshot_hash"]
+    assert refused.value.details["approval_state"] == "invalidated"
+    assert lifecycle.approvals[first.execution.approval_id].state is ApprovalState.INVALIDATED
+    ended = lifecycle.executions[first.execution.id]
+    assert (ended.status, ended.error_class) == (ExecutionStatus.FAILED, "APPROVAL_INVALIDATED")
+    assert list(lifecycle.records) == [first.execution.id]  # nothing created for the new plan
+    assert ended.key_retired
+    # Nothing ran: the original plan may be submitted again, and asks for a new approval.
+    again = await submissions.submit(ALICE, "tok", SubmitRequest(TENANT, modify_plan("a")))
+    assert not again.deduplicated
+    assert again.execution.status is ExecutionStatus.AWAITING_APPROVAL
+    assert again.execution.approval_id not in (None, first.execution.approval_id)
+
+
+async def test_an_approval_presented_by_someone_else_or_from_another_tenant_is_refused(
+    lifecycle: InMemoryLifecycle, worker: Worker
+) -> None:
+    submissions = build(lifecycle, worker, flags=GATED)
+    first = await submissions.submit(ALICE, "tok", SubmitRequest(TENANT, modify_plan("a")))
+    approval_id = str(first.execution.approval_id)
+    carol = Principal(actor_id="carol", tenant_id=TENANT)
+    changed = SubmitRequest(TENANT, modify_plan("b"), approval_id=approval_id)
+    with pytest.raises(PermissionDeniedError) as denied:
+        await submissions.submit(carol, "tok", changed)
+    assert denied.value.details["denial_reason"] == "ACTOR_MISMATCH"
+    assert isinstance(submissions._authorizer, Roles)
+    (audited,) = submissions._authorizer.audited
+    assert (audited.actor_id, audited.execution_id) == ("carol", first.execution.id)
+    with pytest.raises(NotFoundError):
+        await submissions.submit(
+            ALICE, "tok", SubmitRequest(TENANT, modify_plan("b"), approval_id=str(uuid4()))
+        )
+    # Refused: the request still waits for its decision, nothing else was created.
+    assert lifecycle.approvals[first.execution.approval_id].state is ApprovalState.PENDING
+    assert list(lifecycle.records) == [first.execution.id]

@@ -110,7 +110,9 @@ class InMemoryApprovals:
         if fields:
             self.core.records[execution_id] = replace(self.core.records[execution_id], **fields)
 
-    async def request(self, execution_id: UUID, *, ttl: timedelta, by: str) -> ApprovalRecord:
+    async def request(
+        self, execution_id: UUID, *, ttl: timedelta, by: str, tx: Any = None
+    ) -> ApprovalRecord:
         record = self._execution(execution_id)
         if self.core.open_approval(execution_id, None) is not None:
             raise ConflictError("an approval request is already open for this execution")

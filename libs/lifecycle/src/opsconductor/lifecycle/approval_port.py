@@ -1,15 +1,16 @@
 """Approvals as service logic sees them: a port beside :mod:`.facade`'s, its Postgres adapter,
 and (:mod:`.approval_fake`) an in-memory stand-in for unit tests.
 
-The approvals service's :class:`ApprovalDecisions` holds an :class:`ApprovalLifecycle` instead
-of a pool: request an approval (of the whole plan, or of one step of a level-3 execution), read
-one or a tenant's pending page, find who owns an approval or an execution (for the audit of a
-refusal only), read the execution a decision covers, decide (the first decision wins), and
-invalidate an approval whose binding broke. A grant's release is the
+The approvals service's ``ApprovalDecisions`` and the api's ``ApprovalIntake`` hold an
+:class:`ApprovalLifecycle` instead of a pool: request an approval (of the whole plan, in the
+submit's transaction, or of one step of a level-3 execution), read one or a tenant's pending
+page, find who owns an approval or an execution (for the audit of a refusal only), read the
+execution a decision covers, decide (the first decision wins), and invalidate an approval whose
+binding broke. A grant's release is the
 :class:`~opsconductor.lifecycle.facade.ExecutionLifecycle`'s ``enqueue``, called inside the
 decision's :meth:`ApprovalLifecycle.transaction` (the adapter's is a Postgres transaction on the
-same pool, the fake's rolls back the approvals and the executions it shares with
-:class:`~opsconductor.lifecycle.fake.InMemoryLifecycle`).
+same pool, the fake's is :class:`~opsconductor.lifecycle.fake.InMemoryLifecycle`'s, which keeps
+the requests with the executions).
 
 Each call delegates to the storage function that does it (:mod:`.storage.approvals`,
 :mod:`.storage.approval_records`, :mod:`.storage.execution_reads`), statement for statement.
@@ -61,10 +62,13 @@ class ApprovalLifecycle(Protocol):
         """A transaction to pass as ``tx`` (also to the execution lifecycle's ``enqueue``)."""
         ...
 
-    async def request(self, execution_id: UUID, *, ttl: timedelta, by: str) -> ApprovalRecord:
+    async def request(
+        self, execution_id: UUID, *, ttl: timedelta, by: str, tx: Any = None
+    ) -> ApprovalRecord:
         """Open the whole-plan request of a ``pending`` execution (which then awaits it),
         bound to the execution's hashes, level and requester, expiring ``ttl`` from now;
-        ``ConflictError`` when one is already open, ``FSMError`` from another status."""
+        ``ConflictError`` when one is already open, ``FSMError`` from another status.
+        ``tx``: the caller's transaction to join (the submit's), else its own."""
         ...
 
     async def request_step(
@@ -146,8 +150,12 @@ class PostgresApprovals:
     def transaction(self) -> contextlib.AbstractAsyncContextManager[Any]:
         return self._transaction()
 
-    async def request(self, execution_id: UUID, *, ttl: timedelta, by: str) -> ApprovalRecord:
-        return await approvals.request_approval(self._pool, execution_id, ttl=ttl, by=by)
+    async def request(
+        self, execution_id: UUID, *, ttl: timedelta, by: str, tx: Any = None
+    ) -> ApprovalRecord:
+        return await approvals.request_approval(
+            self._pool if tx is None else tx, execution_id, ttl=ttl, by=by
+        )
 
     async def request_step(
         self, execution_id: UUID, step_id: str, *, lease_token: UUID, ttl: timedelta, by: str

@@ -21,6 +21,7 @@ from opsconductor.common.auth import TokenVerifier
 from opsconductor.common.errors import StorageError
 from opsconductor.common.secrets import SecretsSettings
 from opsconductor.common.tenant_policy import TenantPolicies
+from opsconductor.lifecycle.approval_port import PostgresApprovals
 from opsconductor.lifecycle.facade import PostgresRedisLifecycle
 from opsconductor.lifecycle.queue.gauges import GaugePublisher
 from opsconductor.lifecycle.queue.redis_queue import RedisQueue, open_queue
@@ -96,6 +97,7 @@ class ApiApp:
             tenant_policies=self._tenant_policies,
             secret_catalogue=self._secret_catalogue,
             quotas=TenantQuotas.from_settings(self.settings, self._tenant_policies),
+            approvals=PostgresApprovals(pool),
         )
         self._queries = ExecutionQueries(pool=pool, authorizer=authorizer, queue=queue)
         self._admin = AdminOperations(

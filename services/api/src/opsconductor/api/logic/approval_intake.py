@@ -24,6 +24,7 @@ submitter of the tenant could invalidate a colleague's pending request.
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Any
 from uuid import UUID
 
 import structlog
@@ -31,9 +32,7 @@ import structlog
 from opsconductor.common.approval_policy import ApprovalPolicy
 from opsconductor.common.auth import Principal
 from opsconductor.common.errors import ApprovalInvalidatedError
-from opsconductor.lifecycle.storage.approval_records import ApprovalRecord, get_approval
-from opsconductor.lifecycle.storage.approvals import invalidate_approval, request_approval
-from opsconductor.lifecycle.storage.execution_records import PoolOrConnection
+from opsconductor.lifecycle.approval_port import ApprovalLifecycle, ApprovalRecord
 from opsconductor.policy.rbac import Authorizer, Permission
 
 log = structlog.get_logger(__name__)
@@ -45,15 +44,15 @@ class ApprovalIntake:
     """The api's side of approvals: requests at submit, presented approvals checked."""
 
     def __init__(
-        self, *, pool: PoolOrConnection, authorizer: Authorizer, policy: ApprovalPolicy
+        self, *, approvals: ApprovalLifecycle, authorizer: Authorizer, policy: ApprovalPolicy
     ) -> None:
-        self._pool = pool
+        self._approvals = approvals
         self._authorizer = authorizer
         self._ttl = timedelta(seconds=policy.approval_ttl_s)
 
-    async def open_request(self, conn: PoolOrConnection, execution_id: UUID) -> ApprovalRecord:
-        """The execution's pending request (``pending → awaiting_approval``), on ``conn``."""
-        return await request_approval(conn, execution_id, ttl=self._ttl, by="api")
+    async def open_request(self, tx: Any, execution_id: UUID) -> ApprovalRecord:
+        """The execution's pending request (``pending → awaiting_approval``), in ``tx``."""
+        return await self._approvals.request(execution_id, ttl=self._ttl, by="api", tx=tx)
 
     async def check_presented(
         self,
@@ -66,7 +65,7 @@ class ApprovalIntake:
     ) -> ApprovalRecord:
         """The presented approval if it covers this plan; else invalidate it if pending, and
         raise :class:`ApprovalInvalidatedError` (see the module docstring)."""
-        approval = await get_approval(self._pool, tenant_id, approval_id)
+        approval = await self._approvals.get(tenant_id, approval_id)
         await self._authorizer.require_actor(
             principal,
             tenant_id=tenant_id,
@@ -87,8 +86,7 @@ class ApprovalIntake:
             return approval
         state = approval.state
         if approval.is_pending:
-            closed = await invalidate_approval(
-                self._pool,
+            closed = await self._approvals.invalidate(
                 approval.id,
                 by=principal.actor_id,
                 reason="plan_changed",

@@ -45,12 +45,12 @@ from opsconductor.common.plan import Plan, parse_plan, to_wire_dict
 from opsconductor.common.secret_catalogue import SecretCatalogue
 from opsconductor.common.tenant_policy import TenantPolicies
 from opsconductor.common.tracing import current_traceparent
+from opsconductor.lifecycle.approval_port import ApprovalLifecycle, PostgresApprovals
 from opsconductor.lifecycle.execution_logging import bind_execution_fields
 from opsconductor.lifecycle.facade import ExecutionLifecycle
 from opsconductor.lifecycle.storage.execution_records import (
     ExecutionRecord,
     PoolOrConnection,
-    transaction,
 )
 from opsconductor.lifecycle.storage.execution_stats import ObservedDurations
 from opsconductor.lifecycle.storage.executions import NewExecution
@@ -164,7 +164,10 @@ class Submissions:
         tenant_policies: TenantPolicies | None = None,
         secret_catalogue: SecretCatalogue | None = None,
         quotas: TenantQuotas | None = None,
+        approvals: ApprovalLifecycle | None = None,
     ) -> None:
+        """``approvals``: where approval requests are opened and presented ones read (default:
+        Postgres, on ``pool``)."""
         self._pool = pool
         #: Where each tenant's secrets may be used; default: empty, no secret may be used.
         self._secret_catalogue = secret_catalogue or SecretCatalogue.empty()
@@ -182,7 +185,11 @@ class Submissions:
         #: Every execution and queue write and read goes through the lifecycle core.
         self._lifecycle = lifecycle
         self._dedup_window = dedup_window
-        self._approvals = ApprovalIntake(pool=pool, authorizer=authorizer, policy=approval_policy)
+        self._approvals = ApprovalIntake(
+            approvals=approvals or PostgresApprovals(pool),
+            authorizer=authorizer,
+            policy=approval_policy,
+        )
 
     async def decide(
         self,
@@ -356,11 +363,11 @@ class Submissions:
         self, principal: Principal, request: SubmitRequest, decision: Decision, record_only: bool
     ) -> SubmitResult:
         """Execution and its pending approval request in ONE transaction; returns at once."""
-        async with transaction(self._pool) as conn:
-            record, created = await self._create(conn, principal, request, decision, record_only)
+        async with self._lifecycle.transaction() as tx:
+            record, created = await self._create(tx, principal, request, decision, record_only)
             if created:
-                await self._approvals.open_request(conn, record.id)
-            record = await self._lifecycle.get(record.tenant_id, record.id, tx=conn)
+                await self._approvals.open_request(tx, record.id)
+            record = await self._lifecycle.get(record.tenant_id, record.id, tx=tx)
         if not created and record.status is not ExecutionStatus.AWAITING_APPROVAL:
             # Already approved: a duplicate of an immediate run in flight gets its outcome.
             record = await self._await_duplicate(record)

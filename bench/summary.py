@@ -10,6 +10,9 @@ then this script, which reads their JSON results from ``bench/results/`` and pri
 - background end-to-end jobs/s with 1 and 2 workers, and queue wait p50/p95 at a steady 70 % of
   that rate;
 - SQL round trips per execution (immediate, background), counted on the wire;
+- CPU milliseconds per execution of each service process and of the bench database's Postgres
+  backends (immediate at concurrency 32, background during the e2e bursts), with ``other``:
+  what the rest of the machine used meanwhile (large: the figures above are noisy);
 - peak RSS of each service process (the larger of the two benchmarks' runs);
 
 for each log level of ``BENCH_LOG_LEVELS`` (INFO, the production default, and WARNING). A
@@ -75,7 +78,17 @@ def immediate_figures(doc: dict[str, Any]) -> dict[str, str]:
         out[f"echo{conc}_rps"] = f"{echo['throughput_rps']:.0f}"
         out[f"imm{conc}_p50"] = f"{imm['p50_ms']:.1f}"
         out[f"imm{conc}_p99"] = f"{imm['p99_ms']:.1f}"
+        cpu = doc.get("cpu_ms_per_request", {}).get("immediate", {}).get(conc)
+        if cpu is not None:
+            out[f"imm{conc}_cpu"] = _cpu_text(cpu, ("api", "worker", "postgres"))
     return out
+
+
+def _cpu_text(cpu: dict[str, float], groups: Sequence[str]) -> str:
+    """``api 3.2 + worker 4.8 + pg 5.1 = 13.1 (other 0.8)``: CPU ms per execution."""
+    parts = " + ".join(f"{g.replace('postgres', 'pg')} {cpu.get(g, 0.0):.1f}" for g in groups)
+    total = sum(cpu.get(g, 0.0) for g in groups)
+    return f"{parts} = {total:.1f} (other {cpu.get('other', 0.0):.1f})"
 
 
 def background_figures(doc: dict[str, Any]) -> dict[str, str]:
@@ -90,6 +103,8 @@ def background_figures(doc: dict[str, Any]) -> dict[str, str]:
             f"{wait['p50_ms']:.1f} / {wait['p95_ms']:.1f} @ {steady['achieved_rate']:.0f}/s"
         )
         out[f"bg{n}_wait_p95"] = f"{wait['p95_ms']:.1f}"
+        if "cpu_ms_per_job" in result:
+            out[f"bg{n}_cpu"] = _cpu_text(result["cpu_ms_per_job"], ("api", "workers", "postgres"))
     return out
 
 
@@ -139,6 +154,9 @@ ROWS: tuple[tuple[str, str, str | None], ...] = (
     ("  p95 (target)", "bg1_wait_p95", "bg1_wait_p95"),
     ("queue wait p50 / p95 ms at 70 %, 2 workers", "bg2_wait", None),
     ("  p95 (target)", "bg2_wait_p95", "bg2_wait_p95"),
+    ("CPU ms / immediate execution, c=32", "imm32_cpu", None),
+    ("CPU ms / background job, 1 worker", "bg1_cpu", None),
+    ("CPU ms / background job, 2 workers", "bg2_cpu", None),
     ("SQL round trips / immediate execution", "rt_immediate", "rt_immediate"),
     ("SQL round trips / background job", "rt_background", "rt_background"),
     ("peak RSS MiB per process", "rss_all", None),
@@ -191,7 +209,7 @@ def render(levels: Sequence[str], since: datetime | None) -> tuple[str, bool]:
         "?",
     )
     width = 44
-    col = 36
+    col = 50
     lines = [
         "",
         "=" * (width + col * len(levels) + 24),

@@ -354,3 +354,57 @@ def test_reset_logging_removes_the_sink(sink: Sink) -> None:
     reset_logging()
     logging.getLogger("lib").warning("nobody listens")
     assert stream.getvalue() == ""
+
+
+class _Keep(logging.Handler):
+    """Keeps every record it is handed (to format them again afterwards)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.mark.parametrize("json_output", [True, False], ids=["json", "console"])
+def test_the_sink_renders_records_as_structlogs_processor_formatter_does(
+    sink: Sink, json_output: bool
+) -> None:
+    """The sink's formatter skips ProcessorFormatter's record copy: same text, record intact."""
+    sink(json=json_output, service="svc")
+    keep = _Keep()
+    root = logging.getLogger()
+    root.addHandler(keep)
+    log = structlog.get_logger("opsconductor.test")
+    bind_request_context(request_id="req-1", tenant_id="t1")
+    try:
+        log.info("plain", count=3, ratio=1.5, flag=True, nothing=None, items=["a", 1])
+        log.info("with %s args", "positional", token="x1234")
+        log.warning("stacked", stack_info=True)
+        try:
+            _fail_with(f"password={SECRET}")
+        except ValueError:
+            log.exception("failed", nested={"password": SECRET, "ok": "visible"})
+        logging.getLogger("third.party").warning("foreign %s", "record", extra={"k": "v"})
+    finally:
+        root.removeHandler(keep)
+    ours = next(h for h in root.handlers if getattr(h, "_opsconductor_sink", False))
+    inner = ours.formatter._inner  # type: ignore[union-attr]
+    reference = structlog.stdlib.ProcessorFormatter(
+        processors=inner.processors, foreign_pre_chain=inner.foreign_pre_chain
+    )
+    assert len(keep.records) == 5
+    for record in keep.records:
+        before = dict(record.__dict__)
+        text = inner.format(record)
+        assert record.__dict__ == before  # left as it was for the other handlers
+        expected = reference.format(record)
+        if record.name == "third.party" and json_output:  # stamped when formatted
+            got, want = json.loads(text), json.loads(expected)
+            got.pop("timestamp")
+            want.pop("timestamp")
+            assert got == want
+        elif record.name != "third.party":
+            assert text == expected
+    assert SECRET not in ours.formatter.format(keep.records[3])  # type: ignore[union-attr]

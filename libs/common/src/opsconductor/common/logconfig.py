@@ -62,6 +62,36 @@ class _SinkHandler(logging.StreamHandler[IO[str]]):
         )
 
 
+class _SinkFormatter(structlog.stdlib.ProcessorFormatter):
+    """``ProcessorFormatter`` without its per-record copying, for the sink's configuration.
+
+    For a record made by a structlog logger (``wrap_for_formatter`` attached ``_logger`` and
+    ``_name``) ``ProcessorFormatter.format`` copies the record, runs the processors on a copy of
+    the event and hands the rendered text to ``logging.Formatter.format``, which returns it as
+    it is: the sink's format is ``%(message)s`` and the copy's exception and stack fields are
+    cleared first. This runs the same processors on the same copy of the event and returns
+    their text directly: the same line, without building a second ``LogRecord`` and formatting
+    it (a tenth of a line's cost). The record itself is left untouched, as before, for the
+    other sink handlers. Foreign (stdlib) records take ``ProcessorFormatter``'s own path.
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        logger = getattr(record, "_logger", None)
+        name = getattr(record, "_name", None)
+        if logger is None or not isinstance(name, str) or not isinstance(record.msg, dict):
+            return super().format(record)
+        if self.logger is not None:
+            logger = self.logger
+        event: Any = dict(record.msg)
+        event["_record"] = record
+        event["_from_structlog"] = True
+        for processor in self.processors:
+            event = processor(logger, name, event)
+        if not isinstance(event, str):  # pragma: no cover - the chain ends in a renderer
+            raise TypeError(f"the sink's last processor returned a {type(event).__name__}")
+        return event
+
+
 def _add_fields(fields: Mapping[str, object]) -> Processor:
     def add_fields(
         _logger: object, _method: str, event_dict: MutableMapping[str, Any]
@@ -154,7 +184,7 @@ def configure_logging(
             colors=False, exception_formatter=structlog.dev.plain_traceback
         )
     )
-    rendering = structlog.stdlib.ProcessorFormatter(
+    rendering = _SinkFormatter(
         foreign_pre_chain=[*shared, structlog.stdlib.ExtraAdder(), _foreign_stack_info],
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
@@ -176,7 +206,7 @@ def configure_logging(
 def _file_handler(path: Path, shared: list[Processor]) -> logging.Handler:
     """The same masked sink as the stream's, rendering JSON, appending to ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    rendering = structlog.stdlib.ProcessorFormatter(
+    rendering = _SinkFormatter(
         foreign_pre_chain=[*shared, structlog.stdlib.ExtraAdder(), _foreign_stack_info],
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,

@@ -41,7 +41,7 @@ from opsconductor.common.errors import (
 from opsconductor.common.fsm import ExecutionStatus
 from opsconductor.common.tenant_policy import TenantPolicies
 from opsconductor.lifecycle.approval_fake import InMemoryApprovals
-from opsconductor.lifecycle.approval_port import ApprovalState
+from opsconductor.lifecycle.approval_port import ApprovalDecision, ApprovalState
 from opsconductor.lifecycle.fake import InMemoryLifecycle
 from opsconductor.lifecycle.storage.execution_stats import ObservedDurations
 from opsconductor.lifecycle.storage.flags import FeatureFlags, FlagCache
@@ -401,6 +401,10 @@ async def test_a_presented_approval_of_another_plan_is_invalidated_and_the_submi
     submissions = build(lifecycle, worker, flags=GATED)
     first = await submissions.submit(ALICE, "tok", SubmitRequest(TENANT, modify_plan("a")))
     approval_id = str(first.execution.approval_id)
+    # Presented with the plan it covers: accepted, and the submit is that plan's duplicate.
+    same = SubmitRequest(TENANT, modify_plan("a"), approval_id=approval_id)
+    duplicate = await submissions.submit(ALICE, "tok", same)
+    assert (duplicate.deduplicated, duplicate.execution.id) == (True, first.execution.id)
     changed = SubmitRequest(TENANT, modify_plan("b"), approval_id=approval_id)
     with pytest.raises(ApprovalInvalidatedError) as refused:
         await submissions.submit(ALICE, "tok", changed)
@@ -438,4 +442,28 @@ async def test_an_approval_presented_by_someone_else_or_from_another_tenant_is_r
         )
     # Refused: the request still waits for its decision, nothing else was created.
     assert lifecycle.approvals[first.execution.approval_id].state is ApprovalState.PENDING
+    assert list(lifecycle.records) == [first.execution.id]
+
+
+async def test_an_approved_approval_presented_with_another_plan_is_refused_and_stays_approved(
+    lifecycle: InMemoryLifecycle, worker: Worker
+) -> None:
+    """A person released the original plan: it runs as approved; the changed one is refused."""
+    submissions = build(lifecycle, worker, flags=GATED)
+    first = await submissions.submit(ALICE, "tok", SubmitRequest(TENANT, modify_plan("a")))
+    approval_id = first.execution.approval_id
+    assert approval_id is not None
+    await InMemoryApprovals(lifecycle).decide(
+        approval_id,
+        tenant_id=TENANT,
+        decision=ApprovalDecision(
+            approve=True, decided_by="bob", auth_method="jwt", source_ip=None
+        ),
+    )
+    changed = SubmitRequest(TENANT, modify_plan("b"), approval_id=str(approval_id))
+    with pytest.raises(ApprovalInvalidatedError) as refused:
+        await submissions.submit(ALICE, "tok", changed)
+    assert refused.value.details["approval_state"] == "approved"
+    assert lifecycle.approvals[approval_id].state is ApprovalState.APPROVED
+    assert lifecycle.executions[first.execution.id].status is ExecutionStatus.AWAITING_APPROVAL
     assert list(lifecycle.records) == [first.execution.id]

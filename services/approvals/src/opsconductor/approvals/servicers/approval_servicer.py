@@ -17,7 +17,7 @@ from opsconductor.approvals.logic.decisions import Caller, covered_scope
 from opsconductor.approvals.servicers.client_address import source_ip
 from opsconductor.common.errors import InvalidArgumentError
 from opsconductor.execution.v1 import approval_service_pb2, approval_service_pb2_grpc, types_pb2
-from opsconductor.lifecycle.storage.approval_records import ApprovalRecord
+from opsconductor.lifecycle.approval_port import ApprovalRecord
 from opsconductor.rpc.auth import authenticate
 from opsconductor.rpc.plan_codec import plan_to_proto
 

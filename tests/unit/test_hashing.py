@@ -19,6 +19,7 @@ from opsconductor.common.errors import PlanValidationError
 from opsconductor.common.hashing import (
     canonical_json,
     idempotency_key,
+    plan_digests,
     plan_hash,
     snapshot_hash,
     step_idempotency_key,
@@ -150,6 +151,20 @@ def test_idempotency_key_is_exactly_the_spec_formula() -> None:
     expected = sha256(canonical_json(plan) + "tenant-1" + "alice")
     assert idempotency_key(plan, "tenant-1", "alice") == expected
     assert idempotency_key(to_wire_dict(plan), "tenant-1", "alice") == expected
+
+
+@given(plan=st.deferred(lambda: plans()))
+@settings(max_examples=50, deadline=None)
+def test_plan_digests_are_plan_hash_idempotency_key_and_canonical_length(
+    plan: dict[str, Any],
+) -> None:
+    """One canonical JSON for all three figures gives what each function gives on its own."""
+    model = parse_plan(plan)
+    for given_as in (plan, model, to_wire_dict(model)):
+        digests = plan_digests(given_as, "tenant-1", "alice")
+        assert digests.plan_hash == plan_hash(given_as)
+        assert digests.idempotency_key == idempotency_key(given_as, "tenant-1", "alice")
+        assert digests.canonical_length == len(canonical_json(to_wire_dict(model)))
 
 
 def test_step_idempotency_key_joins_execution_and_step() -> None:

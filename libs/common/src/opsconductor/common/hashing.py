@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 from uuid import UUID
 
 from pydantic import BaseModel
@@ -33,8 +33,10 @@ if TYPE_CHECKING:
 
 __all__ = [
     "SORTED_LIST_KEY",
+    "PlanDigests",
     "canonical_json",
     "idempotency_key",
+    "plan_digests",
     "plan_hash",
     "snapshot_hash",
     "step_idempotency_key",
@@ -118,6 +120,22 @@ def idempotency_key(plan: Plan | Mapping[str, Any], tenant_id: str, actor_id: st
     A mapping is normalised as in :func:`plan_hash`.
     """
     return _sha256_hex(canonical_json(_plan_wire(plan)) + tenant_id + actor_id)
+
+
+class PlanDigests(NamedTuple):
+    """What a submit derives from a plan's canonical JSON (`plan_digests`)."""
+
+    plan_hash: str
+    idempotency_key: str
+    #: Characters of the plan's canonical JSON (logged as ``plan_bytes``).
+    canonical_length: int
+
+
+def plan_digests(plan: Plan | Mapping[str, Any], tenant_id: str, actor_id: str) -> PlanDigests:
+    """`plan_hash` and `idempotency_key` of ``plan`` (and its canonical JSON's length), with
+    the canonical JSON built once instead of once per figure: the same values."""
+    text = canonical_json(_plan_wire(plan))
+    return PlanDigests(_sha256_hex(text), _sha256_hex(text + tenant_id + actor_id), len(text))
 
 
 def step_idempotency_key(execution_id: UUID | str, step_id: str) -> str:

@@ -40,7 +40,7 @@ from opsconductor.common.errors import (
     WorkerUnavailableError,
 )
 from opsconductor.common.fsm import ExecutionStatus
-from opsconductor.common.hashing import canonical_json, idempotency_key, plan_hash, snapshot_hash
+from opsconductor.common.hashing import plan_digests, snapshot_hash
 from opsconductor.common.plan import Plan, parse_plan, to_wire_dict
 from opsconductor.common.secret_catalogue import SecretCatalogue
 from opsconductor.common.tenant_policy import TenantPolicies
@@ -107,6 +107,8 @@ class Decision:
     estimate: DurationEstimate
     mode: ExecutionMode
     approval_level: int
+    #: Characters of the plan's canonical JSON (``plan_bytes`` in the log).
+    plan_json_length: int
 
     def snapshot(self) -> dict[str, Any]:
         """The frozen plan plus what was resolved at submit; hashed as ``plan_snapshot_hash``."""
@@ -206,10 +208,11 @@ class Submissions:
         estimate = estimate_duration(plan, self._actions, observed)
         level = determine_approval_level(plan, self._approval_policy)
         self._approval_policy.check_runbook(plan, level)
+        digests = plan_digests(plan, tenant_id, principal.actor_id)
         return Decision(
             plan=plan,
-            plan_hash=plan_hash(plan),
-            idempotency_key=idempotency_key(plan, tenant_id, principal.actor_id),
+            plan_hash=digests.plan_hash,
+            idempotency_key=digests.idempotency_key,
             policy=policy,
             estimate=estimate,
             # Level 3 waits for a person before every step: far beyond any immediate budget,
@@ -218,6 +221,7 @@ class Submissions:
             if level >= LEVEL_STEP_BY_STEP
             else decide_mode(estimate, requested),
             approval_level=level,
+            plan_json_length=digests.canonical_length,
         )
 
     async def preview(
@@ -352,7 +356,7 @@ class Submissions:
             )
             if isinstance(created, WaitingUsage):
                 raise self._quotas.queued_refusal(request.tenant_id, limit, created.waiting)
-        self._log_created(created.record, created.created, new)
+        self._log_created(created.record, created.created, decision)
         if not created.created:
             return SubmitResult(created.record, deduplicated=True, job_id=created.job_id)
         # Committed: wake an idle worker now rather than at its next poll.
@@ -398,7 +402,7 @@ class Submissions:
             record, created = await self._lifecycle.create(
                 new, dedup_window=self._dedup_window, tx=tx
             )
-        self._log_created(record, created, new)
+        self._log_created(record, created, decision)
         return record, created
 
     def _new_execution(
@@ -434,7 +438,7 @@ class Submissions:
         )
 
     @staticmethod
-    def _log_created(record: ExecutionRecord, created: bool, new: NewExecution) -> None:
+    def _log_created(record: ExecutionRecord, created: bool, decision: Decision) -> None:
         bind_execution_fields(record)  # the rest of this RPC's records are the execution's
         log.info(
             "execution_created" if created else "execution_deduplicated",
@@ -444,7 +448,7 @@ class Submissions:
             plan_hash=record.plan_hash,
             execution_mode=record.execution_mode,
             approval_level=record.approval_level,
-            plan_bytes=len(canonical_json(new.plan_snapshot["plan"])),
+            plan_bytes=decision.plan_json_length,
         )
 
     async def _dispatch_immediate(self, record: ExecutionRecord, token: str) -> object | None:

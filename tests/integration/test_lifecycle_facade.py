@@ -2062,3 +2062,16 @@ async def test_a_request_joins_the_submits_transaction_and_goes_with_its_rollbac
         [await approvals.get(tenant, opened[1].id)],
         None,
     )
+
+
+async def test_the_workers_reads_and_checks_of_an_unknown_execution(worker: Worker) -> None:
+    lifecycle = worker.lifecycle
+    unknown = uuid4()
+    assert await lifecycle.find(unknown) is None
+    assert await lifecycle.find(unknown, with_steps=False) is None
+    with pytest.raises(NotFoundError):
+        await lifecycle.cancel_requested(unknown)
+    with pytest.raises(NotFoundError):
+        await lifecycle.start_step_unless_cancelled(unknown, "first", worker_id="w1")
+    with pytest.raises(NotFoundError):
+        await lifecycle.end_failed(unknown, by="w1", error_class="X", error_message="x")

@@ -162,6 +162,7 @@ class World:
 
     def __init__(self, *, step_timeout_ms: int = POLICY.step_timeout_ms) -> None:
         self.lifecycle = InMemoryLifecycle()
+        self.advance(0)  # the queue's clock stands still until a test moves it
         self.scripted = Scripted()
         self.roles = Roles({(TENANT, "alice"): frozenset({"operator"})})
         self.policy = replace(POLICY, step_timeout_ms=step_timeout_ms)

@@ -43,10 +43,6 @@ COMPOSED = {
 NOT_YET = {
     "queue/handoff.py",
     "queue/jobs.py",
-    "storage/execution_failures.py",
-    "storage/execution_leases.py",
-    "storage/execution_steps.py",
-    "storage/locks.py",
 }
 
 

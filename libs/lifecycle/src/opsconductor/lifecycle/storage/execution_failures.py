@@ -28,19 +28,12 @@ from opsconductor.lifecycle.storage.execution_records import (
 from opsconductor.lifecycle.storage.execution_steps import skip_remaining_steps
 from opsconductor.lifecycle.storage.executions import retire_idempotency_key, transition
 from opsconductor.lifecycle.storage.locks import release_execution_locks
+from opsconductor.lifecycle.storage.queries import query
 
 __all__ = ["end_failed"]
 
-_FAIL_RUNNING_STEPS = """
-UPDATE execution_steps
-SET status = 'failed', ended_at = clock_timestamp(), error_class = 'EXECUTION_TIMEOUT',
-    error_message = 'the execution passed its deadline; its worker stopped responding'
-WHERE execution_id = $1 AND status = 'running'
-"""
-_SKIP_PENDING_STEPS = """
-UPDATE execution_steps SET status = 'skipped'
-WHERE execution_id = $1 AND status IN ('pending', 'awaiting_approval')
-"""
+_FAIL_RUNNING_STEPS = query("fail_running_steps_timed_out")
+_SKIP_PENDING_STEPS = query("skip_pending_steps")
 
 
 async def end_failed(

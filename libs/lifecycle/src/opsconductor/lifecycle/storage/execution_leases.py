@@ -28,24 +28,16 @@ from opsconductor.lifecycle.storage.execution_records import (
     transaction,
 )
 from opsconductor.lifecycle.storage.executions import transition
+from opsconductor.lifecycle.storage.queries import query
 
 log = structlog.get_logger(__name__)
 
-_TAKE_OVER = """
-UPDATE executions
-SET lease_token = $2, worker_id = $3, attempts = attempts + 1, deadline_at = $4,
-    updated_at = clock_timestamp()
-WHERE id = $1
-"""
-_RESET_RUNNING_STEPS = """
-UPDATE execution_steps SET status = 'pending', started_at = NULL, worker_id = NULL
-WHERE execution_id = $1 AND status = 'running'
-RETURNING step_id
-"""
-_RELEASE = """
-UPDATE executions SET lease_token = NULL, updated_at = clock_timestamp()
-WHERE id = $1 AND lease_token = $2
-"""
+_TAKE_OVER = query("take_over_execution")
+_RESET_RUNNING_STEPS = query("reset_running_steps")
+_RELEASE = query("release_claim")
+_LOCK_FOR_CLAIM = query("lock_execution_for_claim")
+_ATTEMPTS = query("execution_attempts")
+_COUNT_RENEWAL = query("count_lease_renewal")
 
 
 async def claim_execution(
@@ -63,11 +55,7 @@ async def claim_execution(
     """
     deadline = datetime.now(UTC) + budget
     async with transaction(db) as conn:
-        row = await conn.fetchrow(
-            "SELECT status, lease_token, worker_id, tenant_id FROM executions "
-            "WHERE id = $1 FOR UPDATE",
-            execution_id,
-        )
+        row = await conn.fetchrow(_LOCK_FOR_CLAIM, execution_id)
         if row is None:
             return None
         status = ExecutionStatus(row["status"])
@@ -96,9 +84,7 @@ async def claim_execution(
                 steps_reset=reset,
             )
         else:
-            attempts = await conn.fetchval(
-                "SELECT attempts FROM executions WHERE id = $1", execution_id
-            )
+            attempts = await conn.fetchval(_ATTEMPTS, execution_id)
             await transition(
                 conn,
                 execution_id,
@@ -124,12 +110,7 @@ async def release_claim(db: PoolOrConnection, execution_id: UUID, lease_token: U
     return str(status).split()[-1] == "1"
 
 
-_RESET_FOR_RETRY = """
-UPDATE execution_steps
-SET status = 'pending', started_at = NULL, ended_at = NULL, duration_ms = NULL, worker_id = NULL
-WHERE execution_id = $1 AND status IN ('running', 'failed', 'skipped')
-RETURNING step_id
-"""
+_RESET_FOR_RETRY = query("reset_steps_for_retry")
 
 
 async def requeue_execution(
@@ -169,11 +150,7 @@ async def requeue_execution(
         return await get_execution(conn, locked["tenant_id"], execution_id)
 
 
-_RUNNING_BY = """
-SELECT tenant_id FROM executions
-WHERE id = $1 AND status = 'running' AND worker_id IS NOT DISTINCT FROM $2
-FOR UPDATE
-"""
+_RUNNING_BY = query("lock_running_execution_of_worker")
 
 
 async def record_lease_expired(
@@ -207,21 +184,11 @@ async def record_lease_expired(
 async def record_lease_renewal(db: PoolOrConnection, execution_id: UUID, lease_token: UUID) -> bool:
     """Count a lease renewal on the execution (spec §1.4 ``lease_renewals``), fenced."""
     async with transaction(db) as conn:
-        status = await conn.execute(
-            "UPDATE executions SET lease_renewals = lease_renewals + 1 "
-            "WHERE id = $1 AND lease_token = $2",
-            execution_id,
-            lease_token,
-        )
+        status = await conn.execute(_COUNT_RENEWAL, execution_id, lease_token)
     return str(status).split()[-1] == "1"
 
 
-_OVERDUE = """
-SELECT * FROM executions
-WHERE status = 'running' AND deadline_at < clock_timestamp() - make_interval(secs => $1)
-ORDER BY deadline_at
-LIMIT $2
-"""
+_OVERDUE = query("overdue_executions")
 
 
 async def fail_overdue_executions(
@@ -282,15 +249,7 @@ async def fail_lost_execution(
     )
 
 
-# Immediate executions no worker ever took: the api that created them died (or gave up on a
-# paused worker) before the hand-over. No worker id means no worker moved it to running.
-_UNSTARTED_IMMEDIATE = """
-SELECT id, status FROM executions
-WHERE execution_mode = 'immediate' AND status IN ('pending', 'queued') AND worker_id IS NULL
-  AND created_at < clock_timestamp() - make_interval(secs => $1)
-ORDER BY created_at
-LIMIT $2
-"""
+_UNSTARTED_IMMEDIATE = query("unstarted_immediate_executions")
 
 
 async def fail_unstarted_immediate(

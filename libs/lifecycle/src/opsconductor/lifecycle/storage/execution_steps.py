@@ -18,7 +18,7 @@ import structlog
 
 from opsconductor.common.errors import FSMError, NotFoundError
 from opsconductor.common.fsm import TERMINAL, ExecutionStatus, StepStatus
-from opsconductor.lifecycle.storage.events import EVENTS_CHANNEL, append_event
+from opsconductor.lifecycle.storage.events import append_event
 from opsconductor.lifecycle.storage.execution_records import (
     PoolOrConnection,
     StepRecord,
@@ -27,6 +27,7 @@ from opsconductor.lifecycle.storage.execution_records import (
     step_from_row,
     transaction,
 )
+from opsconductor.lifecycle.storage.queries import query
 
 __all__ = [
     "finish_step",
@@ -46,125 +47,15 @@ _STARTABLE = frozenset(
 _FINISHED = frozenset({StepStatus.SUCCEEDED, StepStatus.FAILED})
 _SKIPPABLE = [StepStatus.PENDING.value, StepStatus.AWAITING_APPROVAL.value]
 
-_SELECT_STEPS = "SELECT * FROM execution_steps WHERE execution_id = $1 ORDER BY position"
-_LOCK_STEP = """
-SELECT status FROM execution_steps WHERE execution_id = $1 AND step_id = $2 FOR UPDATE
-"""
-_START = """
-UPDATE execution_steps
-SET status = 'running', attempt = attempt + 1, worker_id = $3,
-    started_at = clock_timestamp(), ended_at = NULL, duration_ms = NULL,
-    result = NULL, error_class = NULL, error_message = NULL
-WHERE execution_id = $1 AND step_id = $2
-RETURNING *
-"""
-# One clock reading for both ended_at and duration_ms.
-_FINISH = """
-WITH t AS (SELECT clock_timestamp() AS now)
-UPDATE execution_steps s
-SET status = $3, result = $4, error_class = $5, error_message = $6,
-    ended_at = GREATEST(t.now, s.started_at),
-    duration_ms = (extract(epoch FROM GREATEST(t.now, s.started_at) - s.started_at) * 1000)::bigint
-FROM t
-WHERE s.execution_id = $1 AND s.step_id = $2
-RETURNING s.*
-"""
+_SELECT_STEPS = query("load_steps")
+_LOCK_STEP = query("lock_step")
+_START = query("start_step")
+_FINISH = query("finish_step")
 _STARTABLE_VALUES = sorted(s.value for s in _STARTABLE)
-# The usual case of start and finish in one statement, its event included: the UPDATE of the
-# execution row takes the row lock (first, as the locking path does) if it is running, the
-# lease token (when given) still owns it and the step's status allows the write, and hands out
-# the event's seq; the step is written and its event appended in the same statement. No row
-# back: the locking path finds out why. Step writers all hold the execution row lock, so the
-# step's status the UPDATE saw is the one the step UPDATE sees.
-_STARTABLE_STEP = """
-    status = 'running' AND ($4::uuid IS NULL OR lease_token IS NOT DISTINCT FROM $4::uuid)
-    AND EXISTS (
-        SELECT 1 FROM execution_steps
-        WHERE execution_id = $1 AND step_id = $2 AND status = ANY($5::varchar[])
-    )"""
-_START_STEP = """
-s AS (
-    UPDATE execution_steps s
-    SET status = 'running', attempt = s.attempt + 1, worker_id = $3,
-        started_at = clock_timestamp(), ended_at = NULL, duration_ms = NULL,
-        result = NULL, error_class = NULL, error_message = NULL
-    FROM e
-    WHERE e.go AND s.execution_id = e.id AND s.step_id = $2 AND s.status = ANY($5::varchar[])
-    RETURNING s.*, e.tenant_id, e.event_seq
-), ev AS (
-    INSERT INTO execution_events (execution_id, tenant_id, actor_id, seq, type, payload)
-    SELECT s.execution_id, s.tenant_id, $3, s.event_seq, 'step_started', jsonb_build_object(
-        'step_id', s.step_id, 'position', s.position, 'action', s.action,
-        'attempt', s.attempt, 'worker_id', $3::text
-    )
-    FROM s
-    RETURNING execution_id, seq
-)"""
-_NOTIFIED = f"""(SELECT count(pg_notify('{EVENTS_CHANNEL}', ev.execution_id::text || ':' || ev.seq))
-     FROM ev) AS notified"""
-_START_FAST = f"""
-WITH e AS (
-    UPDATE executions SET event_seq = event_seq + 1
-    WHERE id = $1 AND {_STARTABLE_STEP}
-    RETURNING id, tenant_id, event_seq, true AS go
-), {_START_STEP}
-SELECT s.*, {_NOTIFIED} FROM s
-"""
-# The cancellation check between steps and the start of the next step in one statement: the
-# check is counted whatever happens, and the step starts (as in _START_FAST) only if no
-# cancellation was requested. The conditions are the row's own (re-checked on its newest
-# version by the UPDATE). No row back: the execution does not exist.
-_CHECK_AND_START = f"""
-WITH e AS (
-    UPDATE executions SET cancel_checks_performed = cancel_checks_performed + 1,
-        event_seq = event_seq + CASE WHEN cancelled_at IS NULL AND {_STARTABLE_STEP}
-                                     THEN 1 ELSE 0 END
-    WHERE id = $1
-    RETURNING id, tenant_id, event_seq, cancelled_at IS NOT NULL AS cancelled,
-        cancelled_at IS NULL AND {_STARTABLE_STEP} AS go
-), {_START_STEP}
-SELECT e.cancelled, s.*, {_NOTIFIED} FROM e LEFT JOIN s ON true
-"""
-_FINISH_FAST = f"""
-WITH e AS (
-    UPDATE executions SET event_seq = event_seq + 1
-    WHERE id = $1 AND status = 'running'
-      AND ($7::uuid IS NULL OR lease_token IS NOT DISTINCT FROM $7::uuid)
-      AND EXISTS (
-          SELECT 1 FROM execution_steps
-          WHERE execution_id = $1 AND step_id = $2 AND status = 'running'
-      )
-    RETURNING id, tenant_id, event_seq
-), t AS (SELECT clock_timestamp() AS now),
-s AS (
-    UPDATE execution_steps s
-    SET status = $3, result = $4, error_class = $5, error_message = $6,
-        ended_at = GREATEST(t.now, s.started_at),
-        duration_ms = (
-            extract(epoch FROM GREATEST(t.now, s.started_at) - s.started_at) * 1000
-        )::bigint
-    FROM e, t
-    WHERE s.execution_id = e.id AND s.step_id = $2 AND s.status = 'running'
-    RETURNING s.*, e.tenant_id, e.event_seq
-), ev AS (
-    INSERT INTO execution_events (execution_id, tenant_id, actor_id, seq, type, payload)
-    SELECT s.execution_id, s.tenant_id, s.worker_id, s.event_seq, 'step_' || $3,
-        jsonb_build_object(
-            'step_id', s.step_id, 'position', s.position, 'action', s.action,
-            'attempt', s.attempt, 'duration_ms', s.duration_ms
-        ) || CASE WHEN $5::text IS NULL THEN '{{}}'::jsonb
-                  ELSE jsonb_build_object('error_class', $5::text) END
-    FROM s
-    RETURNING execution_id, seq
-)
-SELECT s.*, {_NOTIFIED} FROM s
-"""
-_SKIP = """
-UPDATE execution_steps
-SET status = 'skipped', ended_at = GREATEST(clock_timestamp(), started_at)
-WHERE execution_id = $1 AND position >= $2 AND status = ANY($3::varchar[])
-RETURNING *
-"""
+_START_FAST = query("start_step_fast")
+_CHECK_AND_START = query("check_cancel_and_start_step")
+_FINISH_FAST = query("finish_step_fast")
+_SKIP = query("skip_remaining_steps")
 
 
 async def load_steps(db: PoolOrConnection, execution_id: UUID) -> tuple[StepRecord, ...]:

@@ -39,11 +39,6 @@ COMPOSED = {
     # finish and the reaper's counter are CTEs added only when asked for.
     "storage/executions.py": "the transition UPDATE is composed from its fields and options",
 }
-#: Modules whose statements are not in .sql files yet (issue 10 Build 1, converted in steps).
-NOT_YET = {
-    "queue/handoff.py",
-    "queue/jobs.py",
-}
 
 
 def _names_used() -> dict[str, list[str]]:
@@ -133,8 +128,8 @@ def test_no_statement_left_in_python_but_the_composed_ones() -> None:
             ):
                 name = str(path.relative_to(LIFECYCLE / "src/opsconductor/lifecycle"))
                 found[name] = found.get(name, 0) + 1
-    assert sorted(set(found) - set(COMPOSED) - NOT_YET) == [], "SQL in Python: use a .sql file"
-    assert sorted((set(COMPOSED) | NOT_YET) - set(found)) == [], "listed, but holds no SQL"
+    assert sorted(set(found) - set(COMPOSED)) == [], "SQL in Python: move it to a .sql file"
+    assert sorted(set(COMPOSED) - set(found)) == [], "COMPOSED lists a module with no SQL"
 
 
 def test_notify_channels_written_into_statements_are_the_listeners() -> None:

@@ -43,6 +43,7 @@ from uuid import UUID
 
 from opsconductor.lifecycle.storage.events import EVENTS_CHANNEL
 from opsconductor.lifecycle.storage.execution_records import PoolOrConnection, connection
+from opsconductor.lifecycle.storage.queries import query
 
 __all__ = [
     "QueueRow",
@@ -60,94 +61,18 @@ __all__ = [
     "retry_row",
 ]
 
-# The row, or the one the execution already has, in one statement (a row committed after
-# this statement's snapshot is read by a second one).
-_INSERT = """
-WITH inserted AS (
-    INSERT INTO execution_queue (execution_id, tenant_id, priority, max_attempts, state,
-                                 available_at)
-    VALUES ($1, $2, $3, $4,
-            CASE WHEN $5::timestamptz > clock_timestamp() THEN 'delayed' ELSE 'ready' END,
-            COALESCE($5::timestamptz, clock_timestamp()))
-    ON CONFLICT (execution_id) DO NOTHING
-    RETURNING *
-)
-SELECT * FROM inserted
-UNION ALL
-SELECT * FROM execution_queue WHERE execution_id = $1 AND NOT EXISTS (SELECT 1 FROM inserted)
-"""
-_SELECT_BY_ID = "SELECT * FROM execution_queue WHERE id = $1"
-_SELECT_BY_ID_FOR_UPDATE = "SELECT * FROM execution_queue WHERE id = $1 FOR UPDATE"
-_SELECT_BY_EXECUTION = "SELECT * FROM execution_queue WHERE execution_id = $1"
-# The lease handoff: the queue row and the execution's fencing token change together. The
-# execution's worker_id is left to the claim (execution_leases.claim_execution), which reports it
-# as the previous holder when it takes a dead worker's execution over.
-_LEASE = """
-WITH leased AS (
-    UPDATE execution_queue
-    SET state = 'leased', lease_owner = $2, lease_token = $3, lease_expires_at = $4,
-        lease_renewals = 0, attempts = $5, updated_at = clock_timestamp()
-    WHERE id = $1
-    RETURNING *
-), fenced AS (
-    UPDATE executions e SET lease_token = $3, updated_at = clock_timestamp()
-    FROM leased WHERE e.id = leased.execution_id
-    RETURNING e.id
-)
-SELECT leased.* FROM leased LEFT JOIN fenced ON fenced.id = leased.execution_id
-"""
-_RENEW = """
-UPDATE execution_queue
-SET lease_expires_at = $3, lease_renewals = $4, updated_at = clock_timestamp()
-WHERE id = $1 AND lease_token = $2 AND state = 'leased'
-"""
-# The retry and its event in one statement (seq handed out by the execution row, as
-# storage/events.py does; the audit hash is the insert trigger's; NOTIFY delivered at commit).
-_RETRY = """
-WITH retried AS (
-    UPDATE execution_queue
-    SET state = 'delayed', attempts = $3, available_at = $4, last_error = $5, lease_owner = NULL,
-        lease_token = NULL, lease_expires_at = NULL, updated_at = clock_timestamp()
-    WHERE id = $1 AND lease_token = $2 AND state = 'leased'
-    RETURNING execution_id, tenant_id
-), next AS (
-    UPDATE executions e SET event_seq = e.event_seq + 1
-    FROM retried WHERE e.id = retried.execution_id
-    RETURNING e.id, e.event_seq
-), event AS (
-    INSERT INTO execution_events (execution_id, tenant_id, actor_id, seq, type, payload)
-    SELECT next.id, retried.tenant_id, NULL, next.event_seq, 'retry_scheduled',
-           jsonb_build_object('attempts', $3::int, 'available_at', $6::text,
-                              'error_class', $5::jsonb -> 'error_class')
-    FROM next, retried
-    RETURNING execution_id, seq
-)
-SELECT retried.execution_id,
-       (SELECT count(pg_notify($7, event.execution_id::text || ':' || event.seq)) FROM event)
-           AS notified
-FROM retried
-"""
-_RELEASE = """
-UPDATE execution_queue
-SET state = CASE WHEN $3::timestamptz > clock_timestamp() THEN 'delayed' ELSE 'ready' END,
-    available_at = COALESCE($3::timestamptz, clock_timestamp()),
-    lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, updated_at = clock_timestamp()
-WHERE id = $1 AND lease_token = $2 AND state = 'leased'
-"""
-_DELETE = "DELETE FROM execution_queue WHERE id = $1"
-_DELETE_FENCED = "DELETE FROM execution_queue WHERE id = $1 AND lease_token = $2"
-# With the renewal limit of the execution's policy and the execution's correlation (request id,
-# traceparent): a re-pushed job needs them and the row has not.
-_LIST = """
-SELECT q.*, p.max_lease_renewals, e.request_id, e.trace_context
-FROM execution_queue q
-JOIN executions e ON e.id = q.execution_id
-LEFT JOIN timeout_policies p ON p.id = e.timeout_policy_id
-WHERE NOT (q.id = ANY($1::uuid[]))
-ORDER BY q.priority, q.enqueued_at, q.id
-LIMIT $2
-"""
-_EXISTING = "SELECT id FROM execution_queue WHERE id = ANY($1::uuid[])"
+_INSERT = query("insert_queue_row")
+_SELECT_BY_ID = query("get_queue_row")
+_SELECT_BY_ID_FOR_UPDATE = query("lock_queue_row")
+_SELECT_BY_EXECUTION = query("queue_row_of_execution")
+_LEASE = query("lease_queue_row")
+_RENEW = query("renew_queue_row")
+_RETRY = query("retry_queue_row")
+_RELEASE = query("release_queue_row")
+_DELETE = query("delete_queue_row")
+_DELETE_FENCED = query("delete_queue_row_fenced")
+_LIST = query("queue_rows_missing")
+_EXISTING = query("existing_queue_rows")
 
 
 @dataclass(frozen=True)

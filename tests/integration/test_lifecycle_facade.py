@@ -1236,6 +1236,116 @@ async def test_a_step_pause_after_a_cancellation_was_requested_ends_the_executio
     assert await approvals.step_approval(tenant, record.id, "first") is None
 
 
+# The worker's approval checks on the same port: ApprovalChecks and ImmediateExecutions.
+
+
+async def test_the_binding_check_reads_the_stored_request_and_a_mismatch_invalidates_it(
+    world: tuple[str, Core, Any], approvals: ApprovalLifecycle, policy: TimeoutPolicy
+) -> None:
+    _, core, _ = world
+    tenant = fresh_tenant()
+    record, approval = await waiting_for_approval(core, approvals, tenant)
+    waiting = await core.lifecycle.get(tenant, record.id)
+    with pytest.raises(FailedPreconditionError) as not_granted:
+        await approvals.enforce_binding(waiting, by="w1")
+    assert not_granted.value.details["state"] == "pending"
+    assert (await approvals.get(tenant, approval.id)).state is ApprovalState.PENDING
+    await grant_and_release(core.lifecycle, approvals, approval, record, policy)
+    queued = await core.lifecycle.get(tenant, record.id)
+    bound = await approvals.enforce_binding(queued, by="w1")
+    assert bound is not None
+    assert (bound.id, bound.state) == (approval.id, ApprovalState.APPROVED)
+    assert await approvals.enforce_binding(replace(queued, approval_level=0), by="w1") is None
+    with pytest.raises(ApprovalInvalidatedError):
+        await approvals.enforce_binding(replace(queued, approval_id=None), by="w1")
+    # What the worker holds differs from the request: the approval is invalidated; the
+    # released execution is left to the worker, which ends it.
+    with pytest.raises(ApprovalInvalidatedError) as broken:
+        await approvals.enforce_binding(replace(queued, plan_hash="e" * 64), by="w1")
+    assert broken.value.details["mismatched"] == ["plan_hash"]
+    assert (await approvals.get(tenant, approval.id)).state is ApprovalState.INVALIDATED
+    assert (await core.lifecycle.get(tenant, record.id)).status is S.QUEUED
+    # A mismatch on one still waiting ends it failed with the approval.
+    other, _ = await waiting_for_approval(core, approvals, tenant, level=2)
+    stored = await core.lifecycle.get(tenant, other.id)
+    with pytest.raises(ApprovalInvalidatedError) as lowered:
+        await approvals.enforce_binding(replace(stored, approval_level=3), by="w1")
+    assert lowered.value.details["mismatched"] == ["level"]
+    ended = await core.lifecycle.get(tenant, other.id)
+    assert (ended.status, ended.error_class) == (S.FAILED, "APPROVAL_INVALIDATED")
+
+
+async def test_who_granted_an_approval_and_which_steps_were_approved_for_this_plan(
+    world: tuple[str, Core, Any], approvals: ApprovalLifecycle, policy: TimeoutPolicy
+) -> None:
+    _, core, _ = world
+    tenant = fresh_tenant()
+    record, approval = await waiting_for_approval(core, approvals, tenant, level=3)
+    assert not await approvals.granted_by(record.id, actor_id="bob", tenant_id=tenant)
+    await grant_and_release(core.lifecycle, approvals, approval, record, policy)
+    assert await approvals.granted_by(record.id, actor_id="bob", tenant_id=tenant)
+    assert not await approvals.granted_by(record.id, actor_id="carol", tenant_id=tenant)
+    assert not await approvals.granted_by(record.id, actor_id="bob", tenant_id=fresh_tenant())
+    assert not await approvals.granted_by(uuid4(), actor_id="bob", tenant_id=tenant)
+    token = await running_with_lease(core, record.id)
+    running = await core.lifecycle.get(tenant, record.id)
+    assert not await approvals.step_approved(running, "first")
+    paused = await approvals.request_step(record.id, "first", lease_token=token, ttl=TTL, by="w1")
+    assert paused is not None
+    assert not await approvals.step_approved(running, "first")  # requested, not decided
+    await approvals.decide(paused.id, tenant_id=tenant, decision=decision("carol"))
+    assert await approvals.step_approved(running, "first")
+    assert not await approvals.step_approved(running, "second")
+    assert not await approvals.step_approved(replace(running, plan_hash="e" * 64), "first")
+    assert not await approvals.step_approved(replace(running, plan_snapshot_hash="f" * 64), "first")
+
+
+async def test_a_paused_executions_locks_are_extended_all_or_nothing_under_their_owner(
+    world: tuple[str, Core, Any], approvals: ApprovalLifecycle, db_pool: asyncpg.Pool
+) -> None:
+    kind, core, _ = world
+    tenant = fresh_tenant()
+    a, b = (LockRequest(tenant, f"host:{name}", "noop") for name in "ab")
+    owner = uuid4()
+    short = timedelta(seconds=30)
+    held = await core.lifecycle.acquire_locks(
+        [a, b], owner_token=owner, owner_execution_id=None, ttl=short
+    )
+
+    async def expiry(key: str) -> datetime:
+        if kind == "fake":
+            assert isinstance(core.lifecycle, InMemoryLifecycle)
+            return core.lifecycle.locks[key].expires_at
+        found = await db_pool.fetchval(
+            "SELECT expires_at FROM execution_locks WHERE lock_key = $1", key
+        )
+        assert isinstance(found, datetime)
+        return found
+
+    before = datetime.now(UTC)
+    extended = await approvals.extend_locks(held, TTL)
+    assert extended.owner_token == owner
+    assert extended.keys == held.keys
+    assert [lock.fencing_token for lock in extended.locks] == [
+        lock.fencing_token for lock in held.locks
+    ]
+    for lock in extended.locks:
+        assert lock.expires_at >= before + TTL - timedelta(seconds=5)
+        assert await expiry(lock.lock_key) == lock.expires_at
+    assert await approvals.extend_locks(LockSet(owner), TTL) == LockSet(owner)
+    with pytest.raises(ValueError, match="positive"):
+        await approvals.extend_locks(held, timedelta(0))
+    # One of them released and taken by someone else: nothing extended, the loss named.
+    first_key = held.keys[0]
+    assert await core.lifecycle.release_locks(LockSet(owner, held.locks[:1])) == 1
+    await core.lifecycle.acquire_locks([a], owner_token=uuid4(), owner_execution_id=None, ttl=short)
+    kept = await expiry(held.keys[1])
+    with pytest.raises(StaleLeaseError) as lost:
+        await approvals.extend_locks(held, TTL * 2)
+    assert lost.value.details["lost_keys"] == [first_key]
+    assert await expiry(held.keys[1]) == kept
+
+
 # --- The worker: Redis lease, handoff and claim, runs, steps, locks, settle -------------------
 # The operations ExecutionRunner and BackgroundConsumer call (their unit tests run them against
 # the fake: tests/unit/test_execution_runner.py, tests/unit/test_background_consumer.py). Both

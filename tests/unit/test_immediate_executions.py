@@ -17,6 +17,7 @@ from opsconductor.common.errors import (
     PermissionDeniedError,
 )
 from opsconductor.common.fsm import ExecutionStatus
+from opsconductor.lifecycle.approval_fake import InMemoryApprovals
 from opsconductor.policy.rbac import DenialReason
 from opsconductor.worker.logic.immediate import ImmediateExecutions
 from tests.unit.worker_world import TENANT, World
@@ -32,7 +33,7 @@ def world() -> World:
 def immediate(world: World) -> ImmediateExecutions:
     return ImmediateExecutions(
         lifecycle=world.lifecycle,
-        pool=None,  # type: ignore[arg-type]  # only an approval's binding is read there
+        approvals=InMemoryApprovals(world.lifecycle),
         authorizer=world.roles,
         runner=world.runner,
     )

@@ -12,7 +12,10 @@ requester never decides (the ``approval_not_self`` CHECK) and a decision needs t
 still awaiting it; a rejection, an invalidation of an awaited approval, ends the execution
 (remaining steps skipped, its other open requests invalidated, its locks released; failed
 ones have their key retired); a step pause is fenced by the lease token, and a cancellation
-requested meanwhile ends the execution cancelled instead. Not modelled: events other than
+requested meanwhile ends the execution cancelled instead. The worker's checks: a binding is
+read from the stored request (a mismatch with the execution invalidates it), a step counts as
+approved only for the plan's own hashes, and a paused execution's locks are extended all or
+nothing under their owner's token (``core.locks``). Not modelled: events other than
 the transitions. Every behaviour here also runs against :class:`PostgresApprovals`
 (``tests/integration/test_lifecycle_facade.py``).
 """
@@ -35,6 +38,7 @@ from opsconductor.common.errors import (
     NotFoundError,
     OpsConductorError,
     SelfApprovalError,
+    StaleLeaseError,
 )
 from opsconductor.common.fsm import ExecutionStatus, StepStatus
 from opsconductor.lifecycle.fake import InMemoryLifecycle
@@ -45,9 +49,14 @@ from opsconductor.lifecycle.storage.approval_records import (
     ApprovalState,
     as_approval_id,
 )
-from opsconductor.lifecycle.storage.approvals import ApprovalDecision, undecidable_error
+from opsconductor.lifecycle.storage.approvals import (
+    ApprovalDecision,
+    binding_mismatches,
+    undecidable_error,
+)
 from opsconductor.lifecycle.storage.execution_reads import as_execution_id
 from opsconductor.lifecycle.storage.execution_records import ExecutionRecord
+from opsconductor.lifecycle.storage.locks import HeldLock, LockSet
 from opsconductor.lifecycle.storage.paging import (
     decode_page_token,
     encode_page_token,
@@ -322,3 +331,72 @@ class InMemoryApprovals:
             execution.error_class, execution.error_message = error.reason, error.message
         if to is not _S.REJECTED:
             execution.key_retired = True  # nothing ran: the plan may be requested again
+
+    # -- the worker's checks ----------------------------------------------------------------
+
+    async def enforce_binding(self, record: ExecutionRecord, *, by: str) -> ApprovalRecord | None:
+        if record.approval_level == 0:
+            return None
+        if record.approval_id is None:
+            raise ApprovalInvalidatedError(
+                "the execution needs an approval and none is bound to it",
+                execution_id=str(record.id),
+            )
+        approval = await self.get(record.tenant_id, record.approval_id)
+        mismatched = binding_mismatches(approval, record)
+        if mismatched:
+            await self.invalidate(
+                approval.id, by=by, reason="binding_mismatch", mismatched=mismatched
+            )
+            raise ApprovalInvalidatedError(
+                execution_id=str(record.id), approval_id=str(approval.id), mismatched=mismatched
+            )
+        if approval.state is not ApprovalState.APPROVED:
+            raise FailedPreconditionError(
+                f"the execution's approval is {approval.state.value}, not approved",
+                execution_id=str(record.id),
+                approval_id=str(approval.id),
+                state=approval.state.value,
+            )
+        return approval
+
+    async def step_approved(self, record: ExecutionRecord, step_id: str) -> bool:
+        return any(
+            (a.execution_id, a.step_id, a.state) == (record.id, step_id, ApprovalState.APPROVED)
+            and (a.plan_hash, a.plan_snapshot_hash) == (record.plan_hash, record.plan_snapshot_hash)
+            for a in self.approvals.values()
+        )
+
+    async def granted_by(self, execution_id: UUID, *, actor_id: str, tenant_id: str) -> bool:
+        record = self.core.records.get(execution_id)
+        if record is None or record.tenant_id != tenant_id or record.approval_id is None:
+            return False
+        approval = self.approvals.get(record.approval_id)
+        return (
+            approval is not None
+            and approval.state is ApprovalState.APPROVED
+            and approval.decided_by == actor_id
+        )
+
+    async def extend_locks(self, lock_set: LockSet, ttl: timedelta) -> LockSet:
+        if ttl <= timedelta(0):
+            raise ValueError("ttl must be positive")
+        if not lock_set.locks:
+            return lock_set
+        keys = lock_set.keys
+        held = {key: self.core.locks.get(key) for key in keys}
+        lost = [
+            key
+            for key, lock in held.items()
+            if lock is None or lock.owner_token != lock_set.owner_token
+        ]
+        if lost:
+            raise StaleLeaseError(f"lock lease lost for {', '.join(lost)}", lost_keys=lost)
+        until = datetime.now(UTC) + ttl
+        extended = []
+        for key in keys:
+            lock = held[key]
+            assert lock is not None
+            self.core.locks[key] = replace(lock, expires_at=until)
+            extended.append(HeldLock(key, lock_set.owner_token, lock.fencing_token, until))
+        return LockSet(lock_set.owner_token, tuple(extended))

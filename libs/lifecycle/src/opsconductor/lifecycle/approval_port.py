@@ -6,11 +6,14 @@ The approvals service's ``ApprovalDecisions`` and the api's ``ApprovalIntake`` h
 submit's transaction, or of one step of a level-3 execution), read one or a tenant's pending
 page, find who owns an approval or an execution (for the audit of a refusal only), read the
 execution a decision covers, decide (the first decision wins), and invalidate an approval whose
-binding broke. A grant's release is the
-:class:`~opsconductor.lifecycle.facade.ExecutionLifecycle`'s ``enqueue``, called inside the
-decision's :meth:`ApprovalLifecycle.transaction` (the adapter's is a Postgres transaction on the
-same pool, the fake's is :class:`~opsconductor.lifecycle.fake.InMemoryLifecycle`'s, which keeps
-the requests with the executions).
+binding broke. The worker's ``ApprovalChecks`` and ``ImmediateExecutions`` hold one too: check
+an execution's binding before its first step, whether a level-3 step was approved, whether the
+caller granted the approval (an approver dispatching it), and keep a paused execution's locks.
+A grant's release is the :class:`~opsconductor.lifecycle.facade.ExecutionLifecycle`'s
+``enqueue``, called inside the decision's :meth:`ApprovalLifecycle.transaction` (the adapter's
+is a Postgres transaction on the same pool, the fake's is
+:class:`~opsconductor.lifecycle.fake.InMemoryLifecycle`'s, which keeps the requests with the
+executions).
 
 Each call delegates to the storage function that does it (:mod:`.storage.approvals`,
 :mod:`.storage.approval_records`, :mod:`.storage.execution_reads`), statement for statement.
@@ -26,7 +29,7 @@ from datetime import timedelta
 from typing import Any, Protocol
 from uuid import UUID
 
-from opsconductor.lifecycle.storage import approval_records, approvals
+from opsconductor.lifecycle.storage import approval_records, approvals, locks
 from opsconductor.lifecycle.storage.approval_records import (
     DEFAULT_PAGE_SIZE,
     ApprovalRecord,
@@ -43,6 +46,7 @@ from opsconductor.lifecycle.storage.execution_records import (
     PoolOrConnection,
     transaction,
 )
+from opsconductor.lifecycle.storage.locks import LockSet
 
 __all__ = [
     "ApprovalDecision",
@@ -135,6 +139,30 @@ class ApprovalLifecycle(Protocol):
         ``NotFoundError`` for an unknown one."""
         ...
 
+    # -- the worker's checks ----------------------------------------------------------------
+
+    async def enforce_binding(self, record: ExecutionRecord, *, by: str) -> ApprovalRecord | None:
+        """The approval bound to ``record`` if it is granted and covers exactly its plan
+        (hashes and level); None at level 0. A mismatch invalidates it (an execution still
+        waiting for it ends ``failed``) and raises ``ApprovalInvalidatedError``, as does no
+        approval bound at all; one not granted raises ``FailedPreconditionError``."""
+        ...
+
+    async def step_approved(self, record: ExecutionRecord, step_id: str) -> bool:
+        """Whether ``step_id`` of ``record`` has a request granted for this very plan."""
+        ...
+
+    async def granted_by(self, execution_id: UUID, *, actor_id: str, tenant_id: str) -> bool:
+        """Whether ``actor_id`` granted the approval bound to ``execution_id`` in
+        ``tenant_id`` (an approver may then dispatch it)."""
+        ...
+
+    async def extend_locks(self, lock_set: LockSet, ttl: timedelta) -> LockSet:
+        """Keep a paused execution's locks ``ttl`` from now, all or nothing: a lock expired
+        but not taken over is still its owner's; ``StaleLeaseError`` (nothing extended) when
+        one is no longer held by ``lock_set``'s owner; ``ValueError`` for a ttl not positive."""
+        ...
+
 
 class PostgresApprovals:
     """:class:`ApprovalLifecycle` on Postgres."""
@@ -206,3 +234,17 @@ class PostgresApprovals:
         return await approvals.invalidate_approval(
             self._pool, approval_id, by=by, reason=reason, mismatched=mismatched
         )
+
+    async def enforce_binding(self, record: ExecutionRecord, *, by: str) -> ApprovalRecord | None:
+        return await approvals.enforce_binding(self._pool, record, by=by)
+
+    async def step_approved(self, record: ExecutionRecord, step_id: str) -> bool:
+        return await approvals.step_approved(self._pool, record, step_id)
+
+    async def granted_by(self, execution_id: UUID, *, actor_id: str, tenant_id: str) -> bool:
+        return await approvals.granted_by(
+            self._pool, execution_id, actor_id=actor_id, tenant_id=tenant_id
+        )
+
+    async def extend_locks(self, lock_set: LockSet, ttl: timedelta) -> LockSet:
+        return await locks.extend_locks(self._pool, lock_set, ttl)

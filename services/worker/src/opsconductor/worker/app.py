@@ -12,6 +12,7 @@ from opsconductor.common.auth import TokenVerifier
 from opsconductor.common.errors import StorageError
 from opsconductor.common.secrets import SecretResolver, SecretsSettings
 from opsconductor.common.tenant_policy import TenantPolicies
+from opsconductor.lifecycle.approval_port import PostgresApprovals
 from opsconductor.lifecycle.facade import PostgresRedisLifecycle
 from opsconductor.lifecycle.queue.redis_queue import RedisQueue, open_queue
 from opsconductor.lifecycle.queue.wakeups import Wakeups
@@ -67,6 +68,7 @@ class WorkerApp:
             )
         # The lifecycle core: the only way the runner and the consumer reach the stores.
         lifecycle = PostgresRedisLifecycle(pool, self._queue)
+        approvals = PostgresApprovals(pool)
         runner = ExecutionRunner(
             lifecycle=lifecycle,
             pool=pool,
@@ -76,7 +78,7 @@ class WorkerApp:
             policies=policies,
             worker_id=self.worker_id,
             approvals=ApprovalChecks(
-                pool,
+                approvals,
                 ttl=timedelta(seconds=self._approval_policy.approval_ttl_s),
                 worker_id=self.worker_id,
             ),
@@ -87,7 +89,7 @@ class WorkerApp:
             pool, self._rbac_policy, tier="worker", role_cache=self._role_cache
         )
         self._immediate = ImmediateExecutions(
-            lifecycle=lifecycle, pool=pool, authorizer=authorizer, runner=runner
+            lifecycle=lifecycle, approvals=approvals, authorizer=authorizer, runner=runner
         )
         if self._queue is not None:
             # Push dispatch: an idle slot wakes when a job is announced, polling is the fallback.

@@ -35,9 +35,9 @@ from opsconductor.common.errors import (
     StaleLeaseError,
     StorageError,
 )
-from opsconductor.lifecycle.storage.approvals import enforce_binding, step_approved
-from opsconductor.lifecycle.storage.execution_records import ExecutionRecord, PoolOrConnection
-from opsconductor.lifecycle.storage.locks import LockSet, extend_locks
+from opsconductor.lifecycle.approval_port import ApprovalLifecycle
+from opsconductor.lifecycle.storage.execution_records import ExecutionRecord
+from opsconductor.lifecycle.storage.locks import LockSet
 
 log = structlog.get_logger(__name__)
 
@@ -49,8 +49,9 @@ PAUSED_LOCK_BUFFER: Final = timedelta(minutes=5)
 class ApprovalChecks:
     """Approval binding and level-3 step gates for one worker process."""
 
-    def __init__(self, pool: PoolOrConnection, *, ttl: timedelta, worker_id: str) -> None:
-        self._pool = pool
+    def __init__(self, approvals: ApprovalLifecycle, *, ttl: timedelta, worker_id: str) -> None:
+        #: The approvals port: the bindings, the step grants and the locks of a paused run.
+        self._approvals = approvals
         self._ttl = ttl
         self._worker_id = worker_id
 
@@ -69,7 +70,7 @@ class ApprovalChecks:
                 execution_id=str(record.id),
             )
         try:
-            await enforce_binding(self._pool, record, by=self._worker_id)
+            await self._approvals.enforce_binding(record, by=self._worker_id)
         except (ApprovalInvalidatedError, FailedPreconditionError) as exc:
             log.warning(
                 "approval_check_failed",
@@ -97,7 +98,7 @@ class ApprovalChecks:
 
     async def step_approved(self, record: ExecutionRecord, step_id: str) -> bool:
         """Whether a person approved ``step_id`` of this very plan."""
-        return await step_approved(self._pool, record, step_id)
+        return await self._approvals.step_approved(record, step_id)
 
     async def hold_locks(self, lock_set: LockSet) -> None:
         """Keep a paused execution's locks until its step approval expires (plus a buffer).
@@ -106,6 +107,6 @@ class ApprovalChecks:
         expiry; the resumed run re-takes them or finds a target busy.
         """
         try:
-            await extend_locks(self._pool, lock_set, self._ttl + PAUSED_LOCK_BUFFER)
+            await self._approvals.extend_locks(lock_set, self._ttl + PAUSED_LOCK_BUFFER)
         except (StaleLeaseError, StorageError) as exc:
             log.warning("paused_locks_not_extended", lock_keys=lock_set.keys, error=exc.reason)

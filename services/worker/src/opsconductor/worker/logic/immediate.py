@@ -25,10 +25,10 @@ import structlog
 
 from opsconductor.common.auth import Principal
 from opsconductor.common.errors import FailedPreconditionError, NotFoundError, OpsConductorError
+from opsconductor.lifecycle.approval_port import ApprovalLifecycle
 from opsconductor.lifecycle.execution_logging import bind_execution_fields
 from opsconductor.lifecycle.facade import ExecutionLifecycle
-from opsconductor.lifecycle.storage.approvals import granted_by
-from opsconductor.lifecycle.storage.execution_records import ExecutionRecord, PoolOrConnection
+from opsconductor.lifecycle.storage.execution_records import ExecutionRecord
 from opsconductor.policy.rbac import Authorizer, Permission, one_request, submit_permissions
 
 from .runner import ExecutionRunner
@@ -45,13 +45,14 @@ class ImmediateExecutions:
         self,
         *,
         lifecycle: ExecutionLifecycle,
-        pool: PoolOrConnection,
+        approvals: ApprovalLifecycle,
         authorizer: Authorizer,
         runner: ExecutionRunner,
     ) -> None:
-        #: The execution's read (the lifecycle core); ``pool`` only for the approval binding.
+        #: The execution's read (the lifecycle core) and who granted its approval (the
+        #: approvals port).
         self._lifecycle = lifecycle
-        self._pool = pool
+        self._approvals = approvals
         self._authorizer = authorizer
         self._runner = runner
         self._running: set[asyncio.Task[ExecutionRecord]] = set()
@@ -77,8 +78,8 @@ class ImmediateExecutions:
         if (
             found is not None
             and found.approval_id is not None
-            and await granted_by(
-                self._pool, execution_id, actor_id=caller.actor_id, tenant_id=caller.tenant_id
+            and await self._approvals.granted_by(
+                execution_id, actor_id=caller.actor_id, tenant_id=caller.tenant_id
             )
         ):
             return await self._authorize_approver(caller, tenant_id=tenant_id, record=found)

@@ -12,7 +12,7 @@ SRC_DIRS := $(addsuffix /src,$(PACKAGES))
 
 # proto-lint needs Node.js (npx fetches the official @bufbuild/buf); make test checks the same
 # naming rules without it (tests/unit/test_proto_contracts.py).
-.PHONY: help chaos venv sandbox-tools protos protos-check proto-lint lint fmt typecheck importlint k8s-validate test test-fast migrate migrate-down run bench bench-immediate bench-background bench-scale bench-peers bench-round-trips bench-masking bench-progress browser-tools ui ui-check clean
+.PHONY: help chaos venv sandbox-tools protos protos-check proto-lint lint fmt typecheck importlint k8s-validate test test-fast migrate migrate-down run bench bench-immediate bench-background bench-scale bench-peers bench-round-trips bench-masking bench-cpu-ab bench-progress browser-tools ui ui-check clean
 .PHONY: monitoring-tools
 
 help:
@@ -175,6 +175,12 @@ bench-round-trips: $(STAMP)
 
 bench-masking: $(STAMP)
 	$(PY) bench/masking.py
+
+# CPU ms per execution of code variants run side by side, e.g.
+#   git worktree add /tmp/base main && make bench-cpu-ab AB="--tree base=/tmp/base this:"
+AB ?= this:
+bench-cpu-ab: $(STAMP)
+	$(PY) bench/cpu_ab.py $(AB)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage* htmlcov .devstack

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from opsconductor.devstack import queries as devstack_queries
 from opsconductor.lifecycle.storage import queries
 from opsconductor.lifecycle.storage.events import EVENTS_CHANNEL
 from opsconductor.lifecycle.storage.queries import QUERIES, parse, query
@@ -27,6 +28,12 @@ ROOT = Path(__file__).resolve().parents[2]
 LIFECYCLE = ROOT / "libs/lifecycle"
 SOURCES = sorted((LIFECYCLE / "src").rglob("*.py"))
 SQL_DIR = LIFECYCLE / "src/opsconductor/lifecycle/sql"
+DEVSTACK = ROOT / "libs/devstack/src/opsconductor/devstack"
+#: Each package with named SQL: its sources, its sql/ folder and its loaded statements.
+PACKAGES = {
+    "lifecycle": (SOURCES, SQL_DIR, QUERIES),
+    "devstack": (sorted(DEVSTACK.rglob("*.py")), DEVSTACK / "sql", devstack_queries.QUERIES),
+}
 
 #: A string that starts like a SQL statement or holds a clause of one.
 _SQL = re.compile(
@@ -37,14 +44,14 @@ _SQL = re.compile(
 COMPOSED = {
     # transition(): the SET list names the caller's fields, and the lock release, the step
     # finish and the reaper's counter are CTEs added only when asked for.
-    "storage/executions.py": "the transition UPDATE is composed from its fields and options",
+    "libs/lifecycle/src/opsconductor/lifecycle/storage/executions.py": "the transition UPDATE",
 }
 
 
-def _names_used() -> dict[str, list[str]]:
-    """Each name passed to ``query(...)`` in the lifecycle sources, with where."""
+def _names_used(sources: list[Path]) -> dict[str, list[str]]:
+    """Each name passed to ``query(...)`` in ``sources``, with where."""
     used: dict[str, list[str]] = {}
-    for path in SOURCES:
+    for path in sources:
         for node in ast.walk(ast.parse(path.read_text())):
             if not (
                 isinstance(node, ast.Call)
@@ -61,23 +68,29 @@ def _names_used() -> dict[str, list[str]]:
     return used
 
 
-def test_every_named_query_is_used_and_every_used_name_exists() -> None:
-    used = _names_used()
-    assert sorted(set(used) - set(QUERIES)) == [], "names asked for that no .sql file defines"
-    assert sorted(set(QUERIES) - set(used)) == [], "named queries no code uses"
+@pytest.mark.parametrize("package", sorted(PACKAGES))
+def test_every_named_query_is_used_and_every_used_name_exists(package: str) -> None:
+    sources, _, loaded = PACKAGES[package]
+    used = _names_used(sources)
+    assert sorted(set(used) - set(loaded)) == [], "names asked for that no .sql file defines"
+    assert sorted(set(loaded) - set(used)) == [], "named queries no code uses"
 
 
 def test_query_of_an_unknown_name_says_which() -> None:
     with pytest.raises(KeyError, match="no_such_query"):
         query("no_such_query")
+    with pytest.raises(KeyError, match=r"no_such_query.*opsconductor\.devstack"):
+        devstack_queries.query("no_such_query")
 
 
-def test_statements_are_loaded_from_the_sql_files() -> None:
+@pytest.mark.parametrize("package", sorted(PACKAGES))
+def test_statements_are_loaded_from_the_sql_files(package: str) -> None:
+    _, folder, loaded = PACKAGES[package]
     from_files: dict[str, str] = {}
-    for path in sorted(SQL_DIR.glob("*.sql")):
+    for path in sorted(folder.glob("*.sql")):
         from_files.update(parse(path.read_text(), path.name))
-    assert dict(QUERIES) == from_files
-    assert len(QUERIES) > 10
+    assert dict(loaded) == from_files
+    assert len(loaded) >= 3
 
 
 def test_parse_keeps_the_statement_and_drops_its_description() -> None:
@@ -109,7 +122,7 @@ def test_parse_refuses_malformed_files(text: str, error: str) -> None:
 
 def test_no_statement_left_in_python_but_the_composed_ones() -> None:
     found: dict[str, int] = {}
-    for path in SOURCES:
+    for path in SOURCES + PACKAGES["devstack"][0]:
         tree = ast.parse(path.read_text())
         docstrings = {
             id(node.body[0].value)
@@ -126,7 +139,7 @@ def test_no_statement_left_in_python_but_the_composed_ones() -> None:
                 and id(node) not in docstrings
                 and _SQL.search(node.value)
             ):
-                name = str(path.relative_to(LIFECYCLE / "src/opsconductor/lifecycle"))
+                name = str(path.relative_to(ROOT))
                 found[name] = found.get(name, 0) + 1
     assert sorted(set(found) - set(COMPOSED)) == [], "SQL in Python: move it to a .sql file"
     assert sorted(set(COMPOSED) - set(found)) == [], "COMPOSED lists a module with no SQL"

@@ -41,6 +41,7 @@ import asyncpg
 
 from opsconductor.common.hashing import canonical_json
 from opsconductor.common.plan import parse_plan, to_wire_dict
+from opsconductor.devstack.queries import query
 
 __all__ = ["SeedReport", "SeedSpec", "push_backlog", "seed_history"]
 
@@ -120,6 +121,9 @@ _QUEUE_COLUMNS = (
     "enqueued_at",
     "updated_at",
 )
+
+_SEED_POLICY = query("seed_timeout_policy")
+_QUEUE_ROWS = query("seeded_queue_rows")
 
 
 @dataclass(frozen=True)
@@ -461,11 +465,7 @@ async def seed_history(
     its own transaction. Ends with ``VACUUM ANALYZE`` of the tables written, so the planner and
     the visibility map see them as an installation that has been running would.
     """
-    policy = await conn.fetchrow(
-        "SELECT id, execution_timeout_ms, step_timeout_ms, max_attempts, max_lease_renewals"
-        " FROM timeout_policies WHERE id = $1",
-        _POLICY,
-    )
+    policy = await conn.fetchrow(_SEED_POLICY, _POLICY)
     if policy is None:
         raise LookupError(f"timeout policy {_POLICY!r} missing: is the database migrated?")
     writer = _Writer(spec, _templates(policy), policy)
@@ -497,6 +497,7 @@ async def seed_history(
                 progress(f"seeded {label} {stop}/{total} ({time.monotonic() - started:.0f} s)")
         report.phases[label] = round(time.monotonic() - started - sum(report.phases.values()), 1)
     for table in ("executions", "execution_steps", "execution_events", "execution_queue"):
+        # Composed: VACUUM takes a table name, no parameter (the names are the four above).
         await conn.execute(f"VACUUM ANALYZE {table}")
     report.seconds = time.monotonic() - started
     report.phases["analyze"] = round(report.seconds - sum(report.phases.values()), 1)
@@ -510,13 +511,7 @@ async def push_backlog(conn: asyncpg.Connection, queue: Any, *, concurrency: int
     is empty. The same data the reaper's reconcile would re-push, just faster (it re-pushes at
     most 10 000 per pass). Returns how many jobs were queued.
     """
-    rows = await conn.fetch(
-        "SELECT q.id, q.execution_id, q.tenant_id, q.priority, q.max_attempts, q.available_at,"
-        " q.state, q.attempts, p.max_lease_renewals, e.request_id"
-        " FROM execution_queue q JOIN executions e ON e.id = q.execution_id"
-        " LEFT JOIN timeout_policies p ON p.id = e.timeout_policy_id"
-        " ORDER BY q.priority, q.enqueued_at, q.id"
-    )
+    rows = await conn.fetch(_QUEUE_ROWS)
     pushed = 0
     for start, stop in _chunks(len(rows), concurrency):
         results = await asyncio.gather(

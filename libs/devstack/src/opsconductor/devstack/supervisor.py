@@ -53,6 +53,7 @@ from opsconductor.devstack.dev_identity import (
     signing_key,
 )
 from opsconductor.devstack.embedded import start_postgres, start_redis
+from opsconductor.devstack.queries import query
 from opsconductor.devstack.services import (
     RestartBackoff,
     RunningService,
@@ -74,6 +75,8 @@ _CHANNEL_OPTIONS = (
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 500),
 )
+
+_DATABASE_EXISTS = query("database_exists")
 
 
 class StackStartError(OpsConductorError):
@@ -552,9 +555,10 @@ def _with_database(dsn: str, database: str) -> str:
 async def _ensure_database(admin_dsn: str, database: str) -> None:
     conn: asyncpg.Connection = await asyncpg.connect(admin_dsn)
     try:
-        exists = await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", database)
+        exists = await conn.fetchval(_DATABASE_EXISTS, database)
         if not exists:
             with contextlib.suppress(asyncpg.DuplicateDatabaseError):
+                # Composed: CREATE DATABASE takes a name, no parameter (the configured one).
                 await conn.execute(f'CREATE DATABASE "{database}"')
             log.info("database_created", database=database)
     finally:

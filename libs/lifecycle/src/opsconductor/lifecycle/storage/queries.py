@@ -11,7 +11,8 @@ say why it exists and are not sent. Names are unique across files. A duplicate n
 block, a malformed ``-- name`` line or a statement before the first name fails at import, and
 :func:`query` of an unknown name raises ``KeyError``; every caller looks its statements up at
 module level, so a typo fails as soon as its module is imported. ``tests/unit/test_sql_queries.py``
-checks that every name is used by code and every name used exists.
+checks that every name is used by code and every name used exists. Another package with SQL of
+its own (``opsconductor.devstack``) loads its ``sql/`` folder with :func:`load` the same way.
 
 Why not aiosql (the maintained library for this file format): it turns each block into a
 generated function (``queries.name(conn, **params)``) with its own parameter syntax (``:name``),
@@ -27,7 +28,7 @@ import re
 from importlib import resources
 from types import MappingProxyType
 
-__all__ = ["QUERIES", "parse", "query"]
+__all__ = ["QUERIES", "load", "lookup", "parse", "query"]
 
 _NAME = re.compile(r"^-- name: ([a-z][a-z0-9_]*)\s*$")
 
@@ -69,9 +70,10 @@ def parse(text: str, source: str = "<sql>") -> dict[str, str]:
     return found
 
 
-def _load() -> dict[str, str]:
+def load(package: str) -> MappingProxyType[str, str]:
+    """Every named statement of ``package``'s ``sql/*.sql`` files (its package data)."""
     found: dict[str, str] = {}
-    folder = resources.files("opsconductor.lifecycle") / "sql"
+    folder = resources.files(package) / "sql"
     for entry in sorted(folder.iterdir(), key=lambda e: e.name):
         if not entry.name.endswith(".sql"):
             continue
@@ -79,16 +81,21 @@ def _load() -> dict[str, str]:
             if name in found:
                 raise ValueError(f"{entry.name}: query {name!r} is also defined in another file")
             found[name] = statement
-    return found
+    return MappingProxyType(found)
 
 
-#: Every named statement, loaded once at import.
-QUERIES = MappingProxyType(_load())
+def lookup(queries: MappingProxyType[str, str], name: str, package: str) -> str:
+    """``queries[name]``; KeyError saying which name and which package when there is none."""
+    try:
+        return queries[name]
+    except KeyError:
+        raise KeyError(f"no SQL query named {name!r} in {package}'s sql/*.sql") from None
+
+
+#: Every named statement of the lifecycle core, loaded once at import.
+QUERIES = load("opsconductor.lifecycle")
 
 
 def query(name: str) -> str:
-    """The statement called ``name``; KeyError (with the name) when there is none."""
-    try:
-        return QUERIES[name]
-    except KeyError:
-        raise KeyError(f"no SQL query named {name!r} in opsconductor/lifecycle/sql") from None
+    """The lifecycle statement called ``name``; KeyError (with the name) when there is none."""
+    return lookup(QUERIES, name, "opsconductor.lifecycle")

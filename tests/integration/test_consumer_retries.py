@@ -80,7 +80,7 @@ class Rig:
             pool=self.pool,
             authorizer=self.authorizer,
             flags=self.flags,
-            queue=queue,
+            lifecycle=PostgresRedisLifecycle(self.pool, queue),
             policies=self.policies,
             dedup_window=timedelta(hours=24),
         )
@@ -155,7 +155,7 @@ async def rig(
                 pool=db_pool,
                 authorizer=api_authorizer,
                 flags=flags,
-                queue=queue,
+                lifecycle=lifecycle,
                 policies=policies,
                 dedup_window=timedelta(hours=24),
             ),
@@ -444,12 +444,21 @@ async def test_requeue_refusals_name_their_reason_and_leave_the_entry_open(
     rig.flags.invalidate()
 
     no_policies = AdminOperations(
-        pool=rig.pool, authorizer=rig.authorizer, flags=rig.flags, queue=rig.queue, policies={}
+        pool=rig.pool,
+        authorizer=rig.authorizer,
+        flags=rig.flags,
+        lifecycle=PostgresRedisLifecycle(rig.pool, rig.queue),
+        policies={},
     )
     with pytest.raises(DeadLetterNotRequeueableError, match="no longer exists"):
         await no_policies.requeue_dlq(SYSTEM_ADMIN, dlq_id)
 
-    no_queue = AdminOperations(pool=rig.pool, authorizer=rig.authorizer, flags=rig.flags)
+    no_queue = AdminOperations(
+        pool=rig.pool,
+        authorizer=rig.authorizer,
+        flags=rig.flags,
+        lifecycle=PostgresRedisLifecycle(rig.pool, None),
+    )
     with pytest.raises(QueueUnavailableError):
         await no_queue.requeue_dlq(SYSTEM_ADMIN, dlq_id)
     with pytest.raises(QueueUnavailableError):

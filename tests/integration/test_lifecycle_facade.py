@@ -22,6 +22,7 @@ from opsconductor.common.errors import (
     ApprovalExpiredError,
     ApprovalInvalidatedError,
     ConflictError,
+    DlqEntryRequeuedError,
     FailedPreconditionError,
     FSMError,
     LeaseRenewalLimitError,
@@ -2185,3 +2186,306 @@ async def test_the_workers_reads_and_checks_of_an_unknown_execution(worker: Work
         await lifecycle.start_step_unless_cancelled(unknown, "first", worker_id="w1")
     with pytest.raises(NotFoundError):
         await lifecycle.end_failed(unknown, by="w1", error_class="X", error_message="x")
+
+
+# --- The api: reads, cancel, the dead-letter queue, queue stats and drain -------------------
+
+
+async def test_cancel_of_a_queued_execution_ends_it_and_takes_its_job_out_of_both_stores(
+    worker: Worker, policy: TimeoutPolicy
+) -> None:
+    lifecycle = worker.lifecycle
+    record, job_id = await submitted(worker, policy)
+    cancelled = await lifecycle.cancel(
+        record.tenant_id, record.id, by="bob", reason="not needed", initiator="user"
+    )
+    assert (cancelled.status, cancelled.cancelled_by) == (ExecutionStatus.CANCELLED, "bob")
+    assert (cancelled.cancel_reason, cancelled.cancel_initiator) == ("not needed", "user")
+    assert {s.status for s in cancelled.steps} == {StepStatus.SKIPPED}
+    assert await worker.row(job_id) is None
+    assert await worker.redis(job_id) is None
+    assert await lifecycle.dequeue_batch("w1", 30.0, 5) == []
+    # Idempotent: a second cancel (another caller) changes nothing and is still answered.
+    again = await lifecycle.cancel(
+        record.tenant_id, record.id, by="carol", reason=None, initiator="system"
+    )
+    assert (again.status, again.cancelled_by) == (ExecutionStatus.CANCELLED, "bob")
+    assert (again.cancel_reason, again.cancel_initiator) == ("not needed", "user")
+
+
+async def test_cancel_of_a_running_execution_is_recorded_and_its_leased_job_stays_with_its_worker(
+    worker: Worker, policy: TimeoutPolicy
+) -> None:
+    lifecycle = worker.lifecycle
+    record, job = await claimed(worker, policy)
+    requested = await lifecycle.cancel(
+        record.tenant_id, record.id, by="ci-bot", reason="stop", initiator="system"
+    )
+    assert (requested.status, requested.cancelled_by) == (ExecutionStatus.RUNNING, "ci-bot")
+    assert (requested.cancel_reason, requested.cancel_initiator) == ("stop", "system")
+    assert requested.cancelled_at is not None
+    # Its worker ends the run at its next check; the job is still its to settle.
+    assert (await worker.row(job.job_id)).state == "leased"
+    assert (await worker.redis(job.job_id)).state == "leased"
+    assert await lifecycle.cancel_requested(record.id)
+
+
+async def test_cancel_of_an_ended_execution_or_of_another_tenants_changes_nothing(
+    worker: Worker, policy: TimeoutPolicy
+) -> None:
+    lifecycle = worker.lifecycle
+    record, job = await claimed(worker, policy)
+    await lifecycle.end_run(
+        record.id,
+        to=ExecutionStatus.SUCCEEDED,
+        by="w1",
+        lease_token=job.lease_token,
+        fields={},
+        tenant_id=record.tenant_id,
+    )
+    ended = await lifecycle.cancel(
+        record.tenant_id, record.id, by="bob", reason="late", initiator="user"
+    )
+    assert (ended.status, ended.cancelled_by, ended.cancelled_at) == (
+        ExecutionStatus.SUCCEEDED,
+        None,
+        None,
+    )
+    queued, _ = await submitted(worker, policy)
+    with pytest.raises(NotFoundError):
+        await lifecycle.cancel(
+            fresh_tenant(), queued.id, by="mallory", reason=None, initiator="user"
+        )
+    assert (await lifecycle.get(queued.tenant_id, queued.id)).status is ExecutionStatus.QUEUED
+
+
+async def test_cancel_while_redis_is_down_still_ends_the_execution_and_drops_its_row(
+    worker: Worker, policy: TimeoutPolicy, db_pool: asyncpg.Pool
+) -> None:
+    record, job_id = await submitted(worker, policy)
+    dead = create_redis_client("redis://127.0.0.1:9/0", socket_timeout=0.5, retries=0)
+    try:
+        if worker.kind == "fake":
+            assert isinstance(worker.lifecycle, InMemoryLifecycle)
+            worker.lifecycle.queue_up = False
+            down: ExecutionLifecycle = worker.lifecycle
+        else:
+            down = PostgresRedisLifecycle(db_pool, RedisQueue(dead))
+        cancelled = await down.cancel(
+            record.tenant_id, record.id, by="bob", reason=None, initiator="user"
+        )
+    finally:
+        await dead.aclose()
+    assert cancelled.status is ExecutionStatus.CANCELLED
+    assert await worker.row(job_id) is None
+    # Left in Redis: a worker that still dequeues it finds its execution ended (settled).
+    assert (await worker.redis(job_id)).state == "ready"
+
+
+async def test_list_executions_pages_one_tenants_executions_newest_first_with_filters(
+    worker: Worker,
+) -> None:
+    lifecycle = worker.lifecycle
+    tenant = fresh_tenant()
+    made = []
+    for mode in ("immediate", "background", "immediate"):
+        record, _ = await lifecycle.create(
+            new_execution(tenant, mode=mode), dedup_window=timedelta(hours=1)
+        )
+        made.append(record)
+    await lifecycle.create(new_execution(fresh_tenant()), dedup_window=timedelta(hours=1))
+    await lifecycle.cancel(tenant, made[0].id, by="bob", reason=None, initiator="user")
+    first, token = await lifecycle.list_executions(
+        tenant, statuses=(), mode=None, page_size=2, page_token=None
+    )
+    assert [r.id for r in first] == [made[2].id, made[1].id]
+    assert token is not None
+    rest, end = await lifecycle.list_executions(
+        tenant, statuses=(), mode=None, page_size=2, page_token=token
+    )
+    assert ([r.id for r in rest], end) == ([made[0].id], None)
+    assert rest[0].status is ExecutionStatus.CANCELLED
+    immediate, _ = await lifecycle.list_executions(
+        tenant, statuses=(), mode="immediate", page_size=0, page_token=None
+    )
+    assert [r.id for r in immediate] == [made[2].id, made[0].id]
+    pending, _ = await lifecycle.list_executions(
+        tenant, statuses=(ExecutionStatus.PENDING,), mode=None, page_size=0, page_token=None
+    )
+    assert [r.id for r in pending] == [made[2].id, made[1].id]
+    # A token is bound to its listing; bad filters and sizes are refused.
+    for bad in (
+        {"statuses": (), "mode": "immediate", "page_size": 2, "page_token": token},
+        {"statuses": (), "mode": "sometimes", "page_size": 0, "page_token": None},
+        {"statuses": (), "mode": None, "page_size": -1, "page_token": None},
+        {"statuses": ("stalled",), "mode": None, "page_size": 0, "page_token": None},
+        {"statuses": (), "mode": None, "page_size": 0, "page_token": "not-a-token"},
+    ):
+        with pytest.raises(InvalidPageRequestError):
+            await lifecycle.list_executions(tenant, **bad)  # type: ignore[arg-type]
+    assert await lifecycle.list_executions(
+        fresh_tenant(), statuses=(), mode=None, page_size=0, page_token=None
+    ) == ([], None)
+
+
+async def dead_lettered(
+    worker: Worker, policy: TimeoutPolicy, error_class: str = "Boom"
+) -> tuple[ExecutionRecord, UUID]:
+    """A background execution that ended failed on its last attempt: (record, its DLQ id)."""
+    lifecycle = worker.lifecycle
+    record, job = await claimed(worker, policy)
+    await lifecycle.end_run(
+        record.id,
+        to=ExecutionStatus.FAILED,
+        by="w1",
+        lease_token=job.lease_token,
+        fields={"error_class": error_class, "error_message": "it broke"},
+        tenant_id=record.tenant_id,
+        dead_letter=DeadLetter(job, error_class, "it broke"),
+    )
+    (entry,), _ = await lifecycle.dead_letters(
+        tenant_id=record.tenant_id, error_class=None, page_size=0, page_token=None
+    )
+    assert (entry.execution_id, entry.tenant_id, entry.attempts) == (record.id, record.tenant_id, 1)
+    assert (entry.error_class, entry.error_message) == (error_class, "it broke")
+    assert entry.requeued_at is None
+    return record, entry.id
+
+
+async def test_dead_letters_list_and_read_one_tenants_open_entries(
+    worker: Worker, policy: TimeoutPolicy
+) -> None:
+    lifecycle = worker.lifecycle
+    before = await lifecycle.open_dead_letters()
+    record, dlq_id = await dead_lettered(worker, policy, "Boom")
+    other, other_id = await dead_lettered(worker, policy, "Bang")
+    assert await lifecycle.open_dead_letters() == before + 2
+    listed, _ = await lifecycle.dead_letters(
+        tenant_id=None, error_class="Bang", page_size=200, page_token=None
+    )
+    assert other_id in {e.id for e in listed}
+    assert dlq_id not in {e.id for e in listed}
+    assert await lifecycle.dead_letters(
+        tenant_id=record.tenant_id, error_class="Bang", page_size=0, page_token=None
+    ) == ([], None)
+    entry = await lifecycle.dead_letter_entry(dlq_id, tenant_id=record.tenant_id)
+    assert (entry.id, entry.execution_id) == (dlq_id, record.id)
+    assert (await lifecycle.dead_letter_entry(dlq_id, tenant_id=None)).id == dlq_id
+    for tenant, unknown in ((other.tenant_id, dlq_id), (None, uuid4())):
+        with pytest.raises(NotFoundError):
+            await lifecycle.dead_letter_entry(unknown, tenant_id=tenant)
+        with pytest.raises(NotFoundError):
+            async with lifecycle.transaction() as tx:
+                await lifecycle.lock_dead_letter(tx, unknown, tenant_id=tenant)
+    with pytest.raises(InvalidPageRequestError):
+        await lifecycle.dead_letters(
+            tenant_id=None, error_class=None, page_size=-1, page_token=None
+        )
+
+
+async def requeue(
+    worker: Worker, policy: TimeoutPolicy, dlq_id: UUID, tenant_id: str
+) -> tuple[Any, Any]:
+    """The api's requeue through the port: lock, retire the old key, create, requeue."""
+    lifecycle = worker.lifecycle
+    async with lifecycle.transaction() as tx:
+        entry = await lifecycle.lock_dead_letter(tx, dlq_id, tenant_id=tenant_id)
+        old = await lifecycle.get(entry.tenant_id, entry.execution_id, tx=tx)
+        assert await lifecycle.retire_key(old.id, tx=tx)
+        new = replace(
+            new_execution(old.tenant_id, key=old.idempotency_key, mode="background"),
+            steps=[(s.step_id, s.position, s.action, s.action_class) for s in old.steps],
+        )
+        record, created = await lifecycle.create(new, dedup_window=timedelta(hours=1), tx=tx)
+        assert created
+        return await lifecycle.requeue_dead_letter(
+            tx, entry, record, policy, by="admin", event_payload={"dlq_id": str(dlq_id)}
+        )
+
+
+async def test_requeue_of_a_dead_letter_queues_a_new_execution_and_marks_the_entry_once(
+    worker: Worker, policy: TimeoutPolicy
+) -> None:
+    lifecycle = worker.lifecycle
+    old, dlq_id = await dead_lettered(worker, policy)
+    before = await lifecycle.open_dead_letters()
+    queued, marked = await requeue(worker, policy, dlq_id, old.tenant_id)
+    assert queued.record.id != old.id
+    assert queued.record.status is ExecutionStatus.QUEUED
+    assert (marked.id, marked.requeued_by) == (dlq_id, "admin")
+    assert marked.requeued_at is not None
+    assert (await worker.row(queued.job_id)).state == "ready"
+    assert (await worker.redis(queued.job_id)).state == "ready"
+    # The old execution never moves again; its entry is no longer open.
+    assert (await lifecycle.get(old.tenant_id, old.id)).status is ExecutionStatus.FAILED
+    assert await lifecycle.open_dead_letters() == before - 1
+    assert await lifecycle.dead_letters(
+        tenant_id=old.tenant_id, error_class=None, page_size=0, page_token=None
+    ) == ([], None)
+    assert (await lifecycle.dead_letter_entry(dlq_id, tenant_id=None)).requeued_by == "admin"
+    # A second requeue is refused, naming the execution the first one made.
+    with pytest.raises(DlqEntryRequeuedError) as refused:
+        async with lifecycle.transaction() as tx:
+            await lifecycle.lock_dead_letter(tx, dlq_id, tenant_id=None)
+    assert refused.value.details["requeued_as"] == str(queued.record.id)
+    assert refused.value.details["requeued_by"] == "admin"
+
+
+async def test_requeue_while_redis_is_down_leaves_the_entry_open_and_nothing_queued(
+    worker: Worker, policy: TimeoutPolicy, db_pool: asyncpg.Pool
+) -> None:
+    old, dlq_id = await dead_lettered(worker, policy)
+    dead = create_redis_client("redis://127.0.0.1:9/0", socket_timeout=0.5, retries=0)
+    up = worker.lifecycle
+    try:
+        if worker.kind == "fake":
+            assert isinstance(up, InMemoryLifecycle)
+            up.queue_up = False
+        else:
+            worker = replace(worker, lifecycle=PostgresRedisLifecycle(db_pool, RedisQueue(dead)))
+        with pytest.raises(QueueUnavailableError):
+            await requeue(worker, policy, dlq_id, old.tenant_id)
+    finally:
+        await dead.aclose()
+    if isinstance(up, InMemoryLifecycle):
+        up.queue_up = True
+    entry = await up.dead_letter_entry(dlq_id, tenant_id=old.tenant_id)
+    assert entry.requeued_at is None
+    listed, _ = await up.list_executions(
+        old.tenant_id, statuses=(), mode=None, page_size=0, page_token=None
+    )
+    assert [r.id for r in listed] == [old.id]  # the new execution was rolled back
+    assert (await up.get(old.tenant_id, old.id)).idempotency_retired_at is None
+
+
+async def test_queue_stats_count_ready_and_leased_jobs_and_a_drain_stops_dispatch(
+    worker: Worker, policy: TimeoutPolicy
+) -> None:
+    lifecycle = worker.lifecycle
+    for _ in range(3):
+        await submitted(worker, policy)
+    (job,) = await lifecycle.dequeue_batch("w1", 30.0, 1)
+    stats = await lifecycle.queue_stats()
+    assert (stats.ready_by_priority, stats.leased, stats.delayed, stats.dead) == ({50: 2}, 1, 0, 0)
+    assert stats.oldest_ready_age_s is not None
+    assert not stats.paused
+    await lifecycle.set_dispatch_paused(True)
+    assert (await lifecycle.queue_stats()).paused
+    assert await lifecycle.dequeue_batch("w1", 30.0, 5) == []
+    await lifecycle.renew_lease(job, 30.0)  # a lease already granted is unaffected
+    await lifecycle.set_dispatch_paused(False)
+    assert not (await lifecycle.queue_stats()).paused
+    assert len(await lifecycle.dequeue_batch("w1", 30.0, 5)) == 2
+
+
+async def test_without_a_queue_stats_and_drain_are_unavailable(
+    worker: Worker, db_pool: asyncpg.Pool
+) -> None:
+    if worker.kind == "fake":
+        lifecycle: ExecutionLifecycle = InMemoryLifecycle(queue_configured=False)
+    else:
+        lifecycle = PostgresRedisLifecycle(db_pool, None)
+    with pytest.raises(QueueUnavailableError):
+        await lifecycle.queue_stats()
+    with pytest.raises(QueueUnavailableError):
+        await lifecycle.set_dispatch_paused(True)

@@ -20,24 +20,32 @@ the careful claim of a takeover), the run (start, steps, the cancel check, locks
 shutdown, pause for a step approval) as ONE call: the Postgres row locked first, then Redis,
 then the commit, so a Redis failure rolls the Postgres side back. The statements are the
 storage functions' own: moving a caller onto the port adds no round trip.
+
+The api's reads, cancel and admin hold it as well (the section "The api"): list a tenant's
+executions, cancel (the request, and a job it ended taken out of the queue's row and Redis), the
+dead-letter queue (list, read, count, and a requeue's lock and re-run in the caller's
+transaction), the queue's gauges and its drain flag.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol
 from uuid import UUID
 
+import structlog
+
 from opsconductor.common.errors import QueueUnavailableError, StaleLeaseError
 from opsconductor.common.fsm import ExecutionStatus, StepStatus
 from opsconductor.lifecycle.queue import dlq, handoff, jobs
+from opsconductor.lifecycle.queue.dlq import DlqEntry
 from opsconductor.lifecycle.queue.enqueue import enqueue_execution, submit_queued
 from opsconductor.lifecycle.queue.handoff import FirstRenewal, Handoff
 from opsconductor.lifecycle.queue.lease import lease_seconds, renew_after
-from opsconductor.lifecycle.queue.records import LeasedJob
+from opsconductor.lifecycle.queue.records import LeasedJob, QueueStats
 from opsconductor.lifecycle.queue.redis_queue import RedisQueue
 from opsconductor.lifecycle.queue.wakeups import Wakeups
 from opsconductor.lifecycle.storage import (
@@ -50,8 +58,14 @@ from opsconductor.lifecycle.storage import (
 )
 from opsconductor.lifecycle.storage.approvals import request_step_approval
 from opsconductor.lifecycle.storage.cancellation import CancelSignals
+from opsconductor.lifecycle.storage.events import append_event
 from opsconductor.lifecycle.storage.execution_leases import fail_unstarted_execution
-from opsconductor.lifecycle.storage.execution_reads import find_execution, get_execution
+from opsconductor.lifecycle.storage.execution_reads import (
+    as_execution_id,
+    find_execution,
+    get_execution,
+    list_executions,
+)
 from opsconductor.lifecycle.storage.execution_records import (
     ExecutionRecord,
     PoolOrConnection,
@@ -59,6 +73,7 @@ from opsconductor.lifecycle.storage.execution_records import (
     transaction,
 )
 from opsconductor.lifecycle.storage.executions import (
+    CancelInitiator,
     CreatedQueued,
     NewExecution,
     create_execution,
@@ -72,9 +87,12 @@ from opsconductor.lifecycle.storage.quota_usage import ImmediateUsage, WaitingUs
 # cancel and wake-up listeners), so that the worker's runner and consumer import no storage or
 # queue module themselves (an import-linter contract in pyproject.toml).
 __all__ = [
+    "DLQ_REQUEUED_EVENT",
+    "CancelInitiator",
     "CancelSignals",
     "CreatedQueued",
     "DeadLetter",
+    "DlqEntry",
     "ExecutionLifecycle",
     "ExecutionRecord",
     "FirstRenewal",
@@ -82,16 +100,24 @@ __all__ = [
     "LeasedJob",
     "LockRequest",
     "LockSet",
+    "NewExecution",
     "PoolOrConnection",
     "PostgresRedisLifecycle",
+    "QueueStats",
     "Queued",
     "StepRecord",
     "TimeoutPolicy",
     "WaitingUsage",
     "Wakeups",
+    "as_execution_id",
     "lease_seconds",
     "renew_after",
 ]
+
+log = structlog.get_logger(__name__)
+
+#: Type of the event a DLQ requeue appends to the new execution (it names the old one).
+DLQ_REQUEUED_EVENT = "dlq_requeued"
 
 
 @dataclass(frozen=True)
@@ -233,6 +259,90 @@ class ExecutionLifecycle(Protocol):
     ) -> bool:
         """End ``failed`` an execution no worker started, its idempotency key retired; False,
         changing nothing, when it is no longer ``expected_from``."""
+        ...
+
+    # --- The api: reads, cancel, the dead-letter queue, queue stats and drain ---------------
+    # (issue 10 Build 1). The api's ExecutionQueries and AdminOperations hold the port for these;
+    # each is the storage/queue function the api called itself before, same statements.
+
+    async def list_executions(
+        self,
+        tenant_id: str,
+        *,
+        statuses: Collection[ExecutionStatus],
+        mode: str | None,
+        page_size: int,
+        page_token: str | None,
+    ) -> tuple[list[ExecutionRecord], str | None]:
+        """One page of the tenant's executions (without steps), newest first, and the next
+        page's token (None: last page). Page size 0 is the default (50), capped at 200; a bad
+        status, mode, negative size or a token of another listing: ``InvalidPageRequestError``."""
+        ...
+
+    async def cancel(
+        self,
+        tenant_id: str,
+        execution_id: UUID,
+        *,
+        by: str,
+        reason: str | None,
+        initiator: CancelInitiator,
+    ) -> ExecutionRecord:
+        """A user's (or automation's) cancel: :meth:`request_cancel` (idempotent; a terminal
+        execution is returned unchanged), and a job it ended ``cancelled`` at once leaves the
+        queue — its row, then its Redis entry (best effort: a worker that still dequeues it finds
+        it terminal). A job a worker has leased stays: its worker ends the run."""
+        ...
+
+    async def dead_letters(
+        self,
+        *,
+        tenant_id: str | None,
+        error_class: str | None,
+        page_size: int,
+        page_token: str | None,
+    ) -> tuple[list[DlqEntry], str | None]:
+        """One page of open DLQ entries (of one tenant / error class when given), newest
+        first, and the next page's token; ``InvalidPageRequestError`` as for listings."""
+        ...
+
+    async def dead_letter_entry(self, dlq_id: UUID, *, tenant_id: str | None) -> DlqEntry:
+        """One DLQ entry; ``NotFoundError`` if absent or (``tenant_id`` given) another tenant's."""
+        ...
+
+    async def open_dead_letters(self) -> int:
+        """How many DLQ entries are open (not requeued)."""
+        ...
+
+    async def lock_dead_letter(self, tx: Any, dlq_id: UUID, *, tenant_id: str | None) -> DlqEntry:
+        """Lock an open DLQ entry for the rest of ``tx``; ``NotFoundError`` (absent or another
+        tenant's), ``DlqEntryRequeuedError`` once requeued (naming by whom and as what)."""
+        ...
+
+    async def requeue_dead_letter(
+        self,
+        tx: Any,
+        entry: DlqEntry,
+        record: ExecutionRecord,
+        policy: TimeoutPolicy,
+        *,
+        by: str,
+        event_payload: Mapping[str, Any],
+    ) -> tuple[Queued, DlqEntry]:
+        """Queue ``record`` (a new ``pending`` execution re-running ``entry``'s) inside ``tx`` by
+        the queue recipe, with a ``dlq_requeued`` event (``event_payload`` plus the ``job_id``)
+        and the entry marked requeued by ``by`` before the move to ``queued``; the marked entry.
+        ``QueueUnavailableError`` when the queue cannot take it (rolled back with ``tx``)."""
+        ...
+
+    async def queue_stats(self) -> QueueStats:
+        """The queue's gauges (ready per priority, leased, delayed, dead, oldest wait, paused);
+        ``QueueUnavailableError`` when no queue is configured or it cannot be reached."""
+        ...
+
+    async def set_dispatch_paused(self, paused: bool) -> None:
+        """Drain (True) or resume dispatch in the queue (workers obey it); call it last in the
+        transaction that records the flag, so a failure rolls the flag back."""
         ...
 
     # --- The worker: Redis lease, handoff and claim, runs, steps, locks, settle -------------
@@ -399,9 +509,10 @@ class ExecutionLifecycle(Protocol):
         ``skip_reason`` is given), running ones failed with ``fail_running_steps``."""
         ...
 
-    async def retire_key(self, execution_id: UUID) -> bool:
+    async def retire_key(self, execution_id: UUID, *, tx: Any = None) -> bool:
         """Give an ended execution's idempotency key up (the same plan may be submitted
-        again); False for one not terminal or already retired."""
+        again); False for one not terminal or already retired. ``tx``: the caller's
+        transaction to join (a DLQ requeue's), else its own."""
         ...
 
     async def acquire_locks(
@@ -619,6 +730,118 @@ class PostgresRedisLifecycle:
             error_message=error_message,
         )
 
+    # --- The api: reads, cancel, the dead-letter queue, queue stats and drain ---------------
+
+    async def list_executions(
+        self,
+        tenant_id: str,
+        *,
+        statuses: Collection[ExecutionStatus],
+        mode: str | None,
+        page_size: int,
+        page_token: str | None,
+    ) -> tuple[list[ExecutionRecord], str | None]:
+        return await list_executions(
+            self._pool,
+            tenant_id,
+            statuses=statuses,
+            mode=mode,
+            page_size=page_size,
+            page_token=page_token,
+        )
+
+    async def cancel(
+        self,
+        tenant_id: str,
+        execution_id: UUID,
+        *,
+        by: str,
+        reason: str | None,
+        initiator: CancelInitiator,
+    ) -> ExecutionRecord:
+        record, _changed = await executions.request_cancel(
+            self._pool, execution_id, tenant_id=tenant_id, by=by, reason=reason, initiator=initiator
+        )
+        if record.status is ExecutionStatus.CANCELLED:
+            row = await jobs.get_queue_row_for_execution(self._pool, record.id)
+            if row is not None and row.state != "leased":
+                await jobs.delete_queue_row(self._pool, row.id)
+                if self._queue is not None:
+                    try:
+                        await self._queue.remove(row.id)
+                    except QueueUnavailableError:
+                        log.warning("cancelled_job_left_in_redis", job_id=str(row.id))
+        return record
+
+    async def dead_letters(
+        self,
+        *,
+        tenant_id: str | None,
+        error_class: str | None,
+        page_size: int,
+        page_token: str | None,
+    ) -> tuple[list[DlqEntry], str | None]:
+        return await dlq.list_dlq(
+            self._pool,
+            tenant_id=tenant_id,
+            error_class=error_class,
+            page_size=page_size,
+            page_token=page_token,
+        )
+
+    async def dead_letter_entry(self, dlq_id: UUID, *, tenant_id: str | None) -> DlqEntry:
+        return await dlq.get_dlq_entry(self._pool, dlq_id, tenant_id=tenant_id)
+
+    async def open_dead_letters(self) -> int:
+        return await dlq.dlq_size(self._pool)
+
+    async def lock_dead_letter(self, tx: Any, dlq_id: UUID, *, tenant_id: str | None) -> DlqEntry:
+        return await dlq.lock_open_entry(tx, dlq_id, tenant_id=tenant_id)
+
+    async def requeue_dead_letter(
+        self,
+        tx: Any,
+        entry: DlqEntry,
+        record: ExecutionRecord,
+        policy: TimeoutPolicy,
+        *,
+        by: str,
+        event_payload: Mapping[str, Any],
+    ) -> tuple[Queued, DlqEntry]:
+        if self._queue is None:
+            raise QueueUnavailableError("no queue is configured for background execution")
+        marked: list[DlqEntry] = []
+
+        async def audit(job: jobs.QueueRow) -> None:
+            # Before the transition: the new execution's log reads started, dlq_requeued, queued.
+            await append_event(
+                tx,
+                tenant_id=record.tenant_id,
+                execution_id=record.id,
+                actor_id=by,
+                type=DLQ_REQUEUED_EVENT,
+                payload={**event_payload, "job_id": str(job.id)},
+            )
+            marked.append(await dlq.mark_requeued(tx, entry.id, by=by))
+
+        # The recipe pushes to Redis last: a Redis failure rolls everything above back.
+        queued = await enqueue_execution(
+            tx,
+            self._queue,
+            record,
+            policy,
+            by=by,
+            expected_from=ExecutionStatus.PENDING,
+            before_queued=audit,
+        )
+        return Queued(queued.record, queued.job.id), marked[0]
+
+    async def queue_stats(self) -> QueueStats:
+        return await self._worker_queue().stats()
+
+    async def set_dispatch_paused(self, paused: bool) -> None:
+        await self._worker_queue().set_paused(paused)
+
     # --- The worker: Redis lease, handoff and claim, runs, steps, locks, settle -------------
 
     def _worker_queue(self) -> RedisQueue:
@@ -828,8 +1051,10 @@ class PostgresRedisLifecycle:
             release_locks=release_locks,
         )
 
-    async def retire_key(self, execution_id: UUID) -> bool:
-        return await executions.retire_idempotency_key(self._pool, execution_id)
+    async def retire_key(self, execution_id: UUID, *, tx: Any = None) -> bool:
+        return await executions.retire_idempotency_key(
+            self._pool if tx is None else tx, execution_id
+        )
 
     async def acquire_locks(
         self,

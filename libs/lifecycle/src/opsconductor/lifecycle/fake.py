@@ -21,6 +21,11 @@ tokens (every write fenced on them: a stale token writes nothing), renewal limit
 the ``2^attempts`` s backoff on :attr:`~InMemoryLifecycle.clock`, the DLQ on the last attempt,
 per-asset locks (all or nothing, not re-entrant, expiring), the cancel flag and its counted
 checks, and the takeover of a running execution.
+
+The api's side (reads, cancel, the DLQ, the queue's gauges and drain) pages listings with the
+storage's tokens, takes a cancelled job out of both stores unless it is leased, re-runs a DLQ
+entry as a new execution (the entry marked requeued, the new execution naming it), and drains
+dispatch with :attr:`InMemoryLifecycle.paused`.
 """
 
 from __future__ import annotations
@@ -28,13 +33,14 @@ from __future__ import annotations
 import contextlib
 import copy
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 from uuid import UUID, uuid4
 
 from opsconductor.common.errors import (
+    DlqEntryRequeuedError,
     FSMError,
     LeaseRenewalLimitError,
     NotFoundError,
@@ -45,18 +51,25 @@ from opsconductor.common.errors import (
 from opsconductor.common.fsm import TERMINAL, ExecutionStatus, StepStatus, check_transition
 from opsconductor.common.hashing import step_idempotency_key
 from opsconductor.lifecycle.facade import (
+    DLQ_REQUEUED_EVENT,
     DeadLetter,
     ExecutionLifecycle,
     FirstRenewal,
     Handoff,
     Queued,
 )
+from opsconductor.lifecycle.queue.dlq import DlqEntry
 from opsconductor.lifecycle.queue.lease import lease_seconds
-from opsconductor.lifecycle.queue.records import LeasedJob
+from opsconductor.lifecycle.queue.records import LeasedJob, QueueStats
 from opsconductor.lifecycle.storage.approval_records import ApprovalRecord, ApprovalState
 from opsconductor.lifecycle.storage.execution_records import ExecutionRecord, StepRecord
-from opsconductor.lifecycle.storage.executions import CreatedQueued, NewExecution
+from opsconductor.lifecycle.storage.executions import CancelInitiator, CreatedQueued, NewExecution
 from opsconductor.lifecycle.storage.locks import HeldLock, LockRequest, LockSet, sorted_requests
+from opsconductor.lifecycle.storage.paging import (
+    decode_page_token,
+    encode_page_token,
+    invalid_page_request,
+)
 from opsconductor.lifecycle.storage.policies import TimeoutPolicy
 from opsconductor.lifecycle.storage.quota_usage import ImmediateUsage, WaitingUsage
 
@@ -92,13 +105,18 @@ class FakeExecution:
     cancel_checks_performed: int = 0
     cancelled_at: datetime | None = None
     cancelled_by: str | None = None
+    cancel_reason: str | None = None
+    cancel_initiator: str | None = None
     timed_out: bool = False
     result_summary: dict[str, Any] | None = None
     started_at: datetime | None = None
     deadline_at: datetime | None = None
     #: Event types the worker's writes appended that are not transitions, oldest first
-    #: (``lease_taken_over``, ``retry_scheduled``, ``moved_to_dlq``, ``step_approval_requested``).
+    #: (``lease_taken_over``, ``retry_scheduled``, ``moved_to_dlq``, ``step_approval_requested``,
+    #: and the api's ``dlq_requeued``).
     events: list[str] = field(default_factory=list)
+    #: The payload of its ``dlq_requeued`` event (it re-runs the entry ``dlq_id`` names).
+    dlq_requeued: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -151,7 +169,7 @@ class FakeQueueEntry:
 
 @dataclass(frozen=True)
 class FakeDeadLetter:
-    """An open DLQ entry: the job's last outcome."""
+    """A DLQ entry: the job's last outcome (and, once requeued, by whom and when)."""
 
     id: UUID
     execution_id: UUID
@@ -159,6 +177,24 @@ class FakeDeadLetter:
     error_class: str | None
     error_message: str | None
     last_error: dict[str, Any] | None
+    tenant_id: str = ""
+    created_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    requeued_at: datetime | None = None
+    requeued_by: str | None = None
+
+    def entry(self) -> DlqEntry:
+        return DlqEntry(
+            id=self.id,
+            execution_id=self.execution_id,
+            tenant_id=self.tenant_id,
+            attempts=self.attempts,
+            error_class=self.error_class,
+            error_message=self.error_message,
+            last_error=self.last_error,
+            created_at=self.created_at,
+            requeued_at=self.requeued_at,
+            requeued_by=self.requeued_by,
+        )
 
 
 @dataclass(frozen=True)
@@ -185,6 +221,10 @@ class InMemoryLifecycle:
         self.queue: dict[UUID, FakeQueueEntry] = {}
         #: Open DLQ entries by execution id.
         self.dlq: dict[UUID, FakeDeadLetter] = {}
+        #: Requeued DLQ entries by entry id (out of :attr:`dlq`: no longer open).
+        self.requeued_dlq: dict[UUID, FakeDeadLetter] = {}
+        #: Whether dispatch is drained (the queue's Redis flag: never rolled back).
+        self.paused = False
         #: Held locks by key.
         self.locks: dict[str, FakeLock] = {}
         #: Approval requests by id (the approvals port's fake, :mod:`.approval_fake`, reads and
@@ -197,16 +237,18 @@ class InMemoryLifecycle:
         #: The timeout_policies table as the fake holds it (the handoff's first renewal).
         self.policies: dict[str, TimeoutPolicy] = {}
 
+    #: What a rollback puts back (the Postgres side; the Redis ``queue`` is never rolled back).
+    _ROLLED_BACK = ("executions", "jobs", "records", "dlq", "requeued_dlq", "locks", "approvals")
+
     @contextlib.asynccontextmanager
     async def _transaction(self) -> AsyncIterator[Any]:
-        saved = copy.deepcopy(
-            (self.executions, self.jobs, self.records, self.dlq, self.locks, self.approvals)
-        )
+        saved = copy.deepcopy({name: getattr(self, name) for name in self._ROLLED_BACK})
         self._open_transactions += 1
         try:
             yield self
         except BaseException:
-            (self.executions, self.jobs, self.records, self.dlq, self.locks, self.approvals) = saved
+            for name, value in saved.items():
+                setattr(self, name, value)
             raise
         finally:
             self._open_transactions -= 1
@@ -414,6 +456,8 @@ class InMemoryLifecycle:
             cancel_checks_performed=execution.cancel_checks_performed,
             cancelled_at=execution.cancelled_at,
             cancelled_by=execution.cancelled_by,
+            cancel_reason=execution.cancel_reason or record.cancel_reason,
+            cancel_initiator=execution.cancel_initiator or record.cancel_initiator,
             timed_out=execution.timed_out,
             result_summary=execution.result_summary,
             started_at=execution.started_at,
@@ -605,12 +649,163 @@ class InMemoryLifecycle:
         execution.key_retired = True
         return True
 
+    # --- The api: reads, cancel, the dead-letter queue, queue stats and drain ---------------
+    # Listings page newest first on (created_at, id) with the storage's own tokens (bound to
+    # the listing's filters); a cancel that ended a job's execution takes the job out of both
+    # stores unless a worker holds it; a requeue re-runs an entry as a new execution and marks
+    # the entry, all rolled back with the caller's transaction (the Redis push last).
+
+    async def list_executions(
+        self,
+        tenant_id: str,
+        *,
+        statuses: Collection[ExecutionStatus],
+        mode: str | None,
+        page_size: int,
+        page_token: str | None,
+    ) -> tuple[list[ExecutionRecord], str | None]:
+        try:
+            wanted = {ExecutionStatus(s) for s in statuses}
+        except ValueError as exc:
+            allowed = sorted(s.value for s in ExecutionStatus)
+            raise invalid_page_request("statuses", f"must be among {allowed}") from exc
+        if mode is not None and mode not in ("immediate", "background"):
+            raise invalid_page_request("mode", "must be one of ['background', 'immediate']")
+        scope = f"executions:{tenant_id}:{sorted(s.value for s in wanted)}:{mode}"
+        rows = [
+            replace(self._current(eid), steps=())
+            for eid, record in self.records.items()
+            if record.tenant_id == tenant_id
+            and (not wanted or self.executions[eid].status in wanted)
+            and (mode is None or record.execution_mode == mode)
+        ]
+        return _page(rows, scope, page_size, page_token)
+
+    async def cancel(
+        self,
+        tenant_id: str,
+        execution_id: UUID,
+        *,
+        by: str,
+        reason: str | None,
+        initiator: CancelInitiator,
+    ) -> ExecutionRecord:
+        record, _changed = await self._request_cancel(
+            tenant_id, execution_id, by, reason, initiator
+        )
+        if record.status is not ExecutionStatus.CANCELLED:
+            return record
+        for job_id, job in list(self.jobs.items()):
+            if job.execution_id == execution_id and job.state != "leased":
+                del self.jobs[job_id]
+                if self._queue_configured and self.queue_up:  # else left in Redis, as there
+                    self.queue.pop(job_id, None)
+        return record
+
+    def _dlq_entries(self) -> list[FakeDeadLetter]:
+        return [*self.dlq.values(), *self.requeued_dlq.values()]
+
+    async def dead_letters(
+        self,
+        *,
+        tenant_id: str | None,
+        error_class: str | None,
+        page_size: int,
+        page_token: str | None,
+    ) -> tuple[list[DlqEntry], str | None]:
+        scope = f"dlq:{tenant_id}:{error_class}"
+        rows = [
+            e.entry()
+            for e in self.dlq.values()
+            if (tenant_id is None or e.tenant_id == tenant_id)
+            and (error_class is None or e.error_class == error_class)
+        ]
+        return _page(rows, scope, page_size, page_token)
+
+    async def dead_letter_entry(self, dlq_id: UUID, *, tenant_id: str | None) -> DlqEntry:
+        for entry in self._dlq_entries():
+            if entry.id == dlq_id and (tenant_id is None or entry.tenant_id == tenant_id):
+                return entry.entry()
+        raise NotFoundError("dead-letter entry not found", dlq_id=str(dlq_id))
+
+    async def open_dead_letters(self) -> int:
+        return len(self.dlq)
+
+    async def lock_dead_letter(self, tx: Any, dlq_id: UUID, *, tenant_id: str | None) -> DlqEntry:
+        found = await self.dead_letter_entry(dlq_id, tenant_id=tenant_id)
+        if found.requeued_at is not None:
+            became = next(
+                (
+                    eid
+                    for eid, execution in self.executions.items()
+                    if (execution.dlq_requeued or {}).get("dlq_id") == str(dlq_id)
+                ),
+                None,
+            )
+            raise DlqEntryRequeuedError(
+                f"dead-letter entry {dlq_id} was already requeued by {found.requeued_by} at "
+                f"{found.requeued_at.isoformat()}"
+                + (f" as execution {became}" if became is not None else ""),
+                dlq_id=str(dlq_id),
+                requeued_by=found.requeued_by,
+                requeued_at=found.requeued_at.isoformat(),
+                requeued_as=str(became) if became is not None else "",
+            )
+        return found
+
+    async def requeue_dead_letter(
+        self,
+        tx: Any,
+        entry: DlqEntry,
+        record: ExecutionRecord,
+        policy: TimeoutPolicy,
+        *,
+        by: str,
+        event_payload: Mapping[str, Any],
+    ) -> tuple[Queued, DlqEntry]:
+        if tx is None or not self._open_transactions:
+            raise RuntimeError("a requeue is one transaction: open one first")
+        queued = await self.enqueue(
+            tx, record, policy, by=by, expected_from=ExecutionStatus.PENDING
+        )
+        # The real order is row, event, mark, transition, push: all in the caller's transaction.
+        open_entry = self.dlq.pop(entry.execution_id)
+        marked = replace(open_entry, requeued_at=datetime.now(UTC), requeued_by=by)
+        self.requeued_dlq[marked.id] = marked
+        execution = self.executions[record.id]
+        execution.events.append(DLQ_REQUEUED_EVENT)
+        execution.dlq_requeued = {**event_payload, "job_id": str(queued.job_id)}
+        return queued, marked.entry()
+
+    async def queue_stats(self) -> QueueStats:
+        self._redis()
+        now = self.clock()
+        self._housekeeping(now)
+        ready = [e for e in self.queue.values() if e.state == "ready"]
+        by_priority: dict[int, int] = {}
+        for e in ready:
+            by_priority[e.priority] = by_priority.get(e.priority, 0) + 1
+        return QueueStats(
+            ready_by_priority=by_priority,
+            leased=sum(1 for e in self.queue.values() if e.state == "leased"),
+            expired_leases=0,  # housekeeping above reclaimed them, as the stats' snapshot
+            delayed=sum(1 for e in self.queue.values() if e.state == "delayed"),
+            dead=sum(1 for e in self.queue.values() if e.state == "dead"),
+            oldest_ready_age_s=max(now - min(e.enqueued_at for e in ready), 0.0) if ready else None,
+            paused=self.paused,
+            lease_expirations_total=sum(e.lease_expirations for e in self.queue.values()),
+        )
+
+    async def set_dispatch_paused(self, paused: bool) -> None:
+        self._redis()
+        self.paused = paused
+
     # --- The worker: Redis lease, handoff and claim, runs, steps, locks, settle -------------
     # Redis (``queue``) and Postgres (the rest) are two stores here as there: a Postgres-side
     # write runs in :meth:`_transaction` (all or nothing), a Redis change is never rolled back,
     # and each settle checks the Redis side before it writes anything, as the real order does
     # (row locked, Redis, commit). Dequeue orders by priority then FIFO; the tenants' fair
-    # share and running limits are not modelled, nor is a pause of dispatch.
+    # share and running limits are not modelled; a drain (:attr:`paused`) hands out nothing.
 
     def _push(self, job_id: UUID, job: FakeJob) -> None:
         self._seq += 1
@@ -682,6 +877,8 @@ class InMemoryLifecycle:
         self._redis()
         now = self.clock()
         self._housekeeping(now)
+        if self.paused:
+            return []  # drained: nothing handed out, leases already granted unaffected
         ready = sorted(
             (e for e in self.queue.values() if e.state == "ready"),
             key=lambda e: (e.priority, e.seq),
@@ -870,6 +1067,16 @@ class InMemoryLifecycle:
     async def request_cancel(
         self, tenant_id: str, execution_id: UUID, *, by: str, reason: str | None
     ) -> tuple[ExecutionRecord, bool]:
+        return await self._request_cancel(tenant_id, execution_id, by, reason, "user")
+
+    async def _request_cancel(
+        self,
+        tenant_id: str,
+        execution_id: UUID,
+        by: str,
+        reason: str | None,
+        initiator: CancelInitiator,
+    ) -> tuple[ExecutionRecord, bool]:
         record = await self.get(tenant_id, execution_id)
         execution = self.executions[execution_id]
         if execution.cancelled_at is not None or execution.status in TERMINAL:
@@ -877,6 +1084,7 @@ class InMemoryLifecycle:
         async with self._transaction():
             execution = self.executions[execution_id]
             execution.cancelled_at, execution.cancelled_by = datetime.now(UTC), by
+            execution.cancel_reason, execution.cancel_initiator = reason, initiator
             if execution.status in (
                 ExecutionStatus.PENDING,
                 ExecutionStatus.QUEUED,
@@ -1131,7 +1339,7 @@ class InMemoryLifecycle:
                 self._release_execution_locks(execution_id)
             return True
 
-    async def retire_key(self, execution_id: UUID) -> bool:
+    async def retire_key(self, execution_id: UUID, *, tx: Any = None) -> bool:
         execution = self.executions[execution_id]
         if execution.key_retired or execution.status not in TERMINAL:
             return False
@@ -1373,9 +1581,29 @@ class InMemoryLifecycle:
             error_class=error_class,
             error_message=error_message,
             last_error=entry.last_error,
+            tenant_id=self.records[job.execution_id].tenant_id,
         )
         self.executions[job.execution_id].events.append("moved_to_dlq")
         return True
+
+
+def _page(
+    rows: list[Any], scope: str, page_size: int, page_token: str | None
+) -> tuple[list[Any], str | None]:
+    """One keyset page of ``rows`` (records with ``created_at`` and ``id``), newest first, as the
+    storage's listings: size 0 is the default (50), capped at 200; the token bound to ``scope``."""
+    if page_size < 0:
+        raise invalid_page_request("page_size", "must not be negative")
+    size = min(page_size or 50, 200)
+    ordered = sorted(rows, key=lambda r: (r.created_at, r.id), reverse=True)
+    if page_token:
+        after = decode_page_token(page_token, scope)
+        ordered = [r for r in ordered if (r.created_at, r.id) < after]
+    page = ordered[:size]
+    token = None
+    if len(ordered) > size:
+        token = encode_page_token(page[-1].created_at, page[-1].id, scope)
+    return page, token
 
 
 def _illegal(current: ExecutionStatus, to: ExecutionStatus) -> FSMError:

@@ -83,6 +83,7 @@ class ApiApp:
         )
         policies = await load_timeout_policies(pool)
         dedup_window = timedelta(seconds=self.settings.dedup_window_s)
+        lifecycle = PostgresRedisLifecycle(pool, queue)
         self._submissions = Submissions(
             pool=pool,
             authorizer=authorizer,
@@ -92,19 +93,19 @@ class ApiApp:
             approval_policy=self._approval_policy,
             observed=ObservedDurations(pool),
             worker=self._worker,
-            lifecycle=PostgresRedisLifecycle(pool, queue),
+            lifecycle=lifecycle,
             dedup_window=dedup_window,
             tenant_policies=self._tenant_policies,
             secret_catalogue=self._secret_catalogue,
             quotas=TenantQuotas.from_settings(self.settings, self._tenant_policies),
             approvals=PostgresApprovals(pool),
         )
-        self._queries = ExecutionQueries(pool=pool, authorizer=authorizer, queue=queue)
+        self._queries = ExecutionQueries(lifecycle=lifecycle, authorizer=authorizer)
         self._admin = AdminOperations(
             pool=pool,
             authorizer=authorizer,
             flags=self._flags,
-            queue=queue,
+            lifecycle=lifecycle,
             policies=policies,
             dedup_window=dedup_window,
         )

@@ -12,6 +12,11 @@ requeue them (another tenant's entry is "not found"). A system admin (``admin:dl
 Drain sets the ``dispatch_paused`` flag (the durable, audited record) and the queue's Redis
 paused flag (what workers obey: ``dequeue`` hands out nothing) in one transaction, the Redis
 call last before the commit, so the two never disagree because of a failed call.
+
+The dead-letter queue, the queue's gauges and its drain flag are the lifecycle core's: they go
+through the lifecycle port (:mod:`opsconductor.lifecycle.facade`), never the queue's tables or
+Redis keys. Feature flags, their history and the audit-chain check are not lifecycle state and
+read and write their own stores (``lifecycle.storage.flags``, ``flag_history``, ``audit_chain``).
 """
 
 from __future__ import annotations
@@ -30,13 +35,16 @@ from opsconductor.common.errors import (
     InvalidArgumentError,
     QueueUnavailableError,
 )
-from opsconductor.lifecycle.queue import dlq
-from opsconductor.lifecycle.queue.dlq import DlqEntry
-from opsconductor.lifecycle.queue.records import QueueStats
-from opsconductor.lifecycle.queue.redis_queue import RedisQueue
+from opsconductor.lifecycle.facade import (
+    DlqEntry,
+    ExecutionLifecycle,
+    PoolOrConnection,
+    QueueStats,
+    TimeoutPolicy,
+    as_execution_id,
+)
 from opsconductor.lifecycle.storage.audit_chain import ChainVerdict, verify_chain
-from opsconductor.lifecycle.storage.execution_reads import as_execution_id
-from opsconductor.lifecycle.storage.execution_records import PoolOrConnection, transaction
+from opsconductor.lifecycle.storage.execution_records import transaction
 from opsconductor.lifecycle.storage.flag_history import FlagChange, list_flag_changes
 from opsconductor.lifecycle.storage.flags import (
     SYSTEM_TENANT,
@@ -44,7 +52,6 @@ from opsconductor.lifecycle.storage.flags import (
     FlagCache,
     update_flags,
 )
-from opsconductor.lifecycle.storage.policies import TimeoutPolicy
 from opsconductor.policy.rbac import Authorizer, Permission
 
 from .dlq_requeue import RequeueResult, requeue_dead_letter
@@ -80,14 +87,14 @@ class AdminOperations:
         pool: PoolOrConnection,
         authorizer: Authorizer,
         flags: FlagCache,
-        queue: RedisQueue | None = None,
+        lifecycle: ExecutionLifecycle,
         policies: Mapping[str, TimeoutPolicy] | None = None,
         dedup_window: timedelta = timedelta(hours=24),
     ) -> None:
         self._pool = pool
         self._authorizer = authorizer
         self._flags = flags
-        self._queue = queue
+        self._lifecycle = lifecycle
         self._policies = dict(policies or {})
         self._dedup_window = dedup_window
 
@@ -106,8 +113,8 @@ class AdminOperations:
         await self._authorize_system(principal, Permission.ADMIN_FLAGS, "UpdateFeatureFlags")
         async with transaction(self._pool) as conn:
             flags = await update_flags(conn, changes, by=principal.actor_id)
-            if "dispatch_paused" in changes and self._queue is not None:
-                await self._queue.set_paused(flags.dispatch_paused)
+            if "dispatch_paused" in changes and self._lifecycle.queue_configured:
+                await self._lifecycle.set_dispatch_paused(flags.dispatch_paused)
         self._flags.invalidate()
         return flags
 
@@ -128,8 +135,8 @@ class AdminOperations:
         :class:`QueueUnavailableError` when Redis cannot be reached (or none is configured).
         """
         await self._authorize_system(principal, Permission.ADMIN_QUEUE, "GetQueueStats")
-        stats = await self._require_queue().stats()
-        size = await dlq.dlq_size(self._pool)
+        stats = await self._lifecycle.queue_stats()
+        size = await self._lifecycle.open_dead_letters()
         flags = await self._flags.get()
         if flags.dispatch_paused != stats.paused:
             # E.g. Redis restarted empty while drained: workers obey Redis, so say it loudly.
@@ -147,10 +154,10 @@ class AdminOperations:
         ``feature_flags_updated`` event of the ``dispatch_paused`` flag.
         """
         await self._authorize_system(principal, Permission.ADMIN_QUEUE, "SetDrain")
-        queue = self._require_queue()
+        self._require_queue()
         async with transaction(self._pool) as conn:
             await update_flags(conn, {"dispatch_paused": drain}, by=principal.actor_id)
-            await queue.set_paused(drain)
+            await self._lifecycle.set_dispatch_paused(drain)
         self._flags.invalidate()
         log.info("dispatch_drained" if drain else "dispatch_resumed", by=principal.actor_id)
         return drain
@@ -175,8 +182,7 @@ class AdminOperations:
         if len(error_class) > _MAX_ERROR_CLASS:
             raise InvalidArgumentError("error_class is too long", field="error_class")
         await self._authorize_dlq(principal, tenant_id or None, "ListDlqEntries")
-        return await dlq.list_dlq(
-            self._pool,
+        return await self._lifecycle.dead_letters(
             tenant_id=tenant_id or None,
             error_class=error_class or None,
             page_size=page_size,
@@ -193,15 +199,14 @@ class AdminOperations:
         """
         scope = await self._authorize_dlq(principal, None, "RequeueDlqEntry", own_tenant=True)
         flags = await self._flags.get()
-        entry = await dlq.get_dlq_entry(self._pool, dlq_id, tenant_id=scope)
+        entry = await self._lifecycle.dead_letter_entry(dlq_id, tenant_id=scope)
         if not flags.tenant_enabled(entry.tenant_id):
             raise FeatureDisabledError(
                 f"Stage E execution is not enabled for tenant {entry.tenant_id!r}",
                 tenant_id=entry.tenant_id,
             )
         return await requeue_dead_letter(
-            self._pool,
-            self._queue,
+            self._lifecycle,
             self._policies,
             dlq_id=dlq_id,
             by=principal.actor_id,
@@ -273,7 +278,6 @@ class AdminOperations:
         )
         return target
 
-    def _require_queue(self) -> RedisQueue:
-        if self._queue is None:
+    def _require_queue(self) -> None:
+        if not self._lifecycle.queue_configured:
             raise QueueUnavailableError("no queue is configured for background execution")
-        return self._queue

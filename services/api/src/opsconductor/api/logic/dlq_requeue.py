@@ -6,8 +6,10 @@ one's frozen record: same tenant, submitter, plan snapshot, hashes and idempoten
 execution's key is retired first, so the new one may hold it), same priority; a fresh attempt
 budget from the timeout policy. Everything happens in ONE Postgres transaction, with the Redis
 push last before the commit: the new execution is queued by the one queue recipe every path
-uses (:func:`opsconductor.lifecycle.queue.enqueue.enqueue_execution`, as a background submit's
-and an approval's release), so a Redis failure rolls it all back and the entry stays open:
+uses (the lifecycle port's ``requeue_dead_letter``: the recipe a background submit's and an
+approval's release use too), so a Redis failure rolls
+it all back and the entry stays open. This module decides (may it be requeued, as what); every
+read and write is a call of the lifecycle port, in its transaction:
 
 1. lock the DLQ entry (refused if it was requeued already, naming by whom and as what);
 2. retire the old execution's idempotency key, create the new execution (event
@@ -20,8 +22,8 @@ and an approval's release), so a Redis failure rolls it all back and the entry s
 
 The old execution is not touched: ``execution_completed`` stays its last event. The links go
 both ways: the new execution's ``dlq_requeued`` event names the old one, and the entry (which
-points at the old one) names the new one through that event (``dlq.lock_open_entry`` reports it
-when a second requeue is refused).
+points at the old one) names the new one through that event (the port's ``lock_dead_letter``
+reports it when a second requeue is refused).
 
 The worker re-authorizes the *submitter* before running the new execution, as for any queued
 job: a submitter who lost the plan's permissions since cannot have it run by an admin's requeue.
@@ -41,26 +43,15 @@ from opsconductor.common.errors import (
     DeadLetterNotRequeueableError,
     QueueUnavailableError,
 )
-from opsconductor.common.fsm import ExecutionStatus
 from opsconductor.common.tracing import current_traceparent
-from opsconductor.lifecycle.queue import dlq
-from opsconductor.lifecycle.queue.dlq import DlqEntry
-from opsconductor.lifecycle.queue.enqueue import enqueue_execution
-from opsconductor.lifecycle.queue.jobs import QueueRow
-from opsconductor.lifecycle.queue.redis_queue import RedisQueue
-from opsconductor.lifecycle.storage.events import append_event
-from opsconductor.lifecycle.storage.execution_reads import get_execution
-from opsconductor.lifecycle.storage.execution_records import (
+from opsconductor.lifecycle.facade import (
+    DLQ_REQUEUED_EVENT,
+    DlqEntry,
+    ExecutionLifecycle,
     ExecutionRecord,
-    PoolOrConnection,
-    transaction,
-)
-from opsconductor.lifecycle.storage.executions import (
     NewExecution,
-    create_execution,
-    retire_idempotency_key,
+    TimeoutPolicy,
 )
-from opsconductor.lifecycle.storage.policies import TimeoutPolicy
 
 __all__ = [
     "DLQ_REQUEUED_EVENT",
@@ -71,8 +62,6 @@ __all__ = [
 
 log = structlog.get_logger(__name__)
 
-#: Type of the audit event appended to the new execution.
-DLQ_REQUEUED_EVENT = "dlq_requeued"
 _MAX_REQUEST_ID = 100  # executions.request_id is VARCHAR(100)
 
 
@@ -139,8 +128,7 @@ def _check_requeueable(
 
 
 async def requeue_dead_letter(
-    pool: PoolOrConnection,
-    queue: RedisQueue | None,
+    lifecycle: ExecutionLifecycle,
     policies: Mapping[str, TimeoutPolicy],
     *,
     dlq_id: UUID,
@@ -154,23 +142,23 @@ async def requeue_dead_letter(
 
     ``tenant_scope`` limits the lookup to one tenant (a tenant admin): another tenant's entry is
     "not found". ``record_only`` None keeps the old execution's setting. Raises
-    :class:`NotFoundError`, :class:`~opsconductor.lifecycle.queue.dlq.DlqEntryRequeuedError`,
+    :class:`NotFoundError`, :class:`~opsconductor.common.errors.DlqEntryRequeuedError`,
     :class:`DeadLetterNotRequeueableError`, :class:`ConflictError` (a live execution of the same
     plan holds its idempotency key) and :class:`QueueUnavailableError`; each leaves no trace.
     """
-    if queue is None:
+    if not lifecycle.queue_configured:
         raise QueueUnavailableError("no queue is configured for background execution")
-    async with transaction(pool) as conn:
-        entry = await dlq.lock_open_entry(conn, dlq_id, tenant_id=tenant_scope)
-        old = await get_execution(conn, entry.tenant_id, entry.execution_id)
+    async with lifecycle.transaction() as tx:
+        entry = await lifecycle.lock_dead_letter(tx, dlq_id, tenant_id=tenant_scope)
+        old = await lifecycle.get(entry.tenant_id, entry.execution_id, tx=tx)
         policy = _check_requeueable(old, policies)
-        await retire_idempotency_key(conn, old.id)
+        await lifecycle.retire_key(old.id, tx=tx)
         new = _rerun_of(
             old,
             request_id=request_id,
             record_only=old.record_only if record_only is None else record_only,
         )
-        record, created = await create_execution(conn, new, dedup_window=dedup_window)
+        record, created = await lifecycle.create(new, dedup_window=dedup_window, tx=tx)
         if not created:
             raise ConflictError(
                 f"execution {record.id} of the same plan holds its idempotency key "
@@ -178,48 +166,31 @@ async def requeue_dead_letter(
                 execution_id=str(record.id),
                 status=record.status.value,
             )
-        marked: list[DlqEntry] = []
-
-        async def audit(job: QueueRow) -> None:
-            # Before the transition: the new execution's log reads started, dlq_requeued, queued.
-            await append_event(
-                conn,
-                tenant_id=record.tenant_id,
-                execution_id=record.id,
-                actor_id=by,
-                type=DLQ_REQUEUED_EVENT,
-                payload={
-                    "dlq_id": str(dlq_id),
-                    "requeued_from": str(old.id),
-                    "requeued_by": by,
-                    "job_id": str(job.id),
-                    "max_attempts": policy.max_attempts,
-                    "previous_attempts": entry.attempts,
-                    "previous_error_class": entry.error_class,
-                    "request_id": request_id,
-                },
-            )
-            marked.append(await dlq.mark_requeued(conn, dlq_id, by=by))
-
-        # The recipe pushes to Redis last: a Redis failure rolls everything above back.
-        queued = await enqueue_execution(
-            conn,
-            queue,
+        # The port adds the job's id; the entry is marked requeued in the same transaction.
+        queued, marked = await lifecycle.requeue_dead_letter(
+            tx,
+            entry,
             record,
             policy,
             by=by,
-            expected_from=ExecutionStatus.PENDING,
-            before_queued=audit,
+            event_payload={
+                "dlq_id": str(dlq_id),
+                "requeued_from": str(old.id),
+                "requeued_by": by,
+                "max_attempts": policy.max_attempts,
+                "previous_attempts": entry.attempts,
+                "previous_error_class": entry.error_class,
+                "request_id": request_id,
+            },
         )
-        row = queued.job
-        record = await get_execution(conn, record.tenant_id, record.id)
+        record = await lifecycle.get(record.tenant_id, record.id, tx=tx)
     log.info(
         "dlq_entry_requeued",
         dlq_id=str(dlq_id),
         requeued_from=str(old.id),
         execution_id=str(record.id),
-        job_id=str(row.id),
+        job_id=str(queued.job_id),
         tenant_id=record.tenant_id,
         by=by,
     )
-    return RequeueResult(entry=marked[0], execution=record, job_id=row.id)
+    return RequeueResult(entry=marked, execution=record, job_id=queued.job_id)

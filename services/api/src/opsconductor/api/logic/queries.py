@@ -1,37 +1,25 @@
-"""GetExecution, ListExecutions and CancelExecution: tenant-scoped reads and the cancel request."""
+"""GetExecution, ListExecutions and CancelExecution: tenant-scoped reads and the cancel request.
+
+They hold the lifecycle port (:mod:`opsconductor.lifecycle.facade`), never a pool or the queue:
+the cancel's dequeue of a job it ended is the core's (an import-linter contract).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Collection
 
-import structlog
-
 from opsconductor.common.auth import Principal
-from opsconductor.common.errors import QueueUnavailableError
 from opsconductor.common.fsm import ExecutionStatus
-from opsconductor.lifecycle.queue import jobs
-from opsconductor.lifecycle.queue.redis_queue import RedisQueue
-from opsconductor.lifecycle.storage.execution_reads import (
-    as_execution_id,
-    get_execution,
-    list_executions,
-)
-from opsconductor.lifecycle.storage.execution_records import ExecutionRecord, PoolOrConnection
-from opsconductor.lifecycle.storage.executions import request_cancel
+from opsconductor.lifecycle.facade import ExecutionLifecycle, ExecutionRecord, as_execution_id
 from opsconductor.policy.rbac import Authorizer, Permission
-
-log = structlog.get_logger(__name__)
 
 
 class ExecutionQueries:
     """Reads and cancellation, each authorized for the tenant first (and audited if refused)."""
 
-    def __init__(
-        self, *, pool: PoolOrConnection, authorizer: Authorizer, queue: RedisQueue | None
-    ) -> None:
-        self._pool = pool
+    def __init__(self, *, lifecycle: ExecutionLifecycle, authorizer: Authorizer) -> None:
+        self._lifecycle = lifecycle
         self._authorizer = authorizer
-        self._queue = queue
 
     async def get(self, principal: Principal, tenant_id: str, execution_id: str) -> ExecutionRecord:
         eid = as_execution_id(execution_id)
@@ -41,7 +29,7 @@ class ExecutionQueries:
             permissions={Permission.EXECUTIONS_READ},
             resource="ExecutionService/GetExecution",
         )
-        return await get_execution(self._pool, tenant_id, eid)
+        return await self._lifecycle.get(tenant_id, eid)
 
     async def list(
         self,
@@ -59,8 +47,7 @@ class ExecutionQueries:
             permissions={Permission.EXECUTIONS_READ},
             resource="ExecutionService/ListExecutions",
         )
-        records, token = await list_executions(
-            self._pool,
+        records, token = await self._lifecycle.list_executions(
             tenant_id,
             statuses=statuses,
             mode=mode,
@@ -80,27 +67,10 @@ class ExecutionQueries:
             permissions={Permission.EXECUTIONS_CANCEL},
             resource="ExecutionService/CancelExecution",
         )
-        record, _changed = await request_cancel(
-            self._pool,
+        return await self._lifecycle.cancel(
+            tenant_id,
             eid,
-            tenant_id=tenant_id,
             by=principal.actor_id,
             reason=reason or None,
             initiator="system" if principal.is_machine else "user",
         )
-        if record.status == ExecutionStatus.CANCELLED:
-            await self._dequeue_cancelled(record)
-        return record
-
-    async def _dequeue_cancelled(self, record: ExecutionRecord) -> None:
-        """A cancelled queued job leaves the queue (best-effort in Redis: a worker that still
-        dequeues it finds it terminal and drops it; the reaper drops it otherwise)."""
-        row = await jobs.get_queue_row_for_execution(self._pool, record.id)
-        if row is None or row.state == "leased":
-            return
-        await jobs.delete_queue_row(self._pool, row.id)
-        if self._queue is not None:
-            try:
-                await self._queue.remove(row.id)
-            except QueueUnavailableError:
-                log.warning("cancelled_job_left_in_redis", job_id=str(row.id))

@@ -4,9 +4,8 @@ call of the port; the cancel's initiator follows the caller's kind."""
 
 from __future__ import annotations
 
-import hashlib
 from datetime import timedelta
-from uuid import uuid4
+from uuid import UUID, uuid4
 
 import pytest
 
@@ -14,9 +13,11 @@ from opsconductor.api.logic.queries import ExecutionQueries
 from opsconductor.common.auth import Principal
 from opsconductor.common.errors import NotFoundError, PermissionDeniedError
 from opsconductor.common.fsm import ExecutionStatus, StepStatus
-from opsconductor.lifecycle.facade import ExecutionRecord, NewExecution
+from opsconductor.lifecycle.facade import ExecutionRecord
 from opsconductor.lifecycle.fake import InMemoryLifecycle
-from tests.unit.roles_world import MEDIUM_MODIFY, Roles
+from tests.unit.dlq_world import background_plan
+from tests.unit.dlq_world import queued as world_queued
+from tests.unit.roles_world import Roles
 
 TENANT = "t1"
 ALICE = Principal(actor_id="alice", tenant_id=TENANT)
@@ -42,39 +43,15 @@ def world() -> tuple[ExecutionQueries, InMemoryLifecycle, Roles]:
 async def execution(
     lifecycle: InMemoryLifecycle, *, tenant: str = TENANT, mode: str = "background"
 ) -> ExecutionRecord:
-    record, _ = await lifecycle.create(
-        NewExecution(
-            tenant_id=tenant,
-            actor_id="alice",
-            request_id=None,
-            trace_context=None,
-            idempotency_key=hashlib.sha256(uuid4().bytes).hexdigest(),
-            plan_hash="a" * 64,
-            plan_snapshot={"name": "q"},
-            plan_snapshot_hash="b" * 64,
-            execution_mode=mode,
-            sla_class="medium",
-            action_class="modify",
-            approval_level=0,
-            priority=50,
-            timeout_policy_id=MEDIUM_MODIFY.id,
-            timeout_ms=30_000,
-            estimated_duration_ms=1_000,
-            record_only=False,
-            steps=[("one", 0, "noop", "modify")],
-        ),
-        dedup_window=timedelta(hours=1),
-    )
+    new = background_plan(tenant, execution_mode=mode, steps=[("one", 0, "noop", "modify")])
+    record, _ = await lifecycle.create(new, dedup_window=timedelta(hours=1))
     return record
 
 
-async def queued(lifecycle: InMemoryLifecycle) -> tuple[ExecutionRecord, object]:
-    record = await execution(lifecycle)
-    async with lifecycle.transaction() as tx:
-        job = await lifecycle.enqueue(
-            tx, record, MEDIUM_MODIFY, by="api", expected_from=ExecutionStatus.PENDING
-        )
-    return job.record, job.job_id
+async def queued(lifecycle: InMemoryLifecycle) -> tuple[ExecutionRecord, UUID]:
+    return await world_queued(
+        lifecycle, background_plan(TENANT, steps=[("one", 0, "noop", "modify")])
+    )
 
 
 async def test_get_reads_the_tenants_execution_and_hides_another_tenants() -> None:

@@ -17,7 +17,7 @@ from opsconductor.api.app import ApiApp
 from opsconductor.api.logic.admin import parse_dlq_id
 from opsconductor.common.errors import InvalidArgumentError
 from opsconductor.execution.v1 import admin_service_pb2, admin_service_pb2_grpc
-from opsconductor.lifecycle.queue.dlq import DlqEntry
+from opsconductor.lifecycle.facade import DlqEntry
 from opsconductor.lifecycle.storage.audit_chain import ChainProblem
 from opsconductor.lifecycle.storage.flag_history import FlagChange
 from opsconductor.lifecycle.storage.flags import FeatureFlags

@@ -23,6 +23,7 @@ from opsconductor.common.errors import (
     SelfApprovalError,
 )
 from opsconductor.common.fsm import ExecutionStatus, StepStatus
+from opsconductor.lifecycle.maintenance_port import PostgresRedisMaintenance
 from opsconductor.lifecycle.storage.approval_records import (
     ApprovalState,
     close_pending_approvals,
@@ -197,7 +198,7 @@ async def test_expired_request_cannot_be_decided_and_the_reaper_fails_it(
     )
     with pytest.raises(ApprovalExpiredError):
         await decide(db_pool, approval_id, tenant_id="t1", decision=grant())
-    report = await reap_once(db_pool, None, dedup_window=WINDOW)
+    report = await reap_once(PostgresRedisMaintenance(db_pool, None), dedup_window=WINDOW)
     assert report.approvals_expired == 1
     assert (await get_approval(db_pool, "t1", approval_id)).state is ApprovalState.EXPIRED
     final = await get_execution(db_pool, "t1", record.id)
@@ -411,7 +412,7 @@ async def test_reaper_fails_an_approved_immediate_execution_nobody_started(
         "UPDATE approvals SET decided_at = decided_at - interval '10 minutes' WHERE id = $1",
         stale_approval,
     )
-    report = await reap_once(db_pool, None, dedup_window=WINDOW)
+    report = await reap_once(PostgresRedisMaintenance(db_pool, None), dedup_window=WINDOW)
     assert report.approvals_undispatched == 1
     lost = await get_execution(db_pool, "t1", stale.id)
     assert (lost.status, lost.error_class) == (S.FAILED, "DISPATCH_LOST")

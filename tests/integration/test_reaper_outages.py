@@ -15,6 +15,7 @@ from datetime import timedelta
 
 import asyncpg
 
+from opsconductor.lifecycle.maintenance_port import PostgresRedisMaintenance
 from opsconductor.lifecycle.queue.redis_queue import RedisQueue, create_redis_client
 from opsconductor.worker.logic.reaper import reap_once
 
@@ -40,7 +41,8 @@ async def test_a_pass_with_redis_down_still_does_the_postgres_work(db_pool: asyn
     redis = create_redis_client(_dead_redis_url(), socket_timeout=0.5, retries=0)
     try:
         report = await reap_once(
-            db_pool, RedisQueue(redis, prefix="opsc-test:reaper:"), dedup_window=timedelta(days=1)
+            PostgresRedisMaintenance(db_pool, RedisQueue(redis, prefix="opsc-test:reaper:")),
+            dedup_window=timedelta(days=1),
         )
     finally:
         await redis.aclose()

@@ -16,6 +16,7 @@ from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 
 from opsconductor.common.fsm import ExecutionStatus as S
+from opsconductor.lifecycle.maintenance_port import PostgresRedisMaintenance
 from opsconductor.lifecycle.queue import jobs
 from opsconductor.lifecycle.queue.gauges import publish_gauges
 from opsconductor.lifecycle.queue.redis_queue import RedisQueue
@@ -54,7 +55,9 @@ async def test_an_overdue_execution_the_reaper_ends_is_counted_once_in_the_store
     record = await _overdue(db_pool)
     before_store, before = await _stored(db_pool), _in_process(record)
     report = await reap_once(
-        db_pool, None, dedup_window=timedelta(days=1), deadline_grace=timedelta(seconds=1)
+        PostgresRedisMaintenance(db_pool, None),
+        dedup_window=timedelta(days=1),
+        deadline_grace=timedelta(seconds=1),
     )
     assert report.deadlines_failed == 1
     after_store, after = await _stored(db_pool), _in_process(record)
@@ -79,7 +82,7 @@ async def test_an_overdue_execution_the_reaper_ends_is_counted_once_in_the_store
     await publish_gauges(db_pool, None)
     assert _in_process(record)["exported"] == after["exported"]
     # A second pass finds nothing: nothing counted again.
-    await reap_once(db_pool, None, dedup_window=timedelta(days=1))
+    await reap_once(PostgresRedisMaintenance(db_pool, None), dedup_window=timedelta(days=1))
     assert await _stored(db_pool) == after_store
 
 
@@ -134,7 +137,9 @@ async def test_a_job_the_reaper_dead_letters_is_counted_once_in_the_store(
         REGISTRY.get_sample_value("opsc_executions_failed_total", failed_labels),
     )
     before = await _stored(db_pool)
-    report = await reap_once(db_pool, queue, dedup_window=timedelta(days=1))
+    report = await reap_once(
+        PostgresRedisMaintenance(db_pool, queue), dedup_window=timedelta(days=1)
+    )
     assert report.dead_lettered == 1
     moved = {k: v - before.get(k, 0) for k, v in (await _stored(db_pool)).items()}
     ended = str(

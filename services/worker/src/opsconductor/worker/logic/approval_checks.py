@@ -36,8 +36,7 @@ from opsconductor.common.errors import (
     StorageError,
 )
 from opsconductor.lifecycle.approval_port import ApprovalLifecycle
-from opsconductor.lifecycle.storage.execution_records import ExecutionRecord
-from opsconductor.lifecycle.storage.locks import LockSet
+from opsconductor.lifecycle.facade import ExecutionRecord, LockSet
 
 log = structlog.get_logger(__name__)
 

@@ -27,8 +27,7 @@ from opsconductor.common.auth import Principal
 from opsconductor.common.errors import FailedPreconditionError, NotFoundError, OpsConductorError
 from opsconductor.lifecycle.approval_port import ApprovalLifecycle
 from opsconductor.lifecycle.execution_logging import bind_execution_fields
-from opsconductor.lifecycle.facade import ExecutionLifecycle
-from opsconductor.lifecycle.storage.execution_records import ExecutionRecord
+from opsconductor.lifecycle.facade import ExecutionLifecycle, ExecutionRecord
 from opsconductor.policy.rbac import Authorizer, Permission, one_request, submit_permissions
 
 from .runner import ExecutionRunner

@@ -19,6 +19,7 @@ from prometheus_client import start_http_server
 
 from opsconductor.common.errors import OpsConductorError
 from opsconductor.common.logconfig import configure_logging
+from opsconductor.lifecycle.maintenance_port import PostgresRedisMaintenance
 from opsconductor.lifecycle.queue.redis_queue import open_queue
 from opsconductor.lifecycle.storage.db import create_pool
 from opsconductor.rpc.server import load_settings
@@ -38,6 +39,7 @@ async def run(settings: WorkerSettings, *, once: bool, interval_s: float) -> int
         if settings.redis_url is not None
         else None
     )
+    stores = PostgresRedisMaintenance(pool, queue)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -46,8 +48,7 @@ async def run(settings: WorkerSettings, *, once: bool, interval_s: float) -> int
         while True:
             try:
                 await reap_once(
-                    pool,
-                    queue,
+                    stores,
                     dedup_window=timedelta(seconds=settings.dedup_window_s),
                     deadline_grace=timedelta(seconds=settings.reaper_deadline_grace_s),
                     unstarted_grace=timedelta(seconds=settings.reaper_unstarted_grace_s),

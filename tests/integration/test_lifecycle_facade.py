@@ -44,6 +44,7 @@ from opsconductor.lifecycle.approval_port import (
 from opsconductor.lifecycle.facade import (
     CreatedQueued,
     DeadLetter,
+    DlqEntry,
     ExecutionLifecycle,
     FirstRenewal,
     PostgresRedisLifecycle,
@@ -2478,8 +2479,8 @@ async def test_queue_stats_count_ready_and_leased_jobs_and_a_drain_stops_dispatc
     assert len(await lifecycle.dequeue_batch("w1", 30.0, 5)) == 2
 
 
-async def test_without_a_queue_stats_and_drain_are_unavailable(
-    worker: Worker, db_pool: asyncpg.Pool
+async def test_without_a_queue_stats_drain_and_requeue_are_unavailable(
+    worker: Worker, db_pool: asyncpg.Pool, policy: TimeoutPolicy
 ) -> None:
     if worker.kind == "fake":
         lifecycle: ExecutionLifecycle = InMemoryLifecycle(queue_configured=False)
@@ -2489,3 +2490,28 @@ async def test_without_a_queue_stats_and_drain_are_unavailable(
         await lifecycle.queue_stats()
     with pytest.raises(QueueUnavailableError):
         await lifecycle.set_dispatch_paused(True)
+    # Nothing can be requeued; a cancel still ends an execution (there is no queue to leave).
+    tenant = fresh_tenant()
+    record, _ = await lifecycle.create(
+        new_execution(tenant, mode="background"), dedup_window=timedelta(hours=1)
+    )
+    entry = DlqEntry(
+        id=uuid4(),
+        execution_id=uuid4(),
+        tenant_id=tenant,
+        attempts=1,
+        error_class=None,
+        error_message=None,
+        last_error=None,
+        created_at=datetime.now(UTC),
+        requeued_at=None,
+        requeued_by=None,
+    )
+    with pytest.raises(QueueUnavailableError):
+        async with lifecycle.transaction() as tx:
+            await lifecycle.requeue_dead_letter(
+                tx, entry, record, policy, by="root", event_payload={}
+            )
+    assert (await lifecycle.get(tenant, record.id)).status is ExecutionStatus.PENDING
+    cancelled = await lifecycle.cancel(tenant, record.id, by="bob", reason=None, initiator="user")
+    assert cancelled.status is ExecutionStatus.CANCELLED

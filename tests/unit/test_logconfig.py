@@ -11,6 +11,7 @@ import asyncio
 import io
 import json
 import logging
+import re
 import sys
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -19,6 +20,7 @@ import pytest
 import structlog
 
 from opsconductor.common.logconfig import (
+    _shared_processors,
     bind_request_context,
     clear_request_context,
     configure_logging,
@@ -367,44 +369,165 @@ class _Keep(logging.Handler):
         self.records.append(record)
 
 
+def _log_every_shape(log: Any) -> None:
+    """One event of each shape the sink renders (called from one line: same stacks)."""
+    log.info("plain", count=3, ratio=1.5, flag=True, nothing=None, items=["a", 1])
+    log.info("with %s args", "positional", token="x1234")
+    log.warning("stacked", stack_info=True)
+    try:
+        _fail_with(f"password={SECRET}")
+    except ValueError:
+        log.exception("failed", nested={"password": SECRET, "ok": "visible"})
+    log.error("nested", config={"db": {"token": SECRET}}, when=[{"n": 1}], obj=ValueError("x"))
+
+
+_TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d+Z")
+
+
 @pytest.mark.parametrize("json_output", [True, False], ids=["json", "console"])
-def test_the_sink_renders_records_as_structlogs_processor_formatter_does(
-    sink: Sink, json_output: bool
+def test_structlog_lines_are_those_the_stdlib_route_rendered(sink: Sink, json_output: bool) -> None:
+    """structlog events skip stdlib logging (no LogRecord): each line is the one the stdlib
+    route (LoggerFactory, wrap_for_formatter, the sink's ProcessorFormatter and text mask)
+    rendered, but for its timestamp; other root handlers see no structlog record."""
+    stream = sink(json=json_output, service="svc")
+    ours = next(h for h in logging.getLogger().handlers if hasattr(h, "_opsconductor_sink"))
+    keep = _Keep()
+    reference = io.StringIO()
+    stdlib_route = logging.StreamHandler(reference)
+    stdlib_route.setFormatter(ours.formatter)
+    bind_request_context(request_id="req-1", tenant_id="t1")
+    for route in ("sink", "stdlib"):
+        if route == "stdlib":
+            structlog.configure(
+                processors=[
+                    structlog.stdlib.filter_by_level,
+                    *_shared_processors("svc"),
+                    structlog.stdlib.PositionalArgumentsFormatter(),
+                    structlog.processors.StackInfoRenderer(),
+                    structlog.processors.format_exc_info,
+                    structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+                ],
+                logger_factory=structlog.stdlib.LoggerFactory(),
+                wrapper_class=structlog.stdlib.BoundLogger,
+            )
+            logging.getLogger().removeHandler(ours)
+            logging.getLogger().addHandler(stdlib_route)
+        logging.getLogger().addHandler(keep)
+        try:
+            _log_every_shape(structlog.get_logger("opsconductor.test"))
+        finally:
+            logging.getLogger().removeHandler(keep)
+    logging.getLogger().removeHandler(stdlib_route)
+    assert len(keep.records) == 5  # all from the stdlib route
+    got, want = stream.getvalue().splitlines(), reference.getvalue().splitlines()
+    assert SECRET not in stream.getvalue()
+    if json_output:
+        assert len(got) == len(want) == 5
+        for mine, theirs in zip(got, want, strict=True):
+            assert _TIMESTAMP.search(mine)
+            assert _TIMESTAMP.sub("T", mine) == _TIMESTAMP.sub("T", theirs)
+            assert json.loads(mine).keys() == json.loads(theirs).keys()
+    else:
+        assert len(_TIMESTAMP.findall(stream.getvalue())) == 5
+        assert _TIMESTAMP.sub("T", stream.getvalue()) == _TIMESTAMP.sub("T", reference.getvalue())
+
+
+def test_the_sink_renders_foreign_records_as_structlogs_processor_formatter_does(
+    sink: Sink,
 ) -> None:
-    """The sink's formatter skips ProcessorFormatter's record copy: same text, record intact."""
-    sink(json=json_output, service="svc")
+    """A stdlib record is rendered by ProcessorFormatter itself, the record left intact."""
+    sink(service="svc")
     keep = _Keep()
     root = logging.getLogger()
     root.addHandler(keep)
-    log = structlog.get_logger("opsconductor.test")
-    bind_request_context(request_id="req-1", tenant_id="t1")
     try:
-        log.info("plain", count=3, ratio=1.5, flag=True, nothing=None, items=["a", 1])
-        log.info("with %s args", "positional", token="x1234")
-        log.warning("stacked", stack_info=True)
-        try:
-            _fail_with(f"password={SECRET}")
-        except ValueError:
-            log.exception("failed", nested={"password": SECRET, "ok": "visible"})
         logging.getLogger("third.party").warning("foreign %s", "record", extra={"k": "v"})
     finally:
         root.removeHandler(keep)
     ours = next(h for h in root.handlers if getattr(h, "_opsconductor_sink", False))
     inner = ours.formatter._inner  # type: ignore[union-attr]
-    reference = structlog.stdlib.ProcessorFormatter(
-        processors=inner.processors, foreign_pre_chain=inner.foreign_pre_chain
+    (record,) = keep.records
+    before = dict(record.__dict__)
+    text = json.loads(inner.format(record))
+    assert record.__dict__ == before  # left as it was for the other handlers
+    assert text["event"] == "foreign record"
+    assert (text["k"], text["service"], text["logger"]) == ("v", "svc", "third.party")
+
+
+class _Unprintable:
+    def __str__(self) -> str:
+        raise RuntimeError(f"cannot print password={SECRET}")
+
+
+def test_an_event_the_sink_cannot_mask_is_withheld_not_raised(
+    sink: Sink, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A value whose str() raises: the call site goes on, stderr says the line was withheld."""
+    stream = sink()
+    structlog.get_logger("opsconductor.test").info("odd", value=_Unprintable(), token=SECRET)
+    structlog.get_logger("opsconductor.test").info("next")
+    err = capsys.readouterr().err
+    assert "Logging error in logger 'opsconductor.test' (record contents withheld)" in err
+    assert SECRET not in err
+    assert [line["event"] for line in _lines(stream)] == ["next"]
+
+
+class _Unwritable(io.StringIO):
+    def write(self, text: str) -> int:
+        raise OSError(f"disk full while writing {len(text)} characters")
+
+
+def test_a_line_the_stream_refuses_is_reported_with_its_contents_withheld(
+    sink: Sink, capsys: pytest.CaptureFixture[str]
+) -> None:
+    configure_logging(stream=_Unwritable(), cache_loggers=False)
+    structlog.get_logger("opsconductor.test").warning("lost", password=SECRET)
+    err = capsys.readouterr().err
+    assert "(record contents withheld)" in err
+    assert "disk full" in err
+    assert SECRET not in err
+
+
+def test_a_log_file_gets_every_line_as_json_beside_a_console_stream(
+    sink: Sink, tmp_path: Any
+) -> None:
+    path = tmp_path / "logs" / "app.log"
+    stream = sink(json=False, file=path, service="svc")
+    structlog.get_logger("opsconductor.test").info("native", token=SECRET, n=1)
+    logging.getLogger("lib").warning("foreign password=%s", SECRET)
+    reset_logging()  # closes the file
+    console = stream.getvalue()
+    assert "native" in console
+    assert "foreign" in console
+    assert SECRET not in console
+    native, foreign = (json.loads(line) for line in path.read_text().splitlines())
+    assert (native["event"], native["token"], native["n"], native["service"]) == (
+        "native",
+        REDACTED,
+        1,
+        "svc",
     )
-    assert len(keep.records) == 5
-    for record in keep.records:
-        before = dict(record.__dict__)
-        text = inner.format(record)
-        assert record.__dict__ == before  # left as it was for the other handlers
-        expected = reference.format(record)
-        if record.name == "third.party" and json_output:  # stamped when formatted
-            got, want = json.loads(text), json.loads(expected)
-            got.pop("timestamp")
-            want.pop("timestamp")
-            assert got == want
-        elif record.name != "third.party":
-            assert text == expected
-    assert SECRET not in ours.formatter.format(keep.records[3])  # type: ignore[union-attr]
+    assert foreign["event"] == f"foreign password={REDACTED}"
+
+
+def test_loggers_cached_before_a_reconfiguration_write_to_the_new_sink(sink: Sink) -> None:
+    first = io.StringIO()
+    configure_logging(stream=first)  # loggers cached on first use
+    log = structlog.get_logger("opsconductor.test")
+    log.info("one")
+    second = sink()
+    log.info("two")
+    reset_logging()
+    log.info("three")  # no sink any more: nowhere
+    assert [json.loads(line)["event"] for line in first.getvalue().splitlines()] == ["one"]
+    assert [line["event"] for line in _lines(second)] == ["two"]
+
+
+def test_structlog_lines_below_the_level_are_dropped_before_any_processor(sink: Sink) -> None:
+    """The bound logger filters (make_filtering_bound_logger): a debug call costs nothing."""
+    stream = sink(level="INFO")
+    log = structlog.get_logger("opsconductor.test")
+    log.debug("hidden", value=_Unprintable())
+    log.log(logging.DEBUG, "hidden too")
+    log.log(logging.WARNING, "shown %s", "here")
+    assert [line["event"] for line in _lines(stream)] == ["shown here"]

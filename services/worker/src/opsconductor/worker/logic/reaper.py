@@ -150,11 +150,13 @@ async def _announce_expired_leases(stores: MaintenanceLifecycle, expiring: list[
         after = await stores.job(before.job_id)
         if after is None or after.lease_expirations <= before.lease_expirations:
             continue
-        await stores.record_lease_expired(
-            before.execution_id,
-            worker_id=before.worker_id,
-            lease_expirations=after.lease_expirations,
-        )
+        # Outside any request: the record carries the execution's fields only if bound here.
+        with await stores.bound(before.execution_id, request_id=before.request_id):
+            await stores.record_lease_expired(
+                before.execution_id,
+                worker_id=before.worker_id,
+                lease_expirations=after.lease_expirations,
+            )
 
 
 async def _dead_letter(stores: MaintenanceLifecycle) -> int:

@@ -87,18 +87,6 @@ class Rig:
 
 
 @pytest.fixture
-async def redis_client(redis_url: str, redis_prefix: str) -> AsyncIterator[Redis]:
-    client = Redis.from_url(redis_url)
-    try:
-        yield client
-    finally:
-        keys = [key async for key in client.scan_iter(match=f"{redis_prefix}*", count=500)]
-        if keys:
-            await client.delete(*keys)
-        await client.aclose()
-
-
-@pytest.fixture
 async def rig(
     db_pool: asyncpg.Pool, db_dsn: str, redis_client: Redis, redis_prefix: str
 ) -> AsyncIterator[Rig]:

@@ -120,18 +120,6 @@ async def new_record(pool: asyncpg.Pool, status: ExecutionStatus) -> ExecutionRe
 
 
 @pytest.fixture
-async def redis_client(redis_url: str, redis_prefix: str) -> AsyncIterator[Redis]:
-    client = Redis.from_url(redis_url)
-    try:
-        yield client
-    finally:
-        keys = [key async for key in client.scan_iter(match=f"{redis_prefix}*", count=500)]
-        if keys:
-            await client.delete(*keys)
-        await client.aclose()
-
-
-@pytest.fixture
 async def policy(db_pool: asyncpg.Pool) -> TimeoutPolicy:
     return (await load_timeout_policies(db_pool))["fast_read"]
 

@@ -9,7 +9,6 @@ job, the other in batches, and the sequences must be identical.
 from __future__ import annotations
 
 import random
-from collections.abc import AsyncIterator
 from uuid import UUID, uuid4
 
 import pytest
@@ -18,18 +17,6 @@ from redis.asyncio import Redis
 from opsconductor.common.errors import StaleLeaseError
 from opsconductor.lifecycle.queue import RedisQueue
 from tests.integration.test_queue_fairness import FakeClock
-
-
-@pytest.fixture
-async def redis_client(redis_url: str, redis_prefix: str) -> AsyncIterator[Redis]:
-    client = Redis.from_url(redis_url)
-    try:
-        yield client
-    finally:
-        keys = [key async for key in client.scan_iter(match=f"{redis_prefix}*", count=500)]
-        if keys:
-            await client.delete(*keys)
-        await client.aclose()
 
 
 def twins(

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from uuid import UUID, uuid4
 
@@ -42,18 +41,6 @@ from tests.integration.test_queue_redis import FakeClock
 @pytest.fixture
 def clock() -> FakeClock:
     return FakeClock(time.time())
-
-
-@pytest.fixture
-async def redis_client(redis_url: str, redis_prefix: str) -> AsyncIterator[Redis]:
-    client = Redis.from_url(redis_url)
-    try:
-        yield client
-    finally:
-        keys = [key async for key in client.scan_iter(match=f"{redis_prefix}*", count=500)]
-        if keys:
-            await client.delete(*keys)
-        await client.aclose()
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import asyncio
 import itertools
 import random
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from uuid import UUID, uuid4
 
@@ -47,19 +47,6 @@ class FakeClock:
 @pytest.fixture
 def clock() -> FakeClock:
     return FakeClock()
-
-
-@pytest.fixture
-async def redis_client(redis_url: str, redis_prefix: str) -> AsyncIterator[Redis]:
-    client = Redis.from_url(redis_url)
-    try:
-        yield client
-    finally:
-        # Only this test's own keys: the server may be shared.
-        keys = [key async for key in client.scan_iter(match=f"{redis_prefix}*", count=500)]
-        if keys:
-            await client.delete(*keys)
-        await client.aclose()
 
 
 @pytest.fixture

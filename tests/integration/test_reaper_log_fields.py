@@ -8,11 +8,9 @@ this drives that announcement every time."""
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
 from datetime import timedelta
 
 import asyncpg
-import pytest
 import structlog
 from redis.asyncio import Redis
 from structlog.contextvars import merge_contextvars
@@ -25,19 +23,6 @@ from opsconductor.lifecycle.queue.redis_queue import RedisQueue
 from opsconductor.worker.logic.reaper import reap_once
 
 from .test_executions_repo import in_status
-
-
-@pytest.fixture
-async def redis_client(redis_url: str, redis_prefix: str) -> AsyncIterator[Redis]:
-    client = Redis.from_url(redis_url)
-    try:
-        yield client
-    finally:
-        # Only this test's own keys: the server may be shared.
-        keys = [key async for key in client.scan_iter(match=f"{redis_prefix}*", count=500)]
-        if keys:
-            await client.delete(*keys)
-        await client.aclose()
 
 
 async def test_an_announced_lease_expiry_is_logged_with_the_executions_fields(

@@ -6,12 +6,10 @@ neither."""
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
 
 import asyncpg
-import pytest
 from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 
@@ -94,19 +92,6 @@ async def test_the_same_ending_outside_a_reaper_pass_is_counted_in_process_only(
     assert await fail_overdue_executions(db_pool, grace=timedelta(seconds=1)) == [record.id]
     assert await _stored(db_pool) == before_store
     assert _in_process(record)["timed_out"] == before["timed_out"] + 1
-
-
-@pytest.fixture
-async def redis_client(redis_url: str, redis_prefix: str) -> AsyncIterator[Redis]:
-    client = Redis.from_url(redis_url)
-    try:
-        yield client
-    finally:
-        # Only this test's own keys: the server may be shared.
-        keys = [key async for key in client.scan_iter(match=f"{redis_prefix}*", count=500)]
-        if keys:
-            await client.delete(*keys)
-        await client.aclose()
 
 
 class _Clock:

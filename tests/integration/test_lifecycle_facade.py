@@ -2503,3 +2503,108 @@ async def test_without_a_queue_stats_drain_and_requeue_are_unavailable(
     assert (await lifecycle.get(tenant, record.id)).status is ExecutionStatus.PENDING
     cancelled = await lifecycle.cancel(tenant, record.id, by="bob", reason=None, initiator="user")
     assert cancelled.status is ExecutionStatus.CANCELLED
+
+
+async def test_a_runs_lock_is_taken_with_its_first_steps_start_or_nothing_is(
+    worker: Worker, policy: TimeoutPolicy
+) -> None:
+    """lock_and_start_step: the lock, the cancel check and the start in one write, each refusal
+    leaving the key as it was and the step not started."""
+    lifecycle = worker.lifecycle
+    record, job = await claimed(worker, policy)
+    token, ttl = job.lease_token, timedelta(minutes=1)
+    key = LockRequest(record.tenant_id, "host:fold", "noop")
+
+    async def checks() -> int:
+        return (await lifecycle.get(record.tenant_id, record.id)).cancel_checks_performed
+
+    async def first_status() -> StepStatus:
+        steps = {s.step_id: s.status for s in await lifecycle.load_steps(record.id)}
+        return steps["first"]
+
+    def start(
+        lease: UUID | None,
+        owner: UUID,
+        step_id: str = "first",
+        *,
+        eid: UUID = record.id,
+        lease_for: timedelta = ttl,
+    ) -> Any:
+        return lifecycle.lock_and_start_step(
+            eid,
+            step_id,
+            worker_id="w1",
+            lease_token=lease,
+            lock=key,
+            owner_token=owner,
+            ttl=lease_for,
+        )
+
+    other = uuid4()
+    holder = await lifecycle.acquire_locks(
+        [key], owner_token=uuid4(), owner_execution_id=other, ttl=ttl
+    )
+    with pytest.raises(ResourceBusyError) as busy:
+        await start(token, uuid4())
+    assert (busy.value.details["lock_key"], busy.value.details["held_by_execution_id"]) == (
+        key.key,
+        str(other),
+    )
+    # Busy: nothing counted or started, the holder's lock untouched.
+    assert (await checks(), await first_status()) == (0, StepStatus.PENDING)
+    assert await lifecycle.release_locks(holder) == 1
+    # A lease that does not own the execution: refused, the lock it took freed again.
+    with pytest.raises(StaleLeaseError):
+        await start(uuid4(), uuid4())
+    assert await first_status() is StepStatus.PENDING
+    free = await lifecycle.acquire_locks(
+        [key], owner_token=uuid4(), owner_execution_id=other, ttl=ttl
+    )
+    assert await lifecycle.release_locks(free) == 1
+    # The lock an earlier run of this execution left (its worker died) is taken over.
+    earlier = await lifecycle.acquire_locks(
+        [key], owner_token=uuid4(), owner_execution_id=record.id, ttl=ttl
+    )
+    owner = uuid4()
+    held, step = await start(token, owner)
+    assert await lifecycle.release_locks(earlier) == 0
+    assert held.fencing_tokens[key.key] > earlier.fencing_tokens[key.key]
+    assert step is not None
+    assert (step.step_id, step.status, step.attempt) == ("first", StepStatus.RUNNING, 1)
+    assert held.owner_token == owner
+    assert held.keys == [key.key]
+    assert held.expires_at is not None
+    assert held.expires_at > datetime.now(UTC)
+    # Held for this run: not for another execution, and it outranks every earlier grant.
+    with pytest.raises(ResourceBusyError):
+        await lifecycle.acquire_locks([key], owner_token=uuid4(), owner_execution_id=other, ttl=ttl)
+    assert held.fencing_tokens[key.key] > holder.fencing_tokens[key.key]
+    assert await checks() == 2  # the refused start's check counted too, as ever
+    # Cancelled before its next start: the lock is taken, nothing started; the end frees it.
+    await lifecycle.finish_step(record.id, "first", status=StepStatus.SUCCEEDED, lease_token=token)
+    await lifecycle.release_locks(held)
+    await lifecycle.request_cancel(record.tenant_id, record.id, by="bob", reason="stop")
+    again, none = await start(token, uuid4(), "second")
+    assert none is None
+    assert await checks() == 3
+    with pytest.raises(ResourceBusyError):
+        await lifecycle.acquire_locks([key], owner_token=uuid4(), owner_execution_id=other, ttl=ttl)
+    await lifecycle.skip_remaining_steps(record.id, lease_token=token, reason="cancelled")
+    await lifecycle.end_run(
+        record.id,
+        to=ExecutionStatus.CANCELLED,
+        by="w1",
+        lease_token=token,
+        fields={},
+        tenant_id=record.tenant_id,
+    )
+    assert await lifecycle.release_locks(again) == 0  # freed by the end
+    # An unknown execution takes nothing; a lease must be positive.
+    with pytest.raises(NotFoundError):
+        await start(None, uuid4(), eid=uuid4())
+    with pytest.raises(ValueError, match="ttl"):
+        await start(None, uuid4(), lease_for=timedelta(0))
+    free = await lifecycle.acquire_locks(
+        [key], owner_token=uuid4(), owner_execution_id=other, ttl=ttl
+    )
+    assert await lifecycle.release_locks(free) == 1

@@ -7,6 +7,7 @@ tests/integration/test_lifecycle_facade.py."""
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import replace
 from datetime import timedelta
 from uuid import uuid4
@@ -23,7 +24,7 @@ from opsconductor.common.errors import (
 from opsconductor.common.fsm import ExecutionStatus
 from opsconductor.lifecycle.storage.locks import LockRequest
 from opsconductor.worker.logic.consumer import INITIAL_LEASE_S
-from tests.unit.worker_world import TARGET, TENANT, WORKER, World
+from tests.unit.worker_world import TARGET, TENANT, WORKER, World, new_execution, plan_of
 
 
 @pytest.fixture
@@ -163,3 +164,64 @@ async def test_with_a_lease_a_retryable_failure_requeues_and_a_lost_lease_writes
     assert world.lifecycle.executions[record.id].status is ExecutionStatus.QUEUED
     assert world.scripted.calls == ["s1"]
     assert job_id in world.lifecycle.jobs
+
+
+async def test_a_plan_of_several_keys_takes_them_all_or_none_before_its_first_step(
+    world: World,
+) -> None:
+    """Several keys are taken on their own, in one all-or-nothing call (one key folds into
+    the first step's start): a busy second key keeps nothing of the first and runs nothing."""
+    plan = plan_of("ok")
+    plan["steps"][0]["targets"] = [{"ref": "host:two"}, {"ref": TARGET}]
+    holder = uuid4()
+    await world.lifecycle.acquire_locks(
+        [LockRequest(TENANT, "host:two", "scripted")],
+        owner_token=uuid4(),
+        owner_execution_id=holder,
+        ttl=timedelta(minutes=1),
+    )
+    record, _ = await world.lifecycle.create(
+        new_execution(plan, mode="immediate"), dedup_window=timedelta(hours=1)
+    )
+    with pytest.raises(ResourceBusyError):
+        await world.runner.run(record)
+    assert world.scripted.calls == []
+    assert world.lifecycle.executions[record.id].cancel_checks_performed == 0
+    (held,) = world.lifecycle.locks.values()
+    assert held.owner_execution_id == holder  # host:one was not kept
+    world.lifecycle.locks.clear()
+    record, _ = await world.lifecycle.create(
+        new_execution(plan, mode="immediate"), dedup_window=timedelta(hours=1)
+    )
+    final = await world.runner.run(record)
+    assert final.status is ExecutionStatus.SUCCEEDED
+    assert world.lifecycle.locks == {}
+
+
+@pytest.mark.parametrize("busy", [False, True])
+async def test_a_shutdown_before_the_first_step_still_takes_the_locks_first(
+    world: World, busy: bool
+) -> None:
+    """Stopping before the first step (nothing to fold the lock into): the lock is taken on its
+    own first, so a busy target still ends the run as busy (a spent attempt); a free one is
+    given back unspent, its lock freed."""
+    if busy:
+        await world.lifecycle.acquire_locks(
+            [LockRequest(TENANT, TARGET, "scripted")],
+            owner_token=uuid4(),
+            owner_execution_id=uuid4(),
+            ttl=timedelta(minutes=1),
+        )
+    await world.queued("ok")
+    (job,) = await world.lifecycle.dequeue_batch(WORKER, INITIAL_LEASE_S, 1)
+    (handed,) = await world.lifecycle.hand_off([job], worker_id=WORKER)
+    assert handed.record is not None
+    stop = asyncio.Event()
+    stop.set()
+    result = await world.runner.execute(
+        handed.record, lease_token=job.lease_token, retry_allowed=True, stop_event=stop
+    )
+    assert world.scripted.calls == []
+    assert result.record.status is ExecutionStatus.QUEUED
+    assert (result.busy is not None, result.interrupted, result.retried) == (busy, not busy, busy)
+    assert len(world.lifecycle.locks) == (1 if busy else 0)  # only the other holder's

@@ -79,7 +79,7 @@ from opsconductor.lifecycle.storage.executions import (
     create_execution,
     create_immediate_execution,
 )
-from opsconductor.lifecycle.storage.locks import LockRequest, LockSet
+from opsconductor.lifecycle.storage.locks import LockRequest, LockSet, sorted_requests
 from opsconductor.lifecycle.storage.policies import TimeoutPolicy
 from opsconductor.lifecycle.storage.quota_usage import ImmediateUsage, WaitingUsage
 
@@ -112,6 +112,7 @@ __all__ = [
     "as_execution_id",
     "lease_seconds",
     "renew_after",
+    "sorted_requests",
 ]
 
 log = structlog.get_logger(__name__)
@@ -432,6 +433,25 @@ class ExecutionLifecycle(Protocol):
     ) -> StepRecord | None:
         """:meth:`cancel_requested` then :meth:`start_step` in one statement; None (nothing
         started) when a cancellation was requested."""
+        ...
+
+    async def lock_and_start_step(
+        self,
+        execution_id: UUID,
+        step_id: str,
+        *,
+        worker_id: str | None,
+        lease_token: UUID | None,
+        lock: LockRequest,
+        owner_token: UUID,
+        ttl: timedelta,
+    ) -> tuple[LockSet, StepRecord | None]:
+        """A run's one lock (on behalf of ``execution_id``, as :meth:`acquire_locks` takes it),
+        then :meth:`start_step_unless_cancelled`, in one statement: ``(locks, step)``, the step
+        None when a cancellation was requested (the lock is held: the run's end frees it).
+        ``ResourceBusyError`` when the key is held (nothing taken, checked or started),
+        ``NotFoundError`` for an unknown execution (nothing taken); any other refusal of the
+        start frees the lock before it propagates."""
         ...
 
     async def load_steps(self, execution_id: UUID) -> tuple[StepRecord, ...]:
@@ -935,6 +955,28 @@ class PostgresRedisLifecycle:
     ) -> StepRecord | None:
         return await execution_steps.start_step_unless_cancelled(
             self._pool, execution_id, step_id, worker_id=worker_id, lease_token=lease_token
+        )
+
+    async def lock_and_start_step(
+        self,
+        execution_id: UUID,
+        step_id: str,
+        *,
+        worker_id: str | None,
+        lease_token: UUID | None,
+        lock: LockRequest,
+        owner_token: UUID,
+        ttl: timedelta,
+    ) -> tuple[LockSet, StepRecord | None]:
+        return await execution_steps.lock_and_start_step(
+            self._pool,
+            execution_id,
+            step_id,
+            worker_id=worker_id,
+            lease_token=lease_token,
+            lock=lock,
+            owner_token=owner_token,
+            ttl=ttl,
         )
 
     async def load_steps(self, execution_id: UUID) -> tuple[StepRecord, ...]:

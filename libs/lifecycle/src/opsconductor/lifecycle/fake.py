@@ -1120,6 +1120,32 @@ class InMemoryLifecycle:
             execution_id, step_id, worker_id=worker_id, lease_token=lease_token
         )
 
+    async def lock_and_start_step(
+        self,
+        execution_id: UUID,
+        step_id: str,
+        *,
+        worker_id: str | None,
+        lease_token: UUID | None,
+        lock: LockRequest,
+        owner_token: UUID,
+        ttl: timedelta,
+    ) -> tuple[LockSet, StepRecord | None]:
+        if execution_id not in self.executions:
+            raise NotFoundError("execution not found", execution_id=str(execution_id))
+        lock_set = await self.acquire_locks(
+            [lock], owner_token=owner_token, owner_execution_id=execution_id, ttl=ttl
+        )
+        try:
+            step = await self.start_step_unless_cancelled(
+                execution_id, step_id, worker_id=worker_id, lease_token=lease_token
+            )
+        except BaseException:
+            # One statement in Postgres: a refused start keeps no lock.
+            await self.release_locks(lock_set)
+            raise
+        return lock_set, step
+
     async def load_steps(self, execution_id: UUID) -> tuple[StepRecord, ...]:
         return tuple(sorted(self.records[execution_id].steps, key=lambda s: s.position))
 

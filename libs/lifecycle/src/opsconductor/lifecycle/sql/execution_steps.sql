@@ -157,3 +157,70 @@ UPDATE execution_steps
 SET status = 'skipped', ended_at = GREATEST(clock_timestamp(), started_at)
 WHERE execution_id = $1 AND position >= $2 AND status = ANY($3::varchar[])
 RETURNING *
+
+-- name: lock_check_cancel_and_start_step
+-- A run's first step: its one lock ($6..$9 its key, tenant, target and action; $10 the owner token,
+-- $11 the lease; on behalf of execution $1, exactly as acquire_locks takes it), then, only if it
+-- was granted, check_cancel_and_start_step's cancellation check and step start, in one statement
+-- (one round trip less than taking the lock on its own). The execution row is locked first, then
+-- the lock's row (the order of the final transition, which frees the locks), and no lock is taken
+-- for an execution that does not exist. found false: no such execution; lock_fencing_token NULL:
+-- the key is held by another owner (nothing taken, counted or started); else as
+-- check_cancel_and_start_step.
+WITH x AS MATERIALIZED (
+    SELECT id FROM executions WHERE id = $1 FOR UPDATE
+), l AS (
+    INSERT INTO execution_locks AS held
+        (lock_key, tenant_id, target_ref, action, owner_token, owner_execution_id, expires_at)
+    SELECT $6, $7, $8, $9, $10, x.id, now() + $11::interval FROM x
+    ON CONFLICT (lock_key) DO UPDATE
+    SET owner_token = EXCLUDED.owner_token,
+        owner_execution_id = EXCLUDED.owner_execution_id,
+        fencing_token = nextval('execution_lock_fencing_seq'),
+        acquired_at = now(),
+        expires_at = EXCLUDED.expires_at
+    WHERE held.expires_at < now()
+        -- The same execution re-taking its lock (as acquire_locks): a new fencing token.
+        OR (EXCLUDED.owner_execution_id IS NOT NULL
+            AND held.owner_execution_id = EXCLUDED.owner_execution_id)
+    RETURNING lock_key, fencing_token, expires_at
+), e AS (
+    UPDATE executions SET cancel_checks_performed = cancel_checks_performed + 1,
+        event_seq = event_seq + CASE WHEN cancelled_at IS NULL AND
+    status = 'running' AND ($4::uuid IS NULL OR lease_token IS NOT DISTINCT FROM $4::uuid)
+    AND EXISTS (
+        SELECT 1 FROM execution_steps
+        WHERE execution_id = $1 AND step_id = $2 AND status = ANY($5::varchar[])
+    )
+                                     THEN 1 ELSE 0 END
+    WHERE id = $1 AND EXISTS (SELECT 1 FROM l)
+    RETURNING id, tenant_id, event_seq, cancelled_at IS NOT NULL AS cancelled,
+        cancelled_at IS NULL AND
+    status = 'running' AND ($4::uuid IS NULL OR lease_token IS NOT DISTINCT FROM $4::uuid)
+    AND EXISTS (
+        SELECT 1 FROM execution_steps
+        WHERE execution_id = $1 AND step_id = $2 AND status = ANY($5::varchar[])
+    ) AS go
+),
+s AS (
+    UPDATE execution_steps s
+    SET status = 'running', attempt = s.attempt + 1, worker_id = $3,
+        started_at = clock_timestamp(), ended_at = NULL, duration_ms = NULL,
+        result = NULL, error_class = NULL, error_message = NULL
+    FROM e
+    WHERE e.go AND s.execution_id = e.id AND s.step_id = $2 AND s.status = ANY($5::varchar[])
+    RETURNING s.*, e.tenant_id, e.event_seq
+), ev AS (
+    INSERT INTO execution_events (execution_id, tenant_id, actor_id, seq, type, payload)
+    SELECT s.execution_id, s.tenant_id, $3, s.event_seq, 'step_started', jsonb_build_object(
+        'step_id', s.step_id, 'position', s.position, 'action', s.action,
+        'attempt', s.attempt, 'worker_id', $3::text
+    )
+    FROM s
+    RETURNING execution_id, seq
+)
+SELECT EXISTS (SELECT 1 FROM x) AS found,
+    l.fencing_token AS lock_fencing_token, l.expires_at AS lock_expires_at, e.cancelled, s.*,
+    (SELECT count(pg_notify('execution_events', ev.execution_id::text || ':' || ev.seq))
+     FROM ev) AS notified
+FROM (SELECT 1) AS one LEFT JOIN l ON true LEFT JOIN e ON true LEFT JOIN s ON true

@@ -10,7 +10,9 @@ statement was refused and the row locks must say why. Import these through :mod:
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
+from datetime import timedelta
 from typing import Any
 from uuid import UUID
 
@@ -18,6 +20,7 @@ import structlog
 
 from opsconductor.common.errors import FSMError, NotFoundError
 from opsconductor.common.fsm import TERMINAL, ExecutionStatus, StepStatus
+from opsconductor.lifecycle.storage import locks
 from opsconductor.lifecycle.storage.events import append_event
 from opsconductor.lifecycle.storage.execution_records import (
     PoolOrConnection,
@@ -27,11 +30,13 @@ from opsconductor.lifecycle.storage.execution_records import (
     step_from_row,
     transaction,
 )
+from opsconductor.lifecycle.storage.locks import HeldLock, LockRequest, LockSet
 from opsconductor.lifecycle.storage.queries import query
 
 __all__ = [
     "finish_step",
     "load_steps",
+    "lock_and_start_step",
     "skip_remaining_steps",
     "start_step",
     "start_step_unless_cancelled",
@@ -54,6 +59,7 @@ _FINISH = query("finish_step")
 _STARTABLE_VALUES = sorted(s.value for s in _STARTABLE)
 _START_FAST = query("start_step_fast")
 _CHECK_AND_START = query("check_cancel_and_start_step")
+_LOCK_CHECK_AND_START = query("lock_check_cancel_and_start_step")
 _FINISH_FAST = query("finish_step_fast")
 _SKIP = query("skip_remaining_steps")
 
@@ -111,6 +117,79 @@ async def start_step_unless_cancelled(
     if row["step_id"] is None:
         return await _start_locked(db, execution_id, step_id, worker_id, lease_token)
     return _started(row)
+
+
+async def lock_and_start_step(
+    db: PoolOrConnection,
+    execution_id: UUID,
+    step_id: str,
+    *,
+    worker_id: str | None,
+    lease_token: UUID | None,
+    lock: LockRequest,
+    owner_token: UUID,
+    ttl: timedelta,
+) -> tuple[LockSet, StepRecord | None]:
+    """A run's one lock, then :func:`start_step_unless_cancelled`, in one statement.
+
+    The lock is taken as :func:`~.locks.acquire_locks` takes it for ``owner_token`` on behalf
+    of ``execution_id`` (the same metric, span and logs), and the check and start run only
+    once it is granted: ``(locks, None)`` when a cancellation was requested (the lock is held:
+    the run's end frees it), else ``(locks, step)``.
+
+    Raises:
+        ResourceBusyError: the key is held by another owner; nothing was taken, checked or
+            started.
+        NotFoundError: no such execution; nothing was taken.
+        StorageError: the database failed.
+        Whatever :func:`start_step` raises when the start is refused (a lost lease, a step
+            that cannot start): the lock is released first.
+    """
+    locks.check_ttl(ttl)
+    key = lock.key
+    with locks.timed_acquire(1) as timing:
+        try:
+            with locks.storage_errors("acquire"):
+                async with connection(db) as conn:
+                    row = await conn.fetchrow(
+                        _LOCK_CHECK_AND_START,
+                        execution_id,
+                        step_id,
+                        worker_id,
+                        lease_token,
+                        _STARTABLE_VALUES,
+                        key,
+                        lock.tenant_id,
+                        lock.target_ref,
+                        lock.action,
+                        owner_token,
+                        ttl,
+                    )
+                    if row["found"] and row["lock_fencing_token"] is None:
+                        raise await locks.busy_error(conn, [key], set(), owner_token, execution_id)
+        except asyncio.CancelledError:
+            # The statement may have committed before the cancellation landed: free by token.
+            await locks.release_surviving_cancellation(db, [key], owner_token)
+            raise
+        if not row["found"]:
+            timing.outcome = "error"
+            raise NotFoundError("execution not found", execution_id=str(execution_id))
+        timing.outcome = "acquired"
+    held = LockSet(
+        owner_token,
+        (HeldLock(key, owner_token, row["lock_fencing_token"], row["lock_expires_at"]),),
+    )
+    locks.log_acquired(held, execution_id)
+    if row["cancelled"]:
+        return held, None
+    if row["step_id"] is not None:
+        return held, _started(row)
+    try:
+        return held, await _start_locked(db, execution_id, step_id, worker_id, lease_token)
+    except BaseException:
+        # Refused (or raced): the run never started under this lock.
+        await locks.release_surviving_cancellation(db, [key], owner_token)
+        raise
 
 
 def _started(row: Mapping[str, Any]) -> StepRecord:

@@ -9,7 +9,8 @@ Guarantees:
   creates a free key or takes over an *expired* one, never a live one. All keys of a plan are taken
   in one transaction, all or nothing; if any is held, nothing is kept and
   :class:`~opsconductor.common.errors.ResourceBusyError` is raised at once (spec §3.2: no waiting
-  unless the caller asks for it with ``wait``).
+  unless the caller asks for it with ``wait``). A run's single key may instead be taken by its
+  first step's start statement (``execution_steps.lock_and_start_step``), the same way.
 * **No deadlock.** Every statement that locks rows (acquire, extend, release) touches them in one
   global order (``lock_key`` under the "C" collation); the reaper skips rows others have locked.
   A cycle of waiters would need keys to grow all the way round the cycle, which is impossible.
@@ -170,7 +171,7 @@ def sorted_requests(requests: Iterable[LockRequest]) -> list[LockRequest]:
 
 
 @contextmanager
-def _storage_errors(operation: str) -> Iterator[None]:
+def storage_errors(operation: str) -> Iterator[None]:
     """Turn driver and connection errors into StorageError, keeping the cause."""
     try:
         yield
@@ -194,7 +195,7 @@ def _atomic(conn: Any, rows: int) -> AbstractAsyncContextManager[Any]:
     return conn.transaction() if rows > 1 else nullcontext()
 
 
-def _check_ttl(ttl: timedelta) -> None:
+def check_ttl(ttl: timedelta) -> None:
     if ttl <= timedelta(0):
         raise ValueError("ttl must be positive")
 
@@ -207,7 +208,7 @@ async def _acquire_once(
     ttl: timedelta,
 ) -> LockSet:
     keys = [request.key for request in requests]
-    with _storage_errors("acquire"):
+    with storage_errors("acquire"):
         async with _connection(pool_or_conn) as conn, _atomic(conn, len(keys)):
             rows = await conn.fetch(
                 _ACQUIRE,
@@ -235,8 +236,8 @@ async def _acquire_once(
                 )
             # Raising inside the transaction rolls back every key this call did take, so a
             # busy plan keeps nothing.
-            holders = await conn.fetch(_HOLDERS, keys, owner_token, owner_execution_id)
-            raise _busy_error(keys, {row["lock_key"] for row in rows}, holders)
+            taken = {row["lock_key"] for row in rows}
+            raise await busy_error(conn, keys, taken, owner_token, owner_execution_id)
 
 
 def _busy_error(keys: list[str], taken: set[str], holders: list[Any]) -> ResourceBusyError:
@@ -275,14 +276,11 @@ async def acquire_locks(
         StorageError: the database failed.
         ValueError: ``ttl`` is not positive.
     """
-    _check_ttl(ttl)
+    check_ttl(ttl)
     ordered = sorted_requests(requests)
     if not ordered:
         return LockSet(owner_token)
-    started = time.perf_counter()
-    outcome = "busy"
-    span = tracer().start_span("lock_wait", attributes={"opsc.locks": len(ordered)})
-    try:
+    with timed_acquire(len(ordered)) as timing:
         if wait is None:
             lock_set = await _acquire_once(
                 pool_or_conn, ordered, owner_token, owner_execution_id, ttl
@@ -297,27 +295,58 @@ async def acquire_locks(
             lock_set = await retrying(
                 _acquire_once, pool_or_conn, ordered, owner_token, owner_execution_id, ttl
             )
-        outcome = "acquired"
+        timing.outcome = "acquired"
+    log_acquired(lock_set, owner_execution_id)
+    return lock_set
+
+
+@dataclass
+class AcquireTiming:
+    """How an acquisition timed by :func:`timed_acquire` ended: acquired, busy or error."""
+
+    outcome: str = "busy"
+
+
+@contextmanager
+def timed_acquire(count: int) -> Iterator[AcquireTiming]:
+    """Time one acquisition of ``count`` locks (``opsc_lock_wait_seconds``, a ``lock_wait``
+    span); the caller sets ``outcome = "acquired"`` once they are held, a StorageError makes it
+    ``error``, anything else leaves it ``busy``."""
+    started = time.perf_counter()
+    timing = AcquireTiming()
+    span = tracer().start_span("lock_wait", attributes={"opsc.locks": count})
+    try:
+        yield timing
     except StorageError:
-        outcome = "error"
+        timing.outcome = "error"
         raise
     finally:
-        LOCK_WAIT.labels(outcome).observe(time.perf_counter() - started)
-        span.set_attribute("opsc.outcome", outcome)
+        LOCK_WAIT.labels(timing.outcome).observe(time.perf_counter() - started)
+        span.set_attribute("opsc.outcome", timing.outcome)
         span.end()
+
+
+def log_acquired(lock_set: LockSet, owner_execution_id: UUID | None) -> None:
     log.debug(
         "locks_acquired",
         lock_keys=lock_set.keys,
         owner_execution_id=owner_execution_id,
         fencing_tokens=lock_set.fencing_tokens,
     )
-    return lock_set
+
+
+async def busy_error(
+    conn: Any, keys: list[str], taken: set[str], owner_token: UUID, owner_execution_id: UUID | None
+) -> ResourceBusyError:
+    """The busy answer for ``keys`` of which only ``taken`` were granted: who holds the rest."""
+    holders = await conn.fetch(_HOLDERS, keys, owner_token, owner_execution_id)
+    return _busy_error(keys, taken, holders)
 
 
 async def _delete_owned(pool_or_conn: PoolOrConnection, keys: list[str], owner_token: UUID) -> int:
     if not keys:
         return 0
-    with _storage_errors("release"):
+    with storage_errors("release"):
         async with _connection(pool_or_conn) as conn:
             status: str = await conn.execute(_RELEASE, keys, owner_token)
     released = int(status.rsplit(" ", 1)[-1])  # "DELETE <count>"
@@ -350,11 +379,11 @@ async def extend_locks(
         StorageError: the database failed.
         ValueError: ``ttl`` is not positive.
     """
-    _check_ttl(ttl)
+    check_ttl(ttl)
     if not lock_set.locks:
         return lock_set
     keys = lock_set.keys
-    with _storage_errors("extend"):
+    with storage_errors("extend"):
         async with _connection(pool_or_conn) as conn, _atomic(conn, len(keys)):
             rows = await conn.fetch(_EXTEND, keys, lock_set.owner_token, ttl)
             extended = {row["lock_key"]: row for row in rows}
@@ -382,7 +411,7 @@ async def check_lock_status(
 ) -> LockStatus | None:
     """Return the live lock on (tenant, target, action), or None when it is free or expired."""
     key = lock_key(tenant_id, target_ref, action)
-    with _storage_errors("status"):
+    with storage_errors("status"):
         async with _connection(pool_or_conn) as conn:
             row = await conn.fetchrow(_STATUS, key)
     if row is None:
@@ -403,7 +432,7 @@ async def reap_expired_locks(pool_or_conn: PoolOrConnection) -> int:
     ``opsc_mutex_reaped_total``), however many reapers race: a row locked by another reaper (or
     by an acquirer taking it over) is skipped.
     """
-    with _storage_errors("reap"):
+    with storage_errors("reap"):
         async with _connection(pool_or_conn) as conn:
             rows = await conn.fetch(_REAP)
     count = len(rows)
@@ -424,7 +453,7 @@ async def release_execution_locks(pool_or_conn: PoolOrConnection, execution_id: 
     step approval keeps its locks until it resumes, and frees them here when it ends while
     waiting (cancelled, rejected, expired). Rows are locked in the global key order.
     """
-    with _storage_errors("release"):
+    with storage_errors("release"):
         async with _connection(pool_or_conn) as conn:
             rows = await conn.fetch(_RELEASE_EXECUTION, execution_id)
     if rows:
@@ -447,7 +476,7 @@ async def _release_quietly(
         return 0
 
 
-async def _release_surviving_cancellation(
+async def release_surviving_cancellation(
     pool_or_conn: PoolOrConnection, keys: list[str], owner_token: UUID
 ) -> None:
     """Release in a task of its own so a cancellation of the caller cannot stop it midway."""
@@ -489,9 +518,9 @@ async def held_locks(
     except asyncio.CancelledError:
         # Cancelled while acquiring: the commit may have landed before the cancellation did.
         # By now the borrowed connection has settled, so deleting by owner token is exact.
-        await _release_surviving_cancellation(pool_or_conn, [r.key for r in ordered], owner)
+        await release_surviving_cancellation(pool_or_conn, [r.key for r in ordered], owner)
         raise
     try:
         yield lock_set
     finally:
-        await _release_surviving_cancellation(pool_or_conn, lock_set.keys, owner)
+        await release_surviving_cancellation(pool_or_conn, lock_set.keys, owner)

@@ -6,6 +6,8 @@ write fenced by the job's lease token). What it guarantees:
 
 * locks of all the plan's (target, action) pairs are taken in one stable order before anything
   runs, and released in ``finally`` whatever happens (success, failure, timeout, cancellation);
+  a run of one key takes it in its first step's start statement (with the cancel check), one
+  round trip less, still after the policy, approval and RBAC checks and before any handler;
 * the execution's time budget comes from its ``timeout_policies`` row: the whole run is bounded
   by ``execution_timeout_ms`` and each step by ``min(step_timeout_ms, what is left)``; on expiry
   the execution ends ``failed`` with ``timed_out = true`` and ``ExecutionTimeoutError`` is raised;
@@ -63,9 +65,11 @@ from opsconductor.lifecycle.facade import (
     ExecutionRecord,
     LeasedJob,
     LockRequest,
+    LockSet,
     PoolOrConnection,
     StepRecord,
     TimeoutPolicy,
+    sorted_requests,
 )
 from opsconductor.policy.enforcement import (
     SecretUseDeniedError,
@@ -83,6 +87,16 @@ log = structlog.get_logger(__name__)
 _SKIPPABLE = frozenset({StepStatus.PENDING, StepStatus.AWAITING_APPROVAL})
 #: Locks outlive the execution budget by this much, so only a dead worker's locks expire.
 LOCK_TTL_BUFFER = timedelta(seconds=30)
+
+
+@dataclass(frozen=True)
+class _WantedLocks:
+    """The locks a run takes before its first step: the plan's keys, sorted and distinct."""
+
+    requests: list[LockRequest]
+    owner_token: UUID
+    ttl: timedelta
+    plan: Plan
 
 
 @dataclass
@@ -108,6 +122,10 @@ class _Outcome:
     steps: dict[str, StepRecord] = field(default_factory=dict)
     #: The final transition released the execution's locks (nothing left to release).
     locks_released: bool = False
+    #: The locks this run holds (None: not taken, or refused as busy).
+    lock_set: LockSet | None = None
+    #: Locks still to take, with the first step's start in one statement (see ``_folds``).
+    wanted: _WantedLocks | None = None
     #: The last step succeeded; its row is written with the execution's end (step id, result).
     deferred: tuple[str, Any] | None = None
 
@@ -120,6 +138,7 @@ class _Outcome:
             or self.timed_out
             or self.interrupted
             or self.paused_step
+            or self.busy is not None
         )
 
     @property
@@ -298,34 +317,31 @@ class ExecutionRunner:
         plan = parse_plan(record.plan_snapshot["plan"])
         started = time.monotonic()
         outcome = _Outcome(stop_event=stop_event or asyncio.Event())
-        lock_set = None
         outcome.refused = await self._check_approval(record, background=lease_token is not None)
         if outcome.refused is None:
             outcome.refused = await self._check_tenant_policy(record, plan)
         if outcome.refused is not None:
             outcome.error_class = outcome.refused.reason
             outcome.error_message = outcome.refused.message
-        try:
-            lock_set = (
-                None
-                if outcome.refused
-                else await self._lifecycle.acquire_locks(
-                    [
-                        LockRequest(record.tenant_id, target.ref, step.action)
-                        for step in plan.steps
-                        for target in step.targets
-                    ],
-                    owner_token=uuid4(),
-                    owner_execution_id=record.id,
-                    ttl=timedelta(milliseconds=record.timeout_ms) + LOCK_TTL_BUFFER,
-                )
+        else:
+            requests = sorted_requests(
+                LockRequest(record.tenant_id, target.ref, step.action)
+                for step in plan.steps
+                for target in step.targets
             )
-        except ResourceBusyError as exc:
-            outcome.busy = exc
-            outcome.error_class, outcome.error_message = exc.reason, exc.message
+            wanted = _WantedLocks(
+                requests,
+                owner_token=uuid4(),
+                ttl=timedelta(milliseconds=record.timeout_ms) + LOCK_TTL_BUFFER,
+                plan=plan,
+            )
+            if self._folds(record, plan, requests):
+                # Taken by the first step's start statement (_run_one_step): one round trip less.
+                outcome.wanted = wanted
+            else:
+                await self._take_locks(record, outcome, wanted)
         try:
-            if lock_set is not None:
-                self._log_started(record, plan)
+            if outcome.lock_set is not None or outcome.wanted is not None:
                 with self._cancel_signals.watch(record.id) as cancel_event:
                     try:
                         async with asyncio.timeout(record.timeout_ms / 1000):
@@ -343,6 +359,7 @@ class ExecutionRunner:
                 record, outcome, lease_token, retry_allowed, dead_letter
             )
         finally:
+            lock_set = outcome.lock_set
             if lock_set is not None and outcome.paused_step and self.approvals is not None:
                 # Paused for a step approval: nobody may touch the targets until it resumes.
                 await asyncio.shield(self.approvals.hold_locks(lock_set))
@@ -372,6 +389,34 @@ class ExecutionRunner:
             paused_step=outcome.paused_step,
             refused=outcome.refused,
         )
+
+    def _folds(self, record: ExecutionRecord, plan: Plan, requests: list[LockRequest]) -> bool:
+        """Whether the run's locks are taken by its first step's start statement: one key (one
+        statement takes it, all or nothing), steps run in order, no step approval gates them,
+        and a step is left to run. Any other run takes its locks on their own first."""
+        if len(requests) != 1 or can_parallelize(plan):
+            return False
+        if self.approvals is not None and self.approvals.gates_steps(record):
+            return False
+        done = {s.step_id for s in record.steps if s.status == StepStatus.SUCCEEDED}
+        return any(step.id not in done for step in plan.steps)
+
+    async def _take_locks(
+        self, record: ExecutionRecord, outcome: _Outcome, wanted: _WantedLocks
+    ) -> None:
+        """Take the run's locks on their own, all or nothing (``outcome.busy`` when held)."""
+        try:
+            outcome.lock_set = await self._lifecycle.acquire_locks(
+                wanted.requests,
+                owner_token=wanted.owner_token,
+                owner_execution_id=record.id,
+                ttl=wanted.ttl,
+            )
+        except ResourceBusyError as exc:
+            outcome.busy = exc
+            outcome.error_class, outcome.error_message = exc.reason, exc.message
+            return
+        self._log_started(record, wanted.plan)
 
     async def _check_approval(
         self, record: ExecutionRecord, *, background: bool
@@ -475,6 +520,14 @@ class ExecutionRunner:
     ) -> None:
         if outcome.stopped:
             return
+        wanted, outcome.wanted = outcome.wanted, None
+        if wanted is not None and (outcome.stop_event.is_set() or cancel_event.is_set()):
+            # Stopping before the first step: the locks first, on their own, as when they do
+            # not fold, so a busy target still decides how the run ends.
+            await self._take_locks(record, outcome, wanted)
+            if outcome.busy is not None:
+                return
+            wanted = None
         if outcome.stop_event.is_set():
             outcome.interrupted = True
             return
@@ -498,6 +551,27 @@ class ExecutionRunner:
             outcome.steps[step.id] = await self._lifecycle.start_step(
                 record.id, step.id, worker_id=self.worker_id, lease_token=lease_token
             )
+        elif wanted is not None:
+            # The run's lock, the cancellation check and the start in one statement.
+            try:
+                outcome.lock_set, begun = await self._lifecycle.lock_and_start_step(
+                    record.id,
+                    step.id,
+                    worker_id=self.worker_id,
+                    lease_token=lease_token,
+                    lock=wanted.requests[0],
+                    owner_token=wanted.owner_token,
+                    ttl=wanted.ttl,
+                )
+            except ResourceBusyError as exc:
+                outcome.busy = exc
+                outcome.error_class, outcome.error_message = exc.reason, exc.message
+                return
+            self._log_started(record, wanted.plan)
+            if begun is None:
+                outcome.cancelled = True
+                return
+            outcome.steps[step.id] = begun
         else:
             # The cancellation check and the start in one statement.
             begun = await self._lifecycle.start_step_unless_cancelled(

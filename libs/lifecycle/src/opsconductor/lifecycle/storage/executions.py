@@ -490,20 +490,21 @@ async def transition(
             )
             _transitioned(conn, row, target, stored=stored)
     record = execution_from_row(row)
-    if row["released_locks"]:
-        log.info(
-            "execution_locks_released",
-            execution_id=str(execution_id),
-            lock_keys=sorted(row["released_locks"]),
-        )
+    _log_transitioned(execution_id, row, target, by)
+    return record
+
+
+def _log_transitioned(execution_id: UUID, row: Any, target: ExecutionStatus, by: str) -> None:
+    # One line per change: the locks the same statement released are a field of it.
+    released = row["released_locks"]
     log.info(
         "execution_transitioned",
         execution_id=str(execution_id),
         from_status=row["last_transition_from"],
         to_status=target.value,
         by=by,
+        **({"released_locks": sorted(released)} if released else {}),
     )
-    return record
 
 
 def _transitioned(conn: Any, row: Any, target: ExecutionStatus, *, stored: bool) -> None:
@@ -764,26 +765,8 @@ async def finish_last_step(
         _transitioned(conn, row, target, stored=stored)
     record = execution_from_row(row)
     step = step_from_json(row["finished_step"])
-    log.info(
-        "step_finished",
-        execution_id=str(execution_id),
-        step_id=step_id,
-        status=step.status.value,
-        duration_ms=step.duration_ms,
-    )
-    if row["released_locks"]:
-        log.info(
-            "execution_locks_released",
-            execution_id=str(execution_id),
-            lock_keys=sorted(row["released_locks"]),
-        )
-    log.info(
-        "execution_transitioned",
-        execution_id=str(execution_id),
-        from_status=row["last_transition_from"],
-        to_status=target.value,
-        by=by,
-    )
+    # No step_finished line here: the runner, the only caller, logs the step's (step_*).
+    _log_transitioned(execution_id, row, target, by)
     return record, step
 
 

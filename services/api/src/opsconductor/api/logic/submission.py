@@ -344,6 +344,7 @@ class Submissions:
         if not self._lifecycle.queue_configured:
             raise QueueUnavailableError("no queue is configured for background execution")
         new = self._new_execution(principal, request, decision, record_only)
+        self._bind_plan_size(decision)
         limit = self._quotas.for_tenant(request.tenant_id).max_queued
         async with self._lifecycle.transaction() as conn:
             created = await self._lifecycle.create_queued(
@@ -390,6 +391,7 @@ class Submissions:
         """Create the execution (or find its duplicate) in ``tx`` (None: its own statement);
         ``admit``: under the tenant's ``max_immediate`` quota."""
         new = self._new_execution(principal, request, decision, record_only)
+        self._bind_plan_size(decision)
         if admit:
             limit = self._quotas.for_tenant(new.tenant_id).max_immediate
             created_or_usage = await self._lifecycle.create_admitted(
@@ -438,10 +440,17 @@ class Submissions:
         )
 
     @staticmethod
+    def _bind_plan_size(decision: Decision) -> None:
+        # On this RPC's records from here on, the lifecycle's execution_created included.
+        structlog.contextvars.bind_contextvars(plan_bytes=decision.plan_json_length)
+
+    @staticmethod
     def _log_created(record: ExecutionRecord, created: bool, decision: Decision) -> None:
         bind_execution_fields(record)  # the rest of this RPC's records are the execution's
+        if created:
+            return  # the lifecycle logged execution_created (one line, not one per layer)
         log.info(
-            "execution_created" if created else "execution_deduplicated",
+            "execution_deduplicated",
             exec_id=str(record.id),
             tenant_id=record.tenant_id,
             actor_id=record.actor_id,

@@ -397,9 +397,46 @@ class Masker:
             if kind is str:
                 masked = cache.get(value)
                 event_dict[key] = masked if masked is not None else self.mask_text(value)
+            elif kind is list or kind is dict:
+                event_dict[key] = self._mask_flat(value, cache)
             elif kind is not int and kind is not float:
                 event_dict[key] = self._mask(value, 0)
         return event_dict
+
+    def _mask_flat(self, value: list[Any] | dict[Any, Any], cache: dict[str, str]) -> object:
+        """`_mask` of a list or dict, inlined for the bound fields' shapes (``targets``, a
+        list of strings; ``timing``, str keys to strings or None); anything else inside takes
+        `_mask` for the whole container."""
+        if isinstance(value, list):  # exactly a list: the caller checked the type
+            items: list[Any] = []
+            for item in value:
+                kind = type(item)
+                if kind is str:
+                    masked = cache.get(item)
+                    items.append(masked if masked is not None else self.mask_text(item))
+                elif item is None or kind is bool or kind is int or kind is float:
+                    items.append(item)
+                else:
+                    return self._mask(value, 0)
+            return items
+        fields: dict[str, str | None] = {}
+        key_cache = self._key_cache
+        for key, item in value.items():
+            kind = type(item)
+            if type(key) is not str or not (kind is str or item is None):
+                return self._mask(value, 0)
+            if item is None:
+                fields[key] = None  # never redacted, whatever the key
+                continue
+            secret = key_cache.get(key)
+            if secret is None:
+                secret = self.is_secret_key(key)
+            if secret:
+                fields[key] = REDACTED
+            else:
+                masked = cache.get(item)
+                fields[key] = masked if masked is not None else self.mask_text(item)
+        return fields
 
     # -- stdlib logging ---------------------------------------------------------------------
 

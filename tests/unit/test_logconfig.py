@@ -531,3 +531,10 @@ def test_structlog_lines_below_the_level_are_dropped_before_any_processor(sink: 
     log.log(logging.DEBUG, "hidden too")
     log.log(logging.WARNING, "shown %s", "here")
     assert [line["event"] for line in _lines(stream)] == ["shown here"]
+
+
+def test_a_nameless_logger_is_named_after_its_calling_module(sink: Sink) -> None:
+    """As with stdlib's LoggerFactory: ``structlog.get_logger()`` logs as the caller's module."""
+    stream = sink()
+    structlog.get_logger().info("nameless")
+    assert _lines(stream)[0]["logger"] == __name__

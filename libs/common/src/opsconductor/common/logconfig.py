@@ -132,7 +132,7 @@ def _sink_logger_factory(*args: Any) -> _SinkLogger:
     if args:
         return _SinkLogger(str(args[0]))
     # The calling module, as structlog.stdlib.LoggerFactory finds it.
-    return _SinkLogger(_find_first_app_frame_and_name(["logging"])[1])
+    return _SinkLogger(_find_first_app_frame_and_name(["logging", __name__])[1])
 
 
 def _event_to_sink(

@@ -36,12 +36,11 @@ from tests.integration.test_consumer_retries import (
     WORKER,
     Rig,
     probe_plan,
-    redis_client,
     rig,
 )
 from tests.integration.test_queue_redis import FakeClock, take
 
-__all__ = ["redis_client", "rig"]  # fixtures used here
+__all__ = ["rig"]  # fixtures used here (redis_client comes from conftest.py)
 
 TRACE_ID = 0x4BF92F3577B34DA6A3CE929D0E0E4736
 SPAN_ID = 0x00F067AA0BA902B7

@@ -21,7 +21,6 @@ from tests.integration.test_consumer_retries import TENANT, Rig, probe_plan, run
 
 # The retry tests' rig: real consumer, runner, Postgres and Redis.
 rig = retries.rig
-redis_client = retries.redis_client
 
 
 async def test_a_stored_plan_the_worker_cannot_parse_fails_the_execution_at_once(

@@ -211,7 +211,7 @@ async def test_queue_stats_report_ready_per_priority_leased_delayed_and_the_dlq(
     # An earlier test's last job: its worker acks Redis just after the commit that ended it
     # (wait_status saw that commit), so its lease may still be counted for a moment — never
     # for long (a lease left behind would be a leak, and fails here).
-    await wait_until(no_lease_left, within_s=10, what="the earlier jobs' Redis acks")
+    await wait_until(no_lease_left, within_s=15, what="the earlier jobs' Redis acks")
     await root.set_drain(True)
     await tenant.bind("alice", "responder")  # priority 0 needs executions:urgent
     submitted_at = time.monotonic()
@@ -241,6 +241,7 @@ async def test_queue_stats_report_ready_per_priority_leased_delayed_and_the_dlq(
             assert (await wait_status(alice, execution.execution_id, tenant.id, 30)).status == (
                 "succeeded"
             )
+        await wait_until(no_lease_left, within_s=15, what="the ready jobs' Redis acks")
 
         holding = await alice.submit(
             background_plan(tmp_path / "hold.jsonl", hold_s=3), tenant_id=tenant.id
@@ -249,12 +250,19 @@ async def test_queue_stats_report_ready_per_priority_leased_delayed_and_the_dlq(
             background_plan(tmp_path / "flaky.jsonl", fail_times=1), tenant_id=tenant.id
         )
 
+        seen: list[QueueStats] = []
+
         async def leased_and_delayed() -> QueueStats | None:
             current = await root.get_queue_stats()
+            if not seen or seen[-1] != current:
+                seen.append(current)
             return current if (current.leased, current.delayed) == (1, 1) else None
 
         # The holder runs for 3 s; the flaky job fails at once and backs off for 2 s.
-        both = await wait_until(leased_and_delayed, within_s=10, what="1 leased and 1 delayed")
+        try:
+            both = await wait_until(leased_and_delayed, within_s=10, what="1 leased and 1 delayed")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; the stats seen meanwhile: {seen}") from None
         assert both.ready == 0
         for execution in (holding, flaky):
             assert (await wait_status(alice, execution.execution_id, tenant.id, 30)).status == (

@@ -9,6 +9,7 @@ tests/integration/test_lifecycle_facade.py."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from dataclasses import replace
 from datetime import timedelta
 from uuid import uuid4
@@ -441,3 +442,30 @@ async def test_a_worker_that_ends_a_run_but_cannot_ack_redis_leaves_a_settled_jo
     assert job_id not in world.lifecycle.queue
     assert world.scripted.calls == ["s1"]
     assert world.lifecycle.executions[record.id].transitions == transitions
+
+
+async def test_a_renewal_that_swallows_its_cancel_still_lets_the_job_be_acked(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first renewal is still in flight when the run ends, and the cancel sent to stop it
+    is lost (a Redis call completing as the cancel lands: seen in make test, the job then never
+    acked and its lease renewed on and on). The renewer stops anyway, the job is acked."""
+    renew = world.lifecycle.renew_lease
+    renewals = 0
+    renewing = asyncio.Event()
+
+    async def slow_renewal_deaf_to_its_cancel(job: LeasedJob, lease_s: float) -> float:
+        nonlocal renewals
+        renewals += 1
+        renewing.set()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(0.2)
+        return await renew(job, lease_s)
+
+    monkeypatch.setattr(world.lifecycle, "renew_lease", slow_renewal_deaf_to_its_cancel)
+    world.scripted.hooks["s1"] = renewing.wait  # the step ends while the renewal is in flight
+    record, job_id = await world.queued("ok")
+    await asyncio.wait_for(world.consumer.process(await lease(world)), 5)
+    assert world.lifecycle.executions[record.id].status is ExecutionStatus.SUCCEEDED
+    assert job_id not in world.lifecycle.queue
+    assert renewals == 1

@@ -254,8 +254,9 @@ class BackgroundConsumer:
             return
         # The lease the handoff wrote for the first renewal, if it did (then no mirror is due).
         lease_s = handed.lease_s or self._lease_s(policy)
+        run_over = asyncio.Event()
         renewer = asyncio.create_task(
-            self._keep_lease(job, lease_s, mirrored=handed.lease_s is not None)
+            self._keep_lease(job, lease_s, mirrored=handed.lease_s is not None, stop=run_over)
         )
         try:
             result = await self._runner.execute(
@@ -272,6 +273,10 @@ class BackgroundConsumer:
                 await self._drop(job)
             raise
         finally:
+            # The event as well as the cancel: a cancel that lands as a Redis call completes
+            # can be lost (redis-py connects under asyncio timeouts), and the renewer would then
+            # renew forever while this waits for it — the job never acked, its lease kept alive.
+            run_over.set()
             renewer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await renewer
@@ -369,12 +374,20 @@ class BackgroundConsumer:
             return False
         return True
 
-    async def _keep_lease(self, job: LeasedJob, lease_s: float, *, mirrored: bool) -> None:
+    async def _keep_lease(
+        self, job: LeasedJob, lease_s: float, *, mirrored: bool, stop: asyncio.Event
+    ) -> None:
         """Renew at half-life up to the policy's limit; the first renewal sets the real lease.
 
-        ``mirrored``: the handoff already wrote the first renewal to Postgres."""
+        ``mirrored``: the handoff already wrote the first renewal to Postgres. ``stop``: the
+        run is over; no renewal starts after it is set."""
         while True:
-            await asyncio.sleep(renew_after(lease_s) if job.lease_renewals else 0)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    stop.wait(), renew_after(lease_s) if job.lease_renewals else 0
+                )
+            if stop.is_set():
+                return
             try:
                 deadline = await self._lifecycle.renew_lease(job, lease_s)
             except LeaseRenewalLimitError:

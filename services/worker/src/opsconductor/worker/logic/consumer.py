@@ -382,10 +382,9 @@ class BackgroundConsumer:
         ``mirrored``: the handoff already wrote the first renewal to Postgres. ``stop``: the
         run is over; no renewal starts after it is set."""
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(
-                    stop.wait(), renew_after(lease_s) if job.lease_renewals else 0
-                )
+            if job.lease_renewals:  # the first renewal is due at once: no wait to set up
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), renew_after(lease_s))
             if stop.is_set():
                 return
             try:

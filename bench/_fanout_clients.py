@@ -22,9 +22,11 @@ the time of the read that completed it.
 from __future__ import annotations
 
 import asyncio
+import functools
 import struct
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from opsconductor.execution.v1 import progress_service_pb2
 
@@ -283,7 +285,7 @@ async def run_clients(
     """Open ``count`` subscriptions; returns once every one is subscribed."""
     loop = asyncio.get_running_loop()
     ready = Ready(count)
-    connections: list = []
+    connections: list[Any] = []
     if transport == "grpc":
         request = progress_service_pb2.StreamEventsRequest(
             tenant_id=tenant_id, execution_id=execution_id
@@ -292,11 +294,10 @@ async def run_clients(
         while left:
             streams = min(left, streams_per_connection)
             left -= streams
-            _, conn = await loop.create_connection(
-                lambda s=streams: _GrpcConnection(ready, f"{host}:{port}", token, request, s),
-                host,
-                port,
+            factory = functools.partial(
+                _GrpcConnection, ready, f"{host}:{port}", token, request, streams
             )
+            _, conn = await loop.create_connection(factory, host, port)
             connections.append(conn)
     else:
         path = f"/v1/tenants/{tenant_id}/executions/{execution_id}/events/sse"

@@ -17,6 +17,15 @@ run), one after the other:
 
 Printed: each figure for every queue, and ours / theirs (for a rate above 1 is better, for a
 latency below 1 is better). JSON in ``bench/results/peers.json``.
+
+**The floor of a gRPC submit.** Our jobs are submitted through the api's gRPC service; the
+peers' are enqueued by the library in the caller's process. So the run also measures a bare
+``grpc.aio`` echo (``_echo.py``: no interceptors, no proto code, a payload the size of a
+``SubmitExecutionRequest``) from the same 16 concurrent callers, and prints what one gRPC hop in
+front of each peer would leave of its rate when both share the machine's cores: ``1 / (1/echo +
+1/peer)`` (their CPU costs per job add up; every rate here is measured saturating the same
+cores). That is an upper bound for any design that takes jobs over gRPC, before the api's own
+work (authentication, RBAC, idempotency, the FSM, events) is counted.
 """
 
 from __future__ import annotations
@@ -26,12 +35,18 @@ import asyncio
 import json
 import os
 import secrets
+import statistics
 import sys
+import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import asyncpg
+import grpc.aio
+from _echo import echo_method, wait_echo_ready
+from _measure import closed_loop
 from _report import machine_line, progress, report, started_result, stop_on_sigterm
 from _stack import (
     _DB_PREFIX,
@@ -42,10 +57,55 @@ from _stack import (
     servers,
     with_database,
 )
+from immediate_latency import submit_payload
 
 BENCH_DIR = Path(__file__).resolve().parent
 DEFAULT_OUTPUT = BENCH_DIR / "results" / "peers.json"
 PEERS = ("saq", "pgqueuer")
+#: The concurrent callers of every burst (ours: ``background_throughput.py``'s submitters).
+CALLERS = 16
+
+
+async def echo_rate(args: argparse.Namespace) -> dict[str, Any]:
+    """Calls/s of a bare gRPC echo in its own process from ``CALLERS`` concurrent callers."""
+    payload = submit_payload()
+    with tempfile.TemporaryDirectory(prefix="opsc-bench-echo-") as folder:
+        port_file = Path(folder) / "port"
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            str(BENCH_DIR / "_echo.py"),
+            env={**os.environ, "OPSC_PORT_FILE": str(port_file)},
+        )
+        try:
+            deadline = time.monotonic() + 30.0
+            while not port_file.exists():
+                if process.returncode is not None or time.monotonic() > deadline:
+                    raise RuntimeError("the echo server did not start")
+                await asyncio.sleep(0.05)
+            address = f"127.0.0.1:{port_file.read_text()}"
+            await wait_echo_ready(address)
+            async with grpc.aio.insecure_channel(address) as channel:
+                echo = echo_method(channel)
+
+                async def call(i: int) -> None:
+                    if len(await echo(payload)) != len(payload):
+                        raise RuntimeError(f"echo {i}: payload changed on the way")
+
+                await closed_loop(call, 500, CALLERS)  # warm-up
+                rates = [
+                    (await closed_loop(call, args.echo_calls, CALLERS)).throughput_rps
+                    for _ in range(args.repeat)
+                ]
+        finally:
+            if process.returncode is None:
+                process.terminate()
+            await process.wait()
+    return {"calls_per_s": statistics.median(rates), "payload_bytes": len(payload)}
+
+
+def floor(echo_per_s: float, peer_per_s: float) -> float:
+    """Jobs/s left of ``peer_per_s`` with a gRPC hop costing ``1/echo_per_s`` in front of it."""
+    return 1.0 / (1.0 / echo_per_s + 1.0 / peer_per_s)
 
 
 async def ours(args: argparse.Namespace, found: Servers) -> dict[str, Any]:
@@ -141,6 +201,20 @@ def render(result: dict[str, Any]) -> str:
             line += f"{fmt.format(theirs):>10}{r1:>17.2f}{r2:>17.2f}"
         lines.append(line)
     lines.append("ours/theirs: for jobs/s above 1 is better, for queue wait below 1 is better")
+    echo = result["echo"]["calls_per_s"]
+    lines += [
+        "",
+        f"floor of a gRPC submit: a bare grpc.aio echo ({result['echo']['payload_bytes']} bytes,"
+        f" {CALLERS} callers) {echo:.0f} calls/s here; one such hop in",
+        "front of a peer leaves 1 / (1/echo + 1/peer) jobs/s, before any work of the api:",
+    ]
+    best = max(our["1w"]["e2e_jobs_per_s"], our.get("2w", our["1w"])["e2e_jobs_per_s"])
+    for name in PEERS:
+        bound = floor(echo, result["peers"][name]["e2e_jobs_per_s"])
+        lines.append(
+            f"  {name:<9} {result['peers'][name]['e2e_jobs_per_s']:>6.0f} -> {bound:>5.0f} jobs/s;"
+            f" ours (best of 1w/2w) / that: {best / bound:.2f}"
+        )
     for name in PEERS:
         lags = [f"{run['lag_s']:.2f}" for run in result["peers"][name].get("steady", [])]
         lines.append(
@@ -163,6 +237,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         result["postgres"], result["redis"] = found.postgres, found.redis
         progress("OpsConductor: background path, 1 and 2 workers")
         result["ours"] = await ours(args, found)
+        progress("a bare gRPC echo: the cost of one hop")
+        result["echo"] = await echo_rate(args)
         for name in PEERS:
             progress(f"{name}: one worker")
             result["peers"][name] = await peer(args, found, name)
@@ -185,6 +261,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="jobs per burst of the peers (3000): at their rates 400 last under a second, start-up"
         " dominates and the 70 %% rate derived from it overloads them",
     )
+    parser.add_argument("--echo-calls", type=int, default=5000, help="calls per echo burst (5000)")
     parser.add_argument("--repeat", type=int, default=3, help="runs per figure (3)")
     parser.add_argument("--log-level", default="WARNING", help="OPSC_LOG_LEVEL (WARNING)")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="JSON results")

@@ -108,7 +108,7 @@ async def _grpcio_subscribers(address: str, token: str, execution_id: str, count
     results = await asyncio.gather(*tasks)
     print(json.dumps({"results": results, "errors": []}), flush=True)
     for channel in channels:
-        await channel.close()
+        await channel.close(None)
 
 
 async def _raw_subscribers(
@@ -297,7 +297,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         # The run's folder (logs, port files, the embedded Postgres's ~40 MB of data).
         shutil.rmtree(work, ignore_errors=True)
     expected = list(range(1, args.events + 2))
-    latencies = []
+    latencies: list[float] = []
     complete = 0
     subscribers = [sub for output in outputs for sub in output]
     for received in subscribers:

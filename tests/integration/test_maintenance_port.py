@@ -15,6 +15,7 @@ from uuid import UUID, uuid4
 
 import asyncpg
 import pytest
+from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 
 from opsconductor.common.fsm import ExecutionStatus, StepStatus
@@ -227,6 +228,55 @@ async def test_one_pass_at_a_time(reaping: Reaping) -> None:
             assert not second
     async with reaping.maintenance.exclusive() as again:
         assert again  # released with the first pass
+
+
+def gauge(name: str, **labels: str) -> float:
+    value = REGISTRY.get_sample_value(name, labels)
+    assert value is not None, f"{name}{labels} is not exported"
+    return value
+
+
+def queue_gauges(priority: int) -> tuple[float, float, float]:
+    """(ready at ``priority``, leased, delayed) as the last publish left them."""
+    return (
+        gauge("opsc_queue_length", priority=str(priority)),
+        gauge("opsc_queue_leased_jobs"),
+        gauge("opsc_queue_delayed_jobs"),
+    )
+
+
+async def test_published_gauges_follow_a_job_from_ready_to_leased_to_the_dlq(
+    reaping: Reaping, policy: TimeoutPolicy
+) -> None:
+    lifecycle, maintenance = reaping.lifecycle, reaping.maintenance
+    await maintenance.publish_gauges()
+    # The DLQ is the database's (other tests' entries count too): compared, not absolute.
+    dlq_before = gauge("opsc_dlq_size")
+    assert gauge("opsc_queue_oldest_ready_age_seconds") == 0.0  # this test's queue is empty
+    record, job_id = await submitted(reaping, policy)
+    reaping.clock.now += 7
+    await maintenance.publish_gauges()
+    assert queue_gauges(record.priority) == (1, 0, 0)
+    assert gauge("opsc_queue_oldest_ready_age_seconds") == pytest.approx(7, abs=0.5)
+    (leased,) = await lifecycle.dequeue_batch("w1", 30.0, 1)
+    assert leased.job_id == job_id
+    await maintenance.publish_gauges()
+    assert queue_gauges(record.priority) == (0, 1, 0)
+    assert gauge("opsc_queue_oldest_ready_age_seconds") == 0.0
+    # Every lease expires: the job ends dead, and dead-lettered it is in the DLQ gauge.
+    for attempt in range(1, policy.max_attempts + 1):
+        if attempt > 1:
+            (again,) = await lifecycle.dequeue_batch("w1", 30.0, 1)
+            assert again.job_id == job_id
+        reaping.clock.now += 31
+        await maintenance.reconcile(orphan_grace_s=300)
+    (dead,) = await maintenance.dead_jobs(limit=10)
+    await maintenance.dead_letter_lost(dead, error_class="LEASE_EXPIRED", error_message="lost")
+    await maintenance.publish_gauges()
+    assert queue_gauges(record.priority) == (0, 0, 0)
+    assert gauge("opsc_dlq_size") == dlq_before + 1
+    assert gauge("opsc_lease_expirations_total") == policy.max_attempts
+    assert dead.job_id == job_id
 
 
 async def test_an_expired_lease_is_requeued_then_dead_on_its_last_attempt_and_dead_lettered(

@@ -219,6 +219,8 @@ class InMemoryLifecycle:
         self._open_transactions = 0
         #: The Redis side of each job (Redis is not rolled back with a Postgres transaction).
         self.queue: dict[UUID, FakeQueueEntry] = {}
+        #: Leases that expired, ever (Redis's counter key: it outlives the jobs it counted).
+        self.lease_expirations_total = 0
         #: Open DLQ entries by execution id.
         self.dlq: dict[UUID, FakeDeadLetter] = {}
         #: Requeued DLQ entries by entry id (out of :attr:`dlq`: no longer open).
@@ -793,7 +795,7 @@ class InMemoryLifecycle:
             dead=sum(1 for e in self.queue.values() if e.state == "dead"),
             oldest_ready_age_s=max(now - min(e.enqueued_at for e in ready), 0.0) if ready else None,
             paused=self.paused,
-            lease_expirations_total=sum(e.lease_expirations for e in self.queue.values()),
+            lease_expirations_total=self.lease_expirations_total,
         )
 
     async def set_dispatch_paused(self, paused: bool) -> None:
@@ -861,6 +863,7 @@ class InMemoryLifecycle:
                 holder = entry.worker_id
                 entry.attempts += 1
                 entry.lease_expirations += 1
+                self.lease_expirations_total += 1
                 entry.state, entry.lease_token, entry.worker_id = "ready", None, None
                 entry.lease_deadline = None
                 if entry.attempts >= entry.max_attempts:

@@ -15,9 +15,12 @@ retired); approved immediate executions not started within the grace and immedia
 worker took end failed (``DISPATCH_LOST``, key retired); expired locks and keys past the dedup
 window go. Deadlines, expiries and the dedup window run on wall-clock time (Postgres's
 ``now()``), the queue on ``core.clock`` (Redis's). ``dispatch_paused`` is the flag,
-``core``'s Redis keeps its own pause (``queue_paused``; a wiped Redis forgets it). Not
-modelled: log binding (:meth:`bound` binds nothing) and the gauges (counted in
-``gauges_published``). Every behaviour here also runs against :class:`PostgresRedisMaintenance`
+``core``'s Redis keeps its own pause (``queue_paused``; a wiped Redis forgets it).
+:meth:`~InMemoryMaintenance.publish_gauges` sets the queue's gauges from ``core``'s queue
+(with the real code, :func:`~opsconductor.lifecycle.queue.gauges.set_queue_gauges`) and the DLQ
+size from its open entries, and counts the calls (``gauges_published``). Not modelled: log
+binding (:meth:`bound` binds nothing), the pending-approvals gauges and the stored counters.
+Every behaviour here also runs against :class:`PostgresRedisMaintenance`
 (``tests/integration/test_maintenance_port.py``).
 """
 
@@ -30,11 +33,12 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
-from opsconductor.common.errors import ApprovalExpiredError
+from opsconductor.common.errors import ApprovalExpiredError, QueueUnavailableError
 from opsconductor.common.fsm import TERMINAL, ExecutionStatus
 from opsconductor.lifecycle.approval_fake import InMemoryApprovals
 from opsconductor.lifecycle.fake import FakeDeadLetter, FakeQueueEntry, InMemoryLifecycle
 from opsconductor.lifecycle.maintenance_port import MaintenanceLifecycle
+from opsconductor.lifecycle.queue.gauges import DLQ_SIZE, set_queue_gauges
 from opsconductor.lifecycle.queue.reconcile import ReconcileReport
 from opsconductor.lifecycle.queue.records import MaintenanceReport, QueuedJob
 from opsconductor.lifecycle.storage.approval_records import ApprovalState
@@ -323,6 +327,12 @@ class InMemoryMaintenance:
 
     async def publish_gauges(self) -> None:
         self.gauges_published += 1
+        DLQ_SIZE.set(len(self.core.dlq))
+        if not self.core.queue_configured:
+            return
+        # As the real one: a queue that cannot be reached leaves its gauges as they were.
+        with contextlib.suppress(QueueUnavailableError):
+            set_queue_gauges(await self.core.queue_stats())
 
 
 if TYPE_CHECKING:  # mypy checks that the fake implements the whole port, signatures included

@@ -33,6 +33,7 @@ from prometheus_client.registry import Collector
 from opsconductor.common.errors import QueueUnavailableError, StorageError
 from opsconductor.lifecycle.execution_metrics import ACTION_CLASSES, MODES, SLA_CLASSES, STATUSES
 from opsconductor.lifecycle.queue import dlq
+from opsconductor.lifecycle.queue.records import QueueStats
 from opsconductor.lifecycle.queue.redis_queue import RedisQueue
 from opsconductor.lifecycle.storage.execution_records import PoolOrConnection, transaction
 from opsconductor.lifecycle.storage.queries import query
@@ -49,6 +50,7 @@ __all__ = [
     "GaugePublisher",
     "StoredCounters",
     "publish_gauges",
+    "set_queue_gauges",
 ]
 
 log = structlog.get_logger(__name__)
@@ -199,6 +201,11 @@ async def publish_gauges(pool: PoolOrConnection, queue: RedisQueue | None) -> No
     except QueueUnavailableError:
         log.warning("gauges_queue_unavailable")
         return
+    set_queue_gauges(stats)
+
+
+def set_queue_gauges(stats: QueueStats) -> None:
+    """The queue's gauges (and its lease-expiration counter) from one ``stats()`` snapshot."""
     for priority in PRIORITIES:
         QUEUE_LENGTH.labels(str(priority)).set(stats.ready_by_priority.get(priority, 0))
     QUEUE_LEASED.set(stats.leased)

@@ -38,7 +38,6 @@ import secrets
 import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -55,6 +54,7 @@ from _stack import (
     machine,
     run_script,
     servers,
+    start_child,
     with_database,
 )
 from immediate_latency import submit_payload
@@ -70,21 +70,12 @@ async def echo_rate(args: argparse.Namespace) -> dict[str, Any]:
     """Calls/s of a bare gRPC echo in its own process from ``CALLERS`` concurrent callers."""
     payload = submit_payload()
     with tempfile.TemporaryDirectory(prefix="opsc-bench-echo-") as folder:
-        port_file = Path(folder) / "port"
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            str(BENCH_DIR / "_echo.py"),
-            env={**os.environ, "OPSC_PORT_FILE": str(port_file)},
+        echo_server = await start_child(
+            "echo", [sys.executable, str(BENCH_DIR / "_echo.py")], os.environ, Path(folder)
         )
         try:
-            deadline = time.monotonic() + 30.0
-            while not port_file.exists():
-                if process.returncode is not None or time.monotonic() > deadline:
-                    raise RuntimeError("the echo server did not start")
-                await asyncio.sleep(0.05)
-            address = f"127.0.0.1:{port_file.read_text()}"
-            await wait_echo_ready(address)
-            async with grpc.aio.insecure_channel(address) as channel:
+            await wait_echo_ready(echo_server.address)
+            async with grpc.aio.insecure_channel(echo_server.address) as channel:
                 echo = echo_method(channel)
 
                 async def call(i: int) -> None:
@@ -97,9 +88,7 @@ async def echo_rate(args: argparse.Namespace) -> dict[str, Any]:
                     for _ in range(args.repeat)
                 ]
         finally:
-            if process.returncode is None:
-                process.terminate()
-            await process.wait()
+            echo_server.stop()
     return {"calls_per_s": statistics.median(rates), "payload_bytes": len(payload)}
 
 

@@ -190,9 +190,10 @@ async def run_devstack_and_stop(
     print(f"\ndevstack all-SERVING after {elapsed:.2f} s (embedded={expect_embedded})")
     assert elapsed < READY_BUDGET_S
 
-    # The supervisor reports the table once it has seen every service SERVING.
+    # The supervisor reports the table once it has seen every service SERVING, then prints the
+    # identity block (token, UI address): wait for both.
     deadline = time.monotonic() + 10
-    while not re.search(r"all 4 services SERVING in [0-9.]+ s", output.read_text()):
+    while not re.search(r"all 4 services SERVING in [0-9.]+ s(?s:.*)\n  UI: ", output.read_text()):
         assert process.poll() is None, output.read_text()
         assert time.monotonic() < deadline, output.read_text()
         await asyncio.sleep(0.05)

@@ -314,6 +314,8 @@ async def test_streaming_rpc_sends_messages_then_the_mapped_error(
         )
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await _collect_seqs(call, seen)
+        # The caller can hold the status before the server's interceptor has logged the call.
+        await _wait_for(lambda: completed_lines(logs))
     assert seen == [1, 2]
     assert caught.value.code() is grpc.StatusCode.NOT_FOUND
     rich = rpc_status.from_call(caught.value)
